@@ -1,0 +1,196 @@
+"""Where each kept token of each (layer, KV head) lives, and how many blocks that takes.
+
+Vocabulary (DESIGN section 2):
+
+* A *page* is ``block_size`` tokens of one KV head of one layer. The KV cache
+  is one buffer ``[L, num_blocks, Hkv, block_size, ...]`` (layer-major), so a
+  vLLM block id ``b`` owns ``L * Hkv`` pages: ``(layer, b, head)`` for every
+  layer and head. :class:`PageSpace` numbers them.
+* After compression the heads of a request draw pages from *pools*. With one
+  pool for all ``L * Hkv`` heads (cross-layer), every page of every block the
+  request holds can serve any head, and the request holds
+  ``ceil(sum over heads of pages / (L * Hkv))`` blocks: exact accounting. With
+  one pool per layer it holds the maximum over layers instead.
+* A pool's pages are numbered by *slots*: slot ``k`` is sub-page
+  ``k % pool_size`` of the request's ``k // pool_size``-th block (its *entry*).
+
+:class:`PagePlan` fixes, for one request, the slot of every page of every
+head: first each head's compressed tokens, packed head after head; then the
+pages that decoding appends. All heads gain one token per step, so they gain
+one page per ``block_size`` steps each, at a fixed phase; ordering the new
+pages by (step, head) makes each head's decode pages land on one fixed
+sub-page of consecutive entries, and the slots in use always form a prefix.
+So the block count is a pure function of (compressed counts, tokens appended),
+which the scheduler evaluates without hearing from the workers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cdiv(a, b):
+    """Ceiling division for ints and int tensors."""
+    return -(-a // b)
+
+
+class PagePlan:
+    """Slots of every page of every head of one compressed request.
+
+    ``counts``: int ``[num_pools, pool_size]``, the tokens each head stores
+    when the request is compacted (its kept prompt tokens). Token ``i`` of a
+    head (``i >= count`` for tokens appended after compaction) lives at offset
+    ``i % block_size`` of that head's page ``i // block_size``.
+    """
+
+    def __init__(self, counts: torch.Tensor, block_size: int):
+        if counts.ndim != 2 or bool((counts < 0).any()):
+            raise ValueError("counts must be a non-negative [pools, heads] "
+                             "int tensor")
+        self.block_size = block_size
+        self.counts = counts.to(torch.int64)
+        self.num_pools, self.pool_size = counts.shape
+        self.prefix_pages = cdiv(self.counts, block_size)
+        self.prefix_start = self.prefix_pages.cumsum(-1) - self.prefix_pages
+        self.prefix_slots = self.prefix_pages.sum(-1)  # [num_pools]
+        # Free room in a head's last compressed page: its first appended page
+        # starts after this many appended tokens.
+        self.room = self.prefix_pages * block_size - self.counts
+        order = torch.sort(self.room, dim=-1, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order,
+                      torch.arange(self.pool_size, device=order.device)
+                      .expand_as(order).contiguous())
+        self.decode_base = self.prefix_slots[:, None] + rank
+
+    def slots(self, pool: torch.Tensor, head: torch.Tensor,
+              index: torch.Tensor) -> torch.Tensor:
+        """Slot holding token ``index`` of head ``head`` of pool ``pool`` (broadcasting)."""
+        page = index // self.block_size
+        prefix = self.prefix_pages[pool, head]
+        return torch.where(
+            page < prefix, self.prefix_start[pool, head] + page,
+            self.decode_base[pool, head] + (page - prefix) * self.pool_size)
+
+    def num_slots(self, appended: int) -> torch.Tensor:
+        """Slots in use per pool once ``appended`` tokens follow the compressed ones."""
+        new_pages = cdiv((appended - self.room).clamp(min=0), self.block_size)
+        return self.prefix_slots + new_pages.sum(-1)
+
+    def num_blocks(self, appended: int) -> int:
+        """Blocks the request holds once ``appended`` tokens follow the compressed ones."""
+        return int(cdiv(self.num_slots(appended), self.pool_size).max())
+
+
+class PageSpace:
+    """Page ids of a layer-major KV buffer ``[L, num_blocks, Hkv, block_size, E]``.
+
+    Viewing that buffer as ``[L * num_blocks * Hkv, block_size, E]`` gives
+    page ``(layer, block, head)`` the id ``(layer * num_blocks + block) * Hkv +
+    head``. A request's pools cover its ``L * Hkv`` head indices
+    ``layer * Hkv + head`` in order, so the sub-page ``s`` of pool ``q`` is
+    global head index ``q * pool_size + s``.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int,
+                 block_size: int):
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.num_kv_heads = num_kv_heads
+        self.block_size = block_size
+
+    def page_id(self, layer, block, head):
+        return (layer * self.num_blocks + block) * self.num_kv_heads + head
+
+    def slot_page(self, plan: PagePlan, blocks: torch.Tensor,
+                  pool: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Page id of ``slot`` of ``pool`` for a request owning ``blocks`` (by entry)."""
+        flat = pool * plan.pool_size + slot % plan.pool_size
+        return self.page_id(flat // self.num_kv_heads,
+                            blocks[slot // plan.pool_size],
+                            flat % self.num_kv_heads)
+
+
+class RequestLayout:
+    """One request's compressed layout: plan, owned blocks, and the rows of its tokens.
+
+    ``counts`` is ``[L, Hkv]``; ``pools`` is 1 (cross-layer pool, exact
+    accounting) or L (one pool per layer). ``blocks`` lists the block ids the
+    request owns, in entry order. Rows index the buffer viewed as
+    ``[pages * block_size, E]``.
+    """
+
+    def __init__(self, space: PageSpace, counts: torch.Tensor, pools: int,
+                 blocks: torch.Tensor):
+        num_layers, num_kv_heads = counts.shape
+        if num_layers * num_kv_heads % pools:
+            raise ValueError(f"{num_layers} x {num_kv_heads} heads cannot form "
+                             f"{pools} pools")
+        self.space = space
+        self.plan = PagePlan(counts.reshape(pools, -1), space.block_size)
+        self.blocks = blocks.to(torch.int64)
+
+    def _pool_head(self, layer, head):
+        flat = layer * self.space.num_kv_heads + head
+        return flat // self.plan.pool_size, flat % self.plan.pool_size
+
+    def token_rows(self, layer: torch.Tensor, head: torch.Tensor,
+                   index: torch.Tensor) -> torch.Tensor:
+        """Rows of token ``index`` of (layer, head), after compaction (broadcasting)."""
+        pool, pool_head = self._pool_head(layer, head)
+        slot = self.plan.slots(pool, pool_head, index)
+        page = self.space.slot_page(self.plan, self.blocks, pool, slot)
+        return page * self.space.block_size + index % self.space.block_size
+
+    def page_table(self, layer: int, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Page ids ``[Hkv, max_pages]`` of each head of ``layer`` holding ``num_tokens[h]`` tokens.
+
+        Unused entries are 0 (never read: attention stops at the head's length).
+        """
+        device = self.blocks.device
+        num_pages = cdiv(num_tokens.to(device), self.space.block_size)
+        width = max(int(num_pages.max()), 1)
+        head = torch.arange(self.space.num_kv_heads, device=device)[:, None]
+        page = torch.arange(width, device=device)[None, :]
+        pool, pool_head = self._pool_head(layer, head)
+        slot = self.plan.slots(pool, pool_head, page * self.space.block_size)
+        used = page < num_pages[:, None]
+        slot = torch.where(used, slot, 0)
+        return torch.where(used,
+                           self.space.slot_page(self.plan, self.blocks, pool,
+                                                slot), 0)
+
+
+def prompt_rows(space: PageSpace, prompt_blocks: torch.Tensor, layer, head,
+                position) -> torch.Tensor:
+    """Rows of prompt token ``position`` of (layer, head) in vLLM's standard layout.
+
+    Before compaction a request's token at position p sits in its
+    ``p // block_size``-th block at offset ``p % block_size``, in every head.
+    """
+    block = prompt_blocks[position // space.block_size]
+    return (space.page_id(layer, block, head) * space.block_size +
+            position % space.block_size)
+
+
+def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
+                    positions: torch.Tensor, counts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and destination rows that pack every head's kept tokens into its pages.
+
+    ``positions``: ``[L, Hkv, max_kept]`` kept positions (ascending, padded
+    with -1) and ``counts``: ``[L, Hkv]``, as :func:`select_kept` returns them
+    per layer. Sources and destinations overlap: move through a copy.
+    """
+    num_layers, num_kv_heads, width = positions.shape
+    device = positions.device
+    index = torch.arange(width, device=device).expand(num_layers, num_kv_heads,
+                                                      width)
+    valid = index < counts.to(device)[..., None]
+    layer = torch.arange(num_layers, device=device)[:, None, None].expand_as(index)
+    head = torch.arange(num_kv_heads, device=device)[None, :, None].expand_as(index)
+    layer, head, index = layer[valid], head[valid], index[valid]
+    src = prompt_rows(layout.space, prompt_blocks, layer, head,
+                      positions[valid])
+    dst = layout.token_rows(layer, head, index)
+    return src, dst

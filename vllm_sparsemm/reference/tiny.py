@@ -1,0 +1,108 @@
+"""Tiny randomly initialised LLaVA and Qwen2-VL models and inputs for tests.
+
+Nothing is downloaded: configs are written here, weights are drawn from a
+seeded generator. The shapes keep the real models' structure (LLaVA: CLIP
+tower, Llama text stack; Qwen2-VL: its ViT with 2x2 merge, M-RoPE text stack).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LLAVA_IMAGE_TOKEN = 250
+QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN = 390, 391
+QWEN_VISION_START, QWEN_VISION_END = 392, 393
+
+
+def tiny_llava(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 4,
+               head_dim: int = 16, image_size: int = 112, seed: int = 0,
+               dtype: torch.dtype = torch.float32):
+    """A LLaVA-1.5-shaped model: ``(image_size / 14) ** 2`` image tokens."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, image_size=image_size, patch_size=14,
+            projection_dim=32),
+        text_config=LlamaConfig(
+            hidden_size=num_heads * head_dim, intermediate_size=128,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads, head_dim=head_dim,
+            vocab_size=256, max_position_embeddings=4096, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0),
+        image_token_index=LLAVA_IMAGE_TOKEN, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2)
+    return _build(LlavaForConditionalGeneration, config, seed, dtype)
+
+
+def tiny_qwen2_vl(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 2,
+                  head_dim: int = 16, seed: int = 0,
+                  dtype: torch.dtype = torch.float32):
+    """A Qwen2-VL-shaped model (GQA, M-RoPE)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    config = Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=num_heads * head_dim, intermediate_size=128,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads, vocab_size=400,
+            max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+            rope_scaling={"type": "mrope", "mrope_section": section}),
+        vision_config=dict(
+            depth=1, embed_dim=32, hidden_size=num_heads * head_dim,
+            num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_chans=3),
+        image_token_id=QWEN_IMAGE_TOKEN, video_token_id=QWEN_VIDEO_TOKEN,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END, bos_token_id=1, eos_token_id=2)
+    return _build(Qwen2VLForConditionalGeneration, config, seed, dtype)
+
+
+def _build(cls, config, seed, dtype):
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    model.set_attn_implementation({"text_config": "eager",
+                                   "vision_config": "eager"})
+    return model
+
+
+def llava_inputs(model, text_before: int = 5, text_after: int = 12,
+                 seed: int = 0) -> dict:
+    """A prompt ``text, <image tokens>, text`` with a random image."""
+    config = model.config
+    gen = torch.Generator().manual_seed(seed)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    vocab = LLAVA_IMAGE_TOKEN - 3
+    ids = torch.cat([
+        torch.tensor([1]),
+        torch.randint(3, vocab, (text_before, ), generator=gen),
+        torch.full((side * side, ), config.image_token_index),
+        torch.randint(3, vocab, (text_after, ), generator=gen)])
+    pixels = torch.randn(1, 3, config.vision_config.image_size,
+                         config.vision_config.image_size, generator=gen)
+    return {"input_ids": ids[None], "pixel_values": pixels.to(model.dtype)}
+
+
+def qwen2_vl_inputs(model, grid_hw: tuple[int, int] = (8, 8),
+                    text_before: int = 5, text_after: int = 12,
+                    seed: int = 0) -> dict:
+    """A prompt with one image of ``grid_hw`` patches (``h * w / 4`` image tokens)."""
+    vision = model.config.vision_config
+    gen = torch.Generator().manual_seed(seed)
+    grid_h, grid_w = grid_hw
+    num_tokens = grid_h * grid_w // vision.spatial_merge_size**2
+    vocab = QWEN_IMAGE_TOKEN - 3
+    ids = torch.cat([
+        torch.tensor([1]),
+        torch.randint(3, vocab, (text_before, ), generator=gen),
+        torch.tensor([QWEN_VISION_START]),
+        torch.full((num_tokens, ), QWEN_IMAGE_TOKEN),
+        torch.tensor([QWEN_VISION_END]),
+        torch.randint(3, vocab, (text_after, ), generator=gen)])[None]
+    patch = 3 * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(grid_h * grid_w, patch, generator=gen)
+    return {"input_ids": ids, "pixel_values": pixels.to(model.dtype),
+            "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
+            "mm_token_type_ids": (ids == QWEN_IMAGE_TOKEN).int()}

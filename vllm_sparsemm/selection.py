@@ -1,0 +1,138 @@
+"""Which prompt tokens each KV head keeps (DESIGN section 1, steps 1-5).
+
+All keys and queries are post-RoPE. Scores are computed in float32 whatever
+the model dtype, so the selection does not depend on fp16/bf16 rounding of the
+logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def window_scores(queries: torch.Tensor, keys: torch.Tensor,
+                  pool_kernel: int = 5) -> torch.Tensor:
+    """Pooled importance of every non-window key, per KV head.
+
+    ``queries``: ``[W, Hq, D]``, the last W prompt positions. ``keys``:
+    ``[N, Hkv, D]``, all prompt keys. Returns float32 ``[Hkv, N - W]``:
+    softmax over all N keys (causal inside the window), mean over the W
+    queries, restricted to keys ``[0, N - W)``, mean over the G query heads of
+    each KV head, then ``avg_pool1d(kernel, padding=kernel // 2, stride=1)``
+    with zero padding counted (PyTorch's default, as in the reference).
+    """
+    window, num_heads, head_dim = queries.shape
+    num_keys, num_kv_heads, key_dim = keys.shape
+    if key_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"queries {tuple(queries.shape)} do not fit keys "
+                         f"{tuple(keys.shape)}")
+    if not 0 < window < num_keys:
+        raise ValueError(f"need 0 < window ({window}) < prompt length "
+                         f"({num_keys})")
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd and positive, got "
+                         f"{pool_kernel}")
+    group = num_heads // num_kv_heads
+    q = queries.float().transpose(0, 1)  # [Hq, W, D]
+    k = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, N, D]
+    logits = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(head_dim)
+    # Window query i sits at position N - W + i and sees keys 0 .. N - W + i.
+    query_pos = torch.arange(num_keys - window, num_keys, device=q.device)
+    key_pos = torch.arange(num_keys, device=q.device)
+    future = key_pos[None, :] > query_pos[:, None]
+    logits = logits.masked_fill(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    per_head = probs[:, :, :num_keys - window].mean(dim=1)  # [Hq, N - W]
+    per_kv_head = per_head.view(num_kv_heads, group, -1).mean(dim=1)
+    return F.avg_pool1d(per_kv_head[:, None, :], kernel_size=pool_kernel,
+                        stride=1, padding=pool_kernel // 2)[:, 0, :]
+
+
+def select_kept(scores: torch.Tensor, caps: torch.Tensor,
+                window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept prompt positions per KV head: the top ``cap`` scored keys plus the window.
+
+    ``scores``: ``[Hkv, N - W]`` from :func:`window_scores`; ``caps``: int
+    ``[Hkv]``. Ties go to the earlier position (stable sort). Returns
+    ``(positions, counts)``: int64 ``[Hkv, max_count]`` ascending per head and
+    padded with -1, and int64 ``[Hkv]`` counts ``min(cap, N - W) + W``.
+    """
+    num_kv_heads, num_scored = scores.shape
+    if caps.shape != (num_kv_heads,):
+        raise ValueError(f"caps must have shape [{num_kv_heads}], got "
+                         f"{tuple(caps.shape)}")
+    device = scores.device
+    caps = caps.to(device=device, dtype=torch.int64).clamp(min=0,
+                                                           max=num_scored)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    rank = torch.arange(num_scored, device=device)
+    keep.scatter_(1, order, rank[None, :] < caps[:, None])
+    window_pos = torch.arange(num_scored, num_scored + window, device=device)
+    positions = torch.cat(
+        [torch.where(keep, rank, num_scored + window),
+         window_pos.expand(num_kv_heads, window)], dim=1)
+    counts = caps + window
+    positions = positions.sort(dim=-1).values[:, :int(counts.max())]
+    positions = positions.masked_fill(positions >= num_scored + window, -1)
+    return positions, counts
+
+
+def kept_positions(queries: torch.Tensor, keys: torch.Tensor,
+                   caps: torch.Tensor, pool_kernel: int = 5
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-shot selection for one layer: :func:`window_scores` then :func:`select_kept`."""
+    return select_kept(window_scores(queries, keys, pool_kernel), caps,
+                       queries.shape[0])
+
+
+class WindowQueryBuffer:
+    """Collects the window queries of one layer while a prompt arrives in chunks.
+
+    Chunked prefill may split the last W prompt positions over several steps.
+    A window query at position p only attends to keys ``<= p``, all of which
+    exist when p is computed, so buffering the queries and scoring once the
+    last prompt token is in gives exactly the one-shot result.
+    """
+
+    def __init__(self, prompt_len: int, window: int):
+        if not 0 < window < prompt_len:
+            raise ValueError(f"need 0 < window ({window}) < prompt length "
+                             f"({prompt_len})")
+        self.prompt_len = prompt_len
+        self.window = window
+        self.queries: torch.Tensor | None = None
+        self._seen = torch.zeros(window, dtype=torch.bool)
+
+    @property
+    def start(self) -> int:
+        """First prompt position of the observation window."""
+        return self.prompt_len - self.window
+
+    def add(self, first_position: int, queries: torch.Tensor) -> None:
+        """Offer a chunk of queries ``[T, Hq, D]`` that starts at ``first_position``."""
+        lo = max(first_position, self.start)
+        hi = min(first_position + queries.shape[0], self.prompt_len)
+        if lo >= hi:
+            return
+        if self.queries is None:
+            self.queries = queries.new_empty((self.window, ) +
+                                             tuple(queries.shape[1:]))
+        self.queries[lo - self.start:hi - self.start] = (
+            queries[lo - first_position:hi - first_position])
+        self._seen[lo - self.start:hi - self.start] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._seen.all())
+
+    def scores(self, keys: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
+        """:func:`window_scores` of the buffered queries; ``keys`` are all N prompt keys."""
+        if not self.complete:
+            missing = (~self._seen).nonzero().flatten() + self.start
+            raise RuntimeError(f"window queries at positions "
+                               f"{missing.tolist()[:8]} never arrived")
+        return window_scores(self.queries, keys, pool_kernel)
