@@ -17,12 +17,15 @@ def cuda_extension():
     except ImportError:
         reason = "torch is not importable at build time (build with --no-build-isolation)"
     else:
-        if os.environ.get("VLLM_SPARSEMM_SKIP_CUDA") == "1":
-            reason = "VLLM_SPARSEMM_SKIP_CUDA=1"
+        forced = os.environ.get("VLLM_SPARSEMM_BUILD_CUDA")
+        if forced == "0":
+            reason = "VLLM_SPARSEMM_BUILD_CUDA=0"
         elif torch.version.cuda is None:
             reason = "torch has no CUDA support"
         elif CUDA_HOME is None:
             reason = "no CUDA toolkit found (set CUDA_HOME)"
+        elif forced != "1" and not torch.cuda.is_available():
+            reason = "no GPU visible (set VLLM_SPARSEMM_BUILD_CUDA=1 to build anyway)"
     if reason:
         print(f"vllm-sparsemm: skipping the CUDA extension: {reason}; "
               f"the PyTorch reference kernels will be used", file=sys.stderr)

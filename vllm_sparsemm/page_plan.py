@@ -3,9 +3,9 @@
 Vocabulary (DESIGN section 2):
 
 * A *page* is ``block_size`` tokens of one KV head of one layer. The KV cache
-  is one buffer ``[L, num_blocks, Hkv, block_size, ...]`` (layer-major), so a
-  vLLM block id ``b`` owns ``L * Hkv`` pages: ``(layer, b, head)`` for every
-  layer and head. :class:`PageSpace` numbers them.
+  is one buffer ``[num_blocks, L, Hkv, block_size, ...]`` (vLLM's packed,
+  block-major layout), so a vLLM block id ``b`` owns the ``L * Hkv``
+  consecutive pages ``(b, layer, head)``. :class:`PageSpace` numbers them.
 * After compression the heads of a request draw pages from *pools*. With one
   pool for all ``L * Hkv`` heads (cross-layer), every page of every block the
   request holds can serve any head, and the request holds
@@ -83,13 +83,13 @@ class PagePlan:
 
 
 class PageSpace:
-    """Page ids of a layer-major KV buffer ``[L, num_blocks, Hkv, block_size, E]``.
+    """Page ids of a block-major KV buffer ``[num_blocks, L, Hkv, block_size, E]``.
 
-    Viewing that buffer as ``[L * num_blocks * Hkv, block_size, E]`` gives
-    page ``(layer, block, head)`` the id ``(layer * num_blocks + block) * Hkv +
-    head``. A request's pools cover its ``L * Hkv`` head indices
-    ``layer * Hkv + head`` in order, so the sub-page ``s`` of pool ``q`` is
-    global head index ``q * pool_size + s``.
+    Viewing that buffer as ``[num_blocks * L * Hkv, block_size, E]`` gives
+    page ``(block, layer, head)`` the id ``(block * L + layer) * Hkv + head``.
+    A request's pools cover its ``L * Hkv`` head indices ``layer * Hkv +
+    head`` in order, so sub-page ``s`` of pool ``q`` in block ``b`` is page
+    ``b * L * Hkv + q * pool_size + s``.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int,
@@ -98,17 +98,16 @@ class PageSpace:
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
         self.block_size = block_size
+        self.pages_per_block = num_layers * num_kv_heads
 
     def page_id(self, layer, block, head):
-        return (layer * self.num_blocks + block) * self.num_kv_heads + head
+        return (block * self.num_layers + layer) * self.num_kv_heads + head
 
     def slot_page(self, plan: PagePlan, blocks: torch.Tensor,
                   pool: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Page id of ``slot`` of ``pool`` for a request owning ``blocks`` (by entry)."""
-        flat = pool * plan.pool_size + slot % plan.pool_size
-        return self.page_id(flat // self.num_kv_heads,
-                            blocks[slot // plan.pool_size],
-                            flat % self.num_kv_heads)
+        return (blocks[slot // plan.pool_size] * self.pages_per_block +
+                pool * plan.pool_size + slot % plan.pool_size)
 
 
 class RequestLayout:

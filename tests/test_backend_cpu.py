@@ -1,0 +1,304 @@
+"""The backend's whole logic on CPU, driven like vLLM drives it.
+
+Scheduler side: vLLM's own ``KVCacheManager`` with our spec and manager.
+Worker side: ``SparseMMImpl.forward`` for every layer of every step, over one
+packed KV buffer, with the PyTorch references standing in for FlashAttention
+and ``reshape_and_cache_flash``. Each request's queries, keys and values are
+fixed random tensors per (layer, position), so the exact SparseMM attention of
+every token can be computed densely and compared.
+"""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.request import Request
+
+from vllm_sparsemm import backend
+from vllm_sparsemm.block_law import BlockLaw
+from vllm_sparsemm.config import BudgetPlan, SparseMMSettings
+from vllm_sparsemm.kv_spec import SparseMMSpec
+from vllm_sparsemm.page_plan import cdiv
+from vllm_sparsemm.plugin import register
+from vllm_sparsemm.selection import kept_positions
+from vllm_sparsemm.worker_state import RowInfo, WorkerKVState
+
+LAYERS, HEADS, KV_HEADS, DIM, BS = 3, 4, 2, 8, 16
+BUDGET, WINDOW = 40, 8
+
+
+@dataclasses.dataclass
+class FakeMetadata:
+    """The FlashAttention metadata fields the backend reads."""
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    max_seq_len: int
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    scheduler_metadata: object = None
+    sparsemm: object = None
+
+
+class Engine:
+    """A minimal engine loop: vLLM's KV manager on one side, our worker on the other."""
+
+    def __init__(self, num_blocks=400, debug_poison=True, seed=0):
+        register()
+        gen = torch.Generator().manual_seed(seed)
+        scores = torch.rand(LAYERS, HEADS, generator=gen) ** 4
+        settings = SparseMMSettings(budget=BUDGET, window=WINDOW)
+        self.plan = BudgetPlan.build(settings, scores, KV_HEADS)
+        spec = SparseMMSpec(block_size=BS, num_kv_heads=KV_HEADS,
+                            head_size=DIM, dtype=torch.float32, plan=self.plan)
+        config = KVCacheConfig(
+            num_blocks=num_blocks, kv_cache_tensors=[],
+            kv_cache_groups=[KVCacheGroupSpec(
+                [f"model.layers.{l}.self_attn.attn" for l in range(LAYERS)],
+                spec)])
+        self.kv = KVCacheManager(config, max_model_len=4096,
+                                 scheduler_block_size=BS, hash_block_size=BS,
+                                 enable_caching=False)
+        self.manager = self.kv.coordinator.single_type_managers[0]
+        self.law = BlockLaw(self.plan, BS)
+        self.state = WorkerKVState(self.law, LAYERS, KV_HEADS, 0, debug_poison)
+        backend._worker_state = self.state
+        self.cache = torch.zeros(num_blocks, LAYERS, KV_HEADS, BS, 2 * DIM)
+        self.impl = backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None,
+                                         None, "auto")
+        self.layers = [types.SimpleNamespace(
+            layer_name=f"model.layers.{l}.self_attn.attn", _k_scale=None,
+            _v_scale=None) for l in range(LAYERS)]
+        self.free_at_start = self.kv.block_pool.get_num_free_blocks()
+        self.requests = {}
+        self.worker_rows = {}  # req id -> append-only block ids (worker view)
+        self.gen = gen
+
+    def add(self, req_id, prompt_len, total_len):
+        request = Request(req_id, list(range(prompt_len)),
+                          SamplingParams(max_tokens=total_len), None)
+        # fixed "model" activations per (layer, position)
+        shape = (LAYERS, total_len)
+        request.q = torch.randn(*shape, HEADS, DIM, generator=self.gen)
+        request.k = torch.randn(*shape, KV_HEADS, DIM, generator=self.gen)
+        request.v = torch.randn(*shape, KV_HEADS, DIM, generator=self.gen)
+        request.compaction_end = None
+        self.requests[req_id] = request
+        return request
+
+    def step(self, schedule: dict[str, int], pending_outputs=()):
+        """Run one step; ``schedule`` maps request id -> tokens this step."""
+        for rid, n in schedule.items():
+            request = self.requests[rid]
+            blocks = self.kv.allocate_slots(request, n)
+            assert blocks is not None, f"no room for {rid}"
+            new = (blocks.get_block_ids(allow_none=True) or [None])[0] or []
+            if request.num_computed_tokens == 0:
+                self.worker_rows[rid] = list(
+                    self.kv.get_block_ids(rid)[0])
+            else:
+                self.worker_rows[rid].extend(new)
+        rows, starts, tokens = [], [0], []
+        for rid, n in schedule.items():
+            request = self.requests[rid]
+            rows.append(RowInfo(rid, request.num_prompt_tokens,
+                                request.num_computed_tokens, n))
+            starts.append(starts[-1] + n)
+            tokens += [(rid, p) for p in range(request.num_computed_tokens,
+                                               request.num_computed_tokens + n)]
+        width = max(len(self.worker_rows[rid]) for rid in schedule)
+        table = torch.zeros(len(rows), width, dtype=torch.int32)
+        for i, rid in enumerate(schedule):
+            table[i, :len(self.worker_rows[rid])] = torch.tensor(
+                self.worker_rows[rid])
+        slots = []
+        for rid, p in tokens:
+            row = self.worker_rows[rid]
+            slots.append(row[p // BS] * BS + p % BS if p // BS < len(row) else -1)
+        metadata = FakeMetadata(
+            num_actual_tokens=len(tokens), max_query_len=max(schedule.values()),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor([r.end for r in rows], dtype=torch.int32),
+            max_seq_len=max(r.end for r in rows), block_table=table,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64))
+        metadata.sparsemm = backend.build_step(
+            self.state, rows, torch.tensor(starts), metadata)
+        outputs = []
+        for l, layer in enumerate(self.layers):
+            q = torch.stack([self.requests[r].q[l, p] for r, p in tokens])
+            k = torch.stack([self.requests[r].k[l, p] for r, p in tokens])
+            v = torch.stack([self.requests[r].v[l, p] for r, p in tokens])
+            out = torch.empty_like(q)
+            self.impl.forward(layer, q, k, v, self.cache[:, l], metadata, out)
+            outputs.append(out)
+        for rid, n in schedule.items():  # vLLM's _update_after_schedule
+            request = self.requests[rid]
+            if (request.compaction_end is None and request.num_computed_tokens
+                    < request.num_prompt_tokens <=
+                    request.num_computed_tokens + n):
+                request.compaction_end = request.num_computed_tokens + n
+            request.num_computed_tokens += n
+            request.num_in_flight_tokens += n
+        for rid, n in pending_outputs:  # vLLM's update_from_output
+            self.requests[rid].num_in_flight_tokens -= n
+        return tokens, torch.stack(outputs)  # [L, T, Hq, D]
+
+    def expected(self, rid, layer, position):
+        """Dense SparseMM attention of one token, straight from the definition."""
+        request = self.requests[rid]
+        prompt = request.num_prompt_tokens
+        q = request.q[layer, position]  # [Hq, D]
+        keys, values = request.k[layer], request.v[layer]
+        end = request.compaction_end
+        compressed = (BUDGET < prompt and end is not None and position >= end)
+        group = HEADS // KV_HEADS
+        out = torch.empty(HEADS, DIM)
+        if compressed:
+            caps = self.law.caps[layer]
+            kept, counts = kept_positions(request.q[layer, prompt - WINDOW:prompt],
+                                          keys[:prompt], caps)
+        for h in range(KV_HEADS):
+            if compressed:
+                visible = torch.cat([kept[h, :counts[h]],
+                                     torch.arange(prompt, position + 1)])
+            else:
+                visible = torch.arange(position + 1)
+            for g in range(h * group, (h + 1) * group):
+                probs = torch.softmax(q[g] @ keys[visible, h].T * DIM**-0.5, -1)
+                out[g] = probs @ values[visible, h]
+        return out
+
+    def check(self, tokens, outputs):
+        assert torch.isfinite(outputs).all()
+        for t, (rid, p) in enumerate(tokens):
+            for l in range(LAYERS):
+                torch.testing.assert_close(outputs[l, t],
+                                           self.expected(rid, l, p),
+                                           rtol=1e-5, atol=1e-5)
+
+    def held_blocks(self, rid):
+        return sum(not b.is_null for b in self.manager.req_to_blocks[rid])
+
+    def finish(self, rid):
+        self.kv.free(self.requests[rid])
+        self.state.finish([rid])
+
+
+def _chunks(total, size):
+    out, done = [], 0
+    while done < total:
+        out.append(min(size, total - done))
+        done += out[-1]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [5, 13, 64, 500])
+@pytest.mark.parametrize("async_frees", [False, True])
+def test_mixed_batch_matches_dense_sparsemm(chunk, async_frees):
+    eng = Engine()
+    prompts = {"a": 100, "b": 30, "c": 71, "d": 49}  # b fits the budget
+    decode = 20
+    for rid, prompt in prompts.items():
+        eng.add(rid, prompt, prompt + decode)
+    plans = {rid: _chunks(p, chunk) + [1] * decode for rid, p in prompts.items()}
+    last = {}
+    while any(plans.values()):
+        schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
+        pending = list(last.items()) if async_frees else []
+        tokens, outputs = eng.step(schedule, pending)
+        if not async_frees:
+            for rid, n in schedule.items():
+                eng.requests[rid].num_in_flight_tokens -= n
+        last = schedule
+        eng.check(tokens, outputs)
+        for rid in schedule:
+            request = eng.requests[rid]
+            processed = request.num_computed_tokens - request.num_in_flight_tokens
+            if (BUDGET < request.num_prompt_tokens
+                    and processed > request.num_prompt_tokens):
+                # after the scheduler has seen the compaction step processed,
+                # the request holds exactly what the block law says
+                appended = request.num_computed_tokens - request.num_prompt_tokens
+                assert eng.held_blocks(rid) == eng.law.compacted_blocks(
+                    request.num_prompt_tokens, appended) or eng.held_blocks(
+                        rid) == eng.law.compacted_blocks(
+                            request.num_prompt_tokens, appended - 1)
+    for rid in prompts:
+        request = eng.requests[rid]
+        if BUDGET < request.num_prompt_tokens:
+            # allocation covers the tokens of the step about to run
+            assert eng.held_blocks(rid) == eng.law.compacted_blocks(
+                request.num_prompt_tokens, decode - 1)
+            assert eng.held_blocks(rid) < cdiv(request.num_prompt_tokens + decode,
+                                               BS)
+        else:
+            assert eng.held_blocks(rid) == cdiv(request.num_prompt_tokens + decode
+                                                - 1, BS)
+        eng.finish(rid)
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+
+
+def test_same_request_alone_and_in_a_batch_gives_the_same_output():
+    def run(with_others):
+        eng = Engine(seed=3)
+        eng.add("x", 90, 110)
+        if with_others:
+            for i in range(6):
+                eng.add(f"o{i}", 20 + 15 * i, 40 + 15 * i)
+        plans = {rid: _chunks(r.num_prompt_tokens, 32) + [1] * 20
+                 for rid, r in eng.requests.items()}
+        outs = []
+        while any(plans.values()):
+            schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
+            tokens, outputs = eng.step(schedule)
+            for rid, n in schedule.items():
+                eng.requests[rid].num_in_flight_tokens -= n
+            outs += [outputs[:, t] for t, (rid, _) in enumerate(tokens)
+                     if rid == "x"]
+        return torch.stack(outs)
+
+    torch.testing.assert_close(run(False), run(True), rtol=1e-5, atol=1e-5)
+
+
+def test_preemption_recompute_and_abort_leak_nothing():
+    eng = Engine()
+    eng.add("p", 80, 120)
+    eng.add("q", 60, 100)
+    eng.add("gone", 70, 90)
+    for schedule in ({"p": 40, "q": 40, "gone": 35},
+                     {"p": 40, "q": 20, "gone": 30}):
+        eng.step(schedule)
+        for rid in ("p", "q", "gone"):
+            eng.requests[rid].num_in_flight_tokens = 0
+    eng.finish("gone")  # aborted mid-prefill
+    for _ in range(10):
+        tokens, outputs = eng.step({"p": 1, "q": 1})
+        eng.check(tokens, outputs)
+        for rid in ("p", "q"):
+            eng.requests[rid].num_in_flight_tokens = 0
+    # preempt p by recompute: blocks freed, prompt + outputs re-prefilled;
+    # the chunk that crosses the prompt ends past it (E > P)
+    request = eng.requests["p"]
+    done = request.num_computed_tokens
+    eng.kv.free(request)
+    request.num_computed_tokens = 0
+    request.compaction_end = None
+    for chunk in (64, done - 64):
+        tokens, outputs = eng.step({"p": chunk})
+        request.num_in_flight_tokens = 0
+        eng.check(tokens, outputs)
+    assert request.compaction_end == done > request.num_prompt_tokens
+    for _ in range(20):
+        tokens, outputs = eng.step({"p": 1, "q": 1})
+        eng.check(tokens, outputs)
+        for rid in ("p", "q"):
+            eng.requests[rid].num_in_flight_tokens = 0
+    eng.finish("p")
+    eng.finish("q")
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+    assert eng.state.requests == {}

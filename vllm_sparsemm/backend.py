@@ -1,0 +1,299 @@
+"""The sparsemm attention backend: FlashAttention plus per-head compressed pages.
+
+vLLM's FlashAttention backend does every standard row (prefill chunks, requests
+that are not compressed). Rows of compacted requests attend over their own
+per-(layer, KV head) page lists: each (row, KV head) is one virtual sequence
+of a single-head page view of the one KV buffer. On CPU (tests) the same
+paths run through the PyTorch references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder)
+
+from vllm_sparsemm.block_law import BlockLaw
+from vllm_sparsemm.config import SparseMMSettings
+from vllm_sparsemm.kv_ops import paged_attention_reference
+from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
+                                     compressed_lengths, compressed_page_table,
+                                     select_for_layer, write_compressed,
+                                     write_standard_reference)
+from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
+                                        take_step_rows)
+
+logger = init_logger("vllm.sparsemm.backend")
+
+_worker_state: WorkerKVState | None = None
+
+
+def worker_state() -> WorkerKVState | None:
+    """This process's sparsemm state (None before the first builder exists)."""
+    return _worker_state
+
+
+class SparseMMBackend(FlashAttentionBackend):
+    # The impl writes K/V itself: compressed rows go to per-head pages.
+    forward_includes_kv_cache_update: bool = True
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # vLLM 0.26.0 only accepts enum member names
+
+    @staticmethod
+    def get_impl_cls() -> type["SparseMMImpl"]:
+        return SparseMMImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["SparseMMMetadataBuilder"]:
+        return SparseMMMetadataBuilder
+
+    @classmethod
+    def get_required_kv_cache_layout(cls):
+        return "HND"  # a (block, head) pair is then one contiguous page
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        from vllm.v1.attention.backend import AttentionType
+        return attn_type == AttentionType.DECODER
+
+
+class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
+    # Compaction and page-list building are data dependent: run attention
+    # eagerly between piecewise CUDA graphs.
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if vllm_config.use_v2_model_runner:
+            raise RuntimeError(
+                "sparsemm runs on vLLM's V1 model runner; unset "
+                "VLLM_USE_V2_MODEL_RUNNER (the plugin selects V1 itself)")
+        global _worker_state
+        from vllm.distributed import get_tensor_model_parallel_rank
+        settings = SparseMMSettings.from_sources(vllm_config.additional_config)
+        law = BlockLaw(kv_cache_spec.plan, kv_cache_spec.block_size,
+                       kv_cache_spec.tp_size)
+        _worker_state = WorkerKVState(law, len(layer_names),
+                                      kv_cache_spec.num_kv_heads,
+                                      get_tensor_model_parallel_rank(),
+                                      settings.debug_poison)
+        self.state = _worker_state
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        rows = take_step_rows()
+        metadata = super().build(common_prefix_len, common_attn_metadata,
+                                 fast_build)
+        metadata.sparsemm = None
+        if rows is not None:
+            metadata.sparsemm = build_step(
+                self.state, rows, common_attn_metadata.query_start_loc_cpu,
+                metadata)
+        return metadata
+
+
+def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
+               metadata) -> StepPlan | None:
+    """The step plan attached to the metadata; None when every row is plain FA."""
+    query_start = query_start_loc_cpu[:len(rows) + 1].tolist()
+    plan = plan_step(state, rows, query_start, metadata.block_table)
+    if plan.only_standard and not plan.compressing:
+        return None
+    if plan.compressed is not None:
+        plan.standard_slots = metadata.slot_mapping.clone()
+        plan.standard_slots[plan.compressed.tokens] = -1
+        if plan.standard_rows:
+            plan.standard_metadata = _restrict(metadata, plan)
+    return plan
+
+
+def _restrict(metadata, plan: StepPlan):
+    """FlashAttention metadata for the standard rows alone."""
+    device = metadata.query_start_loc.device
+    rows = torch.tensor(plan.standard_rows, device=device)
+    lens = [plan.query_start[i + 1] - plan.query_start[i]
+            for i in plan.standard_rows]
+    starts = torch.tensor([0] + lens, device=device,
+                          dtype=metadata.query_start_loc.dtype).cumsum(0)
+    seq_lens = metadata.seq_lens[rows]
+    return dataclasses.replace(
+        metadata, num_actual_tokens=sum(lens), max_query_len=max(lens),
+        query_start_loc=starts, seq_lens=seq_lens,
+        max_seq_len=max(plan.rows[i].end for i in plan.standard_rows),
+        block_table=metadata.block_table[rows], scheduler_metadata=None,
+        slot_mapping=plan.standard_slots[plan.standard_tokens])
+
+
+@functools.cache
+def _fa_ops():
+    from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
+    from vllm.v1.attention.backends.fa_utils import (flash_attn_varlen_func,
+                                                     reshape_and_cache_flash)
+    return flash_attn_varlen_func, reshape_and_cache_flash, (
+        canonicalize_singleton_dim_strides)
+
+
+class SparseMMImpl(FlashAttentionImpl):
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata,
+                output, output_scale=None, output_block_scale=None):
+        if attn_metadata is None:
+            return output.fill_(0)  # profile run
+        plan: StepPlan | None = getattr(attn_metadata, "sparsemm", None)
+        if plan is None:  # dummy run, or no request compressed: plain FA
+            self._write_standard(layer, key, value, kv_cache,
+                                 attn_metadata.slot_mapping, None, None)
+            return self._standard_attention(layer, query, key, value,
+                                             kv_cache, attn_metadata, output)
+        state = plan.state
+        index = extract_layer_index(layer.layer_name)
+        if state.pages is None:
+            state.bind_cache(_page_view(kv_cache, state))
+        _check_layer_slot(kv_cache, state, index)
+        compressed = plan.compressed
+        slots = (attn_metadata.slot_mapping
+                 if compressed is None else plan.standard_slots)
+        self._write_standard(layer, key, value, kv_cache, slots, state, index)
+        if compressed is not None:
+            write_compressed(compressed, state, index, key, value)
+        if plan.window_rows:
+            collect_window_queries(plan, index, query)
+        if plan.compressing:
+            select_for_layer(plan, index, attn_metadata.block_table)
+        if compressed is None:
+            self._standard_attention(layer, query, key, value, kv_cache,
+                                     attn_metadata, output)
+        else:
+            if plan.standard_rows:
+                tokens = plan.standard_tokens
+                out = torch.empty_like(output[tokens])
+                self._standard_attention(layer, query[tokens], key[tokens],
+                                         value[tokens], kv_cache,
+                                         plan.standard_metadata, out)
+                output[tokens] = out
+            self._compressed_attention(plan, index, query, output)
+        if plan.compressing and index == state.num_layers - 1:
+            compact(plan, attn_metadata.block_table)
+        return output
+
+    def _write_standard(self, layer, key, value, kv_cache, slots, state,
+                        index):
+        if kv_cache.is_cuda:
+            _, reshape_and_cache_flash, _ = _fa_ops()
+            key_cache, value_cache = kv_cache.transpose(1, 2).split(
+                self.head_size, dim=-1)
+            reshape_and_cache_flash(key, value, key_cache, value_cache, slots,
+                                    self.kv_cache_dtype, layer._k_scale,
+                                    layer._v_scale)
+        else:
+            state = state or worker_state()
+            if state.pages is None:
+                state.bind_cache(_page_view(kv_cache, state))
+            write_standard_reference(state,
+                                     extract_layer_index(layer.layer_name),
+                                     key, value, slots)
+
+    def _standard_attention(self, layer, query, key, value, kv_cache, metadata,
+                            output):
+        if kv_cache.is_cuda:
+            return super().forward(layer, query, key, value, kv_cache,
+                                   metadata, output)
+        return _standard_attention_reference(self, layer, query, kv_cache,
+                                             metadata, output)
+
+    def _compressed_attention(self, plan: StepPlan, index: int, query, output):
+        state, cr = plan.state, plan.compressed
+        heads, group = state.num_kv_heads, self.num_queries_per_kv
+        lengths = compressed_lengths(cr, state, index)  # [R, H]
+        table = compressed_page_table(cr, state, index, lengths)
+        q = query[cr.tokens].view(-1, heads, group, self.head_size)
+        q_virtual = q[cr.virtual_token, cr.virtual_head]
+        dim = self.head_size
+        if query.is_cuda:
+            flash_attn_varlen_func, _, canonical = _fa_ops()
+            out_virtual = torch.empty_like(q_virtual)
+            flash_attn_varlen_func(
+                q=q_virtual, k=canonical(state.pages[..., :dim].unsqueeze(2)),
+                v=canonical(state.pages[..., dim:].unsqueeze(2)),
+                out=out_virtual, cu_seqlens_q=cr.virtual_starts,
+                max_seqlen_q=cr.max_query_len,
+                seqused_k=lengths.flatten().to(torch.int32),
+                max_seqlen_k=cr.max_length, softmax_scale=self.scale,
+                causal=True, block_table=table.to(torch.int32),
+                fa_version=self.vllm_flash_attn_version)
+        else:
+            out_virtual = paged_attention_reference(
+                q_virtual, state.pages[..., :dim], state.pages[..., dim:],
+                table, lengths.flatten(), cr.virtual_starts, self.scale)
+        out = torch.empty_like(q)
+        out[cr.virtual_token, cr.virtual_head] = out_virtual
+        output[cr.tokens] = out.view(len(cr.virtual_token) // heads,
+                                     heads * group, dim)
+
+
+def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:
+    """All layers' KV as pages ``[NB * L * Hkv, bs, 2D]`` (vLLM's packed layout)."""
+    num_blocks, heads, block_size, width = kv_cache.shape
+    page = heads * block_size * width
+    if kv_cache.stride(0) != state.num_layers * page:
+        raise RuntimeError(
+            "sparsemm needs every layer's KV cache in one block-major buffer "
+            f"(block stride {state.num_layers * page}, got "
+            f"{kv_cache.stride(0)}); the packed-layout patch did not apply")
+    base = torch.empty(0, dtype=kv_cache.dtype,
+                       device=kv_cache.device).set_(kv_cache.untyped_storage())
+    pages = num_blocks * state.num_layers * heads
+    return base[:pages * block_size * width].view(pages, block_size, width)
+
+
+def _check_layer_slot(kv_cache, state: WorkerKVState, index: int) -> None:
+    offset = kv_cache.data_ptr() - state.pages.data_ptr()
+    slot = offset // (kv_cache.stride(1) * kv_cache.shape[1] *
+                      kv_cache.element_size())
+    if slot != index:
+        raise RuntimeError(f"sparsemm: layer {index} sits at slot {slot} of "
+                           f"the packed KV buffer; expected model order")
+
+
+def _standard_attention_reference(impl, layer, query, kv_cache, metadata,
+                                  output):
+    """CPU stand-in for FlashAttention on the standard paged layout."""
+    state = worker_state()
+    index = extract_layer_index(layer.layer_name)
+    heads, group = impl.num_kv_heads, impl.num_queries_per_kv
+    starts = metadata.query_start_loc.tolist()
+    num_rows = len(starts) - 1
+    seq_lens = metadata.seq_lens[:num_rows]
+    blocks = metadata.block_table[:num_rows].long()
+    head = torch.arange(heads)
+    table = state.space.page_id(index, blocks[:, None, :],
+                                head[None, :, None]).reshape(num_rows * heads, -1)
+    token, kv_head, virtual_starts = [], [], [0]
+    for r in range(num_rows):
+        for h in range(heads):
+            token.extend(range(starts[r], starts[r + 1]))
+            kv_head.extend([h] * (starts[r + 1] - starts[r]))
+            virtual_starts.append(len(token))
+    token, kv_head = torch.tensor(token), torch.tensor(kv_head)
+    total = starts[-1]
+    q = query[:total].view(total, heads, group, impl.head_size)
+    dim = impl.head_size
+    out = paged_attention_reference(
+        q[token, kv_head], state.pages[..., :dim], state.pages[..., dim:],
+        table, seq_lens.repeat_interleave(heads), torch.tensor(virtual_starts),
+        impl.scale)
+    result = torch.empty_like(q)
+    result[token, kv_head] = out
+    output[:total] = result.view(total, heads * group, dim)
+    return output

@@ -1,0 +1,153 @@
+"""SparseMM settings: ``--additional-config '{"sparsemm": {...}}'``, env fallbacks, score lookup.
+
+Precedence: ``--additional-config`` > ``VLLM_SPARSEMM_*`` environment
+variables > defaults. Everything is validated when vLLM builds its config, so a
+bad setting fails at start-up with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sparsemm.budget import check_budget_args, head_budgets
+from vllm_sparsemm.head_scores import (HeadScoreError, check_scores_fit,
+                                       load_head_scores, resolve_score_file)
+
+UNIFORM = "uniform"
+
+# Shipped score files and the model shapes they were computed for:
+# (file name, architectures, (layers, query heads, KV heads, hidden size, vocab)).
+KNOWN_SCORE_FILES = (
+    ("llava-v1.6-vicuna-7b", ("LlavaNextForConditionalGeneration", ),
+     (32, 32, 32, 4096, 32064)),
+)
+
+
+@dataclass(frozen=True)
+class SparseMMSettings:
+    """User-facing knobs (DESIGN section 3)."""
+    budget: int = 256  # B: tokens per KV head on average, window included
+    window: int = 32  # W: observation window, always kept
+    ratio: float = 0.1  # r: share of B - W every head gets regardless of score
+    pool_kernel: int = 5  # avg-pool kernel over key scores
+    head_scores: str | None = None  # path, shipped name, "uniform", or auto
+    debug_poison: bool = False  # NaN-fill released blocks (tests)
+
+    def __post_init__(self):
+        check_budget_args(self.budget, self.window, self.ratio)
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"sparsemm pool_kernel must be odd and positive, "
+                             f"got {self.pool_kernel}")
+
+    @classmethod
+    def from_sources(cls, additional_config: dict | None,
+                     environ=os.environ) -> "SparseMMSettings":
+        raw = dict((additional_config or {}).get("sparsemm") or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"unknown sparsemm settings {unknown}; valid: "
+                             f"{sorted(known)}")
+        values = {}
+        for name, f in known.items():
+            env = environ.get(f"VLLM_SPARSEMM_{name.upper()}")
+            value = raw.get(name, env)
+            if value is None:
+                continue
+            kind = {"budget": int, "window": int, "pool_kernel": int,
+                    "ratio": float, "head_scores": str,
+                    "debug_poison": _as_bool}[name]
+            try:
+                values[name] = kind(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"sparsemm setting {name}={value!r}: {e}") from e
+        return cls(**values)
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes"):
+        return True
+    if str(value).lower() in ("0", "false", "no", ""):
+        return False
+    raise ValueError("expected a boolean")
+
+
+def find_score_file(architectures, num_layers: int, num_heads: int,
+                    num_kv_heads: int, hidden_size: int, vocab_size: int):
+    """The shipped score file computed for this model shape, or None."""
+    shape = (num_layers, num_heads, num_kv_heads, hidden_size, vocab_size)
+    for name, archs, known_shape in KNOWN_SCORE_FILES:
+        if shape == known_shape and set(architectures or ()) & set(archs):
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    architectures: tuple[str, ...]
+    num_layers: int
+    num_heads: int  # query heads, whole model (all TP ranks)
+    num_kv_heads: int  # whole model
+    hidden_size: int
+    vocab_size: int
+
+    @classmethod
+    def from_hf_text_config(cls, architectures, text) -> "ModelShape":
+        return cls(tuple(architectures or ()), text.num_hidden_layers,
+                   text.num_attention_heads,
+                   getattr(text, "num_key_value_heads", None)
+                   or text.num_attention_heads, text.hidden_size,
+                   text.vocab_size)
+
+
+def resolve_scores(settings: SparseMMSettings,
+                   shape: ModelShape) -> tuple[torch.Tensor, str]:
+    """Scores ``[L, Hq]`` for the model and a description of where they came from."""
+    source = settings.head_scores
+    if source == UNIFORM:
+        return (torch.ones(shape.num_layers, shape.num_heads,
+                           dtype=torch.float64),
+                "uniform (every head alike: plain SnapKV, no visual heads)")
+    if source is None:
+        source = find_score_file(shape.architectures, shape.num_layers,
+                                 shape.num_heads, shape.num_kv_heads,
+                                 shape.hidden_size, shape.vocab_size)
+        if source is None:
+            raise HeadScoreError(
+                f"sparsemm has no visual-head score file for this model "
+                f"({', '.join(shape.architectures) or 'unknown architecture'}"
+                f", {shape.num_layers} layers x {shape.num_heads} heads). "
+                f"Compute one with `vllm-sparsemm chase` and pass "
+                f"--additional-config '{{\"sparsemm\": {{\"head_scores\": "
+                f"\"/path/to/scores.json\"}}}}', or opt into uniform budgets "
+                f"(plain SnapKV) with \"head_scores\": \"uniform\"")
+    path = resolve_score_file(source)
+    scores = load_head_scores(path)
+    check_scores_fit(scores, shape.num_layers, shape.num_heads, str(path))
+    return scores, str(path)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Everything both the scheduler and the workers need to agree on a request's layout."""
+    caps: tuple[tuple[int, ...], ...]  # [L][Hkv], whole model
+    budget: int
+    window: int
+    pool_kernel: int
+
+    @classmethod
+    def build(cls, settings: SparseMMSettings, scores: torch.Tensor,
+              num_kv_heads: int) -> "BudgetPlan":
+        caps = head_budgets(scores, num_kv_heads, settings.budget,
+                            settings.window, settings.ratio)
+        return cls(tuple(tuple(row) for row in caps.tolist()), settings.budget,
+                   settings.window, settings.pool_kernel)
+
+    def caps_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.caps, dtype=torch.int64)

@@ -1,0 +1,237 @@
+"""Every patch of vLLM 0.26.0 internals the plugin needs, in one place.
+
+Each patch names the vLLM function it replaces or wraps and why. All of them
+leave vLLM's behaviour unchanged unless the sparsemm backend is selected
+(``--attention-backend sparsemm`` or ``CUSTOM`` while this plugin owns CUSTOM).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.sparsemm.patches")
+
+BACKEND_PATH = "vllm_sparsemm.backend.SparseMMBackend"
+ALIAS = "sparsemm"
+
+
+def is_sparsemm(vllm_config) -> bool:
+    """Whether this engine config selects the sparsemm backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    attention = getattr(vllm_config, "attention_config", None)
+    return (attention is not None
+            and attention.backend == AttentionBackendEnum.CUSTOM
+            and AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH)
+
+
+_patched: set[tuple[int, str]] = set()
+
+
+def _wrap(owner, name, make):
+    """Replace ``owner.name`` with ``make(original)`` once per process."""
+    if (id(owner), name) in _patched:
+        return
+    original = owner.__dict__[name] if name in owner.__dict__ else getattr(
+        owner, name)
+    setattr(owner, name, make(original))
+    _patched.add((id(owner), name))
+
+
+def patch_backend_name() -> None:
+    """Replaces ``AttentionConfig.validate_backend_before``: vLLM 0.26.0 has no
+    public way to add a backend name, so map "sparsemm" onto the CUSTOM slot.
+    (Covers ``--attention-backend`` and ``LLM(attention_backend=...)``.)"""
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    def make(original):
+        func = original.__func__
+
+        @functools.wraps(func)
+        def validate_backend_before(cls, value):
+            if isinstance(value, str) and value.lower() == ALIAS:
+                return AttentionBackendEnum.CUSTOM
+            return func(cls, value)
+
+        return classmethod(validate_backend_before)
+
+    _wrap(AttentionConfig, "validate_backend_before", make)
+
+
+def patch_engine_config() -> None:
+    """Wraps ``VllmConfig.__post_init__``: when sparsemm is selected, validate
+    the settings and score file up front, switch prefix caching off (compaction
+    rewrites block contents) and refuse features the backend does not handle."""
+    from vllm.config import VllmConfig
+
+    def make(original):
+
+        @functools.wraps(original)
+        def __post_init__(self):
+            if is_sparsemm(self):
+                _prepare_engine_config(self)
+            original(self)
+
+        return __post_init__
+
+    _wrap(VllmConfig, "__post_init__", make)
+
+
+def _prepare_engine_config(vllm_config) -> None:
+    from vllm_sparsemm.plan_setup import budget_plan, settings_for
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        logger.info("sparsemm: prefix caching disabled (compaction rewrites "
+                    "KV blocks, so they cannot be shared)")
+        cache.enable_prefix_caching = False
+    unsupported = []
+    if vllm_config.speculative_config is not None:
+        unsupported.append("speculative decoding")
+    if vllm_config.kv_transfer_config is not None:
+        unsupported.append("KV connectors (--kv-transfer-config)")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        unsupported.append("pipeline parallelism")
+    if str(cache.cache_dtype) not in ("auto", "float16", "bfloat16"):
+        unsupported.append(f"--kv-cache-dtype {cache.cache_dtype}")
+    if unsupported:
+        raise ValueError("the sparsemm attention backend does not support "
+                         + ", ".join(unsupported))
+    if vllm_config.model_config is None:
+        return
+    settings = settings_for(vllm_config)
+    plan, source = budget_plan(vllm_config)
+    logger.info_once(
+        "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
+        "block_size=%d head_scores=%s", settings.budget, settings.window,
+        settings.ratio, settings.pool_kernel, cache.block_size, source)
+
+
+def patch_model_runner_choice() -> None:
+    """Replaces the ``VllmConfig.use_v2_model_runner`` property: sparsemm needs
+    the V1 runner (its metadata hook below), so the plugin picks V1 itself
+    unless the user forced a runner with VLLM_USE_V2_MODEL_RUNNER."""
+    import os
+
+    from vllm.config import VllmConfig
+
+    def make(original):
+
+        def use_v2_model_runner(self):
+            if (is_sparsemm(self)
+                    and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None):
+                return False
+            return original.fget(self)
+
+        return property(use_v2_model_runner)
+
+    _wrap(VllmConfig, "use_v2_model_runner", make)
+
+
+def patch_packed_kv_layout() -> None:
+    """Replaces ``vllm.v1.core.kv_cache_utils._use_packed_kv_cache_config``: put
+    every layer's KV in one block-major buffer ``[blocks, layers, ...]`` so any
+    layer's heads can use any page of a request's blocks (exact accounting)."""
+    from vllm.v1.core import kv_cache_utils
+
+    def make(original):
+
+        @functools.wraps(original)
+        def _use_packed_kv_cache_config(vllm_config, kv_cache_groups):
+            if is_sparsemm(vllm_config) and len(kv_cache_groups) == 1:
+                return True
+            return original(vllm_config, kv_cache_groups)
+
+        return _use_packed_kv_cache_config
+
+    _wrap(kv_cache_utils, "_use_packed_kv_cache_config", make)
+
+
+def patch_layer_spec() -> None:
+    """Wraps ``Attention.get_kv_cache_spec``: sparsemm layers report a
+    ``SparseMMSpec`` (full attention plus the budget plan), which selects the
+    scheduler-side manager that frees compacted blocks."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    def make(original):
+
+        @functools.wraps(original)
+        def get_kv_cache_spec(self, vllm_config):
+            spec = original(self, vllm_config)
+            if spec is None or not is_sparsemm(vllm_config):
+                return spec
+            from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+            from vllm_sparsemm.kv_spec import SparseMMSpec
+            from vllm_sparsemm.plan_setup import budget_plan
+            if type(spec) is not FullAttentionSpec:
+                raise ValueError(f"sparsemm supports full-attention layers "
+                                 f"only, not {type(spec).__name__}")
+            fields = {f: getattr(spec, f)
+                      for f in spec.__dataclass_fields__}
+            return SparseMMSpec(
+                **fields, plan=budget_plan(vllm_config)[0],
+                tp_size=vllm_config.parallel_config.tensor_parallel_size)
+
+        return get_kv_cache_spec
+
+    _wrap(Attention, "get_kv_cache_spec", make)
+
+
+def patch_runner_hooks() -> None:
+    """Wraps V1 ``GPUModelRunner._build_attention_metadata`` (to hand the
+    builder each row's request id, prompt length and progress, which vLLM does
+    not pass) and ``GPUModelRunner._update_states`` (to drop finished
+    requests' worker state)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sparsemm import worker_state as ws
+
+    def make_build(original):
+
+        @functools.wraps(original)
+        def _build_attention_metadata(self, num_tokens, num_reqs,
+                                      max_query_len, *args, **kwargs):
+            scheduled = kwargs.get("num_scheduled_tokens")
+            if scheduled is None or kwargs.get("for_cudagraph_capture"):
+                ws.stash_step_rows(None)
+            else:
+                batch = self.input_batch
+                ws.stash_step_rows([
+                    ws.RowInfo(rid, int(batch.num_prompt_tokens[i]),
+                               int(batch.num_computed_tokens_cpu[i]),
+                               int(scheduled[rid]))
+                    for i, rid in enumerate(batch.req_ids[:num_reqs])
+                ])
+            try:
+                return original(self, num_tokens, num_reqs, max_query_len,
+                                *args, **kwargs)
+            finally:
+                ws.stash_step_rows(None)
+
+        return _build_attention_metadata
+
+    def make_update(original):
+
+        @functools.wraps(original)
+        def _update_states(self, scheduler_output):
+            from vllm_sparsemm.backend import worker_state
+            state = worker_state()
+            if state is not None:
+                state.finish(scheduler_output.finished_req_ids)
+            return original(self, scheduler_output)
+
+        return _update_states
+
+    _wrap(GPUModelRunner, "_build_attention_metadata", make_build)
+    _wrap(GPUModelRunner, "_update_states", make_update)
+
+
+def apply_all() -> None:
+    patch_backend_name()
+    patch_engine_config()
+    patch_model_runner_choice()
+    patch_packed_kv_layout()
+    patch_layer_spec()
+    patch_runner_hooks()
