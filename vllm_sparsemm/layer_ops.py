@@ -113,6 +113,10 @@ def select_for_layer(plan: StepPlan, layer: int,
         scores = req.windows[layer].scores(keys, state.law.plan.pool_kernel)
         req.selected[layer] = select_kept(scores, state.caps[layer],
                                           state.window)
+        if state.recorded is not None:  # tests: what each layer selected from
+            state.recorded.setdefault(plan.rows[i].req_id, {})[layer] = (
+                req.windows[layer].queries.cpu(), keys.cpu(),
+                *(t.cpu() for t in req.selected[layer]))
 
 
 def compact(plan: StepPlan, block_table: torch.Tensor) -> None:

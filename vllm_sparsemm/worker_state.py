@@ -79,6 +79,8 @@ class WorkerKVState:
         self.debug_poison = debug_poison
         self.requests: dict[str, RequestKV] = {}
         self.pages: torch.Tensor | None = None  # [NB * L * Hkv, bs, 2D]
+        # tests set a dict here to record each layer's selection inputs/outputs
+        self.recorded: dict | None = None
         self.space: PageSpace | None = None
 
     @property

@@ -22,7 +22,7 @@ def tiny_llava(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 4,
                               LlavaForConditionalGeneration)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, image_size=image_size, patch_size=14,
             projection_dim=32),
         text_config=LlamaConfig(

@@ -1,0 +1,164 @@
+"""Model folders vLLM can load, written locally: tiny random checkpoints and 7B configs.
+
+Nothing is downloaded. The tokenizer is a character-level one whose special
+tokens sit at the ids the model config expects; the processors and chat
+templates are the real transformers classes, so vLLM's multimodal processing
+(placeholder expansion, image preprocessing) runs as it would for the real
+models.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] in ['image', 'image_url'] %}"
+    "<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% else %}ASSISTANT: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] in ['image', 'image_url'] %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+def char_tokenizer(vocab_size: int, specials: dict[str, int], bos: str,
+                   eos: str, unk: str, pad: str | None = None):
+    """A character-level fast tokenizer with ``specials`` at fixed ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = dict(specials)
+    used = set(vocab.values())
+    next_id = 0
+    for char in string.printable[:95] + "\n":
+        while next_id in used:
+            next_id += 1
+        vocab[char] = next_id
+        used.add(next_id)
+    for i in range(vocab_size):
+        if i not in used:
+            vocab[f"<extra_{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk,
+                                   bos_token=bos, eos_token=eos,
+                                   pad_token=pad or unk)
+    fast.add_special_tokens({"additional_special_tokens": [
+        s for s in specials if s not in (bos, eos, unk, pad)]})
+    return fast
+
+
+def llava_processor(image_size: int, vocab_size: int, image_token_id: int):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+    tokenizer = char_tokenizer(
+        vocab_size, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id},
+        bos="<s>", eos="</s>", unk="<unk>")
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer,
+                          patch_size=14, vision_feature_select_strategy="default",
+                          chat_template=LLAVA_TEMPLATE, image_token="<image>",
+                          num_additional_image_tokens=1)
+
+
+def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
+                       max_pixels: int = 64 * 28 * 28):
+    from transformers import (Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
+                "<|image_pad|>": ids["image"], "<|video_pad|>": ids["video"],
+                "<|vision_start|>": ids["vision_start"],
+                "<|vision_end|>": ids["vision_end"]}
+    tokenizer = char_tokenizer(vocab_size, specials, bos="<|im_start|>",
+                               eos="<|im_end|>", unk="<|endoftext|>")
+    images = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28,
+                                   max_pixels=max_pixels)
+    videos = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28,
+                                   max_pixels=max_pixels)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
+                            video_processor=videos,
+                            chat_template=QWEN_TEMPLATE)
+
+
+def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
+    """A tiny random LLaVA-1.5-shaped checkpoint that vLLM 0.26.0 loads."""
+    from vllm_sparsemm.reference.tiny import tiny_llava
+    path = Path(path)
+    model = tiny_llava(seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    _rename_keys(path / "model.safetensors", "model.vision_tower.",
+                 "model.vision_tower.vision_model.")
+    config = model.config
+    llava_processor(config.vision_config.image_size,
+                    config.text_config.vocab_size,
+                    config.image_token_index).save_pretrained(path)
+    return path
+
+
+def save_tiny_qwen2_vl(path, seed: int = 0, **model_kwargs) -> Path:
+    """A tiny random Qwen2-VL-shaped checkpoint that vLLM 0.26.0 loads."""
+    from vllm_sparsemm.reference.tiny import tiny_qwen2_vl
+    path = Path(path)
+    model = tiny_qwen2_vl(seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    config = model.config
+    qwen2_vl_processor(config.text_config.vocab_size, {
+        "image": config.image_token_id, "video": config.video_token_id,
+        "vision_start": config.vision_start_token_id,
+        "vision_end": config.vision_end_token_id}).save_pretrained(path)
+    return path
+
+
+def _rename_keys(file: Path, old: str, new: str) -> None:
+    """transformers 5 saves LLaVA's CLIP tower without ``vision_model.``;
+    vLLM 0.26.0 loads only the hub layout."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(file)
+    renamed = {(new + k[len(old):] if k.startswith(old) else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, file, metadata={"format": "pt"})
+
+
+# Real architecture configs for --load-format dummy runs.
+LLAVA_15_7B = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava", "image_token_index": 32000,
+    "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default", "torch_dtype": "float16",
+    "text_config": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32064,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "torch_dtype": "float16"},
+    "vision_config": {
+        "model_type": "clip_vision_model", "hidden_size": 1024,
+        "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+        "projection_dim": 768, "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5},
+}
+
+
+def write_dummy_llava_15_7b(path) -> Path:
+    """Config, tokenizer and processor of LLaVA-1.5-7B (576 image tokens), no weights."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(LLAVA_15_7B, indent=1))
+    llava_processor(336, 32064, 32000).save_pretrained(path)
+    return path
