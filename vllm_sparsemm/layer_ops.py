@@ -132,7 +132,6 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
         row = plan.rows[i]
         extra = row.end - req.prompt_len
         positions, counts = _stack_selected(req, state.num_layers)
-        rank_plan = state.rank_plan(req.prompt_len)
         expected = state.law.kept(req.prompt_len)
         lo = state.rank * state.num_kv_heads
         assert torch.equal(counts, expected[:, lo:lo + state.num_kv_heads]), (
@@ -142,14 +141,15 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
             positions = _append_positions(positions, counts, tail)
         kept, prompt = state.law.released_range(req.prompt_len, row.end)
         blocks = block_table[i].long()
-        layout = RequestLayout(state.space, counts, 1, blocks[:kept])
-        layout.plan = rank_plan
+        # the block law's plan for this rank, built on the cache's device
+        layout = RequestLayout(state.space, counts.to(device), 1, blocks[:kept])
         src, dst = compaction_rows(layout, blocks, positions.to(device),
                                    (counts + extra).to(device))
         move_rows(state.rows, src, dst)
         if state.debug_poison:
             _poison(state, blocks[kept:prompt])
-        req.compacted, req.plan = True, rank_plan
+        req.compacted, req.plan = True, layout.plan
+        req.max_count = int(counts.max())
         req.kept_entries, req.prompt_entries = kept, prompt
         req.windows.clear()
         req.selected.clear()

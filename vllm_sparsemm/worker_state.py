@@ -56,7 +56,8 @@ class RequestKV:
     compacted: bool = False
     kept_entries: int = 0  # K_c: block-list entries kept at compaction
     prompt_entries: int = 0  # n_c: entries the list had at compaction
-    plan: PagePlan | None = None
+    plan: PagePlan | None = None  # on the cache's device once compacted
+    max_count: int = 0  # largest compacted head
 
     def window(self, layer: int, window: int) -> WindowQueryBuffer:
         if layer not in self.windows:
@@ -103,9 +104,6 @@ class WorkerKVState:
     def finish(self, req_ids) -> None:
         for req_id in req_ids:
             self.requests.pop(req_id, None)
-
-    def rank_plan(self, prompt_len: int) -> PagePlan:
-        return self.law.rank_plans(prompt_len)[self.rank]
 
 
 @dataclass
@@ -238,6 +236,6 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
                                   device=device),
         virtual_starts=torch.tensor(starts, dtype=torch.int32, device=device),
         max_query_len=max(query_lens),
-        max_length=max(int(req.plan.counts.max()) + rows[i].end -
+        max_length=max(req.max_count + rows[i].end -
                        rows[i].prompt_len for req, i in zip(reqs, indices)),
     )
