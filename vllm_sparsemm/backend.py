@@ -124,8 +124,8 @@ def _restrict(metadata, plan: StepPlan):
     rows = torch.tensor(plan.standard_rows, device=device)
     lens = [plan.query_start[i + 1] - plan.query_start[i]
             for i in plan.standard_rows]
-    starts = torch.tensor([0] + lens, device=device,
-                          dtype=metadata.query_start_loc.dtype).cumsum(0)
+    starts = torch.tensor([0] + lens, device=device).cumsum(0).to(
+        metadata.query_start_loc.dtype)
     seq_lens = metadata.seq_lens[rows]
     return dataclasses.replace(
         metadata, num_actual_tokens=sum(lens), max_query_len=max(lens),

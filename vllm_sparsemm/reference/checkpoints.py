@@ -100,8 +100,7 @@ def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
     path = Path(path)
     model = tiny_llava(seed=seed, **model_kwargs)
     model.save_pretrained(path)
-    _rename_keys(path / "model.safetensors", "model.vision_tower.",
-                 "model.vision_tower.vision_model.")
+    _rename_clip_keys(path / "model.safetensors")
     config = model.config
     llava_processor(config.vision_config.image_size,
                     config.text_config.vocab_size,
@@ -123,12 +122,15 @@ def save_tiny_qwen2_vl(path, seed: int = 0, **model_kwargs) -> Path:
     return path
 
 
-def _rename_keys(file: Path, old: str, new: str) -> None:
+def _rename_clip_keys(file: Path) -> None:
     """transformers 5 saves LLaVA's CLIP tower without ``vision_model.``;
-    vLLM 0.26.0 loads only the hub layout."""
+    vLLM 0.26.0 loads only the hub layout ``vision_tower.vision_model.*``."""
+    import re
+
     from safetensors.torch import load_file, save_file
     tensors = load_file(file)
-    renamed = {(new + k[len(old):] if k.startswith(old) else k): v
+    renamed = {re.sub(r"vision_tower\.(?!vision_model\.)",
+                      "vision_tower.vision_model.", k): v
                for k, v in tensors.items()}
     save_file(renamed, file, metadata={"format": "pt"})
 
