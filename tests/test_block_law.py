@@ -1,0 +1,89 @@
+"""The block law shared by scheduler and workers, including tensor parallelism
+simulated on CPU: each rank owns Hkv / tp heads, the block count is the
+maximum over ranks, and each rank's selection equals the single-rank one."""
+
+import pytest
+import torch
+
+from vllm_sparsemm.block_law import BlockLaw
+from vllm_sparsemm.budget import head_budgets
+from vllm_sparsemm.config import BudgetPlan, SparseMMSettings
+from vllm_sparsemm.page_plan import PagePlan, cdiv
+from vllm_sparsemm.selection import kept_positions
+
+
+def _plan(num_layers=4, num_heads=8, num_kv_heads=4, budget=64, seed=0):
+    scores = torch.rand(num_layers, num_heads,
+                        generator=torch.Generator().manual_seed(seed)) ** 3
+    return BudgetPlan.build(SparseMMSettings(budget=budget, window=8), scores,
+                            num_kv_heads)
+
+
+def test_uncompressed_prompts_grow_like_vllm():
+    law = BlockLaw(_plan(budget=64), block_size=16)
+    assert not law.compresses(64)
+    for tokens in (1, 16, 17, 200):
+        assert law.list_length(64, None, tokens) == cdiv(tokens, 16)
+        assert law.list_length(64, 64, tokens) == cdiv(tokens, 16)
+
+
+def test_compressed_list_keeps_its_append_only_shape():
+    law = BlockLaw(_plan(budget=64), block_size=16)
+    prompt = 300
+    kept, prompt_entries = law.released_range(prompt, prompt)
+    assert prompt_entries == cdiv(300, 16) and 1 <= kept < prompt_entries
+    previous = prompt_entries
+    for tokens in range(prompt, prompt + 100):
+        length = law.list_length(prompt, prompt, tokens)
+        assert length >= previous  # never shrinks: the worker only appends
+        # real blocks = kept prompt entries + appended ones = the plan's count
+        assert kept + length - prompt_entries == law.compacted_blocks(
+            prompt, tokens - prompt)
+        previous = length
+
+
+def test_compaction_after_the_prompt_end_counts_those_tokens():
+    law = BlockLaw(_plan(budget=64), block_size=16)
+    kept, entries = law.released_range(300, 340)  # a re-prefill ended at 340
+    assert entries == cdiv(340, 16)
+    assert kept == law.compacted_blocks(300, 40)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_tensor_parallel_block_count_is_the_max_over_ranks(tp):
+    law = BlockLaw(_plan(), block_size=16, tp_size=tp)
+    kept = law.kept(500)
+    for appended in (0, 5, 40):
+        per_rank = []
+        for r in range(tp):
+            heads = kept[:, r * 4 // tp:(r + 1) * 4 // tp]
+            per_rank.append(PagePlan(heads.reshape(1, -1), 16).num_blocks(
+                appended))
+        assert law.compacted_blocks(500, appended) == max(per_rank)
+    # splitting the heads never needs fewer blocks than one rank holding all
+    # of them in pools of its size
+    assert law.compacted_blocks(500, 0) >= cdiv(int(cdiv(kept, 16).sum()),
+                                                 4 * 4)
+
+
+def test_tensor_parallel_ranks_select_what_one_rank_would():
+    gen = torch.Generator().manual_seed(1)
+    num_heads, num_kv_heads, tp, window = 8, 4, 2, 8
+    queries = torch.randn(window, num_heads, 16, generator=gen)
+    keys = torch.randn(100, num_kv_heads, 16, generator=gen)
+    caps = head_budgets(torch.rand(1, num_heads, generator=gen), num_kv_heads,
+                        40, window)[0]
+    full_pos, full_counts = kept_positions(queries, keys, caps)
+    per = num_kv_heads // tp
+    for r in range(tp):
+        heads = slice(r * per, (r + 1) * per)
+        q_heads = slice(r * num_heads // tp, (r + 1) * num_heads // tp)
+        pos, counts = kept_positions(queries[:, q_heads], keys[:, heads],
+                                     caps[heads])
+        assert torch.equal(counts, full_counts[heads])
+        assert torch.equal(pos, full_pos[heads, :pos.shape[1]])
+
+
+def test_heads_must_split_over_ranks():
+    with pytest.raises(ValueError, match="split evenly"):
+        BlockLaw(_plan(num_kv_heads=4), 16, tp_size=3)

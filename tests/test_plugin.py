@@ -1,0 +1,81 @@
+"""The plugin entry point and the vLLM patches, on CPU: registered once, active
+only when the sparsemm backend is chosen."""
+
+import types
+from importlib.metadata import entry_points
+
+import pytest
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+from vllm_sparsemm import patches
+from vllm_sparsemm.plugin import register
+
+
+def _config(backend, groups=1):
+    return types.SimpleNamespace(
+        attention_config=types.SimpleNamespace(backend=backend),
+        kv_transfer_config=None)
+
+
+def test_entry_point_is_installed():
+    names = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert names.get("sparsemm") == "vllm_sparsemm.plugin:register"
+
+
+def test_register_is_idempotent_and_owns_custom():
+    register()
+    first = AttentionBackendEnum.CUSTOM.get_path()
+    register()
+    assert first == AttentionBackendEnum.CUSTOM.get_path() == (
+        "vllm_sparsemm.backend.SparseMMBackend")
+
+
+def test_backend_name_alias():
+    from vllm.config.attention import AttentionConfig
+    register()
+    check = AttentionConfig.validate_backend_before
+    assert check("sparsemm") is AttentionBackendEnum.CUSTOM
+    assert check("SparseMM") is AttentionBackendEnum.CUSTOM
+    assert check("custom") is AttentionBackendEnum.CUSTOM
+    assert check("flash_attn") is AttentionBackendEnum.FLASH_ATTN
+    assert check("auto") is None
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        check("sparsem")
+
+
+def test_patches_only_act_for_sparsemm():
+    from vllm.v1.core import kv_cache_utils
+    register()
+    ours, theirs = (_config(AttentionBackendEnum.CUSTOM),
+                    _config(AttentionBackendEnum.FLASH_ATTN))
+    assert patches.is_sparsemm(ours) and not patches.is_sparsemm(theirs)
+    group = [types.SimpleNamespace(kv_cache_spec=object())]
+    assert kv_cache_utils._use_packed_kv_cache_config(ours, group)
+    assert not kv_cache_utils._use_packed_kv_cache_config(theirs, group)
+
+
+def test_v1_runner_is_chosen_for_sparsemm(monkeypatch):
+    from vllm.config import VllmConfig
+    register()
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    prop = VllmConfig.__dict__["use_v2_model_runner"]
+    assert prop.fget(_config(AttentionBackendEnum.CUSTOM)) is False
+    # an explicit user choice is left alone (the builder then explains)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert prop.fget(_config(AttentionBackendEnum.CUSTOM)) is True
+
+
+def test_unsupported_features_are_refused(monkeypatch):
+    register()
+    config = types.SimpleNamespace(
+        attention_config=types.SimpleNamespace(
+            backend=AttentionBackendEnum.CUSTOM),
+        cache_config=types.SimpleNamespace(enable_prefix_caching=True,
+                                           cache_dtype="fp8", block_size=16),
+        speculative_config=object(), kv_transfer_config=None,
+        parallel_config=types.SimpleNamespace(pipeline_parallel_size=2),
+        model_config=None, additional_config={})
+    with pytest.raises(ValueError, match="speculative decoding, pipeline "
+                       "parallelism, --kv-cache-dtype fp8"):
+        patches._prepare_engine_config(config)
+    assert config.cache_config.enable_prefix_caching is False
