@@ -20,11 +20,13 @@ pytestmark = pytest.mark.gpu
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 MAX_TOKENS = 24
+TINY = dict(num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from vllm_sparsemm.reference.checkpoints import (save_tiny_llava,
+                                                     save_tiny_llava_next,
                                                      save_tiny_qwen2_vl)
     root = tmp_path_factory.mktemp("models")
     return {
@@ -35,6 +37,8 @@ def models(tmp_path_factory):
                                            num_layers=4, num_heads=4,
                                            num_kv_heads=4, head_dim=64,
                                            image_size=112)),
+        "llava-next": str(save_tiny_llava_next(root / "llava-next", seed=1,
+                                               **TINY)),
         "qwen2-vl": str(save_tiny_qwen2_vl(root / "qwen", seed=1, num_layers=4,
                                            num_heads=4, num_kv_heads=2,
                                            head_dim=64)),
@@ -133,7 +137,7 @@ def _scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+@pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl"])
 def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     spec = dict(kind=kind, n=8)
     want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec))
@@ -142,18 +146,20 @@ def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     assert got == want
 
 
-def test_eviction_matches_the_oracle(models):
+@pytest.mark.parametrize("kind, budget", [("llava", 96), ("llava-next", 96),
+                                          ("qwen2-vl", 48)])
+def test_eviction_matches_the_oracle(models, kind, budget):
     """Selections equal the reference on vLLM's own queries/keys (exact), and
     the fp32 HF oracle's (near-exact: vLLM runs fp16); tokens agree >= 16."""
     from transformers import AutoProcessor
 
     from vllm_sparsemm import backend
+    from vllm_sparsemm.reference import tiny
     from vllm_sparsemm.reference.oracle import SparseMMOracle
-    from vllm_sparsemm.reference.tiny import tiny_llava
     from vllm_sparsemm.selection import kept_positions
-    prompt = _prompts("llava", 1)[0]
-    budget = {"budget": 96, "window": 16}
-    llm = _llm(models["llava"], "sparsemm", budget)
+    prompt = _prompts(kind, 1)[0]
+    budget = {"budget": budget, "window": 16}
+    llm = _llm(models[kind], "sparsemm", budget)
     backend.worker_state().recorded = {}
     tokens, lens = _generate(llm, [prompt])
     recorded = backend.worker_state().recorded
@@ -165,12 +171,14 @@ def test_eviction_matches_the_oracle(models):
         assert torch.equal(counts, want_counts)
         assert torch.equal(positions, want_pos)
 
-    processor = AutoProcessor.from_pretrained(models["llava"])
+    processor = AutoProcessor.from_pretrained(models[kind])
     inputs = processor(images=prompt["multi_modal_data"]["image"],
                        text=prompt["prompt"], return_tensors="pt")
     assert inputs["input_ids"].shape[1] == lens[0]
-    model = tiny_llava(seed=1, num_layers=4, num_heads=4, num_kv_heads=4,
-                       head_dim=64, image_size=336)
+    model = {"llava": lambda: tiny.tiny_llava(seed=1, image_size=336, **TINY),
+             "llava-next": lambda: tiny.tiny_llava_next(seed=1, **TINY),
+             "qwen2-vl": lambda: tiny.tiny_qwen2_vl(seed=1, **dict(
+                 TINY, num_kv_heads=2))}[kind]()
     oracle = SparseMMOracle(model, law.caps, budget["budget"],
                             budget["window"])
     result = oracle.generate(dict(inputs), MAX_TOKENS)

@@ -75,6 +75,25 @@ def llava_processor(image_size: int, vocab_size: int, image_token_id: int):
                           num_additional_image_tokens=1)
 
 
+def llava_next_processor(image_size: int, vocab_size: int,
+                         image_token_id: int):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from vllm_sparsemm.reference.tiny import NEXT_PINPOINTS
+    tokenizer = char_tokenizer(
+        vocab_size, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id},
+        bos="<s>", eos="</s>", unk="<unk>")
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=NEXT_PINPOINTS(image_size))
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer,
+                              patch_size=14,
+                              vision_feature_select_strategy="default",
+                              chat_template=LLAVA_TEMPLATE, image_token="<image>",
+                              num_additional_image_tokens=1)
+
+
 def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
                        max_pixels: int = 64 * 28 * 28):
     from transformers import (Qwen2VLImageProcessor, Qwen2VLProcessor,
@@ -105,6 +124,20 @@ def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
     llava_processor(config.vision_config.image_size,
                     config.text_config.vocab_size,
                     config.image_token_index).save_pretrained(path)
+    return path
+
+
+def save_tiny_llava_next(path, seed: int = 0, **model_kwargs) -> Path:
+    """A tiny random LLaVA-NeXT-shaped checkpoint that vLLM 0.26.0 loads."""
+    from vllm_sparsemm.reference.tiny import tiny_llava_next
+    path = Path(path)
+    model = tiny_llava_next(seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    _rename_clip_keys(path / "model.safetensors")
+    config = model.config
+    llava_next_processor(config.vision_config.image_size,
+                         config.text_config.vocab_size,
+                         config.image_token_index).save_pretrained(path)
     return path
 
 
