@@ -116,28 +116,25 @@ def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
 def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
     """A tiny random LLaVA-1.5-shaped checkpoint that vLLM 0.26.0 loads."""
     from vllm_sparsemm.reference.tiny import tiny_llava
-    path = Path(path)
-    model = tiny_llava(seed=seed, **model_kwargs)
-    model.save_pretrained(path)
-    _rename_clip_keys(path / "model.safetensors")
-    config = model.config
-    llava_processor(config.vision_config.image_size,
-                    config.text_config.vocab_size,
-                    config.image_token_index).save_pretrained(path)
-    return path
+    return _save_llava_like(path, tiny_llava(seed=seed, **model_kwargs),
+                            llava_processor)
 
 
 def save_tiny_llava_next(path, seed: int = 0, **model_kwargs) -> Path:
     """A tiny random LLaVA-NeXT-shaped checkpoint that vLLM 0.26.0 loads."""
     from vllm_sparsemm.reference.tiny import tiny_llava_next
+    return _save_llava_like(path, tiny_llava_next(seed=seed, **model_kwargs),
+                            llava_next_processor)
+
+
+def _save_llava_like(path, model, make_processor) -> Path:
     path = Path(path)
-    model = tiny_llava_next(seed=seed, **model_kwargs)
     model.save_pretrained(path)
     _rename_clip_keys(path / "model.safetensors")
     config = model.config
-    llava_next_processor(config.vision_config.image_size,
-                         config.text_config.vocab_size,
-                         config.image_token_index).save_pretrained(path)
+    make_processor(config.vision_config.image_size,
+                   config.text_config.vocab_size,
+                   config.image_token_index).save_pretrained(path)
     return path
 
 

@@ -13,6 +13,15 @@ per-(layer, KV head) caches:
 Positions are the model's own (Llama: ``N + t``; Qwen2-VL: M-RoPE text
 position ``N + t + rope_delta``), never renumbered. Deliberately plain: loops
 over heads, no paging, so it can be checked by eye.
+
+Why we trust it (``tests/test_oracle.py``): with ``budget >= N`` it gives
+transformers' own full-cache greedy tokens, logits within 1e-5 (LLaVA MHA and
+GQA, Qwen2-VL); with eviction it equals an independent implementation that
+keeps transformers' cache and generate loop (so transformers computes the
+decode positions, M-RoPE included) and masks each head's evicted keys; its
+kept positions equal the selection recomputed from each layer's captured
+queries and keys; and the selection maths is checked by hand-worked cases
+(``tests/test_selection.py``, a three-head example among them).
 """
 
 from __future__ import annotations

@@ -18,9 +18,29 @@ def tiny_llava(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 4,
                head_dim: int = 16, image_size: int = 112, seed: int = 0,
                dtype: torch.dtype = torch.float32):
     """A LLaVA-1.5-shaped model: ``(image_size / 14) ** 2`` image tokens."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
-    config = LlavaConfig(
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    config = LlavaConfig(**_llava_parts(num_layers, num_heads, num_kv_heads,
+                                        head_dim, image_size))
+    return _build(LlavaForConditionalGeneration, config, seed, dtype)
+
+
+def tiny_llava_next(num_layers: int = 3, num_heads: int = 4,
+                    num_kv_heads: int = 4, head_dim: int = 16,
+                    image_size: int = 112, seed: int = 0,
+                    dtype: torch.dtype = torch.float32):
+    """A LLaVA-NeXT-shaped model: any-res tiles of ``image_size`` plus a base image."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    config = LlavaNextConfig(
+        **_llava_parts(num_layers, num_heads, num_kv_heads, head_dim,
+                       image_size),
+        image_grid_pinpoints=NEXT_PINPOINTS(image_size))
+    return _build(LlavaNextForConditionalGeneration, config, seed, dtype)
+
+
+def _llava_parts(num_layers, num_heads, num_kv_heads, head_dim, image_size):
+    """What LLaVA-1.5 and LLaVA-NeXT configs share: a tiny CLIP and Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+    return dict(
         vision_config=CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, image_size=image_size, patch_size=14,
@@ -33,31 +53,6 @@ def tiny_llava(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 4,
             eos_token_id=2, pad_token_id=0),
         image_token_index=LLAVA_IMAGE_TOKEN, projector_hidden_act="gelu",
         vision_feature_select_strategy="default", vision_feature_layer=-2)
-    return _build(LlavaForConditionalGeneration, config, seed, dtype)
-
-
-def tiny_llava_next(num_layers: int = 3, num_heads: int = 4,
-                    num_kv_heads: int = 4, head_dim: int = 16,
-                    image_size: int = 112, seed: int = 0,
-                    dtype: torch.dtype = torch.float32):
-    """A LLaVA-NeXT-shaped model: any-res tiles of ``image_size`` plus a base image."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration)
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, image_size=image_size, patch_size=14,
-            projection_dim=32),
-        text_config=LlamaConfig(
-            hidden_size=num_heads * head_dim, intermediate_size=128,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads, head_dim=head_dim,
-            vocab_size=256, max_position_embeddings=4096, bos_token_id=1,
-            eos_token_id=2, pad_token_id=0),
-        image_token_index=LLAVA_IMAGE_TOKEN, projector_hidden_act="gelu",
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-        image_grid_pinpoints=NEXT_PINPOINTS(image_size))
-    return _build(LlavaNextForConditionalGeneration, config, seed, dtype)
 
 
 def NEXT_PINPOINTS(image_size: int) -> list[list[int]]:
