@@ -51,7 +51,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vllm_sparsemm", "vllm_sparsemm.reference", "vllm_sparsemm.score_files"],
+    packages=["vllm_sparsemm", "vllm_sparsemm.chase", "vllm_sparsemm.reference",
+              "vllm_sparsemm.score_files"],
     package_dir={"vllm_sparsemm.score_files": "head_scores"},
     package_data={"vllm_sparsemm.score_files": ["*.json"]},
     install_requires=[
@@ -59,12 +60,13 @@ setup(
         "transformers>=5.5.3,<5.17",
     ],
     extras_require={
-        "test": ["pytest", "requests", "openai"],
+        "test": ["pytest", "requests", "openai", "matplotlib"],
         "qwen": ["qwen-vl-utils"],
         "plot": ["matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["sparsemm = vllm_sparsemm.plugin:register"],
+        "console_scripts": ["vllm-sparsemm = vllm_sparsemm.cli:main"],
     },
     ext_modules=[built[0]] if built else [],
     cmdclass={"build_ext": built[1]} if built else {},

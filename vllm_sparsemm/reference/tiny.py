@@ -16,11 +16,11 @@ QWEN_VISION_START, QWEN_VISION_END = 392, 393
 
 def tiny_llava(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 4,
                head_dim: int = 16, image_size: int = 112, seed: int = 0,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, **text_kwargs):
     """A LLaVA-1.5-shaped model: ``(image_size / 14) ** 2`` image tokens."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     config = LlavaConfig(**_llava_parts(num_layers, num_heads, num_kv_heads,
-                                        head_dim, image_size))
+                                        head_dim, image_size, **text_kwargs))
     return _build(LlavaForConditionalGeneration, config, seed, dtype)
 
 
@@ -37,7 +37,8 @@ def tiny_llava_next(num_layers: int = 3, num_heads: int = 4,
     return _build(LlavaNextForConditionalGeneration, config, seed, dtype)
 
 
-def _llava_parts(num_layers, num_heads, num_kv_heads, head_dim, image_size):
+def _llava_parts(num_layers, num_heads, num_kv_heads, head_dim, image_size,
+                 **text_kwargs):
     """What LLaVA-1.5 and LLaVA-NeXT configs share: a tiny CLIP and Llama."""
     from transformers import CLIPVisionConfig, LlamaConfig
     return dict(
@@ -50,7 +51,7 @@ def _llava_parts(num_layers, num_heads, num_kv_heads, head_dim, image_size):
             num_hidden_layers=num_layers, num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads, head_dim=head_dim,
             vocab_size=256, max_position_embeddings=4096, bos_token_id=1,
-            eos_token_id=2, pad_token_id=0),
+            eos_token_id=2, pad_token_id=0, **text_kwargs),
         image_token_index=LLAVA_IMAGE_TOKEN, projector_hidden_act="gelu",
         vision_feature_select_strategy="default", vision_feature_layer=-2)
 
