@@ -203,3 +203,23 @@ def test_cli_chase_generates_data_and_scores(tmp_path, capsys):
     scores = json.loads((tmp_path / "s.json").read_text())
     assert len(scores) == 3 * 4 and all(len(v) == 2 for v in scores.values())
     assert "wrote" in capsys.readouterr().out
+
+
+def test_chase_with_random_weights_on_a_weightless_llava_15_folder(tmp_path,
+                                                                   capsys):
+    """The timing mode: a real LLaVA-1.5 layout (576 image tokens), no weights."""
+    from vllm_sparsemm.cli import main
+    folder = checkpoints.write_dummy_llava_15_7b(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4)  # keep CPU time small
+    config["vision_config"].update(hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["chase", "--model", str(folder), "--data", str(tmp_path / "d"),
+                 "--out", str(tmp_path / "s.json"), "--generate", "2",
+                 "--max-new-tokens", "2", "--device", "cpu",
+                 "--random-weights"]) == 0
+    assert "2 images" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "s.json").read_text())) == 2 * 4

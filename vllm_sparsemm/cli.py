@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def _chase(args) -> int:
@@ -11,11 +12,16 @@ def _chase(args) -> int:
     if args.generate:
         generate_ocr_images(args.data, args.generate, seed=args.seed)
         print(f"wrote {args.generate} synthetic OCR images to {args.data}")
-    model, processor = load_model(args.model, args.device)
-    chase(model, processor, args.data, args.out, max_images=args.max_images,
-          max_new_tokens=args.max_new_tokens, save_every=args.save_every,
-          model_name=args.model)
-    print(f"wrote {args.out}")
+    model, processor = load_model(args.model, args.device, args.random_weights)
+    start = time.perf_counter()
+    scores = chase(model, processor, args.data, args.out,
+                   max_images=args.max_images,
+                   max_new_tokens=args.max_new_tokens,
+                   save_every=args.save_every, model_name=args.model)
+    minutes = (time.perf_counter() - start) / 60
+    images = len(next(iter(scores.values())))
+    print(f"wrote {args.out}: {images} images, "
+          f"{images / max(minutes, 1e-9):.1f} images/minute this run")
     return 0
 
 
@@ -51,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     chase.add_argument("--seed", type=int, default=0)
     chase.add_argument("--device", default="auto",
                        help="auto (GPU when present), cuda, cpu")
+    chase.add_argument("--random-weights", action="store_true",
+                       help="build the model from its config with random "
+                       "weights (timing runs on folders without weights)")
     chase.set_defaults(func=_chase)
     plot = sub.add_parser("plot", help="draw a score file as a heat map (PNG)")
     plot.add_argument("scores", help="score file")

@@ -16,15 +16,27 @@ from vllm_sparsemm.chase.scorer import PROMPT, prepare_model, score_image
 logger = logging.getLogger(__name__)
 
 
-def load_model(model_dir: str, device: str = "auto"):
-    """A transformers LLaVA / LLaVA-NeXT / Qwen2-VL model and its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_model(model_dir: str, device: str = "auto",
+               random_weights: bool = False):
+    """A transformers LLaVA / LLaVA-NeXT / Qwen2-VL model and its processor.
+
+    ``random_weights`` builds the model from its config alone (a folder with no
+    weights, for timing runs).
+    """
+    from transformers import (AutoConfig, AutoModelForImageTextToText,
+                              AutoProcessor)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="eager").to(device).eval()
-    return prepare_model(model), AutoProcessor.from_pretrained(model_dir)
+    if random_weights:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(
+                config, dtype=dtype, attn_implementation="eager")
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="eager").to(device)
+    return prepare_model(model.eval()), AutoProcessor.from_pretrained(model_dir)
 
 
 def _sidecar(out: Path) -> Path:
