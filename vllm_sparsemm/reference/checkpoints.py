@@ -187,10 +187,58 @@ LLAVA_15_7B = {
 }
 
 
+NEXT_PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336],
+                      [336, 1008]]
+LLAVA_NEXT_VICUNA_7B = dict(
+    LLAVA_15_7B, architectures=["LlavaNextForConditionalGeneration"],
+    model_type="llava_next", image_grid_pinpoints=NEXT_PINPOINTS_336,
+    use_image_newline_parameter=True)
+QWEN2_VL_7B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl", "torch_dtype": "bfloat16",
+    "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "bos_token_id": 151643, "eos_token_id": 151645,
+    "text_config": {
+        "model_type": "qwen2_vl_text", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4,
+        "vocab_size": 152064, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16"},
+    "vision_config": {
+        "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16,
+        "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "in_chans": 3, "hidden_act": "quick_gelu"},
+}
+
+
 def write_dummy_llava_15_7b(path) -> Path:
     """Config, tokenizer and processor of LLaVA-1.5-7B (576 image tokens), no weights."""
+    return _write_dummy(path, LLAVA_15_7B,
+                        llava_processor(336, 32064, 32000))
+
+
+def write_dummy_llava_next_7b(path) -> Path:
+    """LLaVA-NeXT-Vicuna-7B (up to ~2,900 image tokens), no weights."""
+    processor = llava_next_processor(336, 32064, 32000)
+    processor.image_processor.image_grid_pinpoints = NEXT_PINPOINTS_336
+    return _write_dummy(path, LLAVA_NEXT_VICUNA_7B, processor)
+
+
+def write_dummy_qwen2_vl_7b(path) -> Path:
+    """Qwen2-VL-7B (GQA 28/4, M-RoPE), no weights."""
+    processor = qwen2_vl_processor(152064, {
+        "image": 151655, "video": 151656, "vision_start": 151652,
+        "vision_end": 151653}, max_pixels=16384 * 28 * 28)
+    return _write_dummy(path, QWEN2_VL_7B, processor)
+
+
+def _write_dummy(path, config: dict, processor) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(LLAVA_15_7B, indent=1))
-    llava_processor(336, 32064, 32000).save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    processor.save_pretrained(path)
     return path

@@ -1,0 +1,231 @@
+"""Stock vLLM (FLASH_ATTN) against sparsemm, back to back, on dummy-weight 7B models.
+
+    python examples/benchmark.py --model llava-next-7b --budget 256 \
+        --num-requests 512 --output-len 512 --out bench.json
+    python examples/benchmark.py --model llava-1.5-7b --latency --contexts 2048,32768
+
+Throughput mode adds every request at once (each with its own random image)
+and steps the engine to the end: output tok/s, requests/s, time to first token
+(from submission, so it includes queueing), peak concurrent requests, and for
+sparsemm the KV blocks each compressed request holds against the exact ideal
+``sum over heads of ceil(kept / block_size) / (L * Hkv)``. Latency mode sends
+one request at a time: time to first token and decode ms/token at batch 1 for
+text prompts of the given lengths. Each backend runs in a fresh process; the
+JSON names the GPU. Model folders are written locally (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    "llava-1.5-7b": ("write_dummy_llava_15_7b", (672, 448)),
+    "llava-next-7b": ("write_dummy_llava_next_7b", (672, 672)),
+    "qwen2-vl-7b": ("write_dummy_qwen2_vl_7b", (1344, 1008)),
+}
+
+
+def _prompt(model: str, text: str, with_image: bool) -> str:
+    if model.startswith("qwen"):
+        vision = "<|vision_start|><|image_pad|><|vision_end|>" if with_image else ""
+        return (f"<|im_start|>user\n{vision}{text}<|im_end|>\n"
+                f"<|im_start|>assistant\n")
+    return f"USER: {'<image>' if with_image else ''}\n{text} ASSISTANT:"
+
+
+def _image(seed: int, size):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(
+        np.uint8))
+
+
+def _engine(args, backend):
+    from vllm import LLM
+    kwargs = dict(model=args.model_dir, load_format="dummy", seed=0,
+                  max_model_len=args.max_model_len,
+                  gpu_memory_utilization=args.gpu_memory_utilization,
+                  limit_mm_per_prompt={"image": 1},
+                  max_num_seqs=args.max_num_seqs, disable_log_stats=True)
+    if args.kv_cache_gib:
+        kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
+    if args.max_model_len > 4096 and not args.model.startswith("qwen"):
+        kwargs["hf_overrides"] = {"text_config": {
+            "max_position_embeddings": args.max_model_len}}
+    if backend == "sparsemm":
+        settings = {"budget": args.budget}
+        if args.head_scores:
+            settings["head_scores"] = args.head_scores
+        kwargs.update(attention_backend="sparsemm",
+                      additional_config={"sparsemm": settings})
+    else:
+        kwargs.update(attention_backend=backend)
+    return LLM(**kwargs)
+
+
+def run_throughput(args, backend) -> dict:
+    from vllm import SamplingParams
+    llm = _engine(args, backend)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    params = SamplingParams(temperature=0, max_tokens=args.output_len,
+                            ignore_eos=True)
+    size = MODELS[args.model][1]
+    for i in range(args.num_requests):
+        engine.add_request(str(i), {
+            "prompt": _prompt(args.model, f"Describe picture {i}.", True),
+            "multi_modal_data": {"image": _image(i, size)}}, params)
+    start = time.perf_counter()
+    first, peak, held, steps = {}, 0, [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id not in first and out.outputs[0].token_ids:
+                first[out.request_id] = time.perf_counter() - start
+        steps += 1
+        peak = max(peak, len(scheduler.running))
+        if backend == "sparsemm" and steps % 20 == 0:
+            held += _held_vs_ideal(scheduler)
+    elapsed = time.perf_counter() - start
+    ttft = sorted(first.values())
+    result = {
+        "backend": backend, "requests": args.num_requests,
+        "output_tokens": args.num_requests * args.output_len,
+        "seconds": elapsed,
+        "output_tok_per_s": args.num_requests * args.output_len / elapsed,
+        "requests_per_s": args.num_requests / elapsed,
+        "ttft_mean_s": sum(ttft) / len(ttft),
+        "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))],
+        "peak_concurrent_requests": peak,
+        "kv_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
+    }
+    if held:
+        result["blocks_held_over_ideal_mean"] = sum(h for h, _ in held) / sum(
+            i for _, i in held)
+        result["blocks_held_over_ideal_max"] = max(h / i for h, i in held)
+    return result
+
+
+def _held_vs_ideal(scheduler):
+    """(blocks held, exact ideal in blocks) for each decoding compressed request."""
+    from vllm_sparsemm.page_plan import cdiv
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    law = manager.law
+    pages_per_block = law.caps.numel()
+    samples = []
+    for request in scheduler.running:
+        rid, prompt = request.request_id, request.num_prompt_tokens
+        processed = request.num_computed_tokens - request.num_in_flight_tokens
+        if not law.compresses(prompt) or processed <= prompt:
+            continue
+        blocks = manager.req_to_blocks[rid]
+        end = manager._compaction_end.get(rid)
+        kept, first = law.released_range(prompt, end)
+        if not all(b.is_null for b in blocks[kept:first]):
+            continue  # released at the next schedule()
+        appended = processed - prompt
+        ideal = int(cdiv(law.kept(prompt) + appended, law.block_size).sum())
+        samples.append((sum(not b.is_null for b in blocks),
+                        ideal / pages_per_block))
+    return samples
+
+
+def run_latency(args, backend) -> dict:
+    from vllm import SamplingParams
+    llm = _engine(args, backend)
+    results = []
+    for context in args.contexts:
+        text = "lorem ipsum " * (context // 2)
+        tokenizer = llm.get_tokenizer()
+        ids = tokenizer(text)["input_ids"][:context - 16]
+        prompt = {"prompt_token_ids": ids}
+        llm.generate(prompt, SamplingParams(max_tokens=8), use_tqdm=False)
+        start = time.perf_counter()
+        llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True),
+                     use_tqdm=False)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        llm.generate(prompt, SamplingParams(max_tokens=args.output_len + 1,
+                                            ignore_eos=True), use_tqdm=False)
+        total = time.perf_counter() - start
+        results.append({"context": len(ids), "ttft_s": ttft,
+                        "decode_ms_per_token": (total - ttft) * 1000 /
+                        args.output_len})
+    return {"backend": backend, "latency": results}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="llava-next-7b")
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--head-scores", default=None,
+                        help="sparsemm score file (default: the Vicuna-7B file "
+                        "for LLaVA models, 'uniform' for Qwen2-VL, which has "
+                        "no shipped file yet)")
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="fix the KV cache size (e.g. 8 for an L4-class GPU)")
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--contexts", default="2048,8192,32768")
+    parser.add_argument("--backends", default="FLASH_ATTN,sparsemm")
+    parser.add_argument("--out", default="benchmark.json")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    if args.head_scores is None:
+        args.head_scores = ("uniform" if args.model.startswith("qwen") else
+                            "llava-v1.6-vicuna-7b")
+    if args.latency:
+        args.max_model_len = max(args.max_model_len, max(args.contexts) + 1024)
+
+    if args.worker:  # one backend, in this process
+        args.model_dir = os.environ["SPARSEMM_BENCH_DIR"]
+        run = run_latency if args.latency else run_throughput
+        print("RESULT" + json.dumps(run(args, args.worker)), flush=True)
+        return
+
+    from vllm_sparsemm.reference import checkpoints
+    folder = Path(tempfile.mkdtemp()) / args.model
+    getattr(checkpoints, MODELS[args.model][0])(folder)
+    results = []
+    for backend in args.backends.split(","):
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        done = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--worker", backend],
+            env=dict(env, SPARSEMM_BENCH_DIR=str(folder)), capture_output=True,
+            text=True)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT")]
+        if not lines:
+            sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
+            raise SystemExit(f"{backend} run failed")
+        results.append(json.loads(lines[-1][len("RESULT"):]))
+    import torch
+    report = {"model": args.model, "budget": args.budget,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
+              else None, "settings": {k: v for k, v in vars(args).items()
+                                      if k not in ("worker", )},
+              "results": results}
+    if not args.latency and len(results) == 2:
+        report["speedup_output_tok_per_s"] = (results[1]["output_tok_per_s"] /
+                                              results[0]["output_tok_per_s"])
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    for r in results:
+        print(json.dumps(r))
+    if "speedup_output_tok_per_s" in report:
+        print(f"sparsemm / {results[0]['backend']} output tok/s: "
+              f"{report['speedup_output_tok_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
