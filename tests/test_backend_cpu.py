@@ -48,14 +48,17 @@ class FakeMetadata:
 class Engine:
     """A minimal engine loop: vLLM's KV manager on one side, our worker on the other."""
 
-    def __init__(self, num_blocks=400, debug_poison=True, seed=0):
+    def __init__(self, num_blocks=400, debug_poison=True, seed=0, tp=1):
         register()
         gen = torch.Generator().manual_seed(seed)
         scores = torch.rand(LAYERS, HEADS, generator=gen) ** 4
         settings = SparseMMSettings(budget=BUDGET, window=WINDOW)
         self.plan = BudgetPlan.build(settings, scores, KV_HEADS)
-        spec = SparseMMSpec(block_size=BS, num_kv_heads=KV_HEADS,
-                            head_size=DIM, dtype=torch.float32, plan=self.plan)
+        # each tensor-parallel rank owns KV_HEADS / tp heads and their queries
+        kv_heads, heads = KV_HEADS // tp, HEADS // tp
+        spec = SparseMMSpec(block_size=BS, num_kv_heads=kv_heads,
+                            head_size=DIM, dtype=torch.float32, plan=self.plan,
+                            tp_size=tp)
         config = KVCacheConfig(
             num_blocks=num_blocks, kv_cache_tensors=[],
             kv_cache_groups=[KVCacheGroupSpec(
@@ -65,12 +68,16 @@ class Engine:
                                  scheduler_block_size=BS, hash_block_size=BS,
                                  enable_caching=False)
         self.manager = self.kv.coordinator.single_type_managers[0]
-        self.law = BlockLaw(self.plan, BS)
-        self.state = WorkerKVState(self.law, LAYERS, KV_HEADS, 0, debug_poison)
-        backend._worker_state = self.state
-        self.cache = torch.zeros(num_blocks, LAYERS, KV_HEADS, BS, 2 * DIM)
-        self.impl = backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None,
-                                         None, "auto")
+        self.law = BlockLaw(self.plan, BS, tp)
+        self.ranks = [types.SimpleNamespace(
+            state=WorkerKVState(self.law, LAYERS, kv_heads, r, debug_poison),
+            cache=torch.zeros(num_blocks, LAYERS, kv_heads, BS, 2 * DIM),
+            impl=backend.SparseMMImpl(heads, DIM, DIM**-0.5, kv_heads, None,
+                                      None, "auto"),
+            heads=slice(r * heads, (r + 1) * heads),
+            kv_heads=slice(r * kv_heads, (r + 1) * kv_heads))
+            for r in range(tp)]
+        self.state = self.ranks[0].state
         self.layers = [types.SimpleNamespace(
             layer_name=f"model.layers.{l}.self_attn.attn", _k_scale=None,
             _v_scale=None) for l in range(LAYERS)]
@@ -126,16 +133,26 @@ class Engine:
             seq_lens=torch.tensor([r.end for r in rows], dtype=torch.int32),
             max_seq_len=max(r.end for r in rows), block_table=table,
             slot_mapping=torch.tensor(slots, dtype=torch.int64))
-        metadata.sparsemm = backend.build_step(
-            self.state, rows, torch.tensor(starts), metadata)
         outputs = []
-        for l, layer in enumerate(self.layers):
-            q = torch.stack([self.requests[r].q[l, p] for r, p in tokens])
-            k = torch.stack([self.requests[r].k[l, p] for r, p in tokens])
-            v = torch.stack([self.requests[r].v[l, p] for r, p in tokens])
-            out = torch.empty_like(q)
-            self.impl.forward(layer, q, k, v, self.cache[:, l], metadata, out)
-            outputs.append(out)
+        for rank in self.ranks:
+            backend._worker_state = rank.state
+            rank_metadata = dataclasses.replace(metadata)
+            rank_metadata.sparsemm = backend.build_step(
+                rank.state, rows, torch.tensor(starts), rank_metadata)
+            rank_out = []
+            for l, layer in enumerate(self.layers):
+                q = torch.stack([self.requests[r].q[l, p, rank.heads]
+                                 for r, p in tokens])
+                k = torch.stack([self.requests[r].k[l, p, rank.kv_heads]
+                                 for r, p in tokens])
+                v = torch.stack([self.requests[r].v[l, p, rank.kv_heads]
+                                 for r, p in tokens])
+                out = torch.empty_like(q)
+                rank.impl.forward(layer, q, k, v, rank.cache[:, l],
+                                  rank_metadata, out)
+                rank_out.append(out)
+            outputs.append(torch.stack(rank_out))
+        outputs = torch.cat(outputs, dim=2)  # heads of all ranks
         for rid, n in schedule.items():  # vLLM's _update_after_schedule
             request = self.requests[rid]
             if (request.compaction_end is None and request.num_computed_tokens
@@ -146,7 +163,7 @@ class Engine:
             request.num_in_flight_tokens += n
         for rid, n in pending_outputs:  # vLLM's update_from_output
             self.requests[rid].num_in_flight_tokens -= n
-        return tokens, torch.stack(outputs)  # [L, T, Hq, D]
+        return tokens, outputs  # [L, T, Hq, D]
 
     def expected(self, rid, layer, position):
         """Dense SparseMM attention of one token, straight from the definition."""
@@ -186,7 +203,8 @@ class Engine:
 
     def finish(self, rid):
         self.kv.free(self.requests[rid])
-        self.state.finish([rid])
+        for rank in self.ranks:
+            rank.state.finish([rid])
 
 
 def _chunks(total, size):
@@ -302,3 +320,30 @@ def test_preemption_recompute_and_abort_leak_nothing():
     eng.finish("q")
     assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
     assert eng.state.requests == {}
+
+
+def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
+    """Two simulated ranks, each owning half the KV heads and its own cache."""
+    results = {}
+    for tp in (1, 2):
+        eng = Engine(seed=4, tp=tp)
+        prompts = {"a": 120, "b": 75, "c": 20}
+        for rid, prompt in prompts.items():
+            eng.add(rid, prompt, prompt + 12)
+        plans = {rid: _chunks(p, 50) + [1] * 12 for rid, p in prompts.items()}
+        outs = []
+        while any(plans.values()):
+            schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
+            tokens, outputs = eng.step(schedule)
+            for rid, n in schedule.items():
+                eng.requests[rid].num_in_flight_tokens -= n
+            eng.check(tokens, outputs)
+            outs.append(outputs)
+        held = {rid: eng.held_blocks(rid) for rid in prompts}
+        per_rank = [max(p.num_blocks(11) for p in [eng.law.rank_plans(120)[r]])
+                    for r in range(tp)]
+        assert held["a"] == max(per_rank) == eng.law.compacted_blocks(120, 11)
+        results[tp] = (outs, held)
+    for one, two in zip(results[1][0], results[2][0]):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    assert results[2][1]["a"] >= results[1][1]["a"]
