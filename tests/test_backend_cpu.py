@@ -285,8 +285,8 @@ def test_same_request_alone_and_in_a_batch_gives_the_same_output():
 
 def test_preemption_recompute_and_abort_leak_nothing():
     eng = Engine()
-    eng.add("p", 80, 120)
-    eng.add("q", 60, 100)
+    eng.add("p", 80, 160)
+    eng.add("q", 60, 140)
     eng.add("gone", 70, 90)
     for schedule in ({"p": 40, "q": 40, "gone": 35},
                      {"p": 40, "q": 20, "gone": 30}):
@@ -294,23 +294,27 @@ def test_preemption_recompute_and_abort_leak_nothing():
         for rid in ("p", "q", "gone"):
             eng.requests[rid].num_in_flight_tokens = 0
     eng.finish("gone")  # aborted mid-prefill
-    for _ in range(10):
+    for _ in range(20):
         tokens, outputs = eng.step({"p": 1, "q": 1})
         eng.check(tokens, outputs)
         for rid in ("p", "q"):
             eng.requests[rid].num_in_flight_tokens = 0
     # preempt p by recompute: blocks freed, prompt + outputs re-prefilled;
-    # the chunk that crosses the prompt ends past it (E > P)
+    # the chunk that crosses the prompt ends past it (E > P), and the last
+    # chunk runs several tokens at once on the compacted layout
     request = eng.requests["p"]
     done = request.num_computed_tokens
     eng.kv.free(request)
     request.num_computed_tokens = 0
     request.compaction_end = None
-    for chunk in (64, done - 64):
-        tokens, outputs = eng.step({"p": chunk})
+    for chunk in (64, 30, done - 94):
+        tokens, outputs = eng.step({"p": chunk, "q": 1} if chunk == 30
+                                   else {"p": chunk})
         request.num_in_flight_tokens = 0
+        eng.requests["q"].num_in_flight_tokens = 0
         eng.check(tokens, outputs)
-    assert request.compaction_end == done > request.num_prompt_tokens
+    assert request.compaction_end == 94 > request.num_prompt_tokens
+    assert done - 94 > 1
     for _ in range(20):
         tokens, outputs = eng.step({"p": 1, "q": 1})
         eng.check(tokens, outputs)

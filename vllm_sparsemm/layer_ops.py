@@ -148,11 +148,7 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
         move_rows(state.rows, src, dst)
         if state.debug_poison:
             _poison(state, blocks[kept:prompt])
-        req.compacted, req.plan = True, layout.plan
-        req.max_count = int(counts.max())
-        req.kept_entries, req.prompt_entries = kept, prompt
-        req.windows.clear()
-        req.selected.clear()
+        req.adopt(layout.plan, kept, prompt)
 
 
 def _stack_selected(req, num_layers):

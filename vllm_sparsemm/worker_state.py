@@ -58,6 +58,18 @@ class RequestKV:
     prompt_entries: int = 0  # n_c: entries the list had at compaction
     plan: PagePlan | None = None  # on the cache's device once compacted
     max_count: int = 0  # largest compacted head
+    tables: torch.Tensor | None = None  # [4, F] plan rows the step plans stack
+
+    def adopt(self, plan: PagePlan, kept_entries: int,
+              prompt_entries: int) -> None:
+        """Switch to the compacted layout (called by the compaction)."""
+        self.compacted, self.plan = True, plan
+        self.kept_entries, self.prompt_entries = kept_entries, prompt_entries
+        self.max_count = int(plan.counts.max())
+        self.tables = torch.stack([plan.prefix_pages[0], plan.prefix_start[0],
+                                   plan.decode_base[0], plan.counts[0]])
+        self.windows.clear()
+        self.selected.clear()
 
     def window(self, layer: int, window: int) -> WindowQueryBuffer:
         if layer not in self.windows:
@@ -188,54 +200,56 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
 
 
 def _compressed_rows(state, rows, query_start, indices, block_table, device):
+    """Index tensors of the compressed rows, built with a fixed number of ops."""
     reqs = [state.requests[rows[i].req_id] for i in indices]
-    tokens, token_req, token_offset = [], [], []
-    for r, i in enumerate(indices):
-        row = rows[i]
-        for t in range(row.scheduled):
-            tokens.append(query_start[i] + t)
-            token_req.append(r)
-            token_offset.append(row.computed + t - row.prompt_len)
-    query_lens = [rows[i].scheduled for i in indices]
     heads = state.num_kv_heads
-    virtual_token, virtual_head, starts = [], [], [0]
-    offset = 0
-    for q_len in query_lens:
-        for h in range(heads):
-            virtual_token.extend(range(offset, offset + q_len))
-            virtual_head.extend([h] * q_len)
-            starts.append(starts[-1] + q_len)
-        offset += q_len
+    query_lens = [rows[i].scheduled for i in indices]
+    per_row = torch.tensor(
+        [[query_start[i], rows[i].computed - rows[i].prompt_len,
+          rows[i].end - rows[i].prompt_len, req.kept_entries,
+          req.prompt_entries, q_len]
+         for i, req, q_len in zip(indices, reqs, query_lens)],
+        dtype=torch.int64)
+    first, offset, seq_offset, kept, prompt, q_lens = per_row.T
+    num_rows, num_tokens = len(indices), int(q_lens.sum())
+    token_req = torch.arange(num_rows).repeat_interleave(q_lens)
+    row_start = q_lens.cumsum(0) - q_lens  # first token of each row, local
+    within = torch.arange(num_tokens) - row_start[token_req]
+    if num_tokens == num_rows:  # all decodes: (row, head) sequences in order
+        virtual_token = torch.arange(num_rows).repeat_interleave(heads)
+        virtual_head = torch.arange(heads).repeat(num_rows)
+    else:  # sequence (row, head) holds the row's tokens, in order
+        seq_len = q_lens.repeat_interleave(heads)
+        seq = torch.arange(num_rows * heads).repeat_interleave(seq_len)
+        seq_start = seq_len.cumsum(0) - seq_len
+        virtual_token = (row_start[seq // heads] + torch.arange(len(seq)) -
+                         seq_start[seq])
+        virtual_head = seq % heads
+    starts = torch.zeros(num_rows * heads + 1, dtype=torch.int32)
+    starts[1:] = q_lens.repeat_interleave(heads).cumsum(0)
+    tables = torch.stack([req.tables for req in reqs])  # [R, 4, F] on device
 
-    def stack(name):
-        return torch.stack([getattr(req.plan, name)[0] for req in reqs]).to(
-            device)
-
-    def column(values):
-        return torch.tensor(values, dtype=torch.int64, device=device)[:, None]
+    def put(t):
+        return t.to(device, non_blocking=True)
 
     return CompressedRows(
         rows=indices,
-        tokens=torch.tensor(tokens, dtype=torch.int64, device=device),
-        token_req=torch.tensor(token_req, dtype=torch.int64, device=device),
-        token_offset=torch.tensor(token_offset, dtype=torch.int64,
-                                  device=device),
-        seq_offset=column([rows[i].end - rows[i].prompt_len
-                           for i in indices])[:, 0],
+        tokens=put(first[token_req] + within),
+        token_req=put(token_req),
+        token_offset=put(offset[token_req] + within),
+        seq_offset=put(seq_offset),
         query_lens=query_lens,
-        prefix_pages=stack("prefix_pages"),
-        prefix_start=stack("prefix_start"),
-        decode_base=stack("decode_base"),
-        counts=stack("counts"),
-        kept_entries=column([req.kept_entries for req in reqs]),
-        prompt_entries=column([req.prompt_entries for req in reqs]),
-        block_rows=block_table[torch.tensor(indices, device=device)].long(),
-        virtual_token=torch.tensor(virtual_token, dtype=torch.int64,
-                                   device=device),
-        virtual_head=torch.tensor(virtual_head, dtype=torch.int64,
-                                  device=device),
-        virtual_starts=torch.tensor(starts, dtype=torch.int32, device=device),
+        prefix_pages=tables[:, 0],
+        prefix_start=tables[:, 1],
+        decode_base=tables[:, 2],
+        counts=tables[:, 3],
+        kept_entries=put(kept[:, None]),
+        prompt_entries=put(prompt[:, None]),
+        block_rows=block_table[put(torch.tensor(indices))].long(),
+        virtual_token=put(virtual_token),
+        virtual_head=put(virtual_head),
+        virtual_starts=put(starts),
         max_query_len=max(query_lens),
-        max_length=max(req.max_count + rows[i].end -
-                       rows[i].prompt_len for req, i in zip(reqs, indices)),
+        max_length=max(req.max_count + rows[i].end - rows[i].prompt_len
+                       for req, i in zip(reqs, indices)),
     )
