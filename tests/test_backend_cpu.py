@@ -198,6 +198,15 @@ class Engine:
                                            self.expected(rid, l, p),
                                            rtol=1e-5, atol=1e-5)
 
+    def run(self, plans):
+        """Step synchronously through per-request chunk lists; yield each step."""
+        while any(plans.values()):
+            schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
+            tokens, outputs = self.step(schedule)
+            for rid, n in schedule.items():
+                self.requests[rid].num_in_flight_tokens -= n
+            yield schedule, tokens, outputs
+
     def held_blocks(self, rid):
         return sum(not b.is_null for b in self.manager.req_to_blocks[rid])
 
@@ -271,11 +280,7 @@ def test_same_request_alone_and_in_a_batch_gives_the_same_output():
         plans = {rid: _chunks(r.num_prompt_tokens, 32) + [1] * 20
                  for rid, r in eng.requests.items()}
         outs = []
-        while any(plans.values()):
-            schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
-            tokens, outputs = eng.step(schedule)
-            for rid, n in schedule.items():
-                eng.requests[rid].num_in_flight_tokens -= n
+        for _, tokens, outputs in eng.run(plans):
             outs += [outputs[:, t] for t, (rid, _) in enumerate(tokens)
                      if rid == "x"]
         return torch.stack(outs)
@@ -336,11 +341,7 @@ def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
             eng.add(rid, prompt, prompt + 12)
         plans = {rid: _chunks(p, 50) + [1] * 12 for rid, p in prompts.items()}
         outs = []
-        while any(plans.values()):
-            schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
-            tokens, outputs = eng.step(schedule)
-            for rid, n in schedule.items():
-                eng.requests[rid].num_in_flight_tokens -= n
+        for _, tokens, outputs in eng.run(plans):
             eng.check(tokens, outputs)
             outs.append(outputs)
         held = {rid: eng.held_blocks(rid) for rid in prompts}

@@ -26,11 +26,7 @@ def test_held_blocks_are_within_one_block_of_the_exact_ideal():
         eng.add(rid, prompt, prompt + 40)
     plans = {rid: _chunks(p, 64) + [1] * 40 for rid, p in prompts.items()}
     samples = []
-    while any(plans.values()):
-        schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
-        eng.step(schedule)
-        for rid, n in schedule.items():
-            eng.requests[rid].num_in_flight_tokens -= n
+    for schedule, _, _ in eng.run(plans):
         scheduler = types.SimpleNamespace(
             kv_cache_manager=eng.kv,
             running=[eng.requests[r] for r in schedule])
