@@ -51,7 +51,7 @@ def compressed_page_table(cr: CompressedRows, state: WorkerKVState,
     """Page ids ``[R * Hkv, max_pages]`` of every (row, KV head) sequence; 0 where unused."""
     device = cr.counts.device
     num_pages = cdiv(lengths, state.block_size)  # [R, H]
-    width = max(int(num_pages.max()), 1)
+    width = max(cdiv(cr.max_length, state.block_size), 1)  # no host sync
     req = torch.arange(len(cr.rows), device=device)[:, None, None]
     head = (layer * state.num_kv_heads +
             torch.arange(state.num_kv_heads, device=device))[None, :, None]
