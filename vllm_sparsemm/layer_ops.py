@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from vllm_sparsemm.kv_ops import move_rows, write_rows
-from vllm_sparsemm.page_plan import RequestLayout, cdiv, compaction_rows, prompt_rows
+from vllm_sparsemm.page_plan import (RequestLayout, cdiv, compaction_rows,
+                                     page_slot, prompt_rows)
 from vllm_sparsemm.selection import select_kept
 from vllm_sparsemm.worker_state import CompressedRows, StepPlan, WorkerKVState
 
@@ -22,15 +23,13 @@ def compressed_page(cr: CompressedRows, state: WorkerKVState, req, head,
     """Page id holding token ``index`` of local head ``head`` of compressed row ``req``.
 
     ``head`` is the flat index ``layer * Hkv + kv_head``; all arguments
-    broadcast. Follows ``PagePlan.slots`` and the block-list shape of
-    ``block_law`` (owned entries = list[:K_c] + list[n_c:]).
+    broadcast. Slots as ``PagePlan.slots``; entries map to the runner's block
+    row as ``block_law`` lays it out (owned = list[:K_c] + list[n_c:]).
     """
     pages_per_block = state.space.pages_per_block
-    page = index // state.block_size
-    prefix = cr.prefix_pages[req, head]
-    slot = torch.where(page < prefix, cr.prefix_start[req, head] + page,
-                       cr.decode_base[req, head] +
-                       (page - prefix) * pages_per_block)
+    slot = page_slot(cr.prefix_pages[req, head], cr.prefix_start[req, head],
+                     cr.decode_base[req, head], pages_per_block,
+                     index // state.block_size)
     entry = slot // pages_per_block
     kept, prompt = cr.kept_entries[req, 0], cr.prompt_entries[req, 0]
     column = torch.where(entry < kept, entry, prompt + entry - kept)

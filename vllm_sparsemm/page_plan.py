@@ -34,6 +34,13 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+def page_slot(prefix_pages, prefix_start, decode_base, pool_size, page):
+    """Slot of a head's ``page``: its compressed pages sit at ``prefix_start``
+    onwards; each later page takes the next block's sub-page ``decode_base``."""
+    return torch.where(page < prefix_pages, prefix_start + page,
+                       decode_base + (page - prefix_pages) * pool_size)
+
+
 class PagePlan:
     """Slots of every page of every head of one compressed request.
 
@@ -66,11 +73,10 @@ class PagePlan:
     def slots(self, pool: torch.Tensor, head: torch.Tensor,
               index: torch.Tensor) -> torch.Tensor:
         """Slot holding token ``index`` of head ``head`` of pool ``pool`` (broadcasting)."""
-        page = index // self.block_size
-        prefix = self.prefix_pages[pool, head]
-        return torch.where(
-            page < prefix, self.prefix_start[pool, head] + page,
-            self.decode_base[pool, head] + (page - prefix) * self.pool_size)
+        return page_slot(self.prefix_pages[pool, head],
+                         self.prefix_start[pool, head],
+                         self.decode_base[pool, head], self.pool_size,
+                         index // self.block_size)
 
     def num_slots(self, appended: int) -> torch.Tensor:
         """Slots in use per pool once ``appended`` tokens follow the compressed ones."""
