@@ -163,9 +163,10 @@ def test_rigged_head_gets_the_top_score(tmp_path):
     assert float(scores.flatten().topk(2).values[1]) < float(scores[1, 2])
 
 
-def test_chase_run_writes_the_authors_format_and_resumes(tmp_path):
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_chase_run_writes_the_authors_format_and_resumes(tmp_path, version):
     generate_ocr_images(tmp_path / "data", 3, seed=2, size=(224, 168))
-    checkpoints.save_tiny_qwen2_vl(tmp_path / "qwen")
+    checkpoints.save_tiny_qwen2_vl(tmp_path / "qwen", version=version)
     model, processor = load_model(str(tmp_path / "qwen"), "cpu")
     out = tmp_path / "scores" / "qwen.json"
     first = chase(model, processor, tmp_path / "data", out, max_images=2,

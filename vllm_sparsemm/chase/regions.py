@@ -11,8 +11,8 @@ divides by zero).
 * LLaVA-NeXT: only the hi-res any-res grid counts (the base image's tokens come
   first and are excluded, as in the reference); its rows end with a newline
   token.
-* Qwen2-VL: the processor resizes to ``grid * 14`` pixels; tokens are 2x2
-  merged patches, 28 pixels a side.
+* Qwen2-VL and Qwen2.5-VL: the processor resizes to ``grid * 14`` pixels;
+  tokens are 2x2 merged patches, 28 pixels a side.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ BOX_TOKENS = {
     "llava": llava_box_tokens,
     "llava_next": llava_next_box_tokens,
     "qwen2_vl": qwen2_vl_box_tokens,
+    "qwen2_5_vl": qwen2_vl_box_tokens,  # same 14 px patches, 2x2 merge
 }
 
 

@@ -95,9 +95,9 @@ def llava_next_processor(image_size: int, vocab_size: int,
 
 
 def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
-                       max_pixels: int = 64 * 28 * 28):
-    from transformers import (Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+                       max_pixels: int = 64 * 28 * 28, version: str = "2"):
+    from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
     specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
                 "<|image_pad|>": ids["image"], "<|video_pad|>": ids["video"],
                 "<|vision_start|>": ids["vision_start"],
@@ -108,9 +108,9 @@ def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
                                    max_pixels=max_pixels)
     videos = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28,
                                    max_pixels=max_pixels)
-    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
-                            video_processor=videos,
-                            chat_template=QWEN_TEMPLATE)
+    cls = Qwen2_5_VLProcessor if version == "2.5" else Qwen2VLProcessor
+    return cls(image_processor=images, tokenizer=tokenizer,
+               video_processor=videos, chat_template=QWEN_TEMPLATE)
 
 
 def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
@@ -138,17 +138,20 @@ def _save_llava_like(path, model, make_processor) -> Path:
     return path
 
 
-def save_tiny_qwen2_vl(path, seed: int = 0, **model_kwargs) -> Path:
-    """A tiny random Qwen2-VL-shaped checkpoint that vLLM 0.26.0 loads."""
-    from vllm_sparsemm.reference.tiny import tiny_qwen2_vl
+def save_tiny_qwen2_vl(path, seed: int = 0, version: str = "2",
+                       **model_kwargs) -> Path:
+    """A tiny random Qwen2-VL (or, ``version="2.5"``, Qwen2.5-VL) checkpoint."""
+    from vllm_sparsemm.reference.tiny import tiny_qwen2_5_vl, tiny_qwen2_vl
     path = Path(path)
-    model = tiny_qwen2_vl(seed=seed, **model_kwargs)
+    make = tiny_qwen2_5_vl if version == "2.5" else tiny_qwen2_vl
+    model = make(seed=seed, **model_kwargs)
     model.save_pretrained(path)
     config = model.config
     qwen2_vl_processor(config.text_config.vocab_size, {
         "image": config.image_token_id, "video": config.video_token_id,
         "vision_start": config.vision_start_token_id,
-        "vision_end": config.vision_end_token_id}).save_pretrained(path)
+        "vision_end": config.vision_end_token_id},
+        version=version).save_pretrained(path)
     return path
 
 

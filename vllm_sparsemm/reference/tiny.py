@@ -66,23 +66,49 @@ def tiny_qwen2_vl(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 2
                   dtype: torch.dtype = torch.float32):
     """A Qwen2-VL-shaped model (GQA, M-RoPE)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    half = head_dim // 2
-    section = [half - 2 * (half // 3), half // 3, half // 3]
     config = Qwen2VLConfig(
-        text_config=dict(
-            hidden_size=num_heads * head_dim, intermediate_size=128,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads, vocab_size=400,
-            max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-            rope_scaling={"type": "mrope", "mrope_section": section}),
+        text_config=_qwen_text(num_layers, num_heads, num_kv_heads, head_dim),
         vision_config=dict(
             depth=1, embed_dim=32, hidden_size=num_heads * head_dim,
             num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2, in_chans=3),
-        image_token_id=QWEN_IMAGE_TOKEN, video_token_id=QWEN_VIDEO_TOKEN,
-        vision_start_token_id=QWEN_VISION_START,
-        vision_end_token_id=QWEN_VISION_END, bos_token_id=1, eos_token_id=2)
+        **_QWEN_TOKENS)
     return _build(Qwen2VLForConditionalGeneration, config, seed, dtype)
+
+
+_QWEN_TOKENS = dict(image_token_id=QWEN_IMAGE_TOKEN,
+                    video_token_id=QWEN_VIDEO_TOKEN,
+                    vision_start_token_id=QWEN_VISION_START,
+                    vision_end_token_id=QWEN_VISION_END, bos_token_id=1,
+                    eos_token_id=2)
+
+
+def _qwen_text(num_layers, num_heads, num_kv_heads, head_dim):
+    """The tiny M-RoPE text stack both Qwen VL generations share."""
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    return dict(hidden_size=num_heads * head_dim, intermediate_size=128,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads, vocab_size=400,
+                max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                rope_scaling={"type": "mrope", "mrope_section": section})
+
+
+def tiny_qwen2_5_vl(num_layers: int = 3, num_heads: int = 4,
+                    num_kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
+                    dtype: torch.dtype = torch.float32):
+    """A Qwen2.5-VL-shaped model (windowed ViT, GQA, M-RoPE)."""
+    from transformers import (Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration)
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_text(num_layers, num_heads, num_kv_heads, head_dim),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+            out_hidden_size=num_heads * head_dim, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            window_size=56, fullatt_block_indexes=[1]),
+        **_QWEN_TOKENS)
+    return _build(Qwen2_5_VLForConditionalGeneration, config, seed, dtype)
 
 
 def _build(cls, config, seed, dtype):
