@@ -1,7 +1,6 @@
 """Chasing visual heads: data, box-to-token maps, a rigged head, the whole run."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -36,10 +35,6 @@ def test_synthdog_layout_is_read(tmp_path):
     assert sample.boxes == (("hi", (1, 2, 30, 20)), )
     with pytest.raises(FileNotFoundError, match="annotations"):
         load_ocr_folder(tmp_path / "nothing")
-
-
-class _Inputs(dict):
-    pass
 
 
 def test_llava_box_tokens_follow_resize_and_center_crop():
@@ -154,7 +149,6 @@ def test_rigged_head_gets_the_top_score(tmp_path):
 
     result = score_image(model, processor, sample, max_new_tokens=6)
     assert result.tokens == [0] * 6 and result.matched == 6
-    inputs = processor(images=image, text="x", return_tensors="pt")
     region = box_tokens(processor, model.config, {"input_ids": torch.tensor(
         [[250] * 64])}, image.size, box)
     scores = result.scores
