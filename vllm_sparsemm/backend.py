@@ -27,7 +27,7 @@ from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      select_for_layer, write_compressed,
                                      write_standard_reference)
 from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
-                                        take_step_rows)
+                                        take_step_rows, virtual_sequences)
 
 logger = init_logger("vllm.sparsemm.backend")
 
@@ -214,32 +214,38 @@ class SparseMMImpl(FlashAttentionImpl):
 
     def _compressed_attention(self, plan: StepPlan, index: int, query, output):
         state, cr = plan.state, plan.compressed
-        heads, group = state.num_kv_heads, self.num_queries_per_kv
         lengths = compressed_lengths(cr, state, index)  # [R, H]
         table = compressed_page_table(cr, state, index, lengths)
-        q = query[cr.tokens].view(-1, heads, group, self.head_size)
-        q_virtual = q[cr.virtual_token, cr.virtual_head]
-        dim = self.head_size
+        output[cr.tokens] = self._attend_per_kv_head(
+            state, query[cr.tokens], cr.virtual_token, cr.virtual_head,
+            cr.virtual_starts, table, lengths.flatten(), cr.max_query_len,
+            cr.max_length)
+
+    def _attend_per_kv_head(self, state, query, token, head, starts, table,
+                            lengths, max_query_len, max_length):
+        """Attention of ``query [T, Hq, D]`` as one single-head paged sequence
+        per (row, KV head): FlashAttention on GPU, the reference on CPU."""
+        dim, group = self.head_size, self.num_queries_per_kv
+        q = query.view(len(query), -1, group, dim)
+        q_virtual = q[token, head]
         if query.is_cuda:
             flash_attn_varlen_func, _, canonical = _fa_ops()
             out_virtual = torch.empty_like(q_virtual)
             flash_attn_varlen_func(
                 q=q_virtual, k=canonical(state.pages[..., :dim].unsqueeze(2)),
                 v=canonical(state.pages[..., dim:].unsqueeze(2)),
-                out=out_virtual, cu_seqlens_q=cr.virtual_starts,
-                max_seqlen_q=cr.max_query_len,
-                seqused_k=lengths.flatten().to(torch.int32),
-                max_seqlen_k=cr.max_length, softmax_scale=self.scale,
+                out=out_virtual, cu_seqlens_q=starts,
+                max_seqlen_q=max_query_len, seqused_k=lengths.to(torch.int32),
+                max_seqlen_k=max_length, softmax_scale=self.scale,
                 causal=True, block_table=table.to(torch.int32),
                 fa_version=self.vllm_flash_attn_version)
         else:
             out_virtual = paged_attention_reference(
                 q_virtual, state.pages[..., :dim], state.pages[..., dim:],
-                table, lengths.flatten(), cr.virtual_starts, self.scale)
+                table, lengths, starts, self.scale)
         out = torch.empty_like(q)
-        out[cr.virtual_token, cr.virtual_head] = out_virtual
-        output[cr.tokens] = out.view(len(cr.virtual_token) // heads,
-                                     heads * group, dim)
+        out[token, head] = out_virtual
+        return out.view(query.shape)
 
 
 def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:
@@ -271,29 +277,17 @@ def _standard_attention_reference(impl, layer, query, kv_cache, metadata,
     """CPU stand-in for FlashAttention on the standard paged layout."""
     state = worker_state()
     index = extract_layer_index(layer.layer_name)
-    heads, group = impl.num_kv_heads, impl.num_queries_per_kv
-    starts = metadata.query_start_loc.tolist()
+    heads = impl.num_kv_heads
+    starts = metadata.query_start_loc.long()
     num_rows = len(starts) - 1
-    seq_lens = metadata.seq_lens[:num_rows]
     blocks = metadata.block_table[:num_rows].long()
-    head = torch.arange(heads)
     table = state.space.page_id(index, blocks[:, None, :],
-                                head[None, :, None]).reshape(num_rows * heads, -1)
-    token, kv_head, virtual_starts = [], [], [0]
-    for r in range(num_rows):
-        for h in range(heads):
-            token.extend(range(starts[r], starts[r + 1]))
-            kv_head.extend([h] * (starts[r + 1] - starts[r]))
-            virtual_starts.append(len(token))
-    token, kv_head = torch.tensor(token), torch.tensor(kv_head)
-    total = starts[-1]
-    q = query[:total].view(total, heads, group, impl.head_size)
-    dim = impl.head_size
-    out = paged_attention_reference(
-        q[token, kv_head], state.pages[..., :dim], state.pages[..., dim:],
-        table, seq_lens.repeat_interleave(heads), torch.tensor(virtual_starts),
-        impl.scale)
-    result = torch.empty_like(q)
-    result[token, kv_head] = out
-    output[:total] = result.view(total, heads * group, dim)
+                                torch.arange(heads)[None, :, None])
+    token, head, virtual_starts = virtual_sequences(starts.diff(), heads)
+    total = int(starts[-1])
+    output[:total] = impl._attend_per_kv_head(
+        state, query[:total], token, head, virtual_starts,
+        table.reshape(num_rows * heads, -1),
+        metadata.seq_lens[:num_rows].repeat_interleave(heads),
+        metadata.max_query_len, metadata.max_seq_len)
     return output

@@ -199,6 +199,22 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
     return plan
 
 
+def virtual_sequences(query_lens: torch.Tensor, heads: int):
+    """One attention sequence per (row, KV head), holding that row's tokens.
+
+    Returns, in (row, head, token) order, each entry's token index (local to
+    the rows given) and KV head, and the int32 sequence starts ``[R * H + 1]``.
+    """
+    seq_len = query_lens.repeat_interleave(heads)
+    seq = torch.arange(len(seq_len)).repeat_interleave(seq_len)
+    seq_start = seq_len.cumsum(0) - seq_len
+    row_start = query_lens.cumsum(0) - query_lens
+    token = row_start[seq // heads] + torch.arange(len(seq)) - seq_start[seq]
+    starts = torch.zeros(len(seq_len) + 1, dtype=torch.int32)
+    starts[1:] = seq_len.cumsum(0)
+    return token, seq % heads, starts
+
+
 def _compressed_rows(state, rows, query_start, indices, block_table, device):
     """Index tensors of the compressed rows, built with a fixed number of ops."""
     reqs = [state.requests[rows[i].req_id] for i in indices]
@@ -215,18 +231,7 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
     token_req = torch.arange(num_rows).repeat_interleave(q_lens)
     row_start = q_lens.cumsum(0) - q_lens  # first token of each row, local
     within = torch.arange(num_tokens) - row_start[token_req]
-    if num_tokens == num_rows:  # all decodes: (row, head) sequences in order
-        virtual_token = torch.arange(num_rows).repeat_interleave(heads)
-        virtual_head = torch.arange(heads).repeat(num_rows)
-    else:  # sequence (row, head) holds the row's tokens, in order
-        seq_len = q_lens.repeat_interleave(heads)
-        seq = torch.arange(num_rows * heads).repeat_interleave(seq_len)
-        seq_start = seq_len.cumsum(0) - seq_len
-        virtual_token = (row_start[seq // heads] + torch.arange(len(seq)) -
-                         seq_start[seq])
-        virtual_head = seq % heads
-    starts = torch.zeros(num_rows * heads + 1, dtype=torch.int32)
-    starts[1:] = q_lens.repeat_interleave(heads).cumsum(0)
+    virtual_token, virtual_head, starts = virtual_sequences(q_lens, heads)
     tables = torch.stack([req.tables for req in reqs])  # [R, 4, F] on device
 
     def put(t):
