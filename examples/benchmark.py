@@ -50,16 +50,18 @@ def _image(seed: int, size):
 
 def _engine(args, backend):
     from vllm import LLM
-    kwargs = dict(model=args.model_dir, load_format="dummy", seed=0,
-                  max_model_len=args.max_model_len,
-                  gpu_memory_utilization=args.gpu_memory_utilization,
-                  limit_mm_per_prompt={"image": 1},
-                  max_num_seqs=args.max_num_seqs, disable_log_stats=True)
+    kwargs = {"model": args.model_dir, "load_format": "dummy", "seed": 0,
+              "max_model_len": args.max_model_len,
+              "gpu_memory_utilization": args.gpu_memory_utilization,
+              "limit_mm_per_prompt": {"image": 1},
+              "max_num_seqs": args.max_num_seqs, "disable_log_stats": True}
     if args.kv_cache_gib:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
     if args.max_model_len > 4096 and not args.model.startswith("qwen"):
         kwargs["hf_overrides"] = {"text_config": {
             "max_position_embeddings": args.max_model_len}}
+    if args.enforce_eager:
+        kwargs["enforce_eager"] = True
     if backend == "sparsemm":
         settings = {"budget": args.budget}
         if args.head_scores:
@@ -72,6 +74,11 @@ def _engine(args, backend):
 
 
 def run_throughput(args, backend) -> dict:
+    """Every request submitted at once, the engine stepped until the end or the
+    time cap. Throughput is reported twice: over the whole run (when it
+    finished) and over the saturated window, from the first request's end to
+    the last request's admission, where the engine runs full and admits as
+    requests finish (the steady state a server under load sees)."""
     from vllm import SamplingParams
     llm = _engine(args, backend)
     engine = llm.llm_engine
@@ -83,26 +90,62 @@ def run_throughput(args, backend) -> dict:
         engine.add_request(str(i), {
             "prompt": _prompt(args.model, f"Describe picture {i}.", True),
             "multi_modal_data": {"image": _image(i, size)}}, params)
+    seen, first, done = {}, {}, {}
+    peak, held, steps, running_sum = 0, [], 0, 0
+    window_start = window_end = None
+    window_tokens, window_steps = 0, 0
+    profiler, profiled = None, None
     start = time.perf_counter()
-    first, peak, held, steps = {}, 0, [], 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id not in first and out.outputs[0].token_ids:
-                first[out.request_id] = time.perf_counter() - start
+        if args.profile_at and steps == args.profile_at:
+            profiler = _start_profiler()
+        if profiler and steps == args.profile_at + args.profile_steps:
+            profiled, profiler = _stop_profiler(profiler), None
+        outs = engine.step()
+        now = time.perf_counter() - start
+        new_tokens = 0
+        for out in outs:
+            count = len(out.outputs[0].token_ids)
+            new_tokens += count - seen.get(out.request_id, 0)
+            seen[out.request_id] = count
+            if count and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                done[out.request_id] = now
         steps += 1
-        peak = max(peak, len(scheduler.running))
-        if backend == "sparsemm" and steps % 20 == 0:
+        running = len(scheduler.running)
+        peak = max(peak, running)
+        if window_start is not None and window_end is None:
+            window_tokens += new_tokens
+            window_steps += 1
+            running_sum += running
+            if not scheduler.waiting or now > args.max_seconds:
+                window_end = now
+        if window_start is None and done:
+            window_start = now
+        if backend != "FLASH_ATTN" and steps % 20 == 0:
             held += _held_vs_ideal(scheduler)
+        if now > args.max_seconds and window_end is not None:
+            break
     elapsed = time.perf_counter() - start
+    finished = len(done) == args.num_requests
     ttft = sorted(first.values())
+    tpot = [(done[r] - first[r]) * 1000 / (args.output_len - 1)
+            for r in done if args.output_len > 1]
+    window = (window_end - window_start) if window_end else 0.0
     result = {
         "backend": backend, "requests": args.num_requests,
-        "output_tokens": args.num_requests * args.output_len,
-        "seconds": elapsed,
-        "output_tok_per_s": args.num_requests * args.output_len / elapsed,
-        "requests_per_s": args.num_requests / elapsed,
+        "finished_requests": len(done), "steps": steps, "seconds": elapsed,
+        "output_tok_per_s": (args.num_requests * args.output_len / elapsed
+                             if finished else None),
+        "requests_per_s": args.num_requests / elapsed if finished else None,
+        "saturated_output_tok_per_s": window_tokens / window if window else None,
+        "saturated_window_s": window,
+        "saturated_mean_running": (running_sum / window_steps
+                                   if window_steps else None),
         "ttft_mean_s": sum(ttft) / len(ttft),
         "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))],
+        "decode_ms_per_token_mean": sum(tpot) / len(tpot) if tpot else None,
         "peak_concurrent_requests": peak,
         "kv_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
     }
@@ -110,7 +153,29 @@ def run_throughput(args, backend) -> dict:
         result["blocks_held_over_ideal_mean"] = sum(h for h, _ in held) / sum(
             i for _, i in held)
         result["blocks_held_over_ideal_max"] = max(h / i for h, i in held)
+    if profiled:
+        result["profile"] = profiled
     return result
+
+
+def _start_profiler():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    profiler.__enter__()
+    return profiler
+
+
+def _stop_profiler(profiler) -> str:
+    """The top CUDA kernels and host ops of the profiled engine steps."""
+    import torch
+    torch.cuda.synchronize()
+    profiler.__exit__(None, None, None)
+    averages = profiler.key_averages()
+    return "\n".join(averages.table(sort_by=key, row_limit=30,
+                                    max_name_column_width=80)
+                     for key in ("cuda_time_total", "cpu_time_total"))
 
 
 def _held_vs_ideal(scheduler):
@@ -164,7 +229,9 @@ def run_latency(args, backend) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="llava-next-7b")
-    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--budget", default="256",
+                        help="sparsemm budget; a comma list runs one sparsemm "
+                        "process per budget against one stock run")
     parser.add_argument("--head-scores", default=None,
                         help="sparsemm score file (default: the Vicuna-7B file "
                         "for LLaVA models, 'uniform' for Qwen2-VL, which has "
@@ -176,9 +243,18 @@ def main():
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-gib", type=float, default=None,
                         help="fix the KV cache size (e.g. 8 for an L4-class GPU)")
+    parser.add_argument("--max-seconds", type=float, default=1e9,
+                        help="stop a throughput run this long after its start, "
+                        "once the saturated window has closed (only the "
+                        "saturated throughput is reported then)")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--contexts", default="2048,8192,32768")
     parser.add_argument("--backends", default="FLASH_ATTN,sparsemm")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--profile-at", type=int, default=0,
+                        help="profile engine steps from this step on (torch "
+                        "profiler tables land in the JSON)")
+    parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,6 +266,7 @@ def main():
         args.max_model_len = max(args.max_model_len, max(args.contexts) + 1024)
 
     if args.worker:  # one backend, in this process
+        args.budget = int(args.budget)
         args.model_dir = os.environ["SPARSEMM_BENCH_DIR"]
         run = run_latency if args.latency else run_throughput
         print("RESULT" + json.dumps(run(args, args.worker)), flush=True)
@@ -198,33 +275,51 @@ def main():
     from vllm_sparsemm.reference import checkpoints
     folder = Path(tempfile.mkdtemp()) / args.model
     getattr(checkpoints, MODELS[args.model][0])(folder)
-    results = []
+    runs = []
     for backend in args.backends.split(","):
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-        done = subprocess.run(
-            [sys.executable, __file__, *sys.argv[1:], "--worker", backend],
-            env=dict(env, SPARSEMM_BENCH_DIR=str(folder)), capture_output=True,
-            text=True)
+        budgets = args.budget.split(",") if backend == "sparsemm" else [None]
+        runs += [(backend, budget) for budget in budgets]
+    results = []
+    for backend, budget in runs:
+        argv = [a for a in sys.argv[1:]]
+        if budget is not None:
+            argv += ["--budget", budget]
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                   SPARSEMM_BENCH_DIR=str(folder))
+        done = subprocess.run([sys.executable, __file__, *argv, "--worker", backend],
+                              env=env, capture_output=True, text=True, check=False)
         lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT")]
-        if not lines:
-            sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
-            raise SystemExit(f"{backend} run failed")
-        results.append(json.loads(lines[-1][len("RESULT"):]))
+        if lines:
+            result = json.loads(lines[-1][len("RESULT"):])
+        else:  # keep going: the other runs of the matrix still mean something
+            sys.stderr.write(done.stdout[-3000:] + done.stderr[-6000:])
+            result = {"backend": backend, "error": done.stderr[-6000:]}
+        result["budget"] = int(budget) if budget is not None else None
+        results.append(result)
+        _print_row(result)
     import torch
-    report = {"model": args.model, "budget": args.budget,
+    report = {"model": args.model,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
               else None, "settings": {k: v for k, v in vars(args).items()
-                                      if k not in ("worker", )},
+                                      if k != "worker"},
               "results": results}
-    if not args.latency and len(results) == 2:
-        report["speedup_output_tok_per_s"] = (results[1]["output_tok_per_s"] /
-                                              results[0]["output_tok_per_s"])
+    if not args.latency and results[0].get("seconds"):
+        base = results[0]
+        for r in results[1:]:
+            for key in ("output_tok_per_s", "saturated_output_tok_per_s",
+                        "ttft_mean_s"):
+                if r.get(key) and base.get(key):
+                    r[f"{key}_ratio"] = r[key] / base[key]
+            print(f"{r['backend']} B={r['budget']} / {base['backend']}: "
+                  f"output tok/s {r.get('output_tok_per_s_ratio', 0):.2f}x, "
+                  f"saturated {r.get('saturated_output_tok_per_s_ratio', 0):.2f}x")
     Path(args.out).write_text(json.dumps(report, indent=1))
-    for r in results:
-        print(json.dumps(r))
-    if "speedup_output_tok_per_s" in report:
-        print(f"sparsemm / {results[0]['backend']} output tok/s: "
-              f"{report['speedup_output_tok_per_s']:.2f}x")
+
+
+def _print_row(result: dict) -> None:
+    shown = {k: (round(v, 3) if isinstance(v, float) else v)
+             for k, v in result.items() if k not in ("profile", "error")}
+    print(json.dumps(shown), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.kv_ops import paged_attention_reference
+from vllm_sparsemm import triton_ops
 from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
-                                     compressed_lengths, compressed_page_table,
-                                     select_for_layer, write_compressed,
-                                     write_standard_reference)
+                                     compressed_page_table, page_table_width,
+                                     prepare_compressed, select_for_layer,
+                                     write_compressed, write_standard_reference)
 from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
                                         take_step_rows, virtual_sequences)
 
@@ -111,6 +112,7 @@ def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
     if plan.only_standard and not plan.compressing:
         return None
     if plan.compressed is not None:
+        prepare_compressed(plan.compressed, state)
         plan.standard_slots = metadata.slot_mapping.clone()
         plan.standard_slots[plan.compressed.tokens] = -1
         if plan.standard_rows:
@@ -121,11 +123,11 @@ def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
 def _restrict(metadata, plan: StepPlan):
     """FlashAttention metadata for the standard rows alone."""
     device = metadata.query_start_loc.device
-    rows = torch.tensor(plan.standard_rows, device=device)
+    rows = torch.tensor(plan.standard_rows).to(device, non_blocking=True)
     lens = [plan.query_start[i + 1] - plan.query_start[i]
             for i in plan.standard_rows]
-    starts = torch.tensor([0] + lens, device=device).cumsum(0).to(
-        metadata.query_start_loc.dtype)
+    starts = torch.tensor([0] + lens).cumsum(0).to(
+        dtype=metadata.query_start_loc.dtype).to(device, non_blocking=True)
     seq_lens = metadata.seq_lens[rows]
     return dataclasses.replace(
         metadata, num_actual_tokens=sum(lens), max_query_len=max(lens),
@@ -162,9 +164,12 @@ class SparseMMImpl(FlashAttentionImpl):
             state.bind_cache(_page_view(kv_cache, state))
         _check_layer_slot(kv_cache, state, index)
         compressed = plan.compressed
-        slots = (attn_metadata.slot_mapping
-                 if compressed is None else plan.standard_slots)
-        self._write_standard(layer, key, value, kv_cache, slots, state, index)
+        if compressed is None:
+            self._write_standard(layer, key, value, kv_cache,
+                                 attn_metadata.slot_mapping, state, index)
+        elif plan.standard_rows:
+            self._write_standard(layer, key, value, kv_cache,
+                                 plan.standard_slots, state, index)
         if compressed is not None:
             write_compressed(compressed, state, index, key, value)
         if plan.window_rows:
@@ -214,38 +219,59 @@ class SparseMMImpl(FlashAttentionImpl):
 
     def _compressed_attention(self, plan: StepPlan, index: int, query, output):
         state, cr = plan.state, plan.compressed
-        lengths = compressed_lengths(cr, state, index)  # [R, H]
-        table = compressed_page_table(cr, state, index, lengths)
+        lengths = cr.lengths[index]  # [R * Hkv]
+        width = page_table_width(cr, state)
+        if query.is_cuda and triton_ops.available():
+            table = triton_ops.page_table(cr, state, index, width)
+        else:
+            table = compressed_page_table(cr, state, index)
+        if cr.single_token_rows:  # decode: (row, head) sequences are views
+            rows = len(cr.rows)
+            self._attend_per_kv_head(
+                state, query[:rows], None, None, cr.virtual_starts, table,
+                lengths, 1, cr.max_length, output[:rows])
+            return
         output[cr.tokens] = self._attend_per_kv_head(
             state, query[cr.tokens], cr.virtual_token, cr.virtual_head,
-            cr.virtual_starts, table, lengths.flatten(), cr.max_query_len,
+            cr.virtual_starts, table, lengths, cr.max_query_len,
             cr.max_length)
 
     def _attend_per_kv_head(self, state, query, token, head, starts, table,
-                            lengths, max_query_len, max_length):
+                            lengths, max_query_len, max_length, out=None):
         """Attention of ``query [T, Hq, D]`` as one single-head paged sequence
-        per (row, KV head): FlashAttention on GPU, the reference on CPU."""
+        per (row, KV head): FlashAttention on GPU, the reference on CPU.
+
+        ``token``/``head`` list each sequence's query entries in (row, head,
+        token) order; None when every row has one token, so the sequences
+        are a view of ``query`` and the result is written into ``out``.
+        """
         dim, group = self.head_size, self.num_queries_per_kv
         q = query.view(len(query), -1, group, dim)
-        q_virtual = q[token, head]
+        q_virtual = (q.view(-1, group, dim) if token is None else
+                     q[token, head])
+        if token is None:
+            out_virtual = out.view(q_virtual.shape)
+        else:
+            out_virtual = torch.empty_like(q_virtual)
         if query.is_cuda:
             flash_attn_varlen_func, _, canonical = _fa_ops()
-            out_virtual = torch.empty_like(q_virtual)
             flash_attn_varlen_func(
                 q=q_virtual, k=canonical(state.pages[..., :dim].unsqueeze(2)),
                 v=canonical(state.pages[..., dim:].unsqueeze(2)),
                 out=out_virtual, cu_seqlens_q=starts,
-                max_seqlen_q=max_query_len, seqused_k=lengths.to(torch.int32),
+                max_seqlen_q=max_query_len, seqused_k=lengths,
                 max_seqlen_k=max_length, softmax_scale=self.scale,
-                causal=True, block_table=table.to(torch.int32),
+                causal=True, block_table=table,
                 fa_version=self.vllm_flash_attn_version)
         else:
-            out_virtual = paged_attention_reference(
+            out_virtual.copy_(paged_attention_reference(
                 q_virtual, state.pages[..., :dim], state.pages[..., dim:],
-                table, lengths, starts, self.scale)
-        out = torch.empty_like(q)
-        out[token, head] = out_virtual
-        return out.view(query.shape)
+                table, lengths, starts, self.scale))
+        if token is None:
+            return out
+        result = torch.empty_like(q)
+        result[token, head] = out_virtual
+        return result.view(query.shape)
 
 
 def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:
@@ -287,7 +313,7 @@ def _standard_attention_reference(impl, layer, query, kv_cache, metadata,
     total = int(starts[-1])
     output[:total] = impl._attend_per_kv_head(
         state, query[:total], token, head, virtual_starts,
-        table.reshape(num_rows * heads, -1),
-        metadata.seq_lens[:num_rows].repeat_interleave(heads),
+        table.reshape(num_rows * heads, -1).to(torch.int32),
+        metadata.seq_lens[:num_rows].repeat_interleave(heads).to(torch.int32),
         metadata.max_query_len, metadata.max_seq_len)
     return output

@@ -50,8 +50,12 @@ class BlockLaw:
     def compresses(self, prompt_len: int) -> bool:
         return compresses(prompt_len, self.plan.budget)
 
+    @functools.lru_cache(maxsize=4096)
     def kept(self, prompt_len: int) -> torch.Tensor:
-        """Kept prompt tokens per (layer, KV head), whole model ``[L, Hkv]``."""
+        """Kept prompt tokens per (layer, KV head), whole model ``[L, Hkv]``.
+
+        Cached (callers must not modify it): one image size means one prompt
+        length for many requests."""
         return kept_counts(self.caps, prompt_len, self.plan.budget,
                            self.plan.window)
 
@@ -64,11 +68,13 @@ class BlockLaw:
                           self.heads_per_rank].reshape(1, -1), self.block_size)
             for r in range(self.tp_size))
 
+    @functools.lru_cache(maxsize=1 << 16)
     def compacted_blocks(self, prompt_len: int, appended: int) -> int:
         """Blocks held once compacted with ``appended`` tokens after the prompt.
 
         Every rank lays out its own heads in the same block ids, so the
-        request needs the maximum over ranks.
+        request needs the maximum over ranks. Cached: the scheduler asks for
+        every running request at every step.
         """
         return max(p.num_blocks(appended) for p in self.rank_plans(prompt_len))
 

@@ -34,44 +34,61 @@ def compressed_page(cr: CompressedRows, state: WorkerKVState, req, head,
     kept, prompt = cr.kept_entries[req, 0], cr.prompt_entries[req, 0]
     column = torch.where(entry < kept, entry, prompt + entry - kept)
     column = column.clamp(max=cr.block_rows.shape[1] - 1)
-    return cr.block_rows[req, column] * pages_per_block + slot % pages_per_block
+    block = cr.block_rows[req, column].long()
+    return block * pages_per_block + slot % pages_per_block
 
 
-def compressed_lengths(cr: CompressedRows, state: WorkerKVState,
-                       layer: int) -> torch.Tensor:
-    """Keys each (row, KV head) attends to after this step: ``[R, Hkv]``."""
-    heads = layer * state.num_kv_heads + torch.arange(
-        state.num_kv_heads, device=cr.counts.device)
-    return cr.counts[:, heads] + cr.seq_offset[:, None]
+def prepare_compressed(cr: CompressedRows, state: WorkerKVState) -> None:
+    """Once per step, for every layer at once: where each new token of each
+    head goes (``cr.write_rows [L, Tc * Hkv]``) and how many keys each (row,
+    KV head) attends to (``cr.lengths [L, R * Hkv]``, int32), so a layer only
+    slices them."""
+    layers, heads = state.num_layers, state.num_kv_heads
+    flat = torch.arange(layers * heads, device=cr.counts.device)[None, :]
+    req = cr.token_req[:, None]
+    index = cr.counts[req, flat] + cr.token_offset[:, None]  # [Tc, F]
+    page = compressed_page(cr, state, req, flat, index)
+    rows = page * state.block_size + index % state.block_size
+    cr.write_rows = rows.view(-1, layers, heads).transpose(0, 1).reshape(
+        layers, -1)
+    lengths = cr.counts + cr.seq_offset[:, None]  # [R, F]
+    cr.lengths = lengths.view(-1, layers, heads).transpose(0, 1).reshape(
+        layers, -1).to(torch.int32)
 
 
 def compressed_page_table(cr: CompressedRows, state: WorkerKVState,
-                          layer: int, lengths: torch.Tensor) -> torch.Tensor:
-    """Page ids ``[R * Hkv, max_pages]`` of every (row, KV head) sequence; 0 where unused."""
+                          layer: int) -> torch.Tensor:
+    """Page ids ``[R * Hkv, width]`` (int32) of every (row, KV head) sequence; 0 where unused.
+
+    The PyTorch reference of ``triton_ops.page_table``; ``width`` is a
+    host-side bound on any head's pages (no sync).
+    """
     device = cr.counts.device
+    lengths = cr.lengths[layer].view(-1, state.num_kv_heads).long()
     num_pages = cdiv(lengths, state.block_size)  # [R, H]
-    width = max(cdiv(cr.max_length, state.block_size), 1)  # no host sync
+    width = page_table_width(cr, state)
     req = torch.arange(len(cr.rows), device=device)[:, None, None]
     head = (layer * state.num_kv_heads +
             torch.arange(state.num_kv_heads, device=device))[None, :, None]
     page = torch.arange(width, device=device)[None, None, :]
     table = compressed_page(cr, state, req, head, page * state.block_size)
     table = torch.where(page < num_pages[..., None], table, 0)
-    return table.reshape(-1, width)
+    return table.reshape(-1, width).to(torch.int32)
+
+
+def page_table_width(cr: CompressedRows, state: WorkerKVState) -> int:
+    return max(cdiv(cr.max_length, state.block_size), 1)
 
 
 def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
                      key: torch.Tensor, value: torch.Tensor) -> None:
     """Append the compressed rows' new tokens to each head's own pages."""
-    device = key.device
-    heads = layer * state.num_kv_heads + torch.arange(state.num_kv_heads,
-                                                      device=device)
-    req = cr.token_req[:, None]
-    index = cr.counts[req, heads[None, :]] + cr.token_offset[:, None]
-    page = compressed_page(cr, state, req, heads[None, :], index)
-    rows = page * state.block_size + index % state.block_size
-    kv = torch.cat([key[cr.tokens], value[cr.tokens]], dim=-1)
-    write_rows(state.rows, rows.flatten(), kv.flatten(0, 1))
+    if cr.all_tokens:
+        kv = torch.cat([key[:len(cr.token_req)], value[:len(cr.token_req)]],
+                       dim=-1)
+    else:
+        kv = torch.cat([key[cr.tokens], value[cr.tokens]], dim=-1)
+    write_rows(state.rows, cr.write_rows[layer], kv.flatten(0, 1))
 
 
 def write_standard_reference(state: WorkerKVState, layer: int,
@@ -124,49 +141,53 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
     Runs in the last layer, once every layer has read the standard layout.
     Tokens after the prompt that this step also computed (a preempted request
     re-prefilling its outputs) are kept by every head, in decode order.
+    Counts come from the block law on the host, so nothing here waits for
+    the device.
     """
     state = plan.state
     device = block_table.device
+    lo = state.rank * state.num_kv_heads
     for i, req in plan.compressing:
         row = plan.rows[i]
-        extra = row.end - req.prompt_len
-        positions, counts = _stack_selected(req, state.num_layers)
-        expected = state.law.kept(req.prompt_len)
-        lo = state.rank * state.num_kv_heads
-        assert torch.equal(counts, expected[:, lo:lo + state.num_kv_heads]), (
-            "sparsemm: selection and block law disagree on kept counts")
+        extra = row.end - req.prompt_len  # re-prefilled outputs: appended tokens
+        # [L, Hkv] kept prompt tokens per head, from the law, on the host
+        counts = state.law.kept(req.prompt_len)[:, lo:lo + state.num_kv_heads]
+        positions = _stack_selected(req, state.num_layers, int(counts.max()))
+        if not positions.is_cuda:  # CPU: check selection against the law
+            assert torch.equal(torch.stack(
+                [req.selected[l][1] for l in range(state.num_layers)]),
+                counts), "sparsemm: selection and block law disagree"
         if extra:
-            tail = torch.arange(req.prompt_len, row.end)
+            tail = torch.arange(req.prompt_len, row.end, device=device)
             positions = _append_positions(positions, counts, tail)
         kept, prompt = state.law.released_range(req.prompt_len, row.end)
         blocks = block_table[i].long()
-        # the block law's plan for this rank, built on the cache's device
-        layout = RequestLayout(state.space, counts.to(device), 1, blocks[:kept])
-        src, dst = compaction_rows(layout, blocks, positions.to(device),
-                                   (counts + extra).to(device))
+        layout = RequestLayout(state.space, counts, 1, blocks[:kept],
+                               plan=state.page_plan(counts, device))
+        src, dst = compaction_rows(layout, blocks, positions, counts + extra,
+                                   total=int(counts.sum()) + extra * counts.numel())
         move_rows(state.rows, src, dst)
         if state.debug_poison:
             _poison(state, blocks[kept:prompt])
-        req.adopt(layout.plan, kept, prompt)
+        req.adopt(layout.plan, kept, prompt, int(counts.max()))
 
 
-def _stack_selected(req, num_layers):
-    width = max(int(req.selected[l][0].shape[1]) for l in range(num_layers))
-    positions = torch.stack([
-        torch.nn.functional.pad(req.selected[l][0].cpu(),
-                                (0, width - req.selected[l][0].shape[1]),
+def _stack_selected(req, num_layers, width):
+    """Every layer's kept positions ``[L, Hkv, width]``, padded with -1, on their device."""
+    return torch.stack([
+        torch.nn.functional.pad(req.selected[l][0],
+                                (0, int(width) - req.selected[l][0].shape[1]),
                                 value=-1) for l in range(num_layers)])
-    counts = torch.stack([req.selected[l][1].cpu() for l in range(num_layers)])
-    return positions, counts
 
 
 def _append_positions(positions, counts, tail):
     """Put ``tail`` right after each head's ``counts`` kept positions."""
     num_layers, num_heads, width = positions.shape
+    device = positions.device
     out = torch.full((num_layers, num_heads, width + len(tail)), -1,
-                     dtype=positions.dtype)
+                     dtype=positions.dtype, device=device)
     out[..., :width] = positions
-    index = counts[..., None] + torch.arange(len(tail))
+    index = counts.to(device)[..., None] + torch.arange(len(tail), device=device)
     out.scatter_(2, index, tail.expand(num_layers, num_heads, -1).contiguous())
     return out
 

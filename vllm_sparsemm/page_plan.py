@@ -51,7 +51,8 @@ class PagePlan:
     """
 
     def __init__(self, counts: torch.Tensor, block_size: int):
-        if counts.ndim != 2 or bool((counts < 0).any()):
+        if counts.ndim != 2 or (counts.device.type == "cpu" and
+                                bool((counts < 0).any())):
             raise ValueError("counts must be a non-negative [pools, heads] "
                              "int tensor")
         self.block_size = block_size
@@ -69,6 +70,14 @@ class PagePlan:
                       torch.arange(self.pool_size, device=order.device)
                       .expand_as(order).contiguous())
         self.decode_base = self.prefix_slots[:, None] + rank
+
+    def to(self, device) -> "PagePlan":
+        """This plan's tables on ``device`` (copied without a device sync)."""
+        moved = object.__new__(PagePlan)
+        moved.__dict__.update({
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+            else v for k, v in self.__dict__.items()})
+        return moved
 
     def slots(self, pool: torch.Tensor, head: torch.Tensor,
               index: torch.Tensor) -> torch.Tensor:
@@ -126,13 +135,13 @@ class RequestLayout:
     """
 
     def __init__(self, space: PageSpace, counts: torch.Tensor, pools: int,
-                 blocks: torch.Tensor):
+                 blocks: torch.Tensor, plan: PagePlan | None = None):
         num_layers, num_kv_heads = counts.shape
         if num_layers * num_kv_heads % pools:
             raise ValueError(f"{num_layers} x {num_kv_heads} heads cannot form "
                              f"{pools} pools")
         self.space = space
-        self.plan = PagePlan(counts.reshape(pools, -1), space.block_size)
+        self.plan = plan or PagePlan(counts.reshape(pools, -1), space.block_size)
         self.blocks = blocks.to(torch.int64)
 
     def _pool_head(self, layer, head):
@@ -179,23 +188,27 @@ def prompt_rows(space: PageSpace, prompt_blocks: torch.Tensor, layer, head,
 
 
 def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
-                    positions: torch.Tensor, counts: torch.Tensor
+                    positions: torch.Tensor, counts: torch.Tensor,
+                    total: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and destination rows that pack every head's kept tokens into its pages.
 
     ``positions``: ``[L, Hkv, max_kept]`` kept positions (ascending, padded
     with -1) and ``counts``: ``[L, Hkv]``, as :func:`select_kept` returns them
-    per layer. Sources and destinations overlap: move through a copy.
+    per layer. ``total`` (``counts.sum()``, known on the host) keeps the
+    device from syncing. Sources and destinations overlap: move through a copy.
     """
     num_layers, num_kv_heads, width = positions.shape
     device = positions.device
-    index = torch.arange(width, device=device).expand(num_layers, num_kv_heads,
-                                                      width)
-    valid = index < counts.to(device)[..., None]
-    layer = torch.arange(num_layers, device=device)[:, None, None].expand_as(index)
-    head = torch.arange(num_kv_heads, device=device)[None, :, None].expand_as(index)
-    layer, head, index = layer[valid], head[valid], index[valid]
+    counts = counts.to(device).flatten()
+    if total is None:
+        total = int(counts.sum())
+    flat = torch.repeat_interleave(
+        torch.arange(len(counts), device=device), counts, output_size=total)
+    first = counts.cumsum(0) - counts
+    index = torch.arange(total, device=device) - first[flat]
+    layer, head = flat // num_kv_heads, flat % num_kv_heads
     src = prompt_rows(layout.space, prompt_blocks, layer, head,
-                      positions[valid])
+                      positions.view(-1, width)[flat, index])
     dst = layout.token_rows(layer, head, index)
     return src, dst

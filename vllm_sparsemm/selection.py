@@ -65,8 +65,10 @@ def select_kept(scores: torch.Tensor, caps: torch.Tensor,
         raise ValueError(f"caps must have shape [{num_kv_heads}], got "
                          f"{tuple(caps.shape)}")
     device = scores.device
-    caps = caps.to(device=device, dtype=torch.int64).clamp(min=0,
-                                                           max=num_scored)
+    caps = caps.to(dtype=torch.int64).clamp(min=0, max=num_scored)
+    # width from the caps where they live (host caps: no device sync)
+    max_count = int(caps.max()) + window
+    caps = caps.to(device, non_blocking=True)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     keep = torch.zeros_like(scores, dtype=torch.bool)
     rank = torch.arange(num_scored, device=device)
@@ -76,7 +78,7 @@ def select_kept(scores: torch.Tensor, caps: torch.Tensor,
         [torch.where(keep, rank, num_scored + window),
          window_pos.expand(num_kv_heads, window)], dim=1)
     counts = caps + window
-    positions = positions.sort(dim=-1).values[:, :int(counts.max())]
+    positions = positions.sort(dim=-1).values[:, :max_count]
     positions = positions.masked_fill(positions >= num_scored + window, -1)
     return positions, counts
 

@@ -60,14 +60,13 @@ class RequestKV:
     max_count: int = 0  # largest compacted head
     tables: torch.Tensor | None = None  # [4, F] plan rows the step plans stack
 
-    def adopt(self, plan: PagePlan, kept_entries: int,
-              prompt_entries: int) -> None:
+    def adopt(self, plan: PagePlan, kept_entries: int, prompt_entries: int,
+              max_count: int) -> None:
         """Switch to the compacted layout (called by the compaction)."""
         self.compacted, self.plan = True, plan
         self.kept_entries, self.prompt_entries = kept_entries, prompt_entries
-        self.max_count = int(plan.counts.max())
-        self.tables = torch.stack([plan.prefix_pages[0], plan.prefix_start[0],
-                                   plan.decode_base[0], plan.counts[0]])
+        self.max_count = max_count
+        self.tables = plan.tables  # shared by requests with the same counts
         self.windows.clear()
         self.selected.clear()
 
@@ -95,6 +94,7 @@ class WorkerKVState:
         # tests set a dict here to record each layer's selection inputs/outputs
         self.recorded: dict | None = None
         self.space: PageSpace | None = None
+        self._plans: dict[tuple, PagePlan] = {}
 
     @property
     def block_size(self) -> int:
@@ -112,6 +112,22 @@ class WorkerKVState:
     def rows(self) -> torch.Tensor:
         """The buffer as token rows ``[pages * bs, 2D]`` (row = K|V of one token of one head)."""
         return self.pages.view(-1, self.pages.shape[-1])
+
+    def page_plan(self, counts: torch.Tensor, device) -> PagePlan:
+        """The plan of a request compacted to host ``counts [L, Hkv]``, on ``device``.
+
+        Requests with the same prompt length share it (one image size gives
+        one prompt length), so it is built and copied once per distinct counts.
+        """
+        key = (tuple(counts.flatten().tolist()), str(device))
+        if key not in self._plans:
+            if len(self._plans) > 256:
+                self._plans.clear()
+            plan = PagePlan(counts.reshape(1, -1), self.block_size).to(device)
+            plan.tables = torch.stack([plan.prefix_pages[0], plan.prefix_start[0],
+                                       plan.decode_base[0], plan.counts[0]])
+            self._plans[key] = plan
+        return self._plans[key]
 
     def finish(self, req_ids) -> None:
         for req_id in req_ids:
@@ -133,13 +149,23 @@ class CompressedRows:
     counts: torch.Tensor  # [R, F] compacted tokens per head
     kept_entries: torch.Tensor  # [R, 1]
     prompt_entries: torch.Tensor  # [R, 1]
-    block_rows: torch.Tensor  # [R, cols] the runner's block-table rows
+    block_rows: torch.Tensor  # [R, cols] the runner's block-table rows (int32)
     # query rows of the virtual (row, KV head) sequences, in (row, head, token) order
     virtual_token: torch.Tensor
     virtual_head: torch.Tensor
     virtual_starts: torch.Tensor  # [R * Hkv + 1]
     max_query_len: int
     max_length: int  # bound on any (row, head) length after this step
+    all_tokens: bool = False  # the step's tokens are exactly these rows' tokens
+    # filled once per step for every layer by layer_ops.prepare_compressed
+    write_rows: torch.Tensor | None = None  # [L, Tc * Hkv] rows of new tokens
+    lengths: torch.Tensor | None = None  # [L, R * Hkv] int32 keys per sequence
+
+    @property
+    def single_token_rows(self) -> bool:
+        """Every row is one token of the step, in order: the (row, KV head)
+        sequences are then plain views of the query and output."""
+        return self.all_tokens and self.max_query_len == 1
 
 
 @dataclass
@@ -192,10 +218,11 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
     if compressed:
         plan.compressed = _compressed_rows(state, rows, query_start,
                                            compressed, block_table, device)
+        plan.compressed.all_tokens = not standard
         plan.standard_tokens = torch.tensor(
             [t for i in standard
              for t in range(query_start[i], query_start[i + 1])],
-            dtype=torch.int64, device=device)
+            dtype=torch.int64).to(device, non_blocking=True)
     return plan
 
 
@@ -234,8 +261,8 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
     virtual_token, virtual_head, starts = virtual_sequences(q_lens, heads)
     tables = torch.stack([req.tables for req in reqs])  # [R, 4, F] on device
 
-    def put(t):
-        return t.to(device, non_blocking=True)
+    def put(t):  # contiguous: kernels index these by row
+        return t.contiguous().to(device, non_blocking=True)
 
     return CompressedRows(
         rows=indices,
@@ -250,7 +277,7 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
         counts=tables[:, 3],
         kept_entries=put(kept[:, None]),
         prompt_entries=put(prompt[:, None]),
-        block_rows=block_table[put(torch.tensor(indices))].long(),
+        block_rows=block_table[put(torch.tensor(indices))],
         virtual_token=put(virtual_token),
         virtual_head=put(virtual_head),
         virtual_starts=put(starts),

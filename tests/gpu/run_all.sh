@@ -14,7 +14,7 @@ run() {
   [ $rc -eq 0 ] || status=1
   echo "== $name rc=$rc: $(grep -hE '^(PASSED|FAILED)|^E  |oracle kept|block checks' "$log_dir/gpu_$name.log" | cut -c1-200 | tr '\n' ' ')"
 }
-run kernels tests/test_kernels_gpu.py
+run kernels tests/test_kernels_gpu.py tests/test_triton_ops.py
 for kind in llava llava-next qwen2-vl; do
   run "no_eviction_$kind" tests/test_engine_gpu.py -k "no_eviction and $kind]"
 done
