@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# The performance issue's measurement matrix, one benchmark.py invocation per line
-# (each runs stock FLASH_ATTN and sparsemm back to back). Pick lines by number to fit
-# a device call: `bash examples/bench_matrix.sh 1 3`. JSON lands in ${OUT:-.}.
+# The performance issue's measurements, one benchmark.py invocation per case;
+# each runs stock FLASH_ATTN and sparsemm in fresh processes on this GPU. Pick
+# cases by number to fit a device call: `bash examples/bench_matrix.sh 1 2`.
+# Case 2 reuses case 1's stock run (same machine), so run 1 before 2.
+# JSON (and each worker's log) lands in ${BENCH_DIR:-.}.
 set -u
-out=${OUT:-.}
+dir=${BENCH_DIR:-.}
+mkdir -p "$dir"
+next="--model llava-next-7b --num-requests 512 --output-len 512"
 cases=(
-  "--model llava-next-7b --budget 256 --num-requests 512 --output-len 512"
-  "--model llava-next-7b --budget 64 --num-requests 512 --output-len 512"
-  "--model llava-next-7b --budget 256 --num-requests 256 --output-len 512 --kv-cache-gib 8"
-  "--model llava-next-7b --budget 64 --num-requests 256 --output-len 512 --kv-cache-gib 8"
-  "--model llava-1.5-7b --budget 128 --num-requests 1024 --output-len 256"
-  "--model qwen2-vl-7b --budget 256 --num-requests 512 --output-len 512"
-  "--model llava-next-7b --budget 4096 --num-requests 256 --output-len 256"
-  "--model llava-1.5-7b --latency --contexts 2048,8192,32768 --output-len 64"
+  # 1: LLaVA-NeXT-7B-shaped (~2,900 prompt tokens), full H100: stock vs B=256
+  "$next --budget 256 --max-seconds 100 --profile-at 400 --out $dir/next_full.json"
+  # 2: same workload, B=64 and the no-tax case B=4096 >= prompt, against case 1's stock
+  "$next --budget 64,4096 --baseline $dir/next_full.json --out $dir/next_full_b64.json"
+  # 3: ~8 GiB of KV (L4-class), stock vs B=256 and B=64
+  "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 256,64 --max-seconds 60 --out $dir/next_8gib.json"
+  # 4: LLaVA-1.5-7B-shaped (~600 prompt tokens), output 256, B=128
+  "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --out $dir/llava15.json"
+  # 5: Qwen2-VL-7B-shaped, B=256 (uniform scores: no shipped file yet)
+  "--model qwen2-vl-7b --num-requests 512 --output-len 512 --budget 256 --max-seconds 100 --out $dir/qwen2vl.json"
+  # 6: batch-1 latency: TTFT and decode ms/token at 2K and 32K context
+  "--model llava-1.5-7b --latency --contexts 2048,32768 --output-len 64 --budget 256 --out $dir/latency.json"
+  # 7: stock with piecewise CUDA graphs only, against stock's default full+piecewise
+  "--model llava-1.5-7b --num-requests 1024 --output-len 256 --backends FLASH_ATTN,FLASH_ATTN:PIECEWISE --max-seconds 45 --out $dir/stock_piecewise.json"
 )
+status=0
 for i in "${@:-$(seq 1 ${#cases[@]})}"; do
-  args=${cases[$((i - 1))]}
-  echo "== case $i: $args"
-  python3 examples/benchmark.py $args --out "$out/bench_case$i.json" 2>&1 | tail -4
+  echo "== case $i: ${cases[$((i - 1))]}"
+  python3 examples/benchmark.py ${cases[$((i - 1))]} || status=1
 done
+exit $status

@@ -63,13 +63,17 @@ def _engine(args, backend):
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
     if backend == "sparsemm":
-        settings = {"budget": args.budget}
+        # Environment rather than --additional-config: the latter enters
+        # vLLM's compile-cache hash, so each budget would recompile the model.
+        os.environ["VLLM_SPARSEMM_BUDGET"] = str(args.budget)
         if args.head_scores:
-            settings["head_scores"] = args.head_scores
-        kwargs.update(attention_backend="sparsemm",
-                      additional_config={"sparsemm": settings})
-    else:
-        kwargs.update(attention_backend=backend)
+            os.environ["VLLM_SPARSEMM_HEAD_SCORES"] = args.head_scores
+        kwargs["attention_backend"] = "sparsemm"
+    else:  # e.g. FLASH_ATTN, or FLASH_ATTN:PIECEWISE for its CUDA-graph mode
+        name, _, mode = backend.partition(":")
+        kwargs["attention_backend"] = name
+        if mode:
+            kwargs["compilation_config"] = {"cudagraph_mode": mode}
     return LLM(**kwargs)
 
 
@@ -91,7 +95,7 @@ def run_throughput(args, backend) -> dict:
             "prompt": _prompt(args.model, f"Describe picture {i}.", True),
             "multi_modal_data": {"image": _image(i, size)}}, params)
     seen, first, done = {}, {}, {}
-    peak, held, steps, running_sum = 0, [], 0, 0
+    peak, held, steps, running_sum, per_request = 0, [], 0, 0, []
     window_start = window_end = None
     window_tokens, window_steps = 0, 0
     profiler, profiled = None, None
@@ -99,8 +103,12 @@ def run_throughput(args, backend) -> dict:
     while engine.has_unfinished_requests():
         if args.profile_at and steps == args.profile_at:
             profiler = _start_profiler()
+            paused_at, tokens_before = time.perf_counter(), window_tokens
         if profiler and steps == args.profile_at + args.profile_steps:
             profiled, profiler = _stop_profiler(profiler), None
+            # leave the profiled steps out of the clock and the window
+            start += time.perf_counter() - paused_at
+            window_tokens = tokens_before
         outs = engine.step()
         now = time.perf_counter() - start
         new_tokens = 0
@@ -123,8 +131,10 @@ def run_throughput(args, backend) -> dict:
                 window_end = now
         if window_start is None and done:
             window_start = now
-        if backend != "FLASH_ATTN" and steps % 20 == 0:
-            held += _held_vs_ideal(scheduler)
+        if steps % 64 == 0:  # sampled: the probe itself costs host time
+            per_request.append(_mean_blocks_held(scheduler))
+            if backend.startswith("sparsemm"):
+                held += _held_vs_ideal(scheduler)[:64]
         if now > args.max_seconds and window_end is not None:
             break
     elapsed = time.perf_counter() - start
@@ -148,6 +158,8 @@ def run_throughput(args, backend) -> dict:
         "decode_ms_per_token_mean": sum(tpot) / len(tpot) if tpot else None,
         "peak_concurrent_requests": peak,
         "kv_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
+        "kv_blocks_per_running_request": (
+            sum(per_request) / len(per_request) if per_request else None),
     }
     if held:
         result["blocks_held_over_ideal_mean"] = sum(h for h, _ in held) / sum(
@@ -176,6 +188,14 @@ def _stop_profiler(profiler) -> str:
     return "\n".join(averages.table(sort_by=key, row_limit=30,
                                     max_name_column_width=80)
                      for key in ("cuda_time_total", "cpu_time_total"))
+
+
+def _mean_blocks_held(scheduler) -> float:
+    """Blocks the pool has given each running request, on average (all backends)."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    held = [sum(not b.is_null for b in manager.req_to_blocks[r.request_id])
+            for r in scheduler.running]
+    return sum(held) / max(len(held), 1)
 
 
 def _held_vs_ideal(scheduler):
@@ -251,6 +271,10 @@ def main():
     parser.add_argument("--contexts", default="2048,8192,32768")
     parser.add_argument("--backends", default="FLASH_ATTN,sparsemm")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--baseline", default=None,
+                        help="JSON of an earlier run of this script on the same "
+                        "machine whose first result (stock) is the reference; "
+                        "only the sparsemm runs are made")
     parser.add_argument("--profile-at", type=int, default=0,
                         help="profile engine steps from this step on (torch "
                         "profiler tables land in the JSON)")
@@ -266,7 +290,7 @@ def main():
         args.max_model_len = max(args.max_model_len, max(args.contexts) + 1024)
 
     if args.worker:  # one backend, in this process
-        args.budget = int(args.budget)
+        args.budget = int(args.budget.split(",")[0])
         args.model_dir = os.environ["SPARSEMM_BENCH_DIR"]
         run = run_latency if args.latency else run_throughput
         print("RESULT" + json.dumps(run(args, args.worker)), flush=True)
@@ -275,11 +299,15 @@ def main():
     from vllm_sparsemm.reference import checkpoints
     folder = Path(tempfile.mkdtemp()) / args.model
     getattr(checkpoints, MODELS[args.model][0])(folder)
-    runs = []
+    runs, results = [], []
+    if args.baseline:  # stock measured earlier on this machine: reuse it
+        results.append(json.loads(Path(args.baseline).read_text())["results"][0])
+        results[0]["from"] = args.baseline
     for backend in args.backends.split(","):
+        if args.baseline and not backend.startswith("sparsemm"):
+            continue
         budgets = args.budget.split(",") if backend == "sparsemm" else [None]
         runs += [(backend, budget) for budget in budgets]
-    results = []
     for backend, budget in runs:
         argv = [a for a in sys.argv[1:]]
         if budget is not None:
@@ -288,6 +316,9 @@ def main():
                    SPARSEMM_BENCH_DIR=str(folder))
         done = subprocess.run([sys.executable, __file__, *argv, "--worker", backend],
                               env=env, capture_output=True, text=True, check=False)
+        with open(f"{args.out}.log", "a") as log:  # every worker's full output
+            log.write(f"==== {backend} budget={budget}\n{done.stdout}\n"
+                      f"{done.stderr}\n")
         lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT")]
         if lines:
             result = json.loads(lines[-1][len("RESULT"):])
@@ -313,6 +344,15 @@ def main():
             print(f"{r['backend']} B={r['budget']} / {base['backend']}: "
                   f"output tok/s {r.get('output_tok_per_s_ratio', 0):.2f}x, "
                   f"saturated {r.get('saturated_output_tok_per_s_ratio', 0):.2f}x")
+    if args.latency and len(results) == 2 and "latency" in results[1]:
+        for stock, ours in zip(results[0]["latency"], results[1]["latency"]):
+            ours["ttft_ratio"] = ours["ttft_s"] / stock["ttft_s"]
+            ours["decode_ratio"] = (ours["decode_ms_per_token"] /
+                                    stock["decode_ms_per_token"])
+            print(f"context {ours['context']}: TTFT {ours['ttft_s'] * 1e3:.1f} ms "
+                  f"({ours['ttft_ratio']:.2f}x stock), decode "
+                  f"{ours['decode_ms_per_token']:.2f} ms/token "
+                  f"({ours['decode_ratio']:.2f}x stock)")
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 
