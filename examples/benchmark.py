@@ -81,8 +81,9 @@ def run_throughput(args, backend) -> dict:
     """Every request submitted at once, the engine stepped until the end or the
     time cap. Throughput is reported twice: over the whole run (when it
     finished) and over the saturated window, from the first request's end to
-    the last request's admission, where the engine runs full and admits as
-    requests finish (the steady state a server under load sees)."""
+    the point where the requests left would fit in the largest batch seen,
+    where the engine runs full and admits as requests finish (the steady state
+    a server under load sees)."""
     from vllm import SamplingParams
     llm = _engine(args, backend)
     engine = llm.llm_engine
@@ -127,7 +128,9 @@ def run_throughput(args, backend) -> dict:
             window_tokens += new_tokens
             window_steps += 1
             running_sum += running
-            if not scheduler.waiting or now > args.max_seconds:
+            # the tail begins once the requests left fit the peak batch
+            if (args.num_requests - len(done) <= peak or
+                    now > args.max_seconds):
                 window_end = now
         if window_start is None and done:
             window_start = now

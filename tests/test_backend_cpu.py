@@ -147,6 +147,11 @@ class Engine:
                                  for r, p in tokens])
                 v = torch.stack([self.requests[r].v[l, p, rank.kv_heads]
                                  for r, p in tokens])
+                # as in vLLM, q, k and v are strided views of one fused QKV
+                qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1)
+                q, k, v = (part.view(len(tokens), -1, DIM) for part in
+                           qkv.split([q[0].numel(), k[0].numel(),
+                                      v[0].numel()], dim=1))
                 out = torch.empty_like(q)
                 rank.impl.forward(layer, q, k, v, rank.cache[:, l],
                                   rank_metadata, out)

@@ -247,9 +247,10 @@ class SparseMMImpl(FlashAttentionImpl):
         """
         dim, group = self.head_size, self.num_queries_per_kv
         q = query.view(len(query), -1, group, dim)
-        q_virtual = (q.view(-1, group, dim) if token is None else
+        # vLLM's query is a strided view of the fused QKV output: copy it
+        q_virtual = (q.reshape(-1, group, dim) if token is None else
                      q[token, head])
-        if token is None:
+        if token is None and out.is_contiguous():
             out_virtual = out.view(q_virtual.shape)
         else:
             out_virtual = torch.empty_like(q_virtual)
@@ -268,6 +269,8 @@ class SparseMMImpl(FlashAttentionImpl):
                 q_virtual, state.pages[..., :dim], state.pages[..., dim:],
                 table, lengths, starts, self.scale))
         if token is None:
+            if out_virtual.data_ptr() != out.data_ptr():
+                out.copy_(out_virtual.view(out.shape))
             return out
         result = torch.empty_like(q)
         result[token, head] = out_virtual
