@@ -81,7 +81,7 @@ def run_throughput(args, backend) -> dict:
     """Every request submitted at once, the engine stepped until the end or the
     time cap. Throughput is reported twice: over the whole run (when it
     finished) and over the saturated window, from the first request's end to
-    the point where the requests left would fit in the largest batch seen,
+    the point where the requests left would fit in the largest decode batch seen,
     where the engine runs full and admits as requests finish (the steady state
     a server under load sees)."""
     from vllm import SamplingParams
@@ -95,8 +95,17 @@ def run_throughput(args, backend) -> dict:
         engine.add_request(str(i), {
             "prompt": _prompt(args.model, f"Describe picture {i}.", True),
             "multi_modal_data": {"image": _image(i, size)}}, params)
+    preemptions = [0]
+    preempt = scheduler._preempt_request
+
+    def counting_preempt(request, timestamp):  # vLLM's recompute preemption
+        preemptions[0] += 1
+        return preempt(request, timestamp)
+
+    scheduler._preempt_request = counting_preempt
     seen, first, done = {}, {}, {}
     peak, held, steps, running_sum, per_request = 0, [], 0, 0, []
+    peak_scheduled = 0
     window_start = window_end = None
     window_tokens, window_steps = 0, 0
     profiler, profiled = None, None
@@ -122,13 +131,14 @@ def run_throughput(args, backend) -> dict:
             if out.finished:
                 done[out.request_id] = now
         steps += 1
-        running = len(scheduler.running)
+        running = len(first) - len(done)  # decoding: first token out, not done
         peak = max(peak, running)
+        peak_scheduled = max(peak_scheduled, len(scheduler.running))
         if window_start is not None and window_end is None:
             window_tokens += new_tokens
             window_steps += 1
             running_sum += running
-            # the tail begins once the requests left fit the peak batch
+            # the tail begins once the requests left fit the peak decode batch
             if (args.num_requests - len(done) <= peak or
                     now > args.max_seconds):
                 window_end = now
@@ -159,7 +169,9 @@ def run_throughput(args, backend) -> dict:
         "ttft_mean_s": sum(ttft) / len(ttft),
         "ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))],
         "decode_ms_per_token_mean": sum(tpot) / len(tpot) if tpot else None,
-        "peak_concurrent_requests": peak,
+        "peak_concurrent_requests": peak,  # decoding at once
+        "peak_scheduler_running": peak_scheduled,  # incl. partial prefills
+        "preemptions": preemptions[0],
         "kv_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
         "kv_blocks_per_running_request": (
             sum(per_request) / len(per_request) if per_request else None),

@@ -233,7 +233,8 @@ def _chunks(total, size):
 @pytest.mark.parametrize("async_frees", [False, True])
 def test_mixed_batch_matches_dense_sparsemm(chunk, async_frees):
     eng = Engine()
-    prompts = {"a": 100, "b": 30, "c": 71, "d": 49}  # b fits the budget
+    # b fits the budget; equal lengths (a, f and c, e) are selected as one batch
+    prompts = {"a": 100, "b": 30, "c": 71, "d": 49, "e": 71, "f": 100}
     decode = 20
     for rid, prompt in prompts.items():
         eng.add(rid, prompt, prompt + decode)

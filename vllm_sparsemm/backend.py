@@ -28,7 +28,8 @@ from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      prepare_compressed, select_for_layer,
                                      write_compressed, write_standard_reference)
 from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
-                                        take_step_rows, virtual_sequences)
+                                        take_step_rows, upload,
+                                        virtual_sequences)
 
 logger = init_logger("vllm.sparsemm.backend")
 
@@ -81,6 +82,9 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
             raise RuntimeError(
                 "sparsemm runs on vLLM's V1 model runner; unset "
                 "VLLM_USE_V2_MODEL_RUNNER (the plugin selects V1 itself)")
+        # decodes first: compressed decode rows then form the batch's leading
+        # rows, and both row kinds are read as slices instead of gathers
+        self._init_reorder_batch_threshold(1)
         global _worker_state
         from vllm.distributed import get_tensor_model_parallel_rank
         settings = SparseMMSettings.from_sources(vllm_config.additional_config)
@@ -113,9 +117,8 @@ def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
         return None
     if plan.compressed is not None:
         prepare_compressed(plan.compressed, state)
-        plan.standard_slots = metadata.slot_mapping.clone()
-        plan.standard_slots[plan.compressed.tokens] = -1
         if plan.standard_rows:
+            plan.standard_slots = metadata.slot_mapping[plan.standard_tokens]
             plan.standard_metadata = _restrict(metadata, plan)
     return plan
 
@@ -123,18 +126,18 @@ def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
 def _restrict(metadata, plan: StepPlan):
     """FlashAttention metadata for the standard rows alone."""
     device = metadata.query_start_loc.device
-    rows = torch.tensor(plan.standard_rows).to(device, non_blocking=True)
     lens = [plan.query_start[i + 1] - plan.query_start[i]
             for i in plan.standard_rows]
-    starts = torch.tensor([0] + lens).cumsum(0).to(
-        dtype=metadata.query_start_loc.dtype).to(device, non_blocking=True)
+    rows, starts = upload([torch.tensor(plan.standard_rows),
+                           torch.tensor([0] + lens).cumsum(0)], device)
+    starts = starts.to(metadata.query_start_loc.dtype)
     seq_lens = metadata.seq_lens[rows]
     return dataclasses.replace(
         metadata, num_actual_tokens=sum(lens), max_query_len=max(lens),
         query_start_loc=starts, seq_lens=seq_lens,
         max_seq_len=max(plan.rows[i].end for i in plan.standard_rows),
         block_table=metadata.block_table[rows], scheduler_metadata=None,
-        slot_mapping=plan.standard_slots[plan.standard_tokens])
+        slot_mapping=plan.standard_slots)
 
 
 @functools.cache
@@ -168,7 +171,8 @@ class SparseMMImpl(FlashAttentionImpl):
             self._write_standard(layer, key, value, kv_cache,
                                  attn_metadata.slot_mapping, state, index)
         elif plan.standard_rows:
-            self._write_standard(layer, key, value, kv_cache,
+            tokens = plan.standard_tokens
+            self._write_standard(layer, key[tokens], value[tokens], kv_cache,
                                  plan.standard_slots, state, index)
         if compressed is not None:
             write_compressed(compressed, state, index, key, value)
@@ -181,12 +185,14 @@ class SparseMMImpl(FlashAttentionImpl):
                                      attn_metadata, output)
         else:
             if plan.standard_rows:
-                tokens = plan.standard_tokens
-                out = torch.empty_like(output[tokens])
+                tokens = plan.standard_tokens  # a slice: views, no copies
+                out = (output[tokens] if isinstance(tokens, slice) else
+                       torch.empty_like(output[tokens]))
                 self._standard_attention(layer, query[tokens], key[tokens],
                                          value[tokens], kv_cache,
                                          plan.standard_metadata, out)
-                output[tokens] = out
+                if not isinstance(tokens, slice):
+                    output[tokens] = out
             self._compressed_attention(plan, index, query, output)
         if plan.compressing and index == state.num_layers - 1:
             compact(plan, attn_metadata.block_table)
@@ -225,7 +231,7 @@ class SparseMMImpl(FlashAttentionImpl):
             table = triton_ops.page_table(cr, state, index, width)
         else:
             table = compressed_page_table(cr, state, index)
-        if cr.single_token_rows:  # decode: (row, head) sequences are views
+        if cr.leading:  # decode rows first: (row, head) sequences are views
             rows = len(cr.rows)
             self._attend_per_kv_head(
                 state, query[:rows], None, None, cr.virtual_starts, table,

@@ -13,8 +13,8 @@ import torch
 
 from vllm_sparsemm.kv_ops import move_rows, write_rows
 from vllm_sparsemm.page_plan import (RequestLayout, cdiv, compaction_rows,
-                                     page_slot, prompt_rows)
-from vllm_sparsemm.selection import select_kept
+                                     page_slot)
+from vllm_sparsemm.selection import select_kept, window_scores
 from vllm_sparsemm.worker_state import CompressedRows, StepPlan, WorkerKVState
 
 
@@ -83,9 +83,8 @@ def page_table_width(cr: CompressedRows, state: WorkerKVState) -> int:
 def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
                      key: torch.Tensor, value: torch.Tensor) -> None:
     """Append the compressed rows' new tokens to each head's own pages."""
-    if cr.all_tokens:
-        kv = torch.cat([key[:len(cr.token_req)], value[:len(cr.token_req)]],
-                       dim=-1)
+    if cr.leading:
+        kv = torch.cat([key[:len(cr.rows)], value[:len(cr.rows)]], dim=-1)
     else:
         kv = torch.cat([key[cr.tokens], value[cr.tokens]], dim=-1)
     write_rows(state.rows, cr.write_rows[layer], kv.flatten(0, 1))
@@ -117,22 +116,36 @@ def collect_window_queries(plan: StepPlan, layer: int,
 
 def select_for_layer(plan: StepPlan, layer: int,
                      block_table: torch.Tensor) -> None:
-    """Pick each head's kept prompt tokens for every prompt completed this step."""
+    """Pick each head's kept prompt tokens for every prompt completed this step.
+
+    Requests with one prompt length (one image size) are scored and selected
+    together: a fixed number of ops per layer however many prompts end.
+    """
     state = plan.state
     head_dim = state.pages.shape[-1] // 2
-    heads = torch.arange(state.num_kv_heads, device=block_table.device)
-    for i, req in plan.compressing:
-        positions = torch.arange(req.prompt_len, device=block_table.device)
-        rows = prompt_rows(state.space, block_table[i].long(), layer,
-                           heads[None, :], positions[:, None])
-        keys = state.rows[rows][..., :head_dim]  # [P, Hkv, D]
-        scores = req.windows[layer].scores(keys, state.law.plan.pool_kernel)
-        req.selected[layer] = select_kept(scores, state.caps[layer],
-                                          state.window)
-        if state.recorded is not None:  # tests: what each layer selected from
-            state.recorded.setdefault(plan.rows[i].req_id, {})[layer] = (
-                req.windows[layer].queries.cpu(), keys.cpu(),
-                *(t.cpu() for t in req.selected[layer]))
+    device = block_table.device
+    heads = torch.arange(state.num_kv_heads, device=device)
+    for prompt_len, members, index in plan.selection_groups:
+        positions = torch.arange(prompt_len, device=device)
+        blocks = block_table[index].long()[:, positions // state.block_size]
+        rows = (state.space.page_id(layer, blocks[..., None], heads) *
+                state.block_size + (positions % state.block_size)[:, None])
+        keys = state.rows[rows][..., :head_dim]  # [n, P, Hkv, D]
+        queries = torch.stack([req.windows[layer].ready().queries
+                               for _, req in members])
+        scores = window_scores(queries, keys, state.law.plan.pool_kernel)
+        host_caps = state.caps[layer].clamp(max=prompt_len - state.window)
+        kept, counts = select_kept(
+            scores.flatten(0, 1),
+            state.caps_on(device)[layer].repeat(len(members)), state.window,
+            max_count=int(host_caps.max()) + state.window)
+        for j, (i, req) in enumerate(members):
+            part = slice(j * state.num_kv_heads, (j + 1) * state.num_kv_heads)
+            req.selected[layer] = (kept[part], counts[part])
+            if state.recorded is not None:  # tests: what each layer selected from
+                state.recorded.setdefault(plan.rows[i].req_id, {})[layer] = (
+                    queries[j].cpu(), keys[j].cpu(), kept[part].cpu(),
+                    counts[part].cpu())
 
 
 def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
@@ -164,8 +177,10 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
         blocks = block_table[i].long()
         layout = RequestLayout(state.space, counts, 1, blocks[:kept],
                                plan=state.page_plan(counts, device))
-        src, dst = compaction_rows(layout, blocks, positions, counts + extra,
-                                   total=int(counts.sum()) + extra * counts.numel())
+        src, dst = compaction_rows(  # counts from the plan: on the device
+            layout, blocks, positions,
+            layout.plan.counts.view(counts.shape) + extra,
+            total=int(counts.sum()) + extra * counts.numel())
         move_rows(state.rows, src, dst)
         if state.debug_poison:
             _poison(state, blocks[kept:prompt])

@@ -23,10 +23,15 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
     queries, restricted to keys ``[0, N - W)``, mean over the G query heads of
     each KV head, then ``avg_pool1d(kernel, padding=kernel // 2, stride=1)``
     with zero padding counted (PyTorch's default, as in the reference).
+    A leading batch dimension (requests of one prompt length) is kept:
+    ``[B, W, Hq, D]`` and ``[B, N, Hkv, D]`` give ``[B, Hkv, N - W]``.
     """
-    window, num_heads, head_dim = queries.shape
-    num_keys, num_kv_heads, key_dim = keys.shape
-    if key_dim != head_dim or num_heads % num_kv_heads:
+    if queries.ndim == 3:
+        return window_scores(queries[None], keys[None], pool_kernel)[0]
+    batch, window, num_heads, head_dim = queries.shape
+    _, num_keys, num_kv_heads, key_dim = keys.shape
+    if (key_dim != head_dim or num_heads % num_kv_heads or
+            keys.shape[0] != batch):
         raise ValueError(f"queries {tuple(queries.shape)} do not fit keys "
                          f"{tuple(keys.shape)}")
     if not 0 < window < num_keys:
@@ -36,29 +41,37 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
         raise ValueError(f"pool_kernel must be odd and positive, got "
                          f"{pool_kernel}")
     group = num_heads // num_kv_heads
-    q = queries.float().transpose(0, 1)  # [Hq, W, D]
-    k = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, N, D]
-    logits = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(head_dim)
+    # [B, Hkv, G * W, D]: the G query heads of a KV head share its keys
+    q = queries.float().view(batch, window, num_kv_heads, group,
+                             head_dim).permute(0, 2, 3, 1, 4).reshape(
+                                 batch, num_kv_heads, group * window, head_dim)
+    k = keys.float().transpose(1, 2)  # [B, Hkv, N, D]
+    logits = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
     # Window query i sits at position N - W + i and sees keys 0 .. N - W + i.
-    query_pos = torch.arange(num_keys - window, num_keys, device=q.device)
+    query_pos = torch.arange(num_keys - window, num_keys,
+                             device=q.device).repeat(group)
     key_pos = torch.arange(num_keys, device=q.device)
     future = key_pos[None, :] > query_pos[:, None]
     logits = logits.masked_fill(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    per_head = probs[:, :, :num_keys - window].mean(dim=1)  # [Hq, N - W]
-    per_kv_head = per_head.view(num_kv_heads, group, -1).mean(dim=1)
-    return F.avg_pool1d(per_kv_head[:, None, :], kernel_size=pool_kernel,
-                        stride=1, padding=pool_kernel // 2)[:, 0, :]
+    # mean over the W queries and G heads together = mean of per-head means
+    per_kv_head = probs[..., :num_keys - window].mean(dim=2)  # [B, Hkv, N - W]
+    pooled = F.avg_pool1d(per_kv_head.reshape(-1, 1, num_keys - window),
+                          kernel_size=pool_kernel, stride=1,
+                          padding=pool_kernel // 2)
+    return pooled.view(batch, num_kv_heads, -1)
 
 
-def select_kept(scores: torch.Tensor, caps: torch.Tensor,
-                window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_kept(scores: torch.Tensor, caps: torch.Tensor, window: int,
+                max_count: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept prompt positions per KV head: the top ``cap`` scored keys plus the window.
 
     ``scores``: ``[Hkv, N - W]`` from :func:`window_scores`; ``caps``: int
     ``[Hkv]``. Ties go to the earlier position (stable sort). Returns
     ``(positions, counts)``: int64 ``[Hkv, max_count]`` ascending per head and
     padded with -1, and int64 ``[Hkv]`` counts ``min(cap, N - W) + W``.
+    ``max_count`` is ``max(counts)`` when the caller knows it on the host.
     """
     num_kv_heads, num_scored = scores.shape
     if caps.shape != (num_kv_heads,):
@@ -66,8 +79,8 @@ def select_kept(scores: torch.Tensor, caps: torch.Tensor,
                          f"{tuple(caps.shape)}")
     device = scores.device
     caps = caps.to(dtype=torch.int64).clamp(min=0, max=num_scored)
-    # width from the caps where they live (host caps: no device sync)
-    max_count = int(caps.max()) + window
+    if max_count is None:  # callers with device caps pass it: no sync
+        max_count = int(caps.max()) + window
     caps = caps.to(device, non_blocking=True)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     keep = torch.zeros_like(scores, dtype=torch.bool)
@@ -131,10 +144,14 @@ class WindowQueryBuffer:
     def complete(self) -> bool:
         return bool(self._seen.all())
 
-    def scores(self, keys: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
-        """:func:`window_scores` of the buffered queries; ``keys`` are all N prompt keys."""
+    def ready(self) -> "WindowQueryBuffer":
+        """This buffer, once every window query has arrived (raises otherwise)."""
         if not self.complete:
             missing = (~self._seen).nonzero().flatten() + self.start
             raise RuntimeError(f"window queries at positions "
                                f"{missing.tolist()[:8]} never arrived")
-        return window_scores(self.queries, keys, pool_kernel)
+        return self
+
+    def scores(self, keys: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
+        """:func:`window_scores` of the buffered queries; ``keys`` are all N prompt keys."""
+        return window_scores(self.ready().queries, keys, pool_kernel)

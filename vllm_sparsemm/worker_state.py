@@ -95,6 +95,7 @@ class WorkerKVState:
         self.recorded: dict | None = None
         self.space: PageSpace | None = None
         self._plans: dict[tuple, PagePlan] = {}
+        self._caps_device: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
@@ -112,6 +113,12 @@ class WorkerKVState:
     def rows(self) -> torch.Tensor:
         """The buffer as token rows ``[pages * bs, 2D]`` (row = K|V of one token of one head)."""
         return self.pages.view(-1, self.pages.shape[-1])
+
+    def caps_on(self, device) -> torch.Tensor:
+        """This rank's caps ``[L, Hkv]`` on ``device`` (copied once)."""
+        if self._caps_device is None or self._caps_device.device != torch.device(device):
+            self._caps_device = self.caps.to(device)
+        return self._caps_device
 
     def page_plan(self, counts: torch.Tensor, device) -> PagePlan:
         """The plan of a request compacted to host ``counts [L, Hkv]``, on ``device``.
@@ -156,16 +163,13 @@ class CompressedRows:
     virtual_starts: torch.Tensor  # [R * Hkv + 1]
     max_query_len: int
     max_length: int  # bound on any (row, head) length after this step
-    all_tokens: bool = False  # the step's tokens are exactly these rows' tokens
+    # the batch's first rows, one token each (vLLM puts decodes first): the
+    # compressed tokens are then [0, R) and the standard ones [R, T)
+    leading: bool = False
     # filled once per step for every layer by layer_ops.prepare_compressed
     write_rows: torch.Tensor | None = None  # [L, Tc * Hkv] rows of new tokens
     lengths: torch.Tensor | None = None  # [L, R * Hkv] int32 keys per sequence
 
-    @property
-    def single_token_rows(self) -> bool:
-        """Every row is one token of the step, in order: the (row, KV head)
-        sequences are then plain views of the query and output."""
-        return self.all_tokens and self.max_query_len == 1
 
 
 @dataclass
@@ -178,9 +182,13 @@ class StepPlan:
     compressed: CompressedRows | None
     window_rows: list[tuple[int, RequestKV]]
     compressing: list[tuple[int, RequestKV]]
-    standard_tokens: torch.Tensor | None = None  # None: every token is standard
-    standard_slots: torch.Tensor | None = None  # slot mapping, compressed rows -1
+    # the standard rows' tokens when some rows are compressed (a slice when
+    # they follow the compressed rows), and their slot mapping
+    standard_tokens: torch.Tensor | slice | None = None
+    standard_slots: torch.Tensor | None = None
     standard_metadata: object | None = None  # FA metadata of the standard rows
+    # (prompt length, [(batch row, request)], batch rows on the device)
+    selection_groups: list = field(default_factory=list)
 
     @property
     def only_standard(self) -> bool:
@@ -218,11 +226,25 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
     if compressed:
         plan.compressed = _compressed_rows(state, rows, query_start,
                                            compressed, block_table, device)
-        plan.compressed.all_tokens = not standard
-        plan.standard_tokens = torch.tensor(
-            [t for i in standard
-             for t in range(query_start[i], query_start[i + 1])],
-            dtype=torch.int64).to(device, non_blocking=True)
+        leading = (compressed[-1] == len(compressed) - 1 and
+                   plan.compressed.max_query_len == 1)
+        plan.compressed.leading = leading
+        if leading:
+            plan.standard_tokens = slice(len(compressed), query_start[-1])
+        else:
+            plan.standard_tokens, = upload([torch.tensor(
+                [t for i in standard
+                 for t in range(query_start[i], query_start[i + 1])],
+                dtype=torch.int64)], device)
+    if compressing:  # selection batches requests of one prompt length
+        groups: dict[int, list] = {}
+        for i, req in compressing:
+            groups.setdefault(req.prompt_len, []).append((i, req))
+        indices = upload([torch.tensor([i for i, _ in members])
+                          for members in groups.values()], device)
+        plan.selection_groups = [(length, members, index) for
+                                 (length, members), index in
+                                 zip(groups.items(), indices)]
     return plan
 
 
@@ -242,6 +264,20 @@ def virtual_sequences(query_lens: torch.Tensor, heads: int):
     return token, seq % heads, starts
 
 
+def upload(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Host int tensors to ``device`` as int64, in one pinned copy.
+
+    One copy per step instead of one per tensor, and from pinned memory, so
+    the host never waits for the device (pageable copies can stall behind
+    the queued work of the previous step).
+    """
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors])
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return [part.view(t.shape) for part, t in
+            zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def _compressed_rows(state, rows, query_start, indices, block_table, device):
     """Index tensors of the compressed rows, built with a fixed number of ops."""
     reqs = [state.requests[rows[i].req_id] for i in indices]
@@ -250,37 +286,38 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
     per_row = torch.tensor(
         [[query_start[i], rows[i].computed - rows[i].prompt_len,
           rows[i].end - rows[i].prompt_len, req.kept_entries,
-          req.prompt_entries, q_len]
+          req.prompt_entries, q_len, i]
          for i, req, q_len in zip(indices, reqs, query_lens)],
         dtype=torch.int64)
-    first, offset, seq_offset, kept, prompt, q_lens = per_row.T
+    first, offset, seq_offset, kept, prompt, q_lens, batch_rows = per_row.T
     num_rows, num_tokens = len(indices), int(q_lens.sum())
     token_req = torch.arange(num_rows).repeat_interleave(q_lens)
     row_start = q_lens.cumsum(0) - q_lens  # first token of each row, local
     within = torch.arange(num_tokens) - row_start[token_req]
     virtual_token, virtual_head, starts = virtual_sequences(q_lens, heads)
     tables = torch.stack([req.tables for req in reqs])  # [R, 4, F] on device
-
-    def put(t):  # contiguous: kernels index these by row
-        return t.contiguous().to(device, non_blocking=True)
-
+    (tokens, token_req, token_offset, seq_offset, kept, prompt, batch_rows,
+     virtual_token, virtual_head, starts) = upload(
+        [first[token_req] + within, token_req, offset[token_req] + within,
+         seq_offset, kept[:, None], prompt[:, None], batch_rows,
+         virtual_token, virtual_head, starts], device)
     return CompressedRows(
         rows=indices,
-        tokens=put(first[token_req] + within),
-        token_req=put(token_req),
-        token_offset=put(offset[token_req] + within),
-        seq_offset=put(seq_offset),
+        tokens=tokens,
+        token_req=token_req,
+        token_offset=token_offset,
+        seq_offset=seq_offset,
         query_lens=query_lens,
         prefix_pages=tables[:, 0],
         prefix_start=tables[:, 1],
         decode_base=tables[:, 2],
         counts=tables[:, 3],
-        kept_entries=put(kept[:, None]),
-        prompt_entries=put(prompt[:, None]),
-        block_rows=block_table[put(torch.tensor(indices))],
-        virtual_token=put(virtual_token),
-        virtual_head=put(virtual_head),
-        virtual_starts=put(starts),
+        kept_entries=kept,
+        prompt_entries=prompt,
+        block_rows=block_table[batch_rows],
+        virtual_token=virtual_token,
+        virtual_head=virtual_head,
+        virtual_starts=starts.to(torch.int32),
         max_query_len=max(query_lens),
         max_length=max(req.max_count + rows[i].end - rows[i].prompt_len
                        for req, i in zip(reqs, indices)),
