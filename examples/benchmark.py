@@ -1,17 +1,23 @@
 """Stock vLLM (FLASH_ATTN) against sparsemm, back to back, on dummy-weight 7B models.
 
-    python examples/benchmark.py --model llava-next-7b --budget 256 \
-        --num-requests 512 --output-len 512 --out bench.json
+    python examples/benchmark.py --model llava-next-7b --budget 256,64 \
+        --num-requests 512 --output-len 512 --max-seconds 150 --out bench.json
     python examples/benchmark.py --model llava-1.5-7b --latency --contexts 2048,32768
 
-Throughput mode adds every request at once (each with its own random image)
-and steps the engine to the end: output tok/s, requests/s, time to first token
-(from submission, so it includes queueing), peak concurrent requests, and for
-sparsemm the KV blocks each compressed request holds against the exact ideal
-``sum over heads of ceil(kept / block_size) / (L * Hkv)``. Latency mode sends
-one request at a time: time to first token and decode ms/token at batch 1 for
-text prompts of the given lengths. Each backend runs in a fresh process; the
-JSON names the GPU. Model folders are written locally (no download).
+Throughput mode adds every request at once (each with its own random image) and
+steps the engine: output tok/s over the whole run (when it finishes inside
+``--max-seconds``) and over the saturated window (from the first finished
+request until the requests left would fit in the largest decode batch seen),
+time to first token (from submission, so it includes queueing), decode
+ms/token, peak requests decoding at once, recompute preemptions, KV blocks per
+running request (from the block pool), and for sparsemm the blocks each
+compressed request holds against the exact ideal ``sum over heads of
+ceil(kept / block_size) / (L * Hkv)``. Latency mode sends one text request at
+a time: time to first token and batch-1 decode ms/token per context length.
+Each backend (and each budget of a comma list) runs in a fresh process on the
+same GPU; ``--baseline`` reuses a stock result measured earlier on the same
+machine. A table is printed and JSON written (with the GPU's name); every
+worker's log goes to ``<out>.log``. Model folders are written locally.
 """
 
 from __future__ import annotations
@@ -369,6 +375,28 @@ def main():
                   f"{ours['decode_ms_per_token']:.2f} ms/token "
                   f"({ours['decode_ratio']:.2f}x stock)")
     Path(args.out).write_text(json.dumps(report, indent=1))
+    if not args.latency:
+        _print_table(results)
+
+
+def _print_table(results: list[dict]) -> None:
+    columns = [("backend", "backend"), ("budget", "B"),
+               ("saturated_output_tok_per_s", "sat tok/s"),
+               ("saturated_output_tok_per_s_ratio", "x stock"),
+               ("output_tok_per_s", "e2e tok/s"), ("ttft_mean_s", "TTFT s"),
+               ("ttft_p99_s", "p99 s"), ("decode_ms_per_token_mean", "ms/tok"),
+               ("peak_concurrent_requests", "peak dec"),
+               ("kv_blocks_per_running_request", "blk/req"),
+               ("blocks_held_over_ideal_mean", "held/ideal"),
+               ("preemptions", "preempt")]
+    print(" | ".join(title for _, title in columns))
+    for r in results:
+        cells = []
+        for key, _ in columns:
+            value = r.get(key)
+            cells.append("-" if value is None else
+                         f"{value:.2f}" if isinstance(value, float) else str(value))
+        print(" | ".join(cells))
 
 
 def _print_row(result: dict) -> None:
