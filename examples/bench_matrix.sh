@@ -9,12 +9,13 @@ dir=${BENCH_DIR:-.}
 mkdir -p "$dir"
 next="--model llava-next-7b --num-requests 512 --output-len 512"
 cases=(
-  # 1: LLaVA-NeXT-7B-shaped (~2,900 prompt tokens), full H100: stock vs B=256 and B=64
-  "$next --budget 256,64 --max-seconds 50 --profile-at 400 --out $dir/next_full.json"
-  # 2: the no-tax case, B=4096 >= prompt, against case 1's stock
-  "$next --budget 4096 --max-seconds 50 --baseline $dir/next_full.json --out $dir/next_notax.json"
+  # 1: LLaVA-NeXT-7B-shaped (~2,900 prompt tokens), full H100: stock vs B=256
+  #    (150 s: sparsemm's first requests finish only after ~512 decode steps)
+  "$next --budget 256 --max-seconds 150 --profile-at 600 --out $dir/next_full.json"
+  # 2: B=64 and the no-tax case B=4096 >= prompt, against case 1's stock run
+  "$next --budget 64,4096 --max-seconds 150 --baseline $dir/next_full.json --out $dir/next_full_more.json"
   # 3: ~8 GiB of KV (L4-class), stock vs B=256 and B=64
-  "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 256,64 --max-seconds 60 --out $dir/next_8gib.json"
+  "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 256,64 --max-seconds 90 --out $dir/next_8gib.json"
   # 4: LLaVA-1.5-7B-shaped (~600 prompt tokens), output 256, B=128
   "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --out $dir/llava15.json"
   # 5: Qwen2-VL-7B-shaped, B=256 (uniform scores: no shipped file yet)
