@@ -187,7 +187,7 @@ def run_throughput(args, backend) -> dict:
             i for _, i in held)
         result["blocks_held_over_ideal_max"] = max(h / i for h, i in held)
     if profiled:
-        result["profile"] = profiled
+        result["profile"], result["profiled_gpu_busy_fraction"] = profiled
     return result
 
 
@@ -200,15 +200,34 @@ def _start_profiler():
     return profiler
 
 
-def _stop_profiler(profiler) -> str:
-    """The top CUDA kernels and host ops of the profiled engine steps."""
+def _stop_profiler(profiler) -> tuple[str, float]:
+    """The top CUDA kernels and host ops of the profiled engine steps, and the
+    GPU's busy fraction over them."""
     import torch
     torch.cuda.synchronize()
     profiler.__exit__(None, None, None)
     averages = profiler.key_averages()
-    return "\n".join(averages.table(sort_by=key, row_limit=30,
-                                    max_name_column_width=80)
-                     for key in ("cuda_time_total", "cpu_time_total"))
+    tables = "\n".join(averages.table(sort_by=key, row_limit=30,
+                                      max_name_column_width=80)
+                       for key in ("cuda_time_total", "cpu_time_total"))
+    return tables, _gpu_busy_fraction(profiler)
+
+
+def _gpu_busy_fraction(profiler) -> float:
+    """Union of GPU kernel intervals over the span from the first kernel to the
+    last: the share of time a faster host (or full CUDA graphs) could not win."""
+    from torch.autograd import DeviceType
+    spans = sorted((e.time_range.start, e.time_range.end)
+                   for e in profiler.events() if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return float("nan")
+    busy, (start, end) = 0.0, spans[0]
+    for lo, hi in spans[1:]:
+        if lo > end:
+            busy, start = busy + end - start, lo
+        end = max(end, hi)
+    busy += end - start
+    return busy / (max(hi for _, hi in spans) - spans[0][0])
 
 
 def _mean_blocks_held(scheduler) -> float:
