@@ -358,3 +358,13 @@ def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
     for one, two in zip(results[1][0], results[2][0]):
         torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     assert results[2][1]["a"] >= results[1][1]["a"]
+
+
+def test_selection_batches_split_by_length_and_token_cap(monkeypatch):
+    from vllm_sparsemm import worker_state
+    monkeypatch.setattr(worker_state, "SELECTION_TOKENS", 250)
+    compressing = [(i, types.SimpleNamespace(prompt_len=n))
+                   for i, n in enumerate([100, 100, 100, 60, 300, 100])]
+    groups = worker_state._selection_groups(compressing)
+    assert [(n, [i for i, _ in m]) for n, m in groups] == [
+        (100, [0, 1]), (100, [2, 5]), (60, [3]), (300, [4])]

@@ -237,15 +237,32 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
                  for t in range(query_start[i], query_start[i + 1])],
                 dtype=torch.int64)], device)
     if compressing:  # selection batches requests of one prompt length
-        groups: dict[int, list] = {}
-        for i, req in compressing:
-            groups.setdefault(req.prompt_len, []).append((i, req))
+        groups = _selection_groups(compressing)
         indices = upload([torch.tensor([i for i, _ in members])
-                          for members in groups.values()], device)
+                          for _, members in groups], device)
         plan.selection_groups = [(length, members, index) for
                                  (length, members), index in
-                                 zip(groups.items(), indices)]
+                                 zip(groups, indices)]
     return plan
+
+
+# Prompt tokens scored at once: bounds the selection's scratch memory (keys
+# in float32 and the window logits), which vLLM's memory profile cannot see.
+SELECTION_TOKENS = 1 << 16
+
+
+def _selection_groups(compressing):
+    """``(prompt length, [(row, request)])`` batches: one length each, at most
+    SELECTION_TOKENS prompt tokens (always at least one request)."""
+    by_length: dict[int, list] = {}
+    for i, req in compressing:
+        by_length.setdefault(req.prompt_len, []).append((i, req))
+    groups = []
+    for length, members in by_length.items():
+        size = max(1, SELECTION_TOKENS // length)
+        groups += [(length, members[k:k + size])
+                   for k in range(0, len(members), size)]
+    return groups
 
 
 def virtual_sequences(query_lens: torch.Tensor, heads: int):
