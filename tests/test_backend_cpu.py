@@ -368,3 +368,18 @@ def test_selection_batches_split_by_length_and_token_cap(monkeypatch):
     groups = worker_state._selection_groups(compressing)
     assert [(n, [i for i, _ in m]) for n, m in groups] == [
         (100, [0, 1]), (100, [2, 5]), (60, [3]), (300, [4])]
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 3, 1, 2]])
+def test_virtual_sequences_list_each_row_head_token_once(query_lens):
+    from vllm_sparsemm.worker_state import virtual_sequences
+    heads = 3
+    token, head, starts = virtual_sequences(torch.tensor(query_lens), heads)
+    expected, row_start = [], 0
+    for n in query_lens:  # (row, head, token) order
+        expected += [(row_start + t, h) for h in range(heads) for t in range(n)]
+        row_start += n
+    assert list(zip(token.tolist(), head.tolist())) == expected
+    lens = [n for n in query_lens for _ in range(heads)]
+    assert starts.tolist() == [sum(lens[:i]) for i in range(len(lens) + 1)]
+    assert starts.dtype == torch.int32

@@ -271,6 +271,11 @@ def virtual_sequences(query_lens: torch.Tensor, heads: int):
     Returns, in (row, head, token) order, each entry's token index (local to
     the rows given) and KV head, and the int32 sequence starts ``[R * H + 1]``.
     """
+    if bool((query_lens == 1).all()):  # decode: plain aranges
+        rows = len(query_lens)
+        return (torch.arange(rows).repeat_interleave(heads),
+                torch.arange(heads).repeat(rows),
+                torch.arange(rows * heads + 1, dtype=torch.int32))
     seq_len = query_lens.repeat_interleave(heads)
     seq = torch.arange(len(seq_len)).repeat_interleave(seq_len)
     seq_start = seq_len.cumsum(0) - seq_len
