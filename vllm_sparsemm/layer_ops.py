@@ -13,7 +13,7 @@ import torch
 
 from vllm_sparsemm.kv_ops import move_rows, write_rows
 from vllm_sparsemm.page_plan import (RequestLayout, cdiv, compaction_rows,
-                                     page_slot)
+                                     page_slot, prompt_rows)
 from vllm_sparsemm.selection import select_kept, window_scores
 from vllm_sparsemm.worker_state import CompressedRows, StepPlan, WorkerKVState
 
@@ -126,10 +126,9 @@ def select_for_layer(plan: StepPlan, layer: int,
     device = block_table.device
     heads = torch.arange(state.num_kv_heads, device=device)
     for prompt_len, members, index in plan.selection_groups:
-        positions = torch.arange(prompt_len, device=device)
-        blocks = block_table[index].long()[:, positions // state.block_size]
-        rows = (state.space.page_id(layer, blocks[..., None], heads) *
-                state.block_size + (positions % state.block_size)[:, None])
+        positions = torch.arange(prompt_len, device=device)[:, None]
+        rows = prompt_rows(state.space, block_table[index].long(), layer,
+                           heads, positions)  # [n, P, Hkv]
         keys = state.rows[rows][..., :head_dim]  # [n, P, Hkv, D]
         queries = torch.stack([req.windows[layer].ready().queries
                                for _, req in members])

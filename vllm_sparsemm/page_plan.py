@@ -181,8 +181,9 @@ def prompt_rows(space: PageSpace, prompt_blocks: torch.Tensor, layer, head,
 
     Before compaction a request's token at position p sits in its
     ``p // block_size``-th block at offset ``p % block_size``, in every head.
+    ``prompt_blocks`` may carry leading batch dimensions (one row per request).
     """
-    block = prompt_blocks[position // space.block_size]
+    block = prompt_blocks[..., position // space.block_size]
     return (space.page_id(layer, block, head) * space.block_size +
             position % space.block_size)
 

@@ -171,7 +171,6 @@ class CompressedRows:
     lengths: torch.Tensor | None = None  # [L, R * Hkv] int32 keys per sequence
 
 
-
 @dataclass
 class StepPlan:
     """What sparsemm does in one step, shared by all layers."""
