@@ -98,6 +98,15 @@ class Engine:
         self.requests[req_id] = request
         return request
 
+    def add_all(self, prompts: dict[str, int], chunk: int, decode: int,
+                tail=()):
+        """Add requests; return their schedules: prompt chunks, ``decode``
+        single-token steps, then the multi-token ``tail`` steps."""
+        for rid, prompt in prompts.items():
+            self.add(rid, prompt, prompt + decode + sum(tail))
+        return {rid: _chunks(p, chunk) + [1] * decode + list(tail)
+                for rid, p in prompts.items()}
+
     def step(self, schedule: dict[str, int], pending_outputs=()):
         """Run one step; ``schedule`` maps request id -> tokens this step."""
         for rid, n in schedule.items():
@@ -236,9 +245,7 @@ def test_mixed_batch_matches_dense_sparsemm(chunk, async_frees):
     # b fits the budget; equal lengths (a, f and c, e) are selected as one batch
     prompts = {"a": 100, "b": 30, "c": 71, "d": 49, "e": 71, "f": 100}
     decode = 20
-    for rid, prompt in prompts.items():
-        eng.add(rid, prompt, prompt + decode)
-    plans = {rid: _chunks(p, chunk) + [1] * decode for rid, p in prompts.items()}
+    plans = eng.add_all(prompts, chunk, decode)
     last = {}
     while any(plans.values()):
         schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
@@ -343,9 +350,7 @@ def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
     for tp in (1, 2):
         eng = Engine(seed=4, tp=tp)
         prompts = {"a": 120, "b": 75, "c": 20}
-        for rid, prompt in prompts.items():
-            eng.add(rid, prompt, prompt + 12)
-        plans = {rid: _chunks(p, 50) + [1] * 12 for rid, p in prompts.items()}
+        plans = eng.add_all(prompts, 50, 12)
         outs = []
         for _, tokens, outputs in eng.run(plans):
             eng.check(tokens, outputs)

@@ -5,7 +5,7 @@ import importlib.util
 import types
 from pathlib import Path
 
-from test_backend_cpu import Engine, _chunks
+from test_backend_cpu import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,10 +21,7 @@ def _benchmark():
 def test_held_blocks_are_within_one_block_of_the_exact_ideal():
     bench = _benchmark()
     eng = Engine()
-    prompts = {"a": 300, "b": 180, "c": 30}
-    for rid, prompt in prompts.items():
-        eng.add(rid, prompt, prompt + 40)
-    plans = {rid: _chunks(p, 64) + [1] * 40 for rid, p in prompts.items()}
+    plans = eng.add_all({"a": 300, "b": 180, "c": 30}, 64, 40)
     samples = []
     for schedule, _, _ in eng.run(plans):
         scheduler = types.SimpleNamespace(

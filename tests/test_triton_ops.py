@@ -17,7 +17,7 @@ def compare_on_engine_steps(device: str) -> int:
     """Drive the CPU engine into mixed prefill/decode steps; compare every layer's
     page table from the kernel with the reference. Returns tables compared."""
     sys.path.insert(0, str(HERE))
-    from test_backend_cpu import Engine, _chunks
+    from test_backend_cpu import Engine
 
     from vllm_sparsemm import backend, triton_ops
     from vllm_sparsemm.layer_ops import compressed_page_table, page_table_width
@@ -43,10 +43,8 @@ def compare_on_engine_steps(device: str) -> int:
     backend.build_step = checking_build
     try:
         eng = Engine(num_blocks=300)
-        lens = {"a": 300, "b": 180, "c": 30, "d": 97}
-        for rid, prompt in lens.items():
-            eng.add(rid, prompt, prompt + 40)
-        plans = {rid: _chunks(p, 64) + [1] * 20 + [3, 2] for rid, p in lens.items()}
+        plans = eng.add_all({"a": 300, "b": 180, "c": 30, "d": 97}, 64, 20,
+                            tail=[3, 2])
         for _ in eng.run(plans):
             pass
     finally:
