@@ -255,7 +255,8 @@ def _held_vs_ideal(scheduler):
         kept, first = law.released_range(prompt, end)
         if not all(b.is_null for b in blocks[kept:first]):
             continue  # released at the next schedule()
-        appended = processed - prompt
+        # the blocks cover every scheduled token, the step in flight included
+        appended = request.num_computed_tokens - prompt
         ideal = int(cdiv(law.kept(prompt) + appended, law.block_size).sum())
         samples.append((sum(not b.is_null for b in blocks),
                         ideal / pages_per_block))

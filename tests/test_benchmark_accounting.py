@@ -30,4 +30,4 @@ def test_held_blocks_are_within_one_block_of_the_exact_ideal():
         samples += bench._held_vs_ideal(scheduler)
     assert len(samples) > 50
     for held, ideal in samples:
-        assert ideal <= held <= ideal * 1.02 + 1
+        assert ideal <= held < ideal + 1  # ceil of the exact page count
