@@ -120,7 +120,7 @@ class WindowQueryBuffer:
         self.prompt_len = prompt_len
         self.window = window
         self.queries: torch.Tensor | None = None
-        self._seen = torch.zeros(window, dtype=torch.bool)
+        self._seen = [False] * window  # host bookkeeping: no tensor ops
 
     @property
     def start(self) -> int:
@@ -138,18 +138,19 @@ class WindowQueryBuffer:
                                              tuple(queries.shape[1:]))
         self.queries[lo - self.start:hi - self.start] = (
             queries[lo - first_position:hi - first_position])
-        self._seen[lo - self.start:hi - self.start] = True
+        self._seen[lo - self.start:hi - self.start] = [True] * (hi - lo)
 
     @property
     def complete(self) -> bool:
-        return bool(self._seen.all())
+        return all(self._seen)
 
     def ready(self) -> "WindowQueryBuffer":
         """This buffer, once every window query has arrived (raises otherwise)."""
         if not self.complete:
-            missing = (~self._seen).nonzero().flatten() + self.start
+            missing = [self.start + i for i, seen in enumerate(self._seen)
+                       if not seen]
             raise RuntimeError(f"window queries at positions "
-                               f"{missing.tolist()[:8]} never arrived")
+                               f"{missing[:8]} never arrived")
         return self
 
     def scores(self, keys: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:

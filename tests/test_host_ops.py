@@ -1,0 +1,57 @@
+"""Host cost that does not grow with the batch: the ops the worker dispatches per
+step and per layer are the same for few or many requests (each op is a kernel
+launch on the GPU, where host time per step is what piecewise graphs expose)."""
+
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from test_backend_cpu import Engine
+from vllm_sparsemm import backend, layer_ops
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view  # views launch nothing
+        return func(*args, **(kwargs or {}))
+
+
+def _counted(monkeypatch, module, name, counts):
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        with CountOps() as ops:
+            result = original(*args, **kwargs)
+        counts[name].append(ops.count)
+        return result
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def _ops_per_call(monkeypatch, num_requests):
+    counts = collections.defaultdict(list)
+    for name in ("build_step", "write_compressed", "select_for_layer"):
+        _counted(monkeypatch, backend, name, counts)
+    eng = Engine()
+    # equal prompt lengths: all complete in one step, then decode together
+    plans = eng.add_all({str(r): 90 for r in range(num_requests)}, 500, 3)
+    for _ in eng.run(plans):
+        pass
+    monkeypatch.undo()
+    return counts
+
+
+def test_ops_per_step_and_layer_do_not_grow_with_the_batch(monkeypatch):
+    few, many = (_ops_per_call(monkeypatch, n) for n in (2, 6))
+    # selection: once per layer for all prompts of one length
+    assert few["select_for_layer"] == many["select_for_layer"]
+    assert len(few["select_for_layer"]) == 3  # one per layer
+    # decode: the step's index tensors, then a few ops per layer
+    assert few["write_compressed"] == many["write_compressed"]
+    assert max(few["write_compressed"]) <= 4
+    assert few["build_step"][1:] == many["build_step"][1:]
