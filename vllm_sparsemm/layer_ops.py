@@ -125,26 +125,38 @@ def select_for_layer(plan: StepPlan, layer: int,
     head_dim = state.pages.shape[-1] // 2
     device = block_table.device
     heads = torch.arange(state.num_kv_heads, device=device)
-    for prompt_len, members, index in plan.selection_groups:
+    for group in plan.selection_groups:
+        n, prompt_len = len(group.members), group.prompt_len
         positions = torch.arange(prompt_len, device=device)[:, None]
-        rows = prompt_rows(state.space, block_table[index].long(), layer,
+        rows = prompt_rows(state.space, block_table[group.index].long(), layer,
                            heads, positions)  # [n, P, Hkv]
         keys = state.rows[rows][..., :head_dim]  # [n, P, Hkv, D]
         queries = torch.stack([req.windows[layer].ready().queries
-                               for _, req in members])
+                               for _, req in group.members])
         scores = window_scores(queries, keys, state.law.plan.pool_kernel)
-        host_caps = state.caps[layer].clamp(max=prompt_len - state.window)
+        # one width for all layers (the largest kept count), set on the host
+        width = _kept_width(state, prompt_len)
         kept, counts = select_kept(
             scores.flatten(0, 1),
-            state.caps_on(device)[layer].repeat(len(members)), state.window,
-            max_count=int(host_caps.max()) + state.window)
-        for j, (i, req) in enumerate(members):
+            state.caps_on(device)[layer].repeat(n), state.window,
+            max_count=width)
+        if group.positions is None:
+            group.positions = torch.empty(
+                (n, state.num_layers, state.num_kv_heads, width),
+                dtype=kept.dtype, device=device)
+        group.positions[:, layer] = kept.view(n, state.num_kv_heads, width)
+        for j, (i, req) in enumerate(group.members):
             part = slice(j * state.num_kv_heads, (j + 1) * state.num_kv_heads)
             req.selected[layer] = (kept[part], counts[part])
             if state.recorded is not None:  # tests: what each layer selected from
                 state.recorded.setdefault(plan.rows[i].req_id, {})[layer] = (
                     queries[j].cpu(), keys[j].cpu(), kept[part].cpu(),
                     counts[part].cpu())
+
+
+def _kept_width(state: WorkerKVState, prompt_len: int) -> int:
+    """Largest kept count of any head of this rank: ``min(cap, N - W) + W``."""
+    return int(state.caps.clamp(max=prompt_len - state.window).max()) + state.window
 
 
 def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
@@ -159,39 +171,36 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
     state = plan.state
     device = block_table.device
     lo = state.rank * state.num_kv_heads
-    for i, req in plan.compressing:
-        row = plan.rows[i]
-        extra = row.end - req.prompt_len  # re-prefilled outputs: appended tokens
+    for group in plan.selection_groups:
         # [L, Hkv] kept prompt tokens per head, from the law, on the host
-        counts = state.law.kept(req.prompt_len)[:, lo:lo + state.num_kv_heads]
-        positions = _stack_selected(req, state.num_layers, int(counts.max()))
-        if not positions.is_cuda:  # CPU: check selection against the law
-            assert torch.equal(torch.stack(
-                [req.selected[l][1] for l in range(state.num_layers)]),
-                counts), "sparsemm: selection and block law disagree"
-        if extra:
-            tail = torch.arange(req.prompt_len, row.end, device=device)
-            positions = _append_positions(positions, counts, tail)
-        kept, prompt = state.law.released_range(req.prompt_len, row.end)
-        blocks = block_table[i].long()
-        layout = RequestLayout(state.space, counts, 1, blocks[:kept],
-                               plan=state.page_plan(counts, device))
-        src, dst = compaction_rows(  # counts from the plan: on the device
-            layout, blocks, positions,
-            layout.plan.counts.view(counts.shape) + extra,
-            total=int(counts.sum()) + extra * counts.numel())
-        move_rows(state.rows, src, dst)
-        if state.debug_poison:
-            _poison(state, blocks[kept:prompt])
-        req.adopt(layout.plan, kept, prompt, int(counts.max()))
+        counts = state.law.kept(group.prompt_len)[
+            :, lo:lo + state.num_kv_heads]
+        for j, (i, req) in enumerate(group.members):
+            positions = group.positions[j]  # [L, Hkv, width]
+            if not positions.is_cuda:  # CPU: check selection against the law
+                assert torch.equal(torch.stack(
+                    [req.selected[l][1] for l in range(state.num_layers)]),
+                    counts), "sparsemm: selection and block law disagree"
+            _compact_request(state, plan.rows[i], req, block_table[i].long(),
+                             positions, counts, device)
 
 
-def _stack_selected(req, num_layers, width):
-    """Every layer's kept positions ``[L, Hkv, width]``, padded with -1, on their device."""
-    return torch.stack([
-        torch.nn.functional.pad(req.selected[l][0],
-                                (0, int(width) - req.selected[l][0].shape[1]),
-                                value=-1) for l in range(num_layers)])
+def _compact_request(state, row, req, blocks, positions, counts, device):
+    extra = row.end - req.prompt_len  # re-prefilled outputs: appended tokens
+    if extra:
+        tail = torch.arange(req.prompt_len, row.end, device=device)
+        positions = _append_positions(positions, counts, tail)
+    kept, prompt = state.law.released_range(req.prompt_len, row.end)
+    layout = RequestLayout(state.space, counts, 1, blocks[:kept],
+                           plan=state.page_plan(counts, device))
+    src, dst = compaction_rows(  # counts from the plan: on the device
+        layout, blocks, positions,
+        layout.plan.counts.view(counts.shape) + extra,
+        total=int(counts.sum()) + extra * counts.numel())
+    move_rows(state.rows, src, dst)
+    if state.debug_poison:
+        _poison(state, blocks[kept:prompt])
+    req.adopt(layout.plan, kept, prompt, int(counts.max()))
 
 
 def _append_positions(positions, counts, tail):

@@ -172,6 +172,17 @@ class CompressedRows:
 
 
 @dataclass
+class SelectionGroup:
+    """Prompts of one length that end in this step: scored and selected together."""
+    prompt_len: int
+    members: list[tuple[int, RequestKV]]  # (batch row, request)
+    index: torch.Tensor  # their batch rows, on the device
+    # every layer's kept positions [n, L, Hkv, width], padded with -1; filled
+    # layer by layer, read by the compaction
+    positions: torch.Tensor | None = None
+
+
+@dataclass
 class StepPlan:
     """What sparsemm does in one step, shared by all layers."""
     state: WorkerKVState
@@ -186,8 +197,7 @@ class StepPlan:
     standard_tokens: torch.Tensor | slice | None = None
     standard_slots: torch.Tensor | None = None
     standard_metadata: object | None = None  # FA metadata of the standard rows
-    # (prompt length, [(batch row, request)], batch rows on the device)
-    selection_groups: list = field(default_factory=list)
+    selection_groups: list[SelectionGroup] = field(default_factory=list)
 
     @property
     def only_standard(self) -> bool:
@@ -239,7 +249,7 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
         groups = _selection_groups(compressing)
         indices = upload([torch.tensor([i for i, _ in members])
                           for _, members in groups], device)
-        plan.selection_groups = [(length, members, index) for
+        plan.selection_groups = [SelectionGroup(length, members, index) for
                                  (length, members), index in
                                  zip(groups, indices)]
     return plan
