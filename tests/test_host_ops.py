@@ -4,11 +4,10 @@ launch on the GPU, where host time per step is what piecewise graphs expose)."""
 
 import collections
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from test_backend_cpu import Engine
-from vllm_sparsemm import backend, layer_ops
+from vllm_sparsemm import backend
 
 
 class CountOps(TorchDispatchMode):
