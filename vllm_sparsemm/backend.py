@@ -227,7 +227,7 @@ class SparseMMImpl(FlashAttentionImpl):
         state, cr = plan.state, plan.compressed
         lengths = cr.lengths[index]  # [R * Hkv]
         width = page_table_width(cr, state)
-        if query.is_cuda and triton_ops.available():
+        if query.is_cuda and triton_ops.AVAILABLE:
             table = triton_ops.page_table(cr, state, index, width)
         else:
             table = compressed_page_table(cr, state, index)

@@ -191,8 +191,8 @@ def _compact_request(state, row, req, blocks, positions, counts, device):
         tail = torch.arange(req.prompt_len, row.end, device=device)
         positions = _append_positions(positions, counts, tail)
     kept, prompt = state.law.released_range(req.prompt_len, row.end)
-    layout = RequestLayout(state.space, counts, 1, blocks[:kept],
-                           plan=state.page_plan(counts, device))
+    plan, tables = state.page_plan(counts, device)
+    layout = RequestLayout(state.space, counts, 1, blocks[:kept], plan=plan)
     src, dst = compaction_rows(  # counts from the plan: on the device
         layout, blocks, positions,
         layout.plan.counts.view(counts.shape) + extra,
@@ -200,7 +200,7 @@ def _compact_request(state, row, req, blocks, positions, counts, device):
     move_rows(state.rows, src, dst)
     if state.debug_poison:
         _poison(state, blocks[kept:prompt])
-    req.adopt(layout.plan, kept, prompt, int(counts.max()))
+    req.adopt(tables, kept, prompt, int(counts.max()))
 
 
 def _append_positions(positions, counts, tail):

@@ -7,8 +7,6 @@ on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:
@@ -54,9 +52,7 @@ if triton is not None:
                      mask=page < width)
 
 
-@functools.cache
-def available() -> bool:
-    return triton is not None
+AVAILABLE = triton is not None
 
 
 def page_table(cr, state, layer: int, width: int) -> torch.Tensor:

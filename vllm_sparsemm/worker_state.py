@@ -56,17 +56,17 @@ class RequestKV:
     compacted: bool = False
     kept_entries: int = 0  # K_c: block-list entries kept at compaction
     prompt_entries: int = 0  # n_c: entries the list had at compaction
-    plan: PagePlan | None = None  # on the cache's device once compacted
     max_count: int = 0  # largest compacted head
-    tables: torch.Tensor | None = None  # [4, F] plan rows the step plans stack
+    # [4, F] rows of its page plan (prefix pages, prefix start, decode base,
+    # counts), on the cache's device; the step plans stack them
+    tables: torch.Tensor | None = None
 
-    def adopt(self, plan: PagePlan, kept_entries: int, prompt_entries: int,
-              max_count: int) -> None:
+    def adopt(self, tables: torch.Tensor, kept_entries: int,
+              prompt_entries: int, max_count: int) -> None:
         """Switch to the compacted layout (called by the compaction)."""
-        self.compacted, self.plan = True, plan
+        self.compacted, self.tables = True, tables
         self.kept_entries, self.prompt_entries = kept_entries, prompt_entries
         self.max_count = max_count
-        self.tables = plan.tables  # shared by requests with the same counts
         self.windows.clear()
         self.selected.clear()
 
@@ -94,7 +94,7 @@ class WorkerKVState:
         # tests set a dict here to record each layer's selection inputs/outputs
         self.recorded: dict | None = None
         self.space: PageSpace | None = None
-        self._plans: dict[tuple, PagePlan] = {}
+        self._plans: dict[tuple, tuple[PagePlan, torch.Tensor]] = {}
         self._caps_device: torch.Tensor | None = None
 
     @property
@@ -120,8 +120,10 @@ class WorkerKVState:
             self._caps_device = self.caps.to(device)
         return self._caps_device
 
-    def page_plan(self, counts: torch.Tensor, device) -> PagePlan:
-        """The plan of a request compacted to host ``counts [L, Hkv]``, on ``device``.
+    def page_plan(self, counts: torch.Tensor,
+                  device) -> tuple[PagePlan, torch.Tensor]:
+        """The plan of a request compacted to host ``counts [L, Hkv]``, on
+        ``device``, and its ``[4, F]`` table rows (see ``RequestKV.tables``).
 
         Requests with the same prompt length share it (one image size gives
         one prompt length), so it is built and copied once per distinct counts.
@@ -131,9 +133,9 @@ class WorkerKVState:
             if len(self._plans) > 256:
                 self._plans.clear()
             plan = PagePlan(counts.reshape(1, -1), self.block_size).to(device)
-            plan.tables = torch.stack([plan.prefix_pages[0], plan.prefix_start[0],
-                                       plan.decode_base[0], plan.counts[0]])
-            self._plans[key] = plan
+            self._plans[key] = plan, torch.stack([
+                plan.prefix_pages[0], plan.prefix_start[0],
+                plan.decode_base[0], plan.counts[0]])
         return self._plans[key]
 
     def finish(self, req_ids) -> None:
