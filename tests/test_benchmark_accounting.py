@@ -1,5 +1,6 @@
-"""The benchmark's blocks-held-vs-ideal probe, on the CPU engine of test_backend_cpu:
-compressed requests hold the exact per-head ideal within one block."""
+"""The benchmark's pure accounting: the blocks-held-vs-ideal probe, on the CPU
+engine of test_backend_cpu (compressed requests hold the exact per-head ideal
+within one block), and the saturated window and timeline, on a simulated run."""
 
 import importlib.util
 import types
@@ -31,3 +32,70 @@ def test_held_blocks_are_within_one_block_of_the_exact_ideal():
     assert len(samples) > 50
     for held, ideal in samples:
         assert ideal <= held < ideal + 1  # ceil of the exact page count
+
+
+def _simulate(requests, slots, output_len, stop=None):
+    """A continuous-batching run, one step per second: each step admits waiting
+    requests into free slots (their first token) and gives every decoding
+    request a token; returns the step log and first-token/finish times."""
+    first, done, log, left = {}, {}, [], {}
+    t, tokens = 0, 0
+    while len(done) < requests and (stop is None or t < stop):
+        t += 1
+        for r in range(len(first), min(requests, len(first) + slots - len(left))):
+            first[r], left[r] = t, output_len
+        for r in list(left):
+            tokens, left[r] = tokens + 1, left[r] - 1
+            if not left[r]:
+                done[r] = t
+                del left[r]
+        log.append((t, tokens, len(first) - len(done), len(done)))
+    return log, first, done
+
+
+def _window(bench, requests, slots, output_len, stop=None):
+    log, first, done = _simulate(requests, slots, output_len, stop)
+    return bench.saturated_window(list(first.values()), list(done.values()),
+                                  requests, log, log[-1][0])
+
+
+def test_saturated_window_spans_first_finish_to_last_admission():
+    # stock-like: 4 waves of 5; finishes at 10, 20, 30, 40, admissions at 1, 11,
+    # 21, 31: the window is (10, 31] and 5 requests decode through it
+    window = _window(_benchmark(), 20, 5, 10)
+    assert window["saturated_window_s"] == 21
+    assert window["saturated_output_tok_per_s"] == 5.0
+    assert window["saturated_mean_running"] == 5 * 19 / 21  # 0 at 20 and 30
+    assert "saturated_note" not in window
+
+
+def test_saturated_window_of_a_run_cut_while_requests_wait_ends_at_the_cut():
+    window = _window(_benchmark(), 20, 5, 10, stop=25)
+    assert window["saturated_window_s"] == 15
+    assert window["saturated_output_tok_per_s"] == 5.0
+
+
+def test_no_saturated_throughput_when_every_request_is_admitted_at_once():
+    # the budget-64 case: all requests decode together, none waits
+    window = _window(_benchmark(), 20, 20, 10)
+    assert window["saturated_output_tok_per_s"] is None
+    assert window["saturated_window_s"] == 0
+    assert window["saturated_note"].startswith("workload too small to saturate")
+    assert window["saturated_note"].endswith("(window 0.00 s of 10.00 s)")
+
+
+def test_no_saturated_throughput_from_a_window_under_a_fifth_of_the_run():
+    window = _window(_benchmark(), 20, 18, 10)  # 2 admitted at 11, done at 20
+    assert window["saturated_output_tok_per_s"] is None
+    assert window["saturated_note"].endswith("(window 1.00 s of 20.00 s)")
+
+
+def test_timeline_samples_once_a_second_and_stays_small():
+    bench = _benchmark()
+    log, _, _ = _simulate(20, 5, 10)
+    series = bench.timeline(log, log[-1][0])
+    assert series == [list(row) for row in log]  # one step per second
+    log = [(i / 4, i, 1, 0) for i in range(1, 4001)]  # 1,000 s, 4 steps a second
+    series = bench.timeline(log, 1000.0)
+    assert len(series) <= 301 and series[-1] == list(log[-1])
+    assert all(b[0] - a[0] >= 4 for a, b in zip(series, series[1:]))
