@@ -35,6 +35,10 @@ class SparseMMSettings:
     ratio: float = 0.1  # r: share of B - W every head gets regardless of score
     pool_kernel: int = 5  # avg-pool kernel over key scores
     head_scores: str | None = None  # path, shipped name, "uniform", or auto
+    # output tokens of growth the scheduler reserves per running request
+    # before admitting another (-1: up to max_tokens; 0: vLLM's optimistic
+    # admission); see kv_spec.SparseMMManager
+    admission_reserve: int = 256
     debug_poison: bool = False  # NaN-fill released blocks (tests)
 
     def __post_init__(self):
@@ -42,6 +46,10 @@ class SparseMMSettings:
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"sparsemm pool_kernel must be odd and positive, "
                              f"got {self.pool_kernel}")
+        if self.admission_reserve < -1:
+            raise ValueError(f"sparsemm admission_reserve must be -1 (up to "
+                             f"max_tokens), 0 (off) or a token count, got "
+                             f"{self.admission_reserve}")
 
     @classmethod
     def from_sources(cls, additional_config: dict | None,
@@ -59,6 +67,7 @@ class SparseMMSettings:
             if value is None:
                 continue
             kind = {"budget": int, "window": int, "pool_kernel": int,
+                    "admission_reserve": int,
                     "ratio": float, "head_scores": str,
                     "debug_poison": _as_bool}[name]
             try:

@@ -16,6 +16,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.config import BudgetPlan
+from vllm_sparsemm.page_plan import cdiv
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,15 +24,19 @@ class SparseMMSpec(FullAttentionSpec):
     """A full-attention layer whose requests are compressed by ``plan`` after prefill."""
     plan: BudgetPlan
     tp_size: int = 1
+    # output tokens of growth admission reserves per running request (up to
+    # its max_tokens); -1: all of max_tokens; 0: vLLM's optimistic admission
+    admission_reserve: int = 256
 
     @classmethod
     def merge(cls, specs: list["SparseMMSpec"]) -> "SparseMMSpec":
         # FullAttentionSpec.merge rebuilds the base class fields only.
-        plans = {(spec.plan, spec.tp_size) for spec in specs}
+        plans = {(spec.plan, spec.tp_size, spec.admission_reserve)
+                 for spec in specs}
         assert all(isinstance(s, SparseMMSpec) for s in specs) and len(
             plans) == 1, "all sparsemm layers of a KV group must share one plan"
         base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
-        plan, tp_size = plans.pop()
+        plan, tp_size, admission_reserve = plans.pop()
         return cls(block_size=base.block_size,
                    num_kv_heads=base.num_kv_heads,
                    head_size=base.head_size,
@@ -44,11 +49,24 @@ class SparseMMSpec(FullAttentionSpec):
                    attention_chunk_size=base.attention_chunk_size,
                    non_causal=base.non_causal,
                    plan=plan,
-                   tp_size=tp_size)
+                   tp_size=tp_size,
+                   admission_reserve=admission_reserve)
 
 
 class SparseMMManager(FullAttentionManager):
-    """Block lists of compressed requests (see ``block_law`` for the layout)."""
+    """Block lists of compressed requests (see ``block_law`` for the layout),
+    and an admission gate that counts what running requests will still claim.
+
+    vLLM admits a waiting request when its prompt fits in the free blocks and
+    preempts (recomputes) the newest running request when a running one
+    cannot grow. A compressed request's growth is a large share of its
+    footprint (B=256 on LLaVA-NeXT: ~30 blocks after compaction, one more
+    per 16 output tokens), so optimistic admission fills the pool and growth
+    then preempts decoding requests, each of which recomputes its whole
+    prompt. The gate therefore also reserves the rest of every unfinished
+    prefill and each running request's growth over the next
+    ``admission_reserve`` output tokens (or up to its ``max_tokens``).
+    """
 
     def __init__(self, kv_cache_spec: SparseMMSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -57,6 +75,9 @@ class SparseMMManager(FullAttentionManager):
         self._prompt_len: dict[str, int] = {}
         # Request -> E, the end of the step that processed its last prompt token.
         self._compaction_end: dict[str, int] = {}
+        self.admission_reserve_tokens = kv_cache_spec.admission_reserve
+        self._limit: dict[str, int] = {}  # prompt + max_tokens (capped)
+        self._tokens: dict[str, int] = {}  # tokens with a slot so far
 
     def _note_progress(self, request_id: str, computed: int) -> None:
         prompt_len = self._prompt_len.get(request_id)
@@ -72,6 +93,60 @@ class SparseMMManager(FullAttentionManager):
         length = self.law.list_length(self._prompt_len[request_id], end,
                                       num_tokens)
         return length * self.block_size
+
+    def note_request(self, request_id: str, prompt_len: int,
+                     limit: int) -> None:
+        """Prompt length and the most tokens ``request_id`` can reach, before
+        each allocation (``patches.py``: vLLM passes managers ids only)."""
+        self._prompt_len[request_id] = prompt_len
+        self._limit[request_id] = limit
+
+    def _held_blocks(self, request_id: str) -> int:
+        """Real blocks held (released entries of the list are null blocks)."""
+        held = len(self.req_to_blocks.get(request_id, ()))
+        end = self._compaction_end.get(request_id)
+        if end is not None:
+            kept, prompt = self.law.released_range(self._prompt_len[request_id],
+                                                   end)
+            held -= prompt - kept
+        return held
+
+    def _peak_blocks(self, request_id: str, prompt_len: int, tokens: int) -> int:
+        """Most real blocks the request holds until it has ``tokens`` tokens."""
+        law = self.law
+        prompt_blocks = cdiv(prompt_len, self.block_size)
+        if not law.compresses(prompt_len):
+            return cdiv(max(tokens, prompt_len), self.block_size)
+        grown = law.compacted_blocks(prompt_len, max(tokens - prompt_len, 0))
+        if request_id in self._compaction_end:
+            return grown
+        return max(prompt_blocks, grown)  # full prompt until compaction
+
+    def _reserve_until(self, request_id: str, tokens: int) -> int:
+        """Tokens the reserve covers: ``admission_reserve`` more, within the limit."""
+        limit = self._limit.get(request_id, tokens)
+        if self.admission_reserve_tokens < 0:
+            return max(limit, tokens)
+        return max(min(limit, tokens + self.admission_reserve_tokens), tokens)
+
+    def admission_reserve(self, request_id: str, num_tokens: int) -> int:
+        """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
+        admitting ``request_id``: its own growth past them, plus every
+        running request's remaining prefill and growth (class docstring)."""
+        if self.admission_reserve_tokens == 0:
+            return 0
+        prompt_len = self._prompt_len.get(request_id, num_tokens)
+        reserve = max(0, self._peak_blocks(
+            request_id, prompt_len, self._reserve_until(
+                request_id, num_tokens)) - cdiv(num_tokens, self.block_size))
+        for other, other_prompt in self._prompt_len.items():
+            if other == request_id or other not in self.req_to_blocks:
+                continue
+            tokens = self._tokens.get(other, other_prompt)
+            peak = self._peak_blocks(other, other_prompt,
+                                     self._reserve_until(other, tokens))
+            reserve += max(0, peak - self._held_blocks(other))
+        return reserve
 
     def remove_skipped_blocks(self, request_id: str,
                               processed_computed_tokens: int,
@@ -94,22 +169,27 @@ class SparseMMManager(FullAttentionManager):
                                    num_tokens_main_model,
                                    apply_admission_cap=False) -> int:
         self._note_progress(request_id, total_computed_tokens)
-        return super().get_num_blocks_to_allocate(
+        blocks = super().get_num_blocks_to_allocate(
             request_id, self._slot_tokens(request_id, num_tokens),
             new_computed_blocks, total_computed_tokens,
             num_local_computed_tokens, num_tokens_main_model,
             apply_admission_cap)
+        if apply_admission_cap:  # vLLM's full-sequence admission gate
+            blocks += self.admission_reserve(request_id, num_tokens)
+        return blocks
 
     def allocate_new_blocks(self, request_id, num_tokens,
                             num_tokens_main_model):
+        self._tokens[request_id] = num_tokens
         return super().allocate_new_blocks(
             request_id, self._slot_tokens(request_id, num_tokens),
             num_tokens_main_model)
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        self._prompt_len.pop(request_id, None)
-        self._compaction_end.pop(request_id, None)
+        for table in (self._prompt_len, self._compaction_end, self._limit,
+                      self._tokens):
+            table.pop(request_id, None)
 
     def cache_blocks(self, *args, **kwargs) -> None:
         return None  # compacted blocks must never serve as prefix-cache hits

@@ -104,8 +104,9 @@ def _prepare_engine_config(vllm_config) -> None:
     plan, source = budget_plan(vllm_config)
     logger.info_once(
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
-        "block_size=%d head_scores=%s", settings.budget, settings.window,
-        settings.ratio, settings.pool_kernel, cache.block_size, source)
+        "block_size=%d admission_reserve=%d head_scores=%s", settings.budget,
+        settings.window, settings.ratio, settings.pool_kernel,
+        cache.block_size, settings.admission_reserve, source)
 
 
 def patch_model_runner_choice() -> None:
@@ -164,7 +165,7 @@ def patch_layer_spec() -> None:
             from vllm.v1.kv_cache_interface import FullAttentionSpec
 
             from vllm_sparsemm.kv_spec import SparseMMSpec
-            from vllm_sparsemm.plan_setup import budget_plan
+            from vllm_sparsemm.plan_setup import budget_plan, settings_for
             if type(spec) is not FullAttentionSpec:
                 raise ValueError(f"sparsemm supports full-attention layers "
                                  f"only, not {type(spec).__name__}")
@@ -172,7 +173,8 @@ def patch_layer_spec() -> None:
                       for f in spec.__dataclass_fields__}
             return SparseMMSpec(
                 **fields, plan=budget_plan(vllm_config)[0],
-                tp_size=vllm_config.parallel_config.tensor_parallel_size)
+                tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                admission_reserve=settings_for(vllm_config).admission_reserve)
 
         return get_kv_cache_spec
 
@@ -199,10 +201,11 @@ def patch_runner_hooks() -> None:
             else:
                 batch = self.input_batch
                 ws.stash_step_rows([
-                    ws.RowInfo(rid, int(batch.num_prompt_tokens[i]),
-                               int(batch.num_computed_tokens_cpu[i]),
-                               int(scheduled[rid]))
-                    for i, rid in enumerate(batch.req_ids[:num_reqs])
+                    ws.RowInfo(rid, prompt, computed, scheduled[rid])
+                    for rid, prompt, computed in zip(
+                        batch.req_ids[:num_reqs],
+                        batch.num_prompt_tokens[:num_reqs].tolist(),
+                        batch.num_computed_tokens_cpu[:num_reqs].tolist())
                 ])
             try:
                 return original(self, num_tokens, num_reqs, max_query_len,
@@ -228,6 +231,33 @@ def patch_runner_hooks() -> None:
     _wrap(GPUModelRunner, "_update_states", make_update)
 
 
+def patch_admission_inputs() -> None:
+    """Wraps ``KVCacheManager.allocate_slots``: vLLM passes the per-type
+    managers request ids only, and the sparsemm manager's admission gate also
+    needs each request's prompt length and token limit (prompt + max_tokens)
+    to reserve what running requests will still grow
+    (``SparseMMManager.admission_reserve``)."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from vllm_sparsemm.kv_spec import SparseMMManager
+
+    def make(original):
+
+        @functools.wraps(original)
+        def allocate_slots(self, request, *args, **kwargs):
+            for manager in self.coordinator.single_type_managers:
+                if isinstance(manager, SparseMMManager):
+                    manager.note_request(
+                        request.request_id, request.num_prompt_tokens,
+                        min(request.num_prompt_tokens + request.max_tokens,
+                            self.max_model_len))
+            return original(self, request, *args, **kwargs)
+
+        return allocate_slots
+
+    _wrap(KVCacheManager, "allocate_slots", make)
+
+
 def apply_all() -> None:
     patch_backend_name()
     patch_engine_config()
@@ -235,3 +265,4 @@ def apply_all() -> None:
     patch_packed_kv_layout()
     patch_layer_spec()
     patch_runner_hooks()
+    patch_admission_inputs()

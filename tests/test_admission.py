@@ -1,0 +1,126 @@
+"""Admission of compressed requests, on vLLM's own scheduler (CPU).
+
+A compressed request holds its whole prompt's blocks until compaction, then
+few, and then grows by one block per ``block_size`` output tokens, a large
+share of its footprint. vLLM's admission checks only the new prompt, so
+decoding requests that cannot grow get preempted and recompute their whole
+prompt. The sparsemm manager's gate reserves the running requests' remaining
+prefill and growth; these tests pin its arithmetic and its effect.
+"""
+
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.request import Request
+
+from vllm_sparsemm.config import SparseMMSettings
+from vllm_sparsemm.page_plan import cdiv
+from vllm_sparsemm.plugin import register
+
+ROOT = Path(__file__).resolve().parent.parent
+BS = 16
+
+
+@functools.cache
+def _sim():
+    spec = importlib.util.spec_from_file_location(
+        "scheduler_sim", ROOT / "examples" / "scheduler_sim.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _scores(layers=4, heads=4):
+    return torch.rand(layers, heads, generator=torch.Generator().manual_seed(0))
+
+
+def _manager(reserve, num_blocks=400):
+    register()
+    spec = _sim().sparsemm_spec(64, reserve, _scores(), head_size=8)
+    config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                           kv_cache_groups=[KVCacheGroupSpec(
+                               [f"model.layers.{i}.self_attn.attn"
+                                for i in range(4)], spec)])
+    kv = KVCacheManager(config, max_model_len=4096, scheduler_block_size=BS,
+                        hash_block_size=BS, enable_caching=False)
+    return kv, kv.coordinator.single_type_managers[0]
+
+
+def _request(rid, prompt_len, max_tokens):
+    return Request(rid, [1] * prompt_len,
+                   SamplingParams(max_tokens=max_tokens), None)
+
+
+def test_reserve_counts_unfinished_prefill_and_growth_to_the_horizon():
+    kv, manager = _manager(reserve=64)
+    law = manager.law
+    # a: prefilling, 96 of 300 prompt tokens allocated
+    a = _request("a", 300, 500)
+    assert kv.allocate_slots(a, 96) is not None
+    a.num_computed_tokens = 96
+    # b: its 200-token prompt done (compacted), one token after it allocated
+    b = _request("b", 200, 30)
+    assert kv.allocate_slots(b, 200) is not None
+    b.num_computed_tokens = 200
+    assert kv.allocate_slots(b, 1) is not None  # compaction is noticed here
+    held_b = manager._held_blocks("b")
+    assert held_b == law.compacted_blocks(200, 1) < cdiv(200, BS)
+    new = _request("new", 300, 1000)
+    manager.note_request("new", 300, 1300)
+    reserve = manager.admission_reserve("new", 300)
+    own = law.compacted_blocks(300, 64) - cdiv(300, BS)  # never above the prompt
+    owed_a = cdiv(300, BS) - cdiv(96, BS)  # then it shrinks: prompt is the peak
+    # b grows to its limit (200 + 30 tokens), inside the 64-token horizon
+    grow_b = law.compacted_blocks(200, 30) - held_b
+    assert reserve == max(own, 0) + owed_a + grow_b
+    assert owed_a > 0 and grow_b > 0
+    # 0 turns the gate off: vLLM's optimistic admission
+    kv0, manager0 = _manager(reserve=0)
+    assert manager0.admission_reserve("new", 300) == 0
+
+
+def test_gate_refuses_admission_that_would_starve_running_growth():
+    kv, manager = _manager(reserve=-1, num_blocks=40)
+    first = _request("first", 300, 400)  # 19 prompt blocks, grows after
+    assert kv.allocate_slots(first, 300, full_sequence_must_fit=True)
+    first.num_computed_tokens = 300
+    first.append_output_token_ids([0])
+    assert kv.allocate_slots(first, 1)  # compacted: few blocks now
+    free = kv.block_pool.get_num_free_blocks()
+    second = _request("second", 300, 400)
+    assert free >= cdiv(300, BS)  # the prompt alone would fit...
+    need = cdiv(300, BS) + manager.admission_reserve("second", 300)
+    assert need > free  # ...but not with first's growth to 700 tokens
+    assert kv.allocate_slots(second, 300, full_sequence_must_fit=True) is None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _sim().write_text_model(tmp_path_factory.mktemp("model"), 4, 4)
+
+
+@pytest.mark.parametrize("reserve", [0, SparseMMSettings().admission_reserve])
+def test_saturated_burst_on_vllms_scheduler(model_dir, reserve):
+    """A burst larger than the pool: with the reserve (the default) no request
+    is ever preempted and all finish; without it vLLM preempts decoding
+    requests and recomputes their prompts."""
+    sim = _sim()
+    spec = sim.sparsemm_spec(64, reserve, _scores(), head_size=8)
+    scheduler = sim.make_scheduler(spec, num_blocks=120,
+                                   max_batched_tokens=1024, max_num_seqs=64,
+                                   model_dir=model_dir)
+    result = sim.simulate(scheduler, num_requests=40, prompt_len=400,
+                          output_len=160)
+    assert result["finished"]
+    if reserve:
+        assert result["preemptions"] == 0
+    else:
+        assert result["preemptions"] > 0 and result["recomputed_tokens"] > 0
