@@ -328,12 +328,18 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
     row_start = q_lens.cumsum(0) - q_lens  # first token of each row, local
     within = torch.arange(num_tokens) - row_start[token_req]
     virtual_token, virtual_head, starts = virtual_sequences(q_lens, heads)
-    tables = torch.stack([req.tables for req in reqs])  # [R, 4, F] on device
+    # requests of one prompt length share their plan's table tensor: stack
+    # the distinct ones and gather, instead of stacking one per row
+    distinct: dict[int, int] = {}
+    which = torch.tensor([distinct.setdefault(id(req.tables), len(distinct))
+                          for req in reqs])
+    shared = {id(req.tables): req.tables for req in reqs}
     (tokens, token_req, token_offset, seq_offset, kept, prompt, batch_rows,
-     virtual_token, virtual_head, starts) = upload(
+     virtual_token, virtual_head, starts, which) = upload(
         [first[token_req] + within, token_req, offset[token_req] + within,
          seq_offset, kept[:, None], prompt[:, None], batch_rows,
-         virtual_token, virtual_head, starts], device)
+         virtual_token, virtual_head, starts, which], device)
+    tables = torch.stack([shared[key] for key in distinct])[which]  # [R, 4, F]
     return CompressedRows(
         rows=indices,
         tokens=tokens,
