@@ -174,7 +174,9 @@ class SparseMMManager(FullAttentionManager):
             new_computed_blocks, total_computed_tokens,
             num_local_computed_tokens, num_tokens_main_model,
             apply_admission_cap)
-        if apply_admission_cap:  # vLLM's full-sequence admission gate
+        # vLLM's full-sequence admission gate; a prompt that does not fit on
+        # its own is refused anyway, so skip the reserve's walk over requests
+        if apply_admission_cap and blocks <= self.block_pool.get_num_free_blocks():
             blocks += self.admission_reserve(request_id, num_tokens)
         return blocks
 
