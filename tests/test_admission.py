@@ -102,6 +102,12 @@ def test_gate_refuses_admission_that_would_starve_running_growth():
     assert kv.allocate_slots(second, 300, full_sequence_must_fit=True) is None
 
 
+def test_gate_never_holds_back_a_request_when_nothing_runs():
+    kv, manager = _manager(reserve=-1, num_blocks=22)
+    alone = _request("alone", 300, 3000)  # growth alone would need the pool
+    assert kv.allocate_slots(alone, 300, full_sequence_must_fit=True)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return _sim().write_text_model(tmp_path_factory.mktemp("model"), 4, 4)

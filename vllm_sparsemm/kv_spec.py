@@ -133,8 +133,8 @@ class SparseMMManager(FullAttentionManager):
         """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
         admitting ``request_id``: its own growth past them, plus every
         running request's remaining prefill and growth (class docstring)."""
-        if self.admission_reserve_tokens == 0:
-            return 0
+        if self.admission_reserve_tokens == 0 or not self.req_to_blocks:
+            return 0  # with nothing running, never hold a request back
         prompt_len = self._prompt_len.get(request_id, num_tokens)
         reserve = max(0, self._peak_blocks(
             request_id, prompt_len, self._reserve_until(
