@@ -79,3 +79,31 @@ def test_unsupported_features_are_refused(monkeypatch):
                        "parallelism, --kv-cache-dtype fp8"):
         patches._prepare_engine_config(config)
     assert config.cache_config.enable_prefix_caching is False
+
+
+def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
+        monkeypatch):
+    """The metadata hook (GPU-only in the engine tests) reads vLLM's input
+    batch: request id, prompt length, computed and scheduled tokens per row,
+    then clears the stash whatever the builder does."""
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sparsemm import worker_state
+    register()
+    seen = []
+    monkeypatch.setattr(worker_state, "stash_step_rows",
+                        lambda rows: seen.append(rows))
+    batch = types.SimpleNamespace(
+        req_ids=["a", "b", "c"], num_prompt_tokens=np.array([90, 40, 7]),
+        num_computed_tokens_cpu=np.array([90, 32, 0]))
+    runner = types.SimpleNamespace(input_batch=batch)
+    with pytest.raises(AttributeError):  # the real builder needs a real runner
+        GPUModelRunner._build_attention_metadata(
+            runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
+    rows = seen[0]
+    assert rows == [worker_state.RowInfo("a", 90, 90, 1),
+                    worker_state.RowInfo("b", 40, 32, 8)]
+    assert all(type(v) is int for row in rows
+               for v in (row.prompt_len, row.computed, row.scheduled))
+    assert seen[-1] is None  # cleared after the builder
