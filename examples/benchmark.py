@@ -400,7 +400,14 @@ def main():
         args.budget = int(args.budget.split(",")[0])
         args.model_dir = os.environ["SPARSEMM_BENCH_DIR"]
         run = run_latency if args.latency else run_throughput
-        print("RESULT" + json.dumps(run(args, args.worker)), flush=True)
+        result = run(args, args.worker)
+        if args.worker == "sparsemm":  # every setting in effect (env included)
+            import dataclasses
+
+            from vllm_sparsemm.config import SparseMMSettings
+            result["sparsemm_settings"] = dataclasses.asdict(
+                SparseMMSettings.from_sources(None))
+        print("RESULT" + json.dumps(result), flush=True)
         return
 
     from vllm_sparsemm.reference import checkpoints
