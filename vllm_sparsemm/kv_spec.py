@@ -114,13 +114,13 @@ class SparseMMManager(FullAttentionManager):
     def _peak_blocks(self, request_id: str, prompt_len: int, tokens: int) -> int:
         """Most real blocks the request holds until it has ``tokens`` tokens."""
         law = self.law
-        prompt_blocks = cdiv(prompt_len, self.block_size)
         if not law.compresses(prompt_len):
             return cdiv(max(tokens, prompt_len), self.block_size)
         grown = law.compacted_blocks(prompt_len, max(tokens - prompt_len, 0))
         if request_id in self._compaction_end:
             return grown
-        return max(prompt_blocks, grown)  # full prompt until compaction
+        # the whole prompt is held until compaction
+        return max(cdiv(prompt_len, self.block_size), grown)
 
     def _reserve_until(self, request_id: str, tokens: int) -> int:
         """Tokens the reserve covers: ``admission_reserve`` more, within the limit."""
