@@ -8,11 +8,6 @@ prompt. The sparsemm manager's gate reserves the running requests' remaining
 prefill and growth; these tests pin its arithmetic and its effect.
 """
 
-import functools
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from vllm.sampling_params import SamplingParams
@@ -20,22 +15,16 @@ from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request
 
+from example_scripts import load_example
 from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.page_plan import cdiv
 from vllm_sparsemm.plugin import register
 
-ROOT = Path(__file__).resolve().parent.parent
 BS = 16
 
 
-@functools.cache
 def _sim():
-    spec = importlib.util.spec_from_file_location(
-        "scheduler_sim", ROOT / "examples" / "scheduler_sim.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
+    return load_example("scheduler_sim")
 
 
 def _scores(layers=4, heads=4):
@@ -73,7 +62,6 @@ def test_reserve_counts_unfinished_prefill_and_growth_to_the_horizon():
     assert kv.allocate_slots(b, 1) is not None  # compaction is noticed here
     held_b = manager._held_blocks("b")
     assert held_b == law.compacted_blocks(200, 1) < cdiv(200, BS)
-    new = _request("new", 300, 1000)
     manager.note_request("new", 300, 1300)
     reserve = manager.admission_reserve("new", 300)
     own = law.compacted_blocks(300, 64) - cdiv(300, BS)  # never above the prompt

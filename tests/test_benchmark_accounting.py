@@ -2,21 +2,14 @@
 engine of test_backend_cpu (compressed requests hold the exact per-head ideal
 within one block), and the saturated window and timeline, on a simulated run."""
 
-import importlib.util
 import types
-from pathlib import Path
 
+from example_scripts import load_example
 from test_backend_cpu import Engine
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark", ROOT / "examples" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("benchmark")
 
 
 def test_held_blocks_are_within_one_block_of_the_exact_ideal():
