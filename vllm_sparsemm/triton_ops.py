@@ -35,24 +35,26 @@ if triton is not None:
         num_pages = (length + block_size - 1) // block_size
         kept = tl.load(kept_ptr + row)
         prompt = tl.load(prompt_ptr + row)
-        for start in range(0, width, BLOCK):
-            page = start + tl.arange(0, BLOCK).to(tl.int64)
-            # page_plan.page_slot, then the block law's entry -> list column
-            slot = tl.where(page < prefix_pages, prefix_start + page,
-                            decode_base + (page - prefix_pages) * pages_per_block)
-            entry = slot // pages_per_block
-            column = tl.where(entry < kept, entry, prompt + entry - kept)
-            column = tl.minimum(column, num_columns - 1)
-            used = page < num_pages
-            block = tl.load(block_rows_ptr + row * block_rows_stride + column,
-                            mask=used, other=0).to(tl.int64)
-            value = tl.where(used, block * pages_per_block +
-                             slot % pages_per_block, 0)
-            tl.store(table_ptr + seq * width + page, value.to(tl.int32),
-                     mask=page < width)
+        # one program per (sequence, BLOCK columns): no loop over a runtime
+        # bound, which Triton's interpreter cannot index under NumPy >= 2.4
+        page = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        # page_plan.page_slot, then the block law's entry -> list column
+        slot = tl.where(page < prefix_pages, prefix_start + page,
+                        decode_base + (page - prefix_pages) * pages_per_block)
+        entry = slot // pages_per_block
+        column = tl.where(entry < kept, entry, prompt + entry - kept)
+        column = tl.minimum(column, num_columns - 1)
+        used = page < num_pages
+        block = tl.load(block_rows_ptr + row * block_rows_stride + column,
+                        mask=used, other=0).to(tl.int64)
+        value = tl.where(used, block * pages_per_block +
+                         slot % pages_per_block, 0)
+        tl.store(table_ptr + seq * width + page, value.to(tl.int32),
+                 mask=page < width)
 
 
 AVAILABLE = triton is not None
+_BLOCK = 64  # page-table columns per program
 
 
 def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
@@ -63,10 +65,10 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
                         device=cr.counts.device)
     if num_seqs == 0:
         return table
-    _page_table_kernel[(num_seqs, )](
+    _page_table_kernel[(num_seqs, triton.cdiv(width, _BLOCK))](
         table, cr.prefix_pages, cr.prefix_start, cr.decode_base,
         cr.lengths[layer], cr.kept_entries, cr.prompt_entries, cr.block_rows,
         cr.prefix_pages.stride(0), cr.block_rows.stride(0),
         cr.block_rows.shape[1], layer * heads, heads, width,
-        state.space.pages_per_block, state.block_size, BLOCK=64)
+        state.space.pages_per_block, state.block_size, BLOCK=_BLOCK)
     return table
