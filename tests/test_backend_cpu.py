@@ -241,6 +241,19 @@ def _chunks(total, size):
 @pytest.mark.parametrize("chunk", [5, 13, 64, 500])
 @pytest.mark.parametrize("async_frees", [False, True])
 def test_mixed_batch_matches_dense_sparsemm(chunk, async_frees):
+    _run_mixed_batch(chunk, async_frees)
+
+
+def test_selection_in_chunks_across_requests_matches_dense_sparsemm(
+        monkeypatch):
+    """The selection scores (request, layer) pairs in chunks of at most
+    SELECTION_TOKENS prompt tokens; chunks of 2-5 pairs cross requests."""
+    from vllm_sparsemm import layer_ops
+    monkeypatch.setattr(layer_ops, "SELECTION_TOKENS", 250)
+    _run_mixed_batch(500, False)
+
+
+def _run_mixed_batch(chunk, async_frees):
     eng = Engine()
     # b fits the budget; equal lengths (a, f and c, e) are selected as one batch
     prompts = {"a": 100, "b": 30, "c": 71, "d": 49, "e": 71, "f": 100}

@@ -34,7 +34,7 @@ def _counted(monkeypatch, module, name, counts):
 
 def _ops_per_call(monkeypatch, num_requests):
     counts = collections.defaultdict(list)
-    for name in ("build_step", "write_compressed", "select_for_layer"):
+    for name in ("build_step", "write_compressed", "select_kept_tokens"):
         _counted(monkeypatch, backend, name, counts)
     eng = Engine()
     # equal prompt lengths: all complete in one step, then decode together
@@ -47,9 +47,10 @@ def _ops_per_call(monkeypatch, num_requests):
 
 def test_ops_per_step_and_layer_do_not_grow_with_the_batch(monkeypatch):
     few, many = (_ops_per_call(monkeypatch, n) for n in (2, 6))
-    # selection: once per layer for all prompts of one length
-    assert few["select_for_layer"] == many["select_for_layer"]
-    assert len(few["select_for_layer"]) == 3  # one per layer
+    # selection: once per step (in the last layer) for all layers and all
+    # prompts of one length
+    assert few["select_kept_tokens"] == many["select_kept_tokens"]
+    assert len(few["select_kept_tokens"]) == 1
     # decode: the step's index tensors, then a few ops per layer
     assert few["write_compressed"] == many["write_compressed"]
     assert max(few["write_compressed"]) <= 4

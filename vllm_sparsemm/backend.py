@@ -25,7 +25,7 @@ from vllm_sparsemm.kv_ops import paged_attention_reference
 from vllm_sparsemm import triton_ops
 from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      compressed_page_table, page_table_width,
-                                     prepare_compressed, select_for_layer,
+                                     prepare_compressed, select_kept_tokens,
                                      write_compressed, write_standard_reference)
 from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
                                         take_step_rows, upload,
@@ -178,8 +178,6 @@ class SparseMMImpl(FlashAttentionImpl):
             write_compressed(compressed, state, index, key, value)
         if plan.window_rows:
             collect_window_queries(plan, index, query)
-        if plan.compressing:
-            select_for_layer(plan, index, attn_metadata.block_table)
         if compressed is None:
             self._standard_attention(layer, query, key, value, kv_cache,
                                      attn_metadata, output)
@@ -195,6 +193,8 @@ class SparseMMImpl(FlashAttentionImpl):
                     output[tokens] = out
             self._compressed_attention(plan, index, query, output)
         if plan.compressing and index == state.num_layers - 1:
+            # every layer's keys are in the cache now: select, then compact
+            select_kept_tokens(plan, attn_metadata.block_table)
             compact(plan, attn_metadata.block_table)
         return output
 

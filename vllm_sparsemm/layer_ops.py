@@ -15,7 +15,8 @@ from vllm_sparsemm.kv_ops import move_rows, write_rows
 from vllm_sparsemm.page_plan import (RequestLayout, cdiv, compaction_rows,
                                      page_slot, prompt_rows)
 from vllm_sparsemm.selection import select_kept, window_scores
-from vllm_sparsemm.worker_state import CompressedRows, StepPlan, WorkerKVState
+from vllm_sparsemm.worker_state import (SELECTION_TOKENS, CompressedRows,
+                                        StepPlan, WorkerKVState)
 
 
 def compressed_page(cr: CompressedRows, state: WorkerKVState, req, head,
@@ -114,44 +115,64 @@ def collect_window_queries(plan: StepPlan, layer: int,
                                                  query[start:end])
 
 
-def select_for_layer(plan: StepPlan, layer: int,
-                     block_table: torch.Tensor) -> None:
-    """Pick each head's kept prompt tokens for every prompt completed this step.
+def select_kept_tokens(plan: StepPlan, block_table: torch.Tensor) -> None:
+    """Pick each (layer, head)'s kept prompt tokens for every prompt completed this step.
 
-    Requests with one prompt length (one image size) are scored and selected
-    together: a fixed number of ops per layer however many prompts end.
+    Runs once, in the last layer, when every layer's keys are in the cache:
+    the (request, layer) pairs of one prompt length are scored and selected
+    in chunks of at most SELECTION_TOKENS prompt tokens, so a step that
+    completes prompts dispatches a few dozen ops instead of that many per layer.
     """
     state = plan.state
+    num_layers, num_heads = state.num_layers, state.num_kv_heads
     head_dim = state.pages.shape[-1] // 2
     device = block_table.device
-    heads = torch.arange(state.num_kv_heads, device=device)
+    heads = torch.arange(num_heads, device=device)
+    caps = state.caps_on(device)  # [L, Hkv]
     for group in plan.selection_groups:
         n, prompt_len = len(group.members), group.prompt_len
         positions = torch.arange(prompt_len, device=device)[:, None]
-        rows = prompt_rows(state.space, block_table[group.index].long(), layer,
-                           heads, positions)  # [n, P, Hkv]
-        keys = state.rows[rows][..., :head_dim]  # [n, P, Hkv, D]
+        blocks = block_table[group.index].long()  # [n, columns]
+        # [n * L, W, Hq, D]: unit u is (member u // L, layer u % L)
         queries = torch.stack([req.windows[layer].ready().queries
-                               for _, req in group.members])
-        scores = window_scores(queries, keys, state.law.plan.pool_kernel)
+                               for _, req in group.members
+                               for layer in range(num_layers)])
         # one width for all layers (the largest kept count), set on the host
         width = _kept_width(state, prompt_len)
-        kept, counts = select_kept(
-            scores.flatten(0, 1),
-            state.caps_on(device)[layer].repeat(n), state.window,
-            max_count=width)
-        if group.positions is None:
-            group.positions = torch.empty(
-                (n, state.num_layers, state.num_kv_heads, width),
-                dtype=kept.dtype, device=device)
-        group.positions[:, layer] = kept.view(n, state.num_kv_heads, width)
-        for j, (i, req) in enumerate(group.members):
-            part = slice(j * state.num_kv_heads, (j + 1) * state.num_kv_heads)
-            req.selected[layer] = (kept[part], counts[part])
+        group.positions = torch.empty((n * num_layers, num_heads, width),
+                                      dtype=torch.int64, device=device)
+        chunk = max(1, SELECTION_TOKENS // prompt_len)
+        for lo in range(0, n * num_layers, chunk):
+            hi = min(lo + chunk, n * num_layers)
+            unit = torch.arange(lo, hi, device=device)
+            member, layer = unit // num_layers, unit % num_layers
+            rows = prompt_rows(state.space, blocks[member], layer[:, None, None],
+                               heads, positions)  # [units, P, Hkv]
+            keys = state.rows[rows][..., :head_dim]  # [units, P, Hkv, D]
+            scores = window_scores(queries[lo:hi], keys,
+                                   state.law.plan.pool_kernel)
+            kept, counts = select_kept(scores.flatten(0, 1),
+                                       caps[layer].flatten(), state.window,
+                                       max_count=width)
+            group.positions[lo:hi] = kept.view(hi - lo, num_heads, width)
+            counts = counts.view(hi - lo, num_heads)
+            if device.type != "cuda":  # CPU: check against the block law
+                law = state.law.kept(prompt_len)[:, state.rank * num_heads:]
+                assert torch.equal(counts, law[layer, :num_heads]), (
+                    "sparsemm: selection and block law disagree")
             if state.recorded is not None:  # tests: what each layer selected from
-                state.recorded.setdefault(plan.rows[i].req_id, {})[layer] = (
-                    queries[j].cpu(), keys[j].cpu(), kept[part].cpu(),
-                    counts[part].cpu())
+                _record(plan, group, state, queries, keys, counts, lo, hi)
+        group.positions = group.positions.view(n, num_layers, num_heads, width)
+
+
+def _record(plan, group, state, queries, keys, counts, lo, hi) -> None:
+    """Tests: each (request, layer)'s selection inputs and outputs, on the host."""
+    for u in range(lo, hi):
+        member, layer = divmod(u, state.num_layers)
+        i, _ = group.members[member]
+        state.recorded.setdefault(plan.rows[i].req_id, {})[layer] = (
+            queries[u].cpu(), keys[u - lo].cpu(), group.positions[u].cpu(),
+            counts[u - lo].cpu())
 
 
 def _kept_width(state: WorkerKVState, prompt_len: int) -> int:
@@ -177,10 +198,6 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
             :, lo:lo + state.num_kv_heads]
         for j, (i, req) in enumerate(group.members):
             positions = group.positions[j]  # [L, Hkv, width]
-            if not positions.is_cuda:  # CPU: check selection against the law
-                assert torch.equal(torch.stack(
-                    [req.selected[l][1] for l in range(state.num_layers)]),
-                    counts), "sparsemm: selection and block law disagree"
             _compact_request(state, plan.rows[i], req, block_table[i].long(),
                              positions, counts, device)
 

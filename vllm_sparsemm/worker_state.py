@@ -51,8 +51,6 @@ class RequestKV:
     """Worker-side state of one request whose prompt is compressed."""
     prompt_len: int
     windows: dict[int, WindowQueryBuffer] = field(default_factory=dict)
-    selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict)
     compacted: bool = False
     kept_entries: int = 0  # K_c: block-list entries kept at compaction
     prompt_entries: int = 0  # n_c: entries the list had at compaction
@@ -68,7 +66,6 @@ class RequestKV:
         self.kept_entries, self.prompt_entries = kept_entries, prompt_entries
         self.max_count = max_count
         self.windows.clear()
-        self.selected.clear()
 
     def window(self, layer: int, window: int) -> WindowQueryBuffer:
         if layer not in self.windows:
@@ -179,8 +176,8 @@ class SelectionGroup:
     prompt_len: int
     members: list[tuple[int, RequestKV]]  # (batch row, request)
     index: torch.Tensor  # their batch rows, on the device
-    # every layer's kept positions [n, L, Hkv, width], padded with -1; filled
-    # layer by layer, read by the compaction
+    # every layer's kept positions [n, L, Hkv, width], padded with -1; set
+    # in the last layer by the selection, read by the compaction
     positions: torch.Tensor | None = None
 
 
