@@ -357,6 +357,35 @@ def test_preemption_recompute_and_abort_leak_nothing():
     assert eng.state.requests == {}
 
 
+def test_one_prompt_length_with_and_without_a_recomputed_tail_compacts_apart():
+    """Prompts of one length complete in one step; the one re-prefilling its
+    outputs after a preemption (a tail past the prompt) is compacted apart."""
+    eng = Engine()
+    for rid in ("p", "r", "s"):
+        eng.add(rid, 80, 120)
+
+    def step(schedule):
+        tokens, outputs = eng.step(schedule)
+        for rid in schedule:
+            eng.requests[rid].num_in_flight_tokens = 0
+        eng.check(tokens, outputs)
+
+    step({"p": 80})
+    for _ in range(10):
+        step({"p": 1})
+    request = eng.requests["p"]
+    done = request.num_computed_tokens
+    eng.kv.free(request)  # preempted by recompute
+    request.num_computed_tokens, request.compaction_end = 0, None
+    step({"p": done, "r": 80, "s": 80})
+    assert request.compaction_end == done > 80
+    for _ in range(5):
+        step({"p": 1, "r": 1, "s": 1})
+    for rid in ("p", "r", "s"):
+        eng.finish(rid)
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+
+
 def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
     """Two simulated ranks, each owning half the KV heads and its own cache."""
     results = {}

@@ -34,7 +34,8 @@ def _counted(monkeypatch, module, name, counts):
 
 def _ops_per_call(monkeypatch, num_requests):
     counts = collections.defaultdict(list)
-    for name in ("build_step", "write_compressed", "select_kept_tokens"):
+    for name in ("build_step", "write_compressed", "select_kept_tokens",
+                 "compact"):
         _counted(monkeypatch, backend, name, counts)
     eng = Engine()
     # equal prompt lengths: all complete in one step, then decode together
@@ -51,6 +52,8 @@ def test_ops_per_step_and_layer_do_not_grow_with_the_batch(monkeypatch):
     # prompts of one length
     assert few["select_kept_tokens"] == many["select_kept_tokens"]
     assert len(few["select_kept_tokens"]) == 1
+    # compaction: the requests of one plan move together
+    assert few["compact"] == many["compact"]
     # decode: the step's index tensors, then a few ops per layer
     assert few["write_compressed"] == many["write_compressed"]
     assert max(few["write_compressed"]) <= 4

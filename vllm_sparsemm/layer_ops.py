@@ -196,39 +196,55 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
         # [L, Hkv] kept prompt tokens per head, from the law, on the host
         counts = state.law.kept(group.prompt_len)[
             :, lo:lo + state.num_kv_heads]
+        # requests with the same appended tail share one plan: moved together
+        by_extra: dict[int, list[int]] = {}
         for j, (i, req) in enumerate(group.members):
-            positions = group.positions[j]  # [L, Hkv, width]
-            _compact_request(state, plan.rows[i], req, block_table[i].long(),
-                             positions, counts, device)
+            by_extra.setdefault(plan.rows[i].end - req.prompt_len, []).append(j)
+        for extra, members in by_extra.items():
+            if len(members) == len(group.members):
+                rows, positions = group.index, group.positions
+            else:
+                rows = group.index[torch.tensor(members, device=device)]
+                positions = group.positions[rows.new_tensor(members)]
+            _compact_requests(state, group.prompt_len, extra,
+                              [group.members[j][1] for j in members],
+                              block_table[rows].long(), positions, counts,
+                              device)
 
 
-def _compact_request(state, row, req, blocks, positions, counts, device):
-    extra = row.end - req.prompt_len  # re-prefilled outputs: appended tokens
-    if extra:
-        tail = torch.arange(req.prompt_len, row.end, device=device)
+def _compact_requests(state, prompt_len, extra, reqs, blocks, positions,
+                      counts, device):
+    """Compact requests of one prompt length and tail: ``blocks [n, columns]``,
+    ``positions [n, L, Hkv, width]``."""
+    if extra:  # re-prefilled outputs after a preemption: appended tokens
+        tail = torch.arange(prompt_len, prompt_len + extra, device=device)
         positions = _append_positions(positions, counts, tail)
-    kept, prompt = state.law.released_range(req.prompt_len, row.end)
+    kept, prompt = state.law.released_range(prompt_len, prompt_len + extra)
     plan, tables = state.page_plan(counts, device)
-    layout = RequestLayout(state.space, counts, 1, blocks[:kept], plan=plan)
+    layout = RequestLayout(state.space, counts, 1, blocks[:, :kept], plan=plan)
     src, dst = compaction_rows(  # counts from the plan: on the device
         layout, blocks, positions,
         layout.plan.counts.view(counts.shape) + extra,
         total=int(counts.sum()) + extra * counts.numel())
-    move_rows(state.rows, src, dst)
+    move_rows(state.rows, src.flatten(), dst.flatten())
     if state.debug_poison:
-        _poison(state, blocks[kept:prompt])
-    req.adopt(tables, kept, prompt, int(counts.max()))
+        _poison(state, blocks[:, kept:prompt].flatten())
+    max_count = int(counts.max())
+    for req in reqs:
+        req.adopt(tables, kept, prompt, max_count)
 
 
 def _append_positions(positions, counts, tail):
-    """Put ``tail`` right after each head's ``counts`` kept positions."""
-    num_layers, num_heads, width = positions.shape
+    """Put ``tail`` right after each head's ``counts`` kept positions
+    (``positions [..., L, Hkv, width]``)."""
+    width = positions.shape[-1]
     device = positions.device
-    out = torch.full((num_layers, num_heads, width + len(tail)), -1,
+    out = torch.full(positions.shape[:-1] + (width + len(tail), ), -1,
                      dtype=positions.dtype, device=device)
     out[..., :width] = positions
     index = counts.to(device)[..., None] + torch.arange(len(tail), device=device)
-    out.scatter_(2, index, tail.expand(num_layers, num_heads, -1).contiguous())
+    index = index.expand(out.shape[:-1] + (len(tail), ))
+    out.scatter_(-1, index, tail.expand(index.shape).contiguous())
     return out
 
 

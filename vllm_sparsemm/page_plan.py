@@ -120,8 +120,10 @@ class PageSpace:
 
     def slot_page(self, plan: PagePlan, blocks: torch.Tensor,
                   pool: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Page id of ``slot`` of ``pool`` for a request owning ``blocks`` (by entry)."""
-        return (blocks[slot // plan.pool_size] * self.pages_per_block +
+        """Page id of ``slot`` of ``pool`` for a request owning ``blocks`` (by entry).
+
+        ``blocks [n, K]`` (n requests of one plan) adds a leading dimension."""
+        return (blocks[..., slot // plan.pool_size] * self.pages_per_block +
                 pool * plan.pool_size + slot % plan.pool_size)
 
 
@@ -196,10 +198,15 @@ def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
 
     ``positions``: ``[L, Hkv, max_kept]`` kept positions (ascending, padded
     with -1) and ``counts``: ``[L, Hkv]``, as :func:`select_kept` returns them
-    per layer. ``total`` (``counts.sum()``, known on the host) keeps the
+    per layer. Requests that share one plan are moved together: positions
+    ``[n, L, Hkv, max_kept]``, ``prompt_blocks [n, columns]`` and the layout's
+    blocks ``[n, K]`` give rows ``[n, total]``. ``total`` (``counts.sum()``, known on the host) keeps the
     device from syncing. Sources and destinations overlap: move through a copy.
     """
-    num_layers, num_kv_heads, width = positions.shape
+    single = positions.ndim == 3
+    if single:
+        positions, prompt_blocks = positions[None], prompt_blocks[None]
+    num_requests, num_layers, num_kv_heads, width = positions.shape
     device = positions.device
     counts = counts.to(device).flatten()
     if total is None:
@@ -209,7 +216,10 @@ def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
     first = counts.cumsum(0) - counts
     index = torch.arange(total, device=device) - first[flat]
     layer, head = flat // num_kv_heads, flat % num_kv_heads
-    src = prompt_rows(layout.space, prompt_blocks, layer, head,
-                      positions.view(-1, width)[flat, index])
+    member = torch.arange(num_requests, device=device)[:, None]
+    kept = positions.view(num_requests, -1, width)[member, flat, index]
+    block = prompt_blocks[member, kept // layout.space.block_size]
+    src = (layout.space.page_id(layer, block, head) * layout.space.block_size +
+           kept % layout.space.block_size)  # as prompt_rows, per request
     dst = layout.token_rows(layer, head, index)
-    return src, dst
+    return (src[0], dst) if single else (src, dst)
