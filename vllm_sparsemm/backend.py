@@ -162,10 +162,7 @@ class SparseMMImpl(FlashAttentionImpl):
             return self._standard_attention(layer, query, key, value,
                                              kv_cache, attn_metadata, output)
         state = plan.state
-        index = extract_layer_index(layer.layer_name)
-        if state.pages is None:
-            state.bind_cache(_page_view(kv_cache, state))
-        _check_layer_slot(kv_cache, state, index)
+        index = self._layer_index(layer, kv_cache, state)
         compressed = plan.compressed
         if compressed is None:
             self._write_standard(layer, key, value, kv_cache,
@@ -197,6 +194,18 @@ class SparseMMImpl(FlashAttentionImpl):
             select_kept_tokens(plan, attn_metadata.block_table)
             compact(plan, attn_metadata.block_table)
         return output
+
+    def _layer_index(self, layer, kv_cache, state: WorkerKVState) -> int:
+        """This layer's index, its slot in the packed buffer checked once
+        (decode runs eagerly between graphs: per-layer host time counts)."""
+        if state.pages is None:
+            state.bind_cache(_page_view(kv_cache, state))
+        checked = getattr(self, "_sparsemm_slot", None)
+        if checked is None or checked[0] != kv_cache.data_ptr():
+            index = extract_layer_index(layer.layer_name)
+            _check_layer_slot(kv_cache, state, index)
+            self._sparsemm_slot = checked = (kv_cache.data_ptr(), index)
+        return checked[1]
 
     def _write_standard(self, layer, key, value, kv_cache, slots, state,
                         index):
@@ -261,10 +270,10 @@ class SparseMMImpl(FlashAttentionImpl):
         else:
             out_virtual = torch.empty_like(q_virtual)
         if query.is_cuda:
-            flash_attn_varlen_func, _, canonical = _fa_ops()
+            flash_attn_varlen_func, _, _ = _fa_ops()
+            keys, values = _single_head_pages(state, dim)
             flash_attn_varlen_func(
-                q=q_virtual, k=canonical(state.pages[..., :dim].unsqueeze(2)),
-                v=canonical(state.pages[..., dim:].unsqueeze(2)),
+                q=q_virtual, k=keys, v=values,
                 out=out_virtual, cu_seqlens_q=starts,
                 max_seqlen_q=max_query_len, seqused_k=lengths,
                 max_seqlen_k=max_length, softmax_scale=self.scale,
@@ -281,6 +290,16 @@ class SparseMMImpl(FlashAttentionImpl):
         result = torch.empty_like(q)
         result[token, head] = out_virtual
         return result.view(query.shape)
+
+
+def _single_head_pages(state: WorkerKVState, dim: int):
+    """K and V of every page as FlashAttention's single-head paged cache
+    ``[pages, bs, 1, D]``: views of the one buffer, built once per buffer."""
+    if state.attention_views is None:
+        _, _, canonical = _fa_ops()
+        state.attention_views = (canonical(state.pages[..., :dim].unsqueeze(2)),
+                                 canonical(state.pages[..., dim:].unsqueeze(2)))
+    return state.attention_views
 
 
 def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:

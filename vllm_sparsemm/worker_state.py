@@ -88,6 +88,7 @@ class WorkerKVState:
         self.debug_poison = debug_poison
         self.requests: dict[str, RequestKV] = {}
         self.pages: torch.Tensor | None = None  # [NB * L * Hkv, bs, 2D]
+        self.attention_views: tuple | None = None
         # tests set a dict here to record each layer's selection inputs/outputs
         self.recorded: dict | None = None
         self.space: PageSpace | None = None
@@ -101,6 +102,7 @@ class WorkerKVState:
     def bind_cache(self, pages: torch.Tensor) -> None:
         """Adopt the single KV buffer, viewed as pages ``[NB * L * Hkv, bs, 2D]``."""
         self.pages = pages
+        self.attention_views = None  # the backend's views of ``pages``
         self.space = PageSpace(self.num_layers,
                                pages.shape[0] // (self.num_layers *
                                                   self.num_kv_heads),
