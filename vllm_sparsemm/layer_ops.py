@@ -148,7 +148,7 @@ def select_kept_tokens(plan: StepPlan, block_table: torch.Tensor) -> None:
             member, layer = unit // num_layers, unit % num_layers
             rows = prompt_rows(state.space, blocks[member], layer[:, None, None],
                                heads, positions)  # [units, P, Hkv]
-            keys = state.rows[rows][..., :head_dim]  # [units, P, Hkv, D]
+            keys = state.rows[:, :head_dim][rows]  # [units, P, Hkv, D]: K only
             scores = window_scores(queries[lo:hi], keys,
                                    state.law.plan.pool_kernel)
             kept, counts = select_kept(scores.flatten(0, 1),

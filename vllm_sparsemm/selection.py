@@ -45,7 +45,9 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
     q = queries.float().view(batch, window, num_kv_heads, group,
                              head_dim).permute(0, 2, 3, 1, 4).reshape(
                                  batch, num_kv_heads, group * window, head_dim)
-    k = keys.float().transpose(1, 2)  # [B, Hkv, N, D]
+    # [B, Hkv, N, D], contiguous: the matmul then reads it without a copy
+    k = keys.transpose(1, 2).to(torch.float32,
+                                memory_format=torch.contiguous_format)
     logits = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
     # Window query i sits at position N - W + i and sees keys 0 .. N - W + i.
     query_pos = torch.arange(num_keys - window, num_keys,

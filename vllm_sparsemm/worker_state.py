@@ -256,9 +256,11 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
     return plan
 
 
-# Prompt tokens scored at once: bounds the selection's scratch memory (keys
-# in float32 and the window logits), which vLLM's memory profile cannot see.
-SELECTION_TOKENS = 1 << 16
+# Prompt tokens scored at once: bounds the selection's scratch memory, which
+# vLLM's memory profile cannot see: per token and KV head ~1.2 KB (the key in
+# fp16 and fp32, three copies of its G x W window logits in fp32 for G = 1),
+# ~1.2 GB at 2^15 tokens for a 7B model's 32 KV heads.
+SELECTION_TOKENS = 1 << 15
 
 
 def _selection_groups(compressing):
