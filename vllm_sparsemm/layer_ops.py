@@ -204,8 +204,8 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
             if len(members) == len(group.members):
                 rows, positions = group.index, group.positions
             else:
-                rows = group.index[torch.tensor(members, device=device)]
-                positions = group.positions[rows.new_tensor(members)]
+                picked = torch.tensor(members, device=device)
+                rows, positions = group.index[picked], group.positions[picked]
             _compact_requests(state, group.prompt_len, extra,
                               [group.members[j][1] for j in members],
                               block_table[rows].long(), positions, counts,

@@ -198,10 +198,11 @@ def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
 
     ``positions``: ``[L, Hkv, max_kept]`` kept positions (ascending, padded
     with -1) and ``counts``: ``[L, Hkv]``, as :func:`select_kept` returns them
-    per layer. Requests that share one plan are moved together: positions
-    ``[n, L, Hkv, max_kept]``, ``prompt_blocks [n, columns]`` and the layout's
-    blocks ``[n, K]`` give rows ``[n, total]``. ``total`` (``counts.sum()``, known on the host) keeps the
+    per layer. ``total`` (``counts.sum()``, known on the host) keeps the
     device from syncing. Sources and destinations overlap: move through a copy.
+    Requests that share one plan move together: positions ``[n, L, Hkv,
+    max_kept]``, ``prompt_blocks [n, columns]`` and the layout's blocks
+    ``[n, K]`` give rows ``[n, total]``.
     """
     single = positions.ndim == 3
     if single:
