@@ -30,7 +30,7 @@ which any other window can be recomputed.
 
 Latency mode sends one request of fresh random token ids at a time (so stock's
 prefix cache never hits): time to first token and batch-1 decode ms/token per
-context length.
+context length, medians of ``--latency-repeats`` requests of each kind.
 
 Each backend (and each budget of a comma list) runs in a fresh process on the
 same GPU; ``--baseline`` reuses a stock result measured earlier on the same
@@ -46,6 +46,7 @@ import math
 import os
 import subprocess
 import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -332,23 +333,34 @@ def run_latency(args, backend) -> dict:
     rng = np.random.default_rng(0)  # the same prompts for every backend
     results = []
     for context in args.contexts:
-        def fresh():
-            return {"prompt_token_ids":
-                    rng.choice(ordinary, context - 16).tolist()}
+        def timed(max_tokens):
+            prompt = {"prompt_token_ids":
+                      rng.choice(ordinary, context - 16).tolist()}
+            start = time.perf_counter()
+            llm.generate(prompt, SamplingParams(max_tokens=max_tokens,
+                                                ignore_eos=True),
+                         use_tqdm=False)
+            return time.perf_counter() - start
 
-        llm.generate(fresh(), SamplingParams(max_tokens=8), use_tqdm=False)
-        start = time.perf_counter()
-        llm.generate(fresh(), SamplingParams(max_tokens=1, ignore_eos=True),
-                     use_tqdm=False)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.generate(fresh(), SamplingParams(max_tokens=args.output_len + 1,
-                                             ignore_eos=True), use_tqdm=False)
-        total = time.perf_counter() - start
-        results.append({"context": context - 16, "ttft_s": ttft,
-                        "decode_ms_per_token": (total - ttft) * 1000 /
-                        args.output_len})
+        timed(8)  # warm-up at this length
+        ttfts = [timed(1) for _ in range(args.latency_repeats)]
+        totals = [timed(args.output_len + 1)
+                  for _ in range(args.latency_repeats)]
+        results.append({"context": context - 16,
+                        **latency_figures(ttfts, totals, args.output_len)})
     return {"backend": backend, "latency": results}
+
+
+def latency_figures(ttfts: list[float], totals: list[float],
+                    output_len: int) -> dict:
+    """Medians over repeats (one 64-token batch-1 run swung by 2 ms/token):
+    TTFT from 1-token requests, decode from requests of ``output_len + 1``
+    tokens less that TTFT."""
+    ttft, total = statistics.median(ttfts), statistics.median(totals)
+    return {"ttft_s": ttft,
+            "decode_ms_per_token": (total - ttft) * 1000 / output_len,
+            "repeats": len(ttfts), "ttft_spread_s": max(ttfts) - min(ttfts),
+            "total_spread_s": max(totals) - min(totals)}
 
 
 def main():
@@ -376,6 +388,9 @@ def main():
                         "stop, and e2e tok/s is not reported")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--contexts", default="2048,8192,32768")
+    parser.add_argument("--latency-repeats", type=int, default=5,
+                        help="latency mode: requests timed per context and "
+                        "kind (medians are reported)")
     parser.add_argument("--backends", default="FLASH_ATTN,sparsemm")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--baseline", default=None,

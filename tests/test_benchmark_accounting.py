@@ -1,6 +1,7 @@
 """The benchmark's pure accounting: the blocks-held-vs-ideal probe, on the CPU
 engine of test_backend_cpu (compressed requests hold the exact per-head ideal
-within one block), and the saturated window and timeline, on a simulated run."""
+within one block), the saturated window and timeline, on a simulated run, and
+the latency medians."""
 
 import types
 
@@ -92,3 +93,11 @@ def test_timeline_samples_once_a_second_and_stays_small():
     series = bench.timeline(log, 1000.0)
     assert len(series) <= 301 and series[-1] == list(log[-1])
     assert all(b[0] - a[0] >= 4 for a, b in zip(series, series[1:]))
+
+
+def test_latency_figures_are_medians_and_decode_excludes_the_first_token():
+    figures = _benchmark().latency_figures([0.05, 0.50, 0.06], [0.70, 0.69, 2.0], 64)
+    assert figures["ttft_s"] == 0.06  # the 0.50 outlier does not move it
+    assert abs(figures["decode_ms_per_token"] - (0.70 - 0.06) * 1000 / 64) < 1e-9
+    assert figures["repeats"] == 3
+    assert abs(figures["ttft_spread_s"] - 0.45) < 1e-9
