@@ -88,10 +88,12 @@ def _engine(args, backend):
             "max_position_embeddings": args.max_model_len}}
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
-    if backend == "sparsemm":
+    if backend.startswith("sparsemm"):
         # Environment rather than --additional-config: the latter enters
         # vLLM's compile-cache hash, so each budget would recompile the model.
         os.environ["VLLM_SPARSEMM_BUDGET"] = str(args.budget)
+        if backend == "sparsemm:FULL":  # decode steps replay full CUDA graphs
+            os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"] = "1"
         if args.head_scores:
             os.environ["VLLM_SPARSEMM_HEAD_SCORES"] = args.head_scores
         kwargs["attention_backend"] = "sparsemm"
@@ -391,7 +393,10 @@ def main():
     parser.add_argument("--latency-repeats", type=int, default=5,
                         help="latency mode: requests timed per context and "
                         "kind (medians are reported)")
-    parser.add_argument("--backends", default="FLASH_ATTN,sparsemm")
+    parser.add_argument("--backends", default="FLASH_ATTN,sparsemm",
+                        help="comma list, first is the reference: FLASH_ATTN "
+                        "(FLASH_ATTN:PIECEWISE for piecewise graphs only), "
+                        "sparsemm, sparsemm:FULL (setting full_cuda_graphs)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--baseline", default=None,
                         help="JSON of an earlier run of this script on the same "
@@ -416,7 +421,7 @@ def main():
         args.model_dir = os.environ["SPARSEMM_BENCH_DIR"]
         run = run_latency if args.latency else run_throughput
         result = run(args, args.worker)
-        if args.worker == "sparsemm":  # every setting in effect (env included)
+        if args.worker.startswith("sparsemm"):  # every setting in effect (env included)
             import dataclasses
 
             from vllm_sparsemm.config import SparseMMSettings
@@ -435,7 +440,8 @@ def main():
     for backend in args.backends.split(","):
         if args.baseline and not backend.startswith("sparsemm"):
             continue
-        budgets = args.budget.split(",") if backend == "sparsemm" else [None]
+        budgets = (args.budget.split(",") if backend.startswith("sparsemm")
+                   else [None])
         runs += [(backend, budget) for budget in budgets]
     for backend, budget in runs:
         argv = [a for a in sys.argv[1:]]
@@ -475,14 +481,14 @@ def main():
             print(f"{r['backend']} B={r['budget']} / {base['backend']}: "
                   f"run tok/s {f'{run:.2f}x' if run else 'n/a'}, saturated "
                   f"{f'{saturated:.2f}x' if saturated else 'n/a (not saturated)'}")
-    if args.latency and len(results) == 2 and "latency" in results[1]:
-        for stock, ours in zip(results[0]["latency"], results[1]["latency"]):
+    for result in results[1:] if args.latency and "latency" in results[0] else []:
+        for stock, ours in zip(results[0]["latency"], result.get("latency", [])):
             ours["ttft_ratio"] = ours["ttft_s"] / stock["ttft_s"]
             ours["decode_ratio"] = (ours["decode_ms_per_token"] /
                                     stock["decode_ms_per_token"])
-            print(f"context {ours['context']}: TTFT {ours['ttft_s'] * 1e3:.1f} ms "
-                  f"({ours['ttft_ratio']:.2f}x stock), decode "
-                  f"{ours['decode_ms_per_token']:.2f} ms/token "
+            print(f"{result['backend']} context {ours['context']}: TTFT "
+                  f"{ours['ttft_s'] * 1e3:.1f} ms ({ours['ttft_ratio']:.2f}x "
+                  f"stock), decode {ours['decode_ms_per_token']:.2f} ms/token "
                   f"({ours['decode_ratio']:.2f}x stock)")
     Path(args.out).write_text(json.dumps(report, indent=1))
     if not args.latency:

@@ -21,6 +21,7 @@ from vllm.v1.request import Request
 from vllm_sparsemm import backend
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.config import BudgetPlan, SparseMMSettings
+from vllm_sparsemm.graph_decode import GraphDecode
 from vllm_sparsemm.kv_spec import SparseMMSpec
 from vllm_sparsemm.page_plan import cdiv
 from vllm_sparsemm.plugin import register
@@ -48,7 +49,8 @@ class FakeMetadata:
 class Engine:
     """A minimal engine loop: vLLM's KV manager on one side, our worker on the other."""
 
-    def __init__(self, num_blocks=400, debug_poison=True, seed=0, tp=1):
+    def __init__(self, num_blocks=400, debug_poison=True, seed=0, tp=1,
+                 full_graphs=False):
         register()
         gen = torch.Generator().manual_seed(seed)
         scores = torch.rand(LAYERS, HEADS, generator=gen) ** 4
@@ -78,6 +80,9 @@ class Engine:
             kv_heads=slice(r * kv_heads, (r + 1) * kv_heads))
             for r in range(tp)]
         self.state = self.ranks[0].state
+        if full_graphs:  # as the builder sets it up (max_model_len, capacity)
+            for rank in self.ranks:
+                rank.state.graph = GraphDecode(4096, 64)
         self.layers = [types.SimpleNamespace(
             layer_name=f"model.layers.{l}.self_attn.attn", _k_scale=None,
             _v_scale=None) for l in range(LAYERS)]
@@ -107,8 +112,12 @@ class Engine:
         return {rid: _chunks(p, chunk) + [1] * decode + list(tail)
                 for rid, p in prompts.items()}
 
-    def step(self, schedule: dict[str, int], pending_outputs=()):
-        """Run one step; ``schedule`` maps request id -> tokens this step."""
+    def step(self, schedule: dict[str, int], pending_outputs=(), pad_to=0):
+        """Run one step; ``schedule`` maps request id -> tokens this step.
+
+        ``pad_to`` pads the batch with empty rows as vLLM does for a full
+        CUDA graph: one token each (its q/k/v zeros, its slot -1), query
+        length 0, seq_len 0 and a block-table row of block 0."""
         for rid, n in schedule.items():
             request = self.requests[rid]
             blocks = self.kv.allocate_slots(request, n)
@@ -136,35 +145,44 @@ class Engine:
         for rid, p in tokens:
             row = self.worker_rows[rid]
             slots.append(row[p // BS] * BS + p % BS if p // BS < len(row) else -1)
+        pad = max(0, pad_to - len(rows))
+        starts += [starts[-1]] * pad
+        table = torch.cat([table, table.new_zeros(pad, width)])
         metadata = FakeMetadata(
-            num_actual_tokens=len(tokens), max_query_len=max(schedule.values()),
+            num_actual_tokens=len(tokens) + pad,
+            max_query_len=max(schedule.values()),
             query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor([r.end for r in rows], dtype=torch.int32),
+            seq_lens=torch.tensor([r.end for r in rows] + [0] * pad,
+                                  dtype=torch.int32),
             max_seq_len=max(r.end for r in rows), block_table=table,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64))
+            slot_mapping=torch.tensor(slots + [-1] * pad, dtype=torch.int64))
         outputs = []
         for rank in self.ranks:
             backend._worker_state = rank.state
             rank_metadata = dataclasses.replace(metadata)
-            rank_metadata.sparsemm = backend.build_step(
-                rank.state, rows, torch.tensor(starts), rank_metadata)
+            rank_metadata.sparsemm = backend.step_plan(
+                rank.state, rows, len(rows) + pad, len(tokens) + pad,
+                torch.tensor(starts), rank_metadata)
+            self.last_plan = rank_metadata.sparsemm
             rank_out = []
             for l, layer in enumerate(self.layers):
-                q = torch.stack([self.requests[r].q[l, p, rank.heads]
-                                 for r, p in tokens])
-                k = torch.stack([self.requests[r].k[l, p, rank.kv_heads]
-                                 for r, p in tokens])
-                v = torch.stack([self.requests[r].v[l, p, rank.kv_heads]
-                                 for r, p in tokens])
+                def stacked(name, heads):
+                    real = [getattr(self.requests[r], name)[l, p, heads]
+                            for r, p in tokens]
+                    return torch.stack(real + [torch.zeros_like(real[0])] * pad)
+
+                q = stacked("q", rank.heads)
+                k = stacked("k", rank.kv_heads)
+                v = stacked("v", rank.kv_heads)
                 # as in vLLM, q, k and v are strided views of one fused QKV
                 qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1)
-                q, k, v = (part.view(len(tokens), -1, DIM) for part in
+                q, k, v = (part.view(len(tokens) + pad, -1, DIM) for part in
                            qkv.split([q[0].numel(), k[0].numel(),
                                       v[0].numel()], dim=1))
                 out = torch.empty_like(q)
                 rank.impl.forward(layer, q, k, v, rank.cache[:, l],
                                   rank_metadata, out)
-                rank_out.append(out)
+                rank_out.append(out[:len(tokens)])
             outputs.append(torch.stack(rank_out))
         outputs = torch.cat(outputs, dim=2)  # heads of all ranks
         for rid, n in schedule.items():  # vLLM's _update_after_schedule

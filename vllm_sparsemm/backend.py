@@ -21,6 +21,7 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.config import SparseMMSettings
+from vllm_sparsemm.graph_decode import GraphDecode
 from vllm_sparsemm.kv_ops import paged_attention_reference
 from vllm_sparsemm import triton_ops
 from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
@@ -72,9 +73,17 @@ class SparseMMBackend(FlashAttentionBackend):
 
 
 class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
-    # Compaction and page-list building are data dependent: run attention
-    # eagerly between piecewise CUDA graphs.
+    # Compaction and page-list building are data dependent: attention runs
+    # eagerly between piecewise CUDA graphs, except uniform decode steps when
+    # ``full_cuda_graphs`` is on (graph_decode.py)
     _cudagraph_support = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        settings = SparseMMSettings.from_sources(vllm_config.additional_config)
+        if settings.full_cuda_graphs:
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return cls._cudagraph_support
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -94,18 +103,36 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
                                       kv_cache_spec.num_kv_heads,
                                       get_tensor_model_parallel_rank(),
                                       settings.debug_poison)
+        if settings.full_cuda_graphs:
+            compilation = vllm_config.compilation_config
+            _worker_state.graph = GraphDecode(
+                vllm_config.model_config.max_model_len,
+                max(vllm_config.scheduler_config.max_num_seqs,
+                    compilation.max_cudagraph_capture_size or 0))
         self.state = _worker_state
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         rows = take_step_rows()
         metadata = super().build(common_prefix_len, common_attn_metadata,
                                  fast_build)
-        metadata.sparsemm = None
-        if rows is not None:
-            metadata.sparsemm = build_step(
-                self.state, rows, common_attn_metadata.query_start_loc_cpu,
-                metadata)
+        metadata.sparsemm = step_plan(
+            self.state, rows, common_attn_metadata.num_reqs,
+            common_attn_metadata.num_actual_tokens,
+            common_attn_metadata.query_start_loc_cpu, metadata)
         return metadata
+
+
+def step_plan(state: WorkerKVState, rows, num_reqs: int, num_tokens: int,
+              query_start_loc_cpu, metadata) -> StepPlan | None:
+    """The plan a step's metadata carries: graph_decode's fixed path for
+    uniform decode steps when full graphs are on, else :func:`build_step`
+    (None when vLLM gives no rows: its dummy runs)."""
+    if state.graph is not None and state.graph.applies(rows, num_reqs,
+                                                       num_tokens):
+        return build_graph_step(state, rows, num_reqs, metadata)
+    if rows is None:
+        return None
+    return build_step(state, rows, query_start_loc_cpu, metadata)
 
 
 def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
@@ -121,6 +148,17 @@ def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
             plan.standard_slots = metadata.slot_mapping[plan.standard_tokens]
             plan.standard_metadata = _restrict(metadata, plan)
     return plan
+
+
+def build_graph_step(state: WorkerKVState, rows, num_reqs: int,
+                     metadata) -> StepPlan:
+    """A uniform decode step on graph_decode's fixed path: every row,
+    padding included, attends over per-head pages read from fixed buffers."""
+    compressed = state.graph.rows(state, rows, num_reqs, metadata.block_table)
+    prepare_compressed(compressed, state)
+    state.graph.pin(compressed)
+    return StepPlan(state, list(rows or []), list(range(num_reqs + 1)), [],
+                    compressed, [], [])
 
 
 def _restrict(metadata, plan: StepPlan):

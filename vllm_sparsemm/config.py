@@ -39,6 +39,9 @@ class SparseMMSettings:
     # before admitting another (-1: up to max_tokens; 0: vLLM's optimistic
     # admission); see kv_spec.SparseMMManager
     admission_reserve: int = 256
+    # uniform decode steps (every row one token, none in its prompt) replay
+    # full CUDA graphs; experimental: not yet measured on a GPU
+    full_cuda_graphs: bool = False
     debug_poison: bool = False  # NaN-fill released blocks (tests)
 
     def __post_init__(self):
@@ -69,6 +72,7 @@ class SparseMMSettings:
             kind = {"budget": int, "window": int, "pool_kernel": int,
                     "admission_reserve": int,
                     "ratio": float, "head_scores": str,
+                    "full_cuda_graphs": _as_bool,
                     "debug_poison": _as_bool}[name]
             try:
                 values[name] = kind(value)

@@ -258,6 +258,48 @@ def patch_admission_inputs() -> None:
     _wrap(KVCacheManager, "allocate_slots", make)
 
 
+def patch_full_graph_veto() -> None:
+    """Wraps V1 ``GPUModelRunner._determine_batch_execution_and_padding``: vLLM
+    counts a step with one token per row as uniform decode even when a row is
+    still in its prompt (a 1-token last chunk), and a replayed FULL graph would
+    skip what such a row needs (window queries, selection, compaction). With
+    ``full_cuda_graphs`` on, those steps pass ``use_cascade_attn=True``, which
+    in this function only rules FULL out: they run piecewise."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+
+        @functools.wraps(original)
+        def _determine_batch_execution_and_padding(self, **kwargs):
+            if (kwargs.get("force_uniform_decode") is None  # not a dummy run
+                    and kwargs.get("max_num_scheduled_tokens") == 1
+                    and _full_graphs(self)
+                    and rows_in_prompt(self.input_batch, kwargs["num_reqs"])):
+                kwargs["use_cascade_attn"] = True
+            return original(self, **kwargs)
+
+        return _determine_batch_execution_and_padding
+
+    _wrap(GPUModelRunner, "_determine_batch_execution_and_padding", make)
+
+
+def _full_graphs(runner) -> bool:
+    """Whether this runner's engine is sparsemm with ``full_cuda_graphs`` (read once)."""
+    flag = getattr(runner, "_sparsemm_full_graphs", None)
+    if flag is None:
+        from vllm_sparsemm.plan_setup import settings_for
+        flag = runner._sparsemm_full_graphs = (
+            is_sparsemm(runner.vllm_config)
+            and settings_for(runner.vllm_config).full_cuda_graphs)
+    return flag
+
+
+def rows_in_prompt(input_batch, num_reqs: int) -> bool:
+    """Whether a row of the batch still computes prompt tokens this step."""
+    computed = input_batch.num_computed_tokens_cpu[:num_reqs]
+    return bool((computed < input_batch.num_prompt_tokens[:num_reqs]).any())
+
+
 def apply_all() -> None:
     patch_backend_name()
     patch_engine_config()
@@ -266,3 +308,4 @@ def apply_all() -> None:
     patch_layer_spec()
     patch_runner_hooks()
     patch_admission_inputs()
+    patch_full_graph_veto()

@@ -94,6 +94,8 @@ class WorkerKVState:
         self.space: PageSpace | None = None
         self._plans: dict[tuple, tuple[PagePlan, torch.Tensor]] = {}
         self._caps_device: torch.Tensor | None = None
+        # graph_decode.GraphDecode when full CUDA graphs replay decode steps
+        self.graph = None
 
     @property
     def block_size(self) -> int:
@@ -312,6 +314,20 @@ def upload(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
             zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
+def distinct_tables(tables: list[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Rows of one prompt length share their plan's table tensor: the distinct
+    tables and, per row, which one (stack those and gather, instead of
+    stacking one per row)."""
+    index: dict[int, int] = {}
+    distinct = []
+    for table in tables:
+        if id(table) not in index:
+            index[id(table)] = len(distinct)
+            distinct.append(table)
+    return distinct, torch.tensor([index[id(t)] for t in tables])
+
+
 def _compressed_rows(state, rows, query_start, indices, block_table, device):
     """Index tensors of the compressed rows, built with a fixed number of ops."""
     reqs = [state.requests[rows[i].req_id] for i in indices]
@@ -329,18 +345,13 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
     row_start = q_lens.cumsum(0) - q_lens  # first token of each row, local
     within = torch.arange(num_tokens) - row_start[token_req]
     virtual_token, virtual_head, starts = virtual_sequences(q_lens, heads)
-    # requests of one prompt length share their plan's table tensor: stack
-    # the distinct ones and gather, instead of stacking one per row
-    distinct: dict[int, int] = {}
-    which = torch.tensor([distinct.setdefault(id(req.tables), len(distinct))
-                          for req in reqs])
-    shared = {id(req.tables): req.tables for req in reqs}
+    distinct, which = distinct_tables([req.tables for req in reqs])
     (tokens, token_req, token_offset, seq_offset, kept, prompt, batch_rows,
      virtual_token, virtual_head, starts, which) = upload(
         [first[token_req] + within, token_req, offset[token_req] + within,
          seq_offset, kept[:, None], prompt[:, None], batch_rows,
          virtual_token, virtual_head, starts, which], device)
-    tables = torch.stack([shared[key] for key in distinct])[which]  # [R, 4, F]
+    tables = torch.stack(distinct)[which]  # [R, 4, F]
     return CompressedRows(
         rows=indices,
         tokens=tokens,

@@ -1,0 +1,140 @@
+"""The fixed decode path that full CUDA graphs replay (graph_decode.py), on CPU:
+the same outputs as dense SparseMM with compressed, uncompressed and padded
+rows in one step, buffers that keep their addresses, padding that writes only
+into the null block, and the patch that keeps FULL graphs off prompt steps."""
+
+import types
+
+import numpy as np
+import pytest
+
+from test_backend_cpu import BS, Engine
+from vllm_sparsemm import patches
+from vllm_sparsemm.graph_decode import GraphDecode
+
+# a and c are compressed (prompt > budget), b is not
+PROMPTS = {"a": 100, "b": 30, "c": 71}
+
+
+def _prefilled(decode=6, tp=1):
+    eng = Engine(full_graphs=True, tp=tp)
+    plans = eng.add_all(PROMPTS, 64, decode)
+    while any(len(p) > decode for p in plans.values()):
+        schedule = {rid: plan.pop(0) for rid, plan in plans.items()
+                    if len(plan) > decode}
+        tokens, outputs = eng.step(schedule)
+        assert eng.last_plan is None or eng.last_plan.compressed is None or (
+            eng.last_plan.compressed.max_length != 4096)  # not the graph path
+        _processed(eng, schedule)
+        eng.check(tokens, outputs)
+    return eng
+
+
+def _processed(eng, schedule):
+    for rid, n in schedule.items():
+        eng.requests[rid].num_in_flight_tokens -= n
+
+
+@pytest.mark.parametrize("pad_to, tp", [(0, 1), (5, 1), (8, 1), (5, 2)])
+def test_uniform_decode_on_the_fixed_path_matches_dense_sparsemm(pad_to, tp):
+    eng = _prefilled(tp=tp)
+    for _ in range(6):
+        schedule = {rid: 1 for rid in PROMPTS}
+        tokens, outputs = eng.step(schedule, pad_to=pad_to)
+        compressed = eng.last_plan.compressed
+        assert compressed.max_length == 4096  # the fixed path ran
+        assert len(compressed.rows) == max(pad_to, len(PROMPTS))
+        assert not eng.last_plan.standard_rows
+        _processed(eng, schedule)
+        eng.check(tokens, outputs)
+
+
+def test_fixed_path_buffers_keep_their_addresses_across_steps():
+    eng = _prefilled()
+
+    def addresses():
+        cr = eng.last_plan.compressed
+        return [t.data_ptr() for t in (
+            cr.write_rows, cr.lengths, cr.prefix_pages, cr.decode_base,
+            cr.kept_entries, cr.prompt_entries, cr.virtual_starts)]
+
+    eng.step({rid: 1 for rid in PROMPTS}, pad_to=8)
+    first = addresses()
+    _processed(eng, {rid: 1 for rid in PROMPTS})
+    eng.step({"a": 1, "c": 1}, pad_to=8)  # other rows, same padded size
+    assert addresses() == first
+
+
+def test_padded_rows_write_into_the_null_block_and_read_nothing():
+    eng = _prefilled()
+    eng.step({rid: 1 for rid in PROMPTS}, pad_to=7)
+    state, cr = eng.state, eng.last_plan.compressed
+    heads = state.num_kv_heads
+    pages_per_block = state.space.pages_per_block
+    padded = slice(len(PROMPTS) * heads, 7 * heads)
+    for layer in range(state.num_layers):
+        blocks = cr.write_rows[layer, padded] // BS // pages_per_block
+        assert blocks.eq(0).all()  # block 0: vLLM's null block
+        assert cr.lengths[layer, padded].eq(0).all()
+        real = cr.write_rows[layer, :len(PROMPTS) * heads] // BS
+        assert (real // pages_per_block).ne(0).all()
+
+
+def test_steps_with_prompt_rows_or_many_tokens_take_the_regular_path():
+    graph = GraphDecode(4096, 8)
+    row = types.SimpleNamespace
+    decoding = [row(scheduled=1, computed=120, prompt_len=100)]
+    in_prompt = [row(scheduled=1, computed=99, prompt_len=100)]
+    assert graph.applies(decoding, 4, 4)
+    assert graph.applies(None, 4, 4)  # vLLM's dummy and capture runs
+    assert not graph.applies(in_prompt, 4, 4)
+    assert not graph.applies(decoding, 2, 5)  # a prefill chunk
+    assert not graph.applies(decoding, 9, 9)  # beyond the buffers
+
+
+def test_full_graphs_are_ruled_out_while_a_row_is_in_its_prompt():
+    seen = []
+
+    def original(self, **kwargs):
+        seen.append(kwargs["use_cascade_attn"])
+
+    wrapped = _veto(original)
+    runner = types.SimpleNamespace(
+        _sparsemm_full_graphs=True, input_batch=types.SimpleNamespace(
+            num_computed_tokens_cpu=np.array([120, 99, 0]),
+            num_prompt_tokens=np.array([100, 100, 50])))
+    args = dict(num_tokens=2, num_reqs=2, num_scheduled_tokens_np=None,
+                max_num_scheduled_tokens=1, use_cascade_attn=False)
+    wrapped(runner, **args)  # row 1 computes its last prompt token
+    wrapped(runner, **dict(args, num_reqs=1))  # only a decoding row
+    wrapped(runner, **dict(args, force_uniform_decode=True))  # dummy run
+    runner._sparsemm_full_graphs = False
+    wrapped(runner, **args)
+    assert seen == [True, False, False, False]
+
+
+def _veto(original):
+    """patches.patch_full_graph_veto's wrapper around ``original``."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    saved = GPUModelRunner.__dict__["_determine_batch_execution_and_padding"]
+    key = (id(GPUModelRunner), "_determine_batch_execution_and_padding")
+    try:
+        GPUModelRunner._determine_batch_execution_and_padding = original
+        patches._patched.discard(key)
+        patches.patch_full_graph_veto()
+        return GPUModelRunner.__dict__["_determine_batch_execution_and_padding"]
+    finally:
+        GPUModelRunner._determine_batch_execution_and_padding = saved
+        patches._patched.add(key)
+
+
+def test_builder_declares_full_graphs_for_uniform_decode_only_when_asked():
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_sparsemm.backend import SparseMMMetadataBuilder
+    on = types.SimpleNamespace(
+        additional_config={"sparsemm": {"full_cuda_graphs": True}})
+    off = types.SimpleNamespace(additional_config={})
+    support = SparseMMMetadataBuilder.get_cudagraph_support
+    assert support(on, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert support(off, None) == AttentionCGSupport.NEVER

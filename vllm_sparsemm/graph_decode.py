@@ -1,0 +1,130 @@
+"""Decode steps that full CUDA graphs can replay (setting ``full_cuda_graphs``).
+
+A captured graph replays the same kernels on the same addresses every step.
+So a uniform decode step (one token per row, no row still in its prompt) runs
+one path whatever its rows are: every row is a set of (row, KV head) sequences
+on per-head pages, and every tensor the attention reads lives in a buffer
+allocated once. An uncompressed row is a compressed row with the identity plan
+(no kept pages, head ``f``'s pages at sub-page ``f`` of each of its blocks),
+which is exactly vLLM's standard layout. Rows vLLM pads the batch with hold no
+keys and write their token into block 0, vLLM's null block, which no request
+ever owns. Steps that do more (window queries, selection, compaction) run
+piecewise: ``patches.patch_full_graph_veto`` keeps FULL graphs off them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sparsemm.worker_state import (CompressedRows, RowInfo,
+                                        WorkerKVState, distinct_tables, upload)
+
+
+@dataclass
+class DecodeBuffers:
+    """What a replayed decode step reads, for up to ``capacity`` rows."""
+    tables: torch.Tensor  # [C, 4, F] plan table rows (see RequestKV.tables)
+    kept: torch.Tensor  # [C, 1] K_c per row
+    prompt: torch.Tensor  # [C, 1] n_c per row
+    write_rows: torch.Tensor  # [L, C * Hkv] where each new token goes
+    lengths: torch.Tensor  # [L, C * Hkv] int32 keys per sequence
+    starts: torch.Tensor  # [C * Hkv + 1] int32: one query per sequence
+
+
+class GraphDecode:
+    """The fixed-shape decode path of one worker (see the module docstring)."""
+
+    def __init__(self, max_model_len: int, capacity: int):
+        self.max_model_len = max_model_len  # bounds any head's length
+        self.capacity = capacity  # rows: max(max_num_seqs, largest capture)
+        self.buffers: DecodeBuffers | None = None
+        self._identity: torch.Tensor | None = None  # [4, F], with the buffers
+
+    def applies(self, rows: list[RowInfo] | None, num_reqs: int,
+                num_tokens: int) -> bool:
+        """A uniform decode step: one token per row (padded rows included)
+        and no row in its prompt. ``rows`` is None in vLLM's dummy and
+        capture runs, whose rows are all padding."""
+        if num_tokens != num_reqs or num_reqs > self.capacity:
+            return False
+        return rows is None or all(
+            row.scheduled == 1 and row.computed >= row.prompt_len
+            for row in rows)
+
+    def rows(self, state: WorkerKVState, rows: list[RowInfo] | None,
+             num_reqs: int, block_table: torch.Tensor) -> CompressedRows:
+        """Every row of the step as compressed rows in the fixed buffers."""
+        device = block_table.device
+        buffers = self._buffers(state, device)
+        identity = self._identity
+        per_row, tables = [], []
+        for row in rows or []:
+            if state.law.compresses(row.prompt_len):
+                req = state.requests.get(row.req_id)
+                if req is None or not req.compacted:
+                    raise RuntimeError(
+                        f"sparsemm: request {row.req_id} decodes but was "
+                        f"never compacted on this worker")
+                per_row.append((row.computed - row.prompt_len,
+                                row.end - row.prompt_len, req.kept_entries,
+                                req.prompt_entries))
+                tables.append(req.tables)
+            else:  # the identity plan: token i is the head's i-th token
+                per_row.append((row.computed, row.end, 0, 0))
+                tables.append(identity)
+        padding = num_reqs - len(per_row)
+        per_row += [(0, 0, 0, 0)] * padding  # one token into block 0, no keys
+        tables += [identity] * padding
+        distinct, which = distinct_tables(tables)
+        values, which = upload([torch.tensor(per_row, dtype=torch.int64),
+                                which], device)
+        r = num_reqs
+        heads = state.num_kv_heads
+        buffers.tables[:r].copy_(torch.stack(distinct)[which])
+        buffers.kept[:r, 0].copy_(values[:, 2])
+        buffers.prompt[:r, 0].copy_(values[:, 3])
+        arange = torch.arange(r, device=device)
+        return CompressedRows(
+            rows=list(range(r)), tokens=arange, token_req=arange,
+            token_offset=values[:, 0], seq_offset=values[:, 1],
+            query_lens=[1] * r,
+            prefix_pages=buffers.tables[:r, 0],
+            prefix_start=buffers.tables[:r, 1],
+            decode_base=buffers.tables[:r, 2], counts=buffers.tables[:r, 3],
+            kept_entries=buffers.kept[:r], prompt_entries=buffers.prompt[:r],
+            block_rows=block_table[:r],
+            virtual_token=arange.repeat_interleave(heads),
+            virtual_head=torch.arange(heads, device=device).repeat(r),
+            virtual_starts=buffers.starts[:r * heads + 1],
+            max_query_len=1, max_length=self.max_model_len, leading=True)
+
+    def pin(self, cr: CompressedRows) -> None:
+        """Move the step's write rows and lengths into the fixed buffers."""
+        buffers, used = self.buffers, cr.write_rows.shape[1]
+        buffers.write_rows[:, :used].copy_(cr.write_rows)
+        buffers.lengths[:, :used].copy_(cr.lengths)
+        cr.write_rows = buffers.write_rows[:, :used]
+        cr.lengths = buffers.lengths[:, :used]
+
+    def _buffers(self, state: WorkerKVState, device) -> DecodeBuffers:
+        if self.buffers is None or self.buffers.tables.device != torch.device(
+                device):
+            c, heads = self.capacity, state.num_kv_heads
+            flat = state.num_layers * heads
+            self.buffers = DecodeBuffers(
+                tables=torch.zeros(c, 4, flat, dtype=torch.int64,
+                                   device=device),
+                kept=torch.zeros(c, 1, dtype=torch.int64, device=device),
+                prompt=torch.zeros(c, 1, dtype=torch.int64, device=device),
+                write_rows=torch.zeros(state.num_layers, c * heads,
+                                       dtype=torch.int64, device=device),
+                lengths=torch.zeros(state.num_layers, c * heads,
+                                    dtype=torch.int32, device=device),
+                starts=torch.arange(c * heads + 1, dtype=torch.int32,
+                                    device=device))
+            # the identity plan's table: a plan with no kept tokens
+            self._identity = state.page_plan(torch.zeros(
+                state.num_layers, heads, dtype=torch.int64), device)[1]
+        return self.buffers
