@@ -78,3 +78,12 @@ def test_budget_plan_is_hashable_and_pickles():
     plan = BudgetPlan.build(SparseMMSettings(budget=64), torch.ones(2, 4), 2)
     assert pickle.loads(pickle.dumps(plan)) == plan
     assert hash(plan) == hash(pickle.loads(pickle.dumps(plan)))
+
+
+def test_readme_documents_every_setting():
+    import dataclasses
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for field in dataclasses.fields(SparseMMSettings):
+        assert f"| `{field.name}` |" in readme, field.name
+
