@@ -448,3 +448,21 @@ def test_virtual_sequences_list_each_row_head_token_once(query_lens):
     lens = [n for n in query_lens for _ in range(heads)]
     assert starts.tolist() == [sum(lens[:i]) for i in range(len(lens) + 1)]
     assert starts.dtype == torch.int32
+
+
+def test_memory_profile_run_reserves_the_selection_scratch(monkeypatch):
+    """vLLM sizes the KV cache from the peak of its profile run, where
+    attention gets no metadata: the selection's scratch must show there."""
+    from vllm_sparsemm import worker_state
+    seen = []
+    monkeypatch.setattr(backend, "reserve_selection_scratch",
+                        lambda nbytes, device: seen.append(nbytes))
+    impl = backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
+                                "auto")
+    out = torch.ones(3, HEADS, DIM)
+    impl.forward(None, out, out, out, None, None, out)
+    assert out.eq(0).all()
+    assert seen == [worker_state.selection_scratch_bytes(
+        KV_HEADS, DIM, HEADS // KV_HEADS, SparseMMSettings().window)]
+    # a 7B model (32 KV heads of 128, no GQA, W = 32): ~1.3 GB
+    assert 1.2e9 < worker_state.selection_scratch_bytes(32, 128, 1, 32) < 1.4e9

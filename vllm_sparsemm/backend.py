@@ -29,6 +29,7 @@ from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      prepare_compressed, select_kept_tokens,
                                      write_compressed, write_standard_reference)
 from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
+                                        selection_scratch_bytes,
                                         take_step_rows, upload,
                                         virtual_sequences)
 
@@ -189,10 +190,20 @@ def _fa_ops():
 
 class SparseMMImpl(FlashAttentionImpl):
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from vllm.config.vllm import get_current_vllm_config_or_none
+        config = get_current_vllm_config_or_none()  # None in CPU tests
+        window = SparseMMSettings.from_sources(
+            config.additional_config if config else None).window
+        self.selection_scratch = selection_scratch_bytes(
+            self.num_kv_heads, self.head_size, self.num_queries_per_kv, window)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata,
                 output, output_scale=None, output_block_scale=None):
-        if attn_metadata is None:
-            return output.fill_(0)  # profile run
+        if attn_metadata is None:  # vLLM's memory profile run
+            reserve_selection_scratch(self.selection_scratch, query.device)
+            return output.fill_(0)
         plan: StepPlan | None = getattr(attn_metadata, "sparsemm", None)
         if plan is None:  # dummy run, or no request compressed: plain FA
             self._write_standard(layer, key, value, kv_cache,
@@ -338,6 +349,13 @@ def _single_head_pages(state: WorkerKVState, dim: int):
         state.attention_views = (canonical(state.pages[..., :dim].unsqueeze(2)),
                                  canonical(state.pages[..., dim:].unsqueeze(2)))
     return state.attention_views
+
+
+def reserve_selection_scratch(nbytes: int, device: torch.device) -> None:
+    """Allocate (and drop) the selection's scratch in the memory profile run,
+    so the peak vLLM measures there, and sizes the KV cache by, includes it."""
+    if device.type == "cuda":
+        torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:

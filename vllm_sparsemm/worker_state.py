@@ -258,11 +258,21 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
     return plan
 
 
-# Prompt tokens scored at once: bounds the selection's scratch memory, which
-# vLLM's memory profile cannot see: per token and KV head ~1.2 KB (the key in
-# fp16 and fp32, three copies of its G x W window logits in fp32 for G = 1),
-# ~1.2 GB at 2^15 tokens for a 7B model's 32 KV heads.
+# Prompt tokens scored at once: bounds the selection's scratch memory
+# (selection_scratch_bytes: ~1.3 GB at 2^15 tokens for a 7B model's 32 KV
+# heads). vLLM's memory profile run does not select, so the backend allocates
+# that much there (backend.reserve_selection_scratch) and the KV cache is
+# sized around it.
 SELECTION_TOKENS = 1 << 15
+
+
+def selection_scratch_bytes(num_kv_heads: int, head_dim: int, group: int,
+                            window: int) -> int:
+    """Peak scratch of one selection chunk: per prompt token and KV head, the
+    key in fp16 and fp32, three fp32 copies of its ``group x window`` logits,
+    and ~64 bytes of scores, sort values and indices."""
+    per_token = 6 * head_dim + 12 * group * window + 64
+    return SELECTION_TOKENS * num_kv_heads * per_token
 
 
 def _selection_groups(compressing):
