@@ -28,6 +28,7 @@ from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      compressed_page_table, page_table_width,
                                      prepare_compressed, select_kept_tokens,
                                      write_compressed, write_standard_reference)
+from vllm_sparsemm.plan_setup import settings_for
 from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
                                         selection_scratch_bytes,
                                         take_step_rows, upload,
@@ -81,8 +82,7 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
-        settings = SparseMMSettings.from_sources(vllm_config.additional_config)
-        if settings.full_cuda_graphs:
+        if settings_for(vllm_config).full_cuda_graphs:
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return cls._cudagraph_support
 
@@ -97,7 +97,7 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         self._init_reorder_batch_threshold(1)
         global _worker_state
         from vllm.distributed import get_tensor_model_parallel_rank
-        settings = SparseMMSettings.from_sources(vllm_config.additional_config)
+        settings = settings_for(vllm_config)
         law = BlockLaw(kv_cache_spec.plan, kv_cache_spec.block_size,
                        kv_cache_spec.tp_size)
         _worker_state = WorkerKVState(law, len(layer_names),

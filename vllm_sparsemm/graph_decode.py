@@ -62,11 +62,7 @@ class GraphDecode:
         per_row, tables = [], []
         for row in rows or []:
             if state.law.compresses(row.prompt_len):
-                req = state.requests.get(row.req_id)
-                if req is None or not req.compacted:
-                    raise RuntimeError(
-                        f"sparsemm: request {row.req_id} decodes but was "
-                        f"never compacted on this worker")
+                req = state.compacted_request(row)
                 per_row.append((row.computed - row.prompt_len,
                                 row.end - row.prompt_len, req.kept_entries,
                                 req.prompt_entries))

@@ -139,6 +139,14 @@ class WorkerKVState:
                 plan.decode_base[0], plan.counts[0]])
         return self._plans[key]
 
+    def compacted_request(self, row: RowInfo) -> RequestKV:
+        """The state of a request decoding past its compressed prompt."""
+        req = self.requests.get(row.req_id)
+        if req is None or not req.compacted:
+            raise RuntimeError(f"sparsemm: request {row.req_id} decodes but "
+                               f"was never compacted on this worker")
+        return req
+
     def finish(self, req_ids) -> None:
         for req_id in req_ids:
             self.requests.pop(req_id, None)
@@ -217,14 +225,11 @@ def plan_step(state: WorkerKVState, rows: list[RowInfo],
         if not law.compresses(row.prompt_len):
             standard.append(i)
             continue
-        req = state.requests.get(row.req_id)
         if row.computed >= row.prompt_len:
-            if req is None or not req.compacted:
-                raise RuntimeError(
-                    f"sparsemm: request {row.req_id} decodes but was never "
-                    f"compacted on this worker")
+            state.compacted_request(row)  # raises if it never was
             compressed.append(i)
             continue
+        req = state.requests.get(row.req_id)
         if req is None or req.compacted:  # new, or re-prefilling after preemption
             req = state.requests[row.req_id] = RequestKV(row.prompt_len)
         standard.append(i)
