@@ -8,7 +8,9 @@ import types
 import numpy as np
 import pytest
 
-from test_backend_cpu import BS, Engine
+import torch
+
+from test_backend_cpu import BS, DIM, HEADS, KV_HEADS, Engine
 from vllm_sparsemm import patches
 from vllm_sparsemm.graph_decode import GraphDecode
 
@@ -138,3 +140,35 @@ def test_builder_declares_full_graphs_for_uniform_decode_only_when_asked():
     support = SparseMMMetadataBuilder.get_cudagraph_support
     assert support(on, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     assert support(off, None) == AttentionCGSupport.NEVER
+
+
+def test_capture_run_binds_the_cache_before_any_forward_and_writes_block_0():
+    """vLLM captures full graphs (rows None, all padding) before any layer
+    has run: the builder binds the buffer from the forward context first."""
+    from vllm_sparsemm import backend
+    eng = Engine(full_graphs=True)
+    state, rank = eng.state, eng.ranks[0]
+    assert state.space is None
+    rank.cache.normal_()
+    before = rank.cache.clone()
+    name = eng.layers[0].layer_name
+    config = types.SimpleNamespace(compilation_config=types.SimpleNamespace(
+        static_forward_context={name: types.SimpleNamespace(
+            kv_cache=rank.cache[:, 0])}))
+    backend.bind_before_first_forward(state, config, name)
+    assert state.pages.data_ptr() == rank.cache.data_ptr()
+    reqs = 4
+    metadata = types.SimpleNamespace(block_table=torch.zeros(
+        reqs, 3, dtype=torch.int32))
+    plan = backend.step_plan(state, None, reqs, reqs,
+                             torch.arange(reqs + 1), metadata)
+    assert plan.compressed.max_length == 4096  # the fixed path
+    metadata.sparsemm = plan
+    for l, layer in enumerate(eng.layers):
+        q = torch.zeros(reqs, HEADS, DIM)
+        kv = torch.ones(reqs, KV_HEADS, DIM)
+        out = torch.full_like(q, float("nan"))
+        rank.impl.forward(layer, q, kv, kv, rank.cache[:, l], metadata, out)
+        assert out.eq(0).all()  # no keys: nothing read
+    assert torch.equal(rank.cache[1:], before[1:])  # only block 0 written
+    assert not torch.equal(rank.cache[0], before[0])

@@ -114,6 +114,9 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         rows = take_step_rows()
+        if self.state.pages is None:
+            bind_before_first_forward(self.state, self.vllm_config,
+                                      self.layer_names[0])
         metadata = super().build(common_prefix_len, common_attn_metadata,
                                  fast_build)
         metadata.sparsemm = step_plan(
@@ -356,6 +359,21 @@ def reserve_selection_scratch(nbytes: int, device: torch.device) -> None:
     so the peak vLLM measures there, and sizes the KV cache by, includes it."""
     if device.type == "cuda":
         torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def bind_before_first_forward(state: WorkerKVState, vllm_config,
+                              layer_name: str) -> None:
+    """Bind the packed KV buffer from vLLM's forward context.
+
+    Layers bind it on their first forward, but a full-graph capture builds
+    metadata (graph_decode's page tables need the buffer's shape) before any
+    layer has run. Before vLLM allocates the cache there is nothing to bind.
+    """
+    layer = vllm_config.compilation_config.static_forward_context.get(
+        layer_name)
+    kv_cache = getattr(layer, "kv_cache", None)
+    if isinstance(kv_cache, torch.Tensor) and kv_cache.numel():
+        state.bind_cache(_page_view(kv_cache, state))
 
 
 def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:
