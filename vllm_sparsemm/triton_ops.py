@@ -54,7 +54,10 @@ if triton is not None:
 
 
 AVAILABLE = triton is not None
-_BLOCK = 64  # page-table columns per program
+# page-table columns per program: the whole row up to this width. Launches
+# are latency-bound (a full-graph step's width covers max_model_len: 256
+# columns in 64-column programs cost 3x one program per row).
+_MAX_BLOCK = 256
 
 
 def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
@@ -65,10 +68,11 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
                         device=cr.counts.device)
     if num_seqs == 0:
         return table
-    _page_table_kernel[(num_seqs, triton.cdiv(width, _BLOCK))](
+    block = min(triton.next_power_of_2(width), _MAX_BLOCK)
+    _page_table_kernel[(num_seqs, triton.cdiv(width, block))](
         table, cr.prefix_pages, cr.prefix_start, cr.decode_base,
         cr.lengths[layer], cr.kept_entries, cr.prompt_entries, cr.block_rows,
         cr.prefix_pages.stride(0), cr.block_rows.stride(0),
         cr.block_rows.shape[1], layer * heads, heads, width,
-        state.space.pages_per_block, state.block_size, BLOCK=_BLOCK)
+        state.space.pages_per_block, state.block_size, BLOCK=block)
     return table
