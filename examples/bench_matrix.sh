@@ -25,10 +25,10 @@ cases=(
   "--model llava-1.5-7b --latency --contexts 2048,32768 --output-len 64 --budget 256 --out $dir/latency.json"
   # 7: stock with piecewise CUDA graphs only, against stock's default full+piecewise
   "--model llava-1.5-7b --num-requests 1024 --output-len 256 --backends FLASH_ATTN,FLASH_ATTN:PIECEWISE --max-seconds 45 --out $dir/stock_piecewise.json"
-  # 8, 9: full CUDA graphs for decode (setting full_cuda_graphs) against
-  #    piecewise and stock: batch 1, then LLaVA-1.5 throughput
-  "--model llava-1.5-7b --latency --contexts 2048,32768 --output-len 64 --budget 256 --backends FLASH_ATTN,sparsemm,sparsemm:FULL --out $dir/latency_full.json"
-  "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,sparsemm,sparsemm:FULL --out $dir/llava15_full.json"
+  # 8, 9: full CUDA graphs for decode (the default) against piecewise
+  #    (setting full_cuda_graphs off) and stock: batch 1, then LLaVA-1.5
+  "--model llava-1.5-7b --latency --contexts 2048,32768 --output-len 64 --budget 256 --backends FLASH_ATTN,sparsemm:PIECEWISE,sparsemm --out $dir/latency_full.json"
+  "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,sparsemm:PIECEWISE,sparsemm --out $dir/llava15_full.json"
 )
 status=0
 for i in "${@:-$(seq 1 ${#cases[@]})}"; do

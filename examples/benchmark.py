@@ -92,8 +92,10 @@ def _engine(args, backend):
         # Environment rather than --additional-config: the latter enters
         # vLLM's compile-cache hash, so each budget would recompile the model.
         os.environ["VLLM_SPARSEMM_BUDGET"] = str(args.budget)
-        if backend == "sparsemm:FULL":  # decode steps replay full CUDA graphs
-            os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"] = "1"
+        # decode steps replay full CUDA graphs (the default) or run
+        # piecewise (sparsemm:PIECEWISE, setting full_cuda_graphs off)
+        mode = backend.partition(":")[2] or "FULL"
+        os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"] = str(int(mode == "FULL"))
         if args.head_scores:
             os.environ["VLLM_SPARSEMM_HEAD_SCORES"] = args.head_scores
         kwargs["attention_backend"] = "sparsemm"
@@ -396,7 +398,8 @@ def main():
     parser.add_argument("--backends", default="FLASH_ATTN,sparsemm",
                         help="comma list, first is the reference: FLASH_ATTN "
                         "(FLASH_ATTN:PIECEWISE for piecewise graphs only), "
-                        "sparsemm, sparsemm:FULL (setting full_cuda_graphs)")
+                        "sparsemm (full CUDA graphs for decode, the default), "
+                        "sparsemm:PIECEWISE (setting full_cuda_graphs off)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--baseline", default=None,
                         help="JSON of an earlier run of this script on the same "
@@ -410,6 +413,11 @@ def main():
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",")]
+    for backend in args.backends.split(","):
+        name, _, mode = backend.partition(":")
+        if name == "sparsemm" and mode not in ("", "FULL", "PIECEWISE"):
+            parser.error(f"unknown sparsemm mode {mode!r} in {backend!r}: use "
+                         "sparsemm, sparsemm:FULL or sparsemm:PIECEWISE")
     if args.head_scores is None:
         args.head_scores = ("uniform" if args.model.startswith("qwen") else
                             "llava-v1.6-vicuna-7b")

@@ -80,6 +80,7 @@ class Engine:
             kv_heads=slice(r * kv_heads, (r + 1) * kv_heads))
             for r in range(tp)]
         self.state = self.ranks[0].state
+        self.full_graphs = full_graphs
         if full_graphs:  # as the builder sets it up (max_model_len, capacity)
             for rank in self.ranks:
                 rank.state.graph = GraphDecode(4096, 64)
@@ -156,13 +157,17 @@ class Engine:
                                   dtype=torch.int32),
             max_seq_len=max(r.end for r in rows), block_table=table,
             slot_mapping=torch.tensor(slots + [-1] * pad, dtype=torch.int64))
+        # vLLM's dispatch with patches.patch_full_graph_dispatch: FULL for
+        # one token per row, none of them in its prompt
+        full_graph = self.full_graphs and all(
+            r.scheduled == 1 and r.computed >= r.prompt_len for r in rows)
         outputs = []
         for rank in self.ranks:
             backend._worker_state = rank.state
             rank_metadata = dataclasses.replace(metadata)
             rank_metadata.sparsemm = backend.step_plan(
                 rank.state, rows, len(rows) + pad, len(tokens) + pad,
-                torch.tensor(starts), rank_metadata)
+                torch.tensor(starts), rank_metadata, full_graph)
             self.last_plan = rank_metadata.sparsemm
             rank_out = []
             for l, layer in enumerate(self.layers):

@@ -82,63 +82,75 @@ def test_padded_rows_write_into_the_null_block_and_read_nothing():
         assert (real // pages_per_block).ne(0).all()
 
 
-def test_steps_with_prompt_rows_or_many_tokens_take_the_regular_path():
+def test_a_full_step_that_is_not_a_uniform_decode_fails_loudly():
     graph = GraphDecode(4096, 8)
     row = types.SimpleNamespace
     decoding = [row(scheduled=1, computed=120, prompt_len=100)]
     in_prompt = [row(scheduled=1, computed=99, prompt_len=100)]
-    assert graph.applies(decoding, 4, 4)
-    assert graph.applies(None, 4, 4)  # vLLM's dummy and capture runs
-    assert not graph.applies(in_prompt, 4, 4)
-    assert not graph.applies(decoding, 2, 5)  # a prefill chunk
-    assert not graph.applies(decoding, 9, 9)  # beyond the buffers
+    graph.check_uniform_decode(decoding, 4, 4)
+    graph.check_uniform_decode(None, 4, 4)  # vLLM's dummy and capture runs
+    for bad in [(in_prompt, 4, 4),  # would skip window queries, compaction
+                (decoding, 2, 5),  # a prefill chunk
+                (decoding, 9, 9)]:  # beyond the buffers
+        with pytest.raises(RuntimeError, match="not a uniform decode"):
+            graph.check_uniform_decode(*bad)
 
 
-def test_full_graphs_are_ruled_out_while_a_row_is_in_its_prompt():
+def test_dispatch_rules_full_out_for_prompt_rows_and_tells_the_builder():
+    from vllm.config import CUDAGraphMode
     seen = []
 
-    def original(self, **kwargs):
-        seen.append(kwargs["use_cascade_attn"])
+    def original(self, **kwargs):  # vLLM: FULL for uniform decode unless
+        seen.append(kwargs["use_cascade_attn"])  # cascade attention is on
+        mode = (CUDAGraphMode.PIECEWISE if kwargs["use_cascade_attn"] else
+                CUDAGraphMode.FULL)
+        return mode, None, False, None, None
 
-    wrapped = _veto(original)
+    wrapped = _dispatch(original)
     runner = types.SimpleNamespace(
         _sparsemm_full_graphs=True, input_batch=types.SimpleNamespace(
             num_computed_tokens_cpu=np.array([120, 99, 0]),
             num_prompt_tokens=np.array([100, 100, 50])))
     args = dict(num_tokens=2, num_reqs=2, num_scheduled_tokens_np=None,
                 max_num_scheduled_tokens=1, use_cascade_attn=False)
-    wrapped(runner, **args)  # row 1 computes its last prompt token
-    wrapped(runner, **dict(args, num_reqs=1))  # only a decoding row
-    wrapped(runner, **dict(args, force_uniform_decode=True))  # dummy run
+    full = []
+    for call in [args,  # row 1 computes its last prompt token
+                 dict(args, num_reqs=1),  # only a decoding row
+                 dict(args, force_uniform_decode=True)]:  # capture run
+        wrapped(runner, **call)
+        full.append(runner._sparsemm_step_full_graph)
     runner._sparsemm_full_graphs = False
     wrapped(runner, **args)
+    full.append(runner._sparsemm_step_full_graph)
     assert seen == [True, False, False, False]
+    assert full == [False, True, True, False]
 
 
-def _veto(original):
-    """patches.patch_full_graph_veto's wrapper around ``original``."""
+def _dispatch(original):
+    """patches.patch_full_graph_dispatch's wrapper around ``original``."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     saved = GPUModelRunner.__dict__["_determine_batch_execution_and_padding"]
     key = (id(GPUModelRunner), "_determine_batch_execution_and_padding")
     try:
         GPUModelRunner._determine_batch_execution_and_padding = original
         patches._patched.discard(key)
-        patches.patch_full_graph_veto()
+        patches.patch_full_graph_dispatch()
         return GPUModelRunner.__dict__["_determine_batch_execution_and_padding"]
     finally:
         GPUModelRunner._determine_batch_execution_and_padding = saved
         patches._patched.add(key)
 
 
-def test_builder_declares_full_graphs_for_uniform_decode_only_when_asked():
+def test_builder_declares_full_graphs_for_uniform_decode_unless_turned_off():
     from vllm.v1.attention.backend import AttentionCGSupport
 
     from vllm_sparsemm.backend import SparseMMMetadataBuilder
-    on = types.SimpleNamespace(
-        additional_config={"sparsemm": {"full_cuda_graphs": True}})
-    off = types.SimpleNamespace(additional_config={})
+    default = types.SimpleNamespace(additional_config={})
+    off = types.SimpleNamespace(
+        additional_config={"sparsemm": {"full_cuda_graphs": False}})
     support = SparseMMMetadataBuilder.get_cudagraph_support
-    assert support(on, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert support(default, None) == (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
     assert support(off, None) == AttentionCGSupport.NEVER
 
 
@@ -161,7 +173,7 @@ def test_capture_run_binds_the_cache_before_any_forward_and_writes_block_0():
     metadata = types.SimpleNamespace(block_table=torch.zeros(
         reqs, 3, dtype=torch.int32))
     plan = backend.step_plan(state, None, reqs, reqs,
-                             torch.arange(reqs + 1), metadata)
+                             torch.arange(reqs + 1), metadata, full_graph=True)
     assert plan.compressed.max_length == 4096  # the fixed path
     metadata.sparsemm = plan
     for l, layer in enumerate(eng.layers):

@@ -93,17 +93,21 @@ def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
     register()
     seen = []
     monkeypatch.setattr(worker_state, "stash_step_rows",
-                        lambda rows: seen.append(rows))
+                        lambda rows, full_graph=False: seen.append(
+                            (rows, full_graph)))
     batch = types.SimpleNamespace(
         req_ids=["a", "b", "c"], num_prompt_tokens=np.array([90, 40, 7]),
         num_computed_tokens_cpu=np.array([90, 32, 0]))
-    runner = types.SimpleNamespace(input_batch=batch)
+    # the dispatch patch recorded the step's mode: FULL
+    runner = types.SimpleNamespace(input_batch=batch,
+                                   _sparsemm_step_full_graph=True)
     with pytest.raises(AttributeError):  # the real builder needs a real runner
         GPUModelRunner._build_attention_metadata(
             runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
-    rows = seen[0]
+    rows, full_graph = seen[0]
+    assert full_graph
     assert rows == [worker_state.RowInfo("a", 90, 90, 1),
                     worker_state.RowInfo("b", 40, 32, 8)]
     assert all(type(v) is int for row in rows
                for v in (row.prompt_len, row.computed, row.scheduled))
-    assert seen[-1] is None  # cleared after the builder
+    assert seen[-1] == (None, False)  # cleared after the builder

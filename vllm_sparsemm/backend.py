@@ -113,7 +113,7 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         self.state = _worker_state
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        rows = take_step_rows()
+        rows, full_graph = take_step_rows()
         if self.state.pages is None:
             bind_before_first_forward(self.state, self.vllm_config,
                                       self.layer_names[0])
@@ -122,17 +122,18 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         metadata.sparsemm = step_plan(
             self.state, rows, common_attn_metadata.num_reqs,
             common_attn_metadata.num_actual_tokens,
-            common_attn_metadata.query_start_loc_cpu, metadata)
+            common_attn_metadata.query_start_loc_cpu, metadata, full_graph)
         return metadata
 
 
 def step_plan(state: WorkerKVState, rows, num_reqs: int, num_tokens: int,
-              query_start_loc_cpu, metadata) -> StepPlan | None:
+              query_start_loc_cpu, metadata,
+              full_graph: bool = False) -> StepPlan | None:
     """The plan a step's metadata carries: graph_decode's fixed path for
-    uniform decode steps when full graphs are on, else :func:`build_step`
-    (None when vLLM gives no rows: its dummy runs)."""
-    if state.graph is not None and state.graph.applies(rows, num_reqs,
-                                                       num_tokens):
+    steps vLLM runs as FULL CUDA graphs (``full_graph``), else
+    :func:`build_step` (None when vLLM gives no rows: its dummy runs)."""
+    if full_graph:
+        state.graph.check_uniform_decode(rows, num_reqs, num_tokens)
         return build_graph_step(state, rows, num_reqs, metadata)
     if rows is None:
         return None

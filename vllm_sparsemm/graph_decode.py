@@ -9,7 +9,8 @@ allocated once. An uncompressed row is a compressed row with the identity plan
 which is exactly vLLM's standard layout. Rows vLLM pads the batch with hold no
 keys and write their token into block 0, vLLM's null block, which no request
 ever owns. Steps that do more (window queries, selection, compaction) run
-piecewise: ``patches.patch_full_graph_veto`` keeps FULL graphs off them.
+piecewise: ``patches.patch_full_graph_dispatch`` keeps FULL graphs off them
+and tells the builder which steps run FULL.
 """
 
 from __future__ import annotations
@@ -42,16 +43,20 @@ class GraphDecode:
         self.buffers: DecodeBuffers | None = None
         self._identity: torch.Tensor | None = None  # [4, F], with the buffers
 
-    def applies(self, rows: list[RowInfo] | None, num_reqs: int,
-                num_tokens: int) -> bool:
-        """A uniform decode step: one token per row (padded rows included)
-        and no row in its prompt. ``rows`` is None in vLLM's dummy and
+    def check_uniform_decode(self, rows: list[RowInfo] | None, num_reqs: int,
+                             num_tokens: int) -> None:
+        """Fail loudly unless a FULL step is a uniform decode step: one token
+        per row (padded rows included) and no row in its prompt (the
+        dispatch patch rules those out). ``rows`` is None in vLLM's dummy and
         capture runs, whose rows are all padding."""
-        if num_tokens != num_reqs or num_reqs > self.capacity:
-            return False
-        return rows is None or all(
-            row.scheduled == 1 and row.computed >= row.prompt_len
-            for row in rows)
+        if (num_tokens != num_reqs or num_reqs > self.capacity
+                or any(row.scheduled != 1 or row.computed < row.prompt_len
+                       for row in rows or [])):
+            raise RuntimeError(
+                f"sparsemm: vLLM runs a FULL CUDA graph for a step that is "
+                f"not a uniform decode ({num_tokens} tokens, {num_reqs} rows, "
+                f"capacity {self.capacity}); set full_cuda_graphs to false "
+                f"and report this")
 
     def rows(self, state: WorkerKVState, rows: list[RowInfo] | None,
              num_reqs: int, block_table: torch.Tensor) -> CompressedRows:

@@ -196,8 +196,9 @@ def patch_runner_hooks() -> None:
         def _build_attention_metadata(self, num_tokens, num_reqs,
                                       max_query_len, *args, **kwargs):
             scheduled = kwargs.get("num_scheduled_tokens")
+            full_graph = getattr(self, "_sparsemm_step_full_graph", False)
             if scheduled is None or kwargs.get("for_cudagraph_capture"):
-                ws.stash_step_rows(None)
+                ws.stash_step_rows(None, full_graph)
             else:
                 batch = self.input_batch
                 ws.stash_step_rows([
@@ -206,7 +207,7 @@ def patch_runner_hooks() -> None:
                         batch.req_ids[:num_reqs],
                         batch.num_prompt_tokens[:num_reqs].tolist(),
                         batch.num_computed_tokens_cpu[:num_reqs].tolist())
-                ])
+                ], full_graph)
             try:
                 return original(self, num_tokens, num_reqs, max_query_len,
                                 *args, **kwargs)
@@ -258,25 +259,36 @@ def patch_admission_inputs() -> None:
     _wrap(KVCacheManager, "allocate_slots", make)
 
 
-def patch_full_graph_veto() -> None:
-    """Wraps V1 ``GPUModelRunner._determine_batch_execution_and_padding``: vLLM
-    counts a step with one token per row as uniform decode even when a row is
-    still in its prompt (a 1-token last chunk), and a replayed FULL graph would
-    skip what such a row needs (window queries, selection, compaction). With
-    ``full_cuda_graphs`` on, those steps pass ``use_cascade_attn=True``, which
-    in this function only rules FULL out: they run piecewise."""
+def patch_full_graph_dispatch() -> None:
+    """Wraps V1 ``GPUModelRunner._determine_batch_execution_and_padding``,
+    which picks each step's CUDA-graph mode, for two reasons:
+
+    - vLLM counts a step with one token per row as uniform decode even when a
+      row is still in its prompt (a 1-token last chunk), and a replayed FULL
+      graph would skip what such a row needs (window queries, selection,
+      compaction). With ``full_cuda_graphs`` on, those steps pass
+      ``use_cascade_attn=True``, which in this function only rules FULL out:
+      they run piecewise.
+    - The builder is not told the mode. It is recorded on the runner so that
+      FULL steps, and only they, take graph_decode's fixed path (eager and
+      piecewise decode steps keep plain FlashAttention for plain rows)."""
+    from vllm.config import CUDAGraphMode
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     def make(original):
 
         @functools.wraps(original)
         def _determine_batch_execution_and_padding(self, **kwargs):
-            if (kwargs.get("force_uniform_decode") is None  # not a dummy run
+            full_graphs = _full_graphs(self)
+            if (full_graphs
+                    and kwargs.get("force_uniform_decode") is None  # real step
                     and kwargs.get("max_num_scheduled_tokens") == 1
-                    and _full_graphs(self)
                     and rows_in_prompt(self.input_batch, kwargs["num_reqs"])):
                 kwargs["use_cascade_attn"] = True
-            return original(self, **kwargs)
+            result = original(self, **kwargs)
+            self._sparsemm_step_full_graph = (
+                full_graphs and result[0] == CUDAGraphMode.FULL)
+            return result
 
         return _determine_batch_execution_and_padding
 
@@ -308,4 +320,4 @@ def apply_all() -> None:
     patch_layer_spec()
     patch_runner_hooks()
     patch_admission_inputs()
-    patch_full_graph_veto()
+    patch_full_graph_dispatch()

@@ -32,18 +32,23 @@ class RowInfo:
 
 
 _step_rows: list[RowInfo] | None = None
+_step_full_graph = False
 
 
-def stash_step_rows(rows: list[RowInfo] | None) -> None:
-    global _step_rows
-    _step_rows = rows
+def stash_step_rows(rows: list[RowInfo] | None,
+                    full_graph: bool = False) -> None:
+    """``full_graph``: vLLM runs (or captures) this step as a FULL CUDA graph."""
+    global _step_rows, _step_full_graph
+    _step_rows, _step_full_graph = rows, full_graph
 
 
-def take_step_rows() -> list[RowInfo] | None:
-    """The rows of the step being built; None for dummy, profile and capture runs."""
-    global _step_rows
-    rows, _step_rows = _step_rows, None
-    return rows
+def take_step_rows() -> tuple[list[RowInfo] | None, bool]:
+    """The rows of the step being built (None for dummy, profile and capture
+    runs) and whether it runs as a FULL CUDA graph."""
+    global _step_rows, _step_full_graph
+    taken = _step_rows, _step_full_graph
+    _step_rows, _step_full_graph = None, False
+    return taken
 
 
 @dataclass
