@@ -2,8 +2,8 @@
 
 Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the tests
 can read the scheduler's block pool and the worker's selections. Most runs use
-``enforce_eager`` to keep start-up short; one runs vLLM's default compile mode
-(piecewise CUDA graphs).
+``enforce_eager`` to keep start-up short; two run vLLM's compile mode, with
+piecewise CUDA graphs only and with full decode graphs (the default).
 """
 
 import gc
