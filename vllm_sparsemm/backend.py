@@ -114,9 +114,8 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         rows, full_graph = take_step_rows()
-        if self.state.pages is None:
-            bind_before_first_forward(self.state, self.vllm_config,
-                                      self.layer_names[0])
+        bind_before_first_forward(self.state, self.vllm_config,
+                                  self.layer_names[0])
         metadata = super().build(common_prefix_len, common_attn_metadata,
                                  fast_build)
         metadata.sparsemm = step_plan(
@@ -251,8 +250,7 @@ class SparseMMImpl(FlashAttentionImpl):
     def _layer_index(self, layer, kv_cache, state: WorkerKVState) -> int:
         """This layer's index, its slot in the packed buffer checked once
         (decode runs eagerly between graphs: per-layer host time counts)."""
-        if state.pages is None:
-            state.bind_cache(_page_view(kv_cache, state))
+        _bind_once(state, kv_cache)
         checked = getattr(self, "_sparsemm_slot", None)
         if checked is None or checked[0] != kv_cache.data_ptr():
             index = extract_layer_index(layer.layer_name)
@@ -271,8 +269,7 @@ class SparseMMImpl(FlashAttentionImpl):
                                     layer._v_scale)
         else:
             state = state or worker_state()
-            if state.pages is None:
-                state.bind_cache(_page_view(kv_cache, state))
+            _bind_once(state, kv_cache)
             write_standard_reference(state,
                                      extract_layer_index(layer.layer_name),
                                      key, value, slots)
@@ -370,10 +367,18 @@ def bind_before_first_forward(state: WorkerKVState, vllm_config,
     metadata (graph_decode's page tables need the buffer's shape) before any
     layer has run. Before vLLM allocates the cache there is nothing to bind.
     """
+    if state.pages is not None:
+        return
     layer = vllm_config.compilation_config.static_forward_context.get(
         layer_name)
     kv_cache = getattr(layer, "kv_cache", None)
     if isinstance(kv_cache, torch.Tensor) and kv_cache.numel():
+        _bind_once(state, kv_cache)
+
+
+def _bind_once(state: WorkerKVState, kv_cache: torch.Tensor) -> None:
+    """Adopt the packed buffer behind a layer's ``kv_cache`` unless bound."""
+    if state.pages is None:
         state.bind_cache(_page_view(kv_cache, state))
 
 
