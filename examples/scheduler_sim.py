@@ -7,12 +7,18 @@ Runs vLLM 0.26.0's ``Scheduler`` with a stock ``FullAttentionSpec`` manager
 (prefix caching off) and with sparsemm's manager, over one burst of identical
 requests, and charges each step ``max(weights read, tokens x per-token
 compute) + KV bytes that decoding rows hold / bandwidth`` (CostModel.step).
-Output: steps, modelled
-seconds and output tok/s, recompute preemptions and the prompt tokens they
-threw away, peak running requests. It is a model, not a measurement (it has
-no async scheduling, no per-row attention overheads, no vision encoder): on
-the LLaVA-NeXT benchmark it came within ~10% of the H100's measured output
-tok/s for stock and for sparsemm at B=256 and B=64 (docs/performance.md).
+Output: steps, modelled seconds and output tok/s, recompute preemptions and
+the prompt tokens they threw away, peak running requests, and the wall time
+vLLM's scheduler itself took per step on this CPU (host time that a GPU step
+must hide). It is a model, not a measurement (no async scheduling, no
+per-row attention overheads, no vision encoder): its step counts match the
+H100 runs within ~8%, its step times are 10-20% short of them
+(docs/performance.md).
+
+``--no-prefill-transient`` models a design sparsemm does not have yet: each
+prompt prefilled in one step (chunked prefill off) and written straight into
+its compressed pages, so a request never holds its whole prompt's blocks
+(``without_prefill_transient``). It bounds what that design would buy.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +67,8 @@ def write_text_model(path: Path, layers: int = 32, heads: int = 32) -> Path:
 
 
 def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
-                   max_num_seqs: int, model_dir: Path, max_model_len=4096):
+                   max_num_seqs: int, model_dir: Path, max_model_len=4096,
+                   chunked_prefill: bool = True):
     from vllm.config import (CacheConfig, DeviceConfig, ModelConfig,
                              SchedulerConfig, VllmConfig)
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -80,7 +88,8 @@ def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
         scheduler_config=SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_batched_tokens,
-            max_model_len=max_model_len, is_encoder_decoder=False))
+            max_model_len=max_model_len, is_encoder_decoder=False,
+            enable_chunked_prefill=chunked_prefill))
     layers = [f"model.layers.{i}.self_attn.attn"
               for i in range(config.model_config.get_num_layers(
                   config.parallel_config))]
@@ -112,8 +121,11 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             SamplingParams(max_tokens=output_len, ignore_eos=True), None))
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     seconds, steps, produced, peak = 0.0, 0, 0, 0
+    host = 0.0  # wall seconds in vLLM's scheduler (this CPU, not the model)
     while scheduler.get_num_unfinished_requests() and steps < max_steps:
+        started = time.perf_counter()
         out = scheduler.schedule()
+        host += time.perf_counter() - started
         ids = list(out.num_scheduled_tokens)
         prefill = decode_rows = decode_blocks = 0
         sampled = []
@@ -128,9 +140,12 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             done_prefill = request.num_computed_tokens >= request.num_tokens
             sampled.append([7] if done_prefill else [])
         seconds += cost.step(prefill, decode_rows, decode_blocks)
-        scheduler.update_from_output(out, ModelRunnerOutput(
+        output = ModelRunnerOutput(
             req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=sampled))
+            sampled_token_ids=sampled)
+        started = time.perf_counter()
+        scheduler.update_from_output(out, output)
+        host += time.perf_counter() - started
         produced += sum(map(len, sampled))
         steps += 1
         peak = max(peak, len(scheduler.running))
@@ -138,7 +153,37 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             "output_tok_per_s": produced / seconds if seconds else 0.0,
             "finished": scheduler.get_num_unfinished_requests() == 0,
             "preemptions": preempted[0], "recomputed_tokens": wasted[0],
-            "peak_running": peak}
+            "peak_running": peak,
+            "scheduler_ms_per_step": 1e3 * host / max(steps, 1)}
+
+
+def without_prefill_transient(scheduler) -> None:
+    """Make sparsemm's manager hold a compressed request's compacted blocks
+    from its first step on (see the module docstring). Only meaningful with
+    chunked prefill off: a prompt then always completes in one step."""
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    law, bs = manager.law, manager.block_size
+
+    def blocks(prompt_len: int, tokens: int) -> int:
+        if not law.compresses(prompt_len):
+            return -(-max(tokens, prompt_len) // bs)
+        return law.compacted_blocks(prompt_len, max(tokens - prompt_len, 0))
+
+    def slot_tokens(request_id, num_tokens):
+        prompt_len = manager._prompt_len.get(request_id)
+        if prompt_len is None or not law.compresses(prompt_len):
+            return num_tokens
+        return blocks(prompt_len, num_tokens) * bs
+
+    def remove_skipped_blocks(request_id, processed, num_prompt_tokens=None):
+        if num_prompt_tokens is not None:
+            manager._prompt_len[request_id] = num_prompt_tokens
+
+    manager._slot_tokens = slot_tokens
+    manager.remove_skipped_blocks = remove_skipped_blocks
+    manager._held_blocks = lambda rid: len(manager.req_to_blocks.get(rid, ()))
+    manager._peak_blocks = lambda rid, prompt_len, tokens: blocks(prompt_len,
+                                                                  tokens)
 
 
 def sparsemm_spec(budget: int, admission_reserve: int, scores: torch.Tensor,
@@ -167,6 +212,10 @@ def main():
                         "a 7B model)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--no-prefill-transient", action="store_true",
+                        help="also model sparsemm with prompts written "
+                        "straight into compressed pages (not implemented "
+                        "in the plugin; see the module docstring)")
     parser.add_argument("--head-scores", default=str(
         ROOT / "head_scores" / "llava-v1.6-vicuna-7b.json"))
     args = parser.parse_args()
@@ -180,24 +229,31 @@ def main():
     cases = [("stock", FullAttentionSpec(
         block_size=16, num_kv_heads=scores.shape[1], head_size=128,
         dtype=torch.float16))]
-    cases += [(f"sparsemm B={b} reserve={r}",
+    cases += [(f"sparsemm B={b} reserve={r}{suffix}",
                sparsemm_spec(int(b), int(r), scores))
+              for suffix in ([""] + [" no-transient"] *
+                             args.no_prefill_transient)
               for b in args.budget.split(",")
               for r in args.admission_reserve.split(",")]
     print("case | steps | model s | out tok/s | x stock | preemptions | "
-          "recomputed tokens | peak running")
+          "recomputed tokens | peak running | scheduler ms/step (this CPU)")
     base = None
     for name, spec in cases:
+        no_transient = name.endswith("no-transient")
         scheduler = make_scheduler(spec, args.kv_blocks,
                                    args.max_num_batched_tokens,
-                                   args.max_num_seqs, model_dir)
+                                   args.max_num_seqs, model_dir,
+                                   chunked_prefill=not no_transient)
+        if no_transient:
+            without_prefill_transient(scheduler)
         r = simulate(scheduler, args.requests, args.prompt_len,
                      args.output_len)
         base = base or r["output_tok_per_s"]
         print(f"{name} | {r['steps']} | {r['seconds']:.1f} | "
               f"{r['output_tok_per_s']:.0f} | "
               f"{r['output_tok_per_s'] / base:.2f} | {r['preemptions']} | "
-              f"{r['recomputed_tokens']} | {r['peak_running']}", flush=True)
+              f"{r['recomputed_tokens']} | {r['peak_running']} | "
+              f"{r['scheduler_ms_per_step']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

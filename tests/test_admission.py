@@ -118,3 +118,64 @@ def test_saturated_burst_on_vllms_scheduler(model_dir, reserve):
         assert result["preemptions"] == 0
     else:
         assert result["preemptions"] > 0 and result["recomputed_tokens"] > 0
+
+
+def test_sim_without_prefill_transient_holds_only_compacted_blocks(model_dir):
+    """The what-if mode of examples/scheduler_sim.py: prompts are never
+    chunked and no request ever holds more than its compacted blocks, while
+    the real manager holds the whole prompt during prefill."""
+    sim = _sim()
+    peaks = {}
+    for transient in (True, False):
+        spec = sim.sparsemm_spec(64, 64, _scores(), head_size=8)
+        scheduler = sim.make_scheduler(spec, num_blocks=120,
+                                       max_batched_tokens=1024,
+                                       max_num_seqs=64, model_dir=model_dir,
+                                       max_model_len=1024,
+                                       chunked_prefill=transient)
+        if not transient:
+            sim.without_prefill_transient(scheduler)
+        manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        law, peak = manager.law, [0]
+        schedule = scheduler.schedule
+
+        def checked_schedule():
+            out = schedule()
+            for rid, n in out.num_scheduled_tokens.items():
+                request = scheduler.requests[rid]
+                held = manager._held_blocks(rid)
+                peak[0] = max(peak[0], held)
+                if not transient:
+                    assert request.num_computed_tokens > 0 or n >= 400
+                    assert held <= law.compacted_blocks(
+                        400, max(request.num_computed_tokens + n - 400, 0))
+            return out
+
+        scheduler.schedule = checked_schedule
+        result = sim.simulate(scheduler, num_requests=12, prompt_len=400,
+                              output_len=40)
+        assert result["finished"]
+        peaks[transient] = peak[0]
+    assert peaks[True] >= cdiv(400, BS) > peaks[False]
+
+
+def test_a_preempted_request_compacts_and_releases_again():
+    """Per-request facts the manager keeps (released range, entries freed)
+    are dropped with the request: after recompute preemption the re-prefill
+    holds its whole prompt, then compacts and gives the blocks back again."""
+    kv, manager = _manager(reserve=64)
+    law = manager.law
+    for attempt in range(2):
+        a = _request("a", 300, 100)
+        a.num_computed_tokens = 0
+        tail = 20 * attempt  # the re-prefill recomputes outputs too
+        assert kv.allocate_slots(a, 300 + tail) is not None
+        assert manager._held_blocks("a") == cdiv(300 + tail, BS)
+        a.num_computed_tokens = 300 + tail
+        assert kv.allocate_slots(a, 1) is not None  # compaction noticed here
+        free_after = kv.block_pool.get_num_free_blocks()
+        expected = law.compacted_blocks(300, tail + 1)
+        assert manager._held_blocks("a") == expected < cdiv(300, BS)
+        assert free_after == 400 - 1 - expected  # block 0 is vLLM's null block
+        kv.free(a)
+        assert kv.block_pool.get_num_free_blocks() == 399

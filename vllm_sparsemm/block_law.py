@@ -83,8 +83,16 @@ class BlockLaw:
         """Length of the request's (append-only) block list covering ``num_tokens``."""
         if compaction_end is None or not self.compresses(prompt_len):
             return cdiv(num_tokens, self.block_size)
-        kept_entries, prompt_entries = self.released_range(prompt_len,
-                                                           compaction_end)
+        return self.compacted_list_length(
+            prompt_len, self.released_range(prompt_len, compaction_end),
+            num_tokens)
+
+    def compacted_list_length(self, prompt_len: int,
+                              released: tuple[int, int],
+                              num_tokens: int) -> int:
+        """``list_length`` of a compacted request from its ``released_range``
+        (which the scheduler keeps per request)."""
+        kept_entries, prompt_entries = released
         return (prompt_entries + self.compacted_blocks(
             prompt_len, num_tokens - prompt_len) - kept_entries)
 

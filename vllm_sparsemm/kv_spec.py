@@ -78,37 +78,47 @@ class SparseMMManager(FullAttentionManager):
         self.admission_reserve_tokens = kv_cache_spec.admission_reserve
         self._limit: dict[str, int] = {}  # prompt + max_tokens (capped)
         self._tokens: dict[str, int] = {}  # tokens with a slot so far
+        # Request -> (K_c, n_c), fixed once E is known: the released entries
+        # (vLLM asks for every running request at every step: kept, not recomputed)
+        self._released: dict[str, tuple[int, int]] = {}
+        self._removed: set[str] = set()  # requests whose entries went back
 
     def _note_progress(self, request_id: str, computed: int) -> None:
+        if request_id in self._compaction_end:
+            return
         prompt_len = self._prompt_len.get(request_id)
         if (prompt_len is not None and computed >= prompt_len
                 and self.law.compresses(prompt_len)):
-            self._compaction_end.setdefault(request_id, computed)
+            self._compaction_end[request_id] = computed
+            self._released[request_id] = self.law.released_range(prompt_len,
+                                                                 computed)
 
     def _slot_tokens(self, request_id: str, num_tokens: int) -> int:
         """``num_tokens`` for the standard arithmetic that yields our list length."""
-        end = self._compaction_end.get(request_id)
-        if end is None:
+        released = self._released.get(request_id)
+        if released is None:
             return num_tokens
-        length = self.law.list_length(self._prompt_len[request_id], end,
-                                      num_tokens)
-        return length * self.block_size
+        return self.law.compacted_list_length(
+            self._prompt_len[request_id], released,
+            num_tokens) * self.block_size
 
     def note_request(self, request_id: str, prompt_len: int,
                      limit: int) -> None:
         """Prompt length and the most tokens ``request_id`` can reach, before
-        each allocation (``patches.py``: vLLM passes managers ids only)."""
+        its first allocation (``patches.py``: vLLM passes managers ids only)."""
         self._prompt_len[request_id] = prompt_len
         self._limit[request_id] = limit
+
+    def is_noted(self, request_id: str) -> bool:
+        """Whether ``note_request`` ran for this request since it was last freed."""
+        return request_id in self._limit
 
     def _held_blocks(self, request_id: str) -> int:
         """Real blocks held (released entries of the list are null blocks)."""
         held = len(self.req_to_blocks.get(request_id, ()))
-        end = self._compaction_end.get(request_id)
-        if end is not None:
-            kept, prompt = self.law.released_range(self._prompt_len[request_id],
-                                                   end)
-            held -= prompt - kept
+        released = self._released.get(request_id)
+        if released is not None:
+            held -= released[1] - released[0]
         return held
 
     def _peak_blocks(self, request_id: str, prompt_len: int, tokens: int) -> int:
@@ -155,13 +165,14 @@ class SparseMMManager(FullAttentionManager):
         if num_prompt_tokens is None:
             return
         self._prompt_len[request_id] = num_prompt_tokens
-        if processed_computed_tokens < num_prompt_tokens:
-            return  # the compaction step has not been processed yet
+        if (processed_computed_tokens < num_prompt_tokens
+                or request_id in self._removed):
+            return  # compaction not processed yet, or its entries already freed
         self._note_progress(request_id, processed_computed_tokens)
-        end = self._compaction_end.get(request_id)
-        if end is not None:
-            first, last = self.law.released_range(num_prompt_tokens, end)
-            self._remove_blocks_in_range(request_id, first, last)
+        released = self._released.get(request_id)
+        if released is not None:
+            self._remove_blocks_in_range(request_id, *released)
+            self._removed.add(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens,
                                    new_computed_blocks, total_computed_tokens,
@@ -190,8 +201,9 @@ class SparseMMManager(FullAttentionManager):
     def free(self, request_id: str) -> None:
         super().free(request_id)
         for table in (self._prompt_len, self._compaction_end, self._limit,
-                      self._tokens):
+                      self._tokens, self._released):
             table.pop(request_id, None)
+        self._removed.discard(request_id)
 
     def cache_blocks(self, *args, **kwargs) -> None:
         return None  # compacted blocks must never serve as prefix-cache hits

@@ -246,8 +246,13 @@ def patch_admission_inputs() -> None:
 
         @functools.wraps(original)
         def allocate_slots(self, request, *args, **kwargs):
-            for manager in self.coordinator.single_type_managers:
-                if isinstance(manager, SparseMMManager):
+            managers = self.__dict__.get("_sparsemm_managers")
+            if managers is None:  # called for every running request each step
+                managers = self._sparsemm_managers = [
+                    m for m in self.coordinator.single_type_managers
+                    if isinstance(m, SparseMMManager)]
+            for manager in managers:
+                if not manager.is_noted(request.request_id):
                     manager.note_request(
                         request.request_id, request.num_prompt_tokens,
                         min(request.num_prompt_tokens + request.max_tokens,
