@@ -81,8 +81,7 @@ class GraphDecode:
         distinct, which = distinct_tables(tables)
         values, which = upload([torch.tensor(per_row, dtype=torch.int64),
                                 which], device)
-        r = num_reqs
-        heads = state.num_kv_heads
+        r, heads = num_reqs, state.num_kv_heads
         buffers.tables[:r].copy_(torch.stack(distinct)[which])
         buffers.kept[:r, 0].copy_(values[:, 2])
         buffers.prompt[:r, 0].copy_(values[:, 3])
@@ -96,8 +95,9 @@ class GraphDecode:
             decode_base=buffers.tables[:r, 2], counts=buffers.tables[:r, 3],
             kept_entries=buffers.kept[:r], prompt_entries=buffers.prompt[:r],
             block_rows=block_table[:r],
-            virtual_token=arange.repeat_interleave(heads),
-            virtual_head=torch.arange(heads, device=device).repeat(r),
+            # one token per row: the sequences are views of the query
+            # (``leading``), so no per-sequence query index is needed
+            virtual_token=None, virtual_head=None,
             virtual_starts=buffers.starts[:r * heads + 1],
             max_query_len=1, max_length=self.max_model_len, leading=True)
 

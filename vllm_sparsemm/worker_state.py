@@ -173,9 +173,10 @@ class CompressedRows:
     kept_entries: torch.Tensor  # [R, 1]
     prompt_entries: torch.Tensor  # [R, 1]
     block_rows: torch.Tensor  # [R, cols] the runner's block-table rows (int32)
-    # query rows of the virtual (row, KV head) sequences, in (row, head, token) order
-    virtual_token: torch.Tensor
-    virtual_head: torch.Tensor
+    # query rows of the virtual (row, KV head) sequences, in (row, head,
+    # token) order; None on graph_decode's path (``leading``: views instead)
+    virtual_token: torch.Tensor | None
+    virtual_head: torch.Tensor | None
     virtual_starts: torch.Tensor  # [R * Hkv + 1]
     max_query_len: int
     max_length: int  # bound on any (row, head) length after this step
