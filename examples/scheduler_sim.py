@@ -161,12 +161,13 @@ def without_prefill_transient(scheduler) -> None:
     """Make sparsemm's manager hold a compressed request's compacted blocks
     from its first step on (see the module docstring). Only meaningful with
     chunked prefill off: a prompt then always completes in one step."""
+    from vllm_sparsemm.page_plan import cdiv
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     law, bs = manager.law, manager.block_size
 
     def blocks(prompt_len: int, tokens: int) -> int:
         if not law.compresses(prompt_len):
-            return -(-max(tokens, prompt_len) // bs)
+            return cdiv(max(tokens, prompt_len), bs)
         return law.compacted_blocks(prompt_len, max(tokens - prompt_len, 0))
 
     def slot_tokens(request_id, num_tokens):
