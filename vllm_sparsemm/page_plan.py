@@ -185,7 +185,13 @@ def prompt_rows(space: PageSpace, prompt_blocks: torch.Tensor, layer, head,
     ``p // block_size``-th block at offset ``p % block_size``, in every head.
     ``prompt_blocks`` may carry leading batch dimensions (one row per request).
     """
-    block = prompt_blocks[..., position // space.block_size]
+    return standard_row(space, prompt_blocks[..., position // space.block_size],
+                        layer, head, position)
+
+
+def standard_row(space: PageSpace, block: torch.Tensor, layer, head,
+                 position) -> torch.Tensor:
+    """Row of ``position`` of (layer, head) once its block id is known."""
     return (space.page_id(layer, block, head) * space.block_size +
             position % space.block_size)
 
@@ -219,8 +225,8 @@ def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
     layer, head = flat // num_kv_heads, flat % num_kv_heads
     member = torch.arange(num_requests, device=device)[:, None]
     kept = positions.view(num_requests, -1, width)[member, flat, index]
+    # prompt_rows with each request's own positions
     block = prompt_blocks[member, kept // layout.space.block_size]
-    src = (layout.space.page_id(layer, block, head) * layout.space.block_size +
-           kept % layout.space.block_size)  # as prompt_rows, per request
+    src = standard_row(layout.space, block, layer, head, kept)
     dst = layout.token_rows(layer, head, index)
     return (src[0], dst) if single else (src, dst)
