@@ -81,6 +81,8 @@ def _engine(args, backend):
               "gpu_memory_utilization": args.gpu_memory_utilization,
               "limit_mm_per_prompt": {"image": 1},
               "max_num_seqs": args.max_num_seqs, "disable_log_stats": True}
+    if args.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.kv_cache_gib:
         kwargs["kv_cache_memory_bytes"] = int(args.kv_cache_gib * 2**30)
     if args.max_model_len > 4096 and not args.model.startswith("qwen"):
@@ -131,6 +133,10 @@ def run_throughput(args, backend) -> dict:
         return preempt(request, timestamp)
 
     scheduler._preempt_request = counting_preempt
+    import torch
+    core = engine.engine_core.engine_core
+    clock = HostClock(core, core.model_executor.driver_worker.worker.model_runner,
+                      torch.cuda.Event)
     seen, first, done, log = {}, {}, {}, []
     peak, held, steps, tokens, per_request = 0, [], 0, 0, []
     peak_scheduled = 0
@@ -143,7 +149,9 @@ def run_throughput(args, backend) -> dict:
         if profiler and steps == args.profile_at + args.profile_steps:
             profiled, profiler = _stop_profiler(profiler), None
             start += time.perf_counter() - paused_at
+        step_start = time.perf_counter()
         outs = engine.step()
+        clock.end_step(time.perf_counter() - step_start)
         # profiled steps are left out: the clock and the token count stand still
         now = (paused_at if profiler else time.perf_counter()) - start
         for out in outs:
@@ -166,6 +174,7 @@ def run_throughput(args, backend) -> dict:
                 held += _held_vs_ideal(scheduler)[:64]
         if now > args.max_seconds and done:  # the saturated window has begun
             break
+    clock.close()
     elapsed = now
     finished = len(done) == args.num_requests
     ttft = sorted(first.values())
@@ -190,6 +199,7 @@ def run_throughput(args, backend) -> dict:
         "kv_blocks_per_running_request": (
             sum(per_request) / len(per_request) if per_request else None),
         "timeline": timeline(log, elapsed),
+        "host_ms_per_step": clock.summary(),
     }
     if held:
         result["blocks_held_over_ideal_mean"] = sum(h for h, _ in held) / sum(
@@ -201,6 +211,77 @@ def run_throughput(args, backend) -> dict:
     if profiled:
         result["profile"], result["profiled_gpu_busy_fraction"] = profiled
     return result
+
+
+class HostClock:
+    """Host time per engine step, by part: vLLM's scheduler, the model
+    runner's input preparation and launch (``execute_model``; attention
+    metadata, which includes sparsemm's step plan, is part of it), output
+    handling, and the time spent waiting for the GPU (CUDA event syncs). A
+    step whose wait is near zero is host-bound: the GPU idled for the host."""
+
+    PARTS = (("scheduler", "schedule", "schedule"),
+             ("scheduler", "update_from_output", "update_from_output"),
+             ("model_executor", "execute_model", "execute_model"),
+             ("model_executor", "sample_tokens", "sample_tokens"))
+
+    def __init__(self, core, runner, event_cls):
+        self.current, self.steps, self.wrapped = {}, [], []
+        for owner, name, label in self.PARTS:
+            self._wrap(getattr(core, owner), name, label)
+        if hasattr(runner, "_build_attention_metadata"):  # V1 runner only
+            self._wrap(runner, "_build_attention_metadata",
+                       "attention_metadata")
+        self._wrap(event_cls, "synchronize", "gpu_wait")
+
+    def _wrap(self, owner, name, label):
+        original = getattr(owner, name)
+        self.wrapped.append((owner, name, owner.__dict__.get(name)))
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                self.current[label] = (self.current.get(label, 0.0) +
+                                       time.perf_counter() - start)
+            if label == "schedule":  # a uniform decode step, or one with prompts
+                self.current["decode"] = (result.total_num_scheduled_tokens ==
+                                          len(result.num_scheduled_tokens))
+            return result
+
+        setattr(owner, name, timed)
+
+    def close(self) -> None:
+        """Put back what was wrapped (a class attribute, or the instance's own)."""
+        for owner, name, own in reversed(self.wrapped):
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+    def end_step(self, seconds: float) -> None:
+        self.current["step"] = seconds
+        self.steps.append(self.current)
+        self.current = {}
+
+    def summary(self) -> dict:
+        """Median ms per step of each part over the middle 80% of the steps
+        (ramp-up and tail left out), for steps that scheduled only decode
+        tokens and for those with prompt tokens (``mixed``), with counts."""
+        n = len(self.steps)
+        middle = self.steps[n // 10:n - n // 10] or self.steps
+        labels = ["step", "gpu_wait"] + [p[2] for p in self.PARTS] + [
+            "attention_metadata"]
+        summary = {}
+        for kind, steps in (("decode", [s for s in middle if s.get("decode")]),
+                            ("mixed", [s for s in middle
+                                       if s.get("decode") is False])):
+            summary[kind] = {"steps": len(steps), **({
+                label: round(1000 * statistics.median(
+                    s.get(label, 0.0) for s in steps), 3)
+                for label in labels} if steps else {})}
+        return summary
 
 
 def saturated_window(first_token_times, finish_times, num_requests, log,
@@ -382,6 +463,11 @@ def main():
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="vLLM's per-step token budget, for every backend "
+                        "(default: vLLM's, 16384 offline). Smaller chunks "
+                        "split prompts over more steps, and decoding rows "
+                        "ride along in each; must be >= --max-num-seqs")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-gib", type=float, default=None,
                         help="fix the KV cache size (e.g. 8 for an L4-class GPU)")
@@ -418,6 +504,10 @@ def main():
         if name == "sparsemm" and mode not in ("", "FULL", "PIECEWISE"):
             parser.error(f"unknown sparsemm mode {mode!r} in {backend!r}: use "
                          "sparsemm, sparsemm:FULL or sparsemm:PIECEWISE")
+    if (args.max_num_batched_tokens
+            and args.max_num_batched_tokens < args.max_num_seqs):
+        parser.error("vLLM needs --max-num-batched-tokens >= --max-num-seqs "
+                     f"({args.max_num_batched_tokens} < {args.max_num_seqs})")
     if args.head_scores is None:
         args.head_scores = ("uniform" if args.model.startswith("qwen") else
                             "llava-v1.6-vicuna-7b")

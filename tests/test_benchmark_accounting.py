@@ -101,3 +101,69 @@ def test_latency_figures_are_medians_and_decode_excludes_the_first_token():
     assert abs(figures["decode_ms_per_token"] - (0.70 - 0.06) * 1000 / 64) < 1e-9
     assert figures["repeats"] == 3
     assert abs(figures["ttft_spread_s"] - 0.45) < 1e-9
+
+
+def test_host_clock_splits_each_step_and_puts_everything_back():
+    bench = _benchmark()
+    calls = []
+
+    class Event:
+        def synchronize(self):
+            calls.append("sync")
+
+    def part(name, result=None):
+        return lambda *args: calls.append(name) or result
+
+    decode = types.SimpleNamespace(total_num_scheduled_tokens=3,
+                                   num_scheduled_tokens={"a": 1, "b": 1, "c": 1})
+    mixed = types.SimpleNamespace(total_num_scheduled_tokens=9,
+                                  num_scheduled_tokens={"a": 1, "b": 8})
+    core = types.SimpleNamespace(
+        scheduler=types.SimpleNamespace(schedule=None,
+                                        update_from_output=part("update")),
+        model_executor=types.SimpleNamespace(execute_model=part("execute"),
+                                             sample_tokens=part("sample")))
+    runner = types.SimpleNamespace(_build_attention_metadata=part("meta"))
+    outputs = iter([mixed if step % 4 == 0 else decode for step in range(20)])
+    core.scheduler.schedule = lambda: next(outputs)
+    originals = (core.scheduler.schedule, Event.synchronize)
+    clock = bench.HostClock(core, runner, Event)
+    for step in range(20):
+        core.scheduler.schedule()
+        core.model_executor.execute_model()
+        runner._build_attention_metadata()
+        Event().synchronize()
+        core.scheduler.update_from_output()
+        clock.end_step(0.050 if step % 4 == 0 else 0.010)
+    summary = clock.summary()
+    # the middle 16 steps (2..17): steps 4, 8, 12, 16 had prompt tokens
+    assert summary["decode"]["steps"] == 12 and summary["mixed"]["steps"] == 4
+    assert summary["decode"]["step"] == 10.0 and summary["mixed"]["step"] == 50.0
+    assert summary["decode"]["sample_tokens"] == 0  # never called
+    assert set(summary["decode"]) == {
+        "steps", "step", "gpu_wait", "schedule", "update_from_output",
+        "execute_model", "sample_tokens", "attention_metadata"}
+    assert calls.count("sync") == 20 and calls.count("meta") == 20
+    clock.close()
+    assert (core.scheduler.schedule, Event.synchronize) == originals
+    assert "synchronize" not in vars(Event()) and "schedule" in vars(core.scheduler)
+
+
+def test_host_clock_runs_without_the_v1_metadata_hook():
+    """Stock vLLM runs the V2 model runner, which has no
+    ``_build_attention_metadata``: the clock leaves that part out."""
+    bench = _benchmark()
+
+    class Event:
+        def synchronize(self):
+            pass
+
+    core = types.SimpleNamespace(
+        scheduler=types.SimpleNamespace(schedule=lambda: None,
+                                        update_from_output=lambda: None),
+        model_executor=types.SimpleNamespace(execute_model=lambda: None,
+                                             sample_tokens=lambda: None))
+    clock = bench.HostClock(core, types.SimpleNamespace(), Event)
+    clock.end_step(0.01)
+    assert clock.summary()["decode"] == {"steps": 0}
+    clock.close()

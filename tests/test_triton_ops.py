@@ -1,6 +1,6 @@
-"""The Triton page-table kernel against its PyTorch reference, on the compressed
-rows of real CPU-engine steps: through Triton's interpreter on the CPU, and on
-the GPU for the compiled kernel."""
+"""The Triton kernels against their PyTorch references: the page table on the
+compressed rows of real CPU-engine steps, the K/V write on vLLM-shaped strided
+views. Through Triton's interpreter on the CPU, compiled on the GPU."""
 
 import os
 import subprocess
@@ -62,6 +62,38 @@ def _to_device(cr, device):
         k: v.to(device) for k, v in fields.items() if isinstance(v, torch.Tensor)})
 
 
+def compare_write_kv(device: str) -> int:
+    """``triton_ops.write_kv`` against ``kv_ops.write_rows`` of the ``cat``:
+    bit for bit, rows not written untouched. Returns cases compared."""
+    from vllm_sparsemm import triton_ops
+    from vllm_sparsemm.kv_ops import write_rows
+
+    compared = 0
+    gen = torch.Generator().manual_seed(0)
+    for heads, dim, group, dtype in ((2, 64, 1, torch.float16),
+                                     (4, 80, 7, torch.bfloat16)):
+        tokens = 9
+        # vLLM's key and value: strided views of the fused QKV output
+        qkv = torch.randn(tokens, (heads * group + 2 * heads) * dim,
+                          generator=gen).to(dtype).to(device)
+        q_width = heads * group * dim
+        key = qkv[:, q_width:q_width + heads * dim].view(tokens, heads, dim)
+        value = qkv[:, q_width + heads * dim:].view(tokens, heads, dim)
+        for picked in (None, torch.tensor([7, 0, 3, 4])):
+            n = tokens if picked is None else len(picked)
+            rows = torch.randn(200, 2 * dim, generator=gen).to(dtype).to(device)
+            dst = torch.randperm(200, generator=gen)[:n * heads].to(device)
+            want = rows.clone()
+            chosen = slice(None) if picked is None else picked.to(device)
+            kv = torch.cat([key[chosen], value[chosen]], dim=-1)
+            write_rows(want, dst, kv.flatten(0, 1))
+            triton_ops.write_kv(rows, dst, key, value,
+                                None if picked is None else picked.to(device))
+            assert torch.equal(rows.view(torch.int16), want.view(torch.int16))
+            compared += 1
+    return compared
+
+
 _NUMPY_SCALAR_ERROR = "error::DeprecationWarning:triton.runtime.interpreter"
 
 
@@ -79,7 +111,25 @@ def test_page_table_kernel_in_triton_interpreter():
     assert compared > 50
 
 
+def test_write_kv_kernel_in_triton_interpreter():
+    pytest.importorskip("triton")
+    code = ("import sys; sys.path.insert(0, %r); import test_triton_ops as t; "
+            "print('compared', t.compare_write_kv('cpu'))" % str(HERE))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="1",
+                                   PYTHONWARNINGS=_NUMPY_SCALAR_ERROR),
+                          check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split("compared")[-1]) == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_page_table_kernel_on_gpu():
     assert compare_on_engine_steps("cuda") > 50
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_write_kv_kernel_on_gpu():
+    assert compare_write_kv("cuda") == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_sparsemm import triton_ops
 from vllm_sparsemm.kv_ops import move_rows, write_rows
 from vllm_sparsemm.page_plan import (RequestLayout, cdiv, compaction_rows,
                                      page_slot, prompt_rows)
@@ -83,7 +84,12 @@ def page_table_width(cr: CompressedRows, state: WorkerKVState) -> int:
 
 def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
                      key: torch.Tensor, value: torch.Tensor) -> None:
-    """Append the compressed rows' new tokens to each head's own pages."""
+    """Append the compressed rows' new tokens to each head's own pages
+    (one Triton launch on the GPU; the reference below on the CPU)."""
+    if key.is_cuda and triton_ops.AVAILABLE:
+        triton_ops.write_kv(state.rows, cr.write_rows[layer], key, value,
+                            None if cr.leading else cr.tokens)
+        return
     if cr.leading:
         kv = torch.cat([key[:len(cr.rows)], value[:len(cr.rows)]], dim=-1)
     else:

@@ -1,8 +1,12 @@
-"""Triton kernel that writes one layer's per-(row, KV head) page table in one launch.
+"""Triton kernels of the per-layer decode path, one launch each.
 
-Its PyTorch reference is ``layer_ops.compressed_page_table`` (about 40 small
-ops per layer; this is one launch). The tests compare the two: on the GPU, and
-on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+``page_table`` writes one layer's per-(row, KV head) page table; its PyTorch
+reference is ``layer_ops.compressed_page_table`` (about 40 small ops).
+``write_kv`` appends the step's new K/V to each head's own page; its
+reference is ``kv_ops.write_rows`` after a ``cat`` of K and V (two launches
+and a [T, Hkv, 2D] temporary per layer). The tests compare each kernel with
+its reference: on the GPU, and on the CPU through Triton's interpreter
+(``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,29 @@ if triton is not None:
         tl.store(table_ptr + seq * width + page, value.to(tl.int32),
                  mask=page < width)
 
+    @triton.jit
+    def _write_kv_kernel(rows_ptr, dst_ptr, tokens_ptr, key_ptr, value_ptr,
+                         key_token_stride, key_head_stride,
+                         value_token_stride, value_head_stride, row_stride,
+                         num_heads, dim, HAS_TOKENS: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        seq = tl.program_id(0)  # token * num_heads + head, as dst is laid out
+        token = seq // num_heads
+        head = seq % num_heads
+        if HAS_TOKENS:
+            token = tl.load(tokens_ptr + token)
+        token = token.to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        used = d < dim
+        key = tl.load(key_ptr + token * key_token_stride +
+                      head * key_head_stride + d, mask=used)
+        value = tl.load(value_ptr + token * value_token_stride +
+                        head * value_head_stride + d, mask=used)
+        row = rows_ptr + tl.load(dst_ptr + seq).to(tl.int64) * row_stride
+        tl.store(row + d, key.to(rows_ptr.dtype.element_ty), mask=used)
+        tl.store(row + dim + d, value.to(rows_ptr.dtype.element_ty),
+                 mask=used)
+
 
 AVAILABLE = triton is not None
 # page-table columns per program: the whole row up to this width. Launches
@@ -76,3 +103,23 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
         cr.block_rows.shape[1], layer * heads, heads, width,
         state.space.pages_per_block, state.block_size, BLOCK=block)
     return table
+
+
+def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor, tokens: torch.Tensor | None) -> None:
+    """``rows[dst[t * Hkv + h]] = K|V of token tokens[t] (or t), head h``.
+
+    ``key``/``value``: ``[T, Hkv, D]`` with unit stride in D (vLLM's views of
+    the fused QKV output qualify); ``rows``: ``[R, 2D]``, each row K|V of one
+    token of one head. ``tokens`` picks the tokens; None means the first
+    ``len(dst) / Hkv``.
+    """
+    heads, dim = key.shape[1], key.shape[2]
+    if dst.numel() == 0:
+        return
+    assert key.stride(2) == 1 and value.stride(2) == 1 and rows.stride(1) == 1
+    _write_kv_kernel[(dst.numel(), )](
+        rows, dst, tokens if tokens is not None else dst, key, value,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        rows.stride(0), heads, dim, HAS_TOKENS=tokens is not None,
+        BLOCK_D=triton.next_power_of_2(dim))
