@@ -147,7 +147,8 @@ def run_throughput(args, backend) -> dict:
             profiler = _start_profiler()
             paused_at = time.perf_counter()
         if profiler and steps == args.profile_at + args.profile_steps:
-            profiled, profiler = _stop_profiler(profiler), None
+            profiled, profiler = _stop_profiler(profiler,
+                                                args.profile_trace), None
             start += time.perf_counter() - paused_at
         step_start = time.perf_counter()
         outs = engine.step()
@@ -343,12 +344,21 @@ def _start_profiler():
     return profiler
 
 
-def _stop_profiler(profiler) -> tuple[str, float]:
+def _stop_profiler(profiler, trace: str | None = None) -> tuple[str, float]:
     """The top CUDA kernels and host ops of the profiled engine steps, and the
-    GPU's busy fraction over them."""
+    GPU's busy fraction over them; with ``trace``, also the whole timeline
+    as a gzipped Chrome trace (chrome://tracing, Perfetto)."""
+    import gzip
+    import shutil
+
     import torch
     torch.cuda.synchronize()
     profiler.__exit__(None, None, None)
+    if trace:
+        profiler.export_chrome_trace(trace)
+        with open(trace, "rb") as raw, gzip.open(trace + ".gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        os.remove(trace)
     averages = profiler.key_averages()
     tables = "\n".join(averages.table(sort_by=key, row_limit=30,
                                       max_name_column_width=80)
@@ -495,6 +505,10 @@ def main():
                         help="profile engine steps from this step on (torch "
                         "profiler tables land in the JSON)")
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-trace", default=None,
+                        help="also write the profiled steps' timeline here "
+                        "(a Chrome trace, gzipped to <path>.gz; one file per "
+                        "backend run, so give one backend)")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
