@@ -27,6 +27,11 @@ compressed request holds against the exact ideal ``sum over heads of
 ceil(kept / block_size) / (L * Hkv)``, and a ``timeline`` of [seconds, output
 tokens so far, requests decoding, requests finished] about once a second from
 which any other window can be recomputed.
+``host_ms_per_step`` splits the median decode step and the median step with
+prompt tokens into vLLM's scheduler, input preparation and launch, attention
+metadata and the wait for the GPU: a step that waits is GPU-bound. With
+``--profile-at`` the torch profiler's tables land in the JSON, and
+``--profile-trace`` writes the timeline too.
 
 Latency mode sends one request of fresh random token ids at a time (so stock's
 prefix cache never hits): time to first token and batch-1 decode ms/token per
