@@ -97,30 +97,27 @@ def compare_write_kv(device: str) -> int:
 _NUMPY_SCALAR_ERROR = "error::DeprecationWarning:triton.runtime.interpreter"
 
 
-def test_page_table_kernel_in_triton_interpreter():
+def _in_triton_interpreter(comparison: str) -> int:
+    """Run ``comparison('cpu')`` of this module under Triton's interpreter
+    (a fresh process: the flag is read at import) and return its count."""
     pytest.importorskip("triton")
     code = ("import sys; sys.path.insert(0, %r); import test_triton_ops as t; "
-            "print('compared', t.compare_on_engine_steps('cpu'))" % str(HERE))
+            "print('compared', t.%s('cpu'))" % (str(HERE), comparison))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, env=dict(os.environ, TRITON_INTERPRET="1",
                                    # NumPy >= 2.4 raises where older ones warn
                                    PYTHONWARNINGS=_NUMPY_SCALAR_ERROR),
                           check=False, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    compared = int(done.stdout.split("compared")[-1])
-    assert compared > 50
+    return int(done.stdout.split("compared")[-1])
+
+
+def test_page_table_kernel_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_on_engine_steps") > 50
 
 
 def test_write_kv_kernel_in_triton_interpreter():
-    pytest.importorskip("triton")
-    code = ("import sys; sys.path.insert(0, %r); import test_triton_ops as t; "
-            "print('compared', t.compare_write_kv('cpu'))" % str(HERE))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, env=dict(os.environ, TRITON_INTERPRET="1",
-                                   PYTHONWARNINGS=_NUMPY_SCALAR_ERROR),
-                          check=False, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert int(done.stdout.split("compared")[-1]) == 4
+    assert _in_triton_interpreter("compare_write_kv") == 4
 
 
 @pytest.mark.gpu
