@@ -6,14 +6,17 @@ admission and preemption shape throughput, without a GPU.
 Runs vLLM 0.26.0's ``Scheduler`` with a stock ``FullAttentionSpec`` manager
 (prefix caching off) and with sparsemm's manager, over one burst of identical
 requests, and charges each step ``max(weights read, tokens x per-token
-compute) + KV bytes that decoding rows hold / bandwidth`` (CostModel.step).
+compute) + KV bytes that decoding rows hold / bandwidth``, plus optional
+fixed costs per step and per prompt begun (CostModel.step).
 Output: steps, modelled seconds and output tok/s, recompute preemptions and
 the prompt tokens they threw away, peak running requests, and the wall time
 vLLM's scheduler itself took per step on this CPU (host time that a GPU step
-must hide). It is a model, not a measurement (no async scheduling, no
-per-row attention overheads, no vision encoder): its step counts match the
-H100 runs within ~8%, its step times are 10-20% short of them
-(docs/performance.md).
+must hide). It is a model, not a measurement: its step counts match the
+H100 runs within ~8%. With the defaults (no per-step or per-prompt cost) its
+step times are 10-20% short of them; with the costs fitted to the 8 GiB runs
+(``--weights-ms 5.2 --step-ms 0.9 --prompt-ms 20``) sparsemm's run times are
+within 3% and stock's throughput 4% low; prompts split into small chunks
+cost more than either charges (docs/performance.md, lease 7).
 
 ``--no-prefill-transient`` models a design sparsemm does not have yet: each
 prompt prefilled in one step (chunked prefill off) and written straight into
@@ -44,14 +47,19 @@ class CostModel:
     kv_bytes_per_s: float = 2.4e12  # what FlashAttention reached on decode
     block_bytes: int = 16 * 32 * 32 * 2 * 128 * 2  # 7B: 16 tokens, 32 x 32 heads
 
+    step_s: float = 0.0  # per step besides matmuls and attention
+    prompt_s: float = 0.0  # per prompt begun (its image through the vision tower)
+
     def step(self, prefill_tokens: int, decode_rows: int,
-             decode_blocks: int) -> float:
+             decode_blocks: int, prompts_begun: int = 0) -> float:
         """The matmuls read the weights or compute, whichever is longer
         (decode rows compute too: 298 of them took 6.6 ms of matmuls on the
         H100), then decoding rows read their KV."""
         matmuls = max(self.weights_s,
                       (prefill_tokens + decode_rows) * self.token_s)
-        return matmuls + decode_blocks * self.block_bytes / self.kv_bytes_per_s
+        return (matmuls + decode_blocks * self.block_bytes /
+                self.kv_bytes_per_s + self.step_s +
+                prompts_begun * self.prompt_s)
 
 
 def write_text_model(path: Path, layers: int = 32, heads: int = 32) -> Path:
@@ -127,19 +135,20 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
         out = scheduler.schedule()
         host += time.perf_counter() - started
         ids = list(out.num_scheduled_tokens)
-        prefill = decode_rows = decode_blocks = 0
+        prefill = decode_rows = decode_blocks = begun = 0
         sampled = []
         for rid in ids:
             request, n = scheduler.requests[rid], out.num_scheduled_tokens[rid]
             if request.num_computed_tokens - n < request.num_prompt_tokens:
                 prefill += n
+                begun += request.num_computed_tokens == n
             else:  # released entries are null blocks: count real ones
                 decode_rows += n
                 decode_blocks += sum(not b.is_null
                                      for b in manager.req_to_blocks[rid])
             done_prefill = request.num_computed_tokens >= request.num_tokens
             sampled.append([7] if done_prefill else [])
-        seconds += cost.step(prefill, decode_rows, decode_blocks)
+        seconds += cost.step(prefill, decode_rows, decode_blocks, begun)
         output = ModelRunnerOutput(
             req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled)
@@ -217,6 +226,15 @@ def main():
                         help="also model sparsemm with prompts written "
                         "straight into compressed pages (not implemented "
                         "in the plugin; see the module docstring)")
+    parser.add_argument("--weights-ms", type=float, default=4.5,
+                        help="matmul floor per step (weights read once)")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="per-step cost besides matmuls and attention")
+    parser.add_argument("--prompt-ms", type=float, default=0.0,
+                        help="per prompt begun: its image through the vision "
+                        "tower. Fitted to the 8 GiB LLaVA-NeXT runs on an "
+                        "H100 (docs/performance.md, lease 7): --weights-ms "
+                        "5.2 --step-ms 0.9 --prompt-ms 20")
     parser.add_argument("--head-scores", default=str(
         ROOT / "head_scores" / "llava-v1.6-vicuna-7b.json"))
     args = parser.parse_args()
@@ -248,7 +266,10 @@ def main():
         if no_transient:
             without_prefill_transient(scheduler)
         r = simulate(scheduler, args.requests, args.prompt_len,
-                     args.output_len)
+                     args.output_len, CostModel(
+                         weights_s=args.weights_ms / 1e3,
+                         step_s=args.step_ms / 1e3,
+                         prompt_s=args.prompt_ms / 1e3))
         base = base or r["output_tok_per_s"]
         print(f"{name} | {r['steps']} | {r['seconds']:.1f} | "
               f"{r['output_tok_per_s']:.0f} | "

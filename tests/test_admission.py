@@ -179,3 +179,20 @@ def test_a_preempted_request_compacts_and_releases_again():
         assert free_after == 400 - 1 - expected  # block 0 is vLLM's null block
         kv.free(a)
         assert kv.block_pool.get_num_free_blocks() == 399
+
+
+def test_sim_charges_each_prompt_once_per_start(model_dir):
+    """The fitted cost model's per-prompt term (the vision tower): charged
+    when a prompt's first chunk runs, so once per request plus once per
+    recompute after a preemption, never per chunk."""
+    sim = _sim()
+    spec = sim.sparsemm_spec(64, 0, _scores(), head_size=8)
+    scheduler = sim.make_scheduler(spec, num_blocks=120,
+                                   max_batched_tokens=256, max_num_seqs=64,
+                                   model_dir=model_dir)
+    only_prompts = sim.CostModel(weights_s=0.0, token_s=0.0,
+                                 kv_bytes_per_s=float("inf"), prompt_s=1.0)
+    result = sim.simulate(scheduler, num_requests=40, prompt_len=400,
+                          output_len=160, cost=only_prompts)
+    assert result["finished"] and result["preemptions"] > 0  # chunks, too
+    assert result["seconds"] == 40 + result["preemptions"]
