@@ -4,7 +4,9 @@ In step order: write the new tokens' K/V (standard slots, or each compressed
 head's own page), collect observation-window queries, select what each head
 keeps once the prompt is complete, and in the last layer compact every
 finished prompt. The attention itself lives in ``backend.py``; the pieces here
-are device-agnostic torch, so the CPU tests run them as they are.
+are device-agnostic torch, so the CPU tests run them as they are (on a GPU the
+compressed K/V write and the compaction move take their kernels, whose tests
+compare them with these references).
 """
 
 from __future__ import annotations
