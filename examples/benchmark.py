@@ -409,8 +409,7 @@ def _held_vs_ideal(scheduler):
         if not law.compresses(prompt) or processed <= prompt:
             continue
         blocks = manager.req_to_blocks[rid]
-        end = manager._compaction_end.get(rid)
-        kept, first = law.released_range(prompt, end)
+        kept, first = manager._released[rid]
         if not all(b.is_null for b in blocks[kept:first]):
             continue  # released at the next schedule()
         # the blocks cover every scheduled token, the step in flight included

@@ -269,9 +269,8 @@ def test_blocks_match_the_plan_and_nothing_leaks(models):
             processed = request.num_computed_tokens - request.num_in_flight_tokens
             if (law.compresses(request.num_prompt_tokens)
                     and processed > request.num_prompt_tokens
-                    and request.request_id in manager._compaction_end):
-                end = manager._compaction_end[request.request_id]
-                kept, first = law.released_range(request.num_prompt_tokens, end)
+                    and request.request_id in manager._released):
+                kept, first = manager._released[request.request_id]
                 blocks = manager.req_to_blocks[request.request_id]
                 if all(b.is_null for b in blocks[kept:first]):
                     # released: the block law's count, not the full prompt's

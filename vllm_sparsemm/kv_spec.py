@@ -73,23 +73,22 @@ class SparseMMManager(FullAttentionManager):
         self.law = BlockLaw(kv_cache_spec.plan, self.block_size,
                             kv_cache_spec.tp_size)
         self._prompt_len: dict[str, int] = {}
-        # Request -> E, the end of the step that processed its last prompt token.
-        self._compaction_end: dict[str, int] = {}
         self.admission_reserve_tokens = kv_cache_spec.admission_reserve
         self._limit: dict[str, int] = {}  # prompt + max_tokens (capped)
         self._tokens: dict[str, int] = {}  # tokens with a slot so far
-        # Request -> (K_c, n_c), fixed once E is known: the released entries
-        # (vLLM asks for every running request at every step: kept, not recomputed)
+        # Request -> (K_c, n_c), the released entries, fixed once E (the end
+        # of the step that processed its last prompt token) is known; present
+        # once the request is compacted (vLLM asks for every running request
+        # at every step: kept, not recomputed)
         self._released: dict[str, tuple[int, int]] = {}
         self._removed: set[str] = set()  # requests whose entries went back
 
     def _note_progress(self, request_id: str, computed: int) -> None:
-        if request_id in self._compaction_end:
+        if request_id in self._released:
             return
         prompt_len = self._prompt_len.get(request_id)
         if (prompt_len is not None and computed >= prompt_len
                 and self.law.compresses(prompt_len)):
-            self._compaction_end[request_id] = computed
             self._released[request_id] = self.law.released_range(prompt_len,
                                                                  computed)
 
@@ -127,7 +126,7 @@ class SparseMMManager(FullAttentionManager):
         if not law.compresses(prompt_len):
             return cdiv(max(tokens, prompt_len), self.block_size)
         grown = law.compacted_blocks(prompt_len, max(tokens - prompt_len, 0))
-        if request_id in self._compaction_end:
+        if request_id in self._released:
             return grown
         # the whole prompt is held until compaction
         return max(cdiv(prompt_len, self.block_size), grown)
@@ -200,8 +199,8 @@ class SparseMMManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        for table in (self._prompt_len, self._compaction_end, self._limit,
-                      self._tokens, self._released):
+        for table in (self._prompt_len, self._limit, self._tokens,
+                      self._released):
             table.pop(request_id, None)
         self._removed.discard(request_id)
 
