@@ -192,19 +192,20 @@ def without_prefill_transient(scheduler) -> None:
     manager._slot_tokens = slot_tokens
     manager.remove_skipped_blocks = remove_skipped_blocks
     manager._held_blocks = lambda rid: len(manager.req_to_blocks.get(rid, ()))
-    manager._peak_blocks = lambda rid, prompt_len, tokens: blocks(prompt_len,
-                                                                  tokens)
+    manager._whole_prompt_blocks = lambda rid, prompt_len, tokens: 0
 
 
 def sparsemm_spec(budget: int, admission_reserve: int, scores: torch.Tensor,
-                  block_size: int = 16, head_size: int = 128):
+                  block_size: int = 16, head_size: int = 128,
+                  admission_pacing: bool = True):
     from vllm_sparsemm.config import BudgetPlan, SparseMMSettings
     from vllm_sparsemm.kv_spec import SparseMMSpec
     kv_heads = scores.shape[1]
     plan = BudgetPlan.build(SparseMMSettings(budget=budget), scores, kv_heads)
     return SparseMMSpec(block_size=block_size, num_kv_heads=kv_heads,
                         head_size=head_size, dtype=torch.float16, plan=plan,
-                        admission_reserve=admission_reserve)
+                        admission_reserve=admission_reserve,
+                        admission_pacing=admission_pacing)
 
 
 def main():
@@ -212,8 +213,11 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="256,64",
                         help="sparsemm budgets, a comma list")
-    parser.add_argument("--admission-reserve", default="0,256",
+    parser.add_argument("--admission-reserve", default="256",
                         help="sparsemm admission_reserve values, a comma list")
+    parser.add_argument("--admission-pacing", default="on,off",
+                        help="sparsemm admission_pacing values, a comma list "
+                        "of on/off")
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--prompt-len", type=int, default=2900)
     parser.add_argument("--output-len", type=int, default=512)
@@ -248,12 +252,14 @@ def main():
     cases = [("stock", FullAttentionSpec(
         block_size=16, num_kv_heads=scores.shape[1], head_size=128,
         dtype=torch.float16))]
-    cases += [(f"sparsemm B={b} reserve={r}{suffix}",
-               sparsemm_spec(int(b), int(r), scores))
+    cases += [(f"sparsemm B={b} reserve={r} pacing={p}{suffix}",
+               sparsemm_spec(int(b), int(r), scores,
+                             admission_pacing=p == "on"))
               for suffix in ([""] + [" no-transient"] *
                              args.no_prefill_transient)
               for b in args.budget.split(",")
-              for r in args.admission_reserve.split(",")]
+              for r in args.admission_reserve.split(",")
+              for p in args.admission_pacing.split(",")]
     print("case | steps | model s | out tok/s | x stock | preemptions | "
           "recomputed tokens | peak running | scheduler ms/step (this CPU)")
     base = None

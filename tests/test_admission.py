@@ -8,14 +8,16 @@ prompt. The sparsemm manager's gate reserves the running requests' remaining
 prefill and growth; these tests pin its arithmetic and its effect.
 """
 
+import numpy as np
 import pytest
 import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from example_scripts import load_example
+from vllm_sparsemm.admission import AdmissionPacer, future_peak
 from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.page_plan import cdiv
 from vllm_sparsemm.plugin import register
@@ -31,9 +33,10 @@ def _scores(layers=4, heads=4):
     return torch.rand(layers, heads, generator=torch.Generator().manual_seed(0))
 
 
-def _manager(reserve, num_blocks=400):
+def _manager(reserve, num_blocks=400, pacing=False):
     register()
-    spec = _sim().sparsemm_spec(64, reserve, _scores(), head_size=8)
+    spec = _sim().sparsemm_spec(64, reserve, _scores(), head_size=8,
+                                admission_pacing=pacing)
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                            kv_cache_groups=[KVCacheGroupSpec(
                                [f"model.layers.{i}.self_attn.attn"
@@ -48,28 +51,75 @@ def _request(rid, prompt_len, max_tokens):
                    SamplingParams(max_tokens=max_tokens), None)
 
 
-def test_reserve_counts_unfinished_prefill_and_growth_to_the_horizon():
+def _blocks_at(law, prompt, tokens, limit, prefill_steps, whole, held, t):
+    """One request's blocks ``t`` steps ahead, stepped by hand (the rule
+    ``admission.future_peak`` states, evaluated at every step)."""
+    after_prompt = max(tokens, prompt) - prompt + t - prefill_steps
+    if prompt + max(after_prompt, 0) >= limit:
+        return 0  # finished: its last slot is one token before the limit
+    if law.compresses(prompt):
+        blocks = law.compacted_blocks(prompt, max(after_prompt, 0))
+    else:
+        blocks = cdiv(prompt + max(after_prompt, 0), BS)
+    if t <= prefill_steps + 1:
+        blocks = max(blocks, whole)
+    return max(blocks, held) if t == 0 else blocks
+
+
+@pytest.mark.parametrize("horizon", [-1, 0, 7, 40])
+def test_future_peak_equals_the_step_by_step_maximum(horizon):
+    """Random mixes of compacted, prefilling, uncompressed and nearly
+    finished requests: the event-point maximum equals the maximum over every
+    step (until all finish, or up to the horizon)."""
     kv, manager = _manager(reserve=64)
     law = manager.law
-    # a: prefilling, 96 of 300 prompt tokens allocated
-    a = _request("a", 300, 500)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        rows = []
+        for _ in range(rng.integers(1, 8)):
+            prompt = int(rng.choice([40, 300, 517]))  # 40 <= B: uncompressed
+            limit = prompt + int(rng.integers(1, 90))
+            if rng.random() < 0.5:  # compacted and decoding
+                tokens = int(rng.integers(prompt, limit))
+                steps, whole = 0, 0
+            else:  # prefilling in chunks
+                chunk = int(rng.integers(16, 400))
+                tokens = min(prompt, chunk)
+                steps = cdiv(prompt - tokens, chunk)
+                whole = cdiv(prompt, BS) if law.compresses(prompt) else 0
+            held = int(rng.integers(0, 4))
+            rows.append((prompt, tokens, limit, steps, whole, held))
+        rows = np.array(rows, dtype=np.int64)
+        last = 200 if horizon < 0 else horizon
+        expected = max(sum(_blocks_at(law, *map(int, row), t) for row in rows)
+                       for t in range(last + 1))
+        assert future_peak(rows, law, horizon) == expected
+
+
+def test_gate_counts_every_request_to_its_limit():
+    """The reserve is what the future peak needs beyond the blocks held now
+    and the candidate's prompt: here the candidate's own growth and b's,
+    while a (prefilling) holds its whole prompt until its transient ends."""
+    kv, manager = _manager(reserve=-1)
+    law = manager.law
+    a = _request("a", 300, 500)  # prefilling, 96 of 300 prompt tokens
     assert kv.allocate_slots(a, 96) is not None
     a.num_computed_tokens = 96
-    # b: its 200-token prompt done (compacted), one token after it allocated
-    b = _request("b", 200, 30)
+    b = _request("b", 200, 30)  # compacted, one token after its prompt
     assert kv.allocate_slots(b, 200) is not None
     b.num_computed_tokens = 200
     assert kv.allocate_slots(b, 1) is not None  # compaction is noticed here
     held_b = manager._held_blocks("b")
     assert held_b == law.compacted_blocks(200, 1) < cdiv(200, BS)
     manager.note_request("new", 300, 1300)
+    rows = manager._future_rows("new", 300)
+    assert rows.tolist() == [
+        [300, 96, 800, cdiv(300 - 96, 96), cdiv(300, BS), cdiv(96, BS)],
+        [200, 201, 230, 0, 0, held_b],
+        [300, 300, 1300, 0, cdiv(300, BS), 0]]
     reserve = manager.admission_reserve("new", 300)
-    own = law.compacted_blocks(300, 64) - cdiv(300, BS)  # never above the prompt
-    owed_a = cdiv(300, BS) - cdiv(96, BS)  # then it shrinks: prompt is the peak
-    # b grows to its limit (200 + 30 tokens), inside the 64-token horizon
-    grow_b = law.compacted_blocks(200, 30) - held_b
-    assert reserve == max(own, 0) + owed_a + grow_b
-    assert owed_a > 0 and grow_b > 0
+    held = cdiv(96, BS) + held_b
+    assert reserve == future_peak(rows, law, -1) - held - cdiv(300, BS) > 0
     # 0 turns the gate off: vLLM's optimistic admission
     kv0, manager0 = _manager(reserve=0)
     assert manager0.admission_reserve("new", 300) == 0
@@ -84,9 +134,10 @@ def test_gate_refuses_admission_that_would_starve_running_growth():
     assert kv.allocate_slots(first, 1)  # compacted: few blocks now
     free = kv.block_pool.get_num_free_blocks()
     second = _request("second", 300, 400)
+    manager.note_request("second", 300, 700)  # as patches.py does first
     assert free >= cdiv(300, BS)  # the prompt alone would fit...
     need = cdiv(300, BS) + manager.admission_reserve("second", 300)
-    assert need > free  # ...but not with first's growth to 700 tokens
+    assert need > free  # ...but not with both growing to 700 tokens
     assert kv.allocate_slots(second, 300, full_sequence_must_fit=True) is None
 
 
@@ -196,3 +247,91 @@ def test_sim_charges_each_prompt_once_per_start(model_dir):
                           output_len=160, cost=only_prompts)
     assert result["finished"] and result["preemptions"] > 0  # chunks, too
     assert result["seconds"] == 40 + result["preemptions"]
+
+
+def test_pacer_starts_a_burst_then_one_request_per_interval():
+    """The bucket holds BURST of the steady concurrency (pool / mean blocks
+    over a life); afterwards one request may start per ``1 / rate`` steps."""
+    kv, manager = _manager(reserve=256, num_blocks=400, pacing=True)
+    pacer, law = manager.pacer, manager.law
+    prompt, out = 300, 160
+    mean = np.mean([law.compacted_blocks(prompt, a) for a in range(out)])
+    concurrency = (399 - cdiv(prompt, BS)) / mean
+    rate, size = pacer.rate(prompt, out)
+    assert rate == pytest.approx(concurrency / out)
+    assert size == max(1.0, AdmissionPacer.BURST * concurrency)
+    started = 0
+    while pacer.allows(prompt, out):
+        pacer.started(prompt)
+        started += 1
+    assert started == int(size)
+    intervals = []
+    for _ in range(3):
+        steps = 0
+        while not pacer.allows(prompt, out):
+            pacer.new_step()
+            steps += 1
+        pacer.started(prompt)
+        intervals.append(steps)
+    # the first interval only tops up what the burst left of a request
+    assert intervals[0] <= intervals[1]
+    assert intervals[1:] == [pytest.approx(1 / rate, abs=1)] * 2
+    assert pacer.allows(40, out)  # never paced: 40 <= B is not compressed
+
+
+def test_pacer_learns_the_output_length_from_finished_requests():
+    """Before any request finishes the pace assumes max_tokens; after, the
+    mean output of finished requests (never above the candidate's limit)."""
+    kv, manager = _manager(reserve=256, pacing=True)
+    pacer = manager.pacer
+    slow, _ = pacer.rate(300, 1000)
+    pacer.allows(300, 1000)
+    assert pacer.mean_output is None
+    for _ in range(3):
+        pacer.finished(100)
+    assert pacer.mean_output == 100
+    fast, _ = pacer.rate(300, 100)
+    assert fast > 5 * slow  # short lives: many more requests per step
+    pacer._tokens = 0.0
+    pacer.new_step()
+    pacer.allows(300, 1000)
+    assert pacer._tokens == pytest.approx(fast)
+    pacer.finished(200)
+    assert pacer.mean_output == pytest.approx(100 + 100 / 16)
+
+
+def test_only_requests_that_ran_to_their_end_teach_the_pacer():
+    """patches.patch_admission_inputs: vLLM frees a preempted request while
+    it is still RUNNING and an aborted one as FINISHED_ABORTED; neither says
+    how long requests live."""
+    kv, manager = _manager(reserve=256, pacing=True)
+    for status, learns in ((RequestStatus.RUNNING, False),
+                           (RequestStatus.FINISHED_ABORTED, False),
+                           (RequestStatus.FINISHED_LENGTH_CAPPED, True)):
+        request = _request(status.name, 300, 50)
+        assert kv.allocate_slots(request, 300) is not None
+        request.append_output_token_ids([0] * 7)
+        request.status = status
+        kv.free(request)
+        assert (manager.pacer.mean_output == 7) is learns
+        assert not manager.req_to_blocks.get(request.request_id)
+
+
+def test_pacing_spreads_a_burst_on_vllms_scheduler(model_dir):
+    """A burst larger than the pool: admitted together, requests grow
+    together and preempt each other; paced, they start spread over a life,
+    none is preempted and the burst finishes sooner (modelled H100 time)."""
+    sim = _sim()
+    results = {}
+    for pacing in (False, True):
+        spec = sim.sparsemm_spec(64, 256, _scores(), head_size=8,
+                                 admission_pacing=pacing)
+        scheduler = sim.make_scheduler(spec, num_blocks=200,
+                                       max_batched_tokens=1024,
+                                       max_num_seqs=64, model_dir=model_dir)
+        results[pacing] = sim.simulate(scheduler, num_requests=60,
+                                       prompt_len=400, output_len=320)
+        assert results[pacing]["finished"]
+    assert results[False]["preemptions"] > 0
+    assert results[True]["preemptions"] == 0
+    assert results[True]["seconds"] < 0.9 * results[False]["seconds"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from vllm_sparsemm.budget import compresses, kept_counts
@@ -77,6 +78,31 @@ class BlockLaw:
         every running request at every step.
         """
         return max(p.num_blocks(appended) for p in self.rank_plans(prompt_len))
+
+    @functools.lru_cache(maxsize=4096)
+    def _growth_table(self, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per rank, slots in use at ``appended`` in ``[0, block_size)``, and
+        the pool size. Each head gains exactly one page per ``block_size``
+        appended tokens (``PagePlan.num_slots``), so slots at ``a`` are
+        ``table[a % block_size] + (a // block_size) * pool_size``."""
+        first = np.array([[int(p.num_slots(a)[0]) for a in range(
+            self.block_size)] for p in self.rank_plans(prompt_len)],
+                         dtype=np.int64)
+        pools = np.array([p.pool_size for p in self.rank_plans(prompt_len)],
+                         dtype=np.int64)
+        return first, pools
+
+    def compacted_blocks_many(self, prompt_len: int,
+                              appended: np.ndarray) -> np.ndarray:
+        """``compacted_blocks`` for an int array of ``appended`` counts (>= 0)
+        at once: the admission gate evaluates every running request at many
+        future steps."""
+        first, pools = self._growth_table(prompt_len)
+        appended = np.asarray(appended, dtype=np.int64)
+        pool = pools.reshape((-1, ) + (1, ) * appended.ndim)
+        slots = (first[:, appended % self.block_size] +
+                 (appended // self.block_size)[None] * pool)
+        return cdiv(slots, pool).max(axis=0)
 
     def list_length(self, prompt_len: int, compaction_end: int | None,
                     num_tokens: int) -> int:

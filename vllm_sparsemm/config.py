@@ -35,10 +35,13 @@ class SparseMMSettings:
     ratio: float = 0.1  # r: share of B - W every head gets regardless of score
     pool_kernel: int = 5  # avg-pool kernel over key scores
     head_scores: str | None = None  # path, shipped name, "uniform", or auto
-    # output tokens of growth the scheduler reserves per running request
-    # before admitting another (-1: up to max_tokens; 0: vLLM's optimistic
-    # admission); see kv_spec.SparseMMManager
+    # steps ahead the admission gate checks that, with every request running
+    # to its max_tokens, the pool never runs out (-1: until all finish; 0:
+    # vLLM's optimistic admission, and no pacing); see admission.py
     admission_reserve: int = 256
+    # compressed requests start no faster than the pool can sustain, so a
+    # burst does not grow and finish in lockstep (admission.AdmissionPacer)
+    admission_pacing: bool = True
     # uniform decode steps (every row one token, none in its prompt) replay
     # full CUDA graphs (graph_decode.py); off: they run piecewise, with the
     # attention eager between graphs (H100: batch-1 decode 1.39x stock's
@@ -52,8 +55,9 @@ class SparseMMSettings:
             raise ValueError(f"sparsemm pool_kernel must be odd and positive, "
                              f"got {self.pool_kernel}")
         if self.admission_reserve < -1:
-            raise ValueError(f"sparsemm admission_reserve must be -1 (up to "
-                             f"max_tokens), 0 (off) or a token count, got "
+            raise ValueError(f"sparsemm admission_reserve must be -1 (until "
+                             f"every request finishes), 0 (off) or a step "
+                             f"count, got "
                              f"{self.admission_reserve}")
 
     @classmethod
@@ -75,6 +79,7 @@ class SparseMMSettings:
                     "admission_reserve": int,
                     "ratio": float, "head_scores": str,
                     "full_cuda_graphs": _as_bool,
+                    "admission_pacing": _as_bool,
                     "debug_poison": _as_bool}[name]
             try:
                 values[name] = kind(value)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_sparsemm.admission import HELD, AdmissionPacer, future_peak
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.config import BudgetPlan
 from vllm_sparsemm.page_plan import cdiv
@@ -24,19 +26,20 @@ class SparseMMSpec(FullAttentionSpec):
     """A full-attention layer whose requests are compressed by ``plan`` after prefill."""
     plan: BudgetPlan
     tp_size: int = 1
-    # output tokens of growth admission reserves per running request (up to
-    # its max_tokens); -1: all of max_tokens; 0: vLLM's optimistic admission
+    # steps ahead the admission gate keeps the pool from running out (-1:
+    # until every request finishes; 0: vLLM's optimistic admission)
     admission_reserve: int = 256
+    admission_pacing: bool = True  # admission.AdmissionPacer
 
     @classmethod
     def merge(cls, specs: list["SparseMMSpec"]) -> "SparseMMSpec":
         # FullAttentionSpec.merge rebuilds the base class fields only.
-        plans = {(spec.plan, spec.tp_size, spec.admission_reserve)
-                 for spec in specs}
+        plans = {(spec.plan, spec.tp_size, spec.admission_reserve,
+                  spec.admission_pacing) for spec in specs}
         assert all(isinstance(s, SparseMMSpec) for s in specs) and len(
             plans) == 1, "all sparsemm layers of a KV group must share one plan"
         base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
-        plan, tp_size, admission_reserve = plans.pop()
+        plan, tp_size, admission_reserve, admission_pacing = plans.pop()
         return cls(block_size=base.block_size,
                    num_kv_heads=base.num_kv_heads,
                    head_size=base.head_size,
@@ -50,22 +53,17 @@ class SparseMMSpec(FullAttentionSpec):
                    non_causal=base.non_causal,
                    plan=plan,
                    tp_size=tp_size,
-                   admission_reserve=admission_reserve)
+                   admission_reserve=admission_reserve,
+                   admission_pacing=admission_pacing)
 
 
 class SparseMMManager(FullAttentionManager):
     """Block lists of compressed requests (see ``block_law`` for the layout),
-    and an admission gate that counts what running requests will still claim.
-
-    vLLM admits a waiting request when its prompt fits in the free blocks and
-    preempts (recomputes) the newest running request when a running one
-    cannot grow. A compressed request's growth is a large share of its
-    footprint (B=256 on LLaVA-NeXT: ~30 blocks after compaction, one more
-    per 16 output tokens), so optimistic admission fills the pool and growth
-    then preempts decoding requests, each of which recomputes its whole
-    prompt. The gate therefore also reserves the rest of every unfinished
-    prefill and each running request's growth over the next
-    ``admission_reserve`` output tokens (or up to its ``max_tokens``).
+    and an admission gate fitted to their life (``admission.py``): a request
+    is admitted only if no step within ``admission_reserve`` steps would run
+    out of blocks with every request running to its limit, and compressed
+    requests start no faster than the pool can sustain
+    (``admission_pacing``).
     """
 
     def __init__(self, kv_cache_spec: SparseMMSpec, **kwargs) -> None:
@@ -76,6 +74,11 @@ class SparseMMManager(FullAttentionManager):
         self.admission_reserve_tokens = kv_cache_spec.admission_reserve
         self._limit: dict[str, int] = {}  # prompt + max_tokens (capped)
         self._tokens: dict[str, int] = {}  # tokens with a slot so far
+        self._chunk: dict[str, int] = {}  # tokens its last allocation added
+        self.pacer = AdmissionPacer(
+            self.law, self.block_pool.num_gpu_blocks - 1
+        ) if kv_cache_spec.admission_pacing else None
+        self._paced: str | None = None  # the request the pacer let in last
         # Request -> (K_c, n_c), the released entries, fixed once E (the end
         # of the step that processed its last prompt token) is known; present
         # once the request is compacted (vLLM asks for every running request
@@ -120,42 +123,60 @@ class SparseMMManager(FullAttentionManager):
             held -= released[1] - released[0]
         return held
 
-    def _peak_blocks(self, request_id: str, prompt_len: int, tokens: int) -> int:
-        """Most real blocks the request holds until it has ``tokens`` tokens."""
-        law = self.law
-        if not law.compresses(prompt_len):
-            return cdiv(max(tokens, prompt_len), self.block_size)
-        grown = law.compacted_blocks(prompt_len, max(tokens - prompt_len, 0))
-        if request_id in self._released:
-            return grown
-        # the whole prompt is held until compaction
-        return max(cdiv(prompt_len, self.block_size), grown)
+    def _future_rows(self, request_id: str, num_tokens: int) -> np.ndarray:
+        """``admission.future_peak``'s rows: every request holding blocks,
+        then the candidate ``request_id`` asking for ``num_tokens`` slots."""
+        entries = [(rid, prompt_len, self._tokens.get(rid, prompt_len),
+                    self._held_blocks(rid))
+                   for rid, prompt_len in self._prompt_len.items()
+                   if rid != request_id and rid in self.req_to_blocks]
+        entries.append((request_id, self._prompt_len.get(
+            request_id, num_tokens), num_tokens, 0))
+        rows = []
+        for rid, prompt_len, tokens, held in entries:
+            chunk = max(self._chunk.get(rid, tokens), 1)
+            rows.append((prompt_len, tokens,
+                         self._limit.get(rid, max(tokens, prompt_len) + 1),
+                         cdiv(max(prompt_len - tokens, 0), chunk),
+                         self._whole_prompt_blocks(rid, prompt_len, tokens),
+                         held))
+        return np.array(rows, dtype=np.int64)
 
-    def _reserve_until(self, request_id: str, tokens: int) -> int:
-        """Tokens the reserve covers: ``admission_reserve`` more, within the limit."""
-        limit = self._limit.get(request_id, tokens)
-        if self.admission_reserve_tokens < 0:
-            return max(limit, tokens)
-        return max(min(limit, tokens + self.admission_reserve_tokens), tokens)
+    def _whole_prompt_blocks(self, request_id: str, prompt_len: int,
+                             tokens: int) -> int:
+        """Blocks of the whole prompt (and recomputed outputs) the request
+        holds until its compaction is released; 0 once it is, or if it is
+        never compressed."""
+        if request_id in self._released or not self.law.compresses(prompt_len):
+            return 0
+        return cdiv(max(tokens, prompt_len), self.block_size)
 
     def admission_reserve(self, request_id: str, num_tokens: int) -> int:
         """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
-        admitting ``request_id``: its own growth past them, plus every
-        running request's remaining prefill and growth (class docstring)."""
+        admitting ``request_id``; more than are free while the pacer says
+        not yet (class docstring)."""
         if self.admission_reserve_tokens == 0 or not self.req_to_blocks:
             return 0  # with nothing running, never hold a request back
         prompt_len = self._prompt_len.get(request_id, num_tokens)
-        reserve = max(0, self._peak_blocks(
-            request_id, prompt_len, self._reserve_until(
-                request_id, num_tokens)) - cdiv(num_tokens, self.block_size))
-        for other, other_prompt in self._prompt_len.items():
-            if other == request_id or other not in self.req_to_blocks:
-                continue
-            tokens = self._tokens.get(other, other_prompt)
-            peak = self._peak_blocks(other, other_prompt,
-                                     self._reserve_until(other, tokens))
-            reserve += max(0, peak - self._held_blocks(other))
-        return reserve
+        if self.pacer is not None and num_tokens <= prompt_len:
+            limit = self._limit.get(request_id, num_tokens + 1)
+            if not self.pacer.allows(prompt_len, limit - prompt_len):
+                return self.block_pool.get_num_free_blocks() + 1
+            self._paced = request_id
+        rows = self._future_rows(request_id, num_tokens)
+        peak = future_peak(rows, self.law, self.admission_reserve_tokens)
+        return max(0, peak - int(rows[:, HELD].sum()) -
+                   cdiv(num_tokens, self.block_size))
+
+    def new_step_starts(self) -> None:
+        super().new_step_starts()
+        if self.pacer is not None:
+            self.pacer.new_step()
+
+    def note_finished(self, request_id: str, num_output_tokens: int) -> None:
+        """``request_id`` ran to its end (``patches.py``): the pacer's mean life."""
+        if self.pacer is not None:
+            self.pacer.finished(num_output_tokens)
 
     def remove_skipped_blocks(self, request_id: str,
                               processed_computed_tokens: int,
@@ -192,6 +213,10 @@ class SparseMMManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id, num_tokens,
                             num_tokens_main_model):
+        if request_id == self._paced:
+            self.pacer.started(self._prompt_len[request_id])
+            self._paced = None
+        self._chunk[request_id] = num_tokens - self._tokens.get(request_id, 0)
         self._tokens[request_id] = num_tokens
         return super().allocate_new_blocks(
             request_id, self._slot_tokens(request_id, num_tokens),
@@ -200,7 +225,7 @@ class SparseMMManager(FullAttentionManager):
     def free(self, request_id: str) -> None:
         super().free(request_id)
         for table in (self._prompt_len, self._limit, self._tokens,
-                      self._released):
+                      self._chunk, self._released):
             table.pop(request_id, None)
         self._removed.discard(request_id)
 

@@ -104,9 +104,10 @@ def _prepare_engine_config(vllm_config) -> None:
     plan, source = budget_plan(vllm_config)
     logger.info_once(
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
-        "block_size=%d admission_reserve=%d head_scores=%s", settings.budget,
-        settings.window, settings.ratio, settings.pool_kernel,
-        cache.block_size, settings.admission_reserve, source)
+        "block_size=%d admission_reserve=%d admission_pacing=%s "
+        "head_scores=%s", settings.budget, settings.window, settings.ratio,
+        settings.pool_kernel, cache.block_size, settings.admission_reserve,
+        settings.admission_pacing, source)
 
 
 def patch_model_runner_choice() -> None:
@@ -174,7 +175,8 @@ def patch_layer_spec() -> None:
             return SparseMMSpec(
                 **fields, plan=budget_plan(vllm_config)[0],
                 tp_size=vllm_config.parallel_config.tensor_parallel_size,
-                admission_reserve=settings_for(vllm_config).admission_reserve)
+                admission_reserve=settings_for(vllm_config).admission_reserve,
+                admission_pacing=settings_for(vllm_config).admission_pacing)
 
         return get_kv_cache_spec
 
@@ -233,25 +235,30 @@ def patch_runner_hooks() -> None:
 
 
 def patch_admission_inputs() -> None:
-    """Wraps ``KVCacheManager.allocate_slots``: vLLM passes the per-type
-    managers request ids only, and the sparsemm manager's admission gate also
-    needs each request's prompt length and token limit (prompt + max_tokens)
-    to reserve what running requests will still grow
-    (``SparseMMManager.admission_reserve``)."""
+    """Wraps ``KVCacheManager.allocate_slots`` and ``KVCacheManager.free``:
+    vLLM passes the per-type managers request ids only, and the sparsemm
+    manager's admission gate (``admission.py``) also needs each request's
+    prompt length and token limit (prompt + max_tokens), and the output
+    length of each request that ran to its end (not preempted or aborted),
+    from which the pacer learns how long requests live."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.request import RequestStatus
 
     from vllm_sparsemm.kv_spec import SparseMMManager
 
-    def make(original):
+    def managers_of(kv_manager):
+        managers = kv_manager.__dict__.get("_sparsemm_managers")
+        if managers is None:  # called for every running request each step
+            managers = kv_manager._sparsemm_managers = [
+                m for m in kv_manager.coordinator.single_type_managers
+                if isinstance(m, SparseMMManager)]
+        return managers
+
+    def make_allocate(original):
 
         @functools.wraps(original)
         def allocate_slots(self, request, *args, **kwargs):
-            managers = self.__dict__.get("_sparsemm_managers")
-            if managers is None:  # called for every running request each step
-                managers = self._sparsemm_managers = [
-                    m for m in self.coordinator.single_type_managers
-                    if isinstance(m, SparseMMManager)]
-            for manager in managers:
+            for manager in managers_of(self):
                 if not manager.is_noted(request.request_id):
                     manager.note_request(
                         request.request_id, request.num_prompt_tokens,
@@ -261,7 +268,21 @@ def patch_admission_inputs() -> None:
 
         return allocate_slots
 
-    _wrap(KVCacheManager, "allocate_slots", make)
+    def make_free(original):
+
+        @functools.wraps(original)
+        def free(self, request):
+            if (request.is_finished()
+                    and request.status != RequestStatus.FINISHED_ABORTED):
+                for manager in managers_of(self):
+                    manager.note_finished(request.request_id,
+                                          request.num_output_tokens)
+            return original(self, request)
+
+        return free
+
+    _wrap(KVCacheManager, "allocate_slots", make_allocate)
+    _wrap(KVCacheManager, "free", make_free)
 
 
 def patch_full_graph_dispatch() -> None:
