@@ -2,6 +2,7 @@
 simulated on CPU: each rank owns Hkv / tp heads, the block count is the
 maximum over ranks, and each rank's selection equals the single-rank one."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,19 @@ def test_tensor_parallel_ranks_select_what_one_rank_would():
 def test_heads_must_split_over_ranks():
     with pytest.raises(ValueError, match="split evenly"):
         BlockLaw(_plan(num_kv_heads=4), 16, tp_size=3)
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_blocks_grow_by_one_per_block_of_tokens_from_a_phase_offset(
+        tp_size, block_size):
+    """The admission gate's closed form (``phase_blocks``,
+    ``compacted_blocks_many``) equals the page plan's count for every
+    appended length, prompt length and TP size."""
+    law = BlockLaw(_plan(num_kv_heads=8, budget=48), block_size, tp_size)
+    for prompt in (200, 301, 1000):
+        appended = np.arange(0, 5 * block_size + 3)
+        expected = [law.compacted_blocks(prompt, int(a)) for a in appended]
+        assert law.compacted_blocks_many(prompt, appended).tolist() == expected
+        assert law.compacted_blocks_many(
+            prompt, appended.reshape(-1, 1)).ravel().tolist() == expected

@@ -238,10 +238,13 @@ def test_blocks_match_the_plan_and_nothing_leaks(models):
     want, _ = _tokens(models[kind], "sparsemm", budget,
                       dict(kind=kind, n=24, seed=7, text_len=150), 40)
 
-    # few blocks: requests get preempted and recomputed; released blocks are
-    # NaN-filled, so any read of one would show in the outputs
+    # few blocks and vLLM's optimistic admission (admission_reserve 0: the
+    # sparsemm gate would admit so that none is preempted): requests get
+    # preempted and recomputed; released blocks are NaN-filled, so any read
+    # of one would show in the outputs
     # 4 layers x 4 heads x 16 tokens x 2 x 64 dims x 2 bytes = 64 KiB a block
-    llm = _llm(models[kind], "sparsemm", dict(budget, debug_poison=True),
+    llm = _llm(models[kind], "sparsemm",
+               dict(budget, debug_poison=True, admission_reserve=0),
                kv_cache_memory_bytes=64 * 64 * 1024, max_model_len=1024,
                max_num_seqs=24)
     sched = _scheduler(llm)

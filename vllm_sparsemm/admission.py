@@ -50,14 +50,51 @@ def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
     compaction when the step's output is processed). Between two events (the
     end of a transient, a finish) every count only grows, so the peak is at
     step 0, step 1 or the last step before an event.
+
+    Requests past their prefill and transient (nearly all of them) grow by
+    one block per ``block_size`` tokens from an offset set by their phase
+    (``BlockLaw.phase_blocks``), so they are summed per (prompt length,
+    phase) from counts of who is still alive: the cost grows with the number
+    of such groups and event steps, not with their product with requests.
     """
     prompt, tokens, limit, prefill_steps, whole, held = rows.T
+    bs = law.block_size
     after_prompt = np.maximum(tokens, prompt) - prompt  # at the prefill's end
     last = prefill_steps + (limit - prompt) - after_prompt - 1  # last alive
     times = np.unique(np.concatenate(
         ([0, 1], prefill_steps + 1, np.maximum(last, 0))))
     if horizon >= 0:
         times = np.append(times[times <= horizon], horizon)
+    steady = (prefill_steps == 0) & (whole == 0)
+    total = _dense_blocks(rows[~steady], law, times).sum(axis=0)
+    for prompt_len in np.unique(prompt[steady]):
+        group = steady & (prompt == prompt_len)
+        offsets = (law.phase_blocks(int(prompt_len))
+                   if law.compresses(int(prompt_len)) else
+                   cdiv(prompt_len + np.arange(bs), bs))
+        appended, ends = after_prompt[group], last[group]
+        for phase in np.unique(appended % bs):
+            same = appended % bs == phase
+            base = appended[same] // bs
+            order = np.argsort(ends[same], kind="stable")
+            ends_sorted = ends[same][order]
+            base_sum = np.concatenate(([0], np.cumsum(base[order])))
+            gone = np.searchsorted(ends_sorted, times, side="left")
+            alive = len(ends_sorted) - gone
+            u = phase + times
+            total += (base_sum[-1] - base_sum[gone] +
+                      alive * (u // bs + offsets[u % bs]))
+    total[0] = _dense_blocks(rows, law, times[:1]).sum()  # held counts there
+    return int(total.max())
+
+
+def _dense_blocks(rows: np.ndarray, law: BlockLaw,
+                  times: np.ndarray) -> np.ndarray:
+    """Blocks ``[requests, times]`` of each request of ``rows`` at each step
+    (``future_peak``'s rule, evaluated request by request)."""
+    prompt, tokens, limit, prefill_steps, whole, held = rows.T
+    after_prompt = np.maximum(tokens, prompt) - prompt
+    last = prefill_steps + (limit - prompt) - after_prompt - 1
     appended = np.maximum(
         after_prompt[:, None] + times[None] - prefill_steps[:, None], 0)
     blocks = cdiv(prompt[:, None] + appended, law.block_size)
@@ -71,7 +108,7 @@ def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
     blocks = np.where(times[None] <= last[:, None],
                       np.maximum(blocks, transient), 0)
     blocks[:, 0] = np.maximum(blocks[:, 0], held)
-    return int(blocks.sum(axis=0).max())
+    return blocks
 
 
 class AdmissionPacer:

@@ -80,29 +80,23 @@ class BlockLaw:
         return max(p.num_blocks(appended) for p in self.rank_plans(prompt_len))
 
     @functools.lru_cache(maxsize=4096)
-    def _growth_table(self, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per rank, slots in use at ``appended`` in ``[0, block_size)``, and
-        the pool size. Each head gains exactly one page per ``block_size``
-        appended tokens (``PagePlan.num_slots``), so slots at ``a`` are
-        ``table[a % block_size] + (a // block_size) * pool_size``."""
-        first = np.array([[int(p.num_slots(a)[0]) for a in range(
-            self.block_size)] for p in self.rank_plans(prompt_len)],
-                         dtype=np.int64)
-        pools = np.array([p.pool_size for p in self.rank_plans(prompt_len)],
-                         dtype=np.int64)
-        return first, pools
+    def phase_blocks(self, prompt_len: int) -> np.ndarray:
+        """``offsets`` ``[block_size]`` with ``compacted_blocks(prompt_len, a)
+        == a // block_size + offsets[a % block_size]`` for every ``a >= 0``.
+
+        Each head gains exactly one page per ``block_size`` appended tokens
+        (``PagePlan.num_slots``) and every rank's pool has the same size, so
+        the blocks grow by exactly one per ``block_size`` tokens."""
+        return np.array([self.compacted_blocks(prompt_len, a)
+                         for a in range(self.block_size)], dtype=np.int64)
 
     def compacted_blocks_many(self, prompt_len: int,
                               appended: np.ndarray) -> np.ndarray:
         """``compacted_blocks`` for an int array of ``appended`` counts (>= 0)
-        at once: the admission gate evaluates every running request at many
-        future steps."""
-        first, pools = self._growth_table(prompt_len)
+        at once: the admission gate evaluates requests at many future steps."""
         appended = np.asarray(appended, dtype=np.int64)
-        pool = pools.reshape((-1, ) + (1, ) * appended.ndim)
-        slots = (first[:, appended % self.block_size] +
-                 (appended // self.block_size)[None] * pool)
-        return cdiv(slots, pool).max(axis=0)
+        return (appended // self.block_size +
+                self.phase_blocks(prompt_len)[appended % self.block_size])
 
     def list_length(self, prompt_len: int, compaction_end: int | None,
                     num_tokens: int) -> int:

@@ -125,21 +125,27 @@ class SparseMMManager(FullAttentionManager):
 
     def _future_rows(self, request_id: str, num_tokens: int) -> np.ndarray:
         """``admission.future_peak``'s rows: every request holding blocks,
-        then the candidate ``request_id`` asking for ``num_tokens`` slots."""
-        entries = [(rid, prompt_len, self._tokens.get(rid, prompt_len),
-                    self._held_blocks(rid))
-                   for rid, prompt_len in self._prompt_len.items()
-                   if rid != request_id and rid in self.req_to_blocks]
-        entries.append((request_id, self._prompt_len.get(
-            request_id, num_tokens), num_tokens, 0))
+        then the candidate ``request_id`` asking for ``num_tokens`` slots.
+        (Built at every admission over every running request: kept to plain
+        dict lookups.)"""
+        tokens_of, chunk_of, limit_of = self._tokens, self._chunk, self._limit
+        holding, whole_of = self.req_to_blocks, self._whole_prompt_blocks
         rows = []
-        for rid, prompt_len, tokens, held in entries:
-            chunk = max(self._chunk.get(rid, tokens), 1)
+        for rid, prompt_len in self._prompt_len.items():
+            if rid == request_id or rid not in holding:
+                continue
+            tokens = tokens_of.get(rid, prompt_len)
+            steps = (cdiv(prompt_len - tokens, max(chunk_of.get(rid, tokens), 1))
+                     if tokens < prompt_len else 0)
             rows.append((prompt_len, tokens,
-                         self._limit.get(rid, max(tokens, prompt_len) + 1),
-                         cdiv(max(prompt_len - tokens, 0), chunk),
-                         self._whole_prompt_blocks(rid, prompt_len, tokens),
-                         held))
+                         limit_of.get(rid, max(tokens, prompt_len) + 1), steps,
+                         whole_of(rid, prompt_len, tokens),
+                         self._held_blocks(rid)))
+        prompt_len = self._prompt_len.get(request_id, num_tokens)
+        rows.append((prompt_len, num_tokens,
+                     limit_of.get(request_id, max(num_tokens, prompt_len) + 1),
+                     cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1)),
+                     whole_of(request_id, prompt_len, num_tokens), 0))
         return np.array(rows, dtype=np.int64)
 
     def _whole_prompt_blocks(self, request_id: str, prompt_len: int,
