@@ -33,8 +33,9 @@ import numpy as np
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.page_plan import cdiv
 
-# Columns of the rows handed to ``future_peak``, one row per request.
-PROMPT, TOKENS, LIMIT, PREFILL_STEPS, WHOLE_PROMPT, HELD = range(6)
+# Columns of the rows handed to ``future_peak``, one row per request (see its
+# docstring): prompt, tokens, limit, prefill steps, whole prompt, held.
+HELD = 5
 
 
 def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
@@ -57,10 +58,9 @@ def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
     phase) from counts of who is still alive: the cost grows with the number
     of such groups and event steps, not with their product with requests.
     """
-    prompt, tokens, limit, prefill_steps, whole, held = rows.T
+    prompt, _, _, prefill_steps, whole, _ = rows.T
     bs = law.block_size
-    after_prompt = np.maximum(tokens, prompt) - prompt  # at the prefill's end
-    last = prefill_steps + (limit - prompt) - after_prompt - 1  # last alive
+    after_prompt, last = _life(rows)
     times = np.unique(np.concatenate(
         ([0, 1], prefill_steps + 1, np.maximum(last, 0))))
     if horizon >= 0:
@@ -88,13 +88,20 @@ def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
     return int(total.max())
 
 
+def _life(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per request of ``rows``: tokens after the prompt once its prefill is
+    done, and the last step (from now) at which it still holds blocks."""
+    prompt, tokens, limit, prefill_steps = rows[:, :4].T
+    after_prompt = np.maximum(tokens, prompt) - prompt
+    return after_prompt, prefill_steps + (limit - prompt) - after_prompt - 1
+
+
 def _dense_blocks(rows: np.ndarray, law: BlockLaw,
                   times: np.ndarray) -> np.ndarray:
     """Blocks ``[requests, times]`` of each request of ``rows`` at each step
     (``future_peak``'s rule, evaluated request by request)."""
-    prompt, tokens, limit, prefill_steps, whole, held = rows.T
-    after_prompt = np.maximum(tokens, prompt) - prompt
-    last = prefill_steps + (limit - prompt) - after_prompt - 1
+    prompt, _, _, prefill_steps, whole, held = rows.T
+    after_prompt, last = _life(rows)
     appended = np.maximum(
         after_prompt[:, None] + times[None] - prefill_steps[:, None], 0)
     blocks = cdiv(prompt[:, None] + appended, law.block_size)

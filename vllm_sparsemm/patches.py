@@ -172,11 +172,12 @@ def patch_layer_spec() -> None:
                                  f"only, not {type(spec).__name__}")
             fields = {f: getattr(spec, f)
                       for f in spec.__dataclass_fields__}
+            settings = settings_for(vllm_config)
             return SparseMMSpec(
                 **fields, plan=budget_plan(vllm_config)[0],
                 tp_size=vllm_config.parallel_config.tensor_parallel_size,
-                admission_reserve=settings_for(vllm_config).admission_reserve,
-                admission_pacing=settings_for(vllm_config).admission_pacing)
+                admission_reserve=settings.admission_reserve,
+                admission_pacing=settings.admission_pacing)
 
         return get_kv_cache_spec
 
