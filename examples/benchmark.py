@@ -95,6 +95,10 @@ def _engine(args, backend):
             "max_position_embeddings": args.max_model_len}}
     if args.enforce_eager:
         kwargs["enforce_eager"] = True
+    compilation = {}
+    if args.max_cudagraph_capture_size:
+        compilation["max_cudagraph_capture_size"] = (
+            args.max_cudagraph_capture_size)
     if backend.startswith("sparsemm"):
         # Environment rather than --additional-config: the latter enters
         # vLLM's compile-cache hash, so each budget would recompile the model.
@@ -110,7 +114,9 @@ def _engine(args, backend):
         name, _, mode = backend.partition(":")
         kwargs["attention_backend"] = name
         if mode:
-            kwargs["compilation_config"] = {"cudagraph_mode": mode}
+            compilation["cudagraph_mode"] = mode
+    if compilation:
+        kwargs["compilation_config"] = compilation
     return LLM(**kwargs)
 
 
@@ -206,6 +212,8 @@ def run_throughput(args, backend) -> dict:
             sum(per_request) / len(per_request) if per_request else None),
         "timeline": timeline(log, elapsed),
         "host_ms_per_step": clock.summary(),
+        "max_cudagraph_capture_size": (
+            engine.vllm_config.compilation_config.max_cudagraph_capture_size),
     }
     if held:
         result["blocks_held_over_ideal_mean"] = sum(h for h, _ in held) / sum(
@@ -482,6 +490,11 @@ def main():
                         "(default: vLLM's, 16384 offline). Smaller chunks "
                         "split prompts over more steps, and decoding rows "
                         "ride along in each; must be >= --max-num-seqs")
+    parser.add_argument("--max-cudagraph-capture-size", type=int, default=0,
+                        help="largest decode batch captured as CUDA graphs, "
+                        "for every backend (default: each backend's own: "
+                        "vLLM's min(2 x max_num_seqs, 512) for stock, "
+                        "min(max_num_seqs, 1024) for sparsemm)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-gib", type=float, default=None,
                         help="fix the KV cache size (e.g. 8 for an L4-class GPU)")
