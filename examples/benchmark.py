@@ -492,9 +492,9 @@ def main():
                         "ride along in each; must be >= --max-num-seqs")
     parser.add_argument("--max-cudagraph-capture-size", type=int, default=0,
                         help="largest decode batch captured as CUDA graphs, "
-                        "for every backend (default: each backend's own: "
-                        "vLLM's min(2 x max_num_seqs, 512) for stock, "
-                        "min(max_num_seqs, 1024) for sparsemm)")
+                        "for every backend (default: vLLM's, min(2 x "
+                        "max_num_seqs, 512)); rows past it decode without "
+                        "graphs")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-gib", type=float, default=None,
                         help="fix the KV cache size (e.g. 8 for an L4-class GPU)")

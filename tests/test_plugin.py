@@ -81,36 +81,6 @@ def test_unsupported_features_are_refused(monkeypatch):
     assert config.cache_config.enable_prefix_caching is False
 
 
-def _graph_config(max_num_seqs, eager=False, **compilation):
-    fields = dict(max_cudagraph_capture_size=None,
-                  cudagraph_capture_sizes=None, cudagraph_mode=None)
-    fields.update(compilation)
-    return types.SimpleNamespace(
-        model_config=types.SimpleNamespace(enforce_eager=eager),
-        scheduler_config=types.SimpleNamespace(max_num_seqs=max_num_seqs),
-        compilation_config=types.SimpleNamespace(**fields))
-
-
-@pytest.mark.parametrize("max_num_seqs,expected", [(1024, 1024), (768, 768),
-                                                   (4096, 1024), (256, None),
-                                                   (512, None)])
-def test_graph_capture_default_follows_max_num_seqs(max_num_seqs, expected):
-    config = _graph_config(max_num_seqs)
-    patches._raise_graph_capture_default(config)
-    assert config.compilation_config.max_cudagraph_capture_size == expected
-
-
-def test_graph_capture_sizes_the_user_set_are_left_alone():
-    from vllm.config import CUDAGraphMode
-    for config in (_graph_config(1024, max_cudagraph_capture_size=256),
-                   _graph_config(1024, cudagraph_capture_sizes=[1, 8]),
-                   _graph_config(1024, cudagraph_mode=CUDAGraphMode.NONE),
-                   _graph_config(1024, eager=True)):
-        before = vars(config.compilation_config).copy()
-        patches._raise_graph_capture_default(config)
-        assert vars(config.compilation_config) == before
-
-
 def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
         monkeypatch):
     """The metadata hook (GPU-only in the engine tests) reads vLLM's input

@@ -100,7 +100,6 @@ def _prepare_engine_config(vllm_config) -> None:
                          + ", ".join(unsupported))
     if vllm_config.model_config is None:
         return
-    _raise_graph_capture_default(vllm_config)
     settings = settings_for(vllm_config)
     plan, source = budget_plan(vllm_config)
     logger.info_once(
@@ -109,34 +108,6 @@ def _prepare_engine_config(vllm_config) -> None:
         "head_scores=%s", settings.budget, settings.window, settings.ratio,
         settings.pool_kernel, cache.block_size, settings.admission_reserve,
         settings.admission_pacing, source)
-
-
-# Largest decode batch sparsemm captures CUDA graphs for by default. vLLM's
-# default, min(2 x max_num_seqs, 512), suits uncompressed caches; compressed
-# requests are ~10x smaller, so a large pool decodes well past 512 rows, and
-# steps above the largest capture size run without graphs (LLaVA-1.5 on an
-# H200: 764 rows, 39 ms per decode step, 3 ms of it on the GPU).
-MAX_GRAPH_ROWS = 1024
-
-
-def _raise_graph_capture_default(vllm_config) -> None:
-    """Capture graphs up to ``min(max_num_seqs, MAX_GRAPH_ROWS)`` rows
-    unless the user set capture sizes (``-cc.max_cudagraph_capture_size``,
-    ``-cc.cudagraph_capture_sizes``) or CUDA graphs are off."""
-    from vllm.config import CUDAGraphMode
-    compilation = vllm_config.compilation_config
-    if (vllm_config.model_config.enforce_eager
-            or compilation.max_cudagraph_capture_size is not None
-            or compilation.cudagraph_capture_sizes is not None
-            or compilation.cudagraph_mode == CUDAGraphMode.NONE):
-        return
-    rows = min(vllm_config.scheduler_config.max_num_seqs, MAX_GRAPH_ROWS)
-    if rows <= 512:  # vLLM's own default already covers max_num_seqs
-        return
-    compilation.max_cudagraph_capture_size = rows
-    logger.info("sparsemm: CUDA graphs captured up to %d decode rows "
-                "(compressed requests decode more rows at once; set "
-                "-cc.max_cudagraph_capture_size to override)", rows)
 
 
 def patch_model_runner_choice() -> None:
