@@ -171,6 +171,39 @@ def test_saturated_burst_on_vllms_scheduler(model_dir, reserve):
         assert result["preemptions"] > 0 and result["recomputed_tokens"] > 0
 
 
+def test_gate_rows_kept_within_a_step_equal_rows_built_afresh(model_dir):
+    """The gate keeps the running requests' rows from the first admission of
+    a step and rebuilds only those whose state changed since. On vLLM's
+    scheduler, through chunked prompts, compactions, several admissions per
+    step and preemptions (pacing off, so that a burst collides), they equal
+    rows built afresh at every admission."""
+    sim = _sim()
+    spec = sim.sparsemm_spec(64, 256, _scores(), head_size=8,
+                             admission_pacing=False)
+    scheduler = sim.make_scheduler(spec, num_blocks=400,
+                                   max_batched_tokens=2048, max_num_seqs=64,
+                                   model_dir=model_dir)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    built = manager._future_rows
+    calls = {"fresh": 0, "kept": 0}
+
+    def checked(request_id, num_tokens):
+        calls["kept" if manager._step_rows is not None else "fresh"] += 1
+        rows = built(request_id, num_tokens)
+        afresh = [manager._running_row(rid, prompt_len)
+                  for rid, prompt_len in manager._prompt_len.items()
+                  if rid != request_id and rid in manager.req_to_blocks]
+        assert sorted(map(tuple, rows[:-1].tolist())) == sorted(afresh)
+        return rows
+
+    manager._future_rows = checked
+    result = sim.simulate(scheduler, num_requests=60, prompt_len=400,
+                          output_len=320)
+    assert result["finished"]
+    assert calls["kept"] > 20 and calls["fresh"] > 20
+    assert result["preemptions"] > 0
+
+
 def test_sim_without_prefill_transient_holds_only_compacted_blocks(model_dir):
     """The what-if mode of examples/scheduler_sim.py: prompts are never
     chunked and no request ever holds more than its compacted blocks, while

@@ -69,23 +69,36 @@ def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
     total = _dense_blocks(rows[~steady], law, times).sum(axis=0)
     for prompt_len in np.unique(prompt[steady]):
         group = steady & (prompt == prompt_len)
-        offsets = (law.phase_blocks(int(prompt_len))
-                   if law.compresses(int(prompt_len)) else
-                   cdiv(prompt_len + np.arange(bs), bs))
-        appended, ends = after_prompt[group], last[group]
-        for phase in np.unique(appended % bs):
-            same = appended % bs == phase
-            base = appended[same] // bs
-            order = np.argsort(ends[same], kind="stable")
-            ends_sorted = ends[same][order]
-            base_sum = np.concatenate(([0], np.cumsum(base[order])))
-            gone = np.searchsorted(ends_sorted, times, side="left")
-            alive = len(ends_sorted) - gone
-            u = phase + times
-            total += (base_sum[-1] - base_sum[gone] +
-                      alive * (u // bs + offsets[u % bs]))
+        total += _steady_blocks(law, int(prompt_len), after_prompt[group],
+                                last[group], times)
     total[0] = _dense_blocks(rows, law, times[:1]).sum()  # held counts there
     return int(total.max())
+
+
+def _steady_blocks(law: BlockLaw, prompt_len: int, appended: np.ndarray,
+                   last: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Blocks ``[times]`` that steady requests of one prompt length hold
+    together: request i, ``appended[i]`` tokens past its prompt now and
+    alive up to step ``last[i]``, holds ``(appended[i] + t) // bs +
+    offsets[(appended[i] + t) % bs]`` at step t. Counted per phase
+    ``appended % bs`` from histograms of when each request's life ends, so
+    the cost does not grow with the requests or phases present."""
+    bs = law.block_size
+    offsets = (law.phase_blocks(prompt_len) if law.compresses(prompt_len)
+               else cdiv(prompt_len + np.arange(bs), bs))
+    phase, base = appended % bs, appended // bs
+    # request i is alive at times[j] for j < ends[i]
+    ends = np.searchsorted(times, last, side="right")
+    width = len(times) + 1
+    per_end = np.bincount(phase * width + ends, minlength=bs * width)
+    # alive[p, j]: requests of phase p alive at times[j]
+    alive = per_end.reshape(bs, width)[:, ::-1].cumsum(axis=1)[:, ::-1][:, 1:]
+    base_alive = np.bincount(ends, weights=base,
+                             minlength=width)[::-1].cumsum()[::-1][1:]
+    u = np.arange(bs)[:, None] + times[None, :]
+    per_phase = u // bs + offsets[u % bs]  # [bs, times]
+    return (base_alive.astype(np.int64) +
+            (alive * per_phase).sum(axis=0))
 
 
 def _life(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -85,6 +85,10 @@ class SparseMMManager(FullAttentionManager):
         # at every step: kept, not recomputed)
         self._released: dict[str, tuple[int, int]] = {}
         self._removed: set[str] = set()  # requests whose entries went back
+        # this step's _future_rows of running requests, and the requests
+        # whose row may have changed since it was built
+        self._step_rows: dict[str, tuple] | None = None
+        self._stale: set[str] = set()
 
     def _note_progress(self, request_id: str, computed: int) -> None:
         if request_id in self._released:
@@ -110,6 +114,7 @@ class SparseMMManager(FullAttentionManager):
         its first allocation (``patches.py``: vLLM passes managers ids only)."""
         self._prompt_len[request_id] = prompt_len
         self._limit[request_id] = limit
+        self._stale.add(request_id)
 
     def is_noted(self, request_id: str) -> bool:
         """Whether ``note_request`` ran for this request since it was last freed."""
@@ -126,27 +131,48 @@ class SparseMMManager(FullAttentionManager):
     def _future_rows(self, request_id: str, num_tokens: int) -> np.ndarray:
         """``admission.future_peak``'s rows: every request holding blocks,
         then the candidate ``request_id`` asking for ``num_tokens`` slots.
-        (Built at every admission over every running request: kept to plain
-        dict lookups.)"""
-        tokens_of, chunk_of, limit_of = self._tokens, self._chunk, self._limit
-        holding, whole_of = self.req_to_blocks, self._whole_prompt_blocks
-        rows = []
-        for rid, prompt_len in self._prompt_len.items():
-            if rid == request_id or rid not in holding:
-                continue
-            tokens = tokens_of.get(rid, prompt_len)
-            steps = (cdiv(prompt_len - tokens, max(chunk_of.get(rid, tokens), 1))
-                     if tokens < prompt_len else 0)
-            rows.append((prompt_len, tokens,
-                         limit_of.get(rid, max(tokens, prompt_len) + 1), steps,
-                         whole_of(rid, prompt_len, tokens),
-                         self._held_blocks(rid)))
+
+        A step may admit several requests, each asking over every running
+        one, so the running requests' rows are built at the first admission
+        of a step and kept; later ones rebuild only the rows of requests
+        whose blocks or progress changed since (``_stale``)."""
+        rows = self._step_rows
+        if rows is None:
+            rows = self._step_rows = {
+                rid: self._running_row(rid, prompt_len)
+                for rid, prompt_len in self._prompt_len.items()
+                if rid in self.req_to_blocks}
+        else:
+            for rid in self._stale:
+                prompt_len = self._prompt_len.get(rid)
+                if prompt_len is None or rid not in self.req_to_blocks:
+                    rows.pop(rid, None)
+                else:
+                    rows[rid] = self._running_row(rid, prompt_len)
+        self._stale.clear()
         prompt_len = self._prompt_len.get(request_id, num_tokens)
-        rows.append((prompt_len, num_tokens,
-                     limit_of.get(request_id, max(num_tokens, prompt_len) + 1),
+        candidate = (prompt_len, num_tokens,
+                     self._limit.get(request_id,
+                                     max(num_tokens, prompt_len) + 1),
                      cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1)),
-                     whole_of(request_id, prompt_len, num_tokens), 0))
-        return np.array(rows, dtype=np.int64)
+                     self._whole_prompt_blocks(request_id, prompt_len,
+                                               num_tokens), 0)
+        own = rows.get(request_id)
+        table = np.array([*rows.values(), candidate], dtype=np.int64)
+        if own is not None:  # the candidate holds blocks: count it once
+            table = np.delete(table, list(rows).index(request_id), axis=0)
+        return table
+
+    def _running_row(self, rid: str, prompt_len: int) -> tuple:
+        """One running request's row of ``_future_rows`` (plain dict lookups)."""
+        tokens = self._tokens.get(rid, prompt_len)
+        steps = (cdiv(prompt_len - tokens,
+                      max(self._chunk.get(rid, tokens), 1))
+                 if tokens < prompt_len else 0)
+        return (prompt_len, tokens,
+                self._limit.get(rid, max(tokens, prompt_len) + 1), steps,
+                self._whole_prompt_blocks(rid, prompt_len, tokens),
+                self._held_blocks(rid))
 
     def _whole_prompt_blocks(self, request_id: str, prompt_len: int,
                              tokens: int) -> int:
@@ -176,6 +202,7 @@ class SparseMMManager(FullAttentionManager):
 
     def new_step_starts(self) -> None:
         super().new_step_starts()
+        self._step_rows = None
         if self.pacer is not None:
             self.pacer.new_step()
 
@@ -190,6 +217,7 @@ class SparseMMManager(FullAttentionManager):
         # vLLM calls this first in every allocate_slots, with the prompt length.
         if num_prompt_tokens is None:
             return
+        self._stale.add(request_id)
         self._prompt_len[request_id] = num_prompt_tokens
         if (processed_computed_tokens < num_prompt_tokens
                 or request_id in self._removed):
@@ -205,6 +233,7 @@ class SparseMMManager(FullAttentionManager):
                                    num_local_computed_tokens,
                                    num_tokens_main_model,
                                    apply_admission_cap=False) -> int:
+        self._stale.add(request_id)
         self._note_progress(request_id, total_computed_tokens)
         blocks = super().get_num_blocks_to_allocate(
             request_id, self._slot_tokens(request_id, num_tokens),
@@ -222,6 +251,7 @@ class SparseMMManager(FullAttentionManager):
         if request_id == self._paced:
             self.pacer.started(self._prompt_len[request_id])
             self._paced = None
+        self._stale.add(request_id)
         self._chunk[request_id] = num_tokens - self._tokens.get(request_id, 0)
         self._tokens[request_id] = num_tokens
         return super().allocate_new_blocks(
@@ -230,6 +260,7 @@ class SparseMMManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
+        self._stale.add(request_id)
         for table in (self._prompt_len, self._limit, self._tokens,
                       self._chunk, self._released):
             table.pop(request_id, None)
