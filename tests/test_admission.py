@@ -74,9 +74,10 @@ def test_future_peak_equals_the_step_by_step_maximum(horizon):
     kv, manager = _manager(reserve=64)
     law = manager.law
     rng = np.random.default_rng(0)
-    for _ in range(40):
+    # mostly small mixes; a few large ones put many requests in each phase
+    for size in [int(n) for n in rng.integers(1, 20, 40)] + [150] * 3:
         rows = []
-        for _ in range(rng.integers(1, 20)):
+        for _ in range(size):
             prompt = int(rng.choice([40, 300, 517]))  # 40 <= B: uncompressed
             limit = prompt + int(rng.integers(1, 90))
             if rng.random() < 0.5:  # compacted and decoding
