@@ -26,7 +26,7 @@ from vllm_sparsemm.kv_spec import SparseMMSpec
 from vllm_sparsemm.page_plan import cdiv
 from vllm_sparsemm.plugin import register
 from vllm_sparsemm.selection import kept_positions
-from vllm_sparsemm.worker_state import RowInfo, WorkerKVState
+from vllm_sparsemm.worker_state import RowInfo, StepRows, WorkerKVState
 
 LAYERS, HEADS, KV_HEADS, DIM, BS = 3, 4, 2, 8, 16
 BUDGET, WINDOW = 40, 8
@@ -165,8 +165,10 @@ class Engine:
         for rank in self.ranks:
             backend._worker_state = rank.state
             rank_metadata = dataclasses.replace(metadata)
+            # the rows as patches.patch_runner_hooks stashes them
             rank_metadata.sparsemm = backend.step_plan(
-                rank.state, rows, len(rows) + pad, len(tokens) + pad,
+                rank.state, StepRows.of(rows), len(rows) + pad,
+                len(tokens) + pad,
                 torch.tensor(starts), rank_metadata, full_graph)
             self.last_plan = rank_metadata.sparsemm
             rank_out = []

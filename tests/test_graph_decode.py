@@ -13,6 +13,7 @@ import torch
 from test_backend_cpu import BS, DIM, HEADS, KV_HEADS, Engine
 from vllm_sparsemm import patches
 from vllm_sparsemm.graph_decode import GraphDecode
+from vllm_sparsemm.worker_state import RowInfo, StepRows
 
 # a and c are compressed (prompt > budget), b is not
 PROMPTS = {"a": 100, "b": 30, "c": 71}
@@ -84,10 +85,10 @@ def test_padded_rows_write_into_the_null_block_and_read_nothing():
 
 def test_a_full_step_that_is_not_a_uniform_decode_fails_loudly():
     graph = GraphDecode(4096, 8)
-    row = types.SimpleNamespace
-    decoding = [row(scheduled=1, computed=120, prompt_len=100)]
-    in_prompt = [row(scheduled=1, computed=99, prompt_len=100)]
+    decoding = [RowInfo("a", prompt_len=100, computed=120, scheduled=1)]
+    in_prompt = [RowInfo("a", prompt_len=100, computed=99, scheduled=1)]
     graph.check_uniform_decode(decoding, 4, 4)
+    graph.check_uniform_decode(StepRows.of(decoding), 4, 4)  # as vLLM stashes
     graph.check_uniform_decode(None, 4, 4)  # vLLM's dummy and capture runs
     for bad in [(in_prompt, 4, 4),  # would skip window queries, compaction
                 (decoding, 2, 5),  # a prefill chunk

@@ -106,8 +106,8 @@ def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
             runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
     rows, full_graph = seen[0]
     assert full_graph
-    assert rows == [worker_state.RowInfo("a", 90, 90, 1),
-                    worker_state.RowInfo("b", 40, 32, 8)]
+    assert list(rows) == [worker_state.RowInfo("a", 90, 90, 1),
+                          worker_state.RowInfo("b", 40, 32, 8)]
     assert all(type(v) is int for row in rows
                for v in (row.prompt_len, row.computed, row.scheduled))
     assert seen[-1] == (None, False)  # cleared after the builder

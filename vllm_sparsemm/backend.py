@@ -161,7 +161,7 @@ def build_graph_step(state: WorkerKVState, rows, num_reqs: int,
     compressed = state.graph.rows(state, rows, num_reqs, metadata.block_table)
     prepare_compressed(compressed, state)
     state.graph.pin(compressed)
-    return StepPlan(state, list(rows or []), list(range(num_reqs + 1)), [],
+    return StepPlan(state, rows or [], list(range(num_reqs + 1)), [],
                     compressed, [], [])
 
 

@@ -48,7 +48,9 @@ class BlockLaw:
         self.tp_size = tp_size
         self.heads_per_rank = num_kv_heads // tp_size
 
-    def compresses(self, prompt_len: int) -> bool:
+    def compresses(self, prompt_len):
+        """Whether a prompt of this length is compressed (elementwise for a
+        numpy array of lengths)."""
         return compresses(prompt_len, self.plan.budget)
 
     @functools.lru_cache(maxsize=4096)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sparsemm.worker_state import (CompressedRows, RowInfo,
+import numpy as np
+
+from vllm_sparsemm.worker_state import (CompressedRows, StepRows,
                                         WorkerKVState, distinct_tables, upload)
 
 
@@ -43,46 +45,60 @@ class GraphDecode:
         self.buffers: DecodeBuffers | None = None
         self._identity: torch.Tensor | None = None  # [4, F], with the buffers
 
-    def check_uniform_decode(self, rows: list[RowInfo] | None, num_reqs: int,
+    def check_uniform_decode(self, rows, num_reqs: int,
                              num_tokens: int) -> None:
         """Fail loudly unless a FULL step is a uniform decode step: one token
         per row (padded rows included) and no row in its prompt (the
-        dispatch patch rules those out). ``rows`` is None in vLLM's dummy and
-        capture runs, whose rows are all padding."""
+        dispatch patch rules those out). ``rows`` (a sequence of
+        ``RowInfo``) is None in vLLM's dummy and capture runs, whose rows
+        are all padding."""
+        steps = StepRows.of(rows or [])
         if (num_tokens != num_reqs or num_reqs > self.capacity
-                or any(row.scheduled != 1 or row.computed < row.prompt_len
-                       for row in rows or [])):
+                or (steps.scheduled != 1).any()
+                or (steps.computed < steps.prompt_len).any()):
             raise RuntimeError(
                 f"sparsemm: vLLM runs a FULL CUDA graph for a step that is "
                 f"not a uniform decode ({num_tokens} tokens, {num_reqs} rows, "
                 f"capacity {self.capacity}); set full_cuda_graphs to false "
                 f"and report this")
 
-    def rows(self, state: WorkerKVState, rows: list[RowInfo] | None,
-             num_reqs: int, block_table: torch.Tensor) -> CompressedRows:
-        """Every row of the step as compressed rows in the fixed buffers."""
+    def rows(self, state: WorkerKVState, rows, num_reqs: int,
+             block_table: torch.Tensor) -> CompressedRows:
+        """Every row of the step (a sequence of ``RowInfo``, None for all
+        padding) as compressed rows in the fixed buffers.
+
+        Array arithmetic, with Python work only to look up each compressed
+        row's request: a host-bound decode step may hold hundreds of rows.
+        """
         device = block_table.device
         buffers = self._buffers(state, device)
-        identity = self._identity
-        per_row, tables = [], []
-        for row in rows or []:
-            if state.law.compresses(row.prompt_len):
-                req = state.compacted_request(row)
-                per_row.append((row.computed - row.prompt_len,
-                                row.end - row.prompt_len, req.kept_entries,
-                                req.prompt_entries))
-                tables.append(req.tables)
-            else:  # the identity plan: token i is the head's i-th token
-                per_row.append((row.computed, row.end, 0, 0))
-                tables.append(identity)
-        padding = num_reqs - len(per_row)
-        per_row += [(0, 0, 0, 0)] * padding  # one token into block 0, no keys
-        tables += [identity] * padding
-        distinct, which = distinct_tables(tables)
-        values, which = upload([torch.tensor(per_row, dtype=torch.int64),
-                                which], device)
+        steps = StepRows.of(rows or [])
+        # per row: token offset, sequence offset, K_c, n_c; the identity plan
+        # for plain rows (token i is the head's i-th token) and padding
+        # (one token into block 0, no keys)
+        per_row = np.zeros((num_reqs, 4), dtype=np.int64)
+        which = np.zeros(num_reqs, dtype=np.int64)  # 0: the identity plan
+        real = len(steps)
+        compressed = np.flatnonzero(state.law.compresses(steps.prompt_len))
+        shift = np.zeros(real, dtype=np.int64)
+        shift[compressed] = steps.prompt_len[compressed]
+        per_row[:real, 0] = steps.computed - shift
+        per_row[:real, 1] = steps.computed + steps.scheduled - shift
+        tables = [self._identity]
+        if len(compressed):
+            reqs = [state.requests.get(steps.req_ids[i]) for i in compressed]
+            for i, req in zip(compressed, reqs):
+                if req is None or not req.compacted:
+                    state.compacted_request(steps[int(i)])  # raises
+            per_row[compressed, 2] = [req.kept_entries for req in reqs]
+            per_row[compressed, 3] = [req.prompt_entries for req in reqs]
+            distinct, index = distinct_tables([req.tables for req in reqs])
+            tables += distinct
+            which[compressed] = index.numpy() + 1
+        values, which = upload([torch.from_numpy(per_row),
+                                torch.from_numpy(which)], device)
         r, heads = num_reqs, state.num_kv_heads
-        buffers.tables[:r].copy_(torch.stack(distinct)[which])
+        buffers.tables[:r].copy_(torch.stack(tables)[which])
         buffers.kept[:r, 0].copy_(values[:, 2])
         buffers.prompt[:r, 0].copy_(values[:, 3])
         arange = torch.arange(r, device=device)

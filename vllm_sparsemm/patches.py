@@ -204,13 +204,11 @@ def patch_runner_hooks() -> None:
                 ws.stash_step_rows(None, full_graph)
             else:
                 batch = self.input_batch
-                ws.stash_step_rows([
-                    ws.RowInfo(rid, prompt, computed, scheduled[rid])
-                    for rid, prompt, computed in zip(
-                        batch.req_ids[:num_reqs],
-                        batch.num_prompt_tokens[:num_reqs].tolist(),
-                        batch.num_computed_tokens_cpu[:num_reqs].tolist())
-                ], full_graph)
+                req_ids = batch.req_ids[:num_reqs]
+                ws.stash_step_rows(ws.StepRows(
+                    req_ids, batch.num_prompt_tokens[:num_reqs].copy(),
+                    batch.num_computed_tokens_cpu[:num_reqs].copy(),
+                    [scheduled[rid] for rid in req_ids]), full_graph)
             try:
                 return original(self, num_tokens, num_reqs, max_query_len,
                                 *args, **kwargs)

@@ -9,8 +9,10 @@ only mirrors that law on the worker, from the same inputs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vllm_sparsemm.block_law import BlockLaw
@@ -31,18 +33,63 @@ class RowInfo:
         return self.computed + self.scheduled
 
 
-_step_rows: list[RowInfo] | None = None
+class StepRows(Sequence):
+    """The rows of one step as the runner's arrays; a :class:`RowInfo` per
+    row only when one is asked for.
+
+    A decode step of many rows on the full-graph path reads only the arrays
+    (``graph_decode``): building a Python object per row cost ~2 us each,
+    which a host-bound decode step of hundreds of rows pays in full.
+    """
+
+    def __init__(self, req_ids: list[str], prompt_len: np.ndarray,
+                 computed: np.ndarray, scheduled: np.ndarray):
+        self.req_ids = req_ids
+        self.prompt_len = np.asarray(prompt_len, dtype=np.int64)
+        self.computed = np.asarray(computed, dtype=np.int64)
+        self.scheduled = np.asarray(scheduled, dtype=np.int64)
+        self._rows: list[RowInfo] | None = None
+
+    @classmethod
+    def of(cls, rows: "Sequence[RowInfo]") -> "StepRows":
+        """``rows`` as StepRows (as they are if they already are)."""
+        if isinstance(rows, StepRows):
+            return rows
+        return cls([row.req_id for row in rows],
+                   [row.prompt_len for row in rows],
+                   [row.computed for row in rows],
+                   [row.scheduled for row in rows])
+
+    @property
+    def rows(self) -> list[RowInfo]:
+        if self._rows is None:
+            self._rows = [RowInfo(*row) for row in zip(
+                self.req_ids, self.prompt_len.tolist(),
+                self.computed.tolist(), self.scheduled.tolist())]
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
+_step_rows: StepRows | None = None
 _step_full_graph = False
 
 
-def stash_step_rows(rows: list[RowInfo] | None,
+def stash_step_rows(rows: StepRows | None,
                     full_graph: bool = False) -> None:
     """``full_graph``: vLLM runs (or captures) this step as a FULL CUDA graph."""
     global _step_rows, _step_full_graph
     _step_rows, _step_full_graph = rows, full_graph
 
 
-def take_step_rows() -> tuple[list[RowInfo] | None, bool]:
+def take_step_rows() -> tuple[StepRows | None, bool]:
     """The rows of the step being built (None for dummy, profile and capture
     runs) and whether it runs as a FULL CUDA graph."""
     global _step_rows, _step_full_graph
@@ -203,7 +250,7 @@ class SelectionGroup:
 class StepPlan:
     """What sparsemm does in one step, shared by all layers."""
     state: WorkerKVState
-    rows: list[RowInfo]
+    rows: Sequence[RowInfo]  # a StepRows from the runner
     query_start: list[int]  # [B + 1] token offsets of rows
     standard_rows: list[int]
     compressed: CompressedRows | None
@@ -221,7 +268,7 @@ class StepPlan:
         return self.compressed is None and not self.window_rows
 
 
-def plan_step(state: WorkerKVState, rows: list[RowInfo],
+def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
               query_start: list[int], block_table: torch.Tensor
               ) -> StepPlan:
     """Classify the rows of a step and build the compressed rows' index tensors."""
