@@ -106,6 +106,9 @@ def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
             runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
     rows, full_graph = seen[0]
     assert full_graph
+    # the runner's arrays are copied: its next step's updates do not leak in
+    batch.num_computed_tokens_cpu[0] = 91
+    assert list(rows.computed) == [90, 32] and rows._rows is None
     assert list(rows) == [worker_state.RowInfo("a", 90, 90, 1),
                           worker_state.RowInfo("b", 40, 32, 8)]
     assert all(type(v) is int for row in rows
