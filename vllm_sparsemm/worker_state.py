@@ -74,6 +74,9 @@ class StepRows(Sequence):
     def __getitem__(self, index):
         return self.rows[index]
 
+    def __iter__(self):
+        return iter(self.rows)
+
     def __eq__(self, other) -> bool:
         return list(self) == list(other)
 
@@ -272,6 +275,7 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
               query_start: list[int], block_table: torch.Tensor
               ) -> StepPlan:
     """Classify the rows of a step and build the compressed rows' index tensors."""
+    rows = list(rows)  # RowInfo objects, indexed many times below
     law, window = state.law, state.window
     standard, compressed, window_rows, compressing = [], [], [], []
     for i, row in enumerate(rows):
