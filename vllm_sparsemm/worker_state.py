@@ -55,10 +55,12 @@ class StepRows(Sequence):
         """``rows`` as StepRows (as they are if they already are)."""
         if isinstance(rows, StepRows):
             return rows
-        return cls([row.req_id for row in rows],
-                   [row.prompt_len for row in rows],
-                   [row.computed for row in rows],
-                   [row.scheduled for row in rows])
+        steps = cls([row.req_id for row in rows],
+                    [row.prompt_len for row in rows],
+                    [row.computed for row in rows],
+                    [row.scheduled for row in rows])
+        steps._rows = list(rows)
+        return steps
 
     @property
     def rows(self) -> list[RowInfo]:
@@ -72,6 +74,10 @@ class StepRows(Sequence):
         return len(self.req_ids)
 
     def __getitem__(self, index):
+        if self._rows is None and isinstance(index, int):
+            return RowInfo(self.req_ids[index], int(self.prompt_len[index]),
+                           int(self.computed[index]),
+                           int(self.scheduled[index]))
         return self.rows[index]
 
     def __iter__(self):
@@ -274,31 +280,37 @@ class StepPlan:
 def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
               query_start: list[int], block_table: torch.Tensor
               ) -> StepPlan:
-    """Classify the rows of a step and build the compressed rows' index tensors."""
-    rows = list(rows)  # RowInfo objects, indexed many times below
-    law, window = state.law, state.window
-    standard, compressed, window_rows, compressing = [], [], [], []
-    for i, row in enumerate(rows):
-        if not law.compresses(row.prompt_len):
-            standard.append(i)
-            continue
-        if row.computed >= row.prompt_len:
-            state.compacted_request(row)  # raises if it never was
-            compressed.append(i)
-            continue
+    """Classify the rows of a step and build the compressed rows' index tensors.
+
+    Array arithmetic over the step's rows; Python per row only to look up
+    the compressed rows' requests and for the few rows still in a prompt.
+    """
+    steps = StepRows.of(rows)
+    window = state.window
+    compresses = state.law.compresses(steps.prompt_len)
+    decoding = compresses & (steps.computed >= steps.prompt_len)
+    # plain rows and prompts being prefilled run vLLM's FlashAttention
+    standard = np.flatnonzero(~decoding).tolist()
+    compressed = np.flatnonzero(decoding).tolist()
+    reqs = [state.requests.get(steps.req_ids[i]) for i in compressed]
+    for i, req in zip(compressed, reqs):
+        if req is None or not req.compacted:
+            state.compacted_request(steps[i])  # raises: never compacted
+    window_rows, compressing = [], []
+    for i in np.flatnonzero(compresses & ~decoding).tolist():
+        row = steps[i]
         req = state.requests.get(row.req_id)
         if req is None or req.compacted:  # new, or re-prefilling after preemption
             req = state.requests[row.req_id] = RequestKV(row.prompt_len)
-        standard.append(i)
         if row.end > row.prompt_len - window:
             window_rows.append((i, req))
         if row.end >= row.prompt_len:
             compressing.append((i, req))
     device = block_table.device
-    plan = StepPlan(state, rows, query_start, standard, None, window_rows,
+    plan = StepPlan(state, steps, query_start, standard, None, window_rows,
                     compressing)
     if compressed:
-        plan.compressed = _compressed_rows(state, rows, query_start,
+        plan.compressed = _compressed_rows(state, steps, reqs, query_start,
                                            compressed, block_table, device)
         leading = (compressed[-1] == len(compressed) - 1 and
                    plan.compressed.max_query_len == 1)
@@ -400,17 +412,20 @@ def distinct_tables(tables: list[torch.Tensor]
     return distinct, torch.tensor([index[id(t)] for t in tables])
 
 
-def _compressed_rows(state, rows, query_start, indices, block_table, device):
-    """Index tensors of the compressed rows, built with a fixed number of ops."""
-    reqs = [state.requests[rows[i].req_id] for i in indices]
+def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
+                     query_start, indices, block_table, device):
+    """Index tensors of the compressed rows ``indices`` of ``steps`` (their
+    requests ``reqs``), built with a fixed number of ops."""
     heads = state.num_kv_heads
-    query_lens = [rows[i].scheduled for i in indices]
-    per_row = torch.tensor(
-        [[query_start[i], rows[i].computed - rows[i].prompt_len,
-          rows[i].end - rows[i].prompt_len, req.kept_entries,
-          req.prompt_entries, q_len, i]
-         for i, req, q_len in zip(indices, reqs, query_lens)],
-        dtype=torch.int64)
+    rows = np.asarray(indices, dtype=np.int64)
+    prompt_len, computed = steps.prompt_len[rows], steps.computed[rows]
+    q_lens_np = steps.scheduled[rows]
+    query_lens = q_lens_np.tolist()
+    seq_offset_np = computed + q_lens_np - prompt_len
+    per_row = torch.from_numpy(np.stack([
+        np.asarray(query_start, dtype=np.int64)[rows], computed - prompt_len,
+        seq_offset_np, [req.kept_entries for req in reqs],
+        [req.prompt_entries for req in reqs], q_lens_np, rows], axis=1))
     first, offset, seq_offset, kept, prompt, q_lens, batch_rows = per_row.T
     num_rows, num_tokens = len(indices), int(q_lens.sum())
     token_req = torch.arange(num_rows).repeat_interleave(q_lens)
@@ -442,6 +457,6 @@ def _compressed_rows(state, rows, query_start, indices, block_table, device):
         virtual_head=virtual_head,
         virtual_starts=starts.to(torch.int32),
         max_query_len=max(query_lens),
-        max_length=max(req.max_count + rows[i].end - rows[i].prompt_len
-                       for req, i in zip(reqs, indices)),
+        max_length=int((np.array([req.max_count for req in reqs]) +
+                        seq_offset_np).max()),
     )
