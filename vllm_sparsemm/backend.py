@@ -29,8 +29,8 @@ from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      prepare_compressed, select_kept_tokens,
                                      write_compressed, write_standard_reference)
 from vllm_sparsemm.plan_setup import settings_for
-from vllm_sparsemm.worker_state import (StepPlan, WorkerKVState, plan_step,
-                                        selection_scratch_bytes,
+from vllm_sparsemm.worker_state import (StepPlan, StepRows, WorkerKVState,
+                                        plan_step, selection_scratch_bytes,
                                         take_step_rows, upload,
                                         virtual_sequences)
 
@@ -161,8 +161,8 @@ def build_graph_step(state: WorkerKVState, rows, num_reqs: int,
     compressed = state.graph.rows(state, rows, num_reqs, metadata.block_table)
     prepare_compressed(compressed, state)
     state.graph.pin(compressed)
-    return StepPlan(state, rows or [], list(range(num_reqs + 1)), [],
-                    compressed, [], [])
+    return StepPlan(state, StepRows.of(rows or []),
+                    list(range(num_reqs + 1)), [], compressed, [], [])
 
 
 def _restrict(metadata, plan: StepPlan):
@@ -177,7 +177,8 @@ def _restrict(metadata, plan: StepPlan):
     return dataclasses.replace(
         metadata, num_actual_tokens=sum(lens), max_query_len=max(lens),
         query_start_loc=starts, seq_lens=seq_lens,
-        max_seq_len=max(plan.rows[i].end for i in plan.standard_rows),
+        max_seq_len=int((plan.rows.computed + plan.rows.scheduled)[
+            plan.standard_rows].max()),
         block_table=metadata.block_table[rows], scheduler_metadata=None,
         slot_mapping=plan.standard_slots)
 

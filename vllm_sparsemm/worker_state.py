@@ -34,12 +34,13 @@ class RowInfo:
 
 
 class StepRows(Sequence):
-    """The rows of one step as the runner's arrays; a :class:`RowInfo` per
-    row only when one is asked for.
+    """The rows of one step as the runner's arrays; a :class:`RowInfo` only
+    for a row that is asked for.
 
-    A decode step of many rows on the full-graph path reads only the arrays
-    (``graph_decode``): building a Python object per row cost ~2 us each,
-    which a host-bound decode step of hundreds of rows pays in full.
+    The step plans (:func:`plan_step`, ``graph_decode``) work on the arrays
+    and look at single rows only where a prompt is in progress: a Python
+    object per row cost ~2 us each, which a host-bound step of hundreds of
+    decoding rows pays in full.
     """
 
     def __init__(self, req_ids: list[str], prompt_len: np.ndarray,
@@ -259,7 +260,7 @@ class SelectionGroup:
 class StepPlan:
     """What sparsemm does in one step, shared by all layers."""
     state: WorkerKVState
-    rows: Sequence[RowInfo]  # a StepRows from the runner
+    rows: StepRows
     query_start: list[int]  # [B + 1] token offsets of rows
     standard_rows: list[int]
     compressed: CompressedRows | None
