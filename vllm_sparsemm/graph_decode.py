@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import numpy as np
+import torch
 
 from vllm_sparsemm.worker_state import (CompressedRows, StepRows,
                                         WorkerKVState, distinct_tables, upload)

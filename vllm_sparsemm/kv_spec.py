@@ -157,9 +157,8 @@ class SparseMMManager(FullAttentionManager):
                      cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1)),
                      self._whole_prompt_blocks(request_id, prompt_len,
                                                num_tokens), 0)
-        own = rows.get(request_id)
         table = np.array([*rows.values(), candidate], dtype=np.int64)
-        if own is not None:  # the candidate holds blocks: count it once
+        if request_id in rows:  # the candidate holds blocks: count it once
             table = np.delete(table, list(rows).index(request_id), axis=0)
         return table
 
