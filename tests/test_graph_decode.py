@@ -185,3 +185,17 @@ def test_capture_run_binds_the_cache_before_any_forward_and_writes_block_0():
         assert out.eq(0).all()  # no keys: nothing read
     assert torch.equal(rank.cache[1:], before[1:])  # only block 0 written
     assert not torch.equal(rank.cache[0], before[0])
+
+
+def test_a_decoding_row_never_compacted_on_this_worker_fails_loudly():
+    """Both step plans refuse a compressed row past its prompt whose
+    request this worker never compacted (its pages would be garbage)."""
+    from vllm_sparsemm.worker_state import plan_step
+    eng = _prefilled()
+    rows = StepRows.of([RowInfo("ghost", prompt_len=100, computed=120,
+                                scheduled=1)])
+    table = torch.zeros(1, 16, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="ghost decodes but was never"):
+        plan_step(eng.state, rows, [0, 1], table)
+    with pytest.raises(RuntimeError, match="ghost decodes but was never"):
+        eng.state.graph.rows(eng.state, rows, 1, table)

@@ -85,10 +85,7 @@ class GraphDecode:
         per_row[:real, 1] = steps.computed + steps.scheduled - shift
         tables = [self._identity]
         if len(compressed):
-            reqs = [state.requests.get(steps.req_ids[i]) for i in compressed]
-            for i, req in zip(compressed, reqs):
-                if req is None or not req.compacted:
-                    state.compacted_request(steps[int(i)])  # raises
+            reqs = state.compacted_requests(steps, compressed.tolist())
             per_row[compressed, 2] = [req.kept_entries for req in reqs]
             per_row[compressed, 3] = [req.prompt_entries for req in reqs]
             distinct, index = distinct_tables([req.tables for req in reqs])

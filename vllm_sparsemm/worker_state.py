@@ -201,13 +201,17 @@ class WorkerKVState:
                 plan.decode_base[0], plan.counts[0]])
         return self._plans[key]
 
-    def compacted_request(self, row: RowInfo) -> RequestKV:
-        """The state of a request decoding past its compressed prompt."""
-        req = self.requests.get(row.req_id)
-        if req is None or not req.compacted:
-            raise RuntimeError(f"sparsemm: request {row.req_id} decodes but "
-                               f"was never compacted on this worker")
-        return req
+    def compacted_requests(self, steps: "StepRows",
+                           indices) -> list[RequestKV]:
+        """The state of each row ``indices`` of ``steps``, all decoding past
+        their compressed prompts (one lookup per row)."""
+        reqs = [self.requests.get(steps.req_ids[i]) for i in indices]
+        for i, req in zip(indices, reqs):
+            if req is None or not req.compacted:
+                raise RuntimeError(
+                    f"sparsemm: request {steps.req_ids[i]} decodes but was "
+                    f"never compacted on this worker")
+        return reqs
 
     def finish(self, req_ids) -> None:
         for req_id in req_ids:
@@ -293,10 +297,7 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
     # plain rows and prompts being prefilled run vLLM's FlashAttention
     standard = np.flatnonzero(~decoding).tolist()
     compressed = np.flatnonzero(decoding).tolist()
-    reqs = [state.requests.get(steps.req_ids[i]) for i in compressed]
-    for i, req in zip(compressed, reqs):
-        if req is None or not req.compacted:
-            state.compacted_request(steps[i])  # raises: never compacted
+    reqs = state.compacted_requests(steps, compressed)
     window_rows, compressing = [], []
     for i in np.flatnonzero(compresses & ~decoding).tolist():
         row = steps[i]
