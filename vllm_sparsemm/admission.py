@@ -66,12 +66,15 @@ def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
     if horizon >= 0:
         times = np.append(times[times <= horizon], horizon)
     steady = (prefill_steps == 0) & (whole == 0)
-    total = _dense_blocks(rows[~steady], law, times).sum(axis=0)
+    dense = _dense_blocks(rows[~steady], law, times)
+    total = dense.sum(axis=0)
     for prompt_len in np.unique(prompt[steady]):
         group = steady & (prompt == prompt_len)
         total += _steady_blocks(law, int(prompt_len), after_prompt[group],
                                 last[group], times)
-    total[0] = _dense_blocks(rows, law, times[:1]).sum()  # held counts there
+    # step 0 counts what each request holds now, which the steady sums omit
+    total[0] = (dense[:, 0].sum() +
+                _dense_blocks(rows[steady], law, times[:1]).sum())
     return int(total.max())
 
 
