@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
@@ -170,8 +171,7 @@ def _restrict(metadata, plan: StepPlan):
     device = metadata.query_start_loc.device
     lens = [plan.query_start[i + 1] - plan.query_start[i]
             for i in plan.standard_rows]
-    rows, starts = upload([torch.tensor(plan.standard_rows),
-                           torch.tensor([0] + lens).cumsum(0)], device)
+    rows, starts = upload([plan.standard_rows, np.cumsum([0] + lens)], device)
     starts = starts.to(metadata.query_start_loc.dtype)
     seq_lens = metadata.seq_lens[rows]
     return dataclasses.replace(
@@ -438,7 +438,8 @@ def _standard_attention_reference(impl, layer, query, kv_cache, metadata,
     blocks = metadata.block_table[:num_rows].long()
     table = state.space.page_id(index, blocks[:, None, :],
                                 torch.arange(heads)[None, :, None])
-    token, head, virtual_starts = virtual_sequences(starts.diff(), heads)
+    token, head, virtual_starts = map(torch.from_numpy, virtual_sequences(
+        starts.diff().numpy(), heads))
     total = int(starts[-1])
     output[:total] = impl._attend_per_kv_head(
         state, query[:total], token, head, virtual_starts,

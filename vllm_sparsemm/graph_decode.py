@@ -90,9 +90,8 @@ class GraphDecode:
             per_row[compressed, 3] = [req.prompt_entries for req in reqs]
             distinct, index = distinct_tables([req.tables for req in reqs])
             tables += distinct
-            which[compressed] = index.numpy() + 1
-        values, which = upload([torch.from_numpy(per_row),
-                                torch.from_numpy(which)], device)
+            which[compressed] = index + 1
+        values, which = upload([per_row, which], device)
         r, heads = num_reqs, state.num_kv_heads
         buffers.tables[:r].copy_(torch.stack(tables)[which])
         buffers.kept[:r, 0].copy_(values[:, 2])

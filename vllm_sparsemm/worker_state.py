@@ -320,13 +320,11 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
         if leading:
             plan.standard_tokens = slice(len(compressed), query_start[-1])
         else:
-            plan.standard_tokens, = upload([torch.tensor(
-                [t for i in standard
-                 for t in range(query_start[i], query_start[i + 1])],
-                dtype=torch.int64)], device)
+            plan.standard_tokens, = upload([_row_tokens(query_start,
+                                                        standard)], device)
     if compressing:  # selection batches requests of one prompt length
         groups = _selection_groups(compressing)
-        indices = upload([torch.tensor([i for i, _ in members])
+        indices = upload([np.array([i for i, _ in members], dtype=np.int64)
                           for _, members in groups], device)
         plan.selection_groups = [SelectionGroup(length, members, index) for
                                  (length, members), index in
@@ -351,6 +349,14 @@ def selection_scratch_bytes(num_kv_heads: int, head_dim: int, group: int,
     return SELECTION_TOKENS * num_kv_heads * per_token
 
 
+def _row_tokens(query_start: list[int], rows: list[int]) -> np.ndarray:
+    """The token indices of ``rows``, in order (concatenated aranges)."""
+    start = np.asarray(query_start, dtype=np.int64)
+    first, lens = start[rows], np.diff(start)[rows]
+    local = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    return np.repeat(first, lens) + local
+
+
 def _selection_groups(compressing):
     """``(prompt length, [(row, request)])`` batches: one length each, at most
     SELECTION_TOKENS prompt tokens (always at least one request)."""
@@ -365,43 +371,55 @@ def _selection_groups(compressing):
     return groups
 
 
-def virtual_sequences(query_lens: torch.Tensor, heads: int):
+def virtual_sequences(query_lens, heads: int):
     """One attention sequence per (row, KV head), holding that row's tokens.
 
     Returns, in (row, head, token) order, each entry's token index (local to
-    the rows given) and KV head, and the int32 sequence starts ``[R * H + 1]``.
+    the rows given) and KV head, and the int32 sequence starts ``[R * H + 1]``
+    (numpy arrays: host work stays off torch's intra-op threads, see
+    ``upload``).
     """
-    if bool((query_lens == 1).all()):  # decode: plain aranges
-        rows = len(query_lens)
-        return (torch.arange(rows).repeat_interleave(heads),
-                torch.arange(heads).repeat(rows),
-                torch.arange(rows * heads + 1, dtype=torch.int32))
-    seq_len = query_lens.repeat_interleave(heads)
-    seq = torch.arange(len(seq_len)).repeat_interleave(seq_len)
-    seq_start = seq_len.cumsum(0) - seq_len
-    row_start = query_lens.cumsum(0) - query_lens
-    token = row_start[seq // heads] + torch.arange(len(seq)) - seq_start[seq]
-    starts = torch.zeros(len(seq_len) + 1, dtype=torch.int32)
-    starts[1:] = seq_len.cumsum(0)
+    query_lens = np.asarray(query_lens, dtype=np.int64)
+    rows = len(query_lens)
+    if (query_lens == 1).all():  # decode: plain aranges
+        return (np.repeat(np.arange(rows), heads),
+                np.tile(np.arange(heads), rows),
+                np.arange(rows * heads + 1, dtype=np.int32))
+    seq_len = np.repeat(query_lens, heads)
+    seq = np.repeat(np.arange(len(seq_len)), seq_len)
+    seq_start = np.cumsum(seq_len) - seq_len
+    row_start = np.cumsum(query_lens) - query_lens
+    token = row_start[seq // heads] + np.arange(len(seq)) - seq_start[seq]
+    starts = np.zeros(len(seq_len) + 1, dtype=np.int32)
+    starts[1:] = np.cumsum(seq_len)
     return token, seq % heads, starts
 
 
-def upload(tensors: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """Host int tensors to ``device`` as int64, in one pinned copy.
+def upload(arrays, device) -> list[torch.Tensor]:
+    """Host int arrays (numpy or CPU tensors) to ``device`` as int64, in one
+    pinned copy.
 
-    One copy per step instead of one per tensor, and from pinned memory, so
+    One copy per step instead of one per array, and from pinned memory, so
     the host never waits for the device (pageable copies can stall behind
-    the queued work of the previous step).
+    the queued work of the previous step). numpy fills the pinned buffer:
+    torch's CPU copies split arrays this size over its intra-op threads,
+    which then spin on cores the host-bound step needs (vLLM sets those
+    threads to 1 in its multiprocess workers for the same reason).
     """
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors])
-    if torch.device(device).type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    return [part.view(t.shape) for part, t in
-            zip(flat.split([t.numel() for t in tensors]), tensors)]
+    arrays = [np.asarray(a) for a in arrays]
+    sizes = [a.size for a in arrays]
+    cuda = torch.device(device).type == "cuda"
+    host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=cuda)
+    if arrays:
+        np.concatenate([a.reshape(-1) for a in arrays], out=host.numpy(),
+                       casting="same_kind")
+    flat = host.to(device, non_blocking=True) if cuda else host
+    return [part.view(a.shape) for part, a in
+            zip(flat.split(sizes), arrays)]
 
 
 def distinct_tables(tables: list[torch.Tensor]
-                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                    ) -> tuple[list[torch.Tensor], np.ndarray]:
     """Rows of one prompt length share their plan's table tensor: the distinct
     tables and, per row, which one (stack those and gather, instead of
     stacking one per row)."""
@@ -411,7 +429,7 @@ def distinct_tables(tables: list[torch.Tensor]
         if id(table) not in index:
             index[id(table)] = len(distinct)
             distinct.append(table)
-    return distinct, torch.tensor([index[id(t)] for t in tables])
+    return distinct, np.array([index[id(t)] for t in tables], dtype=np.int64)
 
 
 def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
@@ -424,21 +442,20 @@ def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
     q_lens_np = steps.scheduled[rows]
     query_lens = q_lens_np.tolist()
     seq_offset_np = computed + q_lens_np - prompt_len
-    per_row = torch.from_numpy(np.stack([
-        np.asarray(query_start, dtype=np.int64)[rows], computed - prompt_len,
-        seq_offset_np, [req.kept_entries for req in reqs],
-        [req.prompt_entries for req in reqs], q_lens_np, rows], axis=1))
-    first, offset, seq_offset, kept, prompt, q_lens, batch_rows = per_row.T
-    num_rows, num_tokens = len(indices), int(q_lens.sum())
-    token_req = torch.arange(num_rows).repeat_interleave(q_lens)
-    row_start = q_lens.cumsum(0) - q_lens  # first token of each row, local
-    within = torch.arange(num_tokens) - row_start[token_req]
-    virtual_token, virtual_head, starts = virtual_sequences(q_lens, heads)
+    first = np.asarray(query_start, dtype=np.int64)[rows]
+    offset = computed - prompt_len
+    num_rows, num_tokens = len(indices), int(q_lens_np.sum())
+    token_req = np.repeat(np.arange(num_rows), q_lens_np)
+    row_start = np.cumsum(q_lens_np) - q_lens_np  # first token of each row, local
+    within = np.arange(num_tokens) - row_start[token_req]
+    virtual_token, virtual_head, starts = virtual_sequences(q_lens_np, heads)
     distinct, which = distinct_tables([req.tables for req in reqs])
+    kept = np.array([req.kept_entries for req in reqs], dtype=np.int64)
+    prompt = np.array([req.prompt_entries for req in reqs], dtype=np.int64)
     (tokens, token_req, token_offset, seq_offset, kept, prompt, batch_rows,
      virtual_token, virtual_head, starts, which) = upload(
         [first[token_req] + within, token_req, offset[token_req] + within,
-         seq_offset, kept[:, None], prompt[:, None], batch_rows,
+         seq_offset_np, kept[:, None], prompt[:, None], rows,
          virtual_token, virtual_head, starts, which], device)
     tables = torch.stack(distinct)[which]  # [R, 4, F]
     return CompressedRows(
