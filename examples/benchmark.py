@@ -31,7 +31,11 @@ which any other window can be recomputed.
 prompt tokens into vLLM's scheduler, input preparation and launch, attention
 metadata and the wait for the GPU: a step that waits is GPU-bound. With
 ``--profile-at`` the torch profiler's tables land in the JSON, and
-``--profile-trace`` writes the timeline too.
+``--profile-trace`` writes the timeline too. ``host_cpu`` gives the CPU
+seconds of the engine's thread and of all other threads of the process over
+the run (spinning intra-op workers show there), the thread counts in effect,
+and a fixed pure-Python workload's time, to compare host speed across
+machines.
 
 Latency mode sends one request of fresh random token ids at a time (so stock's
 prefix cache never hits): time to first token and batch-1 decode ms/token per
@@ -152,6 +156,7 @@ def run_throughput(args, backend) -> dict:
     peak, held, steps, tokens, per_request = 0, [], 0, 0, []
     peak_scheduled = 0
     profiler, profiled = None, None
+    threads = ThreadCPU()
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         if args.profile_at and steps == args.profile_at:
@@ -187,6 +192,7 @@ def run_throughput(args, backend) -> dict:
         if now > args.max_seconds and done:  # the saturated window has begun
             break
     clock.close()
+    host_cpu = threads.summary()
     elapsed = now
     finished = len(done) == args.num_requests
     ttft = sorted(first.values())
@@ -212,6 +218,7 @@ def run_throughput(args, backend) -> dict:
             sum(per_request) / len(per_request) if per_request else None),
         "timeline": timeline(log, elapsed),
         "host_ms_per_step": clock.summary(),
+        "host_cpu": host_cpu,
         "max_cudagraph_capture_size": (
             engine.vllm_config.compilation_config.max_cudagraph_capture_size),
     }
@@ -225,6 +232,65 @@ def run_throughput(args, backend) -> dict:
     if profiled:
         result["profile"], result["profiled_gpu_busy_fraction"] = profiled
     return result
+
+
+class ThreadCPU:
+    """CPU seconds this process's threads spent over the run (Linux /proc):
+    the engine's own thread against all others (torch's intra-op workers
+    spin after each parallel CPU op and compete with a host-bound step for
+    cores), with the thread counts in effect and a fixed pure-Python
+    workload timed at the start, to compare host speed across machines."""
+
+    def __init__(self):
+        import threading
+        self.main = threading.get_native_id()
+        self.probe_ms = _python_probe_ms()
+        self.wall = time.perf_counter()
+        self.start = self._ticks()
+
+    @staticmethod
+    def _ticks() -> dict[int, tuple[str, int]]:
+        ticks = {}
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    name, rest = f.read().split(" (", 1)[1].rsplit(") ", 1)
+                fields = rest.split()
+                ticks[int(tid)] = (name, int(fields[11]) + int(fields[12]))
+        except OSError:
+            pass
+        return ticks
+
+    def summary(self) -> dict:
+        import torch
+        end, hz = self._ticks(), os.sysconf("SC_CLK_TCK")
+        spent = {tid: (name, (t - self.start.get(tid, (name, 0))[1]) / hz)
+                 for tid, (name, t) in end.items()}
+        others = sorted((s, name) for tid, (name, s) in spent.items()
+                        if tid != self.main)
+        return {
+            "wall_s": round(time.perf_counter() - self.wall, 3),
+            "main_thread_cpu_s": spent.get(self.main, ("", 0.0))[1],
+            "other_threads_cpu_s": round(sum(s for s, _ in others), 2),
+            "busiest_other_threads": [[n, s] for s, n in others[::-1][:4]],
+            "torch_threads": torch.get_num_threads(),
+            "cpus_allowed": len(os.sched_getaffinity(0)),
+            "python_probe_ms": self.probe_ms,
+        }
+
+
+def _python_probe_ms() -> float:
+    """A fixed pure-Python workload (dict and list work like a scheduler's),
+    best of three."""
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        table = {str(i): i for i in range(20000)}
+        total = sum(table[str(i)] for i in range(0, 20000, 2))
+        rows = sorted(((i * 7919) % 20000, i) for i in range(20000))
+        best = min(best, time.perf_counter() - t0)
+    assert total and rows
+    return round(best * 1e3, 3)
 
 
 class HostClock:

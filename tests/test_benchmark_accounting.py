@@ -167,3 +167,27 @@ def test_host_clock_runs_without_the_v1_metadata_hook():
     clock.end_step(0.01)
     assert clock.summary()["decode"] == {"steps": 0}
     clock.close()
+
+
+def test_thread_cpu_tells_the_engine_thread_from_the_others():
+    import threading
+    import time
+
+    bench = _benchmark()
+    probe = bench.ThreadCPU()
+    done = threading.Event()
+
+    def spin():  # a thread burning CPU, as an idle intra-op worker spins
+        while not done.is_set():
+            pass
+
+    worker = threading.Thread(target=spin, name="spinner")
+    worker.start()
+    time.sleep(0.5)  # the engine thread waits; the other burns
+    summary = probe.summary()  # counted while it lives, as workers do
+    done.set()
+    worker.join()
+    assert summary["other_threads_cpu_s"] >= 0.2  # clock ticks of 10 ms
+    assert summary["main_thread_cpu_s"] < 0.2  # it only waited in join
+    assert summary["busiest_other_threads"][0][1] >= 0.2  # [name, seconds]
+    assert summary["python_probe_ms"] > 0 and summary["cpus_allowed"] >= 1
