@@ -58,3 +58,19 @@ def test_ops_per_step_and_layer_do_not_grow_with_the_batch(monkeypatch):
     assert few["write_compressed"] == many["write_compressed"]
     assert max(few["write_compressed"]) <= 4
     assert few["build_step"][1:] == many["build_step"][1:]
+
+
+def test_upload_packs_lists_and_arrays_into_int64_views_of_one_buffer():
+    import numpy as np
+    import torch
+
+    from vllm_sparsemm.worker_state import upload
+
+    parts = upload([[3, 1], np.arange(6, dtype=np.int32).reshape(2, 3), [],
+                    torch.tensor([7], dtype=torch.int32)], "cpu")
+    assert [p.shape for p in parts] == [(2,), (2, 3), (0,), (1,)]
+    assert all(p.dtype == torch.int64 for p in parts)
+    assert [p.tolist() for p in parts] == [[3, 1], [[0, 1, 2], [3, 4, 5]], [],
+                                           [7]]
+    # one host buffer (one copy to the device), in order
+    assert parts[1].data_ptr() == parts[0].data_ptr() + 2 * 8

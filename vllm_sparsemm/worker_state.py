@@ -396,23 +396,22 @@ def virtual_sequences(query_lens, heads: int):
 
 
 def upload(arrays, device) -> list[torch.Tensor]:
-    """Host int arrays (numpy or CPU tensors) to ``device`` as int64, in one
-    pinned copy.
+    """Host int arrays (numpy, lists or CPU tensors) to ``device`` as int64,
+    in one pinned copy.
 
     One copy per step instead of one per array, and from pinned memory, so
     the host never waits for the device (pageable copies can stall behind
     the queued work of the previous step). numpy fills the pinned buffer:
     torch's CPU copies split arrays this size over its intra-op threads,
     which then spin on cores the host-bound step needs (vLLM sets those
-    threads to 1 in its multiprocess workers for the same reason).
+    threads to 1 for the same reason, but only in tensor-parallel workers).
     """
-    arrays = [np.asarray(a) for a in arrays]
+    arrays = [np.asarray(a, dtype=np.int64) for a in arrays]
     sizes = [a.size for a in arrays]
     cuda = torch.device(device).type == "cuda"
     host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=cuda)
     if arrays:
-        np.concatenate([a.reshape(-1) for a in arrays], out=host.numpy(),
-                       casting="same_kind")
+        np.concatenate([a.reshape(-1) for a in arrays], out=host.numpy())
     flat = host.to(device, non_blocking=True) if cuda else host
     return [part.view(a.shape) for part, a in
             zip(flat.split(sizes), arrays)]
