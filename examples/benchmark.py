@@ -348,7 +348,9 @@ class HostClock:
     def summary(self) -> dict:
         """Median ms per step of each part over the middle 80% of the steps
         (ramp-up and tail left out), for steps that scheduled only decode
-        tokens and for those with prompt tokens (``mixed``), with counts."""
+        tokens and for those with prompt tokens (``mixed``), with counts and
+        the 10th and 90th percentiles of the step (a host slowed throughout
+        moves all three; stalls, e.g. CPU-quota throttling, widen them)."""
         n = len(self.steps)
         middle = self.steps[n // 10:n - n // 10] or self.steps
         labels = ["step", "gpu_wait"] + [p[2] for p in self.PARTS] + [
@@ -360,8 +362,15 @@ class HostClock:
             summary[kind] = {"steps": len(steps), **({
                 label: round(1000 * statistics.median(
                     s.get(label, 0.0) for s in steps), 3)
-                for label in labels} if steps else {})}
+                for label in labels} if steps else {}),
+                **(_deciles(1000 * st["step"] for st in steps) if len(steps) > 1
+                   else {})}
         return summary
+
+
+def _deciles(values) -> dict:
+    cuts = statistics.quantiles(values, n=10)
+    return {"step_p10": round(cuts[0], 3), "step_p90": round(cuts[-1], 3)}
 
 
 def saturated_window(first_token_times, finish_times, num_requests, log,

@@ -134,15 +134,21 @@ def test_host_clock_splits_each_step_and_puts_everything_back():
         runner._build_attention_metadata()
         Event().synchronize()
         core.scheduler.update_from_output()
-        clock.end_step(0.050 if step % 4 == 0 else 0.010)
+        clock.end_step(0.040 + 0.005 * (step % 8) if step % 4 == 0
+                       else 0.010)
     summary = clock.summary()
     # the middle 16 steps (2..17): steps 4, 8, 12, 16 had prompt tokens
     assert summary["decode"]["steps"] == 12 and summary["mixed"]["steps"] == 4
     assert summary["decode"]["step"] == 10.0 and summary["mixed"]["step"] == 50.0
+    # mixed steps took 60, 40, 60, 40 ms: the spread shows, the median does not
+    assert summary["mixed"]["step_p10"] == 40.0
+    assert summary["mixed"]["step_p90"] == 60.0
+    assert summary["decode"]["step_p10"] == summary["decode"]["step_p90"] == 10.0
     assert summary["decode"]["sample_tokens"] == 0  # never called
     assert set(summary["decode"]) == {
         "steps", "step", "gpu_wait", "schedule", "update_from_output",
-        "execute_model", "sample_tokens", "attention_metadata"}
+        "execute_model", "sample_tokens", "attention_metadata", "step_p10",
+        "step_p90"}
     assert calls.count("sync") == 20 and calls.count("meta") == 20
     clock.close()
     assert (core.scheduler.schedule, Event.synchronize) == originals
