@@ -71,7 +71,7 @@ class SparseMMManager(FullAttentionManager):
         self.law = BlockLaw(kv_cache_spec.plan, self.block_size,
                             kv_cache_spec.tp_size)
         self._prompt_len: dict[str, int] = {}
-        self.admission_reserve_tokens = kv_cache_spec.admission_reserve
+        self.admission_horizon = kv_cache_spec.admission_reserve  # steps
         self._limit: dict[str, int] = {}  # prompt + max_tokens (capped)
         self._tokens: dict[str, int] = {}  # tokens with a slot so far
         self._chunk: dict[str, int] = {}  # tokens its last allocation added
@@ -186,7 +186,7 @@ class SparseMMManager(FullAttentionManager):
         """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
         admitting ``request_id``; more than are free while the pacer says
         not yet (class docstring)."""
-        if self.admission_reserve_tokens == 0 or not self.req_to_blocks:
+        if self.admission_horizon == 0 or not self.req_to_blocks:
             return 0  # with nothing running, never hold a request back
         prompt_len = self._prompt_len.get(request_id, num_tokens)
         if self.pacer is not None and num_tokens <= prompt_len:
@@ -195,7 +195,7 @@ class SparseMMManager(FullAttentionManager):
                 return self.block_pool.get_num_free_blocks() + 1
             self._paced = request_id
         rows = self._future_rows(request_id, num_tokens)
-        peak = future_peak(rows, self.law, self.admission_reserve_tokens)
+        peak = future_peak(rows, self.law, self.admission_horizon)
         return max(0, peak - int(rows[:, HELD].sum()) -
                    cdiv(num_tokens, self.block_size))
 
