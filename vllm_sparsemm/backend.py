@@ -177,8 +177,7 @@ def _restrict(metadata, plan: StepPlan):
     return dataclasses.replace(
         metadata, num_actual_tokens=sum(lens), max_query_len=max(lens),
         query_start_loc=starts, seq_lens=seq_lens,
-        max_seq_len=int((plan.rows.computed + plan.rows.scheduled)[
-            plan.standard_rows].max()),
+        max_seq_len=int(plan.rows.end[plan.standard_rows].max()),
         block_table=metadata.block_table[rows], scheduler_metadata=None,
         slot_mapping=plan.standard_slots)
 

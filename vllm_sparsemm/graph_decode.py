@@ -82,7 +82,7 @@ class GraphDecode:
         shift = np.zeros(real, dtype=np.int64)
         shift[compressed] = steps.prompt_len[compressed]
         per_row[:real, 0] = steps.computed - shift
-        per_row[:real, 1] = steps.computed + steps.scheduled - shift
+        per_row[:real, 1] = steps.end - shift
         tables = [self._identity]
         if len(compressed):
             reqs = state.compacted_requests(steps, compressed.tolist())

@@ -206,8 +206,8 @@ def patch_runner_hooks() -> None:
                 batch = self.input_batch
                 req_ids = batch.req_ids[:num_reqs]
                 ws.stash_step_rows(ws.StepRows(
-                    req_ids, batch.num_prompt_tokens[:num_reqs].copy(),
-                    batch.num_computed_tokens_cpu[:num_reqs].copy(),
+                    req_ids, batch.num_prompt_tokens[:num_reqs],
+                    batch.num_computed_tokens_cpu[:num_reqs],
                     [scheduled[rid] for rid in req_ids]), full_graph)
             try:
                 return original(self, num_tokens, num_reqs, max_query_len,

@@ -45,11 +45,17 @@ class StepRows(Sequence):
 
     def __init__(self, req_ids: list[str], prompt_len: np.ndarray,
                  computed: np.ndarray, scheduled: np.ndarray):
+        # copies: the runner reuses its arrays for the next step
         self.req_ids = req_ids
-        self.prompt_len = np.asarray(prompt_len, dtype=np.int64)
-        self.computed = np.asarray(computed, dtype=np.int64)
-        self.scheduled = np.asarray(scheduled, dtype=np.int64)
+        self.prompt_len = np.array(prompt_len, dtype=np.int64)
+        self.computed = np.array(computed, dtype=np.int64)
+        self.scheduled = np.array(scheduled, dtype=np.int64)
         self._rows: list[RowInfo] | None = None
+
+    @property
+    def end(self) -> np.ndarray:
+        """Per row, ``RowInfo.end``: tokens once this step has run."""
+        return self.computed + self.scheduled
 
     @classmethod
     def of(cls, rows: "Sequence[RowInfo]") -> "StepRows":
