@@ -23,6 +23,7 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.graph_decode import GraphDecode
+from vllm_sparsemm.host_threads import limit_host_threads
 from vllm_sparsemm.kv_ops import paged_attention_reference
 from vllm_sparsemm import triton_ops
 from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
@@ -96,6 +97,7 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         # decodes first: compressed decode rows then form the batch's leading
         # rows, and both row kinds are read as slices instead of gathers
         self._init_reorder_batch_threshold(1)
+        limit_host_threads(torch.device(device))
         global _worker_state
         from vllm.distributed import get_tensor_model_parallel_rank
         settings = settings_for(vllm_config)

@@ -1,0 +1,40 @@
+"""One torch intra-op thread in the process that runs the GPU worker.
+
+sparsemm's steps are host-bound: with compression a step carries 2-3x the rows
+of stock vLLM's, and the engine waits on the CPU, not the GPU. torch's default
+of one intra-op thread per CPU then costs time: every CPU op over its grain
+size (vLLM's input preparation, multimodal inputs) wakes the whole pool, whose
+threads spin after each op and compete with the engine's thread. vLLM limits
+the pool to one thread only in tensor-parallel workers
+(``multiproc_executor.set_multiprocessing_worker_envs``); a single-GPU engine
+keeps the default. Measured on an H200 (docs/performance.md, lease 11):
+LLaVA-1.5 at B=128 ran 1.27x stock with 16 threads and 1.42x with one, while
+stock ran the same either way (5,022 and 5,037 tok/s).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.sparsemm.host_threads")
+
+
+def limit_host_threads(device: torch.device) -> None:
+    """Use one torch thread unless the user chose a count (OMP_NUM_THREADS).
+
+    Only for a CUDA worker: a CPU engine (the tests) computes on those
+    threads. torch applies the count to every thread that later runs a
+    parallel op, not just the caller.
+    """
+    if device.type != "cuda" or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = torch.get_num_threads()
+    if threads > 1:
+        logger.info_once(
+            "sparsemm: torch CPU threads reduced from %d to 1 in the worker "
+            "process (host-bound steps; idle threads spinning slow them). "
+            "Set OMP_NUM_THREADS to choose the count.", threads)
+        torch.set_num_threads(1)
