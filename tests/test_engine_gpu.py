@@ -172,6 +172,8 @@ def test_eviction_matches_the_oracle(models, kind, budget):
     prompt = _prompts(kind, 1)[0]
     budget = {"budget": budget, "window": 16}
     llm = _llm(models[kind], "sparsemm", budget)
+    # the CUDA worker (this process) runs on one torch thread (host_threads)
+    assert torch.get_num_threads() == 1 or "OMP_NUM_THREADS" in os.environ
     backend.worker_state().recorded = {}
     tokens, lens = _generate(llm, [prompt])
     recorded = backend.worker_state().recorded
