@@ -446,7 +446,7 @@ def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
     prompt_len, computed = steps.prompt_len[rows], steps.computed[rows]
     q_lens_np = steps.scheduled[rows]
     query_lens = q_lens_np.tolist()
-    seq_offset_np = computed + q_lens_np - prompt_len
+    seq_offset_np = steps.end[rows] - prompt_len
     first = np.asarray(query_start, dtype=np.int64)[rows]
     offset = computed - prompt_len
     num_rows, num_tokens = len(indices), int(q_lens_np.sum())
