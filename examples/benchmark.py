@@ -30,8 +30,10 @@ which any other window can be recomputed.
 ``host_ms_per_step`` splits the median decode step and the median step with
 prompt tokens into vLLM's scheduler, input preparation and launch, attention
 metadata and the wait for the GPU: a step that waits is GPU-bound. With
-``--profile-at`` the torch profiler's tables land in the JSON, and
-``--profile-trace`` writes the timeline too. ``host_cpu`` gives the CPU
+``--profile-at`` the torch profiler's tables land in the JSON (of
+``--profile-steps`` steps, or with ``--profile-prompt-step`` of the first
+step from there that schedules prompt tokens), and ``--profile-trace``
+writes the timeline too. ``host_cpu`` gives the CPU
 seconds of the engine's thread and of all other threads of the process over
 the run (spinning intra-op workers show there), the thread counts in effect,
 and a fixed pure-Python workload's time, to compare host speed across
@@ -155,25 +157,19 @@ def run_throughput(args, backend) -> dict:
     seen, first, done, log = {}, {}, {}, []
     peak, held, steps, tokens, per_request = 0, [], 0, 0, []
     peak_scheduled = 0
-    profiler, profiled = None, None
+    window = ProfileWindow(args, backend)
     threads = ThreadCPU()
     start = time.perf_counter()
     while engine.has_unfinished_requests():
-        if args.profile_at and steps == args.profile_at:
-            profiler = _start_profiler()
-            paused_at = time.perf_counter()
-        if profiler and steps == args.profile_at + args.profile_steps:
-            profiled, profiler = _stop_profiler(profiler,
-                                                args.profile_trace), None
-            start += time.perf_counter() - paused_at
+        start += window.before_step(steps, clock.steps)
         step_start = time.perf_counter()
         outs = engine.step()
         clock.end_step(time.perf_counter() - step_start)
         # profiled steps are left out: the clock and the token count stand still
-        now = (paused_at if profiler else time.perf_counter()) - start
+        now = (window.paused_at if window.active else time.perf_counter()) - start
         for out in outs:
             count = len(out.outputs[0].token_ids)
-            if not profiler:
+            if not window.active:
                 tokens += count - seen.get(out.request_id, 0)
             seen[out.request_id] = count
             if count and out.request_id not in first:
@@ -229,8 +225,8 @@ def run_throughput(args, backend) -> dict:
         # the performance goal: within 2% of the ideal plus at most one block
         result["blocks_held_within_goal"] = sum(
             h <= 1.02 * i + 1 for h, i in held) / len(held)
-    if profiled:
-        result["profile"], result["profiled_gpu_busy_fraction"] = profiled
+    if window.profiled:
+        result["profile"], result["profiled_gpu_busy_fraction"] = window.profiled
     return result
 
 
@@ -423,6 +419,61 @@ def timeline(log, run_seconds, points=300) -> list:
     return series
 
 
+class ProfileWindow:
+    """Which engine steps the torch profiler records: ``--profile-steps``
+    steps from ``--profile-at`` on or, with ``--profile-prompt-step``, the
+    first single step from there that scheduled prompt tokens (a decode step
+    recorded on the way is thrown away; at most ``ATTEMPTS`` tries). While it
+    records, the run's clock and token count stand still."""
+
+    ATTEMPTS = 64
+
+    def __init__(self, args, backend: str):
+        self.at, self.prompt = args.profile_at, args.profile_prompt_step
+        self.length = 1 if self.prompt else args.profile_steps
+        label = (f"{backend}-b{args.budget}" if backend.startswith("sparsemm")
+                 else backend)
+        self.trace = (_per_backend(args.profile_trace, label)
+                      if args.profile_trace else None)
+        self.profiler, self.profiled = None, None
+        self.started, self.attempts, self.paused_at = 0, 0, 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.profiler is not None
+
+    def before_step(self, step: int, clock_steps: list) -> float:
+        """Close or open the window before engine step ``step``; returns the
+        seconds a window that closed now kept the clock stopped."""
+        paused = 0.0
+        if self.active and step == self.started + self.length:
+            if self.prompt and clock_steps[-1].get("decode", True):
+                _discard_profiler(self.profiler)
+            else:
+                self.profiled = _stop_profiler(self.profiler, self.trace)
+            self.profiler = None
+            paused = time.perf_counter() - self.paused_at
+        if (not self.active and self.at and self.profiled is None
+                and (step == self.at or self.prompt and step > self.at)
+                and self.attempts < self.ATTEMPTS):
+            self.paused_at = time.perf_counter()  # the profiler's setup too
+            self.profiler = _start_profiler()
+            self.started, self.attempts = step, self.attempts + 1
+        return paused
+
+
+def _per_backend(path: str, label: str) -> str:
+    """``trace.json`` -> ``trace.sparsemm-b128.json``: one file per run."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.{label.replace(':', '-')}{ext}"
+
+
+def _discard_profiler(profiler) -> None:
+    import torch
+    torch.cuda.synchronize()
+    profiler.__exit__(None, None, None)
+
+
 def _start_profiler():
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -597,10 +648,13 @@ def main():
                         help="profile engine steps from this step on (torch "
                         "profiler tables land in the JSON)")
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-prompt-step", action="store_true",
+                        help="profile one step instead: the first from "
+                        "--profile-at on that schedules prompt tokens")
     parser.add_argument("--profile-trace", default=None,
                         help="also write the profiled steps' timeline here "
-                        "(a Chrome trace, gzipped to <path>.gz; one file per "
-                        "backend run, so give one backend)")
+                        "(a Chrome trace, gzipped to <path>.gz, the backend "
+                        "put before the extension: one file per run)")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -197,3 +197,57 @@ def test_thread_cpu_tells_the_engine_thread_from_the_others():
     assert summary["main_thread_cpu_s"] < 0.2  # it only waited in join
     assert summary["busiest_other_threads"][0][1] >= 0.2  # [name, seconds]
     assert summary["python_probe_ms"] > 0 and summary["cpus_allowed"] >= 1
+
+
+def _profile_window(monkeypatch, decode_flags, **settings):
+    """Drive a ProfileWindow over steps whose clock says decode or not;
+    returns the window and the steps each kept or dropped profile covered."""
+    bench = _benchmark()
+    events = []
+    monkeypatch.setattr(bench, "_start_profiler", lambda: events.append("start") or "p")
+    monkeypatch.setattr(bench, "_discard_profiler", lambda p: events.append("drop"))
+    monkeypatch.setattr(bench, "_stop_profiler",
+                        lambda p, trace: events.append(("keep", trace)) or ("t", 0.5))
+    args = types.SimpleNamespace(**{
+        "profile_at": 3, "profile_steps": 2, "profile_prompt_step": False,
+        "profile_trace": None, "budget": "128", **settings})
+    window = bench.ProfileWindow(args, "sparsemm")
+    clock_steps, recorded = [], []
+    for step, decode in enumerate(decode_flags):
+        window.before_step(step, clock_steps)
+        if window.active:
+            recorded.append(step)
+        clock_steps.append({"decode": decode})
+    return window, events, recorded
+
+
+def test_profile_window_records_the_asked_steps(monkeypatch):
+    window, events, recorded = _profile_window(monkeypatch, [True] * 10)
+    assert recorded == [3, 4] and events == ["start", ("keep", None)]
+    assert window.profiled == ("t", 0.5) and not window.active
+
+
+def test_profile_window_keeps_the_first_prompt_step_from_profile_at(monkeypatch):
+    flags = [False, False, True, True, True, False, True, False, True]
+    window, events, recorded = _profile_window(
+        monkeypatch, flags, profile_prompt_step=True, profile_trace="/x/tr.json")
+    # steps 3 and 4 decoded and were dropped; 5 was the first prompt step
+    assert recorded == [3, 4, 5]
+    assert events == ["start", "drop", "start", "drop", "start",
+                      ("keep", "/x/tr.sparsemm-b128.json")]
+    assert window.profiled == ("t", 0.5) and not window.active
+
+
+def test_profile_window_gives_up_after_its_attempts(monkeypatch):
+    bench = _benchmark()
+    monkeypatch.setattr(bench.ProfileWindow, "ATTEMPTS", 4)
+    window, events, recorded = _profile_window(
+        monkeypatch, [True] * 20, profile_prompt_step=True)
+    assert recorded == [3, 4, 5, 6] and events.count("drop") == 4
+    assert window.profiled is None and not window.active
+
+
+def test_profile_window_is_shut_without_profile_at(monkeypatch):
+    window, events, recorded = _profile_window(
+        monkeypatch, [False] * 6, profile_at=0, profile_prompt_step=True)
+    assert recorded == [] and events == []
