@@ -157,7 +157,9 @@ def run_throughput(args, backend) -> dict:
     seen, first, done, log = {}, {}, {}, []
     peak, held, steps, tokens, per_request = 0, [], 0, 0, []
     peak_scheduled = 0
-    window = ProfileWindow(args, backend)
+    pool = scheduler.kv_cache_manager.block_pool
+    window = ProfileWindow(args, backend, lambda: (
+        pool.num_gpu_blocks - pool.get_num_free_blocks()))
     threads = ThreadCPU()
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -227,6 +229,7 @@ def run_throughput(args, backend) -> dict:
             h <= 1.02 * i + 1 for h, i in held) / len(held)
     if window.profiled:
         result["profile"], result["profiled_gpu_busy_fraction"] = window.profiled
+        result["profiled_steps"] = window.what
     return result
 
 
@@ -322,8 +325,10 @@ class HostClock:
                 self.current[label] = (self.current.get(label, 0.0) +
                                        time.perf_counter() - start)
             if label == "schedule":  # a uniform decode step, or one with prompts
-                self.current["decode"] = (result.total_num_scheduled_tokens ==
-                                          len(result.num_scheduled_tokens))
+                rows = len(result.num_scheduled_tokens)
+                self.current.update(
+                    decode=result.total_num_scheduled_tokens == rows,
+                    rows=rows, tokens=result.total_num_scheduled_tokens)
             return result
 
         setattr(owner, name, timed)
@@ -428,13 +433,14 @@ class ProfileWindow:
 
     ATTEMPTS = 64
 
-    def __init__(self, args, backend: str):
+    def __init__(self, args, backend: str, blocks_in_use=lambda: None):
         self.at, self.prompt = args.profile_at, args.profile_prompt_step
         self.length = 1 if self.prompt else args.profile_steps
         label = (f"{backend}-b{args.budget}" if backend.startswith("sparsemm")
                  else backend)
         self.trace = (_per_backend(args.profile_trace, label)
                       if args.profile_trace else None)
+        self.blocks_in_use, self.what = blocks_in_use, None
         self.profiler, self.profiled = None, None
         self.started, self.attempts, self.paused_at = 0, 0, 0.0
 
@@ -451,6 +457,11 @@ class ProfileWindow:
                 _discard_profiler(self.profiler)
             else:
                 self.profiled = _stop_profiler(self.profiler, self.trace)
+                recorded = clock_steps[self.started - step:]
+                self.what = {  # what the trace shows, to read it against
+                    "first_step": self.started, "blocks_in_use": self.blocks_in_use(),
+                    "rows": [s.get("rows") for s in recorded],
+                    "scheduled_tokens": [s.get("tokens") for s in recorded]}
             self.profiler = None
             paused = time.perf_counter() - self.paused_at
         if (not self.active and self.at and self.profiled is None

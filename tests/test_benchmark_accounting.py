@@ -150,6 +150,8 @@ def test_host_clock_splits_each_step_and_puts_everything_back():
         "execute_model", "sample_tokens", "attention_metadata", "step_p10",
         "step_p90"}
     assert calls.count("sync") == 20 and calls.count("meta") == 20
+    assert (clock.steps[4]["rows"], clock.steps[4]["tokens"]) == (2, 9)
+    assert (clock.steps[5]["rows"], clock.steps[5]["tokens"]) == (3, 3)
     clock.close()
     assert (core.scheduler.schedule, Event.synchronize) == originals
     assert "synchronize" not in vars(Event()) and "schedule" in vars(core.scheduler)
@@ -211,13 +213,14 @@ def _profile_window(monkeypatch, decode_flags, **settings):
     args = types.SimpleNamespace(**{
         "profile_at": 3, "profile_steps": 2, "profile_prompt_step": False,
         "profile_trace": None, "budget": "128", **settings})
-    window = bench.ProfileWindow(args, "sparsemm")
+    window = bench.ProfileWindow(args, "sparsemm", lambda: 700)
     clock_steps, recorded = [], []
     for step, decode in enumerate(decode_flags):
         window.before_step(step, clock_steps)
         if window.active:
             recorded.append(step)
-        clock_steps.append({"decode": decode})
+        clock_steps.append({"decode": decode, "rows": 10 + step,
+                            "tokens": 10 + step + (0 if decode else 500)})
     return window, events, recorded
 
 
@@ -225,6 +228,8 @@ def test_profile_window_records_the_asked_steps(monkeypatch):
     window, events, recorded = _profile_window(monkeypatch, [True] * 10)
     assert recorded == [3, 4] and events == ["start", ("keep", None)]
     assert window.profiled == ("t", 0.5) and not window.active
+    assert window.what == {"first_step": 3, "blocks_in_use": 700,
+                           "rows": [13, 14], "scheduled_tokens": [13, 14]}
 
 
 def test_profile_window_keeps_the_first_prompt_step_from_profile_at(monkeypatch):
@@ -236,6 +241,7 @@ def test_profile_window_keeps_the_first_prompt_step_from_profile_at(monkeypatch)
     assert events == ["start", "drop", "start", "drop", "start",
                       ("keep", "/x/tr.sparsemm-b128.json")]
     assert window.profiled == ("t", 0.5) and not window.active
+    assert window.what["rows"] == [15] and window.what["scheduled_tokens"] == [515]
 
 
 def test_profile_window_gives_up_after_its_attempts(monkeypatch):
@@ -244,7 +250,7 @@ def test_profile_window_gives_up_after_its_attempts(monkeypatch):
     window, events, recorded = _profile_window(
         monkeypatch, [True] * 20, profile_prompt_step=True)
     assert recorded == [3, 4, 5, 6] and events.count("drop") == 4
-    assert window.profiled is None and not window.active
+    assert window.profiled is None and window.what is None and not window.active
 
 
 def test_profile_window_is_shut_without_profile_at(monkeypatch):
