@@ -1,0 +1,40 @@
+"""examples/attention_bench.py's inputs: the stock and per-head layouts it
+times must hold the same keys and values for every (row, KV head), or the
+comparison would not be of the same attention."""
+
+import pytest
+import torch
+
+from example_scripts import load_example
+
+
+def test_stock_blocks_and_per_head_pages_hold_the_same_kv():
+    bench = load_example("attention_bench")
+    rows, tokens, heads, dim, bs = 3, 37, 4, 8, 16
+    case = bench.build_case(rows, tokens, heads, dim, bs, torch.device("cpu"))
+    pages, blocks = case["pages"], case["blocks"]
+    width = -(-tokens // bs)
+    assert case["table"].shape == (rows * heads, width)
+    assert case["block_table"].shape == (rows, width)
+    # every page and block is used once, and none is the null page 0
+    assert sorted(case["table"].flatten().tolist()) == list(range(1, len(pages)))
+    assert sorted(case["block_table"].flatten().tolist()) == list(
+        range(1, blocks.shape[1]))
+    for row in range(rows):
+        for head in range(heads):
+            own = pages[case["table"][row * heads + head].long()]
+            stock = blocks[:, case["block_table"][row].long(), :, head]
+            keys = own[..., :dim].reshape(-1, dim)[:tokens]
+            values = own[..., dim:].reshape(-1, dim)[:tokens]
+            assert torch.equal(keys, stock[0].reshape(-1, dim)[:tokens])
+            assert torch.equal(values, stock[1].reshape(-1, dim)[:tokens])
+    assert case["query"].shape == (rows, heads, dim)
+    assert case["kv_bytes"] == 2 * rows * heads * tokens * dim * 2
+
+
+def test_cases_parse_and_bad_ones_say_why():
+    bench = load_example("attention_bench")
+    assert bench.parse_cases("755x265, 41x350") == [(755, 265), (41, 350)]
+    for bad in ("755", "x3", "7x", "ax3"):
+        with pytest.raises(SystemExit, match="ROWSxTOKENS"):
+            bench.parse_cases(bad)
