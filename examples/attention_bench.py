@@ -11,7 +11,9 @@ single-head sequence per (row, KV head) over the packed ``[pages, block_size,
 ``_attend_per_kv_head``. Both hold the same values in shuffled blocks, so their
 outputs must agree (checked). Two more variants show what the split count and
 the packed layout cost: FlashAttention's own split heuristic, and separate K
-and V page buffers. Reported per variant: median ms per call and KV bytes read
+and V page buffers; two more time ``triton_ops.paged_decode`` (the
+``decode_kernel: "triton"`` setting), which reads the packed pages in place
+with a KV head's G query heads in one 16-row tile. Reported per variant: median ms per call and KV bytes read
 per second (keys and values of every token once). Engine traces (lease 12)
 put the per-head call at 1.07-1.41 ms per layer against stock's 1.10 over a
 full H200 pool; this tells whether the layout or the kernel is the cause.
@@ -26,7 +28,7 @@ import types
 
 
 def build_case(rows: int, tokens: int, heads: int, dim: int, block_size: int,
-               device, seed: int = 0) -> dict:
+               device, seed: int = 0, group: int = 1) -> dict:
     """The same K/V twice: per-head pages (sparsemm) and vLLM's blocks (stock)."""
     import torch
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -48,10 +50,10 @@ def build_case(rows: int, tokens: int, heads: int, dim: int, block_size: int,
     blocks[1, block_table.flatten().long()] = per_row[..., dim:]
     del per_row
     # vLLM's query: a strided view of the fused QKV output
-    qkv = torch.randn(rows, 3 * heads * dim, device=device, dtype=torch.float16,
-                      generator=gen)
+    qkv = torch.randn(rows, (group + 2) * heads * dim, device=device,
+                      dtype=torch.float16, generator=gen)
     return {
-        "query": qkv[:, :heads * dim].view(rows, heads, dim),
+        "query": qkv[:, :group * heads * dim].view(rows, group * heads, dim),
         "pages": pages, "table": table, "blocks": blocks,
         "block_table": block_table,
         "lengths": torch.full((sequences, ), tokens, device=device,
@@ -87,8 +89,9 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
     import torch
     from vllm_sparsemm import backend
     query, pages = case["query"], case["pages"]
-    rows, heads, dim = query.shape
-    sequences = rows * heads
+    rows, query_heads, dim = query.shape
+    sequences = case["lengths"].numel()
+    group = query_heads * rows // sequences
     starts = torch.arange(sequences + 1, device=query.device, dtype=torch.int32)
     out = torch.empty_like(query)
     tokens = int(case["lengths"][0])
@@ -96,8 +99,8 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
         keys = pages[..., :dim].contiguous().unsqueeze(2)
         values = pages[..., dim:].contiguous().unsqueeze(2)
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
-        q = query.reshape(sequences, 1, dim)
-        flat = out.view(sequences, 1, dim)
+        q = query.reshape(sequences, group, dim)
+        flat = out.view(sequences, group, dim)
         count = backend.num_splits(sequences, backend.sm_count(query.device))
 
         def call():
@@ -108,8 +111,9 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
                 fa_version=3, num_splits=count)
             return out
         return call
-    impl = types.SimpleNamespace(head_size=dim, num_queries_per_kv=1,
-                                 scale=scale, vllm_flash_attn_version=3)
+    impl = types.SimpleNamespace(head_size=dim, num_queries_per_kv=group,
+                                 scale=scale, vllm_flash_attn_version=3,
+                                 decode_kernel="flash_attn")
     state = types.SimpleNamespace(pages=pages, attention_views=None)
 
     def call():
@@ -123,6 +127,24 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
         finally:
             backend.num_splits = chosen
         return out
+    return call
+
+
+def triton_call(case: dict, scale: float, num_warps: int):
+    """``triton_ops.paged_decode`` (``decode_kernel: "triton"``) on the same
+    pages, with the backend's split count."""
+    import torch
+    from vllm_sparsemm import backend, triton_ops
+    query = case["query"]
+    sequences = case["lengths"].numel()
+    splits = backend.triton_decode_splits(sequences,
+                                          backend.sm_count(query.device))
+    out = torch.empty_like(query)
+
+    def call():
+        return triton_ops.paged_decode(query, case["pages"], case["table"],
+                                       case["lengths"], scale, out,
+                                       num_splits=splits, num_warps=num_warps)
     return call
 
 
@@ -146,13 +168,16 @@ def time_call(call, iters: int) -> float:
 def run_case(rows: int, tokens: int, args) -> list[dict]:
     import torch
     case = build_case(rows, tokens, args.heads, args.dim, args.block_size,
-                      torch.device("cuda"))
+                      torch.device("cuda"), group=args.group)
     scale = args.dim**-0.5
     variants = {"stock": stock_call(case, scale),
                 "per-head (backend)": per_head_call(case, scale),
                 "per-head, FA's split heuristic": per_head_call(case, scale, "fa"),
                 "per-head, K and V apart": per_head_call(case, scale,
-                                                         separate_kv=True)}
+                                                         separate_kv=True),
+                "per-head, Triton kernel (4 warps, the backend's)":
+                    triton_call(case, scale, 4),
+                "per-head, Triton kernel, 8 warps": triton_call(case, scale, 8)}
     want = variants["stock"]().clone()
     results = []
     for name, call in variants.items():
@@ -189,6 +214,9 @@ def main() -> None:
                         "(defaults: LLaVA-1.5 on a whole H200, sparsemm then "
                         "stock; the 8 GiB NeXT case at B=64, mid-life and late)")
     parser.add_argument("--heads", type=int, default=32, help="KV heads")
+    parser.add_argument("--group", type=int, default=1,
+                        help="query heads per KV head (Qwen2-VL-7B: 4 KV "
+                        "heads, 7 each)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=20)

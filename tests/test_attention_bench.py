@@ -11,7 +11,8 @@ from example_scripts import load_example
 def test_stock_blocks_and_per_head_pages_hold_the_same_kv():
     bench = load_example("attention_bench")
     rows, tokens, heads, dim, bs = 3, 37, 4, 8, 16
-    case = bench.build_case(rows, tokens, heads, dim, bs, torch.device("cpu"))
+    case = bench.build_case(rows, tokens, heads, dim, bs, torch.device("cpu"),
+                            group=3)
     pages, blocks = case["pages"], case["blocks"]
     width = -(-tokens // bs)
     assert case["table"].shape == (rows * heads, width)
@@ -28,7 +29,7 @@ def test_stock_blocks_and_per_head_pages_hold_the_same_kv():
             values = own[..., dim:].reshape(-1, dim)[:tokens]
             assert torch.equal(keys, stock[0].reshape(-1, dim)[:tokens])
             assert torch.equal(values, stock[1].reshape(-1, dim)[:tokens])
-    assert case["query"].shape == (rows, heads, dim)
+    assert case["query"].shape == (rows, 3 * heads, dim)
     assert case["kv_bytes"] == 2 * rows * heads * tokens * dim * 2
 
 

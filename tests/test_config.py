@@ -17,6 +17,7 @@ def test_defaults_are_the_papers():
     s = SparseMMSettings.from_sources({}, environ={})
     assert (s.budget, s.window, s.ratio, s.pool_kernel, s.head_scores) == (
         256, 32, 0.1, 5, None)
+    assert s.decode_kernel == "flash_attn"  # until the Triton kernel is measured
 
 
 def test_additional_config_beats_environment():
@@ -33,6 +34,7 @@ def test_additional_config_beats_environment():
     ({"budgte": 64}, r"unknown sparsemm settings \['budgte'\]"),
     ({"budget": "many"}, "budget='many'"),
     ({"debug_poison": "maybe"}, "boolean"),
+    ({"decode_kernel": "cuda"}, r"decode_kernel must be one of \['flash_attn', 'triton'\]"),
 ])
 def test_bad_settings_fail_at_start(raw, message):
     with pytest.raises(ValueError, match=message):

@@ -94,6 +94,48 @@ def compare_write_kv(device: str) -> int:
     return compared
 
 
+def compare_paged_decode(device: str) -> int:
+    """``triton_ops.paged_decode`` against ``paged_attention_reference``: MHA
+    and GQA, head dims 64/80/128, one and several key splits, short and long
+    heads and an empty one, on vLLM's strided query. Returns cases compared."""
+    from vllm_sparsemm import triton_ops
+    from vllm_sparsemm.kv_ops import paged_attention_reference
+
+    compared = 0
+    gen = torch.Generator().manual_seed(1)
+    for kv_heads, group, dim in ((2, 1, 128), (3, 7, 80), (2, 4, 64)):
+        rows, block_size, num_pages = 5, 16, 200
+        sequences = rows * kv_heads
+        pages = torch.randn(num_pages, block_size, 2 * dim,
+                            generator=gen).half().to(device)
+        lengths = torch.randint(1, 90, (sequences, ), generator=gen,
+                                dtype=torch.int32)
+        lengths[1], lengths[-1] = 300, 0  # a long head; padding holds none
+        width = 300 // block_size + 1
+        table = torch.randint(1, num_pages, (sequences, width), generator=gen,
+                              dtype=torch.int32)
+        qkv = torch.randn(rows, (kv_heads * group + 2 * kv_heads) * dim,
+                          generator=gen).half()
+        query = qkv[:, :kv_heads * group * dim].view(rows, -1, dim).to(device)
+        starts = torch.arange(sequences + 1, dtype=torch.int32)
+        want = paged_attention_reference(
+            query.cpu().reshape(sequences, group, dim), pages.cpu()[..., :dim],
+            pages.cpu()[..., dim:], table, lengths, starts, dim**-0.5)
+        want[-1] = 0  # no keys: the kernel writes zeros
+        for splits in (1, 3):
+            out = torch.full((rows, kv_heads * group, dim), float("nan"),
+                             dtype=torch.float16, device=device)
+            triton_ops.paged_decode(query, pages, table.to(device),
+                                    lengths.to(device), dim**-0.5, out,
+                                    num_splits=splits)
+            # fp16 inputs and P, fp32 softmax and sums in both (~1e-3)
+            torch.testing.assert_close(
+                out.cpu().view(sequences, group, dim), want, atol=2e-3,
+                rtol=1e-2)
+            compared += 1
+    return compared
+
+
 _NUMPY_SCALAR_ERROR = "error::DeprecationWarning:triton.runtime.interpreter"
 
 
@@ -120,6 +162,16 @@ def test_write_kv_kernel_in_triton_interpreter():
     assert _in_triton_interpreter("compare_write_kv") == 4
 
 
+def test_paged_decode_kernel_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_paged_decode") == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_paged_decode_kernel_on_gpu():
+    assert compare_paged_decode("cuda") == 6
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_page_table_kernel_on_gpu():
@@ -130,3 +182,45 @@ def test_page_table_kernel_on_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_write_kv_kernel_on_gpu():
     assert compare_write_kv("cuda") == 4
+
+
+@pytest.mark.parametrize("dim, group, split", [(128, 1, False), (128, 1, True),
+                                                (80, 7, False), (64, 4, True)])
+def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
+                                                      tmp_path):
+    """The GPU branch of the decode kernel (a pipelinable for loop, which the
+    interpreter cannot run) compiled ahead of time for an H100/H200 with
+    Triton's own ptxas: it must build, and keep its registers (a spill to
+    local memory would cost the kernel its bandwidth)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vllm_sparsemm import triton_ops
+
+    signature = {
+        "q_ptr": "*fp16", "q_row_stride": "i32", "q_head_stride": "i32",
+        "pages_ptr": "*fp16", "page_stride": "i32", "token_stride": "i32",
+        "table_ptr": "*i32", "table_stride": "i32", "lengths_ptr": "*i32",
+        "out_ptr": "*fp16", "out_row_stride": "i32", "out_head_stride": "i32",
+        "part_ptr": "*fp32", "num_kv_heads": "i32", "group": "i32",
+        "dim": "i32", "scale": "fp32", "pages_per_split": "i32",
+        "G_PAD": "constexpr", "BLOCK_D": "constexpr", "BS": "constexpr",
+        "SPLIT": "constexpr", "INTERPRET": "constexpr"}
+    constants = {"G_PAD": max(16, triton.next_power_of_2(group)),
+                 "BLOCK_D": triton.next_power_of_2(dim), "BS": 16,
+                 "SPLIT": split, "INTERPRET": False}
+    kernel = triton.compile(
+        ASTSource(fn=triton_ops._decode_kernel, signature=signature,
+                  constexprs=constants),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    assert "mma.sync" in ptx  # both products on tensor cores
+    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    if not tool.exists():
+        pytest.skip("Triton's cuobjdump is not installed")
+    cubin = tmp_path / "decode.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage

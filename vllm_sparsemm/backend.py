@@ -199,10 +199,12 @@ class SparseMMImpl(FlashAttentionImpl):
         super().__init__(*args, **kwargs)
         from vllm.config.vllm import get_current_vllm_config_or_none
         config = get_current_vllm_config_or_none()  # None in CPU tests
-        window = SparseMMSettings.from_sources(
-            config.additional_config if config else None).window
+        settings = SparseMMSettings.from_sources(
+            config.additional_config if config else None)
+        self.decode_kernel = settings.decode_kernel
         self.selection_scratch = selection_scratch_bytes(
-            self.num_kv_heads, self.head_size, self.num_queries_per_kv, window)
+            self.num_kv_heads, self.head_size, self.num_queries_per_kv,
+            settings.window)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata,
                 output, output_scale=None, output_block_scale=None):
@@ -313,6 +315,13 @@ class SparseMMImpl(FlashAttentionImpl):
         are a view of ``query`` and the result is written into ``out``.
         """
         dim, group = self.head_size, self.num_queries_per_kv
+        if (token is None and query.is_cuda and self.decode_kernel == "triton"
+                and triton_ops.AVAILABLE):  # reads the strided query in place
+            sequences = len(starts) - 1
+            return triton_ops.paged_decode(
+                query, state.pages, table, lengths, self.scale, out,
+                num_splits=triton_decode_splits(sequences,
+                                                sm_count(query.device)))
         q = query.view(len(query), -1, group, dim)
         # vLLM's query is a strided view of the fused QKV output: copy it
         q_virtual = (q.reshape(-1, group, dim) if token is None else
@@ -357,6 +366,15 @@ def num_splits(num_sequences: int, num_sms: int) -> int:
     replays agree.
     """
     return 1 if num_sequences >= 2 * num_sms else 0
+
+
+def triton_decode_splits(num_sequences: int, num_sms: int) -> int:
+    """``triton_ops.paged_decode``'s key splits: enough programs to fill the
+    GPU twice, at most 16; a function of the (padded) row count only, so a
+    captured graph and its replays agree."""
+    if num_sequences >= 2 * num_sms:
+        return 1
+    return min(16, -(-2 * num_sms // max(num_sequences, 1)))
 
 
 @functools.cache

@@ -27,6 +27,9 @@ KNOWN_SCORE_FILES = (
 )
 
 
+DECODE_KERNELS = ("flash_attn", "triton")
+
+
 @dataclass(frozen=True)
 class SparseMMSettings:
     """User-facing knobs (DESIGN section 3)."""
@@ -47,6 +50,10 @@ class SparseMMSettings:
     # attention eager between graphs (H100: batch-1 decode 1.39x stock's
     # ms/token piecewise, 1.04x full; ~300 rows: 5% fewer tok/s piecewise)
     full_cuda_graphs: bool = True
+    # decode attention of the per-head page lists: FlashAttention, or the
+    # Triton split-K kernel (triton_ops.paged_decode; experimental, being
+    # measured against FlashAttention: examples/attention_bench.py)
+    decode_kernel: str = "flash_attn"
     debug_poison: bool = False  # NaN-fill released blocks (tests)
 
     def __post_init__(self):
@@ -54,6 +61,10 @@ class SparseMMSettings:
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"sparsemm pool_kernel must be odd and positive, "
                              f"got {self.pool_kernel}")
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"sparsemm decode_kernel must be one of "
+                             f"{list(DECODE_KERNELS)}, got "
+                             f"{self.decode_kernel!r}")
         if self.admission_reserve < -1:
             raise ValueError(f"sparsemm admission_reserve must be -1 (until "
                              f"every request finishes), 0 (off) or a step "
@@ -78,6 +89,7 @@ class SparseMMSettings:
             kind = {"budget": int, "window": int, "pool_kernel": int,
                     "admission_reserve": int,
                     "ratio": float, "head_scores": str,
+                    "decode_kernel": str,
                     "full_cuda_graphs": _as_bool,
                     "admission_pacing": _as_bool,
                     "debug_poison": _as_bool}[name]

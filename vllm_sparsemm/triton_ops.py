@@ -11,6 +11,8 @@ its reference: on the GPU, and on the CPU through Triton's interpreter
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -79,8 +81,134 @@ if triton is not None:
         tl.store(row + dim + d, value.to(rows_ptr.dtype.element_ty),
                  mask=used)
 
+    @triton.jit
+    def _load_page(pages_ptr, table_row, column, end, page_stride, offsets, t,
+                   dim_used, last, dim, BS: tl.constexpr):
+        """K and V ``[BS, D]`` of one page (zeros past the keys, and for a
+        column past ``end``: no memory read). The page's base is one 64-bit
+        scalar, the offsets int32 and loop-invariant, to spare registers."""
+        page = tl.load(table_row + column, mask=column < end, other=0)
+        base = pages_ptr + page.to(tl.int64) * page_stride
+        kv_mask = (column * BS + t < last)[:, None] & dim_used[None, :]
+        k = tl.load(base + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(base + dim + offsets, mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _attend_page(q, k, v, column, t, last, m, l, acc, scale,
+                     BS: tl.constexpr):
+        """One page of keys into the online softmax (fp32 scores and sums)."""
+        scores = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BS]
+        scores = tl.where((column * BS + t < last)[None, :], scores,
+                          float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit
+    def _decode_step(q, k, v, pages_ptr, table_row, column, end, page_stride,
+                     offsets, t, dim_used, last, dim, m, l, acc, scale,
+                     BS: tl.constexpr):
+        """Load the next page, then attend to this one (K, V) with it in
+        flight; returns the next page's K and V and the softmax state."""
+        k_next, v_next = _load_page(pages_ptr, table_row, column + 1, end,
+                                    page_stride, offsets, t, dim_used, last,
+                                    dim, BS)
+        m, l, acc = _attend_page(q, k, v, column, t, last, m, l, acc, scale,
+                                 BS)
+        return k_next, v_next, m, l, acc
+
+    @triton.jit
+    def _decode_kernel(q_ptr, q_row_stride, q_head_stride, pages_ptr,
+                       page_stride, token_stride, table_ptr, table_stride,
+                       lengths_ptr, out_ptr, out_row_stride, out_head_stride,
+                       part_ptr, num_kv_heads, group, dim, scale,
+                       pages_per_split, G_PAD: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                       SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+        seq = tl.program_id(0)  # row * num_kv_heads + KV head
+        split = tl.program_id(1)
+        row, kv_head = seq // num_kv_heads, seq % num_kv_heads
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, BLOCK_D)
+        t = tl.arange(0, BS)
+        head_used, dim_used = g < group, d < dim
+        q = tl.load(q_ptr + row.to(tl.int64) * q_row_stride +
+                    (kv_head * group + g)[:, None] * q_head_stride + d[None, :],
+                    mask=head_used[:, None] & dim_used[None, :], other=0.0)
+        length = tl.load(lengths_ptr + seq)
+        first = split * pages_per_split
+        last = tl.minimum(length, (first + pages_per_split) * BS)  # keys
+        # finite floor: a split with no keys leaves m finite and l zero
+        m = tl.full([G_PAD], -1.0e30, tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+        table_row = table_ptr + seq.to(tl.int64) * table_stride
+        offsets = t[:, None] * token_stride + d[None, :]
+        end = tl.cdiv(last, BS)  # past the split's last page
+        # by hand, one page ahead: Triton does not pipeline the K/V loads
+        # behind a page-table load (checked in its TTGIR for sm_90)
+        k, v = _load_page(pages_ptr, table_row, first, end, page_stride,
+                          offsets, t, dim_used, last, dim, BS)
+        if INTERPRET:  # the interpreter cannot range() over tensors
+            column = first
+            while column < end:
+                k, v, m, l, acc = _decode_step(
+                    q, k, v, pages_ptr, table_row, column, end, page_stride,
+                    offsets, t, dim_used, last, dim, m, l, acc, scale, BS)
+                column += 1
+        else:
+            for column in tl.range(first, end):
+                k, v, m, l, acc = _decode_step(
+                    q, k, v, pages_ptr, table_row, column, end, page_stride,
+                    offsets, t, dim_used, last, dim, m, l, acc, scale, BS)
+        if SPLIT:  # partials [S, splits, G_PAD, BLOCK_D + 2]: acc | m | l
+            width = BLOCK_D + 2
+            base = (part_ptr + (seq.to(tl.int64) * tl.num_programs(1) + split)
+                    * G_PAD * width + g * width)
+            tl.store(base[:, None] + d[None, :], acc)
+            tl.store(base + BLOCK_D, m)
+            tl.store(base + BLOCK_D + 1, l)
+        else:
+            result = acc / tl.where(l > 0, l, 1.0)[:, None]
+            tl.store(out_ptr + row.to(tl.int64) * out_row_stride +
+                     (kv_head * group + g)[:, None] * out_head_stride +
+                     d[None, :], result.to(out_ptr.dtype.element_ty),
+                     mask=head_used[:, None] & dim_used[None, :])
+
+    @triton.jit
+    def _decode_combine_kernel(part_ptr, out_ptr, out_row_stride,
+                               out_head_stride, num_kv_heads, group, dim,
+                               num_splits, G_PAD: tl.constexpr,
+                               BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+        seq = tl.program_id(0)
+        row, kv_head = seq // num_kv_heads, seq % num_kv_heads
+        width = BLOCK_D + 2
+        j = tl.arange(0, SPLITS)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, BLOCK_D)
+        used = j < num_splits
+        base = (part_ptr + (seq.to(tl.int64) * num_splits + j)[:, None] *
+                G_PAD * width + g[None, :] * width)  # [SPLITS, G_PAD]
+        m = tl.load(base + BLOCK_D, mask=used[:, None], other=-1.0e30)
+        l = tl.load(base + BLOCK_D + 1, mask=used[:, None], other=0.0)
+        acc = tl.load(base[:, :, None] + d[None, None, :],
+                      mask=used[:, None, None], other=0.0)
+        weight = tl.exp(m - tl.max(m, 0)[None, :])  # [SPLITS, G_PAD]
+        total = tl.sum(weight * l, 0)
+        result = (tl.sum(weight[:, :, None] * acc, 0) /
+                  tl.where(total > 0, total, 1.0)[:, None])
+        tl.store(out_ptr + row.to(tl.int64) * out_row_stride +
+                 (kv_head * group + g)[:, None] * out_head_stride + d[None, :],
+                 result.to(out_ptr.dtype.element_ty),
+                 mask=(g < group)[:, None] & (d < dim)[None, :])
+
 
 AVAILABLE = triton is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # page-table columns per program: the whole row up to this width. Launches
 # are latency-bound (a full-graph step's width covers max_model_len: 256
 # columns in 64-column programs cost 3x one program per row).
@@ -123,3 +251,47 @@ def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         rows.stride(0), heads, dim, HAS_TOKENS=tokens is not None,
         BLOCK_D=triton.next_power_of_2(dim))
+
+
+def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
+                 lengths: torch.Tensor, scale: float, out: torch.Tensor,
+                 num_splits: int = 1, num_warps: int = 4) -> torch.Tensor:
+    """One query token per (row, KV head) over that head's own pages: a
+    split-K decode kernel that reads the packed pages in place, one page per
+    iteration (``decode_kernel: "triton"``; its reference is
+    ``kv_ops.paged_attention_reference``).
+
+    ``query``/``out``: ``[R, Hkv * G, D]`` with unit stride in D (vLLM's
+    strided query view qualifies); ``pages``: ``[P, block_size, 2D]``, each
+    token K|V; ``table``: ``[R * Hkv, width]`` int32; ``lengths``: ``[R * Hkv]``.
+    With ``num_splits`` > 1 each sequence's pages are split in that many
+    ranges and a second launch combines them. ``num_warps`` is there for
+    ``examples/attention_bench.py`` to tune (sm_90 registers per thread at
+    head dim 128: 184 at 4 warps, 128 at 8; no spills).
+    """
+    rows, query_heads, dim = query.shape
+    sequences = lengths.numel()
+    if sequences == 0:
+        return out
+    kv_heads = sequences // rows
+    group = query_heads // kv_heads
+    assert query.stride(2) == 1 and out.stride(2) == 1 and pages.stride(2) == 1
+    block_d = triton.next_power_of_2(dim)
+    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
+    split = num_splits > 1
+    partials = (torch.empty(sequences, num_splits, g_pad, block_d + 2,
+                            dtype=torch.float32, device=query.device)
+                if split else out)
+    _decode_kernel[(sequences, num_splits)](
+        query, query.stride(0), query.stride(1), pages, pages.stride(0),
+        pages.stride(1), table, table.stride(0), lengths, out, out.stride(0),
+        out.stride(1), partials, kv_heads, group, dim, scale,
+        triton.cdiv(table.shape[1], num_splits), G_PAD=g_pad, BLOCK_D=block_d,
+        BS=pages.shape[1], SPLIT=split, INTERPRET=_INTERPRET,
+        num_warps=num_warps)
+    if split:
+        _decode_combine_kernel[(sequences, )](
+            partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
+            num_splits, G_PAD=g_pad, BLOCK_D=block_d,
+            SPLITS=triton.next_power_of_2(num_splits))
+    return out
