@@ -474,3 +474,17 @@ def test_memory_profile_run_reserves_the_selection_scratch(monkeypatch):
         KV_HEADS, DIM, HEADS // KV_HEADS, SparseMMSettings().window)]
     # a 7B model (32 KV heads of 128, no GQA, W = 32): ~1.3 GB
     assert 1.2e9 < worker_state.selection_scratch_bytes(32, 128, 1, 32) < 1.4e9
+
+
+def test_triton_decode_kernel_is_refused_without_triton(monkeypatch):
+    """``decode_kernel: "triton"`` is taken up by the attention layers, and
+    fails at start-up, not silently, where Triton is missing."""
+    from vllm_sparsemm import triton_ops
+    monkeypatch.setenv("VLLM_SPARSEMM_DECODE_KERNEL", "triton")
+    impl = backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
+                                "auto")
+    assert impl.decode_kernel == "triton"
+    monkeypatch.setattr(triton_ops, "AVAILABLE", False)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
+                             "auto")

@@ -202,6 +202,9 @@ class SparseMMImpl(FlashAttentionImpl):
         settings = SparseMMSettings.from_sources(
             config.additional_config if config else None)
         self.decode_kernel = settings.decode_kernel
+        if self.decode_kernel == "triton" and not triton_ops.AVAILABLE:
+            raise RuntimeError('sparsemm decode_kernel "triton" needs Triton, '
+                               'which is not installed; use "flash_attn"')
         self.selection_scratch = selection_scratch_bytes(
             self.num_kv_heads, self.head_size, self.num_queries_per_kv,
             settings.window)
@@ -315,8 +318,8 @@ class SparseMMImpl(FlashAttentionImpl):
         are a view of ``query`` and the result is written into ``out``.
         """
         dim, group = self.head_size, self.num_queries_per_kv
-        if (token is None and query.is_cuda and self.decode_kernel == "triton"
-                and triton_ops.AVAILABLE):  # reads the strided query in place
+        if token is None and query.is_cuda and self.decode_kernel == "triton":
+            # one launch (two if split) that reads the strided query in place
             sequences = len(starts) - 1
             return triton_ops.paged_decode(
                 query, state.pages, table, lengths, self.scale, out,
