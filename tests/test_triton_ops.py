@@ -96,18 +96,23 @@ def compare_write_kv(device: str) -> int:
 
 def compare_paged_decode(device: str) -> int:
     """``triton_ops.paged_decode`` against ``paged_attention_reference``: MHA
-    and GQA, head dims 64/80/128, one and several key splits, short and long
-    heads and an empty one, on vLLM's strided query. Returns cases compared."""
+    and GQA, head dims 64/80/128, fp16 (and bf16 on the GPU), one and several
+    key splits, short and long heads and an empty one, on vLLM's strided
+    query. Returns cases compared."""
     from vllm_sparsemm import triton_ops
     from vllm_sparsemm.kv_ops import paged_attention_reference
 
     compared = 0
     gen = torch.Generator().manual_seed(1)
-    for kv_heads, group, dim in ((2, 1, 128), (3, 7, 80), (2, 4, 64)):
+    cases = [(2, 1, 128, torch.float16), (3, 7, 80, torch.float16),
+             (2, 4, 64, torch.float16)]
+    if device != "cpu":  # Triton's interpreter gets tl.dot of bf16 wrong
+        cases.append((3, 7, 80, torch.bfloat16))  # (garbage for a 16x16 product)
+    for kv_heads, group, dim, dtype in cases:
         rows, block_size, num_pages = 5, 16, 200
         sequences = rows * kv_heads
         pages = torch.randn(num_pages, block_size, 2 * dim,
-                            generator=gen).half().to(device)
+                            generator=gen).to(dtype).to(device)
         lengths = torch.randint(1, 90, (sequences, ), generator=gen,
                                 dtype=torch.int32)
         lengths[1], lengths[-1] = 300, 0  # a long head; padding holds none
@@ -115,7 +120,7 @@ def compare_paged_decode(device: str) -> int:
         table = torch.randint(1, num_pages, (sequences, width), generator=gen,
                               dtype=torch.int32)
         qkv = torch.randn(rows, (kv_heads * group + 2 * kv_heads) * dim,
-                          generator=gen).half()
+                          generator=gen).to(dtype)
         query = qkv[:, :kv_heads * group * dim].view(rows, -1, dim).to(device)
         starts = torch.arange(sequences + 1, dtype=torch.int32)
         want = paged_attention_reference(
@@ -124,14 +129,16 @@ def compare_paged_decode(device: str) -> int:
         want[-1] = 0  # no keys: the kernel writes zeros
         for splits in (1, 3):
             out = torch.full((rows, kv_heads * group, dim), float("nan"),
-                             dtype=torch.float16, device=device)
+                             dtype=dtype, device=device)
             triton_ops.paged_decode(query, pages, table.to(device),
                                     lengths.to(device), dim**-0.5, out,
                                     num_splits=splits)
-            # fp16 inputs and P, fp32 softmax and sums in both (~1e-3)
+            # 16-bit inputs and P, fp32 softmax and sums in both; the output
+            # rounds to fp16 (~1e-3) or bf16 (~8e-3)
+            atol = 2e-3 if dtype == torch.float16 else 1.6e-2
             torch.testing.assert_close(
-                out.cpu().view(sequences, group, dim), want, atol=2e-3,
-                rtol=1e-2)
+                out.cpu().view(sequences, group, dim), want, atol=atol,
+                rtol=1e-2 if dtype == torch.float16 else 2e-2)
             compared += 1
     return compared
 
@@ -169,7 +176,7 @@ def test_paged_decode_kernel_in_triton_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_paged_decode_kernel_on_gpu():
-    assert compare_paged_decode("cuda") == 6
+    assert compare_paged_decode("cuda") == 8
 
 
 @pytest.mark.gpu
