@@ -13,7 +13,8 @@ outputs must agree (checked). Two more variants show what the split count and
 the packed layout cost: FlashAttention's own split heuristic, and separate K
 and V page buffers; two more time ``triton_ops.paged_decode`` (the
 ``decode_kernel: "triton"`` setting), which reads the packed pages in place
-with a KV head's G query heads in one 16-row tile. Reported per variant: median ms per call and KV bytes read
+with a KV head's G query heads in one 16-row tile, in a few launch
+configurations (``TRITON_CONFIGS``). Reported per variant: median ms per call and KV bytes read
 per second (keys and values of every token once). Engine traces (lease 12)
 put the per-head call at 1.07-1.41 ms per layer against stock's 1.10 over a
 full H200 pool; this tells whether the layout or the kernel is the cause.
@@ -130,7 +131,11 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
     return call
 
 
-def triton_call(case: dict, scale: float, num_warps: int):
+# (warps, stages) of the Triton kernel to time; the first is the backend's
+TRITON_CONFIGS = ((4, 3), (4, 2), (4, 4), (2, 3), (8, 3))
+
+
+def triton_call(case: dict, scale: float, num_warps: int, num_stages: int):
     """``triton_ops.paged_decode`` (``decode_kernel: "triton"``) on the same
     pages, with the backend's split count."""
     import torch
@@ -144,7 +149,8 @@ def triton_call(case: dict, scale: float, num_warps: int):
     def call():
         return triton_ops.paged_decode(query, case["pages"], case["table"],
                                        case["lengths"], scale, out,
-                                       num_splits=splits, num_warps=num_warps)
+                                       num_splits=splits, num_warps=num_warps,
+                                       num_stages=num_stages)
     return call
 
 
@@ -174,10 +180,12 @@ def run_case(rows: int, tokens: int, args) -> list[dict]:
                 "per-head (backend)": per_head_call(case, scale),
                 "per-head, FA's split heuristic": per_head_call(case, scale, "fa"),
                 "per-head, K and V apart": per_head_call(case, scale,
-                                                         separate_kv=True),
-                "per-head, Triton kernel (4 warps, the backend's)":
-                    triton_call(case, scale, 4),
-                "per-head, Triton kernel, 8 warps": triton_call(case, scale, 8)}
+                                                         separate_kv=True)}
+    for warps, stages in TRITON_CONFIGS:
+        name = f"per-head, Triton kernel, {warps} warps, {stages} stages"
+        if (warps, stages) == TRITON_CONFIGS[0]:
+            name += " (the backend's)"
+        variants[name] = triton_call(case, scale, warps, stages)
     want = variants["stock"]().clone()
     results = []
     for name, call in variants.items():

@@ -3,6 +3,7 @@ compressed rows of real CPU-engine steps, the K/V write on vLLM-shaped strided
 views. Through Triton's interpreter on the CPU, compiled on the GPU."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,10 +196,11 @@ def test_write_kv_kernel_on_gpu():
                                                 (80, 7, False), (64, 4, True)])
 def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
                                                       tmp_path):
-    """The GPU branch of the decode kernel (a pipelinable for loop, which the
+    """The GPU branch of the decode kernel (the for loop, which the
     interpreter cannot run) compiled ahead of time for an H100/H200 with
-    Triton's own ptxas: it must build, and keep its registers (a spill to
-    local memory would cost the kernel its bandwidth)."""
+    Triton's own ptxas: it must build, keep its registers (a spill to local
+    memory would cost the kernel its bandwidth) and stream K and V in with
+    pipelined 16-byte asynchronous copies."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -213,21 +215,31 @@ def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
         "part_ptr": "*fp32", "num_kv_heads": "i32", "group": "i32",
         "dim": "i32", "scale": "fp32", "pages_per_split": "i32",
         "G_PAD": "constexpr", "BLOCK_D": "constexpr", "BS": "constexpr",
-        "SPLIT": "constexpr", "INTERPRET": "constexpr"}
+        "SPLIT": "constexpr", "INTERPRET": "constexpr", "NUM_STAGES": "constexpr"}
     constants = {"G_PAD": max(16, triton.next_power_of_2(group)),
                  "BLOCK_D": triton.next_power_of_2(dim), "BS": 16,
-                 "SPLIT": split, "INTERPRET": False}
+                 "SPLIT": split, "INTERPRET": False, "NUM_STAGES": 3}
+    # what Triton's launcher sees for the backend's tensors: 16-byte aligned
+    # pointers and strides divisible by 16 (it specializes on both)
+    names = list(signature)
+    aligned = [n for n in names if n.endswith(("_ptr", "_stride"))] + ["dim"]
+    attrs = {(names.index(n), ): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(
         ASTSource(fn=triton_ops._decode_kernel, signature=signature,
-                  constexprs=constants),
+                  constexprs=constants, attrs=attrs),
         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    ptx = kernel.asm["ptx"]
-    assert "mma.sync" in ptx  # both products on tensor cores
-    tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-    if not tool.exists():
-        pytest.skip("Triton's cuobjdump is not installed")
+    assert "mma.sync" in kernel.asm["ptx"]  # both products on tensor cores
+    tools = Path(triton.__file__).parent / "backends/nvidia/bin"
+    if not (tools / "cuobjdump").exists() or not (tools / "nvdisasm").exists():
+        pytest.skip("Triton's cuobjdump / nvdisasm are not installed")
     cubin = tmp_path / "decode.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)],
-                           capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage",
+                            str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
     assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
+    sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)],
+                          capture_output=True, text=True, check=True).stdout
+    # K and V stream in through asynchronous 16-byte copies, pipelined
+    assert "LDGSTS.E.BYPASS.128" in sass or "LDGSTS.E.128" in sass, sorted(
+        set(re.findall(r"LDG\S*", sass)))

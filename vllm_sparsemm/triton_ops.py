@@ -4,9 +4,11 @@
 reference is ``layer_ops.compressed_page_table`` (about 40 small ops).
 ``write_kv`` appends the step's new K/V to each head's own page; its
 reference is ``kv_ops.write_rows`` after a ``cat`` of K and V (two launches
-and a [T, Hkv, 2D] temporary per layer). The tests compare each kernel with
-its reference: on the GPU, and on the CPU through Triton's interpreter
-(``TRITON_INTERPRET=1``).
+and a [T, Hkv, 2D] temporary per layer). ``paged_decode`` is the decode
+rows' attention over per-head pages (``decode_kernel: "triton"``); its
+reference is ``kv_ops.paged_attention_reference``. The tests compare each
+kernel with its reference: on the GPU, and on the CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -82,25 +84,18 @@ if triton is not None:
                  mask=used)
 
     @triton.jit
-    def _load_page(pages_ptr, table_row, column, end, page_stride, offsets, t,
-                   dim_used, last, dim, BS: tl.constexpr):
-        """K and V ``[BS, D]`` of one page (zeros past the keys, and for a
-        column past ``end``: no memory read). The page's base is one 64-bit
-        scalar, the offsets int32 and loop-invariant, to spare registers."""
-        page = tl.load(table_row + column, mask=column < end, other=0)
-        base = pages_ptr + page.to(tl.int64) * page_stride
-        kv_mask = (column * BS + t < last)[:, None] & dim_used[None, :]
+    def _decode_page(q, pages_ptr, table_row, column, page_stride, offsets, t,
+                     dim_used, last, m, l, acc, scale, dim, BS: tl.constexpr):
+        """One page of keys into the online softmax (fp32 scores and sums).
+        The page's base is one 64-bit scalar and its [BS, D] offsets int32
+        and loop-invariant, which spares registers."""
+        base = pages_ptr + tl.load(table_row + column).to(tl.int64) * page_stride
+        valid = column * BS + t < last
+        kv_mask = valid[:, None] & dim_used[None, :]
         k = tl.load(base + offsets, mask=kv_mask, other=0.0)
         v = tl.load(base + dim + offsets, mask=kv_mask, other=0.0)
-        return k, v
-
-    @triton.jit
-    def _attend_page(q, k, v, column, t, last, m, l, acc, scale,
-                     BS: tl.constexpr):
-        """One page of keys into the online softmax (fp32 scores and sums)."""
         scores = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BS]
-        scores = tl.where((column * BS + t < last)[None, :], scores,
-                          float("-inf"))
+        scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
@@ -109,26 +104,14 @@ if triton is not None:
         return m_new, l, acc
 
     @triton.jit
-    def _decode_step(q, k, v, pages_ptr, table_row, column, end, page_stride,
-                     offsets, t, dim_used, last, dim, m, l, acc, scale,
-                     BS: tl.constexpr):
-        """Load the next page, then attend to this one (K, V) with it in
-        flight; returns the next page's K and V and the softmax state."""
-        k_next, v_next = _load_page(pages_ptr, table_row, column + 1, end,
-                                    page_stride, offsets, t, dim_used, last,
-                                    dim, BS)
-        m, l, acc = _attend_page(q, k, v, column, t, last, m, l, acc, scale,
-                                 BS)
-        return k_next, v_next, m, l, acc
-
-    @triton.jit
     def _decode_kernel(q_ptr, q_row_stride, q_head_stride, pages_ptr,
                        page_stride, token_stride, table_ptr, table_stride,
                        lengths_ptr, out_ptr, out_row_stride, out_head_stride,
                        part_ptr, num_kv_heads, group, dim, scale,
                        pages_per_split, G_PAD: tl.constexpr,
                        BLOCK_D: tl.constexpr, BS: tl.constexpr,
-                       SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+                       SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+                       NUM_STAGES: tl.constexpr):
         seq = tl.program_id(0)  # row * num_kv_heads + KV head
         split = tl.program_id(1)
         row, kv_head = seq // num_kv_heads, seq % num_kv_heads
@@ -149,22 +132,18 @@ if triton is not None:
         table_row = table_ptr + seq.to(tl.int64) * table_stride
         offsets = t[:, None] * token_stride + d[None, :]
         end = tl.cdiv(last, BS)  # past the split's last page
-        # by hand, one page ahead: Triton does not pipeline the K/V loads
-        # behind a page-table load (checked in its TTGIR for sm_90)
-        k, v = _load_page(pages_ptr, table_row, first, end, page_stride,
-                          offsets, t, dim_used, last, dim, BS)
         if INTERPRET:  # the interpreter cannot range() over tensors
             column = first
             while column < end:
-                k, v, m, l, acc = _decode_step(
-                    q, k, v, pages_ptr, table_row, column, end, page_stride,
-                    offsets, t, dim_used, last, dim, m, l, acc, scale, BS)
+                m, l, acc = _decode_page(q, pages_ptr, table_row, column,
+                                         page_stride, offsets, t, dim_used,
+                                         last, m, l, acc, scale, dim, BS)
                 column += 1
-        else:
-            for column in tl.range(first, end):
-                k, v, m, l, acc = _decode_step(
-                    q, k, v, pages_ptr, table_row, column, end, page_stride,
-                    offsets, t, dim_used, last, dim, m, l, acc, scale, BS)
+        else:  # Triton pipelines the page loads (cp.async, NUM_STAGES deep)
+            for column in tl.range(first, end, num_stages=NUM_STAGES):
+                m, l, acc = _decode_page(q, pages_ptr, table_row, column,
+                                         page_stride, offsets, t, dim_used,
+                                         last, m, l, acc, scale, dim, BS)
         if SPLIT:  # partials [S, splits, G_PAD, BLOCK_D + 2]: acc | m | l
             width = BLOCK_D + 2
             base = (part_ptr + (seq.to(tl.int64) * tl.num_programs(1) + split)
@@ -255,19 +234,22 @@ def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
 
 def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
                  lengths: torch.Tensor, scale: float, out: torch.Tensor,
-                 num_splits: int = 1, num_warps: int = 4) -> torch.Tensor:
+                 num_splits: int = 1, num_warps: int = 4,
+                 num_stages: int = 3) -> torch.Tensor:
     """One query token per (row, KV head) over that head's own pages: a
-    split-K decode kernel that reads the packed pages in place, one page per
-    iteration (``decode_kernel: "triton"``; its reference is
+    split-K decode kernel that reads the packed pages in place, a page per
+    loop iteration (``decode_kernel: "triton"``; its reference is
     ``kv_ops.paged_attention_reference``).
 
     ``query``/``out``: ``[R, Hkv * G, D]`` with unit stride in D (vLLM's
     strided query view qualifies); ``pages``: ``[P, block_size, 2D]``, each
     token K|V; ``table``: ``[R * Hkv, width]`` int32; ``lengths``: ``[R * Hkv]``.
     With ``num_splits`` > 1 each sequence's pages are split in that many
-    ranges and a second launch combines them. ``num_warps`` is there for
-    ``examples/attention_bench.py`` to tune (sm_90 registers per thread at
-    head dim 128: 184 at 4 warps, 128 at 8; no spills).
+    ranges and a second launch combines them. ``num_warps`` and
+    ``num_stages`` (page loads in flight, through cp.async) are there for
+    ``examples/attention_bench.py`` to tune (sm_90, head dim 128, the
+    launcher's 16-divisible strides: 86 registers per thread at 4 warps and
+    3 stages, no spills).
     """
     rows, query_heads, dim = query.shape
     sequences = lengths.numel()
@@ -288,7 +270,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
         out.stride(1), partials, kv_heads, group, dim, scale,
         triton.cdiv(table.shape[1], num_splits), G_PAD=g_pad, BLOCK_D=block_d,
         BS=pages.shape[1], SPLIT=split, INTERPRET=_INTERPRET,
-        num_warps=num_warps)
+        NUM_STAGES=num_stages, num_warps=num_warps)
     if split:
         _decode_combine_kernel[(sequences, )](
             partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
