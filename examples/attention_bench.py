@@ -11,13 +11,14 @@ single-head sequence per (row, KV head) over the packed ``[pages, block_size,
 ``_attend_per_kv_head``. Both hold the same values in shuffled blocks, so their
 outputs must agree (checked). Two more variants show what the split count and
 the packed layout cost: FlashAttention's own split heuristic, and separate K
-and V page buffers; two more time ``triton_ops.paged_decode`` (the
+and V page buffers; the rest time ``triton_ops.paged_decode`` (the
 ``decode_kernel: "triton"`` setting), which reads the packed pages in place
 with a KV head's G query heads in one 16-row tile, in a few launch
-configurations (``TRITON_CONFIGS``). Reported per variant: median ms per call and KV bytes read
-per second (keys and values of every token once). Engine traces (lease 12)
-put the per-head call at 1.07-1.41 ms per layer against stock's 1.10 over a
-full H200 pool; this tells whether the layout or the kernel is the cause.
+configurations (``TRITON_CONFIGS``). Reported per variant: median ms per
+call and KV bytes read per second (keys and values of every token once).
+Engine traces (lease 12) put the per-head call at 1.07-1.41 ms per layer
+against stock's 1.10 over a full H200 pool; this tells whether the layout
+or the kernel is the cause.
 """
 
 from __future__ import annotations

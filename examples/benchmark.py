@@ -459,7 +459,8 @@ class ProfileWindow:
                 self.profiled = _stop_profiler(self.profiler, self.trace)
                 recorded = clock_steps[self.started - step:]
                 self.what = {  # what the trace shows, to read it against
-                    "first_step": self.started, "blocks_in_use": self.blocks_in_use(),
+                    "first_step": self.started,
+                    "blocks_in_use": self.blocks_in_use(),
                     "rows": [s.get("rows") for s in recorded],
                     "scheduled_tokens": [s.get("tokens") for s in recorded]}
             self.profiler = None
