@@ -15,7 +15,8 @@ and V page buffers; the rest time ``triton_ops.paged_decode`` (the
 ``decode_kernel: "triton"`` setting), which reads the packed pages in place
 with a KV head's G query heads in one 16-row tile, in a few launch
 configurations (``TRITON_CONFIGS``). Reported per variant: median ms per
-call and KV bytes read per second (keys and values of every token once).
+call (CUDA graph replays) and KV bytes read per second (keys and values of
+every token once).
 Engine traces (lease 12) put the per-head call at 1.07-1.41 ms per layer
 against stock's 1.10 over a full H200 pool; this tells whether the layout
 or the kernel is the cause.
@@ -155,20 +156,27 @@ def triton_call(case: dict, scale: float, num_warps: int, num_stages: int):
     return call
 
 
-def time_call(call, iters: int) -> float:
-    """Median ms of ``iters`` calls, each timed with CUDA events."""
+def time_call(call, iters: int, repeat: int = 10) -> float:
+    """Median ms per call over ``iters`` samples, each ``repeat`` replays of
+    a CUDA graph of the call between two events: as decode runs under full
+    CUDA graphs, and the GPU never waits for Python to launch."""
     import torch
     for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         call()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
             enable_timing=True)
         start.record()
-        call()
+        for _ in range(repeat):
+            graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / repeat)
     return statistics.median(times)
 
 
