@@ -258,6 +258,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
     kv_heads = sequences // rows
     group = query_heads // kv_heads
     assert query.stride(2) == 1 and out.stride(2) == 1 and pages.stride(2) == 1
+    assert table.stride(1) == 1 and lengths.is_contiguous()
     block_d = triton.next_power_of_2(dim)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
     split = num_splits > 1
