@@ -115,8 +115,7 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
             return out
         return call
     impl = types.SimpleNamespace(head_size=dim, num_queries_per_kv=group,
-                                 scale=scale, vllm_flash_attn_version=3,
-                                 decode_kernel="flash_attn")
+                                 scale=scale, vllm_flash_attn_version=3)
     state = types.SimpleNamespace(pages=pages, attention_views=None)
 
     def call():

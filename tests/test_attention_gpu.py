@@ -1,6 +1,5 @@
-"""The per-(row, KV head) attention call of the decode path against the
-PyTorch reference, on both sides of the KV-split choice (``num_splits``), with
-FlashAttention and with the Triton kernel (``decode_kernel``)."""
+"""The per-(row, KV head) FlashAttention call of the decode path against the
+PyTorch reference, on both sides of the KV-split choice (``num_splits``)."""
 
 import types
 
@@ -15,8 +14,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("rows", [3, 200])
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("kernel", ["flash_attn", "triton"])
-def test_per_head_decode_attention_matches_reference(rows, group, kernel):
+def test_per_head_decode_attention_matches_reference(rows, group):
     heads, dim, block_size, num_pages = 2, 128, 16, 4096
     sequences = rows * heads
     splits = num_splits(sequences, sm_count(torch.device("cuda")))
@@ -37,8 +35,7 @@ def test_per_head_decode_attention_matches_reference(rows, group, kernel):
     query = qkv[:, :heads * group * dim].view(rows, heads * group, dim)
     starts = torch.arange(sequences + 1, device="cuda", dtype=torch.int32)
     impl = types.SimpleNamespace(head_size=dim, num_queries_per_kv=group,
-                                 scale=dim**-0.5, vllm_flash_attn_version=3,
-                                 decode_kernel=kernel)
+                                 scale=dim**-0.5, vllm_flash_attn_version=3)
     state = types.SimpleNamespace(pages=pages, attention_views=None)
     out = torch.empty(rows, heads * group, dim, device="cuda",
                       dtype=torch.float16)

@@ -144,6 +144,48 @@ def compare_paged_decode(device: str) -> int:
     return compared
 
 
+def compare_plan_decode(device: str) -> int:
+    """``triton_ops.paged_decode`` reading the pages straight from the step
+    plan (no table) against the CPU backend's own attention output, in the
+    decode steps of the CPU engine (compacted heads, growing pages, several
+    requests), after each layer wrote its new K/V. Returns the (step, layer,
+    split) cases compared."""
+    sys.path.insert(0, str(HERE))
+    from test_backend_cpu import Engine
+
+    from vllm_sparsemm import backend, triton_ops
+
+    compared = 0
+    attend = backend.SparseMMImpl._compressed_attention
+
+    def checking_attention(self, plan, index, query, output):
+        nonlocal compared
+        attend(self, plan, index, query, output)
+        cr, state = plan.compressed, plan.state
+        if max(cr.query_lens) > 1 or index % 3 or compared >= 30:
+            return  # decode rows only, every third layer: the interpreter is slow
+        moved, pages = _to_device(cr, device), state.pages.to(device)
+        for splits in (1, 3):
+            out = torch.full_like(query[cr.tokens], float("nan")).to(device)
+            triton_ops.paged_decode(
+                query[cr.tokens].to(device), pages, None, moved.lengths[index],
+                self.scale, out, num_splits=splits, plan=(moved, index, state))
+            # float32 pages and products in both
+            torch.testing.assert_close(out.cpu(), output[cr.tokens],
+                                       atol=1e-4, rtol=1e-4)
+            compared += 1
+
+    backend.SparseMMImpl._compressed_attention = checking_attention
+    try:
+        eng = Engine(num_blocks=300)
+        plans = eng.add_all({"a": 300, "b": 180, "c": 30, "d": 97}, 64, 20)
+        for _ in eng.run(plans):
+            pass
+    finally:
+        backend.SparseMMImpl._compressed_attention = attend
+    return compared
+
+
 _NUMPY_SCALAR_ERROR = "error::DeprecationWarning:triton.runtime.interpreter"
 
 
@@ -174,6 +216,10 @@ def test_paged_decode_kernel_in_triton_interpreter():
     assert _in_triton_interpreter("compare_paged_decode") == 6
 
 
+def test_paged_decode_from_the_plan_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_plan_decode") == 30
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_paged_decode_kernel_on_gpu():
@@ -192,10 +238,11 @@ def test_write_kv_kernel_on_gpu():
     assert compare_write_kv("cuda") == 4
 
 
-@pytest.mark.parametrize("dim, group, split", [(128, 1, False), (128, 1, True),
-                                                (80, 7, False), (64, 4, True)])
+@pytest.mark.parametrize("dim, group, split, from_plan", [
+    (128, 1, False, False), (128, 1, True, False), (128, 1, False, True),
+    (80, 7, False, True), (64, 4, True, False)])
 def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
-                                                      tmp_path):
+                                                      from_plan, tmp_path):
     """The GPU branch of the decode kernel (the for loop, which the
     interpreter cannot run) compiled ahead of time for an H100/H200 with
     Triton's own ptxas: it must build, keep its registers (a spill to local
@@ -207,18 +254,21 @@ def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
 
     from vllm_sparsemm import triton_ops
 
-    signature = {
-        "q_ptr": "*fp16", "q_row_stride": "i32", "q_head_stride": "i32",
-        "pages_ptr": "*fp16", "page_stride": "i32", "token_stride": "i32",
-        "table_ptr": "*i32", "table_stride": "i32", "lengths_ptr": "*i32",
-        "out_ptr": "*fp16", "out_row_stride": "i32", "out_head_stride": "i32",
-        "part_ptr": "*fp32", "num_kv_heads": "i32", "group": "i32",
-        "dim": "i32", "scale": "fp32", "pages_per_split": "i32",
-        "G_PAD": "constexpr", "BLOCK_D": "constexpr", "BS": "constexpr",
-        "SPLIT": "constexpr", "INTERPRET": "constexpr", "NUM_STAGES": "constexpr"}
+    plan_ptrs = ("prefix_pages_ptr", "prefix_start_ptr", "decode_base_ptr",
+                 "kept_ptr", "prompt_ptr")
+    signature = {}
+    for name in triton_ops._decode_kernel.arg_names:
+        signature[name] = (
+            "constexpr" if name.isupper() else
+            "*fp16" if name in ("q_ptr", "pages_ptr", "out_ptr") else
+            "*fp32" if name == "part_ptr" else
+            ("*i64" if from_plan else "*i32") if name in plan_ptrs else
+            "*i32" if name.endswith("_ptr") else
+            "fp32" if name == "scale" else "i32")
     constants = {"G_PAD": max(16, triton.next_power_of_2(group)),
                  "BLOCK_D": triton.next_power_of_2(dim), "BS": 16,
-                 "SPLIT": split, "INTERPRET": False, "NUM_STAGES": 3}
+                 "SPLIT": split, "FROM_PLAN": from_plan, "INTERPRET": False,
+                 "NUM_STAGES": 3}
     # what Triton's launcher sees for the backend's tensors: 16-byte aligned
     # pointers and strides divisible by 16 (it specializes on both)
     names = list(signature)

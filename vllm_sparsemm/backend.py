@@ -292,6 +292,16 @@ class SparseMMImpl(FlashAttentionImpl):
     def _compressed_attention(self, plan: StepPlan, index: int, query, output):
         state, cr = plan.state, plan.compressed
         lengths = cr.lengths[index]  # [R * Hkv]
+        if cr.leading and query.is_cuda and self.decode_kernel == "triton":
+            # one launch (two if split) that finds each page from the plan
+            # and reads the strided query in place: no page table is built
+            rows = len(cr.rows)
+            triton_ops.paged_decode(
+                query[:rows], state.pages, None, lengths, self.scale,
+                output[:rows], plan=(cr, index, state),
+                num_splits=triton_decode_splits(rows * state.num_kv_heads,
+                                                sm_count(query.device)))
+            return
         width = page_table_width(cr, state)
         if query.is_cuda and triton_ops.AVAILABLE:
             table = triton_ops.page_table(cr, state, index, width)
@@ -318,13 +328,6 @@ class SparseMMImpl(FlashAttentionImpl):
         are a view of ``query`` and the result is written into ``out``.
         """
         dim, group = self.head_size, self.num_queries_per_kv
-        if token is None and query.is_cuda and self.decode_kernel == "triton":
-            # one launch (two if split) that reads the strided query in place
-            sequences = len(starts) - 1
-            return triton_ops.paged_decode(
-                query, state.pages, table, lengths, self.scale, out,
-                num_splits=triton_decode_splits(sequences,
-                                                sm_count(query.device)))
         q = query.view(len(query), -1, group, dim)
         # vLLM's query is a strided view of the fused QKV output: copy it
         q_virtual = (q.reshape(-1, group, dim) if token is None else

@@ -84,12 +84,32 @@ if triton is not None:
                  mask=used)
 
     @triton.jit
-    def _decode_page(q, pages_ptr, table_row, column, page_stride, offsets, t,
+    def _page_of(column, source, FROM_PLAN: tl.constexpr):
+        """Page id of a sequence's ``column``-th page: from its page-table
+        row or, ``FROM_PLAN``, from the step plan as ``_page_table_kernel``
+        computes it (page_plan.page_slot, then the block law's entry).
+        ``source``: the sequence's (table row, prefix pages, prefix start,
+        decode base, kept, prompt, block row, columns, pages per block)."""
+        (table_row, prefix_pages, prefix_start, decode_base, kept, prompt,
+         block_row, num_columns, pages_per_block) = source
+        if FROM_PLAN:
+            slot = tl.where(column < prefix_pages, prefix_start + column,
+                            decode_base + (column - prefix_pages) *
+                            pages_per_block)
+            entry = slot // pages_per_block
+            where = tl.where(entry < kept, entry, prompt + entry - kept)
+            block = tl.load(block_row + tl.minimum(where, num_columns - 1))
+            return block.to(tl.int64) * pages_per_block + slot % pages_per_block
+        else:
+            return tl.load(table_row + column).to(tl.int64)
+
+    @triton.jit
+    def _decode_page(q, pages_ptr, page, column, page_stride, offsets, t,
                      dim_used, last, m, l, acc, scale, dim, BS: tl.constexpr):
         """One page of keys into the online softmax (fp32 scores and sums).
         The page's base is one 64-bit scalar and its [BS, D] offsets int32
         and loop-invariant, which spares registers."""
-        base = pages_ptr + tl.load(table_row + column).to(tl.int64) * page_stride
+        base = pages_ptr + page * page_stride
         valid = column * BS + t < last
         kv_mask = valid[:, None] & dim_used[None, :]
         k = tl.load(base + offsets, mask=kv_mask, other=0.0)
@@ -108,10 +128,13 @@ if triton is not None:
                        page_stride, token_stride, table_ptr, table_stride,
                        lengths_ptr, out_ptr, out_row_stride, out_head_stride,
                        part_ptr, num_kv_heads, group, dim, scale,
-                       pages_per_split, G_PAD: tl.constexpr,
+                       pages_per_split, prefix_pages_ptr, prefix_start_ptr,
+                       decode_base_ptr, kept_ptr, prompt_ptr, block_rows_ptr,
+                       plan_stride, block_rows_stride, num_columns, head0,
+                       pages_per_block, G_PAD: tl.constexpr,
                        BLOCK_D: tl.constexpr, BS: tl.constexpr,
-                       SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
-                       NUM_STAGES: tl.constexpr):
+                       SPLIT: tl.constexpr, FROM_PLAN: tl.constexpr,
+                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr):
         seq = tl.program_id(0)  # row * num_kv_heads + KV head
         split = tl.program_id(1)
         row, kv_head = seq // num_kv_heads, seq % num_kv_heads
@@ -130,20 +153,34 @@ if triton is not None:
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
         table_row = table_ptr + seq.to(tl.int64) * table_stride
+        prefix_pages, prefix_start, decode_base, kept, prompt = 0, 0, 0, 0, 0
+        block_row = block_rows_ptr
+        if FROM_PLAN:  # this (row, layer's head) of the step plan
+            plan_at = row * plan_stride + head0 + kv_head
+            prefix_pages = tl.load(prefix_pages_ptr + plan_at)
+            prefix_start = tl.load(prefix_start_ptr + plan_at)
+            decode_base = tl.load(decode_base_ptr + plan_at)
+            kept = tl.load(kept_ptr + row)
+            prompt = tl.load(prompt_ptr + row)
+            block_row = block_rows_ptr + row.to(tl.int64) * block_rows_stride
+        source = (table_row, prefix_pages, prefix_start, decode_base, kept,
+                  prompt, block_row, num_columns, pages_per_block)
         offsets = t[:, None] * token_stride + d[None, :]
         end = tl.cdiv(last, BS)  # past the split's last page
         if INTERPRET:  # the interpreter cannot range() over tensors
             column = first
             while column < end:
-                m, l, acc = _decode_page(q, pages_ptr, table_row, column,
-                                         page_stride, offsets, t, dim_used,
-                                         last, m, l, acc, scale, dim, BS)
+                m, l, acc = _decode_page(
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
+                    page_stride, offsets, t, dim_used, last, m, l, acc, scale,
+                    dim, BS)
                 column += 1
         else:  # Triton pipelines the page loads (cp.async, NUM_STAGES deep)
             for column in tl.range(first, end, num_stages=NUM_STAGES):
-                m, l, acc = _decode_page(q, pages_ptr, table_row, column,
-                                         page_stride, offsets, t, dim_used,
-                                         last, m, l, acc, scale, dim, BS)
+                m, l, acc = _decode_page(
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
+                    page_stride, offsets, t, dim_used, last, m, l, acc, scale,
+                    dim, BS)
         if SPLIT:  # partials [S, splits, G_PAD, BLOCK_D + 2]: acc | m | l
             width = BLOCK_D + 2
             base = (part_ptr + (seq.to(tl.int64) * tl.num_programs(1) + split)
@@ -232,10 +269,11 @@ def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
         BLOCK_D=triton.next_power_of_2(dim))
 
 
-def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
-                 lengths: torch.Tensor, scale: float, out: torch.Tensor,
-                 num_splits: int = 1, num_warps: int = 4,
-                 num_stages: int = 3) -> torch.Tensor:
+def paged_decode(query: torch.Tensor, pages: torch.Tensor,
+                 table: torch.Tensor | None, lengths: torch.Tensor,
+                 scale: float, out: torch.Tensor, num_splits: int = 1,
+                 num_warps: int = 4, num_stages: int = 3,
+                 plan: tuple | None = None) -> torch.Tensor:
     """One query token per (row, KV head) over that head's own pages: a
     split-K decode kernel that reads the packed pages in place, a page per
     loop iteration (``decode_kernel: "triton"``; its reference is
@@ -243,9 +281,12 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
 
     ``query``/``out``: ``[R, Hkv * G, D]`` with unit stride in D (vLLM's
     strided query view qualifies); ``pages``: ``[P, block_size, 2D]``, each
-    token K|V; ``table``: ``[R * Hkv, width]`` int32; ``lengths``: ``[R * Hkv]``.
-    With ``num_splits`` > 1 each sequence's pages are split in that many
-    ranges and a second launch combines them. ``num_warps`` and
+    token K|V; ``lengths``: ``[R * Hkv]``. The pages come from ``table``
+    (``[R * Hkv, width]`` int32) or, with ``table`` None, straight from the
+    step plan ``plan = (cr, layer, state)`` (``CompressedRows``, a layer, its
+    ``WorkerKVState``), as ``page_table`` would write them: no table is
+    built. With ``num_splits`` > 1 each sequence's pages are split in that
+    many ranges and a second launch combines them. ``num_warps`` and
     ``num_stages`` (page loads in flight, through cp.async) are there for
     ``examples/attention_bench.py`` to tune (sm_90, head dim 128, the
     launcher's 16-divisible strides: 86 registers per thread at 4 warps and
@@ -258,7 +299,22 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
     kv_heads = sequences // rows
     group = query_heads // kv_heads
     assert query.stride(2) == 1 and out.stride(2) == 1 and pages.stride(2) == 1
-    assert table.stride(1) == 1 and lengths.is_contiguous()
+    assert lengths.is_contiguous()
+    if table is None:  # from the plan: the arguments _page_table_kernel gets
+        cr, layer, state = plan
+        assert cr.kept_entries.stride(0) == 1 and cr.prompt_entries.stride(0) == 1
+        width = max(triton.cdiv(cr.max_length, state.block_size), 1)
+        table_args = (cr.block_rows, 0)
+        plan_args = (cr.prefix_pages, cr.prefix_start, cr.decode_base,
+                     cr.kept_entries, cr.prompt_entries, cr.block_rows,
+                     cr.prefix_pages.stride(0), cr.block_rows.stride(0),
+                     cr.block_rows.shape[1], layer * kv_heads,
+                     state.space.pages_per_block)
+    else:
+        assert table.stride(1) == 1
+        width = table.shape[1]
+        table_args = (table, table.stride(0))
+        plan_args = (table, ) * 6 + (0, 0, 1, 0, 1)
     block_d = triton.next_power_of_2(dim)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
     split = num_splits > 1
@@ -267,11 +323,12 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor, table: torch.Tensor,
                 if split else out)
     _decode_kernel[(sequences, num_splits)](
         query, query.stride(0), query.stride(1), pages, pages.stride(0),
-        pages.stride(1), table, table.stride(0), lengths, out, out.stride(0),
+        pages.stride(1), *table_args, lengths, out, out.stride(0),
         out.stride(1), partials, kv_heads, group, dim, scale,
-        triton.cdiv(table.shape[1], num_splits), G_PAD=g_pad, BLOCK_D=block_d,
-        BS=pages.shape[1], SPLIT=split, INTERPRET=_INTERPRET,
-        NUM_STAGES=num_stages, num_warps=num_warps)
+        triton.cdiv(width, num_splits), *plan_args, G_PAD=g_pad,
+        BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
+        FROM_PLAN=table is None, INTERPRET=_INTERPRET, NUM_STAGES=num_stages,
+        num_warps=num_warps)
     if split:
         _decode_combine_kernel[(sequences, )](
             partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
