@@ -148,22 +148,24 @@ def compare_plan_decode(device: str) -> int:
     """``triton_ops.paged_decode`` reading the pages straight from the step
     plan (no table) against the CPU backend's own attention output, in the
     decode steps of the CPU engine (compacted heads, growing pages, several
-    requests), after each layer wrote its new K/V. Returns the (step, layer,
-    split) cases compared."""
+    requests), after each layer wrote its new K/V, on both the per-step and
+    the full-graph fixed path. Returns the (step, layer, split) cases."""
     sys.path.insert(0, str(HERE))
     from test_backend_cpu import Engine
 
     from vllm_sparsemm import backend, triton_ops
 
-    compared = 0
+    compared, budget, every = 0, 30, 3
     attend = backend.SparseMMImpl._compressed_attention
 
     def checking_attention(self, plan, index, query, output):
         nonlocal compared
         attend(self, plan, index, query, output)
         cr, state = plan.compressed, plan.state
-        if max(cr.query_lens) > 1 or index % 3 or compared >= 30:
-            return  # decode rows only, every third layer: the interpreter is slow
+        if max(cr.query_lens) > 1 or index % every or compared >= budget:
+            return  # decode rows only, some layers: the interpreter is slow
+        rows = [i for i, n in enumerate(cr.lengths[index].view(
+            len(cr.rows), -1).amin(1).tolist()) if n > 0]  # padding has no keys
         moved, pages = _to_device(cr, device), state.pages.to(device)
         for splits in (1, 3):
             out = torch.full_like(query[cr.tokens], float("nan")).to(device)
@@ -171,7 +173,7 @@ def compare_plan_decode(device: str) -> int:
                 query[cr.tokens].to(device), pages, None, moved.lengths[index],
                 self.scale, out, num_splits=splits, plan=(moved, index, state))
             # float32 pages and products in both
-            torch.testing.assert_close(out.cpu(), output[cr.tokens],
+            torch.testing.assert_close(out.cpu()[rows], output[cr.tokens][rows],
                                        atol=1e-4, rtol=1e-4)
             compared += 1
 
@@ -181,6 +183,19 @@ def compare_plan_decode(device: str) -> int:
         plans = eng.add_all({"a": 300, "b": 180, "c": 30, "d": 97}, 64, 20)
         for _ in eng.run(plans):
             pass
+        # graph_decode's fixed path: the uncompressed "b" on the identity
+        # plan, rows padded to 5 and 8, page tables as wide as max_model_len
+        eng, budget, every = Engine(full_graphs=True), compared + 18, 1
+        plans = eng.add_all({"a": 100, "b": 30, "c": 71}, 64, 3)
+        prompts = {rid: plan[:-3] for rid, plan in plans.items()}
+        for _ in eng.run(prompts):
+            pass
+        for pad_to in (0, 5, 8):
+            schedule = {rid: 1 for rid in plans}
+            eng.step(schedule, pad_to=pad_to)
+            for rid in schedule:
+                eng.requests[rid].num_in_flight_tokens -= 1
+        assert eng.last_plan.compressed.max_length == 4096  # the fixed path ran
     finally:
         backend.SparseMMImpl._compressed_attention = attend
     return compared
@@ -217,7 +232,7 @@ def test_paged_decode_kernel_in_triton_interpreter():
 
 
 def test_paged_decode_from_the_plan_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_plan_decode") == 30
+    assert _in_triton_interpreter("compare_plan_decode") == 48
 
 
 @pytest.mark.gpu
