@@ -27,6 +27,40 @@ except ImportError:  # pragma: no cover - vLLM ships Triton on CUDA machines
 if triton is not None:
 
     @triton.jit
+    def _plan_source(prefix_pages_ptr, prefix_start_ptr, decode_base_ptr,
+                     kept_ptr, prompt_ptr, block_rows_ptr, row, flat_head,
+                     plan_stride, block_rows_stride, num_columns,
+                     pages_per_block):
+        """What ``_page_of`` needs from the step plan for one (row, flat
+        head): prefix pages, prefix start, decode base, kept and prompt
+        entries, the row's block list, its width and pages per block."""
+        plan_at = row * plan_stride + flat_head
+        return (tl.load(prefix_pages_ptr + plan_at),
+                tl.load(prefix_start_ptr + plan_at),
+                tl.load(decode_base_ptr + plan_at), tl.load(kept_ptr + row),
+                tl.load(prompt_ptr + row),
+                block_rows_ptr + row.to(tl.int64) * block_rows_stride,
+                num_columns, pages_per_block)
+
+    @triton.jit
+    def _page_of(column, source, FROM_PLAN: tl.constexpr):
+        """Page id of a sequence's ``column``-th page(s): ``FROM_PLAN``, from
+        ``_plan_source`` (page_plan.page_slot, then the block law's entry ->
+        list column), else from ``source = (its page-table row, )``."""
+        if FROM_PLAN:
+            (prefix_pages, prefix_start, decode_base, kept, prompt,
+             block_row, num_columns, pages_per_block) = source
+            slot = tl.where(column < prefix_pages, prefix_start + column,
+                            decode_base + (column - prefix_pages) *
+                            pages_per_block)
+            entry = slot // pages_per_block
+            where = tl.where(entry < kept, entry, prompt + entry - kept)
+            block = tl.load(block_row + tl.minimum(where, num_columns - 1))
+            return block.to(tl.int64) * pages_per_block + slot % pages_per_block
+        else:
+            return tl.load(source[0] + column).to(tl.int64)
+
+    @triton.jit
     def _page_table_kernel(table_ptr, prefix_pages_ptr, prefix_start_ptr,
                            decode_base_ptr, lengths_ptr, kept_ptr, prompt_ptr,
                            block_rows_ptr, plan_stride, block_rows_stride,
@@ -34,29 +68,18 @@ if triton is not None:
                            pages_per_block, block_size, BLOCK: tl.constexpr):
         seq = tl.program_id(0)  # row * num_heads + head
         row = seq // num_heads
-        flat_head = head0 + seq % num_heads
-        plan_at = row * plan_stride + flat_head
-        prefix_pages = tl.load(prefix_pages_ptr + plan_at)
-        prefix_start = tl.load(prefix_start_ptr + plan_at)
-        decode_base = tl.load(decode_base_ptr + plan_at)
+        source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
+                              decode_base_ptr, kept_ptr, prompt_ptr,
+                              block_rows_ptr, row, head0 + seq % num_heads,
+                              plan_stride, block_rows_stride, num_columns,
+                              pages_per_block)
         length = tl.load(lengths_ptr + seq).to(tl.int64)
         num_pages = (length + block_size - 1) // block_size
-        kept = tl.load(kept_ptr + row)
-        prompt = tl.load(prompt_ptr + row)
         # one program per (sequence, BLOCK columns): no loop over a runtime
         # bound, which Triton's interpreter cannot index under NumPy >= 2.4
         page = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-        # page_plan.page_slot, then the block law's entry -> list column
-        slot = tl.where(page < prefix_pages, prefix_start + page,
-                        decode_base + (page - prefix_pages) * pages_per_block)
-        entry = slot // pages_per_block
-        column = tl.where(entry < kept, entry, prompt + entry - kept)
-        column = tl.minimum(column, num_columns - 1)
-        used = page < num_pages
-        block = tl.load(block_rows_ptr + row * block_rows_stride + column,
-                        mask=used, other=0).to(tl.int64)
-        value = tl.where(used, block * pages_per_block +
-                         slot % pages_per_block, 0)
+        # columns past the keys read a clamped, in-bounds block entry
+        value = tl.where(page < num_pages, _page_of(page, source, True), 0)
         tl.store(table_ptr + seq * width + page, value.to(tl.int32),
                  mask=page < width)
 
@@ -82,26 +105,6 @@ if triton is not None:
         tl.store(row + d, key.to(rows_ptr.dtype.element_ty), mask=used)
         tl.store(row + dim + d, value.to(rows_ptr.dtype.element_ty),
                  mask=used)
-
-    @triton.jit
-    def _page_of(column, source, FROM_PLAN: tl.constexpr):
-        """Page id of a sequence's ``column``-th page: from its page-table
-        row or, ``FROM_PLAN``, from the step plan as ``_page_table_kernel``
-        computes it (page_plan.page_slot, then the block law's entry).
-        ``source``: the sequence's (table row, prefix pages, prefix start,
-        decode base, kept, prompt, block row, columns, pages per block)."""
-        (table_row, prefix_pages, prefix_start, decode_base, kept, prompt,
-         block_row, num_columns, pages_per_block) = source
-        if FROM_PLAN:
-            slot = tl.where(column < prefix_pages, prefix_start + column,
-                            decode_base + (column - prefix_pages) *
-                            pages_per_block)
-            entry = slot // pages_per_block
-            where = tl.where(entry < kept, entry, prompt + entry - kept)
-            block = tl.load(block_row + tl.minimum(where, num_columns - 1))
-            return block.to(tl.int64) * pages_per_block + slot % pages_per_block
-        else:
-            return tl.load(table_row + column).to(tl.int64)
 
     @triton.jit
     def _decode_page(q, pages_ptr, page, column, page_stride, offsets, t,
@@ -152,19 +155,14 @@ if triton is not None:
         m = tl.full([G_PAD], -1.0e30, tl.float32)
         l = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-        table_row = table_ptr + seq.to(tl.int64) * table_stride
-        prefix_pages, prefix_start, decode_base, kept, prompt = 0, 0, 0, 0, 0
-        block_row = block_rows_ptr
         if FROM_PLAN:  # this (row, layer's head) of the step plan
-            plan_at = row * plan_stride + head0 + kv_head
-            prefix_pages = tl.load(prefix_pages_ptr + plan_at)
-            prefix_start = tl.load(prefix_start_ptr + plan_at)
-            decode_base = tl.load(decode_base_ptr + plan_at)
-            kept = tl.load(kept_ptr + row)
-            prompt = tl.load(prompt_ptr + row)
-            block_row = block_rows_ptr + row.to(tl.int64) * block_rows_stride
-        source = (table_row, prefix_pages, prefix_start, decode_base, kept,
-                  prompt, block_row, num_columns, pages_per_block)
+            source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
+                                  decode_base_ptr, kept_ptr, prompt_ptr,
+                                  block_rows_ptr, row, head0 + kv_head,
+                                  plan_stride, block_rows_stride, num_columns,
+                                  pages_per_block)
+        else:
+            source = (table_ptr + seq.to(tl.int64) * table_stride, )
         offsets = t[:, None] * token_stride + d[None, :]
         end = tl.cdiv(last, BS)  # past the split's last page
         if INTERPRET:  # the interpreter cannot range() over tensors
@@ -303,7 +301,8 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     if table is None:  # from the plan: the arguments _page_table_kernel gets
         cr, layer, state = plan
         assert cr.kept_entries.stride(0) == 1 and cr.prompt_entries.stride(0) == 1
-        width = max(triton.cdiv(cr.max_length, state.block_size), 1)
+        from vllm_sparsemm.layer_ops import page_table_width  # (a cycle)
+        width = page_table_width(cr, state)
         table_args = (cr.block_rows, 0)
         plan_args = (cr.prefix_pages, cr.prefix_start, cr.decode_base,
                      cr.kept_entries, cr.prompt_entries, cr.block_rows,
