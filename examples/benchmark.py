@@ -454,7 +454,7 @@ class ProfileWindow:
         paused = 0.0
         if self.active and step == self.started + self.length:
             if self.prompt and clock_steps[-1].get("decode", True):
-                _discard_profiler(self.profiler)
+                _end_profiler(self.profiler)
             else:
                 self.profiled = _stop_profiler(self.profiler, self.trace)
                 recorded = clock_steps[self.started - step:]
@@ -480,7 +480,8 @@ def _per_backend(path: str, label: str) -> str:
     return f"{stem}.{label.replace(':', '-')}{ext}"
 
 
-def _discard_profiler(profiler) -> None:
+def _end_profiler(profiler) -> None:
+    """End a recording once the GPU has caught up with it."""
     import torch
     torch.cuda.synchronize()
     profiler.__exit__(None, None, None)
@@ -502,9 +503,7 @@ def _stop_profiler(profiler, trace: str | None = None) -> tuple[str, float]:
     import gzip
     import shutil
 
-    import torch
-    torch.cuda.synchronize()
-    profiler.__exit__(None, None, None)
+    _end_profiler(profiler)
     if trace:
         profiler.export_chrome_trace(trace)
         with open(trace, "rb") as raw, gzip.open(trace + ".gz", "wb") as packed:

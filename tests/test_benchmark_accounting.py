@@ -207,7 +207,7 @@ def _profile_window(monkeypatch, decode_flags, **settings):
     bench = _benchmark()
     events = []
     monkeypatch.setattr(bench, "_start_profiler", lambda: events.append("start") or "p")
-    monkeypatch.setattr(bench, "_discard_profiler", lambda p: events.append("drop"))
+    monkeypatch.setattr(bench, "_end_profiler", lambda p: events.append("drop"))
     monkeypatch.setattr(bench, "_stop_profiler",
                         lambda p, trace: events.append(("keep", trace)) or ("t", 0.5))
     args = types.SimpleNamespace(**{
