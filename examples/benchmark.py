@@ -67,6 +67,9 @@ MODELS = {
     "llava-next-7b": ("write_dummy_llava_next_7b", (672, 672)),
     "qwen2-vl-7b": ("write_dummy_qwen2_vl_7b", (1344, 1008)),
 }
+# after "sparsemm:": decode steps in full CUDA graphs (the default), piecewise,
+# or full graphs with the Triton decode kernel
+SPARSEMM_MODES = ("", "FULL", "PIECEWISE", "TRITON")
 
 
 def _prompt(model: str, text: str, with_image: bool) -> str:
@@ -110,9 +113,12 @@ def _engine(args, backend):
         # vLLM's compile-cache hash, so each budget would recompile the model.
         os.environ["VLLM_SPARSEMM_BUDGET"] = str(args.budget)
         # decode steps replay full CUDA graphs (the default) or run
-        # piecewise (sparsemm:PIECEWISE, setting full_cuda_graphs off)
+        # piecewise (sparsemm:PIECEWISE, setting full_cuda_graphs off);
+        # sparsemm:TRITON is full graphs with decode_kernel "triton"
         mode = backend.partition(":")[2] or "FULL"
-        os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"] = str(int(mode == "FULL"))
+        os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"] = str(int(mode != "PIECEWISE"))
+        if mode == "TRITON":
+            os.environ["VLLM_SPARSEMM_DECODE_KERNEL"] = "triton"
         if args.head_scores:
             os.environ["VLLM_SPARSEMM_HEAD_SCORES"] = args.head_scores
         kwargs["attention_backend"] = "sparsemm"
@@ -649,7 +655,8 @@ def main():
                         help="comma list, first is the reference: FLASH_ATTN "
                         "(FLASH_ATTN:PIECEWISE for piecewise graphs only), "
                         "sparsemm (full CUDA graphs for decode, the default), "
-                        "sparsemm:PIECEWISE (setting full_cuda_graphs off)")
+                        "sparsemm:PIECEWISE (setting full_cuda_graphs off), "
+                        "sparsemm:TRITON (decode_kernel \"triton\")")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--baseline", default=None,
                         help="JSON of an earlier run of this script on the same "
@@ -672,9 +679,10 @@ def main():
     args.contexts = [int(c) for c in args.contexts.split(",")]
     for backend in args.backends.split(","):
         name, _, mode = backend.partition(":")
-        if name == "sparsemm" and mode not in ("", "FULL", "PIECEWISE"):
+        if name == "sparsemm" and mode not in SPARSEMM_MODES:
             parser.error(f"unknown sparsemm mode {mode!r} in {backend!r}: use "
-                         "sparsemm, sparsemm:FULL or sparsemm:PIECEWISE")
+                         "sparsemm, sparsemm:FULL, sparsemm:PIECEWISE or "
+                         "sparsemm:TRITON")
     if (args.max_num_batched_tokens
             and args.max_num_batched_tokens < args.max_num_seqs):
         parser.error("vLLM needs --max-num-batched-tokens >= --max-num-seqs "

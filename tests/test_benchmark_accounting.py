@@ -257,3 +257,30 @@ def test_profile_window_is_shut_without_profile_at(monkeypatch):
     window, events, recorded = _profile_window(
         monkeypatch, [False] * 6, profile_at=0, profile_prompt_step=True)
     assert recorded == [] and events == []
+
+
+def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
+    """sparsemm:TRITON keeps full graphs and picks the Triton decode kernel;
+    the other modes leave the kernel to the user's settings."""
+    import sys
+    bench = _benchmark()
+    made = []
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        LLM=lambda **kwargs: made.append(kwargs)))
+    args = types.SimpleNamespace(
+        model_dir="m", max_model_len=4096, gpu_memory_utilization=0.9,
+        max_num_seqs=8, max_num_batched_tokens=None, kv_cache_gib=None,
+        model="llava-1.5-7b", enforce_eager=False, max_cudagraph_capture_size=0,
+        budget=64, head_scores=None)
+    seen = {}
+    # _engine writes these: monkeypatch puts the originals back afterwards
+    for name in ("BUDGET", "FULL_CUDA_GRAPHS", "DECODE_KERNEL"):
+        monkeypatch.setenv(f"VLLM_SPARSEMM_{name}", "")
+    for backend in ("sparsemm", "sparsemm:PIECEWISE", "sparsemm:TRITON"):
+        monkeypatch.delenv("VLLM_SPARSEMM_DECODE_KERNEL", raising=False)
+        bench._engine(args, backend)
+        seen[backend] = (bench.os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"],
+                         bench.os.environ.get("VLLM_SPARSEMM_DECODE_KERNEL"))
+    assert seen == {"sparsemm": ("1", None), "sparsemm:PIECEWISE": ("0", None),
+                    "sparsemm:TRITON": ("1", "triton")}
+    assert all(kw["attention_backend"] == "sparsemm" for kw in made)
