@@ -270,7 +270,7 @@ def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
 def paged_decode(query: torch.Tensor, pages: torch.Tensor,
                  table: torch.Tensor | None, lengths: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int = 1,
-                 num_warps: int = 4, num_stages: int = 3,
+                 num_warps: int = 2, num_stages: int = 3,
                  plan: tuple | None = None) -> torch.Tensor:
     """One query token per (row, KV head) over that head's own pages: a
     split-K decode kernel that reads the packed pages in place, a page per
