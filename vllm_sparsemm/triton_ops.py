@@ -131,7 +131,7 @@ if triton is not None:
                        page_stride, token_stride, table_ptr, table_stride,
                        lengths_ptr, out_ptr, out_row_stride, out_head_stride,
                        part_ptr, num_kv_heads, group, dim, scale,
-                       pages_per_split, prefix_pages_ptr, prefix_start_ptr,
+                       prefix_pages_ptr, prefix_start_ptr,
                        decode_base_ptr, kept_ptr, prompt_ptr, block_rows_ptr,
                        plan_stride, block_rows_stride, num_columns, head0,
                        pages_per_block, G_PAD: tl.constexpr,
@@ -149,8 +149,11 @@ if triton is not None:
                     (kv_head * group + g)[:, None] * q_head_stride + d[None, :],
                     mask=head_used[:, None] & dim_used[None, :], other=0.0)
         length = tl.load(lengths_ptr + seq)
-        first = split * pages_per_split
-        last = tl.minimum(length, (first + pages_per_split) * BS)  # keys
+        # each sequence's own pages in equal parts: a long (visual) head
+        # spreads over all its splits, as a short one does
+        per_split = tl.cdiv(tl.cdiv(length, BS), tl.num_programs(1))
+        first = split * per_split
+        last = tl.minimum(length, (first + per_split) * BS)  # keys
         # finite floor: a split with no keys leaves m finite and l zero
         m = tl.full([G_PAD], -1.0e30, tl.float32)
         l = tl.zeros([G_PAD], tl.float32)
@@ -179,13 +182,13 @@ if triton is not None:
                     q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
                     page_stride, offsets, t, dim_used, last, m, l, acc, scale,
                     dim, BS)
-        if SPLIT:  # partials [S, splits, G_PAD, BLOCK_D + 2]: acc | m | l
+        if SPLIT:  # partials [S, splits, group, BLOCK_D + 2]: acc | m | l
             width = BLOCK_D + 2
-            base = (part_ptr + (seq.to(tl.int64) * tl.num_programs(1) + split)
-                    * G_PAD * width + g * width)
-            tl.store(base[:, None] + d[None, :], acc)
-            tl.store(base + BLOCK_D, m)
-            tl.store(base + BLOCK_D + 1, l)
+            base = part_ptr + ((seq.to(tl.int64) * tl.num_programs(1) + split)
+                               * group + g) * width
+            tl.store(base[:, None] + d[None, :], acc, mask=head_used[:, None])
+            tl.store(base + BLOCK_D, m, mask=head_used)
+            tl.store(base + BLOCK_D + 1, l, mask=head_used)
         else:
             result = acc / tl.where(l > 0, l, 1.0)[:, None]
             tl.store(out_ptr + row.to(tl.int64) * out_row_stride +
@@ -204,13 +207,13 @@ if triton is not None:
         j = tl.arange(0, SPLITS)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, BLOCK_D)
-        used = j < num_splits
-        base = (part_ptr + (seq.to(tl.int64) * num_splits + j)[:, None] *
-                G_PAD * width + g[None, :] * width)  # [SPLITS, G_PAD]
-        m = tl.load(base + BLOCK_D, mask=used[:, None], other=-1.0e30)
-        l = tl.load(base + BLOCK_D + 1, mask=used[:, None], other=0.0)
+        used = (j < num_splits)[:, None] & (g < group)[None, :]
+        base = part_ptr + (((seq.to(tl.int64) * num_splits + j)[:, None] *
+                            group + g[None, :]) * width)  # [SPLITS, G_PAD]
+        m = tl.load(base + BLOCK_D, mask=used, other=-1.0e30)
+        l = tl.load(base + BLOCK_D + 1, mask=used, other=0.0)
         acc = tl.load(base[:, :, None] + d[None, None, :],
-                      mask=used[:, None, None], other=0.0)
+                      mask=used[:, :, None], other=0.0)
         weight = tl.exp(m - tl.max(m, 0)[None, :])  # [SPLITS, G_PAD]
         total = tl.sum(weight * l, 0)
         result = (tl.sum(weight[:, :, None] * acc, 0) /
@@ -283,12 +286,12 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     (``[R * Hkv, width]`` int32) or, with ``table`` None, straight from the
     step plan ``plan = (cr, layer, state)`` (``CompressedRows``, a layer, its
     ``WorkerKVState``), as ``page_table`` would write them: no table is
-    built. With ``num_splits`` > 1 each sequence's pages are split in that
-    many ranges and a second launch combines them. ``num_warps`` and
-    ``num_stages`` (page loads in flight, through cp.async) are there for
-    ``examples/attention_bench.py`` to tune (sm_90, head dim 128, the
-    launcher's 16-divisible strides: 86 registers per thread at 4 warps and
-    3 stages, no spills).
+    built. With ``num_splits`` > 1 each sequence's own pages are cut in
+    that many equal ranges (a long head is then not one program's walk
+    while the rest of the GPU waits) and a second launch combines them.
+    ``num_warps`` and ``num_stages`` (page loads in flight, through
+    cp.async) are there for ``examples/attention_bench.py`` to tune; the
+    defaults, 2 warps and 3 stages, were its fastest on an H200 (lease 13).
     """
     rows, query_heads, dim = query.shape
     sequences = lengths.numel()
@@ -301,8 +304,6 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     if table is None:  # from the plan: the arguments _page_table_kernel gets
         cr, layer, state = plan
         assert cr.kept_entries.stride(0) == 1 and cr.prompt_entries.stride(0) == 1
-        from vllm_sparsemm.layer_ops import page_table_width  # (a cycle)
-        width = page_table_width(cr, state)
         table_args = (cr.block_rows, 0)
         plan_args = (cr.prefix_pages, cr.prefix_start, cr.decode_base,
                      cr.kept_entries, cr.prompt_entries, cr.block_rows,
@@ -311,21 +312,19 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
                      state.space.pages_per_block)
     else:
         assert table.stride(1) == 1
-        width = table.shape[1]
         table_args = (table, table.stride(0))
         plan_args = (table, ) * 6 + (0, 0, 1, 0, 1)
     block_d = triton.next_power_of_2(dim)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
     split = num_splits > 1
-    partials = (torch.empty(sequences, num_splits, g_pad, block_d + 2,
+    partials = (torch.empty(sequences, num_splits, group, block_d + 2,
                             dtype=torch.float32, device=query.device)
                 if split else out)
     _decode_kernel[(sequences, num_splits)](
         query, query.stride(0), query.stride(1), pages, pages.stride(0),
         pages.stride(1), *table_args, lengths, out, out.stride(0),
-        out.stride(1), partials, kv_heads, group, dim, scale,
-        triton.cdiv(width, num_splits), *plan_args, G_PAD=g_pad,
-        BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
+        out.stride(1), partials, kv_heads, group, dim, scale, *plan_args,
+        G_PAD=g_pad, BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
         FROM_PLAN=table is None, INTERPRET=_INTERPRET, NUM_STAGES=num_stages,
         num_warps=num_warps)
     if split:
