@@ -17,25 +17,40 @@ with a KV head's G query heads in one 16-row tile, in a few launch
 configurations (``TRITON_CONFIGS``). Reported per variant: median ms per
 call (CUDA graph replays) and KV bytes read per second (keys and values of
 every token once).
-Engine traces (lease 12) put the per-head call at 1.07-1.41 ms per layer
-against stock's 1.10 over a full H200 pool; this tells whether the layout
-or the kernel is the cause.
+
+A case ``RxT+NxL`` is lopsided, as compressed heads are: N KV heads of
+each row hold L tokens, the rest T. It has no stock twin (stock would hold
+every head at L), so its variants are checked and timed against the
+per-head FlashAttention call, and the Triton kernel also runs unsplit, to
+show what cutting each head's pages into parts buys.
+
+Lease 13 (H200): the per-head FlashAttention call took 1.16-1.26x stock's
+time on uniform cases; the Triton kernel at 2 warps 0.71x-0.96x where rows
+are many, 1.10x at 41 rows of 600 tokens. End to end the Triton kernel lost
+at B=256, where one visual head per layer is long: that is the lopsided
+case.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import types
 
 
 def build_case(rows: int, tokens: int, heads: int, dim: int, block_size: int,
-               device, seed: int = 0, group: int = 1) -> dict:
-    """The same K/V twice: per-head pages (sparsemm) and vLLM's blocks (stock)."""
+               device, seed: int = 0, group: int = 1, long_heads: int = 0,
+               long_tokens: int = 0) -> dict:
+    """The same K/V twice: per-head pages (sparsemm) and vLLM's blocks (stock).
+    With ``long_heads``, each row's first ``long_heads`` KV heads hold
+    ``long_tokens`` (visual heads), the rest ``tokens``; stock's rows hold the
+    longest for every head."""
     import torch
     gen = torch.Generator(device=device).manual_seed(seed)
-    width = -(-tokens // block_size)
+    longest = max(tokens, long_tokens if long_heads else 0)
+    width = -(-longest // block_size)
     sequences = rows * heads
     # page 0 stays unused, as the null block does in vLLM's pool
     pages = torch.randn(1 + sequences * width, block_size, 2 * dim,
@@ -55,15 +70,16 @@ def build_case(rows: int, tokens: int, heads: int, dim: int, block_size: int,
     # vLLM's query: a strided view of the fused QKV output
     qkv = torch.randn(rows, (group + 2) * heads * dim, device=device,
                       dtype=torch.float16, generator=gen)
+    lengths = torch.full((rows, heads), tokens, dtype=torch.int32)
+    lengths[:, :long_heads] = long_tokens
     return {
         "query": qkv[:, :group * heads * dim].view(rows, group * heads, dim),
         "pages": pages, "table": table, "blocks": blocks,
         "block_table": block_table,
-        "lengths": torch.full((sequences, ), tokens, device=device,
-                              dtype=torch.int32),
-        "row_lengths": torch.full((rows, ), tokens, device=device,
+        "lengths": lengths.flatten().to(device), "longest": longest,
+        "row_lengths": torch.full((rows, ), longest, device=device,
                                   dtype=torch.int32),
-        "kv_bytes": 2 * rows * heads * tokens * dim * 2,
+        "kv_bytes": 2 * int(lengths.sum()) * dim * 2,
     }
 
 
@@ -71,7 +87,7 @@ def stock_call(case: dict, scale: float):
     import torch
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
     query, blocks = case["query"], case["blocks"]
-    rows, tokens = query.shape[0], int(case["row_lengths"][0])
+    rows, tokens = query.shape[0], case["longest"]
     starts = torch.arange(rows + 1, device=query.device, dtype=torch.int32)
     out = torch.empty_like(query)
 
@@ -97,7 +113,7 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
     group = query_heads * rows // sequences
     starts = torch.arange(sequences + 1, device=query.device, dtype=torch.int32)
     out = torch.empty_like(query)
-    tokens = int(case["lengths"][0])
+    tokens = case["longest"]
     if separate_kv:
         keys = pages[..., :dim].contiguous().unsqueeze(2)
         values = pages[..., dim:].contiguous().unsqueeze(2)
@@ -133,18 +149,19 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
 
 
 # (warps, stages) of the Triton kernel to time; the first is the backend's
-TRITON_CONFIGS = ((4, 3), (4, 2), (4, 4), (2, 3), (8, 3))
+# (paged_decode's defaults, lease 13's fastest of (4|2|8, 3) and (4, 2|4))
+TRITON_CONFIGS = ((2, 3), (2, 2), (2, 4), (1, 3), (4, 3))
 
 
-def triton_call(case: dict, scale: float, num_warps: int, num_stages: int):
+def triton_call(case: dict, scale: float, num_warps: int, num_stages: int,
+                splits: int | None = None):
     """``triton_ops.paged_decode`` (``decode_kernel: "triton"``) on the same
-    pages, with the backend's split count."""
+    pages, with the backend's split count unless ``splits`` is given."""
     import torch
     from vllm_sparsemm import backend, triton_ops
     query = case["query"]
-    sequences = case["lengths"].numel()
-    splits = backend.triton_decode_splits(sequences,
-                                          backend.sm_count(query.device))
+    if splits is None:
+        splits = backend_triton_splits(case)
     out = torch.empty_like(query)
 
     def call():
@@ -179,13 +196,23 @@ def time_call(call, iters: int, repeat: int = 10) -> float:
     return statistics.median(times)
 
 
-def run_case(rows: int, tokens: int, args) -> list[dict]:
+def backend_triton_splits(case: dict) -> int:
+    from vllm_sparsemm import backend
+    return backend.triton_decode_splits(case["lengths"].numel(),
+                                        backend.sm_count(case["query"].device))
+
+
+def run_case(case_spec: tuple[int, int, int, int], args) -> list[dict]:
     import torch
+    rows, tokens, long_heads, long_tokens = case_spec
     case = build_case(rows, tokens, args.heads, args.dim, args.block_size,
-                      torch.device("cuda"), group=args.group)
+                      torch.device("cuda"), group=args.group,
+                      long_heads=long_heads, long_tokens=long_tokens)
     scale = args.dim**-0.5
-    variants = {"stock": stock_call(case, scale),
-                "per-head (backend)": per_head_call(case, scale),
+    # a lopsided case has no stock twin (stock holds every head at the
+    # longest): it is timed against the backend's FlashAttention call
+    variants = {} if long_heads else {"stock": stock_call(case, scale)}
+    variants |= {"per-head (backend)": per_head_call(case, scale),
                 "per-head, FA's split heuristic": per_head_call(case, scale, "fa"),
                 "per-head, K and V apart": per_head_call(case, scale,
                                                          separate_kv=True)}
@@ -194,7 +221,11 @@ def run_case(rows: int, tokens: int, args) -> list[dict]:
         if (warps, stages) == TRITON_CONFIGS[0]:
             name += " (the backend's)"
         variants[name] = triton_call(case, scale, warps, stages)
-    want = variants["stock"]().clone()
+    if backend_triton_splits(case) > 1:  # what splitting each head buys
+        warps, stages = TRITON_CONFIGS[0]
+        variants[f"per-head, Triton kernel, {warps} warps, {stages} stages, "
+                 "unsplit"] = triton_call(case, scale, warps, stages, splits=1)
+    want = next(iter(variants.values()))().clone()
     results = []
     for name, call in variants.items():
         got = call()
@@ -202,33 +233,40 @@ def run_case(rows: int, tokens: int, args) -> list[dict]:
         torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-2)
         ms = time_call(call, args.iters)
         results.append({"rows": rows, "tokens_per_head": tokens,
+                        "long_heads": long_heads, "long_tokens": long_tokens,
                         "variant": name, "ms": round(ms, 4),
                         "kv_gb_per_s": round(case["kv_bytes"] / ms / 1e6, 1)})
     base = results[0]["ms"]
     for r in results:
-        r["x_stock_time"] = round(r["ms"] / base, 3)
+        r["x_first_time"] = round(r["ms"] / base, 3)  # stock, where it runs
     del case
     torch.cuda.empty_cache()
     return results
 
 
-def parse_cases(text: str) -> list[tuple[int, int]]:
-    """``"755x265,41x350"`` -> [(755, 265), (41, 350)]."""
+def parse_cases(text: str) -> list[tuple[int, int, int, int]]:
+    """``"755x265,26x300+2x2000"`` -> [(755, 265, 0, 0), (26, 300, 2, 2000)]:
+    ROWSxTOKENS, and optionally +NxLONG: N KV heads per row hold LONG."""
     cases = []
     for item in text.split(","):
-        rows, sep, tokens = item.strip().partition("x")
-        if not sep or not rows.isdigit() or not tokens.isdigit():
-            raise SystemExit(f"--cases: {item!r} is not ROWSxTOKENS")
-        cases.append((int(rows), int(tokens)))
+        match = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+)x(\d+))?", item.strip())
+        if not match:
+            raise SystemExit(f"--cases: {item!r} is not ROWSxTOKENS or "
+                             "ROWSxTOKENS+NxLONG")
+        cases.append(tuple(int(g or 0) for g in match.groups()))
     return cases
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="755x265,330x770,41x350,41x600",
-                        help="ROWSxTOKENS per KV head, comma separated "
+    parser.add_argument("--cases",
+                        default="755x265,330x770,41x350,41x600,26x300+2x2000",
+                        help="ROWSxTOKENS per KV head, or ROWSxTOKENS+NxLONG "
+                        "(N of each row's KV heads hold LONG), comma separated "
                         "(defaults: LLaVA-1.5 on a whole H200, sparsemm then "
-                        "stock; the 8 GiB NeXT case at B=64, mid-life and late)")
+                        "stock; the 8 GiB NeXT case at B=64, mid-life and "
+                        "late; at B=256, whose visual heads keep ~1,600 of "
+                        "2,900 prompt tokens)")
     parser.add_argument("--heads", type=int, default=32, help="KV heads")
     parser.add_argument("--group", type=int, default=1,
                         help="query heads per KV head (Qwen2-VL-7B: 4 KV "
@@ -243,12 +281,15 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("attention_bench.py times GPU kernels: no CUDA device")
     results = []
-    for rows, tokens in cases:
-        results += run_case(rows, tokens, args)
-    print("rows | tokens/head | variant | ms | KV GB/s | x stock")
+    for case in cases:
+        results += run_case(case, args)
+    print("rows | tokens/head | variant | ms | KV GB/s | x first (stock, "
+          "or the per-head FA call)")
     for r in results:
-        print(f"{r['rows']} | {r['tokens_per_head']} | {r['variant']} | "
-              f"{r['ms']:.3f} | {r['kv_gb_per_s']:.0f} | {r['x_stock_time']:.2f}")
+        long = (f" + {r['long_heads']}x{r['long_tokens']}" if r["long_heads"]
+                else "")
+        print(f"{r['rows']} | {r['tokens_per_head']}{long} | {r['variant']} | "
+              f"{r['ms']:.3f} | {r['kv_gb_per_s']:.0f} | {r['x_first_time']:.2f}")
     with open(args.out, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "settings": vars(args),
                    "results": results}, f, indent=1)

@@ -35,7 +35,19 @@ def test_stock_blocks_and_per_head_pages_hold_the_same_kv():
 
 def test_cases_parse_and_bad_ones_say_why():
     bench = load_example("attention_bench")
-    assert bench.parse_cases("755x265, 41x350") == [(755, 265), (41, 350)]
-    for bad in ("755", "x3", "7x", "ax3"):
+    assert bench.parse_cases("755x265, 26x300+2x2000") == [
+        (755, 265, 0, 0), (26, 300, 2, 2000)]
+    for bad in ("755", "x3", "7x", "ax3", "7x3+2", "7x3+x9"):
         with pytest.raises(SystemExit, match="ROWSxTOKENS"):
             bench.parse_cases(bad)
+
+
+def test_a_lopsided_case_gives_its_long_heads_their_tokens():
+    bench = load_example("attention_bench")
+    rows, heads, dim, bs = 2, 4, 8, 16
+    case = bench.build_case(rows, 5, heads, dim, bs, torch.device("cpu"),
+                            long_heads=1, long_tokens=40)
+    assert case["lengths"].tolist() == [40, 5, 5, 5] * rows
+    assert case["longest"] == 40 and case["table"].shape == (rows * heads, 3)
+    assert case["row_lengths"].tolist() == [40] * rows  # stock holds it all
+    assert case["kv_bytes"] == 2 * rows * (40 + 3 * 5) * dim * 2
