@@ -2,7 +2,8 @@
 # The performance issue's measurements, one benchmark.py invocation per case;
 # each runs stock FLASH_ATTN and sparsemm in fresh processes on this GPU. Pick
 # cases by number to fit a device call: `bash examples/bench_matrix.sh 1 2`.
-# Case 2 reuses case 1's stock run (same machine), so run 1 before 2.
+# Cases 2 and 11 reuse case 1's and 10's stock runs (same machine): run
+# those first.
 # JSON (and each worker's log) lands in ${BENCH_DIR:-.}.
 set -u
 dir=${BENCH_DIR:-.}
@@ -32,9 +33,17 @@ cases=(
   #    (setting full_cuda_graphs off) and stock: batch 1, then LLaVA-1.5
   "--model llava-1.5-7b --latency --contexts 2048,32768 --output-len 64 --budget 256 --backends FLASH_ATTN,sparsemm:PIECEWISE,sparsemm --out $dir/latency_full.json"
   "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,sparsemm:PIECEWISE,sparsemm --out $dir/llava15_full.json"
+  # 10, 11: the 8 GiB case with the Triton decode kernel beside FlashAttention
+  #    (decode_kernel "triton" against "flash_attn"), B=256 then B=64 against
+  #    case 10's stock run: run 10 before 11
+  "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 256 --max-seconds 90 --backends FLASH_ATTN,sparsemm:TRITON,sparsemm --out $dir/next_8gib_kernels.json"
+  "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 64 --max-seconds 90 --backends FLASH_ATTN,sparsemm:TRITON,sparsemm --baseline $dir/next_8gib_kernels.json --out $dir/next_8gib_kernels_b64.json"
+  # 12: LLaVA-1.5 (case 4) with both decode kernels
+  "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,sparsemm:TRITON,sparsemm --out $dir/llava15_kernels.json"
 )
 status=0
-for i in "${@:-$(seq 1 ${#cases[@]})}"; do
+[ $# -gt 0 ] || set -- $(seq 1 ${#cases[@]})  # no numbers: every case
+for i in "$@"; do
   echo "== case $i: ${cases[$((i - 1))]}"
   python3 examples/benchmark.py ${cases[$((i - 1))]} || status=1
 done

@@ -613,7 +613,8 @@ def latency_figures(ttfts: list[float], totals: list[float],
             "total_spread_s": max(totals) - min(totals)}
 
 
-def main():
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, checked, with the defaults that depend on it filled in."""
     parser = argparse.ArgumentParser(  # the docstring says what each tok/s means
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="llava-next-7b")
@@ -675,7 +676,7 @@ def main():
                         "put before the extension: one file per run)")
     parser.add_argument("--out", default="benchmark.json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
     for backend in args.backends.split(","):
         name, _, mode = backend.partition(":")
@@ -692,7 +693,11 @@ def main():
                             "llava-v1.6-vicuna-7b")
     if args.latency:
         args.max_model_len = max(args.max_model_len, max(args.contexts) + 1024)
+    return args
 
+
+def main():
+    args = parse_args(sys.argv[1:])
     if args.worker:  # one backend, in this process
         args.budget = int(args.budget.split(",")[0])
         args.model_dir = os.environ["SPARSEMM_BENCH_DIR"]

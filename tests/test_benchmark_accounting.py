@@ -284,3 +284,30 @@ def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
     assert seen == {"sparsemm": ("1", None), "sparsemm:PIECEWISE": ("0", None),
                     "sparsemm:TRITON": ("1", "triton")}
     assert all(kw["attention_backend"] == "sparsemm" for kw in made)
+
+
+def test_every_bench_matrix_case_parses(tmp_path):
+    """examples/bench_matrix.sh's cases, as the script passes them (a stub
+    python3 records each command line), all pass benchmark.py's checks."""
+    import os
+    import shlex
+    import subprocess
+    from example_scripts import EXAMPLES
+    bench = _benchmark()
+    stub = tmp_path / "python3"
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$CASES"\n')
+    stub.chmod(0o755)
+    cases = tmp_path / "cases.txt"
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}",
+               CASES=str(cases), BENCH_DIR=str(tmp_path / "bench"))
+    subprocess.run(["bash", str(EXAMPLES / "bench_matrix.sh")], env=env,
+                   cwd=EXAMPLES.parent, check=True, capture_output=True)
+    lines = cases.read_text().splitlines()
+    assert len(lines) == 12
+    for line in lines:
+        script, *argv = shlex.split(line)
+        assert script == "examples/benchmark.py"
+        args = bench.parse_args(argv)
+        assert args.out.startswith(str(tmp_path / "bench"))
+        if args.baseline:  # an earlier case's stock run
+            assert any(f"--out {args.baseline}" in other for other in lines)
