@@ -244,6 +244,37 @@ def test_paged_decode_kernel_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_paged_decode_builds_once_whatever_its_index_views_offsets():
+    """A step's index tensors are views into one upload, at offsets the
+    step's sizes set: the kernel must not be built again for each alignment
+    (a build mid-run stalls a step)."""
+    from triton.runtime import driver
+
+    from vllm_sparsemm import triton_ops
+    rows, heads, dim, width = 2, 4, 128, 3
+    sequences = rows * heads
+    pages = torch.randn(64, 16, 2 * dim, device="cuda", dtype=torch.float16)
+    query = torch.randn(rows, heads, dim, device="cuda", dtype=torch.float16)
+    tables = torch.randint(1, 64, (sequences * width + 3, ), device="cuda",
+                           dtype=torch.int32)
+    lengths = torch.randint(1, 48, (sequences + 3, ), device="cuda",
+                            dtype=torch.int32)
+    out = torch.empty_like(query)
+    builds = triton_ops._decode_kernel.device_caches[
+        driver.active.get_current_device()][0]
+    for offset in range(4):  # int32 views 0, 4, 8 and 12 bytes in
+        table = tables[offset:offset + sequences * width].view(sequences, width)
+        triton_ops.paged_decode(query, pages, table,
+                                lengths[offset:offset + sequences], dim**-0.5,
+                                out)
+        if offset == 0:
+            first = len(builds)
+    torch.cuda.synchronize()
+    assert len(builds) == first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_page_table_kernel_on_gpu():
     assert compare_on_engine_steps("cuda") > 50
 
@@ -302,9 +333,12 @@ def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
                  "SPLIT": split, "FROM_PLAN": from_plan, "INTERPRET": False,
                  "NUM_STAGES": defaults["num_stages"].default}
     # what Triton's launcher sees for the backend's tensors: 16-byte aligned
-    # pointers and strides divisible by 16 (it specializes on both)
+    # pointers and strides divisible by 16 (it specializes on both), except
+    # the index pointers, whose alignment it is told to ignore
     names = list(signature)
-    aligned = [n for n in names if n.endswith(("_ptr", "_stride"))] + ["dim"]
+    ignored = triton_ops._decode_kernel.do_not_specialize_on_alignment
+    aligned = [n for n in names if n.endswith(("_ptr", "_stride"))
+               and n not in ignored] + ["dim"]
     attrs = {(names.index(n), ): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(
         ASTSource(fn=triton_ops._decode_kernel, signature=signature,

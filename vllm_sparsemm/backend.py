@@ -385,7 +385,8 @@ def triton_decode_splits(num_sequences: int, num_sms: int) -> int:
     with FlashAttention (lease 13). Many rows (755 rows: 24,160 heads) fill
     the GPU unsplit. A function of the (padded) row count only, so a
     captured graph and its replays agree."""
-    return min(16, max(1, -(-32 * num_sms // max(num_sequences, 1))))
+    return min(triton_ops.MAX_SPLITS,
+               max(1, -(-32 * num_sms // max(num_sequences, 1))))
 
 
 @functools.cache

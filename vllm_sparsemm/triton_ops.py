@@ -24,6 +24,17 @@ except ImportError:  # pragma: no cover - vLLM ships Triton on CUDA machines
     triton = None
 
 
+# Pointers the kernels read one index at a time: their 16-byte alignment buys
+# no wider load, and it varies from step to step (``worker_state.upload``
+# packs the step's arrays into one buffer, at offsets the step's sizes set).
+# Triton would build a variant per alignment pattern, mid-run, when a step
+# first shows it. Lease 13's Triton runs fell 1-3 s behind FlashAttention's
+# in their first seconds (``timeline`` in docs/results/h200-56ca2fc), which
+# such builds (~1 s each for the decode kernel) would explain.
+_INDEX_POINTERS = ("table_ptr", "lengths_ptr", "prefix_pages_ptr",
+                   "prefix_start_ptr", "decode_base_ptr", "kept_ptr",
+                   "prompt_ptr", "block_rows_ptr")
+
 if triton is not None:
 
     @triton.jit
@@ -60,7 +71,8 @@ if triton is not None:
         else:
             return tl.load(source[0] + column).to(tl.int64)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("width", ),
+                do_not_specialize_on_alignment=_INDEX_POINTERS[1:])
     def _page_table_kernel(table_ptr, prefix_pages_ptr, prefix_start_ptr,
                            decode_base_ptr, lengths_ptr, kept_ptr, prompt_ptr,
                            block_rows_ptr, plan_stride, block_rows_stride,
@@ -83,7 +95,7 @@ if triton is not None:
         tl.store(table_ptr + seq * width + page, value.to(tl.int32),
                  mask=page < width)
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=("dst_ptr", "tokens_ptr"))
     def _write_kv_kernel(rows_ptr, dst_ptr, tokens_ptr, key_ptr, value_ptr,
                          key_token_stride, key_head_stride,
                          value_token_stride, value_head_stride, row_stride,
@@ -126,7 +138,7 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize_on_alignment=_INDEX_POINTERS)
     def _decode_kernel(q_ptr, q_row_stride, q_head_stride, pages_ptr,
                        page_stride, token_stride, table_ptr, table_stride,
                        lengths_ptr, out_ptr, out_row_stride, out_head_stride,
@@ -196,7 +208,7 @@ if triton is not None:
                      d[None, :], result.to(out_ptr.dtype.element_ty),
                      mask=head_used[:, None] & dim_used[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("num_splits", ))
     def _decode_combine_kernel(part_ptr, out_ptr, out_row_stride,
                                out_head_stride, num_kv_heads, group, dim,
                                num_splits, G_PAD: tl.constexpr,
@@ -225,6 +237,7 @@ if triton is not None:
 
 
 AVAILABLE = triton is not None
+MAX_SPLITS = 16  # paged_decode's key splits per sequence
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # page-table columns per program: the whole row up to this width. Launches
 # are latency-bound (a full-graph step's width covers max_model_len: 256
@@ -316,6 +329,9 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
         plan_args = (table, ) * 6 + (0, 0, 1, 0, 1)
     block_d = triton.next_power_of_2(dim)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got "
+                         f"{num_splits}")
     split = num_splits > 1
     partials = (torch.empty(sequences, num_splits, group, block_d + 2,
                             dtype=torch.float32, device=query.device)
@@ -327,9 +343,9 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
         G_PAD=g_pad, BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
         FROM_PLAN=table is None, INTERPRET=_INTERPRET, NUM_STAGES=num_stages,
         num_warps=num_warps)
-    if split:
+    if split:  # one build for any split count; no tl.dot, so no 16-row tile
         _decode_combine_kernel[(sequences, )](
             partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
-            num_splits, G_PAD=g_pad, BLOCK_D=block_d,
-            SPLITS=triton.next_power_of_2(num_splits))
+            num_splits, G_PAD=triton.next_power_of_2(group), BLOCK_D=block_d,
+            SPLITS=MAX_SPLITS)
     return out
