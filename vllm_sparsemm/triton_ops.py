@@ -239,10 +239,11 @@ if triton is not None:
 AVAILABLE = triton is not None
 MAX_SPLITS = 16  # paged_decode's key splits per sequence
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# page-table columns per program: the whole row up to this width. Launches
-# are latency-bound (a full-graph step's width covers max_model_len: 256
-# columns in 64-column programs cost 3x one program per row).
-_MAX_BLOCK = 256
+# page-table columns per program: the whole row up to 256. Launches are
+# latency-bound (a full-graph step's width covers max_model_len: 256 columns
+# in 64-column programs cost 3x one program per row). Two sizes only: each
+# is a build, and eager steps' widths vary step by step.
+_TABLE_BLOCKS = (64, 256)
 
 
 def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
@@ -253,7 +254,7 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
                         device=cr.counts.device)
     if num_seqs == 0:
         return table
-    block = min(triton.next_power_of_2(width), _MAX_BLOCK)
+    block = _TABLE_BLOCKS[0] if width <= _TABLE_BLOCKS[0] else _TABLE_BLOCKS[1]
     _page_table_kernel[(num_seqs, triton.cdiv(width, block))](
         table, cr.prefix_pages, cr.prefix_start, cr.decode_base,
         cr.lengths[layer], cr.kept_entries, cr.prompt_entries, cr.block_rows,
