@@ -681,9 +681,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for backend in args.backends.split(","):
         name, _, mode = backend.partition(":")
         if name == "sparsemm" and mode not in SPARSEMM_MODES:
+            known = ", ".join(f"sparsemm:{m}" if m else "sparsemm"
+                              for m in SPARSEMM_MODES)
             parser.error(f"unknown sparsemm mode {mode!r} in {backend!r}: use "
-                         "sparsemm, sparsemm:FULL, sparsemm:PIECEWISE or "
-                         "sparsemm:TRITON")
+                         f"one of {known}")
     if (args.max_num_batched_tokens
             and args.max_num_batched_tokens < args.max_num_seqs):
         parser.error("vLLM needs --max-num-batched-tokens >= --max-num-seqs "

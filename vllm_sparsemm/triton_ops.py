@@ -71,13 +71,15 @@ if triton is not None:
         else:
             return tl.load(source[0] + column).to(tl.int64)
 
+    # (table_ptr is this kernel's output: aligned, and stored lane-wide)
     @triton.jit(do_not_specialize=("width", ),
                 do_not_specialize_on_alignment=_INDEX_POINTERS[1:])
-    def _page_table_kernel(table_ptr, prefix_pages_ptr, prefix_start_ptr,
-                           decode_base_ptr, lengths_ptr, kept_ptr, prompt_ptr,
-                           block_rows_ptr, plan_stride, block_rows_stride,
-                           num_columns, head0, num_heads, width,
-                           pages_per_block, block_size, BLOCK: tl.constexpr):
+    def _page_table_kernel(table_ptr, lengths_ptr, prefix_pages_ptr,
+                           prefix_start_ptr, decode_base_ptr, kept_ptr,
+                           prompt_ptr, block_rows_ptr, plan_stride,
+                           block_rows_stride, num_columns, head0,
+                           pages_per_block, num_heads, width, block_size,
+                           BLOCK: tl.constexpr):
         seq = tl.program_id(0)  # row * num_heads + head
         row = seq // num_heads
         source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
@@ -256,12 +258,19 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
         return table
     block = _TABLE_BLOCKS[0] if width <= _TABLE_BLOCKS[0] else _TABLE_BLOCKS[1]
     _page_table_kernel[(num_seqs, triton.cdiv(width, block))](
-        table, cr.prefix_pages, cr.prefix_start, cr.decode_base,
-        cr.lengths[layer], cr.kept_entries, cr.prompt_entries, cr.block_rows,
-        cr.prefix_pages.stride(0), cr.block_rows.stride(0),
-        cr.block_rows.shape[1], layer * heads, heads, width,
-        state.space.pages_per_block, state.block_size, BLOCK=block)
+        table, cr.lengths[layer], *_plan_args(cr, layer, state), heads, width,
+        state.block_size, BLOCK=block)
     return table
+
+
+def _plan_args(cr, layer: int, state) -> tuple:
+    """The step plan's arguments of ``_plan_source`` (then ``pages_per_block``),
+    for ``layer``: what both the page-table and the decode kernel read."""
+    assert cr.kept_entries.stride(0) == 1 and cr.prompt_entries.stride(0) == 1
+    return (cr.prefix_pages, cr.prefix_start, cr.decode_base, cr.kept_entries,
+            cr.prompt_entries, cr.block_rows, cr.prefix_pages.stride(0),
+            cr.block_rows.stride(0), cr.block_rows.shape[1],
+            layer * state.num_kv_heads, state.space.pages_per_block)
 
 
 def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
@@ -315,15 +324,10 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     group = query_heads // kv_heads
     assert query.stride(2) == 1 and out.stride(2) == 1 and pages.stride(2) == 1
     assert lengths.is_contiguous()
-    if table is None:  # from the plan: the arguments _page_table_kernel gets
+    if table is None:  # from the plan, as _page_table_kernel reads it
         cr, layer, state = plan
-        assert cr.kept_entries.stride(0) == 1 and cr.prompt_entries.stride(0) == 1
         table_args = (cr.block_rows, 0)
-        plan_args = (cr.prefix_pages, cr.prefix_start, cr.decode_base,
-                     cr.kept_entries, cr.prompt_entries, cr.block_rows,
-                     cr.prefix_pages.stride(0), cr.block_rows.stride(0),
-                     cr.block_rows.shape[1], layer * kv_heads,
-                     state.space.pages_per_block)
+        plan_args = _plan_args(cr, layer, state)
     else:
         assert table.stride(1) == 1
         table_args = (table, table.stride(0))
