@@ -2,7 +2,7 @@
 # The performance issue's measurements, one benchmark.py invocation per case;
 # each runs stock FLASH_ATTN and sparsemm in fresh processes on this GPU. Pick
 # cases by number to fit a device call: `bash examples/bench_matrix.sh 1 2`.
-# Cases 2 and 11 reuse case 1's and 10's stock runs (same machine): run
+# Cases 2, 11 and 14 reuse case 1's and 10's stock runs (same machine): run
 # those first.
 # JSON (and each worker's log) lands in ${BENCH_DIR:-.}.
 set -u
@@ -40,6 +40,13 @@ cases=(
   "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 64 --max-seconds 90 --backends FLASH_ATTN,sparsemm:TRITON,sparsemm --baseline $dir/next_8gib_kernels.json --out $dir/next_8gib_kernels_b64.json"
   # 12: LLaVA-1.5 (case 4) with both decode kernels
   "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,sparsemm:TRITON,sparsemm --out $dir/llava15_kernels.json"
+  # 13: LLaVA-1.5 with stock on V1 too: sparsemm runs on vLLM's V1 model
+  #     runner, stock LLaVA on V2, and sparsemm's host-bound decode steps
+  #     (~750 rows) spent 17.5 ms in execute_model against stock's 2.3 ms
+  "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,FLASH_ATTN:V1,sparsemm:TRITON --out $dir/llava15_runners.json"
+  # 14: one prompt step of the 8 GiB B=256 run profiled, per decode kernel:
+  #     their prompt steps took 49 and 39 ms (median, lease 14); after 10
+  "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 256 --max-seconds 40 --profile-at 1500 --profile-prompt-step --backends FLASH_ATTN,sparsemm:TRITON,sparsemm --baseline $dir/next_8gib_kernels.json --out $dir/next_8gib_prompt_profile.json"
 )
 status=0
 [ $# -gt 0 ] || set -- $(seq 1 ${#cases[@]})  # no numbers: every case

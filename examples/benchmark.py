@@ -125,7 +125,11 @@ def _engine(args, backend):
     else:  # e.g. FLASH_ATTN, or FLASH_ATTN:PIECEWISE for its CUDA-graph mode
         name, _, mode = backend.partition(":")
         kwargs["attention_backend"] = name
-        if mode:
+        if mode == "V1":
+            # stock on vLLM's V1 model runner, the one sparsemm runs on
+            # (stock LLaVA defaults to V2): what the runner alone costs
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        elif mode:
             compilation["cudagraph_mode"] = mode
     if compilation:
         kwargs["compilation_config"] = compilation
@@ -654,7 +658,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "kind (medians are reported)")
     parser.add_argument("--backends", default="FLASH_ATTN,sparsemm",
                         help="comma list, first is the reference: FLASH_ATTN "
-                        "(FLASH_ATTN:PIECEWISE for piecewise graphs only), "
+                        "(FLASH_ATTN:PIECEWISE for piecewise graphs only, "
+                        "FLASH_ATTN:V1 on vLLM's V1 model runner), "
                         "sparsemm (full CUDA graphs for decode, the default), "
                         "sparsemm:PIECEWISE (setting full_cuda_graphs off), "
                         "sparsemm:TRITON (decode_kernel \"triton\")")

@@ -286,6 +286,30 @@ def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
     assert all(kw["attention_backend"] == "sparsemm" for kw in made)
 
 
+def test_stock_modes_pick_a_graph_mode_or_the_v1_runner(monkeypatch):
+    """FLASH_ATTN:PIECEWISE sets vLLM's CUDA-graph mode; FLASH_ATTN:V1 keeps
+    the graphs and runs stock on the V1 model runner, sparsemm's."""
+    import sys
+    bench = _benchmark()
+    made = []
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        LLM=lambda **kwargs: made.append(kwargs)))
+    args = types.SimpleNamespace(
+        max_model_len=4096, gpu_memory_utilization=0.9, model_dir="m",
+        max_num_seqs=8, max_num_batched_tokens=None, kv_cache_gib=None,
+        model="llava-1.5-7b", enforce_eager=False, max_cudagraph_capture_size=0)
+    # _engine sets it: setenv first, so that monkeypatch restores it after
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "")
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    bench._engine(args, "FLASH_ATTN:PIECEWISE")
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in bench.os.environ
+    bench._engine(args, "FLASH_ATTN:V1")
+    assert bench.os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert made[0]["compilation_config"] == {"cudagraph_mode": "PIECEWISE"}
+    assert "compilation_config" not in made[1]
+    assert [kw["attention_backend"] for kw in made] == ["FLASH_ATTN"] * 2
+
+
 def test_every_bench_matrix_case_parses(tmp_path):
     """examples/bench_matrix.sh's cases, as the script passes them (a stub
     python3 records each command line), all pass benchmark.py's checks."""
@@ -303,7 +327,7 @@ def test_every_bench_matrix_case_parses(tmp_path):
     subprocess.run(["bash", str(EXAMPLES / "bench_matrix.sh")], env=env,
                    cwd=EXAMPLES.parent, check=True, capture_output=True)
     lines = cases.read_text().splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 14
     for line in lines:
         script, *argv = shlex.split(line)
         assert script == "examples/benchmark.py"
