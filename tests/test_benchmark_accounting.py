@@ -259,11 +259,11 @@ def test_profile_window_is_shut_without_profile_at(monkeypatch):
     assert recorded == [] and events == []
 
 
-def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
-    """sparsemm:TRITON keeps full graphs and picks the Triton decode kernel;
-    the other modes leave the kernel to the user's settings."""
+def _recorded_engines(monkeypatch):
+    """The benchmark, a stand-in for ``vllm.LLM`` that records each engine's
+    keyword arguments (into the list returned), and the args ``_engine``
+    reads."""
     import sys
-    bench = _benchmark()
     made = []
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
         LLM=lambda **kwargs: made.append(kwargs)))
@@ -272,6 +272,13 @@ def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
         max_num_seqs=8, max_num_batched_tokens=None, kv_cache_gib=None,
         model="llava-1.5-7b", enforce_eager=False, max_cudagraph_capture_size=0,
         budget=64, head_scores=None)
+    return _benchmark(), made, args
+
+
+def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
+    """sparsemm:TRITON keeps full graphs and picks the Triton decode kernel;
+    the other modes leave the kernel to the user's settings."""
+    bench, made, args = _recorded_engines(monkeypatch)
     seen = {}
     # _engine writes these: monkeypatch puts the originals back afterwards
     for name in ("BUDGET", "FULL_CUDA_GRAPHS", "DECODE_KERNEL"):
@@ -289,15 +296,7 @@ def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
 def test_stock_modes_pick_a_graph_mode_or_the_v1_runner(monkeypatch):
     """FLASH_ATTN:PIECEWISE sets vLLM's CUDA-graph mode; FLASH_ATTN:V1 keeps
     the graphs and runs stock on the V1 model runner, sparsemm's."""
-    import sys
-    bench = _benchmark()
-    made = []
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
-        LLM=lambda **kwargs: made.append(kwargs)))
-    args = types.SimpleNamespace(
-        max_model_len=4096, gpu_memory_utilization=0.9, model_dir="m",
-        max_num_seqs=8, max_num_batched_tokens=None, kv_cache_gib=None,
-        model="llava-1.5-7b", enforce_eager=False, max_cudagraph_capture_size=0)
+    bench, made, args = _recorded_engines(monkeypatch)
     # _engine sets it: setenv first, so that monkeypatch restores it after
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "")
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
