@@ -69,7 +69,7 @@ MODELS = {
 }
 # after "sparsemm:": decode steps in full CUDA graphs (the default), piecewise,
 # or full graphs with the Triton decode kernel
-SPARSEMM_MODES = ("", "FULL", "PIECEWISE", "TRITON")
+SPARSEMM_MODES = ("", "FULL", "PIECEWISE", "TRITON", "FLASH_ATTN")
 
 
 def _prompt(model: str, text: str, with_image: bool) -> str:
@@ -114,11 +114,12 @@ def _engine(args, backend):
         os.environ["VLLM_SPARSEMM_BUDGET"] = str(args.budget)
         # decode steps replay full CUDA graphs (the default) or run
         # piecewise (sparsemm:PIECEWISE, setting full_cuda_graphs off);
-        # sparsemm:TRITON is full graphs with decode_kernel "triton"
+        # sparsemm:TRITON and sparsemm:FLASH_ATTN are full graphs with that
+        # decode_kernel named, whatever the default
         mode = backend.partition(":")[2] or "FULL"
         os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"] = str(int(mode != "PIECEWISE"))
-        if mode == "TRITON":
-            os.environ["VLLM_SPARSEMM_DECODE_KERNEL"] = "triton"
+        if mode in ("TRITON", "FLASH_ATTN"):
+            os.environ["VLLM_SPARSEMM_DECODE_KERNEL"] = mode.lower()
         if args.head_scores:
             os.environ["VLLM_SPARSEMM_HEAD_SCORES"] = args.head_scores
         kwargs["attention_backend"] = "sparsemm"
@@ -662,7 +663,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "FLASH_ATTN:V1 on vLLM's V1 model runner), "
                         "sparsemm (full CUDA graphs for decode, the default), "
                         "sparsemm:PIECEWISE (setting full_cuda_graphs off), "
-                        "sparsemm:TRITON (decode_kernel \"triton\")")
+                        "sparsemm:TRITON / sparsemm:FLASH_ATTN (that "
+                        "decode_kernel, whatever the default)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--baseline", default=None,
                         help="JSON of an earlier run of this script on the same "

@@ -276,20 +276,22 @@ def _recorded_engines(monkeypatch):
 
 
 def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
-    """sparsemm:TRITON keeps full graphs and picks the Triton decode kernel;
-    the other modes leave the kernel to the user's settings."""
+    """sparsemm:TRITON and sparsemm:FLASH_ATTN keep full graphs and name
+    their decode kernel; the other modes leave it to the user's settings."""
     bench, made, args = _recorded_engines(monkeypatch)
     seen = {}
     # _engine writes these: monkeypatch puts the originals back afterwards
     for name in ("BUDGET", "FULL_CUDA_GRAPHS", "DECODE_KERNEL"):
         monkeypatch.setenv(f"VLLM_SPARSEMM_{name}", "")
-    for backend in ("sparsemm", "sparsemm:PIECEWISE", "sparsemm:TRITON"):
+    for backend in ("sparsemm", "sparsemm:PIECEWISE", "sparsemm:TRITON",
+                    "sparsemm:FLASH_ATTN"):
         monkeypatch.delenv("VLLM_SPARSEMM_DECODE_KERNEL", raising=False)
         bench._engine(args, backend)
         seen[backend] = (bench.os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"],
                          bench.os.environ.get("VLLM_SPARSEMM_DECODE_KERNEL"))
     assert seen == {"sparsemm": ("1", None), "sparsemm:PIECEWISE": ("0", None),
-                    "sparsemm:TRITON": ("1", "triton")}
+                    "sparsemm:TRITON": ("1", "triton"),
+                    "sparsemm:FLASH_ATTN": ("1", "flash_attn")}
     assert all(kw["attention_backend"] == "sparsemm" for kw in made)
 
 

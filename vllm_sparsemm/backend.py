@@ -203,8 +203,10 @@ class SparseMMImpl(FlashAttentionImpl):
             config.additional_config if config else None)
         self.decode_kernel = settings.decode_kernel
         if self.decode_kernel == "triton" and not triton_ops.AVAILABLE:
-            raise RuntimeError('sparsemm decode_kernel "triton" needs Triton, '
-                               'which is not installed; use "flash_attn"')
+            raise RuntimeError('sparsemm decode_kernel "triton" (the default) '
+                               'needs Triton, which is not installed; set '
+                               '--additional-config \'{"decode_kernel": '
+                               '"flash_attn"}\'')
         self.selection_scratch = selection_scratch_bytes(
             self.num_kv_heads, self.head_size, self.num_queries_per_kv,
             settings.window)
