@@ -68,8 +68,10 @@ MODELS = {
     "qwen2-vl-7b": ("write_dummy_qwen2_vl_7b", (1344, 1008)),
 }
 # after "sparsemm:": decode steps in full CUDA graphs (the default), piecewise,
-# or full graphs with the Triton decode kernel
-SPARSEMM_MODES = ("", "FULL", "PIECEWISE", "TRITON", "FLASH_ATTN")
+# or full graphs with the decode kernel named (config.DECODE_KERNELS, in
+# upper case)
+KERNEL_MODES = ("TRITON", "FLASH_ATTN")
+SPARSEMM_MODES = ("", "FULL", "PIECEWISE") + KERNEL_MODES
 
 
 def _prompt(model: str, text: str, with_image: bool) -> str:
@@ -118,7 +120,7 @@ def _engine(args, backend):
         # decode_kernel named, whatever the default
         mode = backend.partition(":")[2] or "FULL"
         os.environ["VLLM_SPARSEMM_FULL_CUDA_GRAPHS"] = str(int(mode != "PIECEWISE"))
-        if mode in ("TRITON", "FLASH_ATTN"):
+        if mode in KERNEL_MODES:
             os.environ["VLLM_SPARSEMM_DECODE_KERNEL"] = mode.lower()
         if args.head_scores:
             os.environ["VLLM_SPARSEMM_HEAD_SCORES"] = args.head_scores

@@ -293,6 +293,8 @@ def test_sparsemm_modes_set_graphs_and_decode_kernel(monkeypatch):
                     "sparsemm:TRITON": ("1", "triton"),
                     "sparsemm:FLASH_ATTN": ("1", "flash_attn")}
     assert all(kw["attention_backend"] == "sparsemm" for kw in made)
+    from vllm_sparsemm.config import DECODE_KERNELS
+    assert sorted(m.lower() for m in bench.KERNEL_MODES) == sorted(DECODE_KERNELS)
 
 
 def test_stock_modes_pick_a_graph_mode_or_the_v1_runner(monkeypatch):
