@@ -478,13 +478,17 @@ def test_memory_profile_run_reserves_the_selection_scratch(monkeypatch):
 
 def test_triton_decode_kernel_is_refused_without_triton(monkeypatch):
     """``decode_kernel: "triton"`` is taken up by the attention layers, and
-    fails at start-up, not silently, where Triton is missing."""
+    fails at start-up, not silently, where Triton is missing on a CUDA
+    machine; without CUDA the kernel never runs, so nothing is refused."""
     from vllm_sparsemm import triton_ops
     monkeypatch.setenv("VLLM_SPARSEMM_DECODE_KERNEL", "triton")
     impl = backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
                                 "auto")
     assert impl.decode_kernel == "triton"
     monkeypatch.setattr(triton_ops, "AVAILABLE", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None, "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="needs Triton"):
         backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
                              "auto")
