@@ -42,7 +42,8 @@ cases=(
   "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,sparsemm:TRITON,sparsemm:FLASH_ATTN --out $dir/llava15_kernels.json"
   # 13: LLaVA-1.5 with stock on V1 too: sparsemm runs on vLLM's V1 model
   #     runner, stock LLaVA on V2, and sparsemm's host-bound decode steps
-  #     (~750 rows) spent 17.5 ms in execute_model against stock's 2.3 ms
+  #     (~750 rows) spent 17.5 ms in execute_model against stock's 2.3 ms;
+  #     lease 16: stock on V1 0.99x of stock on V2 (GPU-bound on both)
   "--model llava-1.5-7b --num-requests 1024 --output-len 256 --budget 128 --max-seconds 60 --backends FLASH_ATTN,FLASH_ATTN:V1,sparsemm:TRITON --out $dir/llava15_runners.json"
   # 14: one prompt step of the 8 GiB B=256 run profiled, per decode kernel:
   #     their prompt steps took 49 and 39 ms (median, lease 14), 53 and 76
