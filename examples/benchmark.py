@@ -37,7 +37,8 @@ writes the timeline too. ``host_cpu`` gives the CPU
 seconds of the engine's thread and of all other threads of the process over
 the run (spinning intra-op workers show there), the thread counts in effect,
 and a fixed pure-Python workload's time, to compare host speed across
-machines.
+machines; ``host_probe_ratio`` is each run's workload time over stock's, and
+a note is printed beside the ratios where it is off by more than 1.5x.
 
 Latency mode sends one request of fresh random token ids at a time (so stock's
 prefix cache never hits): time to first token and batch-1 decode ms/token per
@@ -289,6 +290,19 @@ class ThreadCPU:
             "cpus_allowed": len(os.sched_getaffinity(0)),
             "python_probe_ms": self.probe_ms,
         }
+
+
+# Lease 16: sparsemm's host-bound LLaVA-1.5 run measured 1.31x where lease 13
+# had 1.47x, in a process whose probe took 2.0x stock's (21.7 against 10.7 ms).
+HOST_PROBE_TOLERANCE = 1.5
+
+
+def host_probe_ratio(result: dict, base: dict) -> float | None:
+    """How much slower (>1) the host ran ``result``'s process than ``base``'s,
+    by ``_python_probe_ms``; None where either lacks the probe."""
+    ours = (result.get("host_cpu") or {}).get("python_probe_ms")
+    theirs = (base.get("host_cpu") or {}).get("python_probe_ms")
+    return ours / theirs if ours and theirs else None
 
 
 def _python_probe_ms() -> float:
@@ -773,6 +787,13 @@ def main():
             print(f"{r['backend']} B={r['budget']} / {base['backend']}: "
                   f"run tok/s {f'{run:.2f}x' if run else 'n/a'}, saturated "
                   f"{f'{saturated:.2f}x' if saturated else 'n/a (not saturated)'}")
+            probe = host_probe_ratio(r, base)
+            if probe is not None:
+                r["host_probe_ratio"] = probe
+                if not 1 / HOST_PROBE_TOLERANCE <= probe <= HOST_PROBE_TOLERANCE:
+                    print(f"  note: this process's host probe took {probe:.2f}x "
+                          "stock's: the host ran at another speed, so ratios of "
+                          "host-bound runs do not compare")
     for result in results[1:] if args.latency and "latency" in results[0] else []:
         for stock, ours in zip(results[0]["latency"], result.get("latency", [])):
             ours["ttft_ratio"] = ours["ttft_s"] / stock["ttft_s"]

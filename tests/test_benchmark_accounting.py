@@ -53,6 +53,18 @@ def _window(bench, requests, slots, output_len, stop=None):
                                   requests, log, log[-1][0])
 
 
+def test_host_probe_ratio_compares_two_processes_hosts():
+    """Lease 16's case: stock's probe 10.652 ms, sparsemm's 21.734 ms."""
+    bench = _benchmark()
+    stock = {"host_cpu": {"python_probe_ms": 10.652}}
+    ours = {"host_cpu": {"python_probe_ms": 21.734}}
+    assert abs(bench.host_probe_ratio(ours, stock) - 2.04) < 0.01
+    assert bench.host_probe_ratio(ours, stock) > bench.HOST_PROBE_TOLERANCE
+    assert bench.host_probe_ratio(stock, stock) == 1
+    assert bench.host_probe_ratio({"error": "x"}, stock) is None  # failed run
+    assert bench.host_probe_ratio(ours, {"host_cpu": {}}) is None  # old JSON
+
+
 def test_saturated_window_spans_first_finish_to_last_admission():
     # stock-like: 4 waves of 5; finishes at 10, 20, 30, 40, admissions at 1, 11,
     # 21, 31: the window is (10, 31] and 5 requests decode through it
