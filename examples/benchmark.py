@@ -166,8 +166,9 @@ def run_throughput(args, backend) -> dict:
     scheduler._preempt_request = counting_preempt
     import torch
     core = engine.engine_core.engine_core
-    clock = HostClock(core, core.model_executor.driver_worker.worker.model_runner,
-                      torch.cuda.Event)
+    runner = core.model_executor.driver_worker.worker.model_runner
+    clock = HostClock(core, runner, torch.cuda.Event,
+                      _attention_impl_class(runner.vllm_config))
     seen, first, done, log = {}, {}, {}, []
     peak, held, steps, tokens, per_request = 0, [], 0, 0, []
     peak_scheduled = 0
@@ -321,23 +322,38 @@ def _python_probe_ms() -> float:
 
 class HostClock:
     """Host time per engine step, by part: vLLM's scheduler, the model
-    runner's input preparation and launch (``execute_model``; attention
-    metadata, which includes sparsemm's step plan, is part of it), output
+    runner's input preparation and launch (``execute_model``), output
     handling, and the time spent waiting for the GPU (CUDA event syncs). A
-    step whose wait is near zero is host-bound: the GPU idled for the host."""
+    step whose wait is near zero is host-bound: the GPU idled for the host.
+
+    Inside ``execute_model``, where the V1 runner has them (sparsemm's
+    runner; stock LLaVA runs V2): its state update, input preparation,
+    attention metadata (sparsemm's step plan is part of it), input
+    preprocessing and the model call (``model_forward``: the launches, or
+    a graph replay). ``attention_forward`` sums the attention layers' own
+    Python (the backend's ``forward``, part of ``model_forward``): it runs
+    only where a step is not one full graph, so it splits an eager or
+    piecewise step's model call into the backend's share and the rest."""
 
     PARTS = (("scheduler", "schedule", "schedule"),
              ("scheduler", "update_from_output", "update_from_output"),
              ("model_executor", "execute_model", "execute_model"),
              ("model_executor", "sample_tokens", "sample_tokens"))
+    RUNNER_PARTS = (("_update_states", "update_states"),
+                    ("_prepare_inputs", "prepare_inputs"),
+                    ("_build_attention_metadata", "attention_metadata"),
+                    ("_preprocess", "preprocess"),
+                    ("_model_forward", "model_forward"))
 
-    def __init__(self, core, runner, event_cls):
+    def __init__(self, core, runner, event_cls, attention_impl=None):
         self.current, self.steps, self.wrapped = {}, [], []
         for owner, name, label in self.PARTS:
             self._wrap(getattr(core, owner), name, label)
-        if hasattr(runner, "_build_attention_metadata"):  # V1 runner only
-            self._wrap(runner, "_build_attention_metadata",
-                       "attention_metadata")
+        for name, label in self.RUNNER_PARTS:  # V1 runner only
+            if hasattr(runner, name):
+                self._wrap(runner, name, label)
+        if attention_impl is not None:  # the class: every layer's calls
+            self._wrap(attention_impl, "forward", "attention_forward")
         self._wrap(event_cls, "synchronize", "gpu_wait")
 
     def _wrap(self, owner, name, label):
@@ -381,8 +397,8 @@ class HostClock:
         moves all three; stalls, e.g. CPU-quota throttling, widen them)."""
         n = len(self.steps)
         middle = self.steps[n // 10:n - n // 10] or self.steps
-        labels = ["step", "gpu_wait"] + [p[2] for p in self.PARTS] + [
-            "attention_metadata"]
+        labels = (["step", "gpu_wait"] + [p[2] for p in self.PARTS] +
+                  [p[1] for p in self.RUNNER_PARTS] + ["attention_forward"])
         summary = {}
         for kind, steps in (("decode", [s for s in middle if s.get("decode")]),
                             ("mixed", [s for s in middle
@@ -391,9 +407,21 @@ class HostClock:
                 label: round(1000 * statistics.median(
                     s.get(label, 0.0) for s in steps), 3)
                 for label in labels} if steps else {}),
+                **({"rows": statistics.median(s["rows"] for s in steps)}
+                   if steps else {}),
                 **(_deciles(1000 * st["step"] for st in steps) if len(steps) > 1
                    else {})}
         return summary
+
+
+def _attention_impl_class(vllm_config):
+    """The impl class most of this engine's attention layers share (the
+    language model's backend), for HostClock; None if none is registered."""
+    from collections import Counter
+    layers = vllm_config.compilation_config.static_forward_context.values()
+    kinds = Counter(type(layer.impl) for layer in layers
+                    if hasattr(layer, "impl"))
+    return kinds.most_common(1)[0][0] if kinds else None
 
 
 def _deciles(values) -> dict:

@@ -239,6 +239,12 @@ def main():
                         "tower. Fitted to the 8 GiB LLaVA-NeXT runs on an "
                         "H100 (docs/performance.md, lease 7): --weights-ms "
                         "5.2 --step-ms 0.9 --prompt-ms 20")
+    parser.add_argument("--kv-tb-per-s", type=float, default=2.4,
+                        help="bandwidth of decode attention over the KV, "
+                        "TB/s (2.4: FlashAttention on an H100). An H200 "
+                        "reads 1.43x faster: --weights-ms 3.64 "
+                        "--kv-tb-per-s 3.43 with the fitted --step-ms and "
+                        "--prompt-ms (docs/performance.md)")
     parser.add_argument("--head-scores", default=str(
         ROOT / "head_scores" / "llava-v1.6-vicuna-7b.json"))
     args = parser.parse_args()
@@ -275,7 +281,8 @@ def main():
                      args.output_len, CostModel(
                          weights_s=args.weights_ms / 1e3,
                          step_s=args.step_ms / 1e3,
-                         prompt_s=args.prompt_ms / 1e3))
+                         prompt_s=args.prompt_ms / 1e3,
+                         kv_bytes_per_s=args.kv_tb_per_s * 1e12))
         base = base or r["output_tok_per_s"]
         print(f"{name} | {r['steps']} | {r['seconds']:.1f} | "
               f"{r['output_tok_per_s']:.0f} | "

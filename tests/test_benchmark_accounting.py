@@ -135,15 +135,23 @@ def test_host_clock_splits_each_step_and_puts_everything_back():
                                         update_from_output=part("update")),
         model_executor=types.SimpleNamespace(execute_model=part("execute"),
                                              sample_tokens=part("sample")))
-    runner = types.SimpleNamespace(_build_attention_metadata=part("meta"))
+    class Impl:  # an attention backend's impl: one call per layer
+        def forward(self):
+            calls.append("attn")
+
+    runner = types.SimpleNamespace(_build_attention_metadata=part("meta"),
+                                   _model_forward=part("forward"))
     outputs = iter([mixed if step % 4 == 0 else decode for step in range(20)])
     core.scheduler.schedule = lambda: next(outputs)
-    originals = (core.scheduler.schedule, Event.synchronize)
-    clock = bench.HostClock(core, runner, Event)
+    originals = (core.scheduler.schedule, Event.synchronize, Impl.forward)
+    clock = bench.HostClock(core, runner, Event, Impl)
     for step in range(20):
         core.scheduler.schedule()
         core.model_executor.execute_model()
         runner._build_attention_metadata()
+        runner._model_forward()
+        for _ in range(3 if step % 4 == 0 else 0):  # eager: prompt steps
+            Impl().forward()
         Event().synchronize()
         core.scheduler.update_from_output()
         clock.end_step(0.040 + 0.005 * (step % 8) if step % 4 == 0
@@ -159,14 +167,42 @@ def test_host_clock_splits_each_step_and_puts_everything_back():
     assert summary["decode"]["sample_tokens"] == 0  # never called
     assert set(summary["decode"]) == {
         "steps", "step", "gpu_wait", "schedule", "update_from_output",
-        "execute_model", "sample_tokens", "attention_metadata", "step_p10",
-        "step_p90"}
+        "execute_model", "sample_tokens", "update_states", "prepare_inputs",
+        "attention_metadata", "preprocess", "model_forward",
+        "attention_forward", "rows", "step_p10", "step_p90"}
+    # what the runner lacks reads 0; the decode steps ran no layer's Python
+    assert summary["decode"]["prepare_inputs"] == 0
+    assert summary["decode"]["attention_forward"] == 0
+    assert summary["mixed"]["attention_forward"] > 0
+    assert (summary["decode"]["rows"], summary["mixed"]["rows"]) == (3, 2)
     assert calls.count("sync") == 20 and calls.count("meta") == 20
+    assert calls.count("forward") == 20 and calls.count("attn") == 15
     assert (clock.steps[4]["rows"], clock.steps[4]["tokens"]) == (2, 9)
     assert (clock.steps[5]["rows"], clock.steps[5]["tokens"]) == (3, 3)
     clock.close()
-    assert (core.scheduler.schedule, Event.synchronize) == originals
+    assert (core.scheduler.schedule, Event.synchronize, Impl.forward) == originals
     assert "synchronize" not in vars(Event()) and "schedule" in vars(core.scheduler)
+
+
+def test_attention_impl_class_is_the_language_models():
+    """HostClock times the impl class most attention layers share: the
+    language model's backend, not a vision tower's few layers."""
+    bench = _benchmark()
+
+    class Text:
+        pass
+
+    class Vision:
+        pass
+
+    layers = {f"l{i}": types.SimpleNamespace(impl=Text()) for i in range(3)}
+    layers["v0"] = types.SimpleNamespace(impl=Vision())
+    layers["mlp"] = types.SimpleNamespace()  # no impl: not attention
+    config = types.SimpleNamespace(compilation_config=types.SimpleNamespace(
+        static_forward_context=layers))
+    assert bench._attention_impl_class(config) is Text
+    config.compilation_config.static_forward_context = {}
+    assert bench._attention_impl_class(config) is None
 
 
 def test_host_clock_runs_without_the_v1_metadata_hook():
