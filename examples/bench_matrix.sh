@@ -49,6 +49,12 @@ cases=(
   #     their prompt steps took 49 and 39 ms (median, lease 14), 53 and 76
   #     at lease 15; the profiled step's GPU work differed by 4%; after 10
   "--model llava-next-7b --num-requests 256 --output-len 512 --kv-cache-gib 8 --budget 256 --max-seconds 40 --profile-at 1500 --profile-prompt-step --backends FLASH_ATTN,sparsemm:TRITON,sparsemm:FLASH_ATTN --baseline $dir/next_8gib_kernels.json --out $dir/next_8gib_prompt_profile.json"
+  # 15: one Qwen2-VL prompt step traced (case 5's setting, against case 5's
+  #     stock run: run 5 first). Lease 17: its prompt steps took 95 ms, 36 in
+  #     the vision tower's preprocessing and 21 in the attention layers'
+  #     Python; whether the GPU waits for the latter, run
+  #     `python3 examples/trace_gaps.py $dir/qwen2vl_prompt_trace.*.json.gz`
+  "--model qwen2-vl-7b --num-requests 512 --output-len 512 --kv-cache-gib 8 --budget 256 --max-seconds 60 --profile-at 600 --profile-prompt-step --profile-trace $dir/qwen2vl_prompt_trace.json --backends FLASH_ATTN,sparsemm --baseline $dir/qwen2vl_8gib.json --out $dir/qwen2vl_prompt_profile.json"
 )
 status=0
 [ $# -gt 0 ] || set -- $(seq 1 ${#cases[@]})  # no numbers: every case

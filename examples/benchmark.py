@@ -28,12 +28,17 @@ ceil(kept / block_size) / (L * Hkv)``, and a ``timeline`` of [seconds, output
 tokens so far, requests decoding, requests finished] about once a second from
 which any other window can be recomputed.
 ``host_ms_per_step`` splits the median decode step and the median step with
-prompt tokens into vLLM's scheduler, input preparation and launch, attention
-metadata and the wait for the GPU: a step that waits is GPU-bound. With
+prompt tokens into vLLM's scheduler, input preparation and launch, output
+handling and the wait for the GPU (a step that waits is GPU-bound); on vLLM's
+V1 model runner (sparsemm's) the launch part is split again into the state
+update, input preparation, attention metadata, preprocessing (the vision
+tower runs there) and the model call, with the attention backend's own
+Python (``attention_forward``) and the median rows per step. With
 ``--profile-at`` the torch profiler's tables land in the JSON (of
 ``--profile-steps`` steps, or with ``--profile-prompt-step`` of the first
 step from there that schedules prompt tokens), and ``--profile-trace``
-writes the timeline too. ``host_cpu`` gives the CPU
+writes the timeline too (``examples/trace_gaps.py`` says what the host was
+doing while the GPU idled in it). ``host_cpu`` gives the CPU
 seconds of the engine's thread and of all other threads of the process over
 the run (spinning intra-op workers show there), the thread counts in effect,
 and a fixed pure-Python workload's time, to compare host speed across

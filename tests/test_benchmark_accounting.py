@@ -378,7 +378,7 @@ def test_every_bench_matrix_case_parses(tmp_path):
     subprocess.run(["bash", str(EXAMPLES / "bench_matrix.sh")], env=env,
                    cwd=EXAMPLES.parent, check=True, capture_output=True)
     lines = cases.read_text().splitlines()
-    assert len(lines) == 14
+    assert len(lines) == 15
     for line in lines:
         script, *argv = shlex.split(line)
         assert script == "examples/benchmark.py"
