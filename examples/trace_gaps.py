@@ -65,7 +65,7 @@ def analyse(events, top: int = 15) -> dict:
     start, end = gpu[0][0], gpu[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(gpu, gpu[1:])]
     thread = engine_thread(events)
-    host = sorted(((e["ts"], e["ts"] + e["dur"], e["name"], e.get("cat"))
+    host = sorted(((e["ts"], e["ts"] + e["dur"], e["name"])
                    for e in events if e.get("cat") in HOST_CATS
                    and (e["pid"], e["tid"]) == thread),
                   key=lambda h: (h[0], -h[1]))
