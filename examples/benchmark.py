@@ -580,17 +580,13 @@ def _gpu_busy_fraction(profiler) -> float:
     """Union of GPU kernel intervals over the span from the first kernel to the
     last: the share of time a faster host (or full CUDA graphs) could not win."""
     from torch.autograd import DeviceType
-    spans = sorted((e.time_range.start, e.time_range.end)
-                   for e in profiler.events() if e.device_type == DeviceType.CUDA)
-    if not spans:
+
+    from trace_gaps import merge  # examples/ is this script's sys.path[0]
+    busy = merge((e.time_range.start, e.time_range.end)
+                 for e in profiler.events() if e.device_type == DeviceType.CUDA)
+    if not busy:
         return float("nan")
-    busy, (start, end) = 0.0, spans[0]
-    for lo, hi in spans[1:]:
-        if lo > end:
-            busy, start = busy + end - start, lo
-        end = max(end, hi)
-    busy += end - start
-    return busy / (max(hi for _, hi in spans) - spans[0][0])
+    return sum(hi - lo for lo, hi in busy) / (busy[-1][1] - busy[0][0])
 
 
 def _mean_blocks_held(scheduler) -> float:

@@ -57,3 +57,22 @@ def test_idle_with_nothing_open_is_host_python():
     result = gaps.analyse(events)
     assert dict(result["idle_by_innermost_host_op_ms"]) == {gaps.NO_OP: 0.02}
     assert result["gpu_busy_fraction"] == 0.5
+
+
+def test_benchmark_busy_fraction_is_the_union_of_gpu_intervals():
+    """benchmark.py's profiled busy fraction merges the same way."""
+    import types
+
+    from torch.autograd import DeviceType
+    load_example("trace_gaps")  # what benchmark.py imports beside itself
+    bench = load_example("benchmark")
+
+    def event(lo, hi, device=DeviceType.CUDA):
+        return types.SimpleNamespace(device_type=device, time_range=types.
+                                     SimpleNamespace(start=lo, end=hi))
+
+    profiler = types.SimpleNamespace(events=lambda: [
+        event(30, 40), event(0, 10), event(5, 15), event(0, 100, DeviceType.CPU)])
+    assert bench._gpu_busy_fraction(profiler) == 25 / 40
+    assert bench._gpu_busy_fraction(types.SimpleNamespace(events=list)) != (
+        bench._gpu_busy_fraction(types.SimpleNamespace(events=list)))  # nan
