@@ -3,6 +3,7 @@ engine of test_backend_cpu (compressed requests hold the exact per-head ideal
 within one block), the saturated window and timeline, on a simulated run, and
 the latency medians."""
 
+import itertools
 import types
 
 from example_scripts import load_example
@@ -144,7 +145,10 @@ def test_host_clock_splits_each_step_and_puts_everything_back():
     outputs = iter([mixed if step % 4 == 0 else decode for step in range(20)])
     core.scheduler.schedule = lambda: next(outputs)
     originals = (core.scheduler.schedule, Event.synchronize, Impl.forward)
-    clock = bench.HostClock(core, runner, Event, Impl)
+    ticks = itertools.count()
+    # a clock that moves 1 ms per reading: each timed call lasts exactly 1 ms
+    clock = bench.HostClock(core, runner, Event, Impl,
+                            clock=lambda: next(ticks) / 1000)
     for step in range(20):
         core.scheduler.schedule()
         core.model_executor.execute_model()
@@ -173,7 +177,7 @@ def test_host_clock_splits_each_step_and_puts_everything_back():
     # what the runner lacks reads 0; the decode steps ran no layer's Python
     assert summary["decode"]["prepare_inputs"] == 0
     assert summary["decode"]["attention_forward"] == 0
-    assert summary["mixed"]["attention_forward"] > 0
+    assert summary["mixed"]["attention_forward"] == 3.0  # three layer calls
     assert (summary["decode"]["rows"], summary["mixed"]["rows"]) == (3, 2)
     assert calls.count("sync") == 20 and calls.count("meta") == 20
     assert calls.count("forward") == 20 and calls.count("attn") == 15
