@@ -82,6 +82,30 @@ def test_bad_files_are_rejected(tmp_path):
         load_head_scores(nan)
 
 
+HUGE = "9" * 400  # a valid JSON integer, far past float's range
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"0-0": [1.0], "0-1": [%s]}' % HUGE,
+     r"'0-1' holds a number too large for a float"),
+    ('{"0-0": [%s.5]}' % HUGE, r"'0-0' holds a non-finite value"),
+    ('{"0-0": [1e308, 1e308]}', r"sum past the float range"),
+    ('{"0-0": [1e308], "0-1": [1e308]}', r"sum past the float range"),
+    ('{"0-0": [1%s]}' % ("0" * 5000), r"number too long to read"),
+    ('[' * 100000 + ']' * 100000, r"nested too deep"),
+    ('{"0-0": [1.0], "0-%s": [1.0]}' % HUGE, r"1 x 1%s .*'0-1'" % ("0" * 400)),
+])
+def test_oversized_numbers_are_rejected_naming_file_and_key(tmp_path, text,
+                                                            message):
+    """JSON numbers have no size limit; a score file's must fit a float."""
+    path = tmp_path / "big.json"
+    path.write_text(text)
+    with pytest.raises(HeadScoreError, match=message) as err:
+        load_head_scores(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert "\n" not in str(err.value)
+
+
 def test_shape_must_match_the_model():
     scores = torch.ones(32, 32)
     check_scores_fit(scores, 32, 32)

@@ -7,6 +7,7 @@ calibration image or run). The score of a head is the mean of its list.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -53,29 +54,40 @@ def parse_head_scores(data: object, source: str = "<scores>") -> torch.Tensor:
             raise HeadScoreError(
                 f"{source}: value of {key!r} must be a non-empty list of "
                 f"numbers, got {values!r:.80}")
+        try:  # JSON integers have no size limit; a float does
+            values = [float(v) for v in values]
+        except OverflowError:
+            raise HeadScoreError(
+                f"{source}: {key!r} holds a number too large for a float; "
+                f"scores must be finite non-negative numbers") from None
         if not all(math.isfinite(v) for v in values):
             raise HeadScoreError(f"{source}: {key!r} holds a non-finite value")
         if any(v < 0 for v in values):
             raise HeadScoreError(f"{source}: {key!r} holds a negative value")
         cells[(int(match.group(1)), int(match.group(2)))] = (
-            sum(float(v) for v in values) / len(values))
+            sum(values) / len(values))
 
     num_layers = 1 + max(layer for layer, _ in cells)
     num_heads = 1 + max(head for _, head in cells)
     if len(cells) != num_layers * num_heads:
-        missing = sorted({(l, h)
-                          for l in range(num_layers)
-                          for h in range(num_heads)} - cells.keys())
-        shown = ", ".join(f"'{l}-{h}'" for l, h in missing[:5])
+        # lazily: a key such as '0-99999999999' must not build the whole grid
+        missing = ((l, h) for l in range(num_layers)
+                   for h in range(num_heads) if (l, h) not in cells)
+        shown = ", ".join(f"'{l}-{h}'" for l, h in itertools.islice(missing, 5))
         raise HeadScoreError(
             f"{source}: keys do not form a full {num_layers} x {num_heads} "
-            f"(layers x heads) grid; {len(missing)} missing, e.g. {shown}")
+            f"(layers x heads) grid; {num_layers * num_heads - len(cells)} "
+            f"missing, e.g. {shown}")
     scores = torch.zeros(num_layers, num_heads, dtype=torch.float64)
     for (layer, head), value in cells.items():
         scores[layer, head] = value
     if not bool((scores > 0).any()):
         raise HeadScoreError(f"{source}: every head scores 0; budgets "
                              f"cannot be derived from an all-zero file")
+    if not math.isfinite(float(scores.sum())):
+        raise HeadScoreError(f"{source}: the head scores sum past the float "
+                             f"range (budgets divide by the sum); scale the "
+                             f"file down")
     return scores
 
 
@@ -90,6 +102,11 @@ def load_head_scores(path: str | os.PathLike) -> torch.Tensor:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise HeadScoreError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError):  # a >4300-digit integer; deep nesting
+        raise HeadScoreError(
+            f"{path}: not a usable score file: it holds a number too long to "
+            f"read or lists nested too deep; values must be finite "
+            f"non-negative numbers") from None
     return parse_head_scores(data, source=str(path))
 
 
