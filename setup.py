@@ -30,12 +30,13 @@ def cuda_extension():
         print(f"vllm-sparsemm: skipping the CUDA extension: {reason}; "
               f"the PyTorch reference kernels will be used", file=sys.stderr)
         return None
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not archs:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # +PTX: GPUs newer than sm_90 JIT the kernels instead of failing with
+        # "no kernel image is available"; older ones fall back to PyTorch
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     ext = CUDAExtension(
         name="vllm_sparsemm._C",
-        sources=["csrc/move_rows.cu"],
+        sources=["csrc/copy_rows.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
     return ext, BuildExtension

@@ -612,9 +612,8 @@ def _held_vs_ideal(scheduler):
         if not law.compresses(prompt) or processed <= prompt:
             continue
         blocks = manager.req_to_blocks[rid]
-        kept, first = manager._released[rid]
-        if not all(b.is_null for b in blocks[kept:first]):
-            continue  # released at the next schedule()
+        if not manager.prompt_released(rid):
+            continue  # its prompt goes back at a later schedule()
         # the blocks cover every scheduled token, the step in flight included
         appended = request.num_computed_tokens - prompt
         ideal = int(cdiv(law.kept(prompt) + appended, law.block_size).sum())

@@ -180,25 +180,27 @@ def without_prefill_transient(scheduler) -> None:
         return law.compacted_blocks(prompt_len, max(tokens - prompt_len, 0))
 
     def slot_tokens(request_id, num_tokens):
-        prompt_len = manager._prompt_len.get(request_id)
-        if prompt_len is None or not law.compresses(prompt_len):
+        tracked = manager._requests.get(request_id)
+        if tracked is None or not law.compresses(tracked.prompt_len):
             return num_tokens
-        return blocks(prompt_len, num_tokens) * bs
+        return blocks(tracked.prompt_len, num_tokens) * bs
 
-    def remove_skipped_blocks(request_id, processed, num_prompt_tokens=None):
-        if num_prompt_tokens is not None:
-            manager._prompt_len[request_id] = num_prompt_tokens
-
+    running_row, candidate_row = manager._running_row, manager._candidate_row
     manager._slot_tokens = slot_tokens
-    manager.remove_skipped_blocks = remove_skipped_blocks
+    manager.remove_skipped_blocks = lambda *args, **kwargs: None
     manager._held_blocks = lambda rid: len(manager.req_to_blocks.get(rid, ()))
-    manager._whole_prompt_blocks = lambda rid, prompt_len, tokens: 0
+    # the gate's rows: no request ever holds its whole prompt
+    manager._running_row = lambda rid, tracked: running_row(
+        rid, tracked)._replace(whole=0, release=0)
+    manager._candidate_row = lambda rid, num_tokens: candidate_row(
+        rid, num_tokens)._replace(whole=0, release=0)
 
 
 def sparsemm_spec(budget: int, admission_reserve: int, scores: torch.Tensor,
                   block_size: int = 16, head_size: int = 128,
                   admission_pacing: bool = True):
-    from vllm_sparsemm.config import BudgetPlan, SparseMMSettings
+    from vllm_sparsemm.budget import BudgetPlan
+    from vllm_sparsemm.config import SparseMMSettings
     from vllm_sparsemm.kv_spec import SparseMMSpec
     kv_heads = scores.shape[1]
     plan = BudgetPlan.build(SparseMMSettings(budget=budget), scores, kv_heads)

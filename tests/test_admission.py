@@ -17,7 +17,7 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request, RequestStatus
 
 from example_scripts import load_example
-from vllm_sparsemm.admission import AdmissionPacer, future_peak
+from vllm_sparsemm.admission import AdmissionPacer, FutureRow, future_peak
 from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.page_plan import cdiv
 from vllm_sparsemm.plugin import register
@@ -51,7 +51,8 @@ def _request(rid, prompt_len, max_tokens):
                    SamplingParams(max_tokens=max_tokens), None)
 
 
-def _blocks_at(law, prompt, tokens, limit, prefill_steps, whole, held, t):
+def _blocks_at(law, prompt, tokens, limit, prefill_steps, whole, held,
+               release, t):
     """One request's blocks ``t`` steps ahead, stepped by hand (the rule
     ``admission.future_peak`` states, evaluated at every step)."""
     after_prompt = max(tokens, prompt) - prompt + t - prefill_steps
@@ -61,16 +62,17 @@ def _blocks_at(law, prompt, tokens, limit, prefill_steps, whole, held, t):
         blocks = law.compacted_blocks(prompt, max(after_prompt, 0))
     else:
         blocks = cdiv(prompt + max(after_prompt, 0), BS)
-    if t <= prefill_steps + 1:
-        blocks = max(blocks, whole)
+    if whole:  # the prompt alone while prefilling, with the compacted after
+        blocks = (0 if t < prefill_steps else blocks) + (
+            whole if t < release else 0)
     return max(blocks, held) if t == 0 else blocks
 
 
 @pytest.mark.parametrize("horizon", [-1, 0, 7, 40])
 def test_future_peak_equals_the_step_by_step_maximum(horizon):
-    """Random mixes of compacted, prefilling, uncompressed and nearly
-    finished requests: the event-point maximum equals the maximum over every
-    step (until all finish, or up to the horizon)."""
+    """Random mixes of compacted, compacting, prefilling, uncompressed and
+    nearly finished requests: the event-point maximum equals the maximum
+    over every step (until all finish, or up to the horizon)."""
     kv, manager = _manager(reserve=64)
     law = manager.law
     rng = np.random.default_rng(0)
@@ -80,19 +82,24 @@ def test_future_peak_equals_the_step_by_step_maximum(horizon):
         for _ in range(size):
             prompt = int(rng.choice([40, 300, 517]))  # 40 <= B: uncompressed
             limit = prompt + int(rng.integers(1, 90))
-            if rng.random() < 0.5:  # compacted and decoding
+            whole = cdiv(prompt, BS) if law.compresses(prompt) else 0
+            kind = rng.random()
+            if kind < 0.4:  # compacted, its prompt given back, decoding
                 tokens = int(rng.integers(prompt, limit))
-                steps, whole = 0, 0
+                steps, whole, release = 0, 0, 0
+            elif kind < 0.6:  # compaction scheduled, its prompt not back yet
+                tokens = int(rng.integers(prompt, min(prompt + 3, limit)))
+                steps, release = 0, int(rng.integers(1, 3))
             else:  # prefilling in chunks
                 chunk = int(rng.integers(16, 400))
                 tokens = min(prompt, chunk)
                 steps = cdiv(prompt - tokens, chunk)
-                whole = cdiv(prompt, BS) if law.compresses(prompt) else 0
+                release = steps + int(rng.integers(1, 3))
             held = int(rng.integers(0, 40))  # may exceed the rule's count
-            rows.append((prompt, tokens, limit, steps, whole, held))
-        rows = np.array(rows, dtype=np.int64)
+            rows.append(FutureRow(prompt, tokens, limit, steps, whole, held,
+                                  release))
         last = 200 if horizon < 0 else horizon
-        expected = max(sum(_blocks_at(law, *map(int, row), t) for row in rows)
+        expected = max(sum(_blocks_at(law, *row, t) for row in rows)
                        for t in range(last + 1))
         assert future_peak(rows, law, horizon) == expected
 
@@ -107,17 +114,21 @@ def test_gate_counts_every_request_to_its_limit():
     assert kv.allocate_slots(a, 96) is not None
     a.num_computed_tokens = 96
     b = _request("b", 200, 30)  # compacted, one token after its prompt
-    assert kv.allocate_slots(b, 200) is not None
+    assert kv.allocate_slots(b, 200) is not None  # with its compacted blocks
+    assert manager._held_blocks("b") == cdiv(200, BS) + law.compacted_blocks(
+        200, 0)
     b.num_computed_tokens = 200
-    assert kv.allocate_slots(b, 1) is not None  # compaction is noticed here
+    assert kv.allocate_slots(b, 1) is not None  # the prompt goes back here
     held_b = manager._held_blocks("b")
     assert held_b == law.compacted_blocks(200, 1) < cdiv(200, BS)
     manager.note_request("new", 300, 1300)
     rows = manager._future_rows("new", 300)
-    assert rows.tolist() == [
-        [300, 96, 800, cdiv(300 - 96, 96), cdiv(300, BS), cdiv(96, BS)],
-        [200, 201, 230, 0, 0, held_b],
-        [300, 300, 1300, 0, cdiv(300, BS), 0]]
+    # sync scheduling: a prompt goes back one step after its compaction step
+    assert rows == [
+        (300, 96, 800, cdiv(300 - 96, 96), cdiv(300, BS), cdiv(96, BS),
+         cdiv(300 - 96, 96) + 1),
+        (200, 201, 230, 0, 0, held_b, 0),
+        (300, 300, 1300, 0, cdiv(300, BS), 0, 1)]
     reserve = manager.admission_reserve("new", 300)
     held = cdiv(96, BS) + held_b
     assert reserve == future_peak(rows, law, -1) - held - cdiv(300, BS) > 0
@@ -143,7 +154,7 @@ def test_gate_refuses_admission_that_would_starve_running_growth():
 
 
 def test_gate_never_holds_back_a_request_when_nothing_runs():
-    kv, manager = _manager(reserve=-1, num_blocks=22)
+    kv, manager = _manager(reserve=-1, num_blocks=30)
     alone = _request("alone", 300, 3000)  # growth alone would need the pool
     assert kv.allocate_slots(alone, 300, full_sequence_must_fit=True)
 
@@ -191,10 +202,10 @@ def test_gate_rows_kept_within_a_step_equal_rows_built_afresh(model_dir):
     def checked(request_id, num_tokens):
         calls["kept" if manager._step_rows is not None else "fresh"] += 1
         rows = built(request_id, num_tokens)
-        afresh = [manager._running_row(rid, prompt_len)
-                  for rid, prompt_len in manager._prompt_len.items()
+        afresh = [manager._running_row(rid, tracked)
+                  for rid, tracked in manager._requests.items()
                   if rid != request_id and rid in manager.req_to_blocks]
-        assert sorted(map(tuple, rows[:-1].tolist())) == sorted(afresh)
+        assert sorted(rows[:-1]) == sorted(afresh)
         return rows
 
     manager._future_rows = checked
@@ -245,9 +256,10 @@ def test_sim_without_prefill_transient_holds_only_compacted_blocks(model_dir):
 
 
 def test_a_preempted_request_compacts_and_releases_again():
-    """Per-request facts the manager keeps (released range, entries freed)
-    are dropped with the request: after recompute preemption the re-prefill
-    holds its whole prompt, then compacts and gives the blocks back again."""
+    """Per-request facts the manager keeps (compaction end, prompt given
+    back) are dropped with the request: after recompute preemption the
+    re-prefill holds its whole prompt and its fresh compacted blocks, then
+    gives the prompt back again."""
     kv, manager = _manager(reserve=64)
     law = manager.law
     for attempt in range(2):
@@ -255,9 +267,10 @@ def test_a_preempted_request_compacts_and_releases_again():
         a.num_computed_tokens = 0
         tail = 20 * attempt  # the re-prefill recomputes outputs too
         assert kv.allocate_slots(a, 300 + tail) is not None
-        assert manager._held_blocks("a") == cdiv(300 + tail, BS)
+        assert manager._held_blocks("a") == cdiv(300 + tail, BS) + (
+            law.compacted_blocks(300, tail))
         a.num_computed_tokens = 300 + tail
-        assert kv.allocate_slots(a, 1) is not None  # compaction noticed here
+        assert kv.allocate_slots(a, 1) is not None  # the prompt goes back
         free_after = kv.block_pool.get_num_free_blocks()
         expected = law.compacted_blocks(300, tail + 1)
         assert manager._held_blocks("a") == expected < cdiv(300, BS)

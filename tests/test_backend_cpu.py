@@ -8,260 +8,17 @@ fixed random tensors per (layer, position), so the exact SparseMM attention of
 every token can be computed densely and compared.
 """
 
-import dataclasses
 import types
 
-import pytest
 import numpy as np
+import pytest
 import torch
-from vllm.sampling_params import SamplingParams
-from vllm.v1.core.kv_cache_manager import KVCacheManager
-from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
-from vllm.v1.request import Request
 
+from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, WINDOW, Engine,
+                        chunks)
 from vllm_sparsemm import backend
-from vllm_sparsemm.block_law import BlockLaw
-from vllm_sparsemm.config import BudgetPlan, SparseMMSettings
-from vllm_sparsemm.graph_decode import GraphDecode
-from vllm_sparsemm.kv_spec import SparseMMSpec
+from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.page_plan import cdiv
-from vllm_sparsemm.plugin import register
-from vllm_sparsemm.selection import kept_positions
-from vllm_sparsemm.worker_state import RowInfo, StepRows, WorkerKVState
-
-LAYERS, HEADS, KV_HEADS, DIM, BS = 3, 4, 2, 8, 16
-BUDGET, WINDOW = 40, 8
-
-
-@dataclasses.dataclass
-class FakeMetadata:
-    """The FlashAttention metadata fields the backend reads."""
-    num_actual_tokens: int
-    max_query_len: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    max_seq_len: int
-    block_table: torch.Tensor
-    slot_mapping: torch.Tensor
-    scheduler_metadata: object = None
-    sparsemm: object = None
-
-
-class Engine:
-    """A minimal engine loop: vLLM's KV manager on one side, our worker on the other."""
-
-    def __init__(self, num_blocks=400, debug_poison=True, seed=0, tp=1,
-                 full_graphs=False):
-        register()
-        gen = torch.Generator().manual_seed(seed)
-        scores = torch.rand(LAYERS, HEADS, generator=gen) ** 4
-        settings = SparseMMSettings(budget=BUDGET, window=WINDOW)
-        self.plan = BudgetPlan.build(settings, scores, KV_HEADS)
-        # each tensor-parallel rank owns KV_HEADS / tp heads and their queries
-        kv_heads, heads = KV_HEADS // tp, HEADS // tp
-        spec = SparseMMSpec(block_size=BS, num_kv_heads=kv_heads,
-                            head_size=DIM, dtype=torch.float32, plan=self.plan,
-                            tp_size=tp)
-        config = KVCacheConfig(
-            num_blocks=num_blocks, kv_cache_tensors=[],
-            kv_cache_groups=[KVCacheGroupSpec(
-                [f"model.layers.{l}.self_attn.attn" for l in range(LAYERS)],
-                spec)])
-        self.kv = KVCacheManager(config, max_model_len=4096,
-                                 scheduler_block_size=BS, hash_block_size=BS,
-                                 enable_caching=False)
-        self.manager = self.kv.coordinator.single_type_managers[0]
-        self.law = BlockLaw(self.plan, BS, tp)
-        self.ranks = [types.SimpleNamespace(
-            state=WorkerKVState(self.law, LAYERS, kv_heads, r, debug_poison),
-            cache=torch.zeros(num_blocks, LAYERS, kv_heads, BS, 2 * DIM),
-            impl=backend.SparseMMImpl(heads, DIM, DIM**-0.5, kv_heads, None,
-                                      None, "auto"),
-            heads=slice(r * heads, (r + 1) * heads),
-            kv_heads=slice(r * kv_heads, (r + 1) * kv_heads))
-            for r in range(tp)]
-        self.state = self.ranks[0].state
-        self.full_graphs = full_graphs
-        if full_graphs:  # as the builder sets it up (max_model_len, capacity)
-            for rank in self.ranks:
-                rank.state.graph = GraphDecode(4096, 64)
-        self.layers = [types.SimpleNamespace(
-            layer_name=f"model.layers.{l}.self_attn.attn", _k_scale=None,
-            _v_scale=None) for l in range(LAYERS)]
-        self.free_at_start = self.kv.block_pool.get_num_free_blocks()
-        self.requests = {}
-        self.worker_rows = {}  # req id -> append-only block ids (worker view)
-        self.gen = gen
-
-    def add(self, req_id, prompt_len, total_len):
-        request = Request(req_id, list(range(prompt_len)),
-                          SamplingParams(max_tokens=total_len), None)
-        # fixed "model" activations per (layer, position)
-        shape = (LAYERS, total_len)
-        request.q = torch.randn(*shape, HEADS, DIM, generator=self.gen)
-        request.k = torch.randn(*shape, KV_HEADS, DIM, generator=self.gen)
-        request.v = torch.randn(*shape, KV_HEADS, DIM, generator=self.gen)
-        request.compaction_end = None
-        self.requests[req_id] = request
-        return request
-
-    def add_all(self, prompts: dict[str, int], chunk: int, decode: int,
-                tail=()):
-        """Add requests; return their schedules: prompt chunks, ``decode``
-        single-token steps, then the multi-token ``tail`` steps."""
-        for rid, prompt in prompts.items():
-            self.add(rid, prompt, prompt + decode + sum(tail))
-        return {rid: _chunks(p, chunk) + [1] * decode + list(tail)
-                for rid, p in prompts.items()}
-
-    def step(self, schedule: dict[str, int], pending_outputs=(), pad_to=0):
-        """Run one step; ``schedule`` maps request id -> tokens this step.
-
-        ``pad_to`` pads the batch with empty rows as vLLM does for a full
-        CUDA graph: one token each (its q/k/v zeros, its slot -1), query
-        length 0, seq_len 0 and a block-table row of block 0."""
-        for rid, n in schedule.items():
-            request = self.requests[rid]
-            blocks = self.kv.allocate_slots(request, n)
-            assert blocks is not None, f"no room for {rid}"
-            new = (blocks.get_block_ids(allow_none=True) or [None])[0] or []
-            if request.num_computed_tokens == 0:
-                self.worker_rows[rid] = list(
-                    self.kv.get_block_ids(rid)[0])
-            else:
-                self.worker_rows[rid].extend(new)
-        rows, starts, tokens = [], [0], []
-        for rid, n in schedule.items():
-            request = self.requests[rid]
-            rows.append(RowInfo(rid, request.num_prompt_tokens,
-                                request.num_computed_tokens, n))
-            starts.append(starts[-1] + n)
-            tokens += [(rid, p) for p in range(request.num_computed_tokens,
-                                               request.num_computed_tokens + n)]
-        width = max(len(self.worker_rows[rid]) for rid in schedule)
-        table = torch.zeros(len(rows), width, dtype=torch.int32)
-        for i, rid in enumerate(schedule):
-            table[i, :len(self.worker_rows[rid])] = torch.tensor(
-                self.worker_rows[rid])
-        slots = []
-        for rid, p in tokens:
-            row = self.worker_rows[rid]
-            slots.append(row[p // BS] * BS + p % BS if p // BS < len(row) else -1)
-        pad = max(0, pad_to - len(rows))
-        starts += [starts[-1]] * pad
-        table = torch.cat([table, table.new_zeros(pad, width)])
-        metadata = FakeMetadata(
-            num_actual_tokens=len(tokens) + pad,
-            max_query_len=max(schedule.values()),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor([r.end for r in rows] + [0] * pad,
-                                  dtype=torch.int32),
-            max_seq_len=max(r.end for r in rows), block_table=table,
-            slot_mapping=torch.tensor(slots + [-1] * pad, dtype=torch.int64))
-        # vLLM's dispatch with patches.patch_full_graph_dispatch: FULL for
-        # one token per row, none of them in its prompt
-        full_graph = self.full_graphs and all(
-            r.scheduled == 1 and r.computed >= r.prompt_len for r in rows)
-        outputs = []
-        for rank in self.ranks:
-            backend._worker_state = rank.state
-            rank_metadata = dataclasses.replace(metadata)
-            # the rows as patches.patch_runner_hooks stashes them
-            rank_metadata.sparsemm = backend.step_plan(
-                rank.state, StepRows.of(rows), len(rows) + pad,
-                len(tokens) + pad,
-                torch.tensor(starts), rank_metadata, full_graph)
-            self.last_plan = rank_metadata.sparsemm
-            rank_out = []
-            for l, layer in enumerate(self.layers):
-                def stacked(name, heads):
-                    real = [getattr(self.requests[r], name)[l, p, heads]
-                            for r, p in tokens]
-                    return torch.stack(real + [torch.zeros_like(real[0])] * pad)
-
-                q = stacked("q", rank.heads)
-                k = stacked("k", rank.kv_heads)
-                v = stacked("v", rank.kv_heads)
-                # as in vLLM, q, k and v are strided views of one fused QKV
-                qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1)
-                q, k, v = (part.view(len(tokens) + pad, -1, DIM) for part in
-                           qkv.split([q[0].numel(), k[0].numel(),
-                                      v[0].numel()], dim=1))
-                out = torch.empty_like(q)
-                rank.impl.forward(layer, q, k, v, rank.cache[:, l],
-                                  rank_metadata, out)
-                rank_out.append(out[:len(tokens)])
-            outputs.append(torch.stack(rank_out))
-        outputs = torch.cat(outputs, dim=2)  # heads of all ranks
-        for rid, n in schedule.items():  # vLLM's _update_after_schedule
-            request = self.requests[rid]
-            if (request.compaction_end is None and request.num_computed_tokens
-                    < request.num_prompt_tokens <=
-                    request.num_computed_tokens + n):
-                request.compaction_end = request.num_computed_tokens + n
-            request.num_computed_tokens += n
-            request.num_in_flight_tokens += n
-        for rid, n in pending_outputs:  # vLLM's update_from_output
-            self.requests[rid].num_in_flight_tokens -= n
-        return tokens, outputs  # [L, T, Hq, D]
-
-    def expected(self, rid, layer, position):
-        """Dense SparseMM attention of one token, straight from the definition."""
-        request = self.requests[rid]
-        prompt = request.num_prompt_tokens
-        q = request.q[layer, position]  # [Hq, D]
-        keys, values = request.k[layer], request.v[layer]
-        end = request.compaction_end
-        compressed = (BUDGET < prompt and end is not None and position >= end)
-        group = HEADS // KV_HEADS
-        out = torch.empty(HEADS, DIM)
-        if compressed:
-            caps = self.law.caps[layer]
-            kept, counts = kept_positions(request.q[layer, prompt - WINDOW:prompt],
-                                          keys[:prompt], caps)
-        for h in range(KV_HEADS):
-            if compressed:
-                visible = torch.cat([kept[h, :counts[h]],
-                                     torch.arange(prompt, position + 1)])
-            else:
-                visible = torch.arange(position + 1)
-            for g in range(h * group, (h + 1) * group):
-                probs = torch.softmax(q[g] @ keys[visible, h].T * DIM**-0.5, -1)
-                out[g] = probs @ values[visible, h]
-        return out
-
-    def check(self, tokens, outputs):
-        assert torch.isfinite(outputs).all()
-        for t, (rid, p) in enumerate(tokens):
-            for l in range(LAYERS):
-                torch.testing.assert_close(outputs[l, t],
-                                           self.expected(rid, l, p),
-                                           rtol=1e-5, atol=1e-5)
-
-    def run(self, plans):
-        """Step synchronously through per-request chunk lists; yield each step."""
-        while any(plans.values()):
-            schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
-            tokens, outputs = self.step(schedule)
-            for rid, n in schedule.items():
-                self.requests[rid].num_in_flight_tokens -= n
-            yield schedule, tokens, outputs
-
-    def held_blocks(self, rid):
-        return sum(not b.is_null for b in self.manager.req_to_blocks[rid])
-
-    def finish(self, rid):
-        self.kv.free(self.requests[rid])
-        for rank in self.ranks:
-            rank.state.finish([rid])
-
-
-def _chunks(total, size):
-    out, done = [], 0
-    while done < total:
-        out.append(min(size, total - done))
-        done += out[-1]
-    return out
 
 
 @pytest.mark.parametrize("chunk", [5, 13, 64, 500])
@@ -329,7 +86,7 @@ def test_same_request_alone_and_in_a_batch_gives_the_same_output():
         if with_others:
             for i in range(6):
                 eng.add(f"o{i}", 20 + 15 * i, 40 + 15 * i)
-        plans = {rid: _chunks(r.num_prompt_tokens, 32) + [1] * 20
+        plans = {rid: chunks(r.num_prompt_tokens, 32) + [1] * 20
                  for rid, r in eng.requests.items()}
         outs = []
         for _, tokens, outputs in eng.run(plans):
@@ -361,9 +118,7 @@ def test_preemption_recompute_and_abort_leak_nothing():
     # chunk runs several tokens at once on the compacted layout
     request = eng.requests["p"]
     done = request.num_computed_tokens
-    eng.kv.free(request)
-    request.num_computed_tokens = 0
-    request.compaction_end = None
+    eng.preempt("p")
     for chunk in (64, 30, done - 94):
         tokens, outputs = eng.step({"p": chunk, "q": 1} if chunk == 30
                                    else {"p": chunk})
@@ -401,8 +156,7 @@ def test_one_prompt_length_with_and_without_a_recomputed_tail_compacts_apart():
         step({"p": 1})
     request = eng.requests["p"]
     done = request.num_computed_tokens
-    eng.kv.free(request)  # preempted by recompute
-    request.num_computed_tokens, request.compaction_end = 0, None
+    eng.preempt("p")
     step({"p": done, "r": 80, "s": 80})
     assert request.compaction_end == done > 80
     for _ in range(5):

@@ -7,7 +7,7 @@ import itertools
 import types
 
 from example_scripts import load_example
-from test_backend_cpu import Engine
+from cpu_engine import Engine
 
 
 def _benchmark():

@@ -8,7 +8,8 @@ import torch
 
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.budget import head_budgets
-from vllm_sparsemm.config import BudgetPlan, SparseMMSettings
+from vllm_sparsemm.budget import BudgetPlan
+from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.page_plan import PagePlan, cdiv
 from vllm_sparsemm.selection import kept_positions
 
@@ -29,25 +30,44 @@ def test_uncompressed_prompts_grow_like_vllm():
 
 
 def test_compressed_list_keeps_its_append_only_shape():
+    """Prompt entries, then the compacted ones appended at the compaction
+    step, then growth: never shorter, and the owned tail list[n_c:] is the
+    plan's count."""
     law = BlockLaw(_plan(budget=64), block_size=16)
     prompt = 300
-    kept, prompt_entries = law.released_range(prompt, prompt)
-    assert prompt_entries == cdiv(300, 16) and 1 <= kept < prompt_entries
-    previous = prompt_entries
+    entries = law.prompt_entries(prompt)
+    assert entries == cdiv(300, 16)
+    assert law.list_length(prompt, None, prompt) == entries  # not scheduled
+    previous = entries
     for tokens in range(prompt, prompt + 100):
         length = law.list_length(prompt, prompt, tokens)
         assert length >= previous  # never shrinks: the worker only appends
-        # real blocks = kept prompt entries + appended ones = the plan's count
-        assert kept + length - prompt_entries == law.compacted_blocks(
-            prompt, tokens - prompt)
+        assert length - entries == law.compacted_blocks(prompt, tokens - prompt)
         previous = length
+    assert 1 <= law.compacted_blocks(prompt, 0) < entries
 
 
 def test_compaction_after_the_prompt_end_counts_those_tokens():
     law = BlockLaw(_plan(budget=64), block_size=16)
-    kept, entries = law.released_range(300, 340)  # a re-prefill ended at 340
-    assert entries == cdiv(340, 16)
-    assert kept == law.compacted_blocks(300, 40)
+    # a re-prefill after a preemption ended its compaction step at 340
+    assert law.list_length(300, 340, 340) == cdiv(340, 16) + (
+        law.compacted_blocks(300, 40))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("budget", [40, 64, 200])
+def test_row_width_is_the_longest_list_any_request_reaches(tp, budget):
+    """The workers' block-table row (``max_list_length``) against every
+    (prompt, compaction end, tokens) a request up to max_len can have."""
+    law = BlockLaw(_plan(budget=budget), block_size=16, tp_size=tp)
+    for max_len in (budget, budget + 1, 97, 300, 701):
+        longest = max(law.list_length(p, e, n)
+                      for p in range(1, max_len + 1)
+                      for e in (None, p, (p + max_len) // 2, max_len)
+                      for n in ([p, max_len] if e is None else [e, max_len])
+                      if e is None or p <= e <= n)
+        assert law.max_list_length(max_len) == longest
+        assert longest >= cdiv(max_len, 16)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

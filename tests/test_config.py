@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from vllm_sparsemm.config import (BudgetPlan, ModelShape, SparseMMSettings,
+from vllm_sparsemm.budget import BudgetPlan
+from vllm_sparsemm.config import (ModelShape, SparseMMSettings,
                                   find_score_file, resolve_scores)
 from vllm_sparsemm.head_scores import HeadScoreError
 
@@ -39,6 +40,67 @@ def test_additional_config_beats_environment():
 def test_bad_settings_fail_at_start(raw, message):
     with pytest.raises(ValueError, match=message):
         SparseMMSettings.from_sources({"sparsemm": raw}, environ={})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"budget": 128.7}, r"budget=128.7 .*whole number"),
+    ({"window": True}, r"window=True .*whole number.*not true/false"),
+    ({"pool_kernel": "5.0"}, r"pool_kernel='5.0' .*whole number"),
+    ({"budget": [64]}, r"budget=\[64\] .*whole number"),
+    ({"ratio": True}, r"ratio=True .*number such as 0.1"),
+    ({"ratio": "a tenth"}, r"ratio='a tenth' .*number"),
+    ({"head_scores": 5}, r"head_scores=5 .*string: a score-file path"),
+    ({"decode_kernel": 1}, r"decode_kernel=1 .*string: one of"),
+    ({"debug_poison": 1}, r"debug_poison=1 .*boolean: true or false"),
+    ({"full_cuda_graphs": "off"}, r"full_cuda_graphs='off' .*boolean"),
+])
+def test_settings_are_not_coerced(raw, message):
+    """Strict types: a silent 128.7 -> 128 or true -> 1 would run the wrong setting."""
+    with pytest.raises(ValueError, match=message) as err:
+        SparseMMSettings.from_sources({"sparsemm": raw}, environ={})
+    assert "(from --additional-config)" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("section", [5, "budget=64", [{"budget": 64}], True,
+                                     ""])
+def test_sparsemm_section_must_be_an_object(section):
+    with pytest.raises(ValueError,
+                       match=r'"sparsemm" must be a JSON object of settings'):
+        SparseMMSettings.from_sources({"sparsemm": section}, environ={})
+
+
+def test_a_null_section_means_defaults():
+    assert SparseMMSettings.from_sources({"sparsemm": None},
+                                         environ={}) == SparseMMSettings()
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("BUDGET", "64.5", "whole number"),
+    ("BUDGET", "", "whole number"),
+    ("RATIO", "0.1.2", "number"),
+    ("ADMISSION_PACING", "maybe", "boolean"),
+])
+def test_bad_environment_values_name_the_variable(name, value, message):
+    with pytest.raises(ValueError, match=(
+            f"sparsemm setting {name.lower()}={value!r} "
+            f"\\(from VLLM_SPARSEMM_{name}\\): .*{message}")):
+        SparseMMSettings.from_sources({}, environ={f"VLLM_SPARSEMM_{name}": value})
+
+
+def test_valid_values_in_either_source():
+    env = {"VLLM_SPARSEMM_WINDOW": "16", "VLLM_SPARSEMM_RATIO": "1",
+           "VLLM_SPARSEMM_FULL_CUDA_GRAPHS": "No",
+           "VLLM_SPARSEMM_ADMISSION_PACING": "YES"}
+    s = SparseMMSettings.from_sources(
+        {"sparsemm": {"budget": 64.0, "pool_kernel": 3, "ratio": 0,
+                      "debug_poison": "true", "admission_reserve": -1}},
+        environ=env)
+    assert (s.budget, s.window, s.ratio, s.pool_kernel, s.admission_reserve,
+            s.full_cuda_graphs, s.admission_pacing, s.debug_poison) == (
+                64, 16, 0.0, 3, -1, False, True, True)
+    assert type(s.budget) is int and type(s.ratio) is float
+    assert hash(s) == hash(SparseMMSettings(**s.__dict__))
 
 
 def test_shipped_scores_are_found_from_the_model_shape():

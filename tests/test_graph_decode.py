@@ -10,7 +10,7 @@ import pytest
 
 import torch
 
-from test_backend_cpu import BS, DIM, HEADS, KV_HEADS, Engine
+from cpu_engine import BS, DIM, HEADS, KV_HEADS, Engine
 from vllm_sparsemm import patches
 from vllm_sparsemm.graph_decode import GraphDecode
 from vllm_sparsemm.worker_state import RowInfo, StepRows
@@ -59,7 +59,7 @@ def test_fixed_path_buffers_keep_their_addresses_across_steps():
         cr = eng.last_plan.compressed
         return [t.data_ptr() for t in (
             cr.write_rows, cr.lengths, cr.prefix_pages, cr.decode_base,
-            cr.kept_entries, cr.prompt_entries, cr.virtual_starts)]
+            cr.prompt_entries, cr.virtual_starts)]
 
     eng.step({rid: 1 for rid in PROMPTS}, pad_to=8)
     first = addresses()
@@ -172,11 +172,11 @@ def test_capture_run_binds_the_cache_before_any_forward_and_writes_block_0():
     assert state.pages.data_ptr() == rank.cache.data_ptr()
     reqs = 4
     metadata = types.SimpleNamespace(block_table=torch.zeros(
-        reqs, 3, dtype=torch.int32))
+        reqs, 3, dtype=torch.int32), sparsemm_state=state)
     plan = backend.step_plan(state, None, reqs, reqs,
                              torch.arange(reqs + 1), metadata, full_graph=True)
     assert plan.compressed.max_length == 4096  # the fixed path
-    metadata.sparsemm = plan
+    metadata.sparsemm_step = plan
     for l, layer in enumerate(eng.layers):
         q = torch.zeros(reqs, HEADS, DIM)
         kv = torch.ones(reqs, KV_HEADS, DIM)

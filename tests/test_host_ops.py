@@ -6,7 +6,7 @@ import collections
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from test_backend_cpu import Engine
+from cpu_engine import LAYERS, Engine
 from vllm_sparsemm import backend
 
 
@@ -34,7 +34,7 @@ def _counted(monkeypatch, module, name, counts):
 
 def _ops_per_call(monkeypatch, num_requests):
     counts = collections.defaultdict(list)
-    for name in ("build_step", "write_compressed", "select_kept_tokens",
+    for name in ("build_step", "write_compressed", "select_layer",
                  "compact"):
         _counted(monkeypatch, backend, name, counts)
     eng = Engine()
@@ -48,10 +48,10 @@ def _ops_per_call(monkeypatch, num_requests):
 
 def test_ops_per_step_and_layer_do_not_grow_with_the_batch(monkeypatch):
     few, many = (_ops_per_call(monkeypatch, n) for n in (2, 6))
-    # selection: once per step (in the last layer) for all layers and all
-    # prompts of one length
-    assert few["select_kept_tokens"] == many["select_kept_tokens"]
-    assert len(few["select_kept_tokens"]) == 1
+    # selection: once per layer in the step that completes the prompts, for
+    # all prompts of one length at once
+    assert few["select_layer"] == many["select_layer"]
+    assert len(few["select_layer"]) == LAYERS
     # compaction: the requests of one plan move together
     assert few["compact"] == many["compact"]
     # decode: the step's index tensors, then a few ops per layer

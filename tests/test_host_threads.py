@@ -18,6 +18,7 @@ def two_threads():
 @pytest.mark.usefixtures("two_threads")
 def test_cuda_worker_gets_one_thread(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     limit_host_threads(torch.device("cuda", 0))
     assert torch.get_num_threads() == 1
 
@@ -33,4 +34,14 @@ def test_user_thread_count_is_kept(monkeypatch):
 def test_cpu_worker_keeps_its_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     limit_host_threads(torch.device("cpu"))
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_an_engine_in_the_users_process_keeps_its_threads(monkeypatch):
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 runs the engine in the caller's
+    process: a process-wide thread count there would be the user's."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    limit_host_threads(torch.device("cuda", 0))
     assert torch.get_num_threads() == 2

@@ -8,7 +8,7 @@ import torch
 
 from vllm_sparsemm.budget import head_budgets, kept_counts
 from vllm_sparsemm.head_scores import load_head_scores
-from vllm_sparsemm.kv_ops import (move_rows_reference,
+from vllm_sparsemm.kv_ops import (copy_rows_reference,
                                   paged_attention_reference, write_rows)
 from vllm_sparsemm.page_plan import (PagePlan, PageSpace, RequestLayout, cdiv,
                                      compaction_rows)
@@ -119,15 +119,9 @@ def test_compaction_append_and_attention_round_trip(pools, block_size):
     prompt_len, window, budget = 61, 4, 12
     space = PageSpace(num_layers, num_blocks=40, num_kv_heads=num_kv_heads,
                       block_size=block_size)
-    prompt_blocks = torch.randperm(39, generator=gen)[:cdiv(prompt_len,
-                                                            block_size)] + 1
+    order = torch.randperm(39, generator=gen) + 1
+    prompt_blocks = order[:cdiv(prompt_len, block_size)]
     rows, truth = _standard_cache(space, prompt_blocks, prompt_len, 2 * dim, gen)
-    untouched = torch.ones(rows.shape[0], dtype=torch.bool)
-    for layer in range(num_layers):
-        for block in prompt_blocks.tolist():
-            for head in range(num_kv_heads):
-                page = space.page_id(layer, block, head)
-                untouched[page * block_size:(page + 1) * block_size] = False
     before = rows.clone()
 
     caps = head_budgets(torch.rand(num_layers, num_kv_heads * group,
@@ -146,11 +140,19 @@ def test_compaction_append_and_attention_round_trip(pools, block_size):
     layout = RequestLayout(space, counts, num_pools, prompt_blocks)
     kept_blocks = layout.plan.num_blocks(0)
     assert kept_blocks < len(prompt_blocks)
-    layout.blocks = prompt_blocks[:kept_blocks]
+    # out of place: fresh blocks, none of them a prompt block
+    layout.blocks = order[len(prompt_blocks):len(prompt_blocks) + kept_blocks]
     src, dst = compaction_rows(layout, prompt_blocks, positions, counts)
-    move_rows_reference(rows, src, dst)
+    copy_rows_reference(rows, src, dst)
 
-    # every kept token is where the layout says; rows of other blocks untouched
+    # every kept token is where the layout says; rows outside the fresh
+    # blocks, the prompt's among them (a prefix cache reads them), untouched
+    untouched = torch.ones(rows.shape[0], dtype=torch.bool)
+    for layer in range(num_layers):
+        for block in layout.blocks.tolist():
+            for head in range(num_kv_heads):
+                page = space.page_id(layer, block, head)
+                untouched[page * block_size:(page + 1) * block_size] = False
     assert torch.equal(rows[untouched], before[untouched])
     for layer in range(num_layers):
         for head in range(num_kv_heads):
@@ -165,7 +167,7 @@ def test_compaction_append_and_attention_round_trip(pools, block_size):
     assert {int(r) // block_size for r in dst} <= kept_pages
 
     # decode: append tokens, growing the block list by the plan's law
-    free = [b for b in range(1, 40) if b not in layout.blocks.tolist()]
+    free = order[len(prompt_blocks) + kept_blocks:].tolist()
     appended = torch.randn(num_layers, num_kv_heads, 2 * block_size + 3, 2 * dim,
                            generator=gen)
     for t in range(appended.shape[2]):
@@ -214,10 +216,7 @@ def test_page_list_attention_is_causal_bottom_right():
             torch.testing.assert_close(got[lo + i], probs @ keys[:visible, 1])
 
 
-def test_move_rows_reads_every_source_before_writing():
+def test_copy_rows_writes_only_its_destinations():
     rows = torch.arange(12.0).view(6, 2)
-    move_rows_reference(rows, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]))
-    assert rows[:3].tolist() == [[2, 3], [4, 5], [6, 7]]
-    rows = torch.arange(12.0).view(6, 2)
-    move_rows_reference(rows, torch.tensor([0, 1]), torch.tensor([1, 0]))
-    assert rows[:2].tolist() == [[2, 3], [0, 1]]
+    copy_rows_reference(rows, torch.tensor([1, 2]), torch.tensor([5, 0]))
+    assert rows.tolist() == [[4, 5], [2, 3], [4, 5], [6, 7], [8, 9], [2, 3]]

@@ -65,46 +65,95 @@ def test_v1_runner_is_chosen_for_sparsemm(monkeypatch):
     assert prop.fget(_config(AttentionBackendEnum.CUSTOM)) is True
 
 
-def test_unsupported_features_are_refused(monkeypatch):
-    register()
-    config = types.SimpleNamespace(
+def _engine_config(**parallel):
+    return types.SimpleNamespace(
         attention_config=types.SimpleNamespace(
             backend=AttentionBackendEnum.CUSTOM),
         cache_config=types.SimpleNamespace(enable_prefix_caching=True,
-                                           cache_dtype="fp8", block_size=16),
-        speculative_config=object(), kv_transfer_config=None,
-        parallel_config=types.SimpleNamespace(pipeline_parallel_size=2),
+                                           cache_dtype="auto", block_size=16),
+        speculative_config=None, kv_transfer_config=None,
+        parallel_config=types.SimpleNamespace(**{
+            "pipeline_parallel_size": 1, "tensor_parallel_size": 1,
+            "decode_context_parallel_size": 1,
+            "prefill_context_parallel_size": 1, "use_ubatching": False,
+            **parallel}),
         model_config=None, additional_config={})
-    with pytest.raises(ValueError, match="speculative decoding, pipeline "
-                       "parallelism, --kv-cache-dtype fp8"):
+
+
+def test_unsupported_features_are_refused_with_what_to_change():
+    register()
+    config = _engine_config(pipeline_parallel_size=2)
+    config.speculative_config = object()
+    config.cache_config.cache_dtype = "fp8"
+    with pytest.raises(ValueError, match=r"speculative decoding \(drop "
+                       r"--speculative-config\); pipeline parallelism \(use "
+                       r"--pipeline-parallel-size 1\); --kv-cache-dtype fp8"):
         patches._prepare_engine_config(config)
-    assert config.cache_config.enable_prefix_caching is False
+
+
+@pytest.mark.parametrize("parallel, words", [
+    ({"decode_context_parallel_size": 2}, "--decode-context-parallel-size 1"),
+    ({"prefill_context_parallel_size": 2},
+     "--prefill-context-parallel-size 1"),
+    ({"use_ubatching": True}, "drop --enable-dbo"),
+])
+def test_parallel_layouts_the_plan_cannot_serve_are_refused(parallel, words):
+    register()
+    with pytest.raises(ValueError, match=words):
+        patches._prepare_engine_config(_engine_config(**parallel))
+
+
+def test_tensor_parallelism_that_would_replicate_kv_heads_is_refused():
+    """Each rank must own whole KV heads (Hkv / tp): vLLM replicates heads
+    when tp does not divide them, which the block law cannot express."""
+    config = _engine_config(tensor_parallel_size=8)
+    config.model_config = types.SimpleNamespace(
+        get_total_num_kv_heads=lambda: 4)
+    assert "tensor parallelism 8 over 4 KV heads" in " ".join(
+        patches.unsupported_features(config))
+    config.parallel_config.tensor_parallel_size = 2
+    assert patches.unsupported_features(config) == []
+
+
+def test_prefix_caching_is_left_as_the_user_set_it():
+    register()
+    config = _engine_config()
+    patches._prepare_engine_config(config)
+    assert config.cache_config.enable_prefix_caching is True
+
+
+class _Builder:
+    """What the runner hook hands a sparsemm builder."""
+
+    def __init__(self):
+        self.handed = []
+
+    def hand_step(self, rows, full_graph):
+        self.handed.append((rows, full_graph))
 
 
 def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
         monkeypatch):
     """The metadata hook (GPU-only in the engine tests) reads vLLM's input
     batch: request id, prompt length, computed and scheduled tokens per row,
-    then clears the stash whatever the builder does."""
+    and hands them to the engine's sparsemm builder."""
     import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_sparsemm import worker_state
     register()
-    seen = []
-    monkeypatch.setattr(worker_state, "stash_step_rows",
-                        lambda rows, full_graph=False: seen.append(
-                            (rows, full_graph)))
+    builder = _Builder()
     batch = types.SimpleNamespace(
         req_ids=["a", "b", "c"], num_prompt_tokens=np.array([90, 40, 7]),
         num_computed_tokens_cpu=np.array([90, 32, 0]))
     # the dispatch patch recorded the step's mode: FULL
     runner = types.SimpleNamespace(input_batch=batch,
-                                   _sparsemm_step_full_graph=True)
+                                   _sparsemm_step_full_graph=True,
+                                   _sparsemm_builders=[builder])
     with pytest.raises(AttributeError):  # the real builder needs a real runner
         GPUModelRunner._build_attention_metadata(
             runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
-    rows, full_graph = seen[0]
+    (rows, full_graph), = builder.handed
     assert full_graph
     # the runner's arrays are copied: its next step's updates do not leak in
     batch.num_computed_tokens_cpu[0] = 91
@@ -113,4 +162,17 @@ def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
                           worker_state.RowInfo("b", 40, 32, 8)]
     assert all(type(v) is int for row in rows
                for v in (row.prompt_len, row.computed, row.scheduled))
-    assert seen[-1] == (None, False)  # cleared after the builder
+
+
+def test_runner_hooks_leave_engines_of_other_backends_alone():
+    """Installed, the plugin builds no rows for an engine whose builders are
+    not sparsemm's: the original method runs on its own."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    register()
+    other = types.SimpleNamespace(metadata_builders=[object()])
+    runner = types.SimpleNamespace(attn_groups=[[other]])  # no input_batch
+    with pytest.raises(AttributeError) as error:
+        GPUModelRunner._build_attention_metadata(
+            runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
+    assert "input_batch" not in str(error.value)  # the hook never read it
+    assert patches.sparsemm_builders(runner) == []

@@ -19,7 +19,7 @@ def compare_on_engine_steps(device: str) -> int:
     """Drive the CPU engine into mixed prefill/decode steps; compare every layer's
     page table from the kernel with the reference. Returns tables compared."""
     sys.path.insert(0, str(HERE))
-    from test_backend_cpu import Engine
+    from cpu_engine import Engine
 
     from vllm_sparsemm import backend, triton_ops
     from vllm_sparsemm.layer_ops import compressed_page_table, page_table_width
@@ -152,7 +152,7 @@ def compare_plan_decode(device: str) -> int:
     requests), after each layer wrote its new K/V, on both the per-step and
     the full-graph fixed path. Returns the (step, layer, split) cases."""
     sys.path.insert(0, str(HERE))
-    from test_backend_cpu import Engine
+    from cpu_engine import Engine
 
     from vllm_sparsemm import backend, triton_ops
 

@@ -1,8 +1,9 @@
 """When the scheduler may admit another request: the future peak of the pool,
 and a pace that keeps a burst of compressed requests from moving in lockstep.
 
-A compressed request holds its whole prompt's blocks for a step or two, then
-few, then one more block per ``block_size`` output tokens (at B=64 on
+A compressed request holds its whole prompt's blocks while it prefills, the
+prompt and its compacted blocks for a step or two, then the compacted blocks
+alone, and one more block per ``block_size`` output tokens (at B=64 on
 LLaVA-NeXT: ~6 blocks after compaction, ~38 after 512 outputs). vLLM admits a
 request when its prompt fits in the free blocks and, when a running request
 cannot grow, preempts the newest one, which then recomputes its whole prompt.
@@ -27,54 +28,63 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.page_plan import cdiv
 
-# Columns of the rows handed to ``future_peak``, one row per request (see its
-# docstring): prompt, tokens, limit, prefill steps, whole prompt, held.
-HELD = 5
+
+class FutureRow(NamedTuple):
+    """One request, as :func:`future_peak` sees it."""
+    prompt: int  # prompt length
+    tokens: int  # tokens with a slot
+    limit: int  # prompt + max_tokens: slots stop one token before it
+    prefill_steps: int  # prefill steps still to run after this one
+    # blocks of the whole prompt (standard layout) it holds until they go
+    # back after compaction; 0 when not compressed or once they went back
+    whole: int
+    held: int  # blocks held now
+    release: int  # the first step (from now) without the ``whole`` blocks
 
 
-def future_peak(rows: np.ndarray, law: BlockLaw, horizon: int) -> int:
-    """Most blocks the requests of ``rows`` hold together at any step from
-    now (step 0) to ``horizon`` steps ahead (-1: until all finish).
+def future_peak(rows, law: BlockLaw, horizon: int) -> int:
+    """Most blocks the requests of ``rows`` (:class:`FutureRow` each) hold
+    together at any step from now (step 0) to ``horizon`` steps ahead (-1:
+    until all finish).
 
-    ``rows``: int ``[requests, 6]``: prompt length; tokens with a slot;
-    limit (prompt + max_tokens: slots stop one token before it); prefill
-    steps still to run; the whole prompt's blocks while it is held until
-    compaction (0 once compacted or when not compressed); blocks held now.
-    A request adds one token per step once its prefill is done; it holds its
-    whole prompt until one step after its prefill (the scheduler releases a
-    compaction when the step's output is processed). Between two events (the
-    end of a transient, a finish) every count only grows, so the peak is at
-    step 0, step 1 or the last step before an event.
+    A request adds one token per step once its prefill is done. A compressed
+    one holds its whole prompt while it prefills, the prompt and its
+    compacted blocks from the compaction step until the prompt goes back
+    (``release``: the scheduler hands it back once the step's output is
+    processed), and the compacted blocks after. Between two events (a
+    release, a finish) every count only grows, so the peak is at step 0,
+    step 1 or the last step before an event.
 
-    Requests past their prefill and transient (nearly all of them) grow by
-    one block per ``block_size`` tokens from an offset set by their phase
+    Requests past their prefill and release (nearly all of them) grow by one
+    block per ``block_size`` tokens from an offset set by their phase
     (``BlockLaw.phase_blocks``), so they are summed per (prompt length,
     phase) from counts of who is still alive: the cost grows with the number
     of such groups and event steps, not with their product with requests.
     """
-    prompt, _, _, prefill_steps, whole, _ = rows.T
-    bs = law.block_size
-    after_prompt, last = _life(rows)
+    table = np.array(rows, dtype=np.int64).reshape(-1, len(FutureRow._fields))
+    cols = FutureRow(*table.T)
+    after_prompt, last = _life(cols)
     times = np.unique(np.concatenate(
-        ([0, 1], prefill_steps + 1, np.maximum(last, 0))))
+        ([0, 1], np.maximum(cols.release - 1, 0), np.maximum(last, 0))))
     if horizon >= 0:
         times = np.append(times[times <= horizon], horizon)
-    steady = (prefill_steps == 0) & (whole == 0)
-    dense = _dense_blocks(rows[~steady], law, times)
+    steady = (cols.prefill_steps == 0) & (cols.whole == 0)
+    dense = _dense_blocks(FutureRow(*table[~steady].T), law, times)
     total = dense.sum(axis=0)
-    for prompt_len in np.unique(prompt[steady]):
-        group = steady & (prompt == prompt_len)
+    for prompt_len in np.unique(cols.prompt[steady]):
+        group = steady & (cols.prompt == prompt_len)
         total += _steady_blocks(law, int(prompt_len), after_prompt[group],
                                 last[group], times)
     # step 0 counts what each request holds now, which the steady sums omit
-    total[0] = (dense[:, 0].sum() +
-                _dense_blocks(rows[steady], law, times[:1]).sum())
+    total[0] = (dense[:, 0].sum() + _dense_blocks(
+        FutureRow(*table[steady].T), law, times[:1]).sum())
     return int(total.max())
 
 
@@ -104,33 +114,35 @@ def _steady_blocks(law: BlockLaw, prompt_len: int, appended: np.ndarray,
             (alive * per_phase).sum(axis=0))
 
 
-def _life(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per request of ``rows``: tokens after the prompt once its prefill is
-    done, and the last step (from now) at which it still holds blocks."""
-    prompt, tokens, limit, prefill_steps = rows[:, :4].T
-    after_prompt = np.maximum(tokens, prompt) - prompt
-    return after_prompt, prefill_steps + (limit - prompt) - after_prompt - 1
+def _life(cols: FutureRow) -> tuple[np.ndarray, np.ndarray]:
+    """Per request: tokens after the prompt once its prefill is done, and
+    the last step (from now) at which it still holds blocks."""
+    after_prompt = np.maximum(cols.tokens, cols.prompt) - cols.prompt
+    return after_prompt, (cols.prefill_steps + (cols.limit - cols.prompt) -
+                          after_prompt - 1)
 
 
-def _dense_blocks(rows: np.ndarray, law: BlockLaw,
+def _dense_blocks(cols: FutureRow, law: BlockLaw,
                   times: np.ndarray) -> np.ndarray:
-    """Blocks ``[requests, times]`` of each request of ``rows`` at each step
+    """Blocks ``[requests, times]`` of each request at each step
     (``future_peak``'s rule, evaluated request by request)."""
-    prompt, _, _, prefill_steps, whole, held = rows.T
-    after_prompt, last = _life(rows)
-    appended = np.maximum(
-        after_prompt[:, None] + times[None] - prefill_steps[:, None], 0)
-    blocks = cdiv(prompt[:, None] + appended, law.block_size)
-    for prompt_len in np.unique(prompt):
+    after_prompt, last = _life(cols)
+    t = times[None]
+    steps = cols.prefill_steps[:, None]
+    appended = np.maximum(after_prompt[:, None] + t - steps, 0)
+    blocks = cdiv(cols.prompt[:, None] + appended, law.block_size)
+    for prompt_len in np.unique(cols.prompt):
         if law.compresses(int(prompt_len)):
-            same = prompt == prompt_len
+            same = cols.prompt == prompt_len
             blocks[same] = law.compacted_blocks_many(int(prompt_len),
                                                      appended[same])
-    transient = np.where(times[None] <= prefill_steps[:, None] + 1,
-                         whole[:, None], 0)
-    blocks = np.where(times[None] <= last[:, None],
-                      np.maximum(blocks, transient), 0)
-    blocks[:, 0] = np.maximum(blocks[:, 0], held)
+    pending = (cols.whole > 0)[:, None]
+    whole = cols.whole[:, None]
+    # prefilling: the prompt only; then the prompt and the compacted blocks
+    blocks = (np.where(pending & (t < steps), 0, blocks) +
+              np.where(pending & (t < cols.release[:, None]), whole, 0))
+    blocks = np.where(t <= last[:, None], blocks, 0)
+    blocks[:, 0] = np.maximum(blocks[:, 0], cols.held)
     return blocks
 
 

@@ -18,9 +18,9 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
-    FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadataBuilder)
+    FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder)
 
-from vllm_sparsemm.block_law import BlockLaw
 from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.graph_decode import GraphDecode
 from vllm_sparsemm.host_threads import limit_host_threads
@@ -28,22 +28,22 @@ from vllm_sparsemm.kv_ops import paged_attention_reference
 from vllm_sparsemm import triton_ops
 from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      compressed_page_table, page_table_width,
-                                     prepare_compressed, select_kept_tokens,
+                                     prepare_compressed, select_layer,
                                      write_compressed, write_standard_reference)
 from vllm_sparsemm.plan_setup import settings_for
 from vllm_sparsemm.worker_state import (StepPlan, StepRows, WorkerKVState,
                                         plan_step, selection_scratch_bytes,
-                                        take_step_rows, upload,
-                                        virtual_sequences)
+                                        upload, virtual_sequences)
 
 logger = init_logger("vllm.sparsemm.backend")
 
-_worker_state: WorkerKVState | None = None
 
-
-def worker_state() -> WorkerKVState | None:
-    """This process's sparsemm state (None before the first builder exists)."""
-    return _worker_state
+@dataclasses.dataclass
+class SparseMMMetadata(FlashAttentionMetadata):
+    """FlashAttention's metadata, plus this engine's sparsemm state and the
+    step's plan (None when every row is plain FlashAttention)."""
+    sparsemm_state: WorkerKVState | None = None
+    sparsemm_step: StepPlan | None = None
 
 
 class SparseMMBackend(FlashAttentionBackend):
@@ -98,30 +98,38 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         # rows, and both row kinds are read as slices instead of gathers
         self._init_reorder_batch_threshold(1)
         limit_host_threads(torch.device(device))
-        global _worker_state
         from vllm.distributed import get_tensor_model_parallel_rank
         settings = settings_for(vllm_config)
-        law = BlockLaw(kv_cache_spec.plan, kv_cache_spec.block_size,
-                       kv_cache_spec.tp_size)
-        _worker_state = WorkerKVState(law, len(layer_names),
-                                      kv_cache_spec.num_kv_heads,
-                                      get_tensor_model_parallel_rank(),
-                                      settings.debug_poison)
+        # this engine's state: a builder per engine, one KV group per engine
+        self.state = WorkerKVState(
+            kv_cache_spec.law(), len(layer_names), kv_cache_spec.num_kv_heads,
+            get_tensor_model_parallel_rank(), settings.debug_poison,
+            vllm_config.cache_config.enable_prefix_caching)
         if settings.full_cuda_graphs:
             compilation = vllm_config.compilation_config
-            _worker_state.graph = GraphDecode(
+            self.state.graph = GraphDecode(
                 vllm_config.model_config.max_model_len,
                 max(vllm_config.scheduler_config.max_num_seqs,
                     compilation.max_cudagraph_capture_size or 0))
-        self.state = _worker_state
+        self._rows: StepRows | None = None
+        self._full_graph = False
+
+    def hand_step(self, rows: StepRows | None, full_graph: bool) -> None:
+        """The rows of the step about to be built (None for vLLM's dummy,
+        profile and capture runs) and whether vLLM runs it as a FULL CUDA
+        graph: the runner does not pass them (``patches.py``)."""
+        self._rows, self._full_graph = rows, full_graph
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        rows, full_graph = take_step_rows()
+        rows, full_graph = self._rows, self._full_graph
+        self._rows, self._full_graph = None, False
         bind_before_first_forward(self.state, self.vllm_config,
                                   self.layer_names[0])
         metadata = super().build(common_prefix_len, common_attn_metadata,
                                  fast_build)
-        metadata.sparsemm = step_plan(
+        metadata = SparseMMMetadata(**metadata.__dict__,
+                                    sparsemm_state=self.state)
+        metadata.sparsemm_step = step_plan(
             self.state, rows, common_attn_metadata.num_reqs,
             common_attn_metadata.num_actual_tokens,
             common_attn_metadata.query_start_loc_cpu, metadata, full_graph)
@@ -218,14 +226,14 @@ class SparseMMImpl(FlashAttentionImpl):
         if attn_metadata is None:  # vLLM's memory profile run
             reserve_selection_scratch(self.selection_scratch, query.device)
             return output.fill_(0)
-        plan: StepPlan | None = getattr(attn_metadata, "sparsemm", None)
+        plan: StepPlan | None = attn_metadata.sparsemm_step
+        state = attn_metadata.sparsemm_state
+        index = self._layer_index(layer, kv_cache, state)
         if plan is None:  # dummy run, or no request compressed: plain FA
             self._write_standard(layer, key, value, kv_cache,
-                                 attn_metadata.slot_mapping, None, None)
+                                 attn_metadata.slot_mapping, state, index)
             return self._standard_attention(layer, query, key, value,
-                                             kv_cache, attn_metadata, output)
-        state = plan.state
-        index = self._layer_index(layer, kv_cache, state)
+                                            kv_cache, attn_metadata, output)
         compressed = plan.compressed
         if compressed is None:
             self._write_standard(layer, key, value, kv_cache,
@@ -252,10 +260,10 @@ class SparseMMImpl(FlashAttentionImpl):
                 if not isinstance(tokens, slice):
                     output[tokens] = out
             self._compressed_attention(plan, index, query, output)
-        if plan.compressing and index == state.num_layers - 1:
-            # every layer's keys are in the cache now: select, then compact
-            select_kept_tokens(plan, attn_metadata.block_table)
-            compact(plan, attn_metadata.block_table)
+        if plan.compressing:  # this layer's keys are all in the cache now
+            select_layer(plan, index, attn_metadata.block_table)
+            if index == state.num_layers - 1:  # every layer has selected
+                compact(plan, attn_metadata.block_table)
         return output
 
     def _layer_index(self, layer, kv_cache, state: WorkerKVState) -> int:
@@ -279,19 +287,15 @@ class SparseMMImpl(FlashAttentionImpl):
                                     self.kv_cache_dtype, layer._k_scale,
                                     layer._v_scale)
         else:
-            state = state or worker_state()
-            _bind_once(state, kv_cache)
-            write_standard_reference(state,
-                                     extract_layer_index(layer.layer_name),
-                                     key, value, slots)
+            write_standard_reference(state, index, key, value, slots)
 
     def _standard_attention(self, layer, query, key, value, kv_cache, metadata,
                             output):
         if kv_cache.is_cuda:
             return super().forward(layer, query, key, value, kv_cache,
                                    metadata, output)
-        return _standard_attention_reference(self, layer, query, kv_cache,
-                                             metadata, output)
+        return _standard_attention_reference(self, layer, query, metadata,
+                                             output)
 
     def _compressed_attention(self, plan: StepPlan, index: int, query, output):
         state, cr = plan.state, plan.compressed
@@ -304,7 +308,8 @@ class SparseMMImpl(FlashAttentionImpl):
                 query[:rows], state.pages, None, lengths, self.scale,
                 output[:rows], plan=(cr, index, state),
                 num_splits=triton_decode_splits(rows * state.num_kv_heads,
-                                                sm_count(query.device)))
+                                                sm_count(query.device)),
+                debug=state.debug_checks)
             return
         width = page_table_width(cr, state)
         if query.is_cuda and triton_ops.AVAILABLE:
@@ -462,10 +467,9 @@ def _check_layer_slot(kv_cache, state: WorkerKVState, index: int) -> None:
                            f"the packed KV buffer; expected model order")
 
 
-def _standard_attention_reference(impl, layer, query, kv_cache, metadata,
-                                  output):
+def _standard_attention_reference(impl, layer, query, metadata, output):
     """CPU stand-in for FlashAttention on the standard paged layout."""
-    state = worker_state()
+    state = metadata.sparsemm_state
     index = extract_layer_index(layer.layer_name)
     heads = impl.num_kv_heads
     starts = metadata.query_start_loc.long()

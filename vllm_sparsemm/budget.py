@@ -7,6 +7,7 @@ global across layers, exactly as the SparseMM reference computes them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -71,3 +72,25 @@ def kept_counts(caps: torch.Tensor, prompt_len: int, budget: int,
     if not compresses(prompt_len, budget):
         return torch.full_like(caps, prompt_len)
     return caps.clamp(max=prompt_len - window) + window
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Everything both the scheduler and the workers need to agree on a request's layout."""
+    caps: tuple[tuple[int, ...], ...]  # [L][Hkv], whole model
+    budget: int
+    window: int
+    pool_kernel: int
+
+    @classmethod
+    def build(cls, settings, scores: torch.Tensor,
+              num_kv_heads: int) -> "BudgetPlan":
+        """From ``settings`` (budget, window, ratio, pool_kernel: a
+        ``config.SparseMMSettings``) and a score grid ``[L, Hq]``."""
+        caps = head_budgets(scores, num_kv_heads, settings.budget,
+                            settings.window, settings.ratio)
+        return cls(tuple(tuple(row) for row in caps.tolist()), settings.budget,
+                   settings.window, settings.pool_kernel)
+
+    def caps_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.caps, dtype=torch.int64)

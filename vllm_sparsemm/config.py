@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sparsemm.budget import check_budget_args, head_budgets
+from vllm_sparsemm.budget import check_budget_args
 from vllm_sparsemm.head_scores import (HeadScoreError, check_scores_fit,
                                        load_head_scores, resolve_score_file)
 
@@ -76,7 +76,14 @@ class SparseMMSettings:
     @classmethod
     def from_sources(cls, additional_config: dict | None,
                      environ=os.environ) -> "SparseMMSettings":
-        raw = dict((additional_config or {}).get("sparsemm") or {})
+        raw = (additional_config or {}).get("sparsemm")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"--additional-config \"sparsemm\" must be a JSON object of "
+                f"settings, e.g. {{\"sparsemm\": {{\"budget\": 128}}}}, got "
+                f"{type(raw).__name__} {raw!r:.80}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(known))
         if unknown:
@@ -84,32 +91,69 @@ class SparseMMSettings:
                              f"{sorted(known)}")
         values = {}
         for name, f in known.items():
-            env = environ.get(f"VLLM_SPARSEMM_{name.upper()}")
-            value = raw.get(name, env)
+            origin = f"VLLM_SPARSEMM_{name.upper()}"
+            value = raw.get(name, environ.get(origin))
             if value is None:
                 continue
-            kind = {"budget": int, "window": int, "pool_kernel": int,
-                    "admission_reserve": int,
-                    "ratio": float, "head_scores": str,
-                    "decode_kernel": str,
-                    "full_cuda_graphs": _as_bool,
-                    "admission_pacing": _as_bool,
-                    "debug_poison": _as_bool}[name]
+            if name in raw:
+                origin = "--additional-config"
             try:
-                values[name] = kind(value)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"sparsemm setting {name}={value!r}: {e}") from e
+                values[name] = _PARSERS[f.type](value)
+            except ValueError as e:
+                hint = _HINTS.get(name, "")
+                raise ValueError(f"sparsemm setting {name}={value!r:.80} (from "
+                                 f"{origin}): {e}{hint}") from None
         return cls(**values)
+
+
+# Strict on purpose: a silent coercion (128.7 -> 128, true -> 1, 5 -> "5")
+# would run the model with a setting the user never meant.
+def _as_int(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):  # the environment holds strings
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ValueError("expected a whole number such as 64 (not a fraction, "
+                     "not true/false)")
+
+
+def _as_float(value) -> float:
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (ValueError, OverflowError):
+            pass
+    raise ValueError("expected a number such as 0.1 (not true/false)")
 
 
 def _as_bool(value) -> bool:
     if isinstance(value, bool):
         return value
-    if str(value).lower() in ("1", "true", "yes"):
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes"):
         return True
-    if str(value).lower() in ("0", "false", "no", ""):
+    if isinstance(value, str) and value.lower() in ("0", "false", "no"):
         return False
-    raise ValueError("expected a boolean")
+    raise ValueError('expected a boolean: true or false (or the strings '
+                     '"1"/"0", "yes"/"no")')
+
+
+def _as_str(value) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError("expected a string")
+
+
+_PARSERS = {"int": _as_int, "float": _as_float, "bool": _as_bool,
+            "str": _as_str, "str | None": _as_str}  # by field annotation
+_HINTS = {
+    "head_scores": ": a score-file path, a shipped name or \"uniform\"",
+    "decode_kernel": f": one of {list(DECODE_KERNELS)}",
+}
 
 
 def find_score_file(architectures, num_layers: int, num_heads: int,
@@ -165,23 +209,3 @@ def resolve_scores(settings: SparseMMSettings,
     scores = load_head_scores(path)
     check_scores_fit(scores, shape.num_layers, shape.num_heads, str(path))
     return scores, str(path)
-
-
-@dataclass(frozen=True)
-class BudgetPlan:
-    """Everything both the scheduler and the workers need to agree on a request's layout."""
-    caps: tuple[tuple[int, ...], ...]  # [L][Hkv], whole model
-    budget: int
-    window: int
-    pool_kernel: int
-
-    @classmethod
-    def build(cls, settings: SparseMMSettings, scores: torch.Tensor,
-              num_kv_heads: int) -> "BudgetPlan":
-        caps = head_budgets(scores, num_kv_heads, settings.budget,
-                            settings.window, settings.ratio)
-        return cls(tuple(tuple(row) for row in caps.tolist()), settings.budget,
-                   settings.window, settings.pool_kernel)
-
-    def caps_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.caps, dtype=torch.int64)

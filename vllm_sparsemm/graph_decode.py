@@ -28,7 +28,6 @@ from vllm_sparsemm.worker_state import (CompressedRows, StepRows,
 class DecodeBuffers:
     """What a replayed decode step reads, for up to ``capacity`` rows."""
     tables: torch.Tensor  # [C, 4, F] plan table rows (see RequestKV.tables)
-    kept: torch.Tensor  # [C, 1] K_c per row
     prompt: torch.Tensor  # [C, 1] n_c per row
     write_rows: torch.Tensor  # [L, C * Hkv] where each new token goes
     lengths: torch.Tensor  # [L, C * Hkv] int32 keys per sequence
@@ -72,10 +71,10 @@ class GraphDecode:
         device = block_table.device
         buffers = self._buffers(state, device)
         steps = StepRows.of(rows or [])
-        # per row: token offset, sequence offset, K_c, n_c; the identity plan
+        # per row: token offset, sequence offset, n_c; the identity plan
         # for plain rows (token i is the head's i-th token) and padding
         # (one token into block 0, no keys)
-        per_row = np.zeros((num_reqs, 4), dtype=np.int64)
+        per_row = np.zeros((num_reqs, 3), dtype=np.int64)
         which = np.zeros(num_reqs, dtype=np.int64)  # 0: the identity plan
         real = len(steps)
         compressed = np.flatnonzero(state.law.compresses(steps.prompt_len))
@@ -86,16 +85,14 @@ class GraphDecode:
         tables = [self._identity]
         if len(compressed):
             reqs = state.compacted_requests(steps, compressed.tolist())
-            per_row[compressed, 2] = [req.kept_entries for req in reqs]
-            per_row[compressed, 3] = [req.prompt_entries for req in reqs]
+            per_row[compressed, 2] = [req.prompt_entries for req in reqs]
             distinct, index = distinct_tables([req.tables for req in reqs])
             tables += distinct
             which[compressed] = index + 1
         values, which = upload([per_row, which], device)
         r, heads = num_reqs, state.num_kv_heads
         buffers.tables[:r].copy_(torch.stack(tables)[which])
-        buffers.kept[:r, 0].copy_(values[:, 2])
-        buffers.prompt[:r, 0].copy_(values[:, 3])
+        buffers.prompt[:r, 0].copy_(values[:, 2])
         arange = torch.arange(r, device=device)
         return CompressedRows(
             rows=list(range(r)), tokens=arange, token_req=arange,
@@ -104,7 +101,7 @@ class GraphDecode:
             prefix_pages=buffers.tables[:r, 0],
             prefix_start=buffers.tables[:r, 1],
             decode_base=buffers.tables[:r, 2], counts=buffers.tables[:r, 3],
-            kept_entries=buffers.kept[:r], prompt_entries=buffers.prompt[:r],
+            prompt_entries=buffers.prompt[:r],
             block_rows=block_table[:r],
             # one token per row: the sequences are views of the query
             # (``leading``), so no per-sequence query index is needed
@@ -128,7 +125,6 @@ class GraphDecode:
             self.buffers = DecodeBuffers(
                 tables=torch.zeros(c, 4, flat, dtype=torch.int64,
                                    device=device),
-                kept=torch.zeros(c, 1, dtype=torch.int64, device=device),
                 prompt=torch.zeros(c, 1, dtype=torch.int64, device=device),
                 write_rows=torch.zeros(state.num_layers, c * heads,
                                        dtype=torch.int64, device=device),

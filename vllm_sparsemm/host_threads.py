@@ -7,9 +7,8 @@ size (vLLM's input preparation, multimodal inputs) wakes the whole pool, whose
 threads spin after each op and compete with the engine's thread. vLLM limits
 the pool to one thread only in tensor-parallel workers
 (``multiproc_executor.set_multiprocessing_worker_envs``); a single-GPU engine
-keeps the default. Measured on an H200 (docs/performance.md, lease 11):
-LLaVA-1.5 at B=128 ran 1.27x stock with 16 threads and 1.42x with one, while
-stock ran the same either way (5,022 and 5,037 tok/s).
+keeps the default. On an H200 LLaVA-1.5 ran markedly faster with one thread
+than with sixteen, while stock ran the same either way (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,16 +24,20 @@ logger = init_logger("vllm.sparsemm.host_threads")
 def limit_host_threads(device: torch.device) -> None:
     """Use one torch thread unless the user chose a count (OMP_NUM_THREADS).
 
-    Only for a CUDA worker: a CPU engine (the tests) computes on those
-    threads. torch applies the count to every thread that later runs a
-    parallel op, not just the caller.
+    Only for a CUDA worker in a process of vLLM's own (its engine-core or
+    worker process): torch applies the count to the whole process, and an
+    engine running in the user's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    must leave the user's threads alone. A CPU engine (the tests) computes on
+    those threads.
     """
-    if device.type != "cuda" or "OMP_NUM_THREADS" in os.environ:
+    import vllm.envs as envs
+    if (device.type != "cuda" or "OMP_NUM_THREADS" in os.environ
+            or not envs.VLLM_ENABLE_V1_MULTIPROCESSING):
         return
     threads = torch.get_num_threads()
     if threads > 1:
         logger.info_once(
-            "sparsemm: torch CPU threads reduced from %d to 1 in the worker "
+            "sparsemm: torch CPU threads reduced from %d to 1 in the engine "
             "process (host-bound steps; idle threads spinning slow them). "
             "Set OMP_NUM_THREADS to choose the count.", threads)
         torch.set_num_threads(1)

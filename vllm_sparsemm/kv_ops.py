@@ -1,8 +1,9 @@
 """KV data movement and page-list attention: PyTorch references and the CUDA path.
 
 The references are the oracle for the CUDA kernel (``csrc/``) and the
-implementation the CPU tests drive. ``move_rows`` picks the kernel when the
-extension is built and the tensor lives on a GPU, the reference otherwise.
+implementation the CPU tests drive. ``copy_rows`` picks the kernel when the
+extension is built for this GPU and the tensor lives on it, the reference
+otherwise.
 """
 
 from __future__ import annotations
@@ -12,24 +13,22 @@ import torch
 from vllm_sparsemm import _ext
 
 
-def move_rows_reference(rows: torch.Tensor, src: torch.Tensor,
+def copy_rows_reference(rows: torch.Tensor, src: torch.Tensor,
                         dst: torch.Tensor) -> None:
-    """``rows[dst[i]] = old rows[src[i]]`` for all i at once.
-
-    Sources and destinations may overlap (compaction packs tokens into pages
-    that held other tokens): every source is read before any write.
-    """
-    rows[dst] = rows[src]  # advanced indexing reads into a fresh tensor first
+    """``rows[dst[i]] = rows[src[i]]`` for all i; no destination may be a
+    source (compaction copies out of place)."""
+    rows[dst] = rows[src]
 
 
-def move_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """:func:`move_rows_reference` with the CUDA gather kernel where available."""
+def copy_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """:func:`copy_rows_reference` with the CUDA kernel where available."""
     if src.numel() == 0:
         return
-    if rows.is_cuda and _ext.kernels() is not None:
-        _ext.kernels().move_rows(rows, src.to(torch.int64), dst.to(torch.int64))
-    else:
-        move_rows_reference(rows, src, dst)
+    if rows.is_cuda and _ext.run_kernel("copy_rows", rows.device, rows,
+                                        src.to(torch.int64),
+                                        dst.to(torch.int64)):
+        return
+    copy_rows_reference(rows, src, dst)
 
 
 def write_rows(rows: torch.Tensor, dst: torch.Tensor,

@@ -1,10 +1,12 @@
 """Scheduler side: the KV-cache spec every sparsemm layer reports, and its block manager.
 
-The manager runs in EngineCore. It gives a request the standard blocks while it
-prefills, releases what compaction frees once the prompt has been processed
-(the precedent is vLLM's ``RSWAManager``), and from then on grows the block
-list by :class:`~vllm_sparsemm.block_law.BlockLaw`. Prefix caching never
-applies: compaction rewrites block contents.
+The manager runs in EngineCore. It gives a request the standard blocks while
+it prefills, adds the compacted blocks when the step that completes the prompt
+is scheduled, and hands the prompt's blocks back once that step has been
+processed (the precedent is vLLM's ``RSWAManager``); from then on the list
+grows by :class:`~vllm_sparsemm.block_law.BlockLaw`. Compaction copies out of
+place, so full prompt blocks are cached as stock vLLM caches them and stay
+prefix-cache hits after they are handed back; compacted blocks never are.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import numpy as np
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_sparsemm.admission import HELD, AdmissionPacer, future_peak
+from vllm_sparsemm.admission import AdmissionPacer, FutureRow, future_peak
 from vllm_sparsemm.block_law import BlockLaw
-from vllm_sparsemm.config import BudgetPlan
+from vllm_sparsemm.budget import BudgetPlan
 from vllm_sparsemm.page_plan import cdiv
+
+_LAWS: dict[tuple, BlockLaw] = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,35 +34,57 @@ class SparseMMSpec(FullAttentionSpec):
     # until every request finishes; 0: vLLM's optimistic admission)
     admission_reserve: int = 256
     admission_pacing: bool = True  # admission.AdmissionPacer
+    # vLLM's async scheduling processes a step's output one step later, so
+    # a compaction's prompt blocks go back one step later too
+    async_scheduling: bool = False
+
+    def law(self) -> BlockLaw:
+        """The block law of this spec (one per plan, block size and TP size)."""
+        key = (self.plan, self.block_size, self.tp_size)
+        if key not in _LAWS:
+            _LAWS[key] = BlockLaw(self.plan, self.block_size, self.tp_size)
+        return _LAWS[key]
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        # The workers' block-table rows: the longest list the law allows,
+        # which passes cdiv(max_len, bs) by the compacted blocks.
+        return self.law().max_list_length(max_len)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # vLLM refuses to start unless one request of max_model_len fits.
+        max_len = vllm_config.model_config.max_model_len
+        return self.max_num_blocks_per_req(vllm_config,
+                                           max_len) * self.page_size_bytes
 
     @classmethod
     def merge(cls, specs: list["SparseMMSpec"]) -> "SparseMMSpec":
         # FullAttentionSpec.merge rebuilds the base class fields only.
-        plans = {(spec.plan, spec.tp_size, spec.admission_reserve,
-                  spec.admission_pacing) for spec in specs}
+        extra = ("plan", "tp_size", "admission_reserve", "admission_pacing",
+                 "async_scheduling")
+        values = {tuple(getattr(spec, name) for name in extra)
+                  for spec in specs}
         assert all(isinstance(s, SparseMMSpec) for s in specs) and len(
-            plans) == 1, "all sparsemm layers of a KV group must share one plan"
+            values) == 1, "all sparsemm layers of a KV group must share one plan"
         base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
-        plan, tp_size, admission_reserve, admission_pacing = plans.pop()
-        return cls(block_size=base.block_size,
-                   num_kv_heads=base.num_kv_heads,
-                   head_size=base.head_size,
-                   head_size_v=base.head_size_v,
-                   dtype=base.dtype,
-                   kv_quant_mode=base.kv_quant_mode,
-                   page_size_padded=base.page_size_padded,
-                   indexes_kv_by_block_stride=base.indexes_kv_by_block_stride,
-                   sliding_window=base.sliding_window,
-                   attention_chunk_size=base.attention_chunk_size,
-                   non_causal=base.non_causal,
-                   plan=plan,
-                   tp_size=tp_size,
-                   admission_reserve=admission_reserve,
-                   admission_pacing=admission_pacing)
+        fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
+        return cls(**fields, **dict(zip(extra, values.pop())))
+
+
+@dataclass
+class _Tracked:
+    """What the manager knows of one request (vLLM passes managers ids only)."""
+    prompt_len: int
+    limit: int  # prompt + max_tokens, capped at max_model_len
+    tokens: int = 0  # tokens with a slot
+    chunk: int = 0  # tokens its last allocation added
+    end: int | None = None  # E, once the compaction step is scheduled
+    end_step: int = 0  # the scheduler step that scheduled it
+    released: bool = False  # the prompt's entries went back to the pool
 
 
 class SparseMMManager(FullAttentionManager):
     """Block lists of compressed requests (see ``block_law`` for the layout),
+    prefix-cache hits that leave the observation window to be recomputed,
     and an admission gate fitted to their life (``admission.py``): a request
     is admitted only if no step within ``admission_reserve`` steps would run
     out of blocks with every request running to its limit, and compressed
@@ -66,174 +92,84 @@ class SparseMMManager(FullAttentionManager):
     (``admission_pacing``).
     """
 
+    # hits end on block boundaries: the window rule is per block
+    supports_fine_grained_hash_lookup = False
+
     def __init__(self, kv_cache_spec: SparseMMSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.law = BlockLaw(kv_cache_spec.plan, self.block_size,
-                            kv_cache_spec.tp_size)
-        self._prompt_len: dict[str, int] = {}
+        self.law = kv_cache_spec.law()
+        self.window = kv_cache_spec.plan.window
         self.admission_horizon = kv_cache_spec.admission_reserve  # steps
-        self._limit: dict[str, int] = {}  # prompt + max_tokens (capped)
-        self._tokens: dict[str, int] = {}  # tokens with a slot so far
-        self._chunk: dict[str, int] = {}  # tokens its last allocation added
+        self.release_lag = 2 if kv_cache_spec.async_scheduling else 1
         self.pacer = AdmissionPacer(
             self.law, self.block_pool.num_gpu_blocks - 1
         ) if kv_cache_spec.admission_pacing else None
         self._paced: str | None = None  # the request the pacer let in last
-        # Request -> (K_c, n_c), the released entries, fixed once E (the end
-        # of the step that processed its last prompt token) is known; present
-        # once the request is compacted (vLLM asks for every running request
-        # at every step: kept, not recomputed)
-        self._released: dict[str, tuple[int, int]] = {}
-        self._removed: set[str] = set()  # requests whose entries went back
-        # this step's _future_rows of running requests, and the requests
-        # whose row may have changed since it was built
-        self._step_rows: dict[str, tuple] | None = None
+        self._requests: dict[str, _Tracked] = {}
+        self._step = 0
+        self._hit_limit: int | None = None  # set by begin_lookup
+        # this step's gate rows of running requests, once the first
+        # admission of the step built them, and the requests whose row may
+        # have changed since (only kept while rows are)
+        self._step_rows: dict[str, FutureRow] | None = None
         self._stale: set[str] = set()
 
-    def _note_progress(self, request_id: str, computed: int) -> None:
-        if request_id in self._released:
-            return
-        prompt_len = self._prompt_len.get(request_id)
-        if (prompt_len is not None and computed >= prompt_len
-                and self.law.compresses(prompt_len)):
-            self._released[request_id] = self.law.released_range(prompt_len,
-                                                                 computed)
-
-    def _slot_tokens(self, request_id: str, num_tokens: int) -> int:
-        """``num_tokens`` for the standard arithmetic that yields our list length."""
-        released = self._released.get(request_id)
-        if released is None:
-            return num_tokens
-        return self.law.compacted_list_length(
-            self._prompt_len[request_id], released,
-            num_tokens) * self.block_size
+    # -- what vLLM does not pass to managers (patches.py) ---------------------
 
     def note_request(self, request_id: str, prompt_len: int,
                      limit: int) -> None:
         """Prompt length and the most tokens ``request_id`` can reach, before
-        its first allocation (``patches.py``: vLLM passes managers ids only)."""
-        self._prompt_len[request_id] = prompt_len
-        self._limit[request_id] = limit
-        self._stale.add(request_id)
+        its first lookup or allocation."""
+        if request_id not in self._requests:
+            self._requests[request_id] = _Tracked(prompt_len, limit)
+            self._touch(request_id)
 
     def is_noted(self, request_id: str) -> bool:
         """Whether ``note_request`` ran for this request since it was last freed."""
-        return request_id in self._limit
-
-    def _held_blocks(self, request_id: str) -> int:
-        """Real blocks held (released entries of the list are null blocks)."""
-        held = len(self.req_to_blocks.get(request_id, ()))
-        released = self._released.get(request_id)
-        if released is not None:
-            held -= released[1] - released[0]
-        return held
-
-    def _future_rows(self, request_id: str, num_tokens: int) -> np.ndarray:
-        """``admission.future_peak``'s rows: every request holding blocks,
-        then the candidate ``request_id`` asking for ``num_tokens`` slots.
-
-        A step may admit several requests, each asking over every running
-        one, so the running requests' rows are built at the first admission
-        of a step and kept; later ones rebuild only the rows of requests
-        whose blocks or progress changed since (``_stale``)."""
-        rows = self._step_rows
-        if rows is None:
-            rows = self._step_rows = {
-                rid: self._running_row(rid, prompt_len)
-                for rid, prompt_len in self._prompt_len.items()
-                if rid in self.req_to_blocks}
-        else:
-            for rid in self._stale:
-                prompt_len = self._prompt_len.get(rid)
-                if prompt_len is None or rid not in self.req_to_blocks:
-                    rows.pop(rid, None)
-                else:
-                    rows[rid] = self._running_row(rid, prompt_len)
-        self._stale.clear()
-        prompt_len = self._prompt_len.get(request_id, num_tokens)
-        candidate = (prompt_len, num_tokens,
-                     self._limit.get(request_id,
-                                     max(num_tokens, prompt_len) + 1),
-                     cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1)),
-                     self._whole_prompt_blocks(request_id, prompt_len,
-                                               num_tokens), 0)
-        table = np.array([*rows.values(), candidate], dtype=np.int64)
-        if request_id in rows:  # the candidate holds blocks: count it once
-            table = np.delete(table, list(rows).index(request_id), axis=0)
-        return table
-
-    def _running_row(self, rid: str, prompt_len: int) -> tuple:
-        """One running request's row of ``_future_rows`` (plain dict lookups)."""
-        tokens = self._tokens.get(rid, prompt_len)
-        steps = (cdiv(prompt_len - tokens,
-                      max(self._chunk.get(rid, tokens), 1))
-                 if tokens < prompt_len else 0)
-        return (prompt_len, tokens,
-                self._limit.get(rid, max(tokens, prompt_len) + 1), steps,
-                self._whole_prompt_blocks(rid, prompt_len, tokens),
-                self._held_blocks(rid))
-
-    def _whole_prompt_blocks(self, request_id: str, prompt_len: int,
-                             tokens: int) -> int:
-        """Blocks of the whole prompt (and recomputed outputs) the request
-        holds until its compaction is released; 0 once it is, or if it is
-        never compressed."""
-        if request_id in self._released or not self.law.compresses(prompt_len):
-            return 0
-        return cdiv(max(tokens, prompt_len), self.block_size)
-
-    def admission_reserve(self, request_id: str, num_tokens: int) -> int:
-        """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
-        admitting ``request_id``; more than are free while the pacer says
-        not yet (class docstring)."""
-        if self.admission_horizon == 0 or not self.req_to_blocks:
-            return 0  # with nothing running, never hold a request back
-        prompt_len = self._prompt_len.get(request_id, num_tokens)
-        if self.pacer is not None and num_tokens <= prompt_len:
-            limit = self._limit.get(request_id, num_tokens + 1)
-            if not self.pacer.allows(prompt_len, limit - prompt_len):
-                return self.block_pool.get_num_free_blocks() + 1
-            self._paced = request_id
-        rows = self._future_rows(request_id, num_tokens)
-        peak = future_peak(rows, self.law, self.admission_horizon)
-        return max(0, peak - int(rows[:, HELD].sum()) -
-                   cdiv(num_tokens, self.block_size))
-
-    def new_step_starts(self) -> None:
-        super().new_step_starts()
-        self._step_rows = None
-        if self.pacer is not None:
-            self.pacer.new_step()
+        return request_id in self._requests
 
     def note_finished(self, request_id: str, num_output_tokens: int) -> None:
-        """``request_id`` ran to its end (``patches.py``): the pacer's mean life."""
+        """``request_id`` ran to its end (not preempted or aborted): the
+        pacer's mean life."""
         if self.pacer is not None:
             self.pacer.finished(num_output_tokens)
+
+    def begin_lookup(self, prompt_len: int) -> None:
+        """The next prefix-cache lookup is for a prompt of ``prompt_len``: a
+        compressed prompt's last ``window`` tokens must be computed in this
+        request, since their queries choose what every head keeps."""
+        self._hit_limit = (prompt_len - self.window
+                           if self.law.compresses(prompt_len) else None)
+
+    # -- vLLM's manager interface ---------------------------------------------
+
+    def find_longest_cache_hit(self, block_hashes, max_length: int, *args,
+                               **kwargs):
+        limit, self._hit_limit = self._hit_limit, None
+        if limit is not None:
+            max_length = max(0, min(max_length, limit))
+        return FullAttentionManager.find_longest_cache_hit.__func__(
+            type(self), block_hashes, max_length, *args, **kwargs)
 
     def remove_skipped_blocks(self, request_id: str,
                               processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
-        # vLLM calls this first in every allocate_slots, with the prompt length.
-        if num_prompt_tokens is None:
+        # vLLM calls this first in every allocate_slots, with the processed
+        # tokens: the prompt goes back once the compaction step is processed
+        tracked = self._requests.get(request_id)
+        if (tracked is None or tracked.end is None or tracked.released
+                or processed_computed_tokens < tracked.end):
             return
-        self._stale.add(request_id)
-        self._prompt_len[request_id] = num_prompt_tokens
-        if (processed_computed_tokens < num_prompt_tokens
-                or request_id in self._removed):
-            return  # compaction not processed yet, or its entries already freed
-        self._note_progress(request_id, processed_computed_tokens)
-        released = self._released.get(request_id)
-        if released is not None:
-            self._remove_blocks_in_range(request_id, *released)
-            self._removed.add(request_id)
+        self._remove_blocks_in_range(request_id, 0,
+                                     self.law.prompt_entries(tracked.end))
+        tracked.released = True
+        self._touch(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens,
                                    new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens,
                                    num_tokens_main_model,
                                    apply_admission_cap=False) -> int:
-        self._stale.add(request_id)
-        self._note_progress(request_id, total_computed_tokens)
         blocks = super().get_num_blocks_to_allocate(
             request_id, self._slot_tokens(request_id, num_tokens),
             new_computed_blocks, total_computed_tokens,
@@ -247,26 +183,145 @@ class SparseMMManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id, num_tokens,
                             num_tokens_main_model):
-        if request_id == self._paced:
-            self.pacer.started(self._prompt_len[request_id])
-            self._paced = None
-        self._stale.add(request_id)
-        self._chunk[request_id] = num_tokens - self._tokens.get(request_id, 0)
-        self._tokens[request_id] = num_tokens
+        tracked = self._requests.get(request_id)
+        if tracked is not None:
+            if request_id == self._paced:
+                self.pacer.started(tracked.prompt_len)
+                self._paced = None
+            if (tracked.end is None and num_tokens >= tracked.prompt_len
+                    and self.law.compresses(tracked.prompt_len)):
+                tracked.end, tracked.end_step = num_tokens, self._step
+            tracked.chunk = num_tokens - tracked.tokens
+            tracked.tokens = num_tokens
+            self._touch(request_id)
         return super().allocate_new_blocks(
             request_id, self._slot_tokens(request_id, num_tokens),
             num_tokens_main_model)
 
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        # Only the standard layout is shareable: a compressed request's full
+        # prompt blocks, never its compacted entries or what follows them.
+        if self.law.compresses(request.num_prompt_tokens):
+            num_tokens = min(num_tokens, request.num_prompt_tokens)
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        self._stale.add(request_id)
-        for table in (self._prompt_len, self._limit, self._tokens,
-                      self._chunk, self._released):
-            table.pop(request_id, None)
-        self._removed.discard(request_id)
+        self._requests.pop(request_id, None)
+        self._touch(request_id)
 
-    def cache_blocks(self, *args, **kwargs) -> None:
-        return None  # compacted blocks must never serve as prefix-cache hits
+    def new_step_starts(self) -> None:
+        super().new_step_starts()
+        self._step += 1
+        self._step_rows = None
+        self._stale.clear()
+        if self.pacer is not None:
+            self.pacer.new_step()
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
-        return 0
+        return 0  # cascade attention would read compacted blocks as a prefix
+
+    # -- the block law in vLLM's arithmetic -----------------------------------
+
+    def _slot_tokens(self, request_id: str, num_tokens: int) -> int:
+        """``num_tokens`` for the standard arithmetic (``cdiv(n, bs)``
+        entries) that yields the law's list length."""
+        tracked = self._requests.get(request_id)
+        if (tracked is None or num_tokens < tracked.prompt_len
+                or not self.law.compresses(tracked.prompt_len)):
+            return num_tokens
+        end = tracked.end if tracked.end is not None else num_tokens
+        return self.law.list_length(tracked.prompt_len, end,
+                                    num_tokens) * self.block_size
+
+    def prompt_released(self, request_id: str) -> bool:
+        """Whether a compacted request's prompt blocks went back to the pool."""
+        tracked = self._requests.get(request_id)
+        return tracked is not None and tracked.released
+
+    def _held_blocks(self, request_id: str) -> int:
+        """Real blocks held (released entries of the list are null blocks)."""
+        held = len(self.req_to_blocks.get(request_id, ()))
+        tracked = self._requests.get(request_id)
+        if tracked is not None and tracked.released:
+            held -= self.law.prompt_entries(tracked.end)
+        return held
+
+    # -- admission --------------------------------------------------------------
+
+    def _touch(self, request_id: str) -> None:
+        if self._step_rows is not None:
+            self._stale.add(request_id)
+
+    def admission_reserve(self, request_id: str, num_tokens: int) -> int:
+        """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
+        admitting ``request_id``; more than are free while the pacer says
+        not yet (class docstring)."""
+        if self.admission_horizon == 0 or not self.req_to_blocks:
+            return 0  # with nothing running, never hold a request back
+        tracked = self._requests.get(request_id)
+        prompt_len = tracked.prompt_len if tracked else num_tokens
+        if self.pacer is not None and num_tokens <= prompt_len:
+            limit = tracked.limit if tracked else num_tokens + 1
+            if not self.pacer.allows(prompt_len, limit - prompt_len):
+                return self.block_pool.get_num_free_blocks() + 1
+            self._paced = request_id
+        rows = self._future_rows(request_id, num_tokens)
+        peak = future_peak(rows, self.law, self.admission_horizon)
+        held = sum(row.held for row in rows)
+        return max(0, peak - held - cdiv(num_tokens, self.block_size))
+
+    def _future_rows(self, request_id: str,
+                     num_tokens: int) -> list[FutureRow]:
+        """``admission.future_peak``'s rows: every request holding blocks,
+        then the candidate ``request_id`` asking for ``num_tokens`` slots.
+
+        A step may admit several requests, each asking over every running
+        one, so the running requests' rows are built at the first admission
+        of a step and kept; later ones rebuild only the rows of requests
+        whose blocks or progress changed since (``_stale``)."""
+        rows = self._step_rows
+        if rows is None:
+            rows = self._step_rows = {
+                rid: self._running_row(rid, tracked)
+                for rid, tracked in self._requests.items()
+                if rid in self.req_to_blocks}
+        else:
+            for rid in self._stale:
+                tracked = self._requests.get(rid)
+                if tracked is None or rid not in self.req_to_blocks:
+                    rows.pop(rid, None)
+                else:
+                    rows[rid] = self._running_row(rid, tracked)
+        self._stale.clear()
+        candidate = self._candidate_row(request_id, num_tokens)
+        return [row for rid, row in rows.items()
+                if rid != request_id] + [candidate]
+
+    def _candidate_row(self, request_id: str, num_tokens: int) -> FutureRow:
+        """The row of a request asking to start with ``num_tokens`` slots."""
+        tracked = self._requests.get(request_id)
+        prompt_len = tracked.prompt_len if tracked else num_tokens
+        limit = tracked.limit if tracked else max(num_tokens, prompt_len) + 1
+        steps = cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1))
+        whole = (cdiv(max(num_tokens, prompt_len), self.block_size)
+                 if self.law.compresses(prompt_len) else 0)
+        return FutureRow(prompt_len, num_tokens, limit, steps, whole, 0,
+                         steps + self.release_lag)
+
+    def _running_row(self, rid: str, tracked: _Tracked) -> FutureRow:
+        """One running request's row of ``_future_rows`` (plain lookups)."""
+        prompt_len, tokens = tracked.prompt_len, tracked.tokens
+        steps = (cdiv(prompt_len - tokens, max(tracked.chunk, 1))
+                 if tokens < prompt_len else 0)
+        whole, release = 0, 0
+        if self.law.compresses(prompt_len) and not tracked.released:
+            if tracked.end is None:  # still prefilling
+                whole = cdiv(max(tokens, prompt_len), self.block_size)
+                release = steps + self.release_lag
+            else:  # the compaction step is scheduled: back when processed
+                whole = self.law.prompt_entries(tracked.end)
+                release = max(1, tracked.end_step + self.release_lag -
+                              self._step)
+        return FutureRow(prompt_len, tokens, tracked.limit, steps, whole,
+                         self._held_blocks(rid), release)

@@ -14,32 +14,51 @@ from __future__ import annotations
 import torch
 
 from vllm_sparsemm import triton_ops
-from vllm_sparsemm.kv_ops import move_rows, write_rows
+from vllm_sparsemm.kv_ops import copy_rows, write_rows
 from vllm_sparsemm.page_plan import (RequestLayout, cdiv, compaction_rows,
                                      page_slot, prompt_rows)
-from vllm_sparsemm.selection import select_kept, window_scores
+from vllm_sparsemm.selection import (select_kept, streamed_window_scores,
+                                     window_scores)
 from vllm_sparsemm.worker_state import (SELECTION_TOKENS, CompressedRows,
                                         StepPlan, WorkerKVState)
 
 
 def compressed_page(cr: CompressedRows, state: WorkerKVState, req, head,
-                    index) -> torch.Tensor:
+                    index, used=None) -> torch.Tensor:
     """Page id holding token ``index`` of local head ``head`` of compressed row ``req``.
 
     ``head`` is the flat index ``layer * Hkv + kv_head``; all arguments
     broadcast. Slots as ``PagePlan.slots``; entries map to the runner's block
-    row as ``block_law`` lays it out (owned = list[:K_c] + list[n_c:]).
+    row as ``block_law`` lays it out (owned = list[n_c:]). ``used`` masks
+    the pages that exist (the others read column 0 and must be dropped).
     """
     pages_per_block = state.space.pages_per_block
     slot = page_slot(cr.prefix_pages[req, head], cr.prefix_start[req, head],
                      cr.decode_base[req, head], pages_per_block,
                      index // state.block_size)
-    entry = slot // pages_per_block
-    kept, prompt = cr.kept_entries[req, 0], cr.prompt_entries[req, 0]
-    column = torch.where(entry < kept, entry, prompt + entry - kept)
-    column = column.clamp(max=cr.block_rows.shape[1] - 1)
+    column = cr.prompt_entries[req, 0] + slot // pages_per_block
+    column = checked_columns(column, cr.block_rows.shape[1], used,
+                             state.debug_checks)
     block = cr.block_rows[req, column].long()
     return block * pages_per_block + slot % pages_per_block
+
+
+def checked_columns(column: torch.Tensor, width: int, used, debug: bool
+                    ) -> torch.Tensor:
+    """``column`` where ``used``, else 0; a used column past the block-table
+    row is a broken block law, never clamped: an error on the CPU, and on
+    the GPU in debug runs (an asynchronous device assert, no sync)."""
+    if used is not None:
+        column = torch.where(used, column, 0)
+    inside = column < width
+    if column.device.type == "cpu":
+        if not bool(inside.all()):
+            raise RuntimeError(f"sparsemm: a page lies past the {width} "
+                               f"block-table columns")
+    elif debug:
+        torch._assert_async(inside.all(),
+                            "sparsemm: a page lies past the block-table row")
+    return column
 
 
 def prepare_compressed(cr: CompressedRows, state: WorkerKVState) -> None:
@@ -75,8 +94,10 @@ def compressed_page_table(cr: CompressedRows, state: WorkerKVState,
     head = (layer * state.num_kv_heads +
             torch.arange(state.num_kv_heads, device=device))[None, :, None]
     page = torch.arange(width, device=device)[None, None, :]
-    table = compressed_page(cr, state, req, head, page * state.block_size)
-    table = torch.where(page < num_pages[..., None], table, 0)
+    used = page < num_pages[..., None]
+    table = compressed_page(cr, state, req, head, page * state.block_size,
+                            used)
+    table = torch.where(used, table, 0)
     return table.reshape(-1, width).to(torch.int32)
 
 
@@ -123,64 +144,70 @@ def collect_window_queries(plan: StepPlan, layer: int,
                                                  query[start:end])
 
 
-def select_kept_tokens(plan: StepPlan, block_table: torch.Tensor) -> None:
-    """Pick each (layer, head)'s kept prompt tokens for every prompt completed this step.
+def select_layer(plan: StepPlan, layer: int,
+                 block_table: torch.Tensor) -> None:
+    """Pick what each head of ``layer`` keeps, for every prompt completed this step.
 
-    Runs once, in the last layer, when every layer's keys are in the cache:
-    the (request, layer) pairs of one prompt length are scored and selected
-    in chunks of at most SELECTION_TOKENS prompt tokens, so a step that
-    completes prompts dispatches a few dozen ops instead of that many per layer.
+    Runs in each layer once its keys are in the cache, so a layer's window
+    queries are dropped as soon as it has selected: only queries of prompts
+    whose window a chunk boundary split wait across steps. Requests of one
+    prompt length are scored and selected together, at most
+    SELECTION_TOKENS prompt tokens at a time; a longer prompt is scored
+    alone, its keys SELECTION_TOKENS at a time
+    (``selection.streamed_window_scores``), so the scratch is bounded
+    whatever the prompt length.
     """
     state = plan.state
-    num_layers, num_heads = state.num_layers, state.num_kv_heads
+    num_heads = state.num_kv_heads
     head_dim = state.pages.shape[-1] // 2
     device = block_table.device
     heads = torch.arange(num_heads, device=device)
-    caps = state.caps_on(device)  # [L, Hkv]
+    caps = state.caps_on(device)[layer]  # [Hkv]
     for group in plan.selection_groups:
         n, prompt_len = len(group.members), group.prompt_len
-        positions = torch.arange(prompt_len, device=device)[:, None]
-        blocks = block_table[group.index].long()  # [n, columns]
-        # [n * L, W, Hq, D]: unit u is (member u // L, layer u % L)
-        queries = torch.stack([req.windows[layer].ready().queries
-                               for _, req in group.members
-                               for layer in range(num_layers)])
-        # one width for all layers (the largest kept count), set on the host
         width = _kept_width(state, prompt_len)
-        group.positions = torch.empty((n * num_layers, num_heads, width),
-                                      dtype=torch.int64, device=device)
+        if group.positions is None:  # [n, L, Hkv, width]: every layer's
+            group.positions = torch.empty(
+                (n, state.num_layers, num_heads, width), dtype=torch.int64,
+                device=device)
+        blocks = block_table[group.index].long()  # [n, columns]
         chunk = max(1, SELECTION_TOKENS // prompt_len)
-        for lo in range(0, n * num_layers, chunk):
-            hi = min(lo + chunk, n * num_layers)
-            unit = torch.arange(lo, hi, device=device)
-            member, layer = unit // num_layers, unit % num_layers
-            rows = prompt_rows(state.space, blocks[member], layer[:, None, None],
-                               heads, positions)  # [units, P, Hkv]
-            keys = state.rows[:, :head_dim][rows]  # [units, P, Hkv, D]: K only
-            scores = window_scores(queries[lo:hi], keys,
-                                   state.law.plan.pool_kernel)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            queries = torch.stack([req.windows.pop(layer).ready().queries
+                                   for _, req in group.members[lo:hi]])
+
+            def keys(first, last):  # [hi - lo, last - first, Hkv, D]: K only
+                positions = torch.arange(first, last, device=device)[:, None]
+                rows = prompt_rows(state.space, blocks[lo:hi], layer, heads,
+                                   positions)
+                return state.rows[:, :head_dim][rows]
+
+            if prompt_len <= SELECTION_TOKENS:
+                scores = window_scores(queries, keys(0, prompt_len),
+                                       state.law.plan.pool_kernel)
+            else:
+                scores = streamed_window_scores(
+                    queries, keys, prompt_len, state.law.plan.pool_kernel,
+                    SELECTION_TOKENS)
             kept, counts = select_kept(scores.flatten(0, 1),
-                                       caps[layer].flatten(), state.window,
+                                       caps.repeat(hi - lo), state.window,
                                        max_count=width)
-            group.positions[lo:hi] = kept.view(hi - lo, num_heads, width)
+            group.positions[lo:hi, layer] = kept.view(hi - lo, num_heads,
+                                                      width)
             counts = counts.view(hi - lo, num_heads)
             if device.type != "cuda":  # CPU: check against the block law
-                law = state.law.kept(prompt_len)[:, state.rank * num_heads:]
-                assert torch.equal(counts, law[layer, :num_heads]), (
+                law = state.law.kept(prompt_len)[layer, state.rank *
+                                                 num_heads:][:num_heads]
+                assert bool((counts == law).all()), (
                     "sparsemm: selection and block law disagree")
-            if state.recorded is not None:  # tests: what each layer selected from
-                _record(plan, group, state, queries, keys, counts, lo, hi)
-        group.positions = group.positions.view(n, num_layers, num_heads, width)
-
-
-def _record(plan, group, state, queries, keys, counts, lo, hi) -> None:
-    """Tests: each (request, layer)'s selection inputs and outputs, on the host."""
-    for u in range(lo, hi):
-        member, layer = divmod(u, state.num_layers)
-        i, _ = group.members[member]
-        state.recorded.setdefault(plan.rows[i].req_id, {})[layer] = (
-            queries[u].cpu(), keys[u - lo].cpu(), group.positions[u].cpu(),
-            counts[u - lo].cpu())
+            if state.recorded is not None:  # tests: each layer's selection
+                for j, (i, _) in enumerate(group.members[lo:hi]):
+                    state.recorded.setdefault(plan.rows[i].req_id, {})[
+                        layer] = (queries[j].cpu(),
+                                  keys(0, prompt_len)[j].cpu(),
+                                  group.positions[lo + j, layer].cpu(),
+                                  counts[j].cpu())
 
 
 def _kept_width(state: WorkerKVState, prompt_len: int) -> int:
@@ -189,13 +216,15 @@ def _kept_width(state: WorkerKVState, prompt_len: int) -> int:
 
 
 def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
-    """Pack every completed prompt's kept tokens into its first K_c blocks.
+    """Copy every completed prompt's kept tokens into its compacted blocks.
 
     Runs in the last layer, once every layer has read the standard layout.
-    Tokens after the prompt that this step also computed (a preempted request
-    re-prefilling its outputs) are kept by every head, in decode order.
-    Counts come from the block law on the host, so nothing here waits for
-    the device.
+    Out of place: the kept tokens go to the ``K_c`` fresh entries after the
+    prompt's ``n_c`` (``block_law``), so the prompt blocks stay intact for
+    the prefix cache. Tokens after the prompt that this step also computed
+    (a preempted request re-prefilling its outputs) are kept by every head,
+    in decode order. Counts come from the block law on the host, so nothing
+    here waits for the device.
     """
     state = plan.state
     device = block_table.device
@@ -227,19 +256,27 @@ def _compact_requests(state, prompt_len, extra, reqs, blocks, positions,
     if extra:  # re-prefilled outputs after a preemption: appended tokens
         tail = torch.arange(prompt_len, prompt_len + extra, device=device)
         positions = _append_positions(positions, counts, tail)
-    kept, prompt = state.law.released_range(prompt_len, prompt_len + extra)
+    prompt = state.law.prompt_entries(prompt_len + extra)
+    fresh = blocks[:, prompt:prompt + state.law.compacted_blocks(prompt_len,
+                                                                 extra)]
     plan, tables = state.page_plan(counts, device)
-    layout = RequestLayout(state.space, counts, 1, blocks[:, :kept], plan=plan)
+    if fresh.shape[1] < plan.num_blocks(extra):
+        raise RuntimeError(f"sparsemm: {fresh.shape[1]} compacted blocks in "
+                           f"a block-table row of {blocks.shape[1]} for a "
+                           f"plan of {plan.num_blocks(extra)}")
+    layout = RequestLayout(state.space, counts, 1, fresh, plan=plan)
     src, dst = compaction_rows(  # counts from the plan: on the device
         layout, blocks, positions,
         layout.plan.counts.view(counts.shape) + extra,
         total=int(counts.sum()) + extra * counts.numel())
-    move_rows(state.rows, src.flatten(), dst.flatten())
-    if state.debug_poison:
-        _poison(state, blocks[:, kept:prompt].flatten())
+    if state.debug_poison:  # unwritten rows of the fresh blocks read as NaN
+        state.poison(fresh.flatten())
+    copy_rows(state.rows, src.flatten(), dst.flatten())
+    if state.debug_poison and not state.prompt_blocks_cached:
+        state.poison(blocks[:, :prompt].flatten())  # free, and not a cache
     max_count = int(counts.max())
     for req in reqs:
-        req.adopt(tables, kept, prompt, max_count)
+        req.adopt(tables, prompt, max_count)
 
 
 def _append_positions(positions, counts, tail):
@@ -254,11 +291,3 @@ def _append_positions(positions, counts, tail):
     index = index.expand(out.shape[:-1] + (len(tail), ))
     out.scatter_(-1, index, tail.expand(index.shape).contiguous())
     return out
-
-
-def _poison(state: WorkerKVState, blocks: torch.Tensor) -> None:
-    """Debug: NaN-fill released blocks so any later read of them shows."""
-    if blocks.numel():
-        pages = (blocks[:, None] * state.space.pages_per_block + torch.arange(
-            state.space.pages_per_block, device=blocks.device)).flatten()
-        state.pages[pages] = float("nan")

@@ -62,8 +62,8 @@ def patch_backend_name() -> None:
 
 def patch_engine_config() -> None:
     """Wraps ``VllmConfig.__post_init__``: when sparsemm is selected, validate
-    the settings and score file up front, switch prefix caching off (compaction
-    rewrites block contents) and refuse features the backend does not handle."""
+    the settings and score file up front and refuse what the backend does not
+    handle, before any weight loads."""
     from vllm.config import VllmConfig
 
     def make(original):
@@ -82,32 +82,57 @@ def patch_engine_config() -> None:
 def _prepare_engine_config(vllm_config) -> None:
     from vllm_sparsemm.plan_setup import budget_plan, settings_for
     cache = vllm_config.cache_config
-    if cache.enable_prefix_caching:
-        logger.info("sparsemm: prefix caching disabled (compaction rewrites "
-                    "KV blocks, so they cannot be shared)")
-        cache.enable_prefix_caching = False
-    unsupported = []
-    if vllm_config.speculative_config is not None:
-        unsupported.append("speculative decoding")
-    if vllm_config.kv_transfer_config is not None:
-        unsupported.append("KV connectors (--kv-transfer-config)")
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        unsupported.append("pipeline parallelism")
-    if str(cache.cache_dtype) not in ("auto", "float16", "bfloat16"):
-        unsupported.append(f"--kv-cache-dtype {cache.cache_dtype}")
+    unsupported = unsupported_features(vllm_config)
     if unsupported:
         raise ValueError("the sparsemm attention backend does not support "
-                         + ", ".join(unsupported))
+                         + "; ".join(unsupported))
     if vllm_config.model_config is None:
         return
     settings = settings_for(vllm_config)
     plan, source = budget_plan(vllm_config)
     logger.info_once(
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
-        "block_size=%d admission_reserve=%d admission_pacing=%s "
-        "head_scores=%s", settings.budget, settings.window, settings.ratio,
-        settings.pool_kernel, cache.block_size, settings.admission_reserve,
-        settings.admission_pacing, source)
+        "block_size=%s admission_reserve=%d admission_pacing=%s "
+        "full_cuda_graphs=%s decode_kernel=%s debug_poison=%s "
+        "prefix_caching=%s head_scores=%s", settings.budget, settings.window,
+        settings.ratio, settings.pool_kernel, cache.block_size,
+        settings.admission_reserve, settings.admission_pacing,
+        settings.full_cuda_graphs, settings.decode_kernel,
+        settings.debug_poison,
+        "on" if cache.enable_prefix_caching else "off", source)
+
+
+def unsupported_features(vllm_config) -> list[str]:
+    """What this engine config asks for that sparsemm cannot serve, each with
+    what to change."""
+    cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
+    found = []
+    if vllm_config.speculative_config is not None:
+        found.append("speculative decoding (drop --speculative-config)")
+    if vllm_config.kv_transfer_config is not None:
+        found.append("KV connectors (drop --kv-transfer-config)")
+    if parallel.pipeline_parallel_size > 1:
+        found.append("pipeline parallelism (use --pipeline-parallel-size 1)")
+    if parallel.decode_context_parallel_size > 1:
+        found.append("decode context parallelism (use "
+                     "--decode-context-parallel-size 1)")
+    if parallel.prefill_context_parallel_size > 1:
+        found.append("prefill context parallelism (use "
+                     "--prefill-context-parallel-size 1)")
+    if parallel.use_ubatching:
+        found.append("dual-batch overlap / micro-batching (drop --enable-dbo "
+                     "and --ubatch-size)")
+    if str(cache.cache_dtype) not in ("auto", "float16", "bfloat16"):
+        found.append(f"--kv-cache-dtype {cache.cache_dtype} (use auto)")
+    model = vllm_config.model_config
+    tp = parallel.tensor_parallel_size
+    if model is not None and tp > 1:
+        kv_heads = model.get_total_num_kv_heads()
+        if kv_heads % tp:
+            found.append(f"tensor parallelism {tp} over {kv_heads} KV heads "
+                         f"(vLLM would replicate heads; use a "
+                         f"--tensor-parallel-size that divides {kv_heads})")
+    return found
 
 
 def patch_model_runner_choice() -> None:
@@ -177,43 +202,62 @@ def patch_layer_spec() -> None:
                 **fields, plan=budget_plan(vllm_config)[0],
                 tp_size=vllm_config.parallel_config.tensor_parallel_size,
                 admission_reserve=settings.admission_reserve,
-                admission_pacing=settings.admission_pacing)
+                admission_pacing=settings.admission_pacing,
+                async_scheduling=bool(
+                    vllm_config.scheduler_config.async_scheduling))
 
         return get_kv_cache_spec
 
     _wrap(Attention, "get_kv_cache_spec", make)
 
 
+def sparsemm_builders(runner) -> list:
+    """This runner's sparsemm metadata builders (none when its engine runs
+    another backend), found once."""
+    builders = runner.__dict__.get("_sparsemm_builders")
+    if builders is None:
+        from vllm_sparsemm.backend import SparseMMMetadataBuilder
+        builders = [builder for groups in getattr(runner, "attn_groups", [])
+                    for group in groups for builder in group.metadata_builders
+                    if isinstance(builder, SparseMMMetadataBuilder)]
+        if not builders:
+            return builders  # not built yet, or not sparsemm: look again
+        runner._sparsemm_builders = builders
+    return builders
+
+
 def patch_runner_hooks() -> None:
     """Wraps V1 ``GPUModelRunner._build_attention_metadata`` (to hand the
-    builder each row's request id, prompt length and progress, which vLLM does
-    not pass) and ``GPUModelRunner._update_states`` (to drop finished
-    requests' worker state)."""
+    sparsemm builder each row's request id, prompt length and progress,
+    which vLLM does not pass) and ``GPUModelRunner._update_states`` (to drop
+    finished requests' worker state). Engines of other backends pass
+    straight through."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_sparsemm import worker_state as ws
+    from vllm_sparsemm.worker_state import StepRows
 
     def make_build(original):
 
         @functools.wraps(original)
         def _build_attention_metadata(self, num_tokens, num_reqs,
                                       max_query_len, *args, **kwargs):
-            scheduled = kwargs.get("num_scheduled_tokens")
-            full_graph = getattr(self, "_sparsemm_step_full_graph", False)
-            if scheduled is None or kwargs.get("for_cudagraph_capture"):
-                ws.stash_step_rows(None, full_graph)
-            else:
-                batch = self.input_batch
-                req_ids = batch.req_ids[:num_reqs]
-                ws.stash_step_rows(ws.StepRows(
-                    req_ids, batch.num_prompt_tokens[:num_reqs],
-                    batch.num_computed_tokens_cpu[:num_reqs],
-                    [scheduled[rid] for rid in req_ids]), full_graph)
-            try:
-                return original(self, num_tokens, num_reqs, max_query_len,
-                                *args, **kwargs)
-            finally:
-                ws.stash_step_rows(None)
+            builders = sparsemm_builders(self)
+            if builders:
+                scheduled = kwargs.get("num_scheduled_tokens")
+                full_graph = getattr(self, "_sparsemm_step_full_graph", False)
+                rows = None
+                if scheduled is not None and not kwargs.get(
+                        "for_cudagraph_capture"):
+                    batch = self.input_batch
+                    req_ids = batch.req_ids[:num_reqs]
+                    rows = StepRows(req_ids,
+                                    batch.num_prompt_tokens[:num_reqs],
+                                    batch.num_computed_tokens_cpu[:num_reqs],
+                                    [scheduled[rid] for rid in req_ids])
+                for builder in builders:
+                    builder.hand_step(rows, full_graph)
+            return original(self, num_tokens, num_reqs, max_query_len,
+                            *args, **kwargs)
 
         return _build_attention_metadata
 
@@ -221,10 +265,11 @@ def patch_runner_hooks() -> None:
 
         @functools.wraps(original)
         def _update_states(self, scheduler_output):
-            from vllm_sparsemm.backend import worker_state
-            state = worker_state()
-            if state is not None:
-                state.finish(scheduler_output.finished_req_ids)
+            finished = scheduler_output.finished_req_ids
+            for builder in sparsemm_builders(self) if finished else ():
+                blocks = {rid: self.requests[rid].block_ids[0]
+                          for rid in finished if rid in self.requests}
+                builder.state.finish(finished, blocks)
             return original(self, scheduler_output)
 
         return _update_states
@@ -234,10 +279,11 @@ def patch_runner_hooks() -> None:
 
 
 def patch_admission_inputs() -> None:
-    """Wraps ``KVCacheManager.allocate_slots`` and ``KVCacheManager.free``:
-    vLLM passes the per-type managers request ids only, and the sparsemm
-    manager's admission gate (``admission.py``) also needs each request's
-    prompt length and token limit (prompt + max_tokens), and the output
+    """Wraps ``KVCacheManager.get_computed_blocks``, ``allocate_slots`` and
+    ``free``: vLLM passes the per-type managers request ids only, and the
+    sparsemm manager needs each request's prompt length (a prefix-cache hit
+    must leave a compressed prompt's observation window to compute) and token
+    limit (prompt + max_tokens, for the admission gate), and the output
     length of each request that ran to its end (not preempted or aborted),
     from which the pacer learns how long requests live."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -253,16 +299,30 @@ def patch_admission_inputs() -> None:
                 if isinstance(m, SparseMMManager)]
         return managers
 
+    def note(kv_manager, request):
+        for manager in managers_of(kv_manager):
+            if not manager.is_noted(request.request_id):
+                manager.note_request(
+                    request.request_id, request.num_prompt_tokens,
+                    min(request.num_prompt_tokens + request.max_tokens,
+                        kv_manager.max_model_len))
+        return managers_of(kv_manager)
+
+    def make_lookup(original):
+
+        @functools.wraps(original)
+        def get_computed_blocks(self, request):
+            for manager in note(self, request):
+                manager.begin_lookup(request.num_prompt_tokens)
+            return original(self, request)
+
+        return get_computed_blocks
+
     def make_allocate(original):
 
         @functools.wraps(original)
         def allocate_slots(self, request, *args, **kwargs):
-            for manager in managers_of(self):
-                if not manager.is_noted(request.request_id):
-                    manager.note_request(
-                        request.request_id, request.num_prompt_tokens,
-                        min(request.num_prompt_tokens + request.max_tokens,
-                            self.max_model_len))
+            note(self, request)
             return original(self, request, *args, **kwargs)
 
         return allocate_slots
@@ -280,6 +340,7 @@ def patch_admission_inputs() -> None:
 
         return free
 
+    _wrap(KVCacheManager, "get_computed_blocks", make_lookup)
     _wrap(KVCacheManager, "allocate_slots", make_allocate)
     _wrap(KVCacheManager, "free", make_free)
 

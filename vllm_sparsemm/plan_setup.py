@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from vllm_sparsemm.config import (BudgetPlan, ModelShape, SparseMMSettings,
+from vllm_sparsemm.budget import BudgetPlan
+from vllm_sparsemm.config import (ModelShape, SparseMMSettings,
                                   resolve_scores)
 
 _cache: dict = {}

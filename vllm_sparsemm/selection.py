@@ -40,28 +40,92 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
     if pool_kernel < 1 or pool_kernel % 2 == 0:
         raise ValueError(f"pool_kernel must be odd and positive, got "
                          f"{pool_kernel}")
+    q = _grouped_queries(queries, num_kv_heads)
+    logits = _logits(q, keys, head_dim)
+    future = (torch.arange(num_keys, device=q.device)[None, :] >
+              _query_positions(num_keys, window, num_heads // num_kv_heads,
+                               q.device)[:, None])
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    # mean over the W queries and G heads together = mean of per-head means
+    return _pool(probs[..., :num_keys - window].mean(dim=2), pool_kernel)
+
+
+def streamed_window_scores(queries: torch.Tensor, keys, num_keys: int,
+                           pool_kernel: int, chunk: int) -> torch.Tensor:
+    """:func:`window_scores` of a prompt too long to score at once, reading
+    ``chunk`` keys at a time: scratch bounded by ``chunk``, whatever the
+    prompt length.
+
+    ``queries``: ``[B, W, Hq, D]``; ``keys(first, last)`` returns keys
+    ``[B, last - first, Hkv, D]``. Two passes over the keys: the softmax's
+    running maximum and sum per query, then each key's probabilities. Equal
+    to :func:`window_scores` up to float32 rounding.
+    """
+    batch, window, num_heads, head_dim = queries.shape
+    scored = num_keys - window
+    if not 0 < window < num_keys:
+        raise ValueError(f"need 0 < window ({window}) < prompt length "
+                         f"({num_keys})")
+    q = positions = high = total = None
+    for first in range(0, num_keys, chunk):
+        last = min(first + chunk, num_keys)
+        k = keys(first, last)
+        if high is None:
+            q = _grouped_queries(queries, k.shape[2])
+            positions = _query_positions(num_keys, window,
+                                         num_heads // k.shape[2], q.device)
+            high = torch.full(q.shape[:3], float("-inf"), device=q.device)
+            total = torch.zeros_like(high)
+        future = (torch.arange(first, last, device=q.device)[None, :] >
+                  positions[:, None])
+        logits = _logits(q, k, head_dim).masked_fill(future, float("-inf"))
+        new_high = torch.maximum(high, logits.amax(-1))
+        total = (total * torch.exp(high - new_high) +
+                 torch.exp(logits - new_high[..., None]).sum(-1))
+        high = new_high
+    per_kv_head = torch.empty(batch, q.shape[1], scored, device=q.device)
+    for first in range(0, scored, chunk):
+        last = min(first + chunk, scored)
+        # every window query sees every scored key: no mask
+        probs = torch.exp(_logits(q, keys(first, last), head_dim) -
+                          high[..., None]) / total[..., None]
+        per_kv_head[..., first:last] = probs.mean(dim=2)
+    return _pool(per_kv_head, pool_kernel)
+
+
+def _grouped_queries(queries: torch.Tensor,
+                     num_kv_heads: int) -> torch.Tensor:
+    """``[B, Hkv, G * W, D]`` float32: the G query heads of a KV head share its keys."""
+    batch, window, num_heads, head_dim = queries.shape
     group = num_heads // num_kv_heads
-    # [B, Hkv, G * W, D]: the G query heads of a KV head share its keys
-    q = queries.float().view(batch, window, num_kv_heads, group,
-                             head_dim).permute(0, 2, 3, 1, 4).reshape(
-                                 batch, num_kv_heads, group * window, head_dim)
-    # [B, Hkv, N, D], contiguous: the matmul then reads it without a copy
+    return queries.float().view(batch, window, num_kv_heads, group,
+                                head_dim).permute(0, 2, 3, 1, 4).reshape(
+                                    batch, num_kv_heads, group * window,
+                                    head_dim)
+
+
+def _query_positions(num_keys: int, window: int, group: int,
+                     device) -> torch.Tensor:
+    """Prompt position of each ``_grouped_queries`` row: window query i sits
+    at ``N - W + i`` and sees keys ``0 .. N - W + i``."""
+    return torch.arange(num_keys - window, num_keys, device=device).repeat(group)
+
+
+def _logits(q: torch.Tensor, keys: torch.Tensor, head_dim: int):
+    """Scaled dot products ``[B, Hkv, G * W, n]`` of ``q`` with ``keys [B, n, Hkv, D]``."""
+    # [B, Hkv, n, D], contiguous: the matmul then reads it without a copy
     k = keys.transpose(1, 2).to(torch.float32,
                                 memory_format=torch.contiguous_format)
-    logits = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
-    # Window query i sits at position N - W + i and sees keys 0 .. N - W + i.
-    query_pos = torch.arange(num_keys - window, num_keys,
-                             device=q.device).repeat(group)
-    key_pos = torch.arange(num_keys, device=q.device)
-    future = key_pos[None, :] > query_pos[:, None]
-    logits = logits.masked_fill(future, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # mean over the W queries and G heads together = mean of per-head means
-    per_kv_head = probs[..., :num_keys - window].mean(dim=2)  # [B, Hkv, N - W]
-    pooled = F.avg_pool1d(per_kv_head.reshape(-1, 1, num_keys - window),
+    return torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
+
+
+def _pool(per_kv_head: torch.Tensor, pool_kernel: int) -> torch.Tensor:
+    """``avg_pool1d`` along the keys, zero padding counted (as the reference)."""
+    batch, heads, scored = per_kv_head.shape
+    pooled = F.avg_pool1d(per_kv_head.reshape(-1, 1, scored),
                           kernel_size=pool_kernel, stride=1,
                           padding=pool_kernel // 2)
-    return pooled.view(batch, num_kv_heads, -1)
+    return pooled.view(batch, heads, -1)
 
 
 def select_kept(scores: torch.Tensor, caps: torch.Tensor, window: int,

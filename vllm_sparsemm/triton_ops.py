@@ -32,41 +32,48 @@ except ImportError:  # pragma: no cover - vLLM ships Triton on CUDA machines
 # in their first seconds (``timeline`` in docs/results/h200-56ca2fc), which
 # such builds (~1 s each for the decode kernel) would explain.
 _INDEX_POINTERS = ("table_ptr", "lengths_ptr", "prefix_pages_ptr",
-                   "prefix_start_ptr", "decode_base_ptr", "kept_ptr",
-                   "prompt_ptr", "block_rows_ptr")
+                   "prefix_start_ptr", "decode_base_ptr", "prompt_ptr",
+                   "block_rows_ptr")
 
 if triton is not None:
 
     @triton.jit
     def _plan_source(prefix_pages_ptr, prefix_start_ptr, decode_base_ptr,
-                     kept_ptr, prompt_ptr, block_rows_ptr, row, flat_head,
+                     prompt_ptr, block_rows_ptr, row, flat_head,
                      plan_stride, block_rows_stride, num_columns,
                      pages_per_block):
         """What ``_page_of`` needs from the step plan for one (row, flat
-        head): prefix pages, prefix start, decode base, kept and prompt
-        entries, the row's block list, its width and pages per block."""
+        head): prefix pages, prefix start, decode base, the prompt entries
+        before the owned ones, the row's block list, its width and pages per
+        block."""
         plan_at = row * plan_stride + flat_head
         return (tl.load(prefix_pages_ptr + plan_at),
                 tl.load(prefix_start_ptr + plan_at),
-                tl.load(decode_base_ptr + plan_at), tl.load(kept_ptr + row),
+                tl.load(decode_base_ptr + plan_at),
                 tl.load(prompt_ptr + row),
                 block_rows_ptr + row.to(tl.int64) * block_rows_stride,
                 num_columns, pages_per_block)
 
     @triton.jit
-    def _page_of(column, source, FROM_PLAN: tl.constexpr):
+    def _page_of(column, source, FROM_PLAN: tl.constexpr, used=True,
+                 DEBUG: tl.constexpr = False):
         """Page id of a sequence's ``column``-th page(s): ``FROM_PLAN``, from
         ``_plan_source`` (page_plan.page_slot, then the block law's entry ->
-        list column), else from ``source = (its page-table row, )``."""
+        list column), else from ``source = (its page-table row, )``. Pages
+        not ``used`` read list column 0 (callers drop them); a used page
+        past the row is a broken block law: asserted under ``DEBUG``, never
+        clamped."""
         if FROM_PLAN:
-            (prefix_pages, prefix_start, decode_base, kept, prompt,
+            (prefix_pages, prefix_start, decode_base, prompt,
              block_row, num_columns, pages_per_block) = source
             slot = tl.where(column < prefix_pages, prefix_start + column,
                             decode_base + (column - prefix_pages) *
                             pages_per_block)
-            entry = slot // pages_per_block
-            where = tl.where(entry < kept, entry, prompt + entry - kept)
-            block = tl.load(block_row + tl.minimum(where, num_columns - 1))
+            where = tl.where(used, prompt + slot // pages_per_block, 0)
+            if DEBUG:
+                tl.device_assert(where < num_columns,
+                                 "sparsemm: page past the block-table row")
+            block = tl.load(block_row + where)
             return block.to(tl.int64) * pages_per_block + slot % pages_per_block
         else:
             return tl.load(source[0] + column).to(tl.int64)
@@ -75,15 +82,15 @@ if triton is not None:
     @triton.jit(do_not_specialize=("width", ),
                 do_not_specialize_on_alignment=_INDEX_POINTERS[1:])
     def _page_table_kernel(table_ptr, lengths_ptr, prefix_pages_ptr,
-                           prefix_start_ptr, decode_base_ptr, kept_ptr,
+                           prefix_start_ptr, decode_base_ptr,
                            prompt_ptr, block_rows_ptr, plan_stride,
                            block_rows_stride, num_columns, head0,
                            pages_per_block, num_heads, width, block_size,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, DEBUG: tl.constexpr):
         seq = tl.program_id(0)  # row * num_heads + head
         row = seq // num_heads
         source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
-                              decode_base_ptr, kept_ptr, prompt_ptr,
+                              decode_base_ptr, prompt_ptr,
                               block_rows_ptr, row, head0 + seq % num_heads,
                               plan_stride, block_rows_stride, num_columns,
                               pages_per_block)
@@ -92,8 +99,8 @@ if triton is not None:
         # one program per (sequence, BLOCK columns): no loop over a runtime
         # bound, which Triton's interpreter cannot index under NumPy >= 2.4
         page = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-        # columns past the keys read a clamped, in-bounds block entry
-        value = tl.where(page < num_pages, _page_of(page, source, True), 0)
+        used = page < num_pages
+        value = tl.where(used, _page_of(page, source, True, used, DEBUG), 0)
         tl.store(table_ptr + seq * width + page, value.to(tl.int32),
                  mask=page < width)
 
@@ -146,12 +153,13 @@ if triton is not None:
                        lengths_ptr, out_ptr, out_row_stride, out_head_stride,
                        part_ptr, num_kv_heads, group, dim, scale,
                        prefix_pages_ptr, prefix_start_ptr,
-                       decode_base_ptr, kept_ptr, prompt_ptr, block_rows_ptr,
+                       decode_base_ptr, prompt_ptr, block_rows_ptr,
                        plan_stride, block_rows_stride, num_columns, head0,
                        pages_per_block, G_PAD: tl.constexpr,
                        BLOCK_D: tl.constexpr, BS: tl.constexpr,
                        SPLIT: tl.constexpr, FROM_PLAN: tl.constexpr,
-                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr):
+                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr,
+                       DEBUG: tl.constexpr):
         seq = tl.program_id(0)  # row * num_kv_heads + KV head
         split = tl.program_id(1)
         row, kv_head = seq // num_kv_heads, seq % num_kv_heads
@@ -174,7 +182,7 @@ if triton is not None:
         acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
         if FROM_PLAN:  # this (row, layer's head) of the step plan
             source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
-                                  decode_base_ptr, kept_ptr, prompt_ptr,
+                                  decode_base_ptr, prompt_ptr,
                                   block_rows_ptr, row, head0 + kv_head,
                                   plan_stride, block_rows_stride, num_columns,
                                   pages_per_block)
@@ -186,14 +194,14 @@ if triton is not None:
             column = first
             while column < end:
                 m, l, acc = _decode_page(
-                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN, True, DEBUG), column,
                     page_stride, offsets, t, dim_used, last, m, l, acc, scale,
                     dim, BS)
                 column += 1
         else:  # Triton pipelines the page loads (cp.async, NUM_STAGES deep)
             for column in tl.range(first, end, num_stages=NUM_STAGES):
                 m, l, acc = _decode_page(
-                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN, True, DEBUG), column,
                     page_stride, offsets, t, dim_used, last, m, l, acc, scale,
                     dim, BS)
         if SPLIT:  # partials [S, splits, group, BLOCK_D + 2]: acc | m | l
@@ -259,15 +267,15 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
     block = _TABLE_BLOCKS[0] if width <= _TABLE_BLOCKS[0] else _TABLE_BLOCKS[1]
     _page_table_kernel[(num_seqs, triton.cdiv(width, block))](
         table, cr.lengths[layer], *_plan_args(cr, layer, state), heads, width,
-        state.block_size, BLOCK=block)
+        state.block_size, BLOCK=block, DEBUG=state.debug_checks)
     return table
 
 
 def _plan_args(cr, layer: int, state) -> tuple:
     """The step plan's arguments of ``_plan_source`` (then ``pages_per_block``),
     for ``layer``: what both the page-table and the decode kernel read."""
-    assert cr.kept_entries.stride(0) == 1 and cr.prompt_entries.stride(0) == 1
-    return (cr.prefix_pages, cr.prefix_start, cr.decode_base, cr.kept_entries,
+    assert cr.prompt_entries.stride(0) == 1
+    return (cr.prefix_pages, cr.prefix_start, cr.decode_base,
             cr.prompt_entries, cr.block_rows, cr.prefix_pages.stride(0),
             cr.block_rows.stride(0), cr.block_rows.shape[1],
             layer * state.num_kv_heads, state.space.pages_per_block)
@@ -297,7 +305,8 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
                  table: torch.Tensor | None, lengths: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int = 1,
                  num_warps: int = 2, num_stages: int = 3,
-                 plan: tuple | None = None) -> torch.Tensor:
+                 plan: tuple | None = None, debug: bool = False
+                 ) -> torch.Tensor:
     """One query token per (row, KV head) over that head's own pages: a
     split-K decode kernel that reads the packed pages in place, a page per
     loop iteration (``decode_kernel: "triton"``; its reference is
@@ -331,7 +340,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     else:
         assert table.stride(1) == 1
         table_args = (table, table.stride(0))
-        plan_args = (table, ) * 6 + (0, 0, 1, 0, 1)
+        plan_args = (table, ) * 5 + (0, 0, 1, 0, 1)
     block_d = triton.next_power_of_2(dim)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
     if not 1 <= num_splits <= MAX_SPLITS:
@@ -347,7 +356,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
         out.stride(1), partials, kv_heads, group, dim, scale, *plan_args,
         G_PAD=g_pad, BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
         FROM_PLAN=table is None, INTERPRET=_INTERPRET, NUM_STAGES=num_stages,
-        num_warps=num_warps)
+        DEBUG=debug, num_warps=num_warps)
     if split:  # one build for any split count; no tl.dot, so no 16-row tile
         _decode_combine_kernel[(sequences, )](
             partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,

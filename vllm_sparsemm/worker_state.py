@@ -1,7 +1,7 @@
 """Worker side: what each live request looks like, and what each step must do.
 
 The model runner hands the attention builder no request ids or prompt lengths;
-``patches.py`` stashes them (:func:`stash_step_rows`) just before the builder
+``patches.py`` hands them to the builder (:class:`StepRows`) just before it
 runs, and :func:`plan_step` turns them into a :class:`StepPlan` that every
 layer of the step shares. A request's blocks follow ``block_law``; this module
 only mirrors that law on the worker, from the same inputs.
@@ -94,44 +94,24 @@ class StepRows(Sequence):
         return list(self) == list(other)
 
 
-_step_rows: StepRows | None = None
-_step_full_graph = False
-
-
-def stash_step_rows(rows: StepRows | None,
-                    full_graph: bool = False) -> None:
-    """``full_graph``: vLLM runs (or captures) this step as a FULL CUDA graph."""
-    global _step_rows, _step_full_graph
-    _step_rows, _step_full_graph = rows, full_graph
-
-
-def take_step_rows() -> tuple[StepRows | None, bool]:
-    """The rows of the step being built (None for dummy, profile and capture
-    runs) and whether it runs as a FULL CUDA graph."""
-    global _step_rows, _step_full_graph
-    taken = _step_rows, _step_full_graph
-    _step_rows, _step_full_graph = None, False
-    return taken
-
-
 @dataclass
 class RequestKV:
     """Worker-side state of one request whose prompt is compressed."""
     prompt_len: int
     windows: dict[int, WindowQueryBuffer] = field(default_factory=dict)
     compacted: bool = False
-    kept_entries: int = 0  # K_c: block-list entries kept at compaction
-    prompt_entries: int = 0  # n_c: entries the list had at compaction
+    # n_c: the standard entries before its compacted ones (block_law)
+    prompt_entries: int = 0
     max_count: int = 0  # largest compacted head
     # [4, F] rows of its page plan (prefix pages, prefix start, decode base,
     # counts), on the cache's device; the step plans stack them
     tables: torch.Tensor | None = None
 
-    def adopt(self, tables: torch.Tensor, kept_entries: int,
-              prompt_entries: int, max_count: int) -> None:
+    def adopt(self, tables: torch.Tensor, prompt_entries: int,
+              max_count: int) -> None:
         """Switch to the compacted layout (called by the compaction)."""
         self.compacted, self.tables = True, tables
-        self.kept_entries, self.prompt_entries = kept_entries, prompt_entries
+        self.prompt_entries = prompt_entries
         self.max_count = max_count
         self.windows.clear()
 
@@ -145,7 +125,8 @@ class WorkerKVState:
     """Everything sparsemm keeps in one worker process, shared by all layers."""
 
     def __init__(self, law: BlockLaw, num_layers: int, num_kv_heads: int,
-                 rank: int, debug_poison: bool = False):
+                 rank: int, debug_poison: bool = False,
+                 prompt_blocks_cached: bool = False):
         self.law = law
         self.rank = rank
         self.num_layers = num_layers
@@ -153,7 +134,12 @@ class WorkerKVState:
         lo = rank * num_kv_heads
         self.caps = law.caps[:, lo:lo + num_kv_heads]  # [L, Hkv on this rank]
         self.window = law.plan.window
+        # the debug safety net: NaN-fill what nobody may read, and check
+        # every block-table column on the GPU too (debug_checks)
         self.debug_poison = debug_poison
+        # whether released prompt blocks stay prefix-cache entries (not
+        # poisoned then: later requests read them)
+        self.prompt_blocks_cached = prompt_blocks_cached
         self.requests: dict[str, RequestKV] = {}
         self.pages: torch.Tensor | None = None  # [NB * L * Hkv, bs, 2D]
         self.attention_views: tuple | None = None
@@ -219,9 +205,31 @@ class WorkerKVState:
                     f"never compacted on this worker")
         return reqs
 
-    def finish(self, req_ids) -> None:
+    @property
+    def debug_checks(self) -> bool:
+        return self.debug_poison
+
+    def finish(self, req_ids, block_ids=None) -> None:
+        """Forget finished requests; under ``debug_poison``, NaN-fill the
+        blocks a compacted one owned (``block_ids``: request id -> its block
+        list), which no later request reads before writing them."""
+        owned = []
         for req_id in req_ids:
-            self.requests.pop(req_id, None)
+            req = self.requests.pop(req_id, None)
+            if (self.debug_poison and req is not None and req.compacted
+                    and block_ids and req_id in block_ids):
+                owned += [b for b in block_ids[req_id][req.prompt_entries:]
+                          if b > 0]
+        if owned and self.pages is not None:
+            self.poison(torch.tensor(owned, device=self.pages.device))
+
+    def poison(self, blocks: torch.Tensor) -> None:
+        """Debug: NaN-fill every page of ``blocks``, so any read shows."""
+        if blocks.numel():
+            pages = (blocks[:, None] * self.space.pages_per_block +
+                     torch.arange(self.space.pages_per_block,
+                                  device=blocks.device)).flatten()
+            self.pages[pages] = float("nan")
 
 
 @dataclass
@@ -237,8 +245,7 @@ class CompressedRows:
     prefix_start: torch.Tensor  # [R, F]
     decode_base: torch.Tensor  # [R, F]
     counts: torch.Tensor  # [R, F] compacted tokens per head
-    kept_entries: torch.Tensor  # [R, 1]
-    prompt_entries: torch.Tensor  # [R, 1]
+    prompt_entries: torch.Tensor  # [R, 1] n_c: the owned blocks follow
     block_rows: torch.Tensor  # [R, cols] the runner's block-table rows (int32)
     # query rows of the virtual (row, KV head) sequences, in (row, head,
     # token) order; None on graph_decode's path (``leading``: views instead)
@@ -455,12 +462,11 @@ def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
     within = np.arange(num_tokens) - row_start[token_req]
     virtual_token, virtual_head, starts = virtual_sequences(q_lens_np, heads)
     distinct, which = distinct_tables([req.tables for req in reqs])
-    kept = np.array([req.kept_entries for req in reqs], dtype=np.int64)
     prompt = np.array([req.prompt_entries for req in reqs], dtype=np.int64)
-    (tokens, token_req, token_offset, seq_offset, kept, prompt, batch_rows,
+    (tokens, token_req, token_offset, seq_offset, prompt, batch_rows,
      virtual_token, virtual_head, starts, which) = upload(
         [first[token_req] + within, token_req, offset[token_req] + within,
-         seq_offset_np, kept[:, None], prompt[:, None], rows,
+         seq_offset_np, prompt[:, None], rows,
          virtual_token, virtual_head, starts, which], device)
     tables = torch.stack(distinct)[which]  # [R, 4, F]
     return CompressedRows(
@@ -474,7 +480,6 @@ def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
         prefix_start=tables[:, 1],
         decode_base=tables[:, 2],
         counts=tables[:, 3],
-        kept_entries=kept,
         prompt_entries=prompt,
         block_rows=block_table[batch_rows],
         virtual_token=virtual_token,
