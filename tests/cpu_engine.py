@@ -63,7 +63,8 @@ class Engine:
 
     def __init__(self, num_blocks=400, debug_poison=True, seed=0, tp=1,
                  full_graphs=False, caching=False,
-                 max_model_len=MAX_MODEL_LEN, budget=BUDGET, scores=None):
+                 max_model_len=MAX_MODEL_LEN, budget=BUDGET, scores=None,
+                 width=None):
         register()
         gen = torch.Generator().manual_seed(seed)
         if scores is None:
@@ -90,8 +91,11 @@ class Engine:
         self.hasher = get_request_block_hasher(BS, _hash)
         self.manager = self.kv.coordinator.single_type_managers[0]
         self.law = self.spec.law()
-        # the runner's block table: rows as wide as vLLM makes them
-        self.width = self.spec.max_num_blocks_per_req(None, max_model_len)
+        # the runner's block table: rows as wide as vLLM makes them (tests
+        # of the failure mode pass a narrower ``width``)
+        self.width = width or self.spec.max_num_blocks_per_req(None,
+                                                               max_model_len)
+        self.strict_rows = width is None
         self.table = BlockTable(BS, max_num_reqs=64,
                                 max_num_blocks_per_req=self.width,
                                 max_num_batched_tokens=max_model_len,
@@ -177,7 +181,8 @@ class Engine:
             self.table.append_row(list(new), self.row_of[rid])
         row = self.row_of[rid]
         # the runner's row holds the manager's whole list, never more
-        assert self.table.num_blocks_per_row[row] <= self.width
+        assert self.table.num_blocks_per_row[row] <= self.width or (
+            not self.strict_rows)
         assert (self.table.block_table.np[row, :self.table.num_blocks_per_row[
             row]].tolist() == list(self.kv.get_block_ids(rid)[0])) or any(
             b.is_null for b in self.manager.req_to_blocks[rid])

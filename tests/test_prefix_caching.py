@@ -1,0 +1,136 @@
+"""Prefix caching under sparsemm, on vLLM's own KV manager with caching on.
+
+Compaction copies out of place, so a compressed request's full prompt blocks
+go back to the pool untouched and hashed: later requests with the same
+prefix hit them. A hit stops short of the last W prompt tokens (their
+queries choose what each head keeps), and never covers compacted blocks.
+Outputs are checked against dense SparseMM attention, and kept positions
+against a run with caching off.
+"""
+
+import pytest
+import torch
+
+from cpu_engine import BS, BUDGET, WINDOW, Engine, chunks
+
+IMAGE = list(range(5000, 5200))  # a shared prefix (an image's tokens)
+
+
+def _run(eng, rid, tokens, decode, chunk=512, check=True, room=0):
+    """Prefill ``tokens`` (after any cache hit) in chunks, then decode
+    (``room``: activations for that many more tokens)."""
+    prompt = len(tokens)
+    eng.add(rid, prompt, prompt + decode + room, tokens=tokens)
+    plan = chunks(prompt, chunk) + [1] * decode
+    hits = None
+    while plan:
+        n = plan.pop(0)
+        before = eng.requests[rid].num_computed_tokens
+        tokens_run, outputs = eng.step({rid: n})
+        if hits is None:  # the first step looked the prefix up
+            hits = eng.requests[rid].num_computed_tokens - len(tokens_run)
+            left = prompt - eng.requests[rid].num_computed_tokens
+            plan = chunks(left, chunk) + [1] * decode if left else (
+                [1] * (decode - 1))
+        eng.requests[rid].num_in_flight_tokens = 0
+        if check:
+            eng.check(tokens_run, outputs)
+        assert eng.requests[rid].num_computed_tokens > before
+    return hits
+
+
+def _conversation(caching, record=False):
+    """Three requests sharing an image, a repeat of the first, and a second
+    turn that sends the first turn's prompt plus an answer and a question."""
+    eng = Engine(caching=caching, num_blocks=200)
+    if record:
+        eng.state.recorded = {}
+    hits = {}
+    first = IMAGE + list(range(10, 30))  # 220 tokens
+    hits["a"] = _run(eng, "a", first, 6)
+    eng.finish("a")
+    hits["repeat"] = _run(eng, "repeat", first, 6)
+    eng.finish("repeat")
+    hits["other question"] = _run(eng, "other question",
+                                  IMAGE + list(range(40, 75)), 6)
+    eng.finish("other question")
+    second_turn = first + list(range(900, 906)) + list(range(60, 90))
+    hits["second turn"] = _run(eng, "second turn", second_turn, 6)
+    eng.finish("second turn")
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+    return eng, hits
+
+
+def test_shared_prefixes_hit_all_but_the_observation_window():
+    eng, hits = _conversation(caching=True)
+    assert BUDGET < len(IMAGE)  # every prompt here is compressed
+    # a repeat hits up to the block boundary at or before P - W
+    assert hits["repeat"] == (220 - WINDOW) // BS * BS
+    # the second turn hits the first turn's full prompt blocks (its answer
+    # was never in the standard layout), the other question the image's
+    assert hits["second turn"] == 220 // BS * BS
+    assert hits["other question"] == (len(IMAGE) // BS) * BS
+    assert hits["a"] == 0
+
+
+def test_caching_changes_no_selection_and_no_output():
+    """Kept positions equal a run with caching off, for every request and
+    layer (outputs are checked against dense attention in both runs)."""
+    cached, _ = _conversation(caching=True, record=True)
+    uncached, hits = _conversation(caching=False, record=True)
+    assert set(hits.values()) == {0}
+    assert cached.state.recorded.keys() == uncached.state.recorded.keys()
+    for rid, layers in uncached.state.recorded.items():
+        for layer, (_, _, positions, counts) in layers.items():
+            got = cached.state.recorded[rid][layer]
+            assert torch.equal(got[2], positions) and torch.equal(got[3], counts)
+
+
+def test_compacted_blocks_are_never_cached_and_prompt_blocks_are():
+    eng = Engine(caching=True, num_blocks=200)
+    _run(eng, "a", IMAGE, 20)
+    manager, pool = eng.manager, eng.kv.block_pool
+    blocks = manager.req_to_blocks["a"]
+    prompt_entries = eng.law.prompt_entries(len(IMAGE))
+    assert all(b.is_null for b in blocks[:prompt_entries])  # given back
+    assert all(b.block_hash is None for b in blocks[prompt_entries:])
+    # the prompt's full blocks stay in the cache, free but hashed
+    cached = [b for b in pool.blocks if b.block_hash is not None]
+    assert len(cached) == len(IMAGE) // BS
+    assert all(b.ref_cnt == 0 for b in cached)
+    eng.finish("a")
+    assert pool.get_num_free_blocks() == eng.free_at_start
+
+
+def test_a_preempted_request_takes_its_prompt_back_from_the_cache():
+    eng = Engine(caching=True, num_blocks=200)
+    prompt = IMAGE + list(range(10, 30))
+    _run(eng, "p", prompt, 10, room=5)
+    request = eng.requests["p"]
+    done = request.num_computed_tokens
+    request.append_output_token_ids(list(range(done - len(prompt))))
+    eng.preempt("p")
+    # the re-prefill hits the prompt's blocks, then recomputes the window
+    # and the outputs it had produced (compacted with the prompt)
+    tokens, outputs = eng.step({"p": done})
+    assert tokens[0][1] == (len(prompt) - WINDOW) // BS * BS
+    assert request.compaction_end == done
+    eng.check(tokens, outputs)
+    request.num_in_flight_tokens = 0
+    for _ in range(5):
+        tokens, outputs = eng.step({"p": 1})
+        request.num_in_flight_tokens = 0
+        eng.check(tokens, outputs)
+    eng.finish("p")
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+
+
+@pytest.mark.parametrize("prompt", [BUDGET - 5, BUDGET])
+def test_uncompressed_prompts_cache_like_stock(prompt):
+    """A prompt within the budget is never compressed: its hit may run to
+    the last token, as stock vLLM's does."""
+    eng = Engine(caching=True, num_blocks=200)
+    tokens = list(range(7000, 7000 + prompt))
+    _run(eng, "a", tokens, 3)
+    eng.finish("a")
+    assert _run(eng, "b", tokens, 3) == (prompt - 1) // BS * BS
