@@ -1,0 +1,516 @@
+"""Async chat-completions load client for image workloads against ``vllm serve``.
+
+``vllm bench serve`` has no dataset for many questions about a few images or
+for multi-turn conversations, so ``serve_matrix.py`` runs those with this
+client; the reliability suite reuses it to close connections mid-stream.
+
+    python benchmarks/chat_client.py --base-url http://127.0.0.1:8000 \\
+        --workload questions --concurrency 64 --out questions.json
+    python benchmarks/chat_client.py --workload multiturn --concurrency 64 \\
+        --max-tokens 64 --out multiturn.json
+
+Images go as base64 data URLs generated from a seed, so the same request list
+comes back on every run. Summary keys follow ``vllm bench serve``'s result
+JSON where they overlap (``completed``, ``output_throughput``,
+``mean_ttft_ms``, ``p99_ttft_ms``, ``mean_tpot_ms``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# seed salts, so two workloads given the same seed never share an image
+SALT = {"questions": 1, "multiturn": 2, "warmup": 3}
+PERCENTILES = (50, 99)
+
+OPENERS = ("What is", "Describe", "How would you rate", "Can you explain",
+           "Tell me about", "What do you notice about", "Comment on",
+           "How strong is")
+TOPICS = ("the dominant colour", "the brightness", "the contrast",
+          "the texture", "the sharpest edge", "the largest shape",
+          "the number of objects", "the main subject", "the background",
+          "the lighting", "the mood", "the symmetry", "the noise level",
+          "the colour palette", "the focal point", "the style")
+PLACES = ("in the top-left corner", "in the top-right corner",
+          "in the bottom-left corner", "in the bottom-right corner",
+          "at the centre", "along the top edge", "along the bottom edge",
+          "along the left edge", "along the right edge",
+          "across the whole image", "in the upper half", "in the lower half",
+          "in the left half", "in the right half", "near the middle",
+          "in the darkest area")
+
+
+# ---------------------------------------------------------------- workloads
+
+def make_image(seed, size=(336, 336), fmt: str = "JPEG") -> bytes:
+    """Noise pixels from ``seed`` (an int or a list of ints), encoded.
+
+    Equal seeds give equal bytes, so a repeated image is a prefix-cache hit
+    for vLLM exactly as a user re-sending a photo would be.
+    """
+    from PIL import Image
+    width, height = size
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3),
+                                                  dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt.upper())
+    return buffer.getvalue()
+
+
+def image_url(seed, size=(336, 336), fmt: str = "JPEG") -> str:
+    mime = "png" if fmt.upper() == "PNG" else "jpeg"
+    data = base64.b64encode(make_image(seed, size, fmt)).decode()
+    return f"data:image/{mime};base64,{data}"
+
+
+def make_questions(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct short questions in a seeded order.
+
+    Every opener/topic/place combination once, then numbered variants, so no
+    two requests share their text even when they share an image.
+    """
+    combos = [f"{o} {t} {p}" for o in OPENERS for t in TOPICS for p in PLACES]
+    order = np.random.default_rng([seed, len(combos)]).permutation(len(combos))
+    questions = []
+    for i in range(n):
+        text = combos[order[i % len(combos)]]
+        if i >= len(combos):
+            text += f", variant {i // len(combos)}"
+        questions.append(text + "?")
+    return questions
+
+
+@dataclass
+class ChatRequest:
+    """One chat completion to send; ``tag`` labels it in the results."""
+    messages: list
+    max_tokens: int = 256
+    stream: bool = True
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    vllm_xargs: dict | None = None
+    disconnect_after: int | None = None  # close the stream after k chunks
+    extra_body: dict = field(default_factory=dict)
+    tag: dict = field(default_factory=dict)
+
+    def body(self, model: str) -> dict:
+        body = {"model": model, "messages": self.messages,
+                "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "stream": self.stream}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        if self.vllm_xargs:
+            body["vllm_xargs"] = self.vllm_xargs
+        body.update(self.extra_body)
+        return body
+
+
+def user_turn(url: str | None, text: str) -> dict:
+    if url is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": text}]}
+
+
+def questions_workload(num_requests: int = 2000, num_images: int = 32,
+                       seed: int = 0, size=(336, 336), fmt: str = "JPEG",
+                       **request_kwargs) -> list[ChatRequest]:
+    """Many distinct questions about few images, images taken round-robin."""
+    urls = [image_url([seed, SALT["questions"], j], size, fmt)
+            for j in range(num_images)]
+    return [ChatRequest(messages=[user_turn(urls[i % num_images], question)],
+                        tag={"index": i, "image": i % num_images},
+                        **request_kwargs)
+            for i, question in enumerate(make_questions(num_requests, seed))]
+
+
+@dataclass
+class Conversation:
+    """An image and the questions of its turns; answers come from the server."""
+    image_url: str
+    questions: list[str]
+    tag: dict = field(default_factory=dict)
+
+
+def multiturn_workload(num_conversations: int = 256, turns: int = 4,
+                       seed: int = 0, size=(336, 336),
+                       fmt: str = "JPEG") -> list[Conversation]:
+    questions = make_questions(num_conversations * turns, seed)
+    return [Conversation(image_url([seed, SALT["multiturn"], c], size, fmt),
+                         questions[c * turns:(c + 1) * turns],
+                         {"conversation": c})
+            for c in range(num_conversations)]
+
+
+def conversation_messages(url: str, questions: list[str],
+                          answers: list[str]) -> list[dict]:
+    """The turn asking ``questions[-1]``: the image with the first question,
+    then every earlier answer (as the server returned it) and question."""
+    if len(answers) != len(questions) - 1:
+        raise ValueError("need one answer per earlier question")
+    messages = [user_turn(url, questions[0])]
+    for answer, question in zip(answers, questions[1:]):
+        messages.append({"role": "assistant", "content": answer})
+        messages.append(user_turn(None, question))
+    return messages
+
+
+# ------------------------------------------------------------------ sending
+
+@dataclass
+class ChatResult:
+    """What one request did; times in seconds from the run's start."""
+    tag: dict = field(default_factory=dict)
+    stream: bool = True
+    sent: bool = False
+    ok: bool = False
+    http_status: int | None = None
+    error: str | None = None
+    cut: bool = False  # in flight or not yet sent when max_seconds ran out
+    disconnected: bool = False  # the client closed the stream on purpose
+    start: float | None = None
+    ttft: float | None = None
+    latency: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    chunks: int = 0
+    usage: bool = False  # token counts came from the server's usage
+    text: str = ""
+
+
+def _error_message(status: int, text: str) -> str:
+    try:
+        data = json.loads(text)
+        error = data.get("error")
+        message = (error.get("message") if isinstance(error, dict) else error
+                   ) or data.get("message") or text
+    except (ValueError, AttributeError):
+        message = text
+    return f"HTTP {status}: {str(message)[:300]}"
+
+
+def _take_usage(result: ChatResult, usage: dict | None) -> None:
+    if usage:
+        result.prompt_tokens = usage.get("prompt_tokens") or 0
+        result.completion_tokens = usage.get("completion_tokens") or 0
+        result.usage = True
+
+
+async def send(session, url: str, model: str, request: ChatRequest,
+               result: ChatResult, clock=time.perf_counter,
+               origin: float = 0.0) -> ChatResult:
+    """POST one chat completion and fill ``result`` as it goes, so a request
+    cancelled half-way still shows what it got."""
+    import aiohttp
+    result.stream, result.sent = request.stream, True
+    start = clock()
+    result.start = start - origin
+    pieces: list[str] = []
+    finished = False
+    try:
+        async with session.post(url, json=request.body(model)) as response:
+            result.http_status = response.status
+            if response.status != 200:
+                result.error = _error_message(response.status,
+                                              await response.text())
+                return result
+            if not request.stream:
+                data = await response.json()
+                result.latency = result.ttft = clock() - start
+                pieces.append(data["choices"][0]["message"].get("content")
+                              or "")
+                _take_usage(result, data.get("usage"))
+                result.ok = True
+                return result
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators and SSE comments
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    finished = True
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    result.error = _error_message(200, data)
+                    return result
+                choices = chunk.get("choices") or []
+                content = choices[0].get("delta", {}).get("content") \
+                    if choices else None
+                if content:
+                    if result.ttft is None:
+                        result.ttft = clock() - start
+                    pieces.append(content)
+                    result.chunks += 1
+                    if (request.disconnect_after is not None
+                            and result.chunks >= request.disconnect_after):
+                        response.close()  # drop the connection, not reuse it
+                        result.disconnected = finished = True
+                        break
+                _take_usage(result, chunk.get("usage"))
+            result.latency = clock() - start
+            if not result.usage:
+                result.completion_tokens = result.chunks
+            if not finished:
+                result.error = "stream ended before [DONE]"
+                return result
+            result.ok = True
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError,
+            KeyError, IndexError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    except asyncio.CancelledError:
+        result.cut = True
+        raise
+    finally:
+        result.text = "".join(pieces)
+    return result
+
+
+def _session(concurrency: int):
+    import aiohttp
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        timeout=aiohttp.ClientTimeout(total=6 * 3600))
+
+
+async def _finish(tasks: list, max_seconds: float | None,
+                  stop: asyncio.Event) -> None:
+    """Wait for every task, or until ``max_seconds``: then send nothing more
+    and cancel what is in flight."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=max_seconds)
+    if pending:
+        stop.set()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def run_requests(base_url: str, model: str, requests: list[ChatRequest],
+                       concurrency: int, max_seconds: float | None = None,
+                       clock=time.perf_counter):
+    """Send ``requests`` with at most ``concurrency`` in flight.
+
+    Returns (results in request order, seconds from the first send to the
+    last answer or to the cut).
+    """
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    results = [ChatResult(tag=r.tag, stream=r.stream) for r in requests]
+    semaphore, stop = asyncio.Semaphore(concurrency), asyncio.Event()
+    async with _session(concurrency) as session:
+        origin = clock()
+
+        async def one(request, result):
+            async with semaphore:
+                if not stop.is_set():
+                    await send(session, url, model, request, result, clock,
+                               origin)
+
+        tasks = [asyncio.create_task(one(q, r))
+                 for q, r in zip(requests, results)]
+        await _finish(tasks, max_seconds, stop)
+        duration = clock() - origin
+    for result in results:
+        result.cut = result.cut or (stop.is_set() and not result.sent)
+    return results, duration
+
+
+async def run_conversations(base_url: str, model: str,
+                            conversations: list[Conversation],
+                            concurrency: int, max_seconds: float | None = None,
+                            clock=time.perf_counter, **request_kwargs):
+    """Run conversations, ``concurrency`` of them at once, turns in order.
+
+    Each turn resends the whole history with the answers the server gave; a
+    conversation stops at its first failed turn. Turns never sent (after a
+    failure or the cut) are listed with ``sent`` false.
+    """
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    per_conversation: list[list[ChatResult]] = [[] for _ in conversations]
+    semaphore, stop = asyncio.Semaphore(concurrency), asyncio.Event()
+    async with _session(concurrency) as session:
+        origin = clock()
+
+        async def converse(conv: Conversation, results: list[ChatResult]):
+            async with semaphore:
+                answers: list[str] = []
+                for turn in range(len(conv.questions)):
+                    if stop.is_set():
+                        return
+                    request = ChatRequest(
+                        messages=conversation_messages(
+                            conv.image_url, conv.questions[:turn + 1], answers),
+                        tag={**conv.tag, "turn": turn}, **request_kwargs)
+                    result = ChatResult(tag=request.tag, stream=request.stream)
+                    results.append(result)
+                    await send(session, url, model, request, result, clock,
+                               origin)
+                    if not result.ok or result.disconnected:
+                        return
+                    answers.append(result.text)
+
+        tasks = [asyncio.create_task(converse(c, r))
+                 for c, r in zip(conversations, per_conversation)]
+        await _finish(tasks, max_seconds, stop)
+        duration = clock() - origin
+    results = []
+    for conv, done in zip(conversations, per_conversation):
+        last = done[-1] if done else None
+        ended = last is not None and not last.cut and (
+            not last.ok or last.disconnected)
+        results += done + [ChatResult(tag={**conv.tag, "turn": t},
+                                      cut=stop.is_set() and not ended)
+                           for t in range(len(done), len(conv.questions))]
+    return results, duration
+
+
+# ------------------------------------------------------------------ summary
+
+def _stats(summary: dict, name: str, seconds: list[float]) -> None:
+    values = np.asarray(seconds, dtype=float) * 1000
+    summary[f"mean_{name}_ms"] = float(values.mean()) if len(values) else None
+    summary[f"median_{name}_ms"] = (float(np.median(values)) if len(values)
+                                    else None)
+    for p in PERCENTILES:
+        summary[f"p{p}_{name}_ms"] = (float(np.percentile(values, p))
+                                      if len(values) else None)
+
+
+def summarize(results: list[ChatResult], duration: float) -> dict:
+    """Totals and latency statistics in ``vllm bench serve``'s key names.
+
+    Only completed requests (answered in full) count towards tokens, TTFT,
+    TPOT and latency; TPOT is (latency - TTFT) / (tokens - 1) of streamed
+    requests with more than one token.
+    """
+    done = [r for r in results if r.ok and not r.disconnected]
+    failed = [r for r in results if r.sent and not r.ok and not r.cut]
+    output = sum(r.completion_tokens for r in done)
+    prompt = sum(r.prompt_tokens for r in done)
+    rate = (lambda x: x / duration) if duration > 0 else (lambda x: None)
+    summary = {
+        "duration": duration,
+        "num_requests": len(results),
+        "completed": len(done),
+        "failed": len(failed),
+        "disconnected": sum(r.disconnected for r in results),
+        "cut": sum(r.cut for r in results),
+        "not_sent": sum(not r.sent for r in results),
+        "total_input_tokens": prompt,
+        "total_output_tokens": output,
+        "request_throughput": rate(len(done)),
+        "output_throughput": rate(output),
+        "total_token_throughput": rate(prompt + output),
+    }
+    _stats(summary, "ttft", [r.ttft for r in done if r.ttft is not None])
+    _stats(summary, "tpot", [(r.latency - r.ttft) / (r.completion_tokens - 1)
+                             for r in done if r.stream
+                             and r.ttft is not None and r.completion_tokens > 1])
+    _stats(summary, "e2el", [r.latency for r in done])
+    summary["error_counts"] = dict(collections.Counter(
+        r.error for r in failed).most_common(10))
+    return summary
+
+
+# ---------------------------------------------------------------------- CLI
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, height = text.lower().split("x")
+    return int(width), int(height)
+
+
+async def first_model(base_url: str) -> str:
+    async with _session(1) as session:
+        async with session.get(base_url.rstrip("/") + "/v1/models") as reply:
+            return (await reply.json())["data"][0]["id"]
+
+
+async def run_workload(args) -> tuple[list[ChatResult], float]:
+    model = args.model or await first_model(args.base_url)
+    size = parse_size(args.image_size)
+    request_kwargs = dict(max_tokens=args.max_tokens, stream=not args.no_stream,
+                          ignore_eos=not args.no_ignore_eos,
+                          vllm_xargs=args.vllm_xargs,
+                          disconnect_after=args.disconnect_after)
+    if args.workload == "questions":
+        requests = questions_workload(args.num_requests, args.num_images,
+                                      args.seed, size, args.image_format,
+                                      **request_kwargs)
+        return await run_requests(args.base_url, model, requests,
+                                  args.concurrency, args.max_seconds)
+    conversations = multiturn_workload(args.conversations, args.turns,
+                                       args.seed, size, args.image_format)
+    return await run_conversations(args.base_url, model, conversations,
+                                   args.concurrency, args.max_seconds,
+                                   **request_kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", help="served model name (default: the "
+                        "server's first)")
+    parser.add_argument("--workload", choices=("questions", "multiturn"),
+                        default="questions")
+    parser.add_argument("--num-requests", type=int, default=2000,
+                        help="questions: requests")
+    parser.add_argument("--num-images", type=int, default=32,
+                        help="questions: distinct images")
+    parser.add_argument("--conversations", type=int, default=256,
+                        help="multiturn: conversations")
+    parser.add_argument("--turns", type=int, default=4,
+                        help="multiturn: turns per conversation")
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="requests (questions) or conversations "
+                        "(multiturn) in flight")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--no-ignore-eos", action="store_true")
+    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--vllm-xargs", type=json.loads, default=None,
+                        help="JSON dict sent as vllm_xargs")
+    parser.add_argument("--disconnect-after", type=int, default=None,
+                        help="close each stream after this many chunks")
+    parser.add_argument("--image-size", default="336x336", help="WxH")
+    parser.add_argument("--image-format", default="JPEG",
+                        choices=("JPEG", "PNG", "jpeg", "png"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop sending and cancel what is in flight "
+                        "after this long")
+    parser.add_argument("--out", help="write parameters and summary as JSON")
+    parser.add_argument("--requests-out",
+                        help="write every request's record as JSON lines")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    results, duration = asyncio.run(run_workload(args))
+    summary = summarize(results, duration)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"params": vars(args), **summary}, f, indent=1)
+    if args.requests_out:
+        with open(args.requests_out, "w") as f:
+            for result in results:
+                f.write(json.dumps(asdict(result)) + "\n")
+    print(json.dumps({k: v for k, v in summary.items()
+                      if not isinstance(v, dict)}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,958 @@
+"""Stock vLLM against sparsemm behind ``vllm serve``, measured as users see it.
+
+    python benchmarks/serve_matrix.py --workloads unique --concurrency 16,256 \\
+        --max-seconds 90 --out serve.json
+    python benchmarks/serve_matrix.py --workloads questions,multiturn \\
+        --max-seconds 90 --out serve.json        # merges into the same JSON
+    python benchmarks/serve_matrix.py --table-only --out serve.json
+
+For every server variant (stock ``--attention-backend FLASH_ATTN`` with its
+default prefix caching, then sparsemm at each budget) one ``vllm serve`` of a
+dummy-weight model runs on this GPU while each selected workload's loads run
+against it in turn; then it is stopped and the next variant starts:
+
+* ``unique``: ``vllm bench serve`` on its ``random-mm`` dataset (one fresh
+  image per request) at each ``--concurrency``.
+* ``questions``: ``chat_client.py``: many distinct questions about few images
+  (stock's prefix cache can reuse an image's KV; sparsemm switches it off).
+* ``multiturn``: ``chat_client.py``: conversations about one image each,
+  every turn resending the history with the server's answers.
+* ``kv8``: the ``unique`` load on a LLaVA-NeXT-7B-shaped model with an
+  8 GiB KV cache, where memory bounds the batch.
+
+While a load runs ``/metrics`` is scraped about twice a second (peak running
+requests, a token timeline), and once before and after (counter differences:
+prefix-cache hit rate, tokens, server-side latency histograms). A load cut by
+``--max-seconds`` is reported from the server's counters (``vllm bench serve``
+writes no result when interrupted). Every run is merged into ``--out`` by key
+as soon as it ends, so several short invocations build one table; a markdown
+table with each sparsemm figure's ratio to stock's is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import chat_client  # noqa: E402
+
+VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+CLIENT = [sys.executable, str(HERE / "chat_client.py")]
+SERVED_NAME = "model"
+WORKLOADS = ("unique", "questions", "multiturn", "kv8")
+BENCH_WORKLOADS = ("unique", "kv8")
+MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
+          "llava-next-7b": "write_dummy_llava_next_7b"}
+# score file for LLaVA models (Vicuna-7B heads), as examples/benchmark.py uses
+LLAVA_SCORES = "llava-v1.6-vicuna-7b"
+FINISHED_OK = ("stop", "length")
+FIGURES = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+           "prefix_cache_hit_rate", "peak_running", "errors")
+RATIO_FIGURES = FIGURES[:-1]
+
+
+# ------------------------------------------------------------------ plan
+
+@dataclass(frozen=True)
+class Backend:
+    """A server variant: stock FlashAttention, or sparsemm at one budget."""
+    name: str  # "stock" or "sparsemm"
+    budget: int | None = None
+    settings: str = "{}"  # extra sparsemm settings, as JSON
+
+    @property
+    def label(self) -> str:
+        if self.name == "stock":
+            return "stock"
+        extra = "".join(f"+{k}={v}" for k, v in
+                        sorted(json.loads(self.settings).items()))
+        return f"sparsemm-b{self.budget}{extra}"
+
+    def sparsemm_config(self, defaults: dict) -> dict | None:
+        if self.name == "stock":
+            return None
+        return {"budget": self.budget, **defaults, **json.loads(self.settings)}
+
+    def server_args(self, defaults: dict) -> list[str]:
+        if self.name == "stock":
+            return ["--attention-backend", "FLASH_ATTN"]
+        return ["--attention-backend", "sparsemm", "--additional-config",
+                json.dumps({"sparsemm": self.sparsemm_config(defaults)})]
+
+
+@dataclass
+class Load:
+    """One measured load; ``params`` is all the load generator is given."""
+    workload: str
+    concurrency: int
+    params: dict
+
+
+@dataclass
+class ServerPlan:
+    """One ``vllm serve`` and the loads run against it, in order."""
+    model: str
+    model_dir: Path
+    backend: Backend
+    max_model_len: int
+    kv_bytes: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    sparsemm_defaults: dict = field(default_factory=dict)
+    loads: list[Load] = field(default_factory=list)
+
+    def command(self, port: int) -> list[str]:
+        return serve_command(self.model_dir, port, self.max_model_len,
+                             self.backend.server_args(self.sparsemm_defaults),
+                             self.kv_bytes, self.extra_args)
+
+
+def serve_command(model_dir, port: int, max_model_len: int,
+                  backend_args: list[str], kv_bytes: int | None = None,
+                  extra_args=()) -> list[str]:
+    cmd = VLLM + ["serve", str(model_dir), "--load-format", "dummy",
+                  "--served-model-name", SERVED_NAME, "--port", str(port),
+                  "--max-model-len", str(max_model_len), *backend_args]
+    if kv_bytes:
+        cmd += ["--kv-cache-memory-bytes", str(kv_bytes)]
+    return cmd + list(extra_args)
+
+
+def bench_command(model_dir, port: int, load: Load, result_dir,
+                  result_filename: str) -> list[str]:
+    """``vllm bench serve`` on random-mm: one image of a fixed size per
+    request, fixed text and output lengths, greedy and ignoring EOS."""
+    p = load.params
+    width, height = p["image_size"]
+    return VLLM + [
+        "bench", "serve", "--backend", "openai-chat",
+        "--endpoint", "/v1/chat/completions",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--model", str(model_dir), "--served-model-name", SERVED_NAME,
+        "--dataset-name", "random-mm", "--num-prompts", str(p["num_prompts"]),
+        "--max-concurrency", str(load.concurrency),
+        "--random-input-len", str(p["input_len"]),
+        "--random-output-len", str(p["output_len"]),
+        "--random-range-ratio", "0",
+        "--random-mm-base-items-per-request", "1",
+        "--random-mm-num-mm-items-range-ratio", "0",
+        "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+        "--random-mm-bucket-config", f"{{({height}, {width}, 1): 1.0}}",
+        "--ignore-eos", "--temperature", "0", "--seed", str(p["seed"]),
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--metric-percentiles", "50,99", "--disable-tqdm",
+        "--save-result", "--result-dir", str(result_dir),
+        "--result-filename", result_filename]
+
+
+def client_command(port: int, load: Load, out, requests_out,
+                   max_seconds: float | None = None) -> list[str]:
+    p = load.params
+    width, height = p["image_size"]
+    cmd = CLIENT + ["--base-url", f"http://127.0.0.1:{port}",
+                    "--model", SERVED_NAME, "--workload", load.workload,
+                    "--concurrency", str(load.concurrency),
+                    "--max-tokens", str(p["max_tokens"]),
+                    "--image-size", f"{width}x{height}",
+                    "--seed", str(p["seed"]), "--out", str(out),
+                    "--requests-out", str(requests_out)]
+    if load.workload == "questions":
+        cmd += ["--num-requests", str(p["num_requests"]),
+                "--num-images", str(p["num_images"])]
+    else:
+        cmd += ["--conversations", str(p["conversations"]),
+                "--turns", str(p["turns"])]
+    if max_seconds is not None:
+        cmd += ["--max-seconds", str(max_seconds)]
+    return cmd
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def model_folder(name_or_path: str, work_dir: Path) -> tuple[str, Path]:
+    """A known model name is written (config, tokenizer, processor, no
+    weights) under ``work_dir`` once; anything else is a folder to use."""
+    if name_or_path in MODELS:
+        folder = work_dir / name_or_path
+        if not (folder / "config.json").exists():
+            from vllm_sparsemm.reference import checkpoints
+            getattr(checkpoints, MODELS[name_or_path])(folder)
+        return name_or_path, folder
+    folder = Path(name_or_path)
+    return folder.name, folder
+
+
+def sparsemm_defaults(model_dir: Path) -> dict:
+    """LLaVA models get the shipped Vicuna-7B scores (LLaVA-1.5 has no file
+    of its own, and sparsemm refuses to guess)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if config.get("model_type") in ("llava", "llava_next"):
+        return {"head_scores": LLAVA_SCORES}
+    return {}
+
+
+def backends(args, budgets: list[int]) -> list[Backend]:
+    chosen = args.backends.split(",")
+    out = [Backend("stock")] if "stock" in chosen else []
+    if "sparsemm" in chosen:
+        settings = json.dumps(json.loads(args.sparsemm_config or "{}"),
+                              sort_keys=True)
+        out += [Backend("sparsemm", b, settings) for b in budgets]
+    return out
+
+
+def loads_for(workload: str, args) -> list[Load]:
+    size = chat_client.parse_size(args.image_size)
+    if workload == "unique":
+        return [Load("unique", c, {
+            "num_prompts": args.num_prompts or max(4 * c, 200),
+            "input_len": args.input_len, "output_len": args.output_len,
+            "image_size": size, "seed": args.seed + c})
+            for c in ints(args.concurrency)]
+    if workload == "kv8":
+        return [Load("kv8", c, {
+            "num_prompts": args.kv8_num_prompts or max(4 * c, 200),
+            "input_len": args.input_len, "output_len": args.kv8_output_len,
+            "image_size": chat_client.parse_size(args.kv8_image_size),
+            "seed": args.seed + c})
+            for c in ints(args.kv8_concurrency)]
+    if workload == "questions":
+        return [Load("questions", c, {
+            "num_requests": args.questions_requests,
+            "num_images": args.questions_images,
+            "max_tokens": args.output_len, "image_size": size,
+            "seed": args.seed + c})
+            for c in ints(args.questions_concurrency)]
+    if workload == "multiturn":
+        return [Load("multiturn", c, {
+            "conversations": args.multiturn_conversations,
+            "turns": args.multiturn_turns,
+            "max_tokens": args.multiturn_output_len, "image_size": size,
+            "seed": args.seed + c})
+            for c in ints(args.multiturn_concurrency)]
+    raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
+
+
+def plan(args) -> list[ServerPlan]:
+    """Server variants in run order: per model group, stock first."""
+    workloads = [w for w in args.workloads.split(",") if w]
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise SystemExit(f"unknown workload {w!r}; "
+                             f"choose from {WORKLOADS}")
+    extra = shlex.split(args.server_args or "")
+    groups = []
+    shared = [w for w in WORKLOADS[:3] if w in workloads]
+    if shared:
+        groups.append((args.model, None, ints(args.budgets),
+                       [ld for w in shared for ld in loads_for(w, args)]))
+    if "kv8" in workloads:
+        groups.append((args.kv8_model, args.kv8_bytes, ints(args.kv8_budgets),
+                       loads_for("kv8", args)))
+    plans = []
+    for model, kv_bytes, budgets, loads in groups:
+        name, folder = model_folder(model, Path(args.work_dir))
+        for backend in backends(args, budgets):
+            plans.append(ServerPlan(name, folder, backend, args.max_model_len,
+                                    kv_bytes, extra, sparsemm_defaults(folder),
+                                    loads))
+    return plans
+
+
+def run_key(workload: str, model: str, concurrency: int, label: str) -> str:
+    return f"{workload}/{model}/c{concurrency}/{label}"
+
+
+# --------------------------------------------------------------- metrics
+
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict, float]]]:
+    """Prometheus text format to {sample name: [(labels, value), ...]}."""
+    metrics: dict[str, list[tuple[dict, float]]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name, rest = line.split("{", 1)
+            labels_text, value_text = rest.rsplit("}", 1)
+            labels = dict(LABEL.findall(labels_text))
+        else:
+            name, value_text = line.split(None, 1)
+            labels = {}
+        try:
+            value = float(value_text.split()[0])
+        except (ValueError, IndexError):
+            continue
+        metrics.setdefault(name.strip(), []).append((labels, value))
+    return metrics
+
+
+def total(metrics: dict, name: str, **match) -> float | None:
+    """Sum of ``name`` over label sets that match (engines, models)."""
+    if name not in metrics:
+        return None
+    return sum(v for labels, v in metrics[name]
+               if all(labels.get(k) == x for k, x in match.items()))
+
+
+def buckets(metrics: dict, name: str) -> list[tuple[float, float]]:
+    """A histogram's cumulative (upper bound, count) pairs, summed over
+    label sets, by bound."""
+    counts: dict[float, float] = {}
+    for labels, v in metrics.get(name + "_bucket", []):
+        le = float(labels["le"])  # float() reads "+Inf"
+        counts[le] = counts.get(le, 0.0) + v
+    return sorted(counts.items())
+
+
+def histogram_quantile(q: float, cumulative: list[tuple[float, float]]):
+    """Prometheus's estimate: linear within the bucket the rank falls in."""
+    if not cumulative or cumulative[-1][1] <= 0:
+        return None
+    rank = q * cumulative[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in cumulative:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside
+                                              if inside else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def server_delta(before: dict, after: dict) -> dict:
+    """What the server counted over one load: counter differences."""
+    def diff(name, **match):
+        a, b = total(after, name, **match), total(before, name, **match)
+        return None if a is None else a - (b or 0.0)
+
+    hits = diff("vllm:prefix_cache_hits_total")
+    queries = diff("vllm:prefix_cache_queries_total")
+    finished = {r: diff("vllm:request_success_total", finished_reason=r)
+                for r in ("stop", "length", "abort", "error", "repetition")}
+    out = {
+        "prefix_cache_hits": hits, "prefix_cache_queries": queries,
+        "prefix_cache_hit_rate": hits / queries if hits is not None
+        and queries else None,
+        "mm_cache_hits": diff("vllm:mm_cache_hits_total"),
+        "mm_cache_queries": diff("vllm:mm_cache_queries_total"),
+        "prompt_tokens": diff("vllm:prompt_tokens_total"),
+        "generation_tokens": diff("vllm:generation_tokens_total"),
+        "preemptions": diff("vllm:num_preemptions_total"),
+        "requests_finished": finished,
+        "completed": sum(finished[r] or 0 for r in FINISHED_OK),
+    }
+    for key, name in (("ttft", "vllm:time_to_first_token_seconds"),
+                      ("tpot", "vllm:request_time_per_output_token_seconds"),
+                      ("e2el", "vllm:e2e_request_latency_seconds")):
+        count, seconds = diff(name + "_count"), diff(name + "_sum")
+        out[f"mean_{key}_ms"] = (1000 * seconds / count if count and
+                                 seconds is not None else None)
+        prior = dict(buckets(before, name))
+        cumulative = [(le, n - prior.get(le, 0.0))
+                      for le, n in buckets(after, name)]
+        p99 = histogram_quantile(0.99, cumulative)
+        out[f"p99_{key}_ms"] = None if p99 is None else 1000 * p99
+    return out
+
+
+def active_rate(timeline: list[list[float]], column: int = 3) -> float | None:
+    """Tokens per second while the counter in ``column`` moved: from the last
+    sample before it first rose to the sample where it last rose, so client
+    start-up and teardown do not count."""
+    if len(timeline) < 2:
+        return None
+    values = [row[column] for row in timeline]
+    rises = [i for i in range(1, len(values)) if values[i] > values[i - 1]]
+    if not rises:
+        return None
+    first, last = rises[0] - 1, rises[-1]
+    seconds = timeline[last][0] - timeline[first][0]
+    return (values[last] - values[first]) / seconds if seconds > 0 else None
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def scrape(base_url: str) -> dict:
+    try:
+        return parse_prometheus(http_get(base_url + "/metrics"))
+    except OSError:
+        return {}
+
+
+class MetricsPoller(threading.Thread):
+    """Scrapes ``/metrics`` during a load: the peak of running requests is a
+    gauge no before/after difference can see. Rows are [seconds, running,
+    waiting, generation tokens so far, KV-cache usage]."""
+
+    def __init__(self, url: str, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.url, self.interval = url, interval
+        self.timeline: list[list[float]] = []
+        self._halt = threading.Event()
+
+    def run(self):
+        origin = time.monotonic()
+        while not self._halt.is_set():
+            try:
+                m = parse_prometheus(http_get(self.url))
+                self.timeline.append([
+                    round(time.monotonic() - origin, 3),
+                    total(m, "vllm:num_requests_running") or 0.0,
+                    total(m, "vllm:num_requests_waiting") or 0.0,
+                    total(m, "vllm:generation_tokens_total") or 0.0,
+                    total(m, "vllm:kv_cache_usage_perc") or 0.0])
+            except OSError:
+                pass
+            self._halt.wait(self.interval)
+
+    def stop(self) -> list[list[float]]:
+        self._halt.set()
+        self.join()
+        return self.timeline
+
+
+def peak(timeline, column: int) -> float | None:
+    return max((row[column] for row in timeline), default=None)
+
+
+# ------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# run in front of every child: SIGTERM to it when this driver dies (the flag
+# survives exec), so a killed driver leaves no server holding the GPU
+DIE_WITH_PARENT = ("import ctypes, os, signal, sys; "
+                   "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM)); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def spawn(cmd: list[str], stdout, **kwargs) -> subprocess.Popen:
+    """Start ``cmd`` as the leader of its own process group, so it can be
+    stopped whole, with its output (and errors) to ``stdout``."""
+    return subprocess.Popen([sys.executable, "-c", DIE_WITH_PARENT, *cmd],
+                            stdout=stdout, stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            **kwargs)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not group_members(proc.pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM to the whole group, SIGKILL after ``grace``; returns when no
+    process of the group is left (the GPU is free for the next server)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if _wait_group(proc, wait):
+            return
+    print(f"warning: processes of group {proc.pid} still alive: "
+          f"{group_members(proc.pid)}", file=sys.stderr)
+
+
+def log_tail(path, lines: int = 30) -> str:
+    try:
+        return "".join(Path(path).read_text(errors="replace")
+                       .splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ""
+
+
+def start_server(cmd: list[str], log_path, port: int,
+                 timeout: float = 420.0) -> subprocess.Popen:
+    """Start ``vllm serve`` and return once ``/health`` answers; fail with
+    its log's tail if it exits or is not ready within ``timeout``."""
+    with open(log_path, "w") as log:
+        log.write(shlex.join(cmd) + "\n")
+        log.flush()
+        proc = spawn(cmd, log)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"vllm serve exited with code {proc.returncode} before it "
+                    f"was ready; {log_path} ends:\n{log_tail(log_path)}")
+            try:
+                http_get(f"http://127.0.0.1:{port}/health", timeout=2)
+                return proc
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"vllm serve not ready after {timeout:.0f} s; "
+                    f"{log_path} ends:\n{log_tail(log_path)}")
+            try:
+                proc.wait(0.5)  # returns at once if it exits
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:
+        stop_process(proc)
+        raise
+
+
+def wait_idle(base_url: str, timeout: float = 60.0) -> None:
+    """Until the server has no request left (a cut load's aborts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = scrape(base_url)
+        if m and not (total(m, "vllm:num_requests_running") or 0) \
+                and not (total(m, "vllm:num_requests_waiting") or 0):
+            return
+        time.sleep(0.5)
+
+
+def warm_up(base_url: str, seed: int) -> str | None:
+    """One small request with its own image, so first-request set-up is not
+    in the first load; returns the error, if any."""
+    request = chat_client.ChatRequest(
+        messages=[chat_client.user_turn(chat_client.image_url(
+            [seed, chat_client.SALT["warmup"]]), "Describe the image.")],
+        max_tokens=8, stream=False)
+    import asyncio
+    results, _ = asyncio.run(chat_client.run_requests(
+        base_url, SERVED_NAME, [request], 1))
+    return results[0].error
+
+
+def run_load(cmd: list[str], log_path, max_seconds: float | None,
+             start_marker: str | None = None) -> tuple[int, bool]:
+    """Run a load generator with output teed to ``log_path``.
+
+    With ``max_seconds``, it is stopped that long after ``start_marker``
+    appears in its output (or after it starts, with no marker) and the load
+    counts as cut. Returns (exit code, cut).
+    """
+    proc = spawn(cmd, subprocess.PIPE, text=True, errors="replace")
+    started = threading.Event()
+
+    def pump():
+        with open(log_path, "w") as log:
+            log.write(shlex.join(cmd) + "\n")
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if start_marker and start_marker in line:
+                    started.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    cut = False
+    try:
+        if max_seconds is not None:
+            if start_marker:
+                while not started.wait(0.1) and proc.poll() is None:
+                    pass
+            try:
+                proc.wait(max_seconds)
+            except subprocess.TimeoutExpired:
+                cut = True
+                stop_process(proc, grace=10.0)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            stop_process(proc, grace=10.0)
+        reader.join(timeout=10)
+    return proc.returncode, cut
+
+
+# ----------------------------------------------------------------- a run
+
+def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
+            max_seconds: float | None) -> dict:
+    """Run one load against the running server and return its record."""
+    key = run_key(load.workload, server.model, load.concurrency,
+                  server.backend.label)
+    stem = str(log_dir / re.sub(r"[^\w.+=-]+", "_", key))
+    base = f"http://127.0.0.1:{port}"
+    result_file, load_log = Path(stem + ".result.json"), Path(stem + ".log")
+    if load.workload in BENCH_WORKLOADS:
+        cmd = bench_command(server.model_dir, port, load, log_dir,
+                            result_file.name)
+        # vllm bench serve has no time cap: stop it that long after its
+        # timed run starts
+        marker, limit = "Starting main benchmark run", max_seconds
+    else:
+        cmd = client_command(port, load, result_file,
+                             stem + ".requests.jsonl", max_seconds)
+        marker = None
+        limit = None if max_seconds is None else max_seconds + 120
+    result_file.unlink(missing_ok=True)
+    wait_idle(base)
+    before = scrape(base)
+    poller = MetricsPoller(base + "/metrics")
+    poller.start()
+    started = time.monotonic()
+    try:
+        code, cut = run_load(cmd, load_log, limit, marker)
+    finally:
+        timeline = poller.stop()
+    wall = time.monotonic() - started
+    after = scrape(base)
+    result, error = None, None
+    if code == 0 and result_file.exists():
+        result = json.loads(result_file.read_text())
+        cut = cut or bool(result.get("cut"))
+    elif not cut:
+        error = (f"load exited with code {code}; {load_log} ends:\n"
+                 + log_tail(load_log, 15))
+    server_numbers = server_delta(before, after)
+    server_numbers["output_throughput"] = active_rate(timeline)
+    run = {
+        "key": key, "workload": load.workload, "model": server.model,
+        "model_dir": str(server.model_dir), "concurrency": load.concurrency,
+        "backend": server.backend.name, "label": server.backend.label,
+        "budget": server.backend.budget,
+        "sparsemm": server.backend.sparsemm_config(server.sparsemm_defaults),
+        "kv_cache_memory_bytes": server.kv_bytes,
+        "max_model_len": server.max_model_len,
+        "server_extra_args": server.extra_args,
+        "load_params": load.params, "max_seconds": max_seconds,
+        "serve_cmd": server.command(port), "load_cmd": cmd,
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "wall_s": round(wall, 2), "cut": cut, "load": result,
+        "load_error": error, "server": server_numbers,
+        "peak_running": peak(timeline, 1), "peak_waiting": peak(timeline, 2),
+        "peak_kv_cache_usage": peak(timeline, 4), "timeline": timeline,
+    }
+    run["figures"] = figures(run)
+    return run
+
+
+def failed_runs(server: ServerPlan, error: str) -> dict:
+    """Records for loads that never ran because the server did not start."""
+    runs = {}
+    for load in server.loads:
+        key = run_key(load.workload, server.model, load.concurrency,
+                      server.backend.label)
+        runs[key] = {
+            "key": key, "workload": load.workload, "model": server.model,
+            "concurrency": load.concurrency, "backend": server.backend.name,
+            "label": server.backend.label, "budget": server.backend.budget,
+            "load_params": load.params, "server_error": error, "cut": False,
+            "load": None, "server": {}, "peak_running": None}
+        runs[key]["figures"] = figures(runs[key])
+    return runs
+
+
+# ---------------------------------------------------------- tabulation
+
+def figures(run: dict) -> dict:
+    """The table's numbers for a run: the load generator's, or the server's
+    counters when the load was cut (or wrote nothing)."""
+    load, server = run.get("load") or {}, run.get("server") or {}
+    source = load if load and not run.get("cut") else server
+    return {
+        "output_throughput": source.get("output_throughput"),
+        "mean_ttft_ms": source.get("mean_ttft_ms"),
+        "p99_ttft_ms": source.get("p99_ttft_ms"),
+        "mean_tpot_ms": source.get("mean_tpot_ms"),
+        "prefix_cache_hit_rate": server.get("prefix_cache_hit_rate"),
+        "peak_running": run.get("peak_running"),
+        "errors": load.get("failed") if load else None,
+        "completed": source.get("completed"),
+        "source": "load" if source is load and load else "server",
+    }
+
+
+def stock_key(run: dict) -> str:
+    return run_key(run["workload"], run["model"], run["concurrency"], "stock")
+
+
+def _same(params) -> str:
+    """Parameters as JSON, so a tuple read back as a list still matches."""
+    return json.dumps(params, sort_keys=True)
+
+
+def compute_ratios(runs: dict) -> dict:
+    """Each sparsemm figure over stock's, for the same workload, model,
+    concurrency and load parameters."""
+    ratios = {}
+    for key, run in runs.items():
+        stock = runs.get(stock_key(run))
+        if run["backend"] == "stock" or stock is None \
+                or _same(stock.get("load_params")) != _same(
+                    run.get("load_params")):
+            continue
+        mine, theirs = run["figures"], stock["figures"]
+        ratios[key] = {f: mine[f] / theirs[f] for f in RATIO_FIGURES
+                       if mine.get(f) is not None and theirs.get(f)}
+    return ratios
+
+
+def _cell(value, fmt: str, ratio=None) -> str:
+    if value is None:
+        return "-"
+    text = fmt.format(value)
+    return f"{text} ({ratio:.2f}x)" if ratio is not None else text
+
+
+def table(runs: dict, ratios: dict) -> str:
+    """Markdown: one row per run; sparsemm cells carry their ratio to stock."""
+    def order(run):
+        w = run["workload"]
+        return (WORKLOADS.index(w) if w in WORKLOADS else len(WORKLOADS),
+                run["model"], run["concurrency"], run["backend"] != "stock",
+                run.get("budget") or 0, run["label"])
+
+    lines = ["| workload | model | conc | backend | out tok/s | mean TTFT ms "
+             "| p99 TTFT ms | mean TPOT ms | prefix hit | peak running "
+             "| errors |", "|" + "---|" * 11]
+    formats = {"output_throughput": "{:.0f}", "mean_ttft_ms": "{:.1f}",
+               "p99_ttft_ms": "{:.1f}", "mean_tpot_ms": "{:.2f}",
+               "prefix_cache_hit_rate": "{:.1%}", "peak_running": "{:.0f}",
+               "errors": "{:d}"}
+    for run in sorted(runs.values(), key=order):
+        fig, ratio = run["figures"], ratios.get(run["key"], {})
+        label = run["label"]
+        if run.get("server_error"):
+            label += " (no server)"
+        elif run.get("cut"):
+            label += " (cut)"
+        elif run.get("load_error"):
+            label += " (load failed)"
+        cells = [_cell(fig.get(f), formats[f], ratio.get(f)) for f in FIGURES]
+        lines.append(f"| {run['workload']} | {run['model']} | "
+                     f"{run['concurrency']} | {label} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
+
+
+def gpu_name() -> str | None:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def merge(path: Path, new_runs: dict, invocation: list[str] | None = None,
+          gpu: str | None = None) -> dict:
+    """Merge runs into the JSON at ``path`` by key, recompute ratios and the
+    table, and write it back whole (via a temporary file)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    meta = data.get("meta", {})
+    runs = {**data.get("runs", {}), **new_runs}
+    try:
+        import vllm
+        meta["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+    meta["gpu"] = gpu or meta.get("gpu")
+    meta["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
+    if invocation and invocation not in meta.setdefault("invocations", []):
+        meta["invocations"].append(invocation)
+    ratios = compute_ratios(runs)
+    data = {"meta": meta, "runs": runs, "ratios": ratios,
+            "table": table(runs, ratios)}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return data
+
+
+# --------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma list of {WORKLOADS}")
+    p.add_argument("--backends", default="stock,sparsemm")
+    p.add_argument("--model", default="llava-1.5-7b",
+                   help=f"{list(MODELS)} (written locally) or a model folder")
+    p.add_argument("--budgets", default="128",
+                   help="sparsemm budgets (comma list)")
+    p.add_argument("--sparsemm-config", default="{}",
+                   help="extra sparsemm settings as JSON, e.g. "
+                   '\'{"decode_kernel": "flash_attn"}\'')
+    p.add_argument("--server-args", default="",
+                   help="extra vllm serve arguments, one string")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--concurrency", default="1,16,64,256,1024",
+                   help="unique: concurrencies")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="unique: prompts per run; unset or 0: max(4C, 200)")
+    p.add_argument("--input-len", type=int, default=64,
+                   help="unique, kv8: text tokens besides the image")
+    p.add_argument("--output-len", type=int, default=256,
+                   help="unique, questions: output tokens per request")
+    p.add_argument("--image-size", default="336x336", help="WxH")
+    p.add_argument("--questions-concurrency", default="256,64")
+    p.add_argument("--questions-requests", type=int, default=2000)
+    p.add_argument("--questions-images", type=int, default=32)
+    p.add_argument("--multiturn-concurrency", default="64,256",
+                   help="conversations in flight")
+    p.add_argument("--multiturn-conversations", type=int, default=256)
+    p.add_argument("--multiturn-turns", type=int, default=4)
+    p.add_argument("--multiturn-output-len", type=int, default=64,
+                   help="output tokens per turn (answers return as text and "
+                   "dummy weights' tokens re-tokenize long: keep the whole "
+                   "history within --max-model-len)")
+    p.add_argument("--kv8-model", default="llava-next-7b")
+    p.add_argument("--kv8-bytes", type=int, default=8 * 2**30,
+                   help="--kv-cache-memory-bytes of the kv8 servers")
+    p.add_argument("--kv8-budgets", default="64,256")
+    p.add_argument("--kv8-concurrency", default="256")
+    p.add_argument("--kv8-num-prompts", type=int, default=256,
+                   help="kv8: prompts per run; 0: max(4C, 200)")
+    p.add_argument("--kv8-output-len", type=int, default=512)
+    p.add_argument("--kv8-image-size", default="672x672",
+                   help="WxH (LLaVA-NeXT tiles it: a long, KV-heavy prompt)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="cap on each load's run time; a cut load is reported "
+                   "from the server's counters")
+    p.add_argument("--health-timeout", type=float, default=420.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="serve_matrix.json",
+                   help="JSON to merge results into")
+    p.add_argument("--log-dir", default=None,
+                   help="server and load logs (default: <out>.logs)")
+    p.add_argument("--work-dir", default=None,
+                   help="where model folders are written "
+                   "(default: <log-dir>/models)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan's commands and exit")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of --out and exit")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    args.log_dir = Path(args.log_dir or out.with_suffix(".logs"))
+    args.work_dir = Path(args.work_dir or args.log_dir / "models")
+    return args
+
+
+def _on_sigterm(*_):
+    """Unwind (stopping the server) on the first SIGTERM; ignore more, so
+    the clean-up itself is not interrupted."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.table_only:
+        print(merge(out, {})["table"] if out.exists() else "no results yet")
+        return 0
+    plans = plan(args)
+    if args.dry_run:
+        for server in plans:
+            print(shlex.join(server.command(8000)))
+            for load in server.loads:
+                print("  ", shlex.join(
+                    bench_command(server.model_dir, 8000, load, args.log_dir,
+                                  "RESULT.json")
+                    if load.workload in BENCH_WORKLOADS else
+                    client_command(8000, load, "RESULT.json", "REQUESTS.jsonl",
+                                   args.max_seconds)))
+        return 0
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    invocation = sys.argv if argv is None else [sys.argv[0], *argv]
+    gpu, failures = gpu_name(), 0
+    for server in plans:
+        port = free_port()
+        name = re.sub(r"[^\w.+=-]+", "_",
+                      f"{server.model}_{server.backend.label}")
+        kv = f"_kv{server.kv_bytes}" if server.kv_bytes else ""
+        stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
+        log = args.log_dir / f"serve_{name}{kv}_{stamp}.log"
+        print(f"== {server.model} {server.backend.label}: starting vllm serve "
+              f"(log {log})", flush=True)
+        try:
+            proc = start_server(server.command(port), log, port,
+                                args.health_timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"!! {exc}", flush=True)
+            failures += 1
+            merge(out, failed_runs(server, str(exc)), invocation, gpu)
+            continue
+        try:
+            error = warm_up(f"http://127.0.0.1:{port}", args.seed)
+            if error:
+                print(f"!! warm-up request failed: {error}", flush=True)
+            for load in server.loads:
+                run = measure(server, load, port, args.log_dir,
+                              args.max_seconds)
+                run["server_log"] = str(log)
+                failures += bool(run["load_error"])
+                merge(out, {run["key"]: run}, invocation, gpu)
+                fig = run["figures"]
+                print(f"   {run['key']}: {fig['output_throughput'] or 0:.0f} "
+                      f"tok/s, mean TTFT {fig['mean_ttft_ms'] or 0:.0f} ms, "
+                      f"peak running {fig['peak_running']}"
+                      + (" (cut)" if run["cut"] else "")
+                      + (f"\n!! {run['load_error']}" if run["load_error"]
+                         else ""), flush=True)
+        finally:
+            stop_process(proc)
+    data = merge(out, {}, invocation, gpu)
+    print(data["table"])
+    print(f"\nresults: {out}; logs: {args.log_dir}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
