@@ -54,27 +54,22 @@ def _run_mixed_batch(chunk, async_frees):
         eng.check(tokens, outputs)
         for rid in schedule:
             request = eng.requests[rid]
-            processed = request.num_computed_tokens - request.num_in_flight_tokens
-            if (BUDGET < request.num_prompt_tokens
-                    and processed > request.num_prompt_tokens):
-                # after the scheduler has seen the compaction step processed,
-                # the request holds exactly what the block law says
+            if eng.manager.prompt_released(rid):
+                # once its prompt went back, a request holds exactly what
+                # the block law says for the tokens allocated so far
                 appended = request.num_computed_tokens - request.num_prompt_tokens
                 assert eng.held_blocks(rid) == eng.law.compacted_blocks(
-                    request.num_prompt_tokens, appended) or eng.held_blocks(
-                        rid) == eng.law.compacted_blocks(
-                            request.num_prompt_tokens, appended - 1)
+                    request.num_prompt_tokens, appended)
     for rid in prompts:
         request = eng.requests[rid]
         if BUDGET < request.num_prompt_tokens:
-            # allocation covers the tokens of the step about to run
             assert eng.held_blocks(rid) == eng.law.compacted_blocks(
-                request.num_prompt_tokens, decode - 1)
+                request.num_prompt_tokens, decode)
             assert eng.held_blocks(rid) < cdiv(request.num_prompt_tokens + decode,
                                                BS)
         else:
-            assert eng.held_blocks(rid) == cdiv(request.num_prompt_tokens + decode
-                                                - 1, BS)
+            assert eng.held_blocks(rid) == cdiv(request.num_prompt_tokens + decode,
+                                                BS)
         eng.finish(rid)
     assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
 
@@ -94,6 +89,8 @@ def test_same_request_alone_and_in_a_batch_gives_the_same_output():
                      if rid == "x"]
         return torch.stack(outs)
 
+    # batch neighbours change the order of nothing but the reference's
+    # float32 sums (see cpu_engine.Engine.check for the tolerance)
     torch.testing.assert_close(run(False), run(True), rtol=1e-5, atol=1e-5)
 
 
@@ -178,10 +175,10 @@ def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
             eng.check(tokens, outputs)
             outs.append(outputs)
         held = {rid: eng.held_blocks(rid) for rid in prompts}
-        per_rank = [max(p.num_blocks(11) for p in [eng.law.rank_plans(120)[r]])
-                    for r in range(tp)]
-        assert held["a"] == max(per_rank) == eng.law.compacted_blocks(120, 11)
+        # the scheduler gave what the law counts for all ranks at once
+        assert held["a"] == eng.law.compacted_blocks(120, 12)
         results[tp] = (outs, held)
+    # each rank sums its own heads: float32 order only (Engine.check)
     for one, two in zip(results[1][0], results[2][0]):
         torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     assert results[2][1]["a"] >= results[1][1]["a"]

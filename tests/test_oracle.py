@@ -52,7 +52,10 @@ def test_no_eviction_reproduces_full_cache_generation(name, extra):
     result = oracle.generate(inputs, 16)
     assert result.tokens == tokens
     assert result.kept == []
-    # same maths in another order: float32 rounding only
+    # same maths in another order: float32 rounding only. The tiny models'
+    # logits are O(1); 1e-5 is ~100 float32 ulps of them after a few layers
+    # of reordered sums, and orders of magnitude below the logit gaps that
+    # decide the greedy tokens compared exactly above
     torch.testing.assert_close(result.logits, logits, rtol=0, atol=1e-5)
 
 
@@ -122,6 +125,7 @@ def test_eviction_matches_masked_full_cache(name):
 
     # the first token comes from the uncompressed prefill
     assert result.tokens[0] == full_tokens[0]
+    # float32 rounding of the same prefill (see the no-eviction test)
     torch.testing.assert_close(result.logits[0], full_logits[0], rtol=0,
                                atol=1e-5)
     # every layer kept what the selection picks from its own queries and keys
@@ -143,6 +147,8 @@ def test_eviction_matches_masked_full_cache(name):
                             eos_token_id=None, pad_token_id=0,
                             output_logits=True, return_dict_in_generate=True)
     assert masked.sequences[0, prompt_len:].tolist() == result.tokens
+    # masking and ragged caches sum the same keys in other orders: float32
+    # rounding, far below what one wrongly kept or dropped key changes
     torch.testing.assert_close(torch.stack(masked.logits)[:, 0].float(),
                                result.logits, rtol=0, atol=1e-5)
     # and eviction did change the computation, so the test can fail
