@@ -72,19 +72,36 @@ def test_row_width_is_the_longest_list_any_request_reaches(tp, budget):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_tensor_parallel_block_count_is_the_max_over_ranks(tp):
+    """Each rank places its own heads' pages by ``PagePlan.slots``: every
+    token of every head of every rank must land inside the law's blocks,
+    no two pages on one slot, and the busiest rank must need the last one."""
     law = BlockLaw(_plan(), block_size=16, tp_size=tp)
     kept = law.kept(500)
+    per = 4 // tp
     for appended in (0, 5, 40):
-        per_rank = []
+        blocks = law.compacted_blocks(500, appended)
+        needed = 0
         for r in range(tp):
-            heads = kept[:, r * 4 // tp:(r + 1) * 4 // tp]
-            per_rank.append(PagePlan(heads.reshape(1, -1), 16).num_blocks(
-                appended))
-        assert law.compacted_blocks(500, appended) == max(per_rank)
+            counts = kept[:, r * per:(r + 1) * per].reshape(1, -1)
+            plan = PagePlan(counts, 16)
+            pool = counts.shape[1]
+            seen = set()
+            for head in range(pool):
+                tokens = int(counts[0, head]) + appended
+                slots = {_slot(plan, head, i) for i in range(0, tokens, 16)}
+                assert not slots & seen
+                seen |= slots
+            needed = max(needed, max(seen) // pool + 1)
+        assert needed == blocks
     # splitting the heads never needs fewer blocks than one rank holding all
     # of them in pools of its size
     assert law.compacted_blocks(500, 0) >= cdiv(int(cdiv(kept, 16).sum()),
                                                  4 * 4)
+
+
+def _slot(plan, head, index):
+    return int(plan.slots(torch.tensor(0), torch.tensor(head),
+                          torch.tensor(index)))
 
 
 def test_tensor_parallel_ranks_select_what_one_rank_would():

@@ -115,13 +115,47 @@ def _tokens(model, backend, budget=None, prompts=None, max_tokens=MAX_TOKENS,
     return json.loads(lines[-1][len("RESULT"):])
 
 
+def _conversation(kind, seed=11):
+    """Prompts that share prefixes, sent one after another: a question about
+    an image, the same again, another question about that image, the first
+    one's second turn (its answer, then a new question), a third turn, and
+    a text-only prompt."""
+    image = _image(seed, (224, 196))
+    first = "describe every object you can see here in detail " * 3
+    turns = [first, first, "what colours dominate the left half " * 3,
+             first + "ASSISTANT: a cat on a mat USER: and the right half?",
+             first + "ASSISTANT: a cat on a mat USER: and the right half? "
+             "ASSISTANT: a dog USER: count the animals"]
+    out = []
+    for text in turns:
+        if kind.startswith("llava"):
+            prompt = f"USER: <image>\n{text} ASSISTANT:"
+        else:
+            prompt = (f"<|im_start|>user\n<|vision_start|><|image_pad|>"
+                      f"<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
+        out.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+    out.append({"prompt": "USER: " + first * 2 + " ASSISTANT:"
+                if kind.startswith("llava") else first * 2})
+    return out
+
+
 def _child(model, backend, budget, prompts, max_tokens, kwargs):
-    pick = prompts.pop("pick", None)
-    chosen = _prompts(**prompts)
-    if pick is not None:
-        chosen = [chosen[i] for i in pick]
+    sequential = kwargs.pop("sequential", False)
+    if "conversation" in prompts:
+        chosen = _conversation(prompts["conversation"])
+    else:
+        pick = prompts.pop("pick", None)
+        chosen = _prompts(**prompts)
+        if pick is not None:
+            chosen = [chosen[i] for i in pick]
     count = kwargs.pop("count_layer0_calls", False)
     llm = _llm(model, backend, budget, **kwargs)
+    if sequential:  # each request finishes before the next: cache hits
+        results = [_generate(llm, [prompt], max_tokens) for prompt in chosen]
+        hits = sum(m.value for m in llm.get_metrics()
+                   if m.name.startswith("vllm:prefix_cache_hits"))
+        return ([r[0][0] for r in results], [r[1][0] for r in results],
+                hits)
     if not count:
         return _generate(llm, chosen, max_tokens)
     from vllm_sparsemm.backend import SparseMMImpl
@@ -149,6 +183,14 @@ def _scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+def _worker_state(llm):
+    """The in-process engine's sparsemm worker state (its builder's)."""
+    from vllm_sparsemm.patches import sparsemm_builders
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    runner = executor.driver_worker.worker.model_runner
+    return sparsemm_builders(runner)[0].state
+
+
 @pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl"])
 def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     spec = dict(kind=kind, n=8)
@@ -165,19 +207,17 @@ def test_eviction_matches_the_oracle(models, kind, budget):
     the fp32 HF oracle's (near-exact: vLLM runs fp16); tokens agree >= 16."""
     from transformers import AutoProcessor
 
-    from vllm_sparsemm import backend
     from vllm_sparsemm.reference import tiny
     from vllm_sparsemm.reference.oracle import SparseMMOracle
     from vllm_sparsemm.selection import kept_positions
     prompt = _prompts(kind, 1)[0]
     budget = {"budget": budget, "window": 16}
     llm = _llm(models[kind], "sparsemm", budget)
-    # the CUDA worker (this process) runs on one torch thread (host_threads)
-    assert torch.get_num_threads() == 1 or "OMP_NUM_THREADS" in os.environ
-    backend.worker_state().recorded = {}
+    state = _worker_state(llm)
+    state.recorded = {}
     tokens, lens = _generate(llm, [prompt])
-    recorded = backend.worker_state().recorded
-    law = backend.worker_state().law
+    recorded = state.recorded
+    law = state.law
     _close(llm)
     (req_id, layers), = recorded.items()
     for layer, (queries, keys, positions, counts) in layers.items():
@@ -209,6 +249,39 @@ def test_eviction_matches_the_oracle(models, kind, budget):
     same = next((i for i, (a, b) in enumerate(zip(tokens[0], result.tokens))
                  if a != b), len(result.tokens))
     assert same >= 16, (tokens[0], result.tokens)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_prefix_caching_changes_no_token(models, kind):
+    """Repeated prompts, shared images and later turns of a conversation,
+    each sent after the last finished: greedy tokens with caching on equal
+    caching off, and the cache was hit (the debug net poisons what nobody
+    may read)."""
+    budget = {"budget": 48, "window": 16, "debug_poison": True}
+    spec = dict(conversation=kind)
+    off, lens, _ = _tokens(models[kind], "sparsemm", budget, dict(spec),
+                           sequential=True, enable_prefix_caching=False,
+                           disable_log_stats=False)
+    on, _, hits = _tokens(models[kind], "sparsemm", budget, dict(spec),
+                          sequential=True, enable_prefix_caching=True,
+                          disable_log_stats=False)
+    assert min(lens[:5]) > 48  # compressed
+    assert hits > 0
+    assert on == off
+
+
+def test_prefix_caching_without_eviction_gives_stocks_tokens(models):
+    """B >= N with caching on for both: sparsemm is stock attention."""
+    spec = dict(conversation="llava")
+    want, lens, _ = _tokens(models["llava"], "FLASH_ATTN", None, dict(spec),
+                            sequential=True, enable_prefix_caching=True,
+                            disable_log_stats=False)
+    got, _, hits = _tokens(models["llava"], "sparsemm", {"budget": 4096},
+                           dict(spec), sequential=True,
+                           enable_prefix_caching=True,
+                           disable_log_stats=False)
+    assert max(lens) < 4096 and hits > 0
+    assert got == want
 
 
 def test_same_output_alone_in_a_batch_and_chunked(models):
@@ -255,7 +328,7 @@ def test_blocks_match_the_plan_and_nothing_leaks(models):
     engine = llm.llm_engine
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
-    law = backend.worker_state().law
+    law = _worker_state(llm).law
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
     done, checked, aborted, preempted = {}, 0, {"5", "17"}, set()
     steps = 0
@@ -273,15 +346,16 @@ def test_blocks_match_the_plan_and_nothing_leaks(models):
                        manager.req_to_blocks[request.request_id])
             processed = request.num_computed_tokens - request.num_in_flight_tokens
             if (law.compresses(request.num_prompt_tokens)
-                    and processed > request.num_prompt_tokens
-                    and request.request_id in manager._released):
-                kept, first = manager._released[request.request_id]
+                    and processed > request.num_prompt_tokens):
                 blocks = manager.req_to_blocks[request.request_id]
-                if all(b.is_null for b in blocks[kept:first]):
-                    # released: the block law's count, not the full prompt's
-                    assert held == kept + len(blocks) - first
+                if manager.prompt_released(request.request_id):
+                    # the block law's count, not the full prompt's
+                    assert held == law.compacted_blocks(
+                        request.num_prompt_tokens,
+                        request.num_computed_tokens -
+                        request.num_prompt_tokens)
                     checked += 1
-                else:  # the release lands at the next schedule()
+                else:  # the prompt goes back at a later schedule()
                     assert held == len(blocks)
     print(f"steps {steps}, block checks {checked}, preempted {sorted(preempted)}")
     assert checked > 0 and preempted

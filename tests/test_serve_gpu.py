@@ -71,6 +71,12 @@ def test_serve_chat_completion_with_image(tmp_path):
         assert reply["usage"]["prompt_tokens"] > 576  # the image is in the prompt
         assert reply["usage"]["completion_tokens"] == 16
         assert isinstance(choice["message"]["content"], str)
+        # sparsemm served it, not a silent fallback to stock attention: it
+        # compressed the prompt, with prefix caching on (vLLM's default)
+        log.flush()
+        text = open(log.name).read()
+        assert "prefix_caching=on" in text
+        assert "sparsemm: compressing prompts" in text
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -12,6 +12,7 @@ compare them with these references).
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_sparsemm import triton_ops
 from vllm_sparsemm.kv_ops import copy_rows, write_rows
@@ -19,6 +20,8 @@ from vllm_sparsemm.page_plan import (RequestLayout, cdiv, compaction_rows,
                                      page_slot, prompt_rows)
 from vllm_sparsemm.selection import (select_kept, streamed_window_scores,
                                      window_scores)
+
+logger = init_logger("vllm.sparsemm.layers")
 from vllm_sparsemm.worker_state import (SELECTION_TOKENS, CompressedRows,
                                         StepPlan, WorkerKVState)
 
@@ -277,6 +280,9 @@ def _compact_requests(state, prompt_len, extra, reqs, blocks, positions,
     max_count = int(counts.max())
     for req in reqs:
         req.adopt(tables, prompt, max_count)
+    logger.info_once(
+        "sparsemm: compressing prompts; the first, %d tokens, keeps %d "
+        "blocks of its %d", prompt_len, fresh.shape[1], prompt)
 
 
 def _append_positions(positions, counts, tail):
