@@ -300,7 +300,10 @@ class SparseMMImpl(FlashAttentionImpl):
     def _compressed_attention(self, plan: StepPlan, index: int, query, output):
         state, cr = plan.state, plan.compressed
         lengths = cr.lengths[index]  # [R * Hkv]
-        if cr.leading and query.is_cuda and self.decode_kernel == "triton":
+        triton = query.is_cuda and triton_ops.AVAILABLE
+        # debug runs build page tables with the checked PyTorch reference
+        from_plan = triton and not state.debug_checks
+        if cr.leading and from_plan and self.decode_kernel == "triton":
             # one launch (two if split) that finds each page from the plan
             # and reads the strided query in place: no page table is built
             rows = len(cr.rows)
@@ -308,14 +311,21 @@ class SparseMMImpl(FlashAttentionImpl):
                 query[:rows], state.pages, None, lengths, self.scale,
                 output[:rows], plan=(cr, index, state),
                 num_splits=triton_decode_splits(rows * state.num_kv_heads,
-                                                sm_count(query.device)),
-                debug=state.debug_checks)
+                                                sm_count(query.device)))
             return
-        width = page_table_width(cr, state)
-        if query.is_cuda and triton_ops.AVAILABLE:
-            table = triton_ops.page_table(cr, state, index, width)
+        if from_plan:
+            table = triton_ops.page_table(cr, state, index,
+                                          page_table_width(cr, state))
         else:
             table = compressed_page_table(cr, state, index)
+        if cr.leading and triton and self.decode_kernel == "triton":
+            rows = len(cr.rows)
+            triton_ops.paged_decode(
+                query[:rows], state.pages, table, lengths, self.scale,
+                output[:rows],
+                num_splits=triton_decode_splits(rows * state.num_kv_heads,
+                                                sm_count(query.device)))
+            return
         if cr.leading:  # decode rows first: (row, head) sequences are views
             rows = len(cr.rows)
             self._attend_per_kv_head(

@@ -55,14 +55,13 @@ if triton is not None:
                 num_columns, pages_per_block)
 
     @triton.jit
-    def _page_of(column, source, FROM_PLAN: tl.constexpr, used=True,
-                 DEBUG: tl.constexpr = False):
+    def _page_of(column, source, FROM_PLAN: tl.constexpr, used=True):
         """Page id of a sequence's ``column``-th page(s): ``FROM_PLAN``, from
         ``_plan_source`` (page_plan.page_slot, then the block law's entry ->
         list column), else from ``source = (its page-table row, )``. Pages
-        not ``used`` read list column 0 (callers drop them); a used page
-        past the row is a broken block law: asserted under ``DEBUG``, never
-        clamped."""
+        not ``used`` read list column 0 (callers drop them). A used page is
+        never clamped into the row: debug runs check the columns with the
+        PyTorch references instead (``layer_ops.checked_columns``)."""
         if FROM_PLAN:
             (prefix_pages, prefix_start, decode_base, prompt,
              block_row, num_columns, pages_per_block) = source
@@ -70,9 +69,6 @@ if triton is not None:
                             decode_base + (column - prefix_pages) *
                             pages_per_block)
             where = tl.where(used, prompt + slot // pages_per_block, 0)
-            if DEBUG:
-                tl.device_assert(where < num_columns,
-                                 "sparsemm: page past the block-table row")
             block = tl.load(block_row + where)
             return block.to(tl.int64) * pages_per_block + slot % pages_per_block
         else:
@@ -86,7 +82,7 @@ if triton is not None:
                            prompt_ptr, block_rows_ptr, plan_stride,
                            block_rows_stride, num_columns, head0,
                            pages_per_block, num_heads, width, block_size,
-                           BLOCK: tl.constexpr, DEBUG: tl.constexpr):
+                           BLOCK: tl.constexpr):
         seq = tl.program_id(0)  # row * num_heads + head
         row = seq // num_heads
         source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
@@ -100,7 +96,7 @@ if triton is not None:
         # bound, which Triton's interpreter cannot index under NumPy >= 2.4
         page = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
         used = page < num_pages
-        value = tl.where(used, _page_of(page, source, True, used, DEBUG), 0)
+        value = tl.where(used, _page_of(page, source, True, used), 0)
         tl.store(table_ptr + seq * width + page, value.to(tl.int32),
                  mask=page < width)
 
@@ -158,8 +154,7 @@ if triton is not None:
                        pages_per_block, G_PAD: tl.constexpr,
                        BLOCK_D: tl.constexpr, BS: tl.constexpr,
                        SPLIT: tl.constexpr, FROM_PLAN: tl.constexpr,
-                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr,
-                       DEBUG: tl.constexpr):
+                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr):
         seq = tl.program_id(0)  # row * num_kv_heads + KV head
         split = tl.program_id(1)
         row, kv_head = seq // num_kv_heads, seq % num_kv_heads
@@ -194,14 +189,14 @@ if triton is not None:
             column = first
             while column < end:
                 m, l, acc = _decode_page(
-                    q, pages_ptr, _page_of(column, source, FROM_PLAN, True, DEBUG), column,
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
                     page_stride, offsets, t, dim_used, last, m, l, acc, scale,
                     dim, BS)
                 column += 1
         else:  # Triton pipelines the page loads (cp.async, NUM_STAGES deep)
             for column in tl.range(first, end, num_stages=NUM_STAGES):
                 m, l, acc = _decode_page(
-                    q, pages_ptr, _page_of(column, source, FROM_PLAN, True, DEBUG), column,
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
                     page_stride, offsets, t, dim_used, last, m, l, acc, scale,
                     dim, BS)
         if SPLIT:  # partials [S, splits, group, BLOCK_D + 2]: acc | m | l
@@ -267,7 +262,7 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
     block = _TABLE_BLOCKS[0] if width <= _TABLE_BLOCKS[0] else _TABLE_BLOCKS[1]
     _page_table_kernel[(num_seqs, triton.cdiv(width, block))](
         table, cr.lengths[layer], *_plan_args(cr, layer, state), heads, width,
-        state.block_size, BLOCK=block, DEBUG=state.debug_checks)
+        state.block_size, BLOCK=block)
     return table
 
 
@@ -305,8 +300,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
                  table: torch.Tensor | None, lengths: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int = 1,
                  num_warps: int = 2, num_stages: int = 3,
-                 plan: tuple | None = None, debug: bool = False
-                 ) -> torch.Tensor:
+                 plan: tuple | None = None) -> torch.Tensor:
     """One query token per (row, KV head) over that head's own pages: a
     split-K decode kernel that reads the packed pages in place, a page per
     loop iteration (``decode_kernel: "triton"``; its reference is
@@ -356,7 +350,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
         out.stride(1), partials, kv_heads, group, dim, scale, *plan_args,
         G_PAD=g_pad, BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
         FROM_PLAN=table is None, INTERPRET=_INTERPRET, NUM_STAGES=num_stages,
-        DEBUG=debug, num_warps=num_warps)
+        num_warps=num_warps)
     if split:  # one build for any split count; no tl.dot, so no 16-row tile
         _decode_combine_kernel[(sequences, )](
             partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
