@@ -151,11 +151,14 @@ def _child(model, backend, budget, prompts, max_tokens, kwargs):
     count = kwargs.pop("count_layer0_calls", False)
     llm = _llm(model, backend, budget, **kwargs)
     if sequential:  # each request finishes before the next: cache hits
-        results = [_generate(llm, [prompt], max_tokens) for prompt in chosen]
-        hits = sum(m.value for m in llm.get_metrics()
-                   if m.name.startswith("vllm:prefix_cache_hits"))
-        return ([r[0][0] for r in results], [r[1][0] for r in results],
-                hits)
+        from vllm import SamplingParams
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                ignore_eos=True)
+        outputs = [llm.generate([prompt], params, use_tqdm=False)[0]
+                   for prompt in chosen]
+        return ([list(o.outputs[0].token_ids) for o in outputs],
+                [len(o.prompt_token_ids) for o in outputs],
+                sum(o.num_cached_tokens or 0 for o in outputs))
     if not count:
         return _generate(llm, chosen, max_tokens)
     from vllm_sparsemm.backend import SparseMMImpl
@@ -260,11 +263,9 @@ def test_prefix_caching_changes_no_token(models, kind):
     budget = {"budget": 48, "window": 16, "debug_poison": True}
     spec = dict(conversation=kind)
     off, lens, _ = _tokens(models[kind], "sparsemm", budget, dict(spec),
-                           sequential=True, enable_prefix_caching=False,
-                           disable_log_stats=False)
+                           sequential=True, enable_prefix_caching=False)
     on, _, hits = _tokens(models[kind], "sparsemm", budget, dict(spec),
-                          sequential=True, enable_prefix_caching=True,
-                          disable_log_stats=False)
+                          sequential=True, enable_prefix_caching=True)
     assert min(lens[:5]) > 48  # compressed
     assert hits > 0
     assert on == off
@@ -274,12 +275,10 @@ def test_prefix_caching_without_eviction_gives_stocks_tokens(models):
     """B >= N with caching on for both: sparsemm is stock attention."""
     spec = dict(conversation="llava")
     want, lens, _ = _tokens(models["llava"], "FLASH_ATTN", None, dict(spec),
-                            sequential=True, enable_prefix_caching=True,
-                            disable_log_stats=False)
+                            sequential=True, enable_prefix_caching=True)
     got, _, hits = _tokens(models["llava"], "sparsemm", {"budget": 4096},
                            dict(spec), sequential=True,
-                           enable_prefix_caching=True,
-                           disable_log_stats=False)
+                           enable_prefix_caching=True)
     assert max(lens) < 4096 and hits > 0
     assert got == want
 
