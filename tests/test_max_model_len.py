@@ -59,3 +59,19 @@ def test_a_row_narrower_than_the_law_fails_loudly():
     assert eng.law.list_length(prompt, prompt, max_len) > eng.width
     with pytest.raises(RuntimeError, match="past the"):
         _to_the_limit(eng, prompt, max_len, check_every=10**9)
+
+
+def test_memory_per_request_is_the_prompt_and_its_compacted_blocks():
+    """vLLM's start-up check and its logged concurrency divide the pool by
+    ``max_memory_usage_bytes``: what one max-length request holds at its
+    compaction step, not the row width (released entries hold nothing)."""
+    import types
+    eng = Engine(max_model_len=203)
+    config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(max_model_len=203))
+    blocks = eng.spec.max_memory_usage_bytes(config) // eng.spec.page_size_bytes
+    assert blocks == cdiv(203, BS) + eng.law.compacted_blocks(203, 0)
+    assert blocks < eng.width
+    # every request's peak up to 203 tokens, at its compaction step
+    assert blocks == max(cdiv(p, BS) + eng.law.compacted_blocks(p, 0)
+                         for p in range(BUDGET + 1, 204))

@@ -122,14 +122,14 @@ def test_prefix_caching_is_left_as_the_user_set_it():
     assert config.cache_config.enable_prefix_caching is True
 
 
-class _Builder:
-    """What the runner hook hands a sparsemm builder."""
-
-    def __init__(self):
-        self.handed = []
-
-    def hand_step(self, rows, full_graph):
-        self.handed.append((rows, full_graph))
+def _builder():
+    """A sparsemm builder that records what the runner hook hands it."""
+    from vllm_sparsemm.backend import SparseMMMetadataBuilder
+    builder = object.__new__(SparseMMMetadataBuilder)
+    builder.handed = []
+    builder.hand_step = lambda rows, full_graph: builder.handed.append(
+        (rows, full_graph))
+    return builder
 
 
 def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
@@ -142,14 +142,14 @@ def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
 
     from vllm_sparsemm import worker_state
     register()
-    builder = _Builder()
+    builder = _builder()
     batch = types.SimpleNamespace(
         req_ids=["a", "b", "c"], num_prompt_tokens=np.array([90, 40, 7]),
         num_computed_tokens_cpu=np.array([90, 32, 0]))
     # the dispatch patch recorded the step's mode: FULL
-    runner = types.SimpleNamespace(input_batch=batch,
-                                   _sparsemm_step_full_graph=True,
-                                   _sparsemm_builders=[builder])
+    runner = types.SimpleNamespace(
+        input_batch=batch, _sparsemm_step_full_graph=True,
+        attn_groups=[[types.SimpleNamespace(metadata_builders=[builder])]])
     with pytest.raises(AttributeError):  # the real builder needs a real runner
         GPUModelRunner._build_attention_metadata(
             runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
@@ -176,3 +176,32 @@ def test_runner_hooks_leave_engines_of_other_backends_alone():
             runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
     assert "input_batch" not in str(error.value)  # the hook never read it
     assert patches.sparsemm_builders(runner) == []
+
+
+def test_the_hook_reaches_the_builders_vllm_rebuilt():
+    """vLLM profiles CUDA-graph memory with a throwaway KV cache and set of
+    builders, clears them and builds the serving ones: rows must reach the
+    live builder, never one kept from the first set."""
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    register()
+    batch = types.SimpleNamespace(req_ids=["a"],
+                                  num_prompt_tokens=np.array([90]),
+                                  num_computed_tokens_cpu=np.array([0]))
+    profiling, serving = _builder(), _builder()
+    runner = types.SimpleNamespace(
+        input_batch=batch, attn_groups=[[types.SimpleNamespace(
+            metadata_builders=[profiling])]])
+
+    def step():
+        with pytest.raises(AttributeError):  # past the hook: a real runner
+            GPUModelRunner._build_attention_metadata(
+                runner, 4, 1, 4, num_scheduled_tokens={"a": 4})
+
+    step()
+    runner.attn_groups.clear()  # vLLM's _cleanup_profiling_kv_cache
+    runner.attn_groups.append([types.SimpleNamespace(
+        metadata_builders=[serving])])
+    step()
+    assert len(profiling.handed) == 1 and len(serving.handed) == 1
+    assert list(serving.handed[0][0].req_ids) == ["a"]

@@ -51,10 +51,17 @@ class SparseMMSpec(FullAttentionSpec):
         return self.law().max_list_length(max_len)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        # vLLM refuses to start unless one request of max_model_len fits.
+        # What one request of max_model_len holds at most: its prompt and
+        # its compacted blocks at the compaction step. vLLM refuses to start
+        # unless this fits, and divides the pool by it for the "maximum
+        # concurrency" it logs (not by the block-table width, which counts
+        # the released entries too).
+        law = self.law()
         max_len = vllm_config.model_config.max_model_len
-        return self.max_num_blocks_per_req(vllm_config,
-                                           max_len) * self.page_size_bytes
+        blocks = cdiv(max_len, self.block_size)
+        if law.compresses(max_len):
+            blocks += law.compacted_blocks(max_len, 0)
+        return blocks * self.page_size_bytes
 
     @classmethod
     def merge(cls, specs: list["SparseMMSpec"]) -> "SparseMMSpec":

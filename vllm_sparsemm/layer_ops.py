@@ -280,9 +280,11 @@ def _compact_requests(state, prompt_len, extra, reqs, blocks, positions,
     max_count = int(counts.max())
     for req in reqs:
         req.adopt(tables, prompt, max_count)
-    logger.info_once(
-        "sparsemm: compressing prompts; the first, %d tokens, keeps %d "
-        "blocks of its %d", prompt_len, fresh.shape[1], prompt)
+    if not state.announced:  # operators see that compression runs
+        state.announced = True
+        logger.info("sparsemm: compressing prompts; the first, %d tokens, "
+                    "keeps %d blocks of its %d", prompt_len, fresh.shape[1],
+                    prompt)
 
 
 def _append_positions(positions, counts, tail):

@@ -212,18 +212,14 @@ def patch_layer_spec() -> None:
 
 
 def sparsemm_builders(runner) -> list:
-    """This runner's sparsemm metadata builders (none when its engine runs
-    another backend), found once."""
-    builders = runner.__dict__.get("_sparsemm_builders")
-    if builders is None:
-        from vllm_sparsemm.backend import SparseMMMetadataBuilder
-        builders = [builder for groups in getattr(runner, "attn_groups", [])
-                    for group in groups for builder in group.metadata_builders
-                    if isinstance(builder, SparseMMMetadataBuilder)]
-        if not builders:
-            return builders  # not built yet, or not sparsemm: look again
-        runner._sparsemm_builders = builders
-    return builders
+    """This runner's live sparsemm metadata builders (none when its engine
+    runs another backend). Looked up at every call, never kept: vLLM builds
+    a throwaway set while it profiles CUDA-graph memory, then clears it and
+    builds the builders that serve."""
+    from vllm_sparsemm.backend import SparseMMMetadataBuilder
+    return [builder for groups in getattr(runner, "attn_groups", ())
+            for group in groups for builder in group.metadata_builders
+            if isinstance(builder, SparseMMMetadataBuilder)]
 
 
 def patch_runner_hooks() -> None:

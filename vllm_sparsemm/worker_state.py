@@ -140,6 +140,7 @@ class WorkerKVState:
         # whether released prompt blocks stay prefix-cache entries (not
         # poisoned then: later requests read them)
         self.prompt_blocks_cached = prompt_blocks_cached
+        self.announced = False  # the first compaction was logged
         self.requests: dict[str, RequestKV] = {}
         self.pages: torch.Tensor | None = None  # [NB * L * Hkv, bs, 2D]
         self.attention_views: tuple | None = None
