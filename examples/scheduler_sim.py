@@ -77,8 +77,11 @@ def write_text_model(path: Path, layers: int = 32, heads: int = 32) -> Path:
 def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
                    max_num_seqs: int, model_dir: Path, max_model_len=4096,
                    chunked_prefill: bool = True):
+    """vLLM's scheduler over ``spec``'s manager: its ``AsyncScheduler`` when
+    the spec says async scheduling (vLLM's default), else ``Scheduler``."""
     from vllm.config import (CacheConfig, DeviceConfig, ModelConfig,
                              SchedulerConfig, VllmConfig)
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
@@ -103,13 +106,19 @@ def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
                   config.parallel_config))]
     kv_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                               kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
-    return Scheduler(config, kv_config, StructuredOutputManager(config),
-                     block_size=spec.block_size)
+    scheduler_cls = (AsyncScheduler if getattr(spec, "async_scheduling", False)
+                     else Scheduler)
+    return scheduler_cls(config, kv_config, StructuredOutputManager(config),
+                         block_size=spec.block_size)
 
 
 def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
              cost: CostModel = CostModel(), max_steps: int = 100_000) -> dict:
-    """Submit a burst of requests, step until all finish, return the tally."""
+    """Submit a burst of requests, step until all finish, return the tally.
+
+    Under an ``AsyncScheduler`` a step's output is processed after the next
+    step is scheduled, as vLLM's engine does with async scheduling."""
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
@@ -130,6 +139,8 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     seconds, steps, produced, peak = 0.0, 0, 0, 0
     host = 0.0  # wall seconds in vLLM's scheduler (this CPU, not the model)
+    in_flight = isinstance(scheduler, AsyncScheduler)
+    pending = None  # the step whose output is not processed yet
     while scheduler.get_num_unfinished_requests() and steps < max_steps:
         started = time.perf_counter()
         out = scheduler.schedule()
@@ -152,8 +163,11 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
         output = ModelRunnerOutput(
             req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled)
+        if in_flight:
+            pending, (out, output) = (out, output), pending or (None, None)
         started = time.perf_counter()
-        scheduler.update_from_output(out, output)
+        if out is not None:
+            scheduler.update_from_output(out, output)
         host += time.perf_counter() - started
         produced += sum(map(len, sampled))
         steps += 1
@@ -198,7 +212,8 @@ def without_prefill_transient(scheduler) -> None:
 
 def sparsemm_spec(budget: int, admission_reserve: int, scores: torch.Tensor,
                   block_size: int = 16, head_size: int = 128,
-                  admission_pacing: bool = True):
+                  admission_pacing: bool = True,
+                  async_scheduling: bool = False):
     from vllm_sparsemm.budget import BudgetPlan
     from vllm_sparsemm.config import SparseMMSettings
     from vllm_sparsemm.kv_spec import SparseMMSpec
@@ -207,7 +222,8 @@ def sparsemm_spec(budget: int, admission_reserve: int, scores: torch.Tensor,
     return SparseMMSpec(block_size=block_size, num_kv_heads=kv_heads,
                         head_size=head_size, dtype=torch.float16, plan=plan,
                         admission_reserve=admission_reserve,
-                        admission_pacing=admission_pacing)
+                        admission_pacing=admission_pacing,
+                        async_scheduling=async_scheduling)
 
 
 def main():

@@ -108,7 +108,9 @@ def test_gate_counts_every_request_to_its_limit():
     """The reserve is what the future peak needs beyond the blocks held now
     and the candidate's prompt: here the candidate's own growth and b's,
     while a (prefilling) holds its whole prompt until its transient ends."""
-    kv, manager = _manager(reserve=-1)
+    # a pool these requests could fill at their limits (else the gate
+    # stands aside: see the test below)
+    kv, manager = _manager(reserve=-1, num_blocks=200)
     law = manager.law
     a = _request("a", 300, 500)  # prefilling, 96 of 300 prompt tokens
     assert kv.allocate_slots(a, 96) is not None
@@ -151,6 +153,25 @@ def test_gate_refuses_admission_that_would_starve_running_growth():
     need = cdiv(300, BS) + manager.admission_reserve("second", 300)
     assert need > free  # ...but not with both growing to 700 tokens
     assert kv.allocate_slots(second, 300, full_sequence_must_fit=True) is None
+
+
+@pytest.mark.parametrize("num_blocks", [4000, 400])
+def test_gate_and_pacer_stand_aside_while_all_fit_twice_over(num_blocks):
+    """A burst of 24 requests on a roomy pool (each at its limit, twice
+    over, fits): all start at once, no pacing, no reserve, so an idle
+    server adds no wait to time-to-first-token. On a pool they could fill,
+    the pacer starts a few, then one per interval."""
+    kv, manager = _manager(reserve=256, num_blocks=num_blocks, pacing=True)
+    admitted = 0
+    for i in range(24):
+        request = _request(f"r{i}", 300, 200)
+        manager.note_request(request.request_id, 300, 500)
+        if kv.allocate_slots(request, 300, full_sequence_must_fit=True):
+            admitted += 1
+    if num_blocks == 4000:
+        assert admitted == 24
+    else:  # the first while they fit twice over, then the pacer's burst
+        assert 1 < admitted < 24
 
 
 def test_gate_never_holds_back_a_request_when_nothing_runs():
@@ -382,3 +403,39 @@ def test_pacing_spreads_a_burst_on_vllms_scheduler(model_dir):
     assert results[False]["preemptions"] > 0
     assert results[True]["preemptions"] == 0
     assert results[True]["seconds"] < 0.9 * results[False]["seconds"]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_gate_counts_prompts_until_they_go_back_under_async_scheduling(
+        model_dir, async_scheduling):
+    """vLLM's default async scheduling processes a step's output one step
+    late, so a compacted prompt goes back one step later too. On vLLM's own
+    AsyncScheduler the gate's rows hold exactly each request's real blocks,
+    keep counting a prompt whose compaction is in flight, and a saturated
+    burst runs with no preemption."""
+    sim = _sim()
+    spec = sim.sparsemm_spec(64, SparseMMSettings().admission_reserve,
+                             _scores(), head_size=8, admission_pacing=False,
+                             async_scheduling=async_scheduling)
+    scheduler = sim.make_scheduler(spec, num_blocks=160,
+                                   max_batched_tokens=1024, max_num_seqs=64,
+                                   model_dir=model_dir)
+    assert type(scheduler).__name__ == ("AsyncScheduler" if async_scheduling
+                                        else "Scheduler")
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    running_row, seen = manager._running_row, {"in flight": 0}
+
+    def checked(rid, tracked):
+        row = running_row(rid, tracked)
+        blocks = manager.req_to_blocks[rid]
+        assert row.held == sum(not b.is_null for b in blocks)
+        if tracked.end is not None and not tracked.released:
+            assert row.whole > 0 and row.release >= 1  # still counted
+            seen["in flight"] += 1
+        return row
+
+    manager._running_row = checked
+    result = sim.simulate(scheduler, num_requests=40, prompt_len=400,
+                          output_len=160)
+    assert result["finished"] and result["preemptions"] == 0
+    assert seen["in flight"] > 0

@@ -87,6 +87,10 @@ class _Tracked:
     end: int | None = None  # E, once the compaction step is scheduled
     end_step: int = 0  # the scheduler step that scheduled it
     released: bool = False  # the prompt's entries went back to the pool
+    # its share of SparseMMManager's bound on what everyone can hold: the
+    # blocks at its limit, and its whole prompt until that goes back
+    final: int = 0
+    whole: int = 0
 
 
 class SparseMMManager(FullAttentionManager):
@@ -96,7 +100,9 @@ class SparseMMManager(FullAttentionManager):
     is admitted only if no step within ``admission_reserve`` steps would run
     out of blocks with every request running to its limit, and compressed
     requests start no faster than the pool can sustain
-    (``admission_pacing``).
+    (``admission_pacing``). Both stand aside while every request at its
+    most, and the candidate, fit in half the pool: then neither could help,
+    and a wait would only add to time-to-first-token.
     """
 
     # hits end on block boundaries: the window rule is per block
@@ -120,6 +126,12 @@ class SparseMMManager(FullAttentionManager):
         # have changed since (only kept while rows are)
         self._step_rows: dict[str, FutureRow] | None = None
         self._stale: set[str] = set()
+        # what every request holding blocks could hold at once at most
+        # (_Tracked.final + whole): while a candidate fits beside it in half
+        # the pool, the pool cannot run short even if all of them grow and
+        # finish together, so the gate and the pacer stand aside (no tax
+        # where compression cannot pay)
+        self._bound = 0
 
     # -- what vLLM does not pass to managers (patches.py) ---------------------
 
@@ -170,6 +182,8 @@ class SparseMMManager(FullAttentionManager):
         self._remove_blocks_in_range(request_id, 0,
                                      self.law.prompt_entries(tracked.end))
         tracked.released = True
+        self._bound -= tracked.whole
+        tracked.whole = 0
         self._touch(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens,
@@ -195,6 +209,10 @@ class SparseMMManager(FullAttentionManager):
             if request_id == self._paced:
                 self.pacer.started(tracked.prompt_len)
                 self._paced = None
+            if tracked.final == 0:  # its first blocks
+                tracked.final, tracked.whole = self._most_blocks(
+                    tracked.prompt_len, tracked.limit, num_tokens)
+                self._bound += tracked.final + tracked.whole
             if (tracked.end is None and num_tokens >= tracked.prompt_len
                     and self.law.compresses(tracked.prompt_len)):
                 tracked.end, tracked.end_step = num_tokens, self._step
@@ -214,7 +232,9 @@ class SparseMMManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        self._requests.pop(request_id, None)
+        tracked = self._requests.pop(request_id, None)
+        if tracked is not None:
+            self._bound -= tracked.final + tracked.whole
         self._touch(request_id)
 
     def new_step_starts(self) -> None:
@@ -260,6 +280,15 @@ class SparseMMManager(FullAttentionManager):
         if self._step_rows is not None:
             self._stale.add(request_id)
 
+    def _most_blocks(self, prompt_len: int, limit: int,
+                     tokens: int) -> tuple[int, int]:
+        """(blocks at its limit, whole prompt held until compaction) of a
+        request: together, the most it ever holds."""
+        if not self.law.compresses(prompt_len):
+            return cdiv(limit, self.block_size), 0
+        return (self.law.compacted_blocks(prompt_len, limit - prompt_len),
+                cdiv(max(tokens, prompt_len), self.block_size))
+
     def admission_reserve(self, request_id: str, num_tokens: int) -> int:
         """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
         admitting ``request_id``; more than are free while the pacer says
@@ -268,8 +297,12 @@ class SparseMMManager(FullAttentionManager):
             return 0  # with nothing running, never hold a request back
         tracked = self._requests.get(request_id)
         prompt_len = tracked.prompt_len if tracked else num_tokens
+        limit = tracked.limit if tracked else num_tokens + 1
+        if 2 * (self._bound + sum(self._most_blocks(prompt_len, limit,
+                                                     num_tokens))
+                ) <= self.block_pool.num_gpu_blocks - 1:
+            return 0  # all at their most fit twice over: no gate, no pace
         if self.pacer is not None and num_tokens <= prompt_len:
-            limit = tracked.limit if tracked else num_tokens + 1
             if not self.pacer.allows(prompt_len, limit - prompt_len):
                 return self.block_pool.get_num_free_blocks() + 1
             self._paced = request_id
