@@ -61,7 +61,7 @@ setup(
         "transformers>=5.5.3,<5.17",
     ],
     extras_require={
-        "test": ["pytest", "requests", "openai", "matplotlib"],
+        "test": ["pytest", "hypothesis", "requests", "openai", "matplotlib"],
         "qwen": ["qwen-vl-utils"],
         "plot": ["matplotlib"],
     },

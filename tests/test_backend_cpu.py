@@ -243,3 +243,25 @@ def test_triton_decode_kernel_is_refused_without_triton(monkeypatch):
     with pytest.raises(RuntimeError, match="needs Triton"):
         backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
                              "auto")
+
+
+def test_prompts_past_the_selection_chunk_are_scored_in_key_chunks(
+        monkeypatch):
+    """A prompt longer than SELECTION_TOKENS is scored alone, its keys read a
+    chunk at a time (bounded scratch whatever its length): every output
+    still equals dense SparseMM attention."""
+    from vllm_sparsemm import layer_ops, selection
+    monkeypatch.setattr(layer_ops, "SELECTION_TOKENS", 48)
+    streamed = []
+    original = selection.streamed_window_scores
+
+    def counted(*args, **kwargs):
+        streamed.append(args[2])  # the prompt length
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_ops, "streamed_window_scores", counted)
+    eng = Engine()
+    plans = eng.add_all({"long": 150, "short": 45}, 64, 6)
+    for _, tokens, outputs in eng.run(plans):
+        eng.check(tokens, outputs)
+    assert set(streamed) == {150}  # every layer of the long prompt alone

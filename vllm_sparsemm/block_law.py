@@ -130,9 +130,10 @@ class BlockLaw:
         """
         standard = cdiv(max_len, self.block_size)
         budget, window = self.plan.budget, self.plan.window
-        last = min(max_len, int(self.caps.max()) + window)
-        if last <= budget:
+        if max_len <= budget:  # nothing is compressed
             return standard
+        # the first compressed length, and every one up to max cap + W
+        last = min(max_len, max(budget + 1, int(self.caps.max()) + window))
         prompts = np.arange(budget + 1, last + 1, dtype=np.int64)
         return standard + max(
             int(_compacted_blocks_at(self._rank_caps(r), window,
