@@ -29,6 +29,7 @@ from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.graph_decode import GraphDecode
 from vllm_sparsemm.kv_spec import SparseMMSpec
 from vllm_sparsemm.plugin import register
+from vllm_sparsemm.request_options import request_budget
 from vllm_sparsemm.selection import kept_positions
 from vllm_sparsemm.worker_state import RowInfo, StepRows, WorkerKVState
 
@@ -103,8 +104,9 @@ class Engine:
                                 kernel_block_size=BS,
                                 cp_kv_cache_interleave_size=1)
         self.row_of: dict[str, int] = {}
+        self.book = self.spec.book()
         self.ranks = [types.SimpleNamespace(
-            state=WorkerKVState(self.law, LAYERS, kv_heads, r, debug_poison,
+            state=WorkerKVState(self.book, LAYERS, kv_heads, r, debug_poison,
                                 prompt_blocks_cached=caching),
             cache=torch.zeros(num_blocks, LAYERS, kv_heads, BS, 2 * DIM),
             impl=backend.SparseMMImpl(heads, DIM, DIM**-0.5, kv_heads, None,
@@ -125,14 +127,18 @@ class Engine:
         self.gen = gen
         self.last_plan = None
 
-    def add(self, req_id, prompt_len, total_len, tokens=None):
+    def add(self, req_id, prompt_len, total_len, tokens=None, budget=None):
         """A request; ``tokens`` (its prompt ids) decide prefix-cache hits, and
-        with them its activations: equal prefixes give equal K/V."""
+        with them its activations: equal prefixes give equal K/V. ``budget``
+        is its own ``sparsemm_budget`` (0: off)."""
         if tokens is None:  # a prompt of its own: no prefix shared by chance
             first = 100_000 * (len(self.requests) + 1)
             tokens = range(first, first + prompt_len)
         tokens = list(tokens)
-        request = Request(req_id, tokens, SamplingParams(max_tokens=total_len),
+        extra = None if budget is None else {"sparsemm_budget": budget}
+        request = Request(req_id, tokens,
+                          SamplingParams(max_tokens=total_len,
+                                         extra_args=extra),
                           None, block_hasher=self.hasher)
         # fixed "model" activations per (layer, position), a function of the
         # token ids up to that position when they are given
@@ -231,8 +237,10 @@ class Engine:
             rank_metadata = dataclasses.replace(metadata,
                                                 sparsemm_state=rank.state)
             # the rows as patches.patch_runner_hooks hands them over
+            steps = StepRows.of(rows)
+            steps.budget_of = self.budget_of
             rank_metadata.sparsemm_step = backend.step_plan(
-                rank.state, StepRows.of(rows), len(rows) + pad,
+                rank.state, steps, len(rows) + pad,
                 len(tokens) + pad,
                 torch.tensor(starts), rank_metadata, full_graph)
             self.last_plan = rank_metadata.sparsemm_step
@@ -269,6 +277,10 @@ class Engine:
             self.requests[rid].num_in_flight_tokens -= n
         return tokens, outputs  # [L, T, Hq, D]
 
+    def budget_of(self, rid):
+        """A request's own budget, as the runner hook reads it."""
+        return request_budget(self.requests[rid].sampling_params.extra_args)
+
     def expected(self, rid, layer, position):
         """Dense SparseMM attention of one token, straight from the definition."""
         request = self.requests[rid]
@@ -276,12 +288,13 @@ class Engine:
         q = request.q[layer, position]  # [Hq, D]
         keys, values = request.k[layer], request.v[layer]
         end = request.compaction_end
-        compressed = (self.budget < prompt and end is not None
-                      and position >= end)
+        law = self.book.law(self.budget_of(rid))
+        compressed = (law is not None and law.compresses(prompt)
+                      and end is not None and position >= end)
         group = HEADS // KV_HEADS
         out = torch.empty(HEADS, DIM)
         if compressed:
-            caps = self.law.caps[layer]
+            caps = law.caps[layer]
             kept, counts = kept_positions(
                 request.q[layer, prompt - WINDOW:prompt], keys[:prompt], caps)
         for h in range(KV_HEADS):

@@ -51,14 +51,15 @@ def _request(rid, prompt_len, max_tokens):
                    SamplingParams(max_tokens=max_tokens), None)
 
 
-def _blocks_at(law, prompt, tokens, limit, prefill_steps, whole, held,
-               release, t):
+def _blocks_at(book, prompt, tokens, limit, prefill_steps, whole, held,
+               release, budget, t):
     """One request's blocks ``t`` steps ahead, stepped by hand (the rule
     ``admission.future_peak`` states, evaluated at every step)."""
     after_prompt = max(tokens, prompt) - prompt + t - prefill_steps
     if prompt + max(after_prompt, 0) >= limit:
         return 0  # finished: its last slot is one token before the limit
-    if law.compresses(prompt):
+    law = book.law(budget) if budget else None
+    if law is not None and law.compresses(prompt):
         blocks = law.compacted_blocks(prompt, max(after_prompt, 0))
     else:
         blocks = cdiv(prompt + max(after_prompt, 0), BS)
@@ -71,18 +72,22 @@ def _blocks_at(law, prompt, tokens, limit, prefill_steps, whole, held,
 @pytest.mark.parametrize("horizon", [-1, 0, 7, 40])
 def test_future_peak_equals_the_step_by_step_maximum(horizon):
     """Random mixes of compacted, compacting, prefilling, uncompressed and
-    nearly finished requests: the event-point maximum equals the maximum
-    over every step (until all finish, or up to the horizon)."""
+    nearly finished requests, of the server's budget, their own or none:
+    the event-point maximum equals the maximum over every step (until all
+    finish, or up to the horizon)."""
     kv, manager = _manager(reserve=64)
-    law = manager.law
+    book = manager.book
     rng = np.random.default_rng(0)
     # mostly small mixes; a few large ones put many requests in each phase
     for size in [int(n) for n in rng.integers(1, 20, 40)] + [150] * 3:
         rows = []
         for _ in range(size):
             prompt = int(rng.choice([40, 300, 517]))  # 40 <= B: uncompressed
+            budget = int(rng.choice([64, 64, 120, 0]))  # 0: off
+            law = book.law(budget) if budget else None
             limit = prompt + int(rng.integers(1, 90))
-            whole = cdiv(prompt, BS) if law.compresses(prompt) else 0
+            whole = (cdiv(prompt, BS) if law is not None
+                     and law.compresses(prompt) else 0)
             kind = rng.random()
             if kind < 0.4:  # compacted, its prompt given back, decoding
                 tokens = int(rng.integers(prompt, limit))
@@ -97,11 +102,11 @@ def test_future_peak_equals_the_step_by_step_maximum(horizon):
                 release = steps + int(rng.integers(1, 3))
             held = int(rng.integers(0, 40))  # may exceed the rule's count
             rows.append(FutureRow(prompt, tokens, limit, steps, whole, held,
-                                  release))
+                                  release, budget))
         last = 200 if horizon < 0 else horizon
-        expected = max(sum(_blocks_at(law, *row, t) for row in rows)
+        expected = max(sum(_blocks_at(book, *row, t) for row in rows)
                        for t in range(last + 1))
-        assert future_peak(rows, law, horizon) == expected
+        assert future_peak(rows, book, horizon) == expected
 
 
 def test_gate_counts_every_request_to_its_limit():
@@ -124,16 +129,17 @@ def test_gate_counts_every_request_to_its_limit():
     held_b = manager._held_blocks("b")
     assert held_b == law.compacted_blocks(200, 1) < cdiv(200, BS)
     manager.note_request("new", 300, 1300)
-    rows = manager._future_rows("new", 300)
+    rows = manager._future_rows("new", manager._requests["new"], 300)
     # sync scheduling: a prompt goes back one step after its compaction step
     assert rows == [
         (300, 96, 800, cdiv(300 - 96, 96), cdiv(300, BS), cdiv(96, BS),
-         cdiv(300 - 96, 96) + 1),
-        (200, 201, 230, 0, 0, held_b, 0),
-        (300, 300, 1300, 0, cdiv(300, BS), 0, 1)]
+         cdiv(300 - 96, 96) + 1, 64),
+        (200, 201, 230, 0, 0, held_b, 0, 64),
+        (300, 300, 1300, 0, cdiv(300, BS), 0, 1, 64)]
     reserve = manager.admission_reserve("new", 300)
     held = cdiv(96, BS) + held_b
-    assert reserve == future_peak(rows, law, -1) - held - cdiv(300, BS) > 0
+    assert reserve == future_peak(rows, manager.book, -1) - held - cdiv(
+        300, BS) > 0
     # 0 turns the gate off: vLLM's optimistic admission
     kv0, manager0 = _manager(reserve=0)
     assert manager0.admission_reserve("new", 300) == 0
@@ -220,9 +226,9 @@ def test_gate_rows_kept_within_a_step_equal_rows_built_afresh(model_dir):
     built = manager._future_rows
     calls = {"fresh": 0, "kept": 0}
 
-    def checked(request_id, num_tokens):
+    def checked(request_id, candidate, num_tokens):
         calls["kept" if manager._step_rows is not None else "fresh"] += 1
-        rows = built(request_id, num_tokens)
+        rows = built(request_id, candidate, num_tokens)
         afresh = [manager._running_row(rid, tracked)
                   for rid, tracked in manager._requests.items()
                   if rid != request_id and rid in manager.req_to_blocks]
@@ -325,44 +331,45 @@ def test_pacer_starts_a_burst_then_one_request_per_interval():
     prompt, out = 300, 160
     mean = np.mean([law.compacted_blocks(prompt, a) for a in range(out)])
     concurrency = (399 - cdiv(prompt, BS)) / mean
-    rate, size = pacer.rate(prompt, out)
+    rate, size = pacer.rate(law, prompt, out)
     assert rate == pytest.approx(concurrency / out)
     assert size == max(1.0, AdmissionPacer.BURST * concurrency)
     started = 0
-    while pacer.allows(prompt, out):
-        pacer.started(prompt)
+    while pacer.allows(law, prompt, out):
+        pacer.started(law, prompt)
         started += 1
     assert started == int(size)
     intervals = []
     for _ in range(3):
         steps = 0
-        while not pacer.allows(prompt, out):
+        while not pacer.allows(law, prompt, out):
             pacer.new_step()
             steps += 1
-        pacer.started(prompt)
+        pacer.started(law, prompt)
         intervals.append(steps)
     # the first interval only tops up what the burst left of a request
     assert intervals[0] <= intervals[1]
     assert intervals[1:] == [pytest.approx(1 / rate, abs=1)] * 2
-    assert pacer.allows(40, out)  # never paced: 40 <= B is not compressed
+    assert pacer.allows(law, 40, out)  # never paced: 40 <= B is not compressed
+    assert pacer.allows(None, prompt, out)  # nor a request with budget off
 
 
 def test_pacer_learns_the_output_length_from_finished_requests():
     """Before any request finishes the pace assumes max_tokens; after, the
     mean output of finished requests (never above the candidate's limit)."""
     kv, manager = _manager(reserve=256, pacing=True)
-    pacer = manager.pacer
-    slow, _ = pacer.rate(300, 1000)
-    pacer.allows(300, 1000)
+    pacer, law = manager.pacer, manager.law
+    slow, _ = pacer.rate(law, 300, 1000)
+    pacer.allows(law, 300, 1000)
     assert pacer.mean_output is None
     for _ in range(3):
         pacer.finished(100)
     assert pacer.mean_output == 100
-    fast, _ = pacer.rate(300, 100)
+    fast, _ = pacer.rate(law, 300, 100)
     assert fast > 5 * slow  # short lives: many more requests per step
     pacer._tokens = 0.0
     pacer.new_step()
-    pacer.allows(300, 1000)
+    pacer.allows(law, 300, 1000)
     assert pacer._tokens == pytest.approx(fast)
     pacer.finished(200)
     assert pacer.mean_output == pytest.approx(100 + 100 / 16)

@@ -187,11 +187,17 @@ def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
 def test_selection_batches_split_by_length_and_token_cap(monkeypatch):
     from vllm_sparsemm import worker_state
     monkeypatch.setattr(worker_state, "SELECTION_TOKENS", 250)
-    compressing = [(i, types.SimpleNamespace(prompt_len=n))
-                   for i, n in enumerate([100, 100, 100, 60, 300, 100])]
+    def req(n, budget=64):
+        law = types.SimpleNamespace(plan=types.SimpleNamespace(budget=budget))
+        return types.SimpleNamespace(prompt_len=n, law=law)
+
+    # one budget and prompt length per group (row 6: another budget)
+    compressing = [(i, req(n)) for i, n in
+                   enumerate([100, 100, 100, 60, 300, 100])] + [(6, req(100,
+                                                                     90))]
     groups = worker_state._selection_groups(compressing)
     assert [(n, [i for i, _ in m]) for n, m in groups] == [
-        (100, [0, 1]), (100, [2, 5]), (60, [3]), (300, [4])]
+        (100, [0, 1]), (100, [2, 5]), (60, [3]), (300, [4]), (100, [6])]
 
 
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 3, 1, 2]])

@@ -26,13 +26,12 @@ Two rules make admission fit that life:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-from vllm_sparsemm.block_law import BlockLaw
+from vllm_sparsemm.block_law import BlockLaw, LawBook
 from vllm_sparsemm.page_plan import cdiv
 
 
@@ -47,9 +46,10 @@ class FutureRow(NamedTuple):
     whole: int
     held: int  # blocks held now
     release: int  # the first step (from now) without the ``whole`` blocks
+    budget: int  # its law's budget in the ``LawBook`` (0: not compressed)
 
 
-def future_peak(rows, law: BlockLaw, horizon: int) -> int:
+def future_peak(rows, book: LawBook, horizon: int) -> int:
     """Most blocks the requests of ``rows`` (:class:`FutureRow` each) hold
     together at any step from now (step 0) to ``horizon`` steps ahead (-1:
     until all finish).
@@ -64,9 +64,10 @@ def future_peak(rows, law: BlockLaw, horizon: int) -> int:
 
     Requests past their prefill and release (nearly all of them) grow by one
     block per ``block_size`` tokens from an offset set by their phase
-    (``BlockLaw.phase_blocks``), so they are summed per (prompt length,
-    phase) from counts of who is still alive: the cost grows with the number
-    of such groups and event steps, not with their product with requests.
+    (``BlockLaw.phase_blocks``), so they are summed per (budget, prompt
+    length, phase) from counts of who is still alive: the cost grows with
+    the number of such groups and event steps, not with their product with
+    requests.
     """
     table = np.array(rows, dtype=np.int64).reshape(-1, len(FutureRow._fields))
     cols = FutureRow(*table.T)
@@ -76,28 +77,45 @@ def future_peak(rows, law: BlockLaw, horizon: int) -> int:
     if horizon >= 0:
         times = np.append(times[times <= horizon], horizon)
     steady = (cols.prefill_steps == 0) & (cols.whole == 0)
-    dense = _dense_blocks(FutureRow(*table[~steady].T), law, times)
+    dense = _dense_blocks(FutureRow(*table[~steady].T), book, times)
     total = dense.sum(axis=0)
-    for prompt_len in np.unique(cols.prompt[steady]):
-        group = steady & (cols.prompt == prompt_len)
-        total += _steady_blocks(law, int(prompt_len), after_prompt[group],
+    for budget, prompt_len in _groups(cols, steady):
+        group = steady & (cols.prompt == prompt_len) & (cols.budget == budget)
+        total += _steady_blocks(book, budget, prompt_len, after_prompt[group],
                                 last[group], times)
     # step 0 counts what each request holds now, which the steady sums omit
     total[0] = (dense[:, 0].sum() + _dense_blocks(
-        FutureRow(*table[steady].T), law, times[:1]).sum())
+        FutureRow(*table[steady].T), book, times[:1]).sum())
     return int(total.max())
 
 
-def _steady_blocks(law: BlockLaw, prompt_len: int, appended: np.ndarray,
-                   last: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Blocks ``[times]`` that steady requests of one prompt length hold
+def _groups(cols: FutureRow, where=None) -> list[tuple[int, int]]:
+    """The distinct (budget, prompt length) pairs of ``cols`` (``where``)."""
+    pairs = np.stack([cols.budget, cols.prompt], axis=1)
+    if where is not None:
+        pairs = pairs[where]
+    return [tuple(map(int, p)) for p in np.unique(pairs, axis=0)]
+
+
+def _compressing(book: LawBook, budget: int,
+                 prompt_len: int) -> BlockLaw | None:
+    """The law that compresses a (budget, prompt) pair's requests, if any."""
+    law = book.law(budget) if budget else None
+    return law if law is not None and law.compresses(prompt_len) else None
+
+
+def _steady_blocks(book: LawBook, budget: int, prompt_len: int,
+                   appended: np.ndarray, last: np.ndarray,
+                   times: np.ndarray) -> np.ndarray:
+    """Blocks ``[times]`` that steady requests of one (budget, prompt length) hold
     together: request i, ``appended[i]`` tokens past its prompt now and
     alive up to step ``last[i]``, holds ``(appended[i] + t) // bs +
     offsets[(appended[i] + t) % bs]`` at step t. Counted per phase
     ``appended % bs`` from histograms of when each request's life ends, so
     the cost does not grow with the requests or phases present."""
-    bs = law.block_size
-    offsets = (law.phase_blocks(prompt_len) if law.compresses(prompt_len)
+    bs = book.block_size
+    law = _compressing(book, budget, prompt_len)
+    offsets = (law.phase_blocks(prompt_len) if law is not None
                else cdiv(prompt_len + np.arange(bs), bs))
     phase, base = appended % bs, appended // bs
     # request i is alive at times[j] for j < ends[i]
@@ -122,7 +140,7 @@ def _life(cols: FutureRow) -> tuple[np.ndarray, np.ndarray]:
                           after_prompt - 1)
 
 
-def _dense_blocks(cols: FutureRow, law: BlockLaw,
+def _dense_blocks(cols: FutureRow, book: LawBook,
                   times: np.ndarray) -> np.ndarray:
     """Blocks ``[requests, times]`` of each request at each step
     (``future_peak``'s rule, evaluated request by request)."""
@@ -130,11 +148,12 @@ def _dense_blocks(cols: FutureRow, law: BlockLaw,
     t = times[None]
     steps = cols.prefill_steps[:, None]
     appended = np.maximum(after_prompt[:, None] + t - steps, 0)
-    blocks = cdiv(cols.prompt[:, None] + appended, law.block_size)
-    for prompt_len in np.unique(cols.prompt):
-        if law.compresses(int(prompt_len)):
-            same = cols.prompt == prompt_len
-            blocks[same] = law.compacted_blocks_many(int(prompt_len),
+    blocks = cdiv(cols.prompt[:, None] + appended, book.block_size)
+    for budget, prompt_len in _groups(cols):
+        law = _compressing(book, budget, prompt_len)
+        if law is not None:
+            same = (cols.prompt == prompt_len) & (cols.budget == budget)
+            blocks[same] = law.compacted_blocks_many(prompt_len,
                                                      appended[same])
     pending = (cols.whole > 0)[:, None]
     whole = cols.whole[:, None]
@@ -161,42 +180,52 @@ class AdmissionPacer:
     BURST = 0.1  # share of the steady concurrency that may start at once
     SMOOTHING = 1 / 16  # weight of each finished request in the mean output
 
-    def __init__(self, law: BlockLaw, pool_blocks: int):
-        self.law = law
+    def __init__(self, book: LawBook, pool_blocks: int):
+        self.book = book
         self.pool_blocks = pool_blocks
         self.step = 0
         self._tokens = math.inf  # capped at the first look
         self._updated = 0
         self.mean_output: float | None = None
+        self._rates: dict[tuple, tuple[float, float]] = {}
 
     def new_step(self) -> None:
         self.step += 1
 
-    @functools.lru_cache(maxsize=4096)
-    def rate(self, prompt_len: int, out: int) -> tuple[float, float]:
+    def rate(self, law: BlockLaw, prompt_len: int,
+             out: int) -> tuple[float, float]:
         """(admissions per step, bucket size) for requests of this shape."""
-        mean = float(self.law.compacted_blocks_many(
-            prompt_len, np.arange(out)).mean())
-        pool = self.pool_blocks - cdiv(prompt_len, self.law.block_size)
-        concurrency = max(pool, 1) / mean
-        return concurrency / out, max(1.0, self.BURST * concurrency)
+        key = (law.plan.budget, prompt_len, out)
+        if key not in self._rates:
+            if len(self._rates) > 4096:
+                self._rates.clear()
+            mean = float(law.compacted_blocks_many(prompt_len,
+                                                   np.arange(out)).mean())
+            pool = self.pool_blocks - cdiv(prompt_len, law.block_size)
+            concurrency = max(pool, 1) / mean
+            self._rates[key] = (concurrency / out,
+                                max(1.0, self.BURST * concurrency))
+        return self._rates[key]
 
-    def allows(self, prompt_len: int, max_output: int) -> bool:
-        """Whether a request of this shape may start now (refills the bucket)."""
+    def allows(self, law: BlockLaw | None, prompt_len: int,
+               max_output: int) -> bool:
+        """Whether a request of this shape (its budget's ``law``) may start
+        now (refills the bucket)."""
         out = max_output
         if self.mean_output is not None:
             out = min(out, max(1, round(self.mean_output)))
-        if out < 1 or not self.law.compresses(prompt_len):
+        if out < 1 or law is None or not law.compresses(prompt_len):
             return True
-        rate, size = self.rate(prompt_len, out)
+        rate, size = self.rate(law, prompt_len, out)
         self._tokens = min(size, self._tokens + rate *
                            (self.step - self._updated))
         self._updated = self.step
         return self._tokens >= 1
 
-    def started(self, prompt_len: int) -> None:
+    def started(self, law: BlockLaw | None, prompt_len: int) -> None:
         """A request of that prompt length was admitted."""
-        if self.law.compresses(prompt_len) and self._tokens != math.inf:
+        if (law is not None and law.compresses(prompt_len)
+                and self._tokens != math.inf):
             self._tokens -= 1
 
     def finished(self, num_output_tokens: int) -> None:

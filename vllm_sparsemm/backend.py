@@ -102,7 +102,7 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         settings = settings_for(vllm_config)
         # this engine's state: a builder per engine, one KV group per engine
         self.state = WorkerKVState(
-            kv_cache_spec.law(), len(layer_names), kv_cache_spec.num_kv_heads,
+            kv_cache_spec.book(), len(layer_names), kv_cache_spec.num_kv_heads,
             get_tensor_model_parallel_rank(), settings.debug_poison,
             vllm_config.cache_config.enable_prefix_caching)
         if settings.full_cuda_graphs:

@@ -26,6 +26,7 @@ The owned blocks in plan-entry order are therefore ``list[n_c:]``.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -146,6 +147,34 @@ class BlockLaw:
         heads = slice(rank * self.heads_per_rank,
                       (rank + 1) * self.heads_per_rank)
         return self.caps[:, heads].reshape(-1).numpy()
+
+
+class LawBook:
+    """The block law of every budget requests ask for (``sparsemm_budget``),
+    built on demand from the server's plan: the default budget's law always,
+    and up to ``MAX_BUDGETS`` others, least recently used dropped."""
+
+    MAX_BUDGETS = 32
+
+    def __init__(self, plan: BudgetPlan, block_size: int, tp_size: int = 1):
+        self.default = BlockLaw(plan, block_size, tp_size)
+        self.block_size = block_size
+        self._others: OrderedDict[int, BlockLaw] = OrderedDict()
+
+    def law(self, budget: int | None) -> BlockLaw | None:
+        """The law of ``budget`` (None: the default; 0: no compression)."""
+        if budget is None or budget == self.default.plan.budget:
+            return self.default
+        if budget == 0:
+            return None
+        law = self._others.pop(budget, None)
+        if law is None:
+            law = BlockLaw(self.default.plan.for_budget(budget),
+                           self.block_size, self.default.tp_size)
+        self._others[budget] = law
+        if len(self._others) > self.MAX_BUDGETS:
+            self._others.popitem(last=False)
+        return law
 
 
 def _compacted_blocks_at(caps: np.ndarray, window: int, block_size: int,

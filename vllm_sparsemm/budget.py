@@ -35,7 +35,12 @@ def head_budgets(scores: torch.Tensor, num_kv_heads: int, budget: int,
         s = scores / scores.sum();  s_kv = sum of the G query heads of each KV head
         cap = round_half_even(s_kv * (b - m) * L * Hkv + m)
     """
-    check_budget_args(budget, window, ratio)
+    return caps_from_shares(kv_head_shares(scores, num_kv_heads), budget,
+                            window, ratio)
+
+
+def kv_head_shares(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``s_kv``: each KV head's share of all scores, float64 ``[L, Hkv]``."""
     if scores.ndim != 2:
         raise ValueError(f"scores must be [layers, query heads], got shape "
                          f"{tuple(scores.shape)}")
@@ -47,12 +52,19 @@ def head_budgets(scores: torch.Tensor, num_kv_heads: int, budget: int,
     if not bool(torch.isfinite(total)) or total <= 0:
         raise ValueError("scores must be finite with a positive sum")
     group = num_heads // num_kv_heads
-    share = (scores.double() / total).view(num_layers, num_kv_heads,
-                                           group).sum(-1)
+    return (scores.double() / total).view(num_layers, num_kv_heads,
+                                          group).sum(-1)
+
+
+def caps_from_shares(shares: torch.Tensor, budget: int, window: int,
+                     ratio: float) -> torch.Tensor:
+    """:func:`head_budgets` from the KV heads' shares (``kv_head_shares``)."""
+    check_budget_args(budget, window, ratio)
+    num_layers, num_kv_heads = shares.shape
     b = budget - window
     m = math.floor(b * ratio)  # the reference's int(b * ratio)
     pooled = (b - m) * num_layers * num_kv_heads
-    return torch.round(share * pooled + m).to(torch.int64)
+    return torch.round(shares.double() * pooled + m).to(torch.int64)
 
 
 def compresses(prompt_len: int, budget: int) -> bool:
@@ -76,21 +88,41 @@ def kept_counts(caps: torch.Tensor, prompt_len: int, budget: int,
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    """Everything both the scheduler and the workers need to agree on a request's layout."""
+    """Everything both the scheduler and the workers need to agree on a request's layout.
+
+    ``shares`` (each KV head's share of the scores) and ``ratio`` let any
+    process derive the plan of another budget (``for_budget``: a request's
+    own ``sparsemm_budget``) with the same arithmetic, so the two sides
+    agree on it without a message.
+    """
     caps: tuple[tuple[int, ...], ...]  # [L][Hkv], whole model
     budget: int
     window: int
     pool_kernel: int
+    ratio: float = 0.1
+    shares: tuple[tuple[float, ...], ...] = ()  # [L][Hkv]
 
     @classmethod
     def build(cls, settings, scores: torch.Tensor,
               num_kv_heads: int) -> "BudgetPlan":
         """From ``settings`` (budget, window, ratio, pool_kernel: a
         ``config.SparseMMSettings``) and a score grid ``[L, Hq]``."""
-        caps = head_budgets(scores, num_kv_heads, settings.budget,
-                            settings.window, settings.ratio)
+        shares = kv_head_shares(scores, num_kv_heads)
+        caps = caps_from_shares(shares, settings.budget, settings.window,
+                                settings.ratio)
         return cls(tuple(tuple(row) for row in caps.tolist()), settings.budget,
-                   settings.window, settings.pool_kernel)
+                   settings.window, settings.pool_kernel, settings.ratio,
+                   tuple(tuple(row) for row in shares.tolist()))
+
+    def for_budget(self, budget: int) -> "BudgetPlan":
+        """This plan with another budget (same scores, window and ratio)."""
+        if budget == self.budget:
+            return self
+        caps = caps_from_shares(torch.tensor(self.shares, dtype=torch.float64),
+                                budget, self.window, self.ratio)
+        return BudgetPlan(tuple(tuple(row) for row in caps.tolist()), budget,
+                          self.window, self.pool_kernel, self.ratio,
+                          self.shares)
 
     def caps_tensor(self) -> torch.Tensor:
         return torch.tensor(self.caps, dtype=torch.int64)

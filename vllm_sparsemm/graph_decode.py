@@ -77,7 +77,10 @@ class GraphDecode:
         per_row = np.zeros((num_reqs, 3), dtype=np.int64)
         which = np.zeros(num_reqs, dtype=np.int64)  # 0: the identity plan
         real = len(steps)
-        compressed = np.flatnonzero(state.law.compresses(steps.prompt_len))
+        known = np.array([req_id in state.requests
+                          for req_id in steps.req_ids], dtype=bool)
+        compressed = np.flatnonzero(known)
+        state.check_unseen(steps, np.flatnonzero(~known))
         shift = np.zeros(real, dtype=np.int64)
         shift[compressed] = steps.prompt_len[compressed]
         per_row[:real, 0] = steps.computed - shift

@@ -18,11 +18,11 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_sparsemm.admission import AdmissionPacer, FutureRow, future_peak
-from vllm_sparsemm.block_law import BlockLaw
+from vllm_sparsemm.block_law import BlockLaw, LawBook
 from vllm_sparsemm.budget import BudgetPlan
 from vllm_sparsemm.page_plan import cdiv
 
-_LAWS: dict[tuple, BlockLaw] = {}
+_BOOKS: dict[tuple, LawBook] = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,17 +38,24 @@ class SparseMMSpec(FullAttentionSpec):
     # a compaction's prompt blocks go back one step later too
     async_scheduling: bool = False
 
-    def law(self) -> BlockLaw:
-        """The block law of this spec (one per plan, block size and TP size)."""
+    def book(self) -> LawBook:
+        """The block laws of this spec's budgets (one book per plan, block
+        size and TP size, shared by the scheduler and the workers)."""
         key = (self.plan, self.block_size, self.tp_size)
-        if key not in _LAWS:
-            _LAWS[key] = BlockLaw(self.plan, self.block_size, self.tp_size)
-        return _LAWS[key]
+        if key not in _BOOKS:
+            _BOOKS[key] = LawBook(self.plan, self.block_size, self.tp_size)
+        return _BOOKS[key]
+
+    def law(self) -> BlockLaw:
+        """The law of the server's default budget."""
+        return self.book().default
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        # The workers' block-table rows: the longest list the law allows,
-        # which passes cdiv(max_len, bs) by the compacted blocks.
-        return self.law().max_list_length(max_len)
+        # The workers' block-table rows. A list is the prompt's entries and
+        # the compacted blocks, and compacted blocks never outnumber the
+        # full cache's (tests/test_properties.py), so whatever budget a
+        # request picks it stays within twice vLLM's cdiv(max_len, bs).
+        return 2 * cdiv(max_len, self.block_size)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # What one request of max_model_len holds at most: its prompt and
@@ -82,6 +89,7 @@ class _Tracked:
     """What the manager knows of one request (vLLM passes managers ids only)."""
     prompt_len: int
     limit: int  # prompt + max_tokens, capped at max_model_len
+    law: BlockLaw | None  # its budget's; None: not compressed
     tokens: int = 0  # tokens with a slot
     chunk: int = 0  # tokens its last allocation added
     end: int | None = None  # E, once the compaction step is scheduled
@@ -110,12 +118,13 @@ class SparseMMManager(FullAttentionManager):
 
     def __init__(self, kv_cache_spec: SparseMMSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.law = kv_cache_spec.law()
+        self.book = kv_cache_spec.book()
+        self.law = self.book.default  # the server's default budget's
         self.window = kv_cache_spec.plan.window
         self.admission_horizon = kv_cache_spec.admission_reserve  # steps
         self.release_lag = 2 if kv_cache_spec.async_scheduling else 1
         self.pacer = AdmissionPacer(
-            self.law, self.block_pool.num_gpu_blocks - 1
+            self.book, self.block_pool.num_gpu_blocks - 1
         ) if kv_cache_spec.admission_pacing else None
         self._paced: str | None = None  # the request the pacer let in last
         self._requests: dict[str, _Tracked] = {}
@@ -135,12 +144,14 @@ class SparseMMManager(FullAttentionManager):
 
     # -- what vLLM does not pass to managers (patches.py) ---------------------
 
-    def note_request(self, request_id: str, prompt_len: int,
-                     limit: int) -> None:
-        """Prompt length and the most tokens ``request_id`` can reach, before
-        its first lookup or allocation."""
+    def note_request(self, request_id: str, prompt_len: int, limit: int,
+                     budget: int | None = None) -> None:
+        """Prompt length, the most tokens ``request_id`` can reach and its
+        own budget (None: the server's; 0: none), before its first lookup or
+        allocation."""
         if request_id not in self._requests:
-            self._requests[request_id] = _Tracked(prompt_len, limit)
+            self._requests[request_id] = _Tracked(prompt_len, limit,
+                                                  self.book.law(budget))
             self._touch(request_id)
 
     def is_noted(self, request_id: str) -> bool:
@@ -153,12 +164,13 @@ class SparseMMManager(FullAttentionManager):
         if self.pacer is not None:
             self.pacer.finished(num_output_tokens)
 
-    def begin_lookup(self, prompt_len: int) -> None:
-        """The next prefix-cache lookup is for a prompt of ``prompt_len``: a
+    def begin_lookup(self, request_id: str) -> None:
+        """The next prefix-cache lookup is for ``request_id`` (noted): a
         compressed prompt's last ``window`` tokens must be computed in this
         request, since their queries choose what every head keeps."""
-        self._hit_limit = (prompt_len - self.window
-                           if self.law.compresses(prompt_len) else None)
+        tracked = self._requests[request_id]
+        self._hit_limit = (tracked.prompt_len - self.window
+                           if _compresses(tracked) else None)
 
     # -- vLLM's manager interface ---------------------------------------------
 
@@ -180,7 +192,7 @@ class SparseMMManager(FullAttentionManager):
                 or processed_computed_tokens < tracked.end):
             return
         self._remove_blocks_in_range(request_id, 0,
-                                     self.law.prompt_entries(tracked.end))
+                                     tracked.law.prompt_entries(tracked.end))
         tracked.released = True
         self._bound -= tracked.whole
         tracked.whole = 0
@@ -207,14 +219,14 @@ class SparseMMManager(FullAttentionManager):
         tracked = self._requests.get(request_id)
         if tracked is not None:
             if request_id == self._paced:
-                self.pacer.started(tracked.prompt_len)
+                self.pacer.started(tracked.law, tracked.prompt_len)
                 self._paced = None
             if tracked.final == 0:  # its first blocks
                 tracked.final, tracked.whole = self._most_blocks(
-                    tracked.prompt_len, tracked.limit, num_tokens)
+                    tracked, num_tokens)
                 self._bound += tracked.final + tracked.whole
             if (tracked.end is None and num_tokens >= tracked.prompt_len
-                    and self.law.compresses(tracked.prompt_len)):
+                    and _compresses(tracked)):
                 tracked.end, tracked.end_step = num_tokens, self._step
             tracked.chunk = num_tokens - tracked.tokens
             tracked.tokens = num_tokens
@@ -226,7 +238,8 @@ class SparseMMManager(FullAttentionManager):
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         # Only the standard layout is shareable: a compressed request's full
         # prompt blocks, never its compacted entries or what follows them.
-        if self.law.compresses(request.num_prompt_tokens):
+        tracked = self._requests.get(request.request_id)
+        if tracked is not None and _compresses(tracked):
             num_tokens = min(num_tokens, request.num_prompt_tokens)
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
@@ -255,11 +268,11 @@ class SparseMMManager(FullAttentionManager):
         entries) that yields the law's list length."""
         tracked = self._requests.get(request_id)
         if (tracked is None or num_tokens < tracked.prompt_len
-                or not self.law.compresses(tracked.prompt_len)):
+                or not _compresses(tracked)):
             return num_tokens
         end = tracked.end if tracked.end is not None else num_tokens
-        return self.law.list_length(tracked.prompt_len, end,
-                                    num_tokens) * self.block_size
+        return tracked.law.list_length(tracked.prompt_len, end,
+                                       num_tokens) * self.block_size
 
     def prompt_released(self, request_id: str) -> bool:
         """Whether a compacted request's prompt blocks went back to the pool."""
@@ -271,7 +284,7 @@ class SparseMMManager(FullAttentionManager):
         held = len(self.req_to_blocks.get(request_id, ()))
         tracked = self._requests.get(request_id)
         if tracked is not None and tracked.released:
-            held -= self.law.prompt_entries(tracked.end)
+            held -= tracked.law.prompt_entries(tracked.end)
         return held
 
     # -- admission --------------------------------------------------------------
@@ -280,14 +293,16 @@ class SparseMMManager(FullAttentionManager):
         if self._step_rows is not None:
             self._stale.add(request_id)
 
-    def _most_blocks(self, prompt_len: int, limit: int,
+    def _most_blocks(self, tracked: _Tracked,
                      tokens: int) -> tuple[int, int]:
         """(blocks at its limit, whole prompt held until compaction) of a
         request: together, the most it ever holds."""
-        if not self.law.compresses(prompt_len):
-            return cdiv(limit, self.block_size), 0
-        return (self.law.compacted_blocks(prompt_len, limit - prompt_len),
-                cdiv(max(tokens, prompt_len), self.block_size))
+        if not _compresses(tracked):
+            return cdiv(tracked.limit, self.block_size), 0
+        return (tracked.law.compacted_blocks(tracked.prompt_len,
+                                             tracked.limit -
+                                             tracked.prompt_len),
+                cdiv(max(tokens, tracked.prompt_len), self.block_size))
 
     def admission_reserve(self, request_id: str, num_tokens: int) -> int:
         """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
@@ -295,23 +310,22 @@ class SparseMMManager(FullAttentionManager):
         not yet (class docstring)."""
         if self.admission_horizon == 0 or not self.req_to_blocks:
             return 0  # with nothing running, never hold a request back
-        tracked = self._requests.get(request_id)
-        prompt_len = tracked.prompt_len if tracked else num_tokens
-        limit = tracked.limit if tracked else num_tokens + 1
-        if 2 * (self._bound + sum(self._most_blocks(prompt_len, limit,
-                                                     num_tokens))
+        tracked = self._requests.get(request_id) or _Tracked(
+            num_tokens, num_tokens + 1, self.law)
+        if 2 * (self._bound + sum(self._most_blocks(tracked, num_tokens))
                 ) <= self.block_pool.num_gpu_blocks - 1:
             return 0  # all at their most fit twice over: no gate, no pace
-        if self.pacer is not None and num_tokens <= prompt_len:
-            if not self.pacer.allows(prompt_len, limit - prompt_len):
+        if self.pacer is not None and num_tokens <= tracked.prompt_len:
+            if not self.pacer.allows(tracked.law, tracked.prompt_len,
+                                     tracked.limit - tracked.prompt_len):
                 return self.block_pool.get_num_free_blocks() + 1
             self._paced = request_id
-        rows = self._future_rows(request_id, num_tokens)
-        peak = future_peak(rows, self.law, self.admission_horizon)
+        rows = self._future_rows(request_id, tracked, num_tokens)
+        peak = future_peak(rows, self.book, self.admission_horizon)
         held = sum(row.held for row in rows)
         return max(0, peak - held - cdiv(num_tokens, self.block_size))
 
-    def _future_rows(self, request_id: str,
+    def _future_rows(self, request_id: str, candidate: _Tracked,
                      num_tokens: int) -> list[FutureRow]:
         """``admission.future_peak``'s rows: every request holding blocks,
         then the candidate ``request_id`` asking for ``num_tokens`` slots.
@@ -334,20 +348,18 @@ class SparseMMManager(FullAttentionManager):
                 else:
                     rows[rid] = self._running_row(rid, tracked)
         self._stale.clear()
-        candidate = self._candidate_row(request_id, num_tokens)
         return [row for rid, row in rows.items()
-                if rid != request_id] + [candidate]
+                if rid != request_id] + [
+                    self._candidate_row(candidate, num_tokens)]
 
-    def _candidate_row(self, request_id: str, num_tokens: int) -> FutureRow:
+    def _candidate_row(self, tracked: _Tracked, num_tokens: int) -> FutureRow:
         """The row of a request asking to start with ``num_tokens`` slots."""
-        tracked = self._requests.get(request_id)
-        prompt_len = tracked.prompt_len if tracked else num_tokens
-        limit = tracked.limit if tracked else max(num_tokens, prompt_len) + 1
+        prompt_len = tracked.prompt_len
         steps = cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1))
         whole = (cdiv(max(num_tokens, prompt_len), self.block_size)
-                 if self.law.compresses(prompt_len) else 0)
-        return FutureRow(prompt_len, num_tokens, limit, steps, whole, 0,
-                         steps + self.release_lag)
+                 if _compresses(tracked) else 0)
+        return FutureRow(prompt_len, num_tokens, tracked.limit, steps, whole,
+                         0, steps + self.release_lag, _budget(tracked))
 
     def _running_row(self, rid: str, tracked: _Tracked) -> FutureRow:
         """One running request's row of ``_future_rows`` (plain lookups)."""
@@ -355,13 +367,24 @@ class SparseMMManager(FullAttentionManager):
         steps = (cdiv(prompt_len - tokens, max(tracked.chunk, 1))
                  if tokens < prompt_len else 0)
         whole, release = 0, 0
-        if self.law.compresses(prompt_len) and not tracked.released:
+        if _compresses(tracked) and not tracked.released:
             if tracked.end is None:  # still prefilling
                 whole = cdiv(max(tokens, prompt_len), self.block_size)
                 release = steps + self.release_lag
             else:  # the compaction step is scheduled: back when processed
-                whole = self.law.prompt_entries(tracked.end)
+                whole = tracked.law.prompt_entries(tracked.end)
                 release = max(1, tracked.end_step + self.release_lag -
                               self._step)
         return FutureRow(prompt_len, tokens, tracked.limit, steps, whole,
-                         self._held_blocks(rid), release)
+                         self._held_blocks(rid), release, _budget(tracked))
+
+
+def _compresses(tracked: _Tracked) -> bool:
+    """Whether this request's prompt is compressed (by its own budget)."""
+    return tracked.law is not None and tracked.law.compresses(
+        tracked.prompt_len)
+
+
+def _budget(tracked: _Tracked) -> int:
+    """The budget ``FutureRow`` names a request's law by (0: none)."""
+    return 0 if tracked.law is None else tracked.law.plan.budget

@@ -165,10 +165,10 @@ def select_layer(plan: StepPlan, layer: int,
     head_dim = state.pages.shape[-1] // 2
     device = block_table.device
     heads = torch.arange(num_heads, device=device)
-    caps = state.caps_on(device)[layer]  # [Hkv]
     for group in plan.selection_groups:
-        n, prompt_len = len(group.members), group.prompt_len
-        width = _kept_width(state, prompt_len)
+        n, prompt_len, law = len(group.members), group.prompt_len, group.law
+        caps = state.caps(law, device)[layer]  # [Hkv]
+        width = _kept_width(state, law, prompt_len)
         if group.positions is None:  # [n, L, Hkv, width]: every layer's
             group.positions = torch.empty(
                 (n, state.num_layers, num_heads, width), dtype=torch.int64,
@@ -200,9 +200,9 @@ def select_layer(plan: StepPlan, layer: int,
                                                       width)
             counts = counts.view(hi - lo, num_heads)
             if device.type != "cuda":  # CPU: check against the block law
-                law = state.law.kept(prompt_len)[layer, state.rank *
-                                                 num_heads:][:num_heads]
-                assert bool((counts == law).all()), (
+                want = law.kept(prompt_len)[layer, state.rank *
+                                            num_heads:][:num_heads]
+                assert bool((counts == want).all()), (
                     "sparsemm: selection and block law disagree")
             if state.recorded is not None:  # tests: each layer's selection
                 for j, (i, _) in enumerate(group.members[lo:hi]):
@@ -213,9 +213,10 @@ def select_layer(plan: StepPlan, layer: int,
                                   counts[j].cpu())
 
 
-def _kept_width(state: WorkerKVState, prompt_len: int) -> int:
+def _kept_width(state: WorkerKVState, law, prompt_len: int) -> int:
     """Largest kept count of any head of this rank: ``min(cap, N - W) + W``."""
-    return int(state.caps.clamp(max=prompt_len - state.window).max()) + state.window
+    caps = state.caps(law)
+    return int(caps.clamp(max=prompt_len - state.window).max()) + state.window
 
 
 def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
@@ -234,7 +235,7 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
     lo = state.rank * state.num_kv_heads
     for group in plan.selection_groups:
         # [L, Hkv] kept prompt tokens per head, from the law, on the host
-        counts = state.law.kept(group.prompt_len)[
+        counts = group.law.kept(group.prompt_len)[
             :, lo:lo + state.num_kv_heads]
         # requests with the same appended tail share one plan: moved together
         by_extra: dict[int, list[int]] = {}
@@ -246,22 +247,21 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
             else:
                 picked = torch.tensor(members, device=device)
                 rows, positions = group.index[picked], group.positions[picked]
-            _compact_requests(state, group.prompt_len, extra,
+            _compact_requests(state, group.law, group.prompt_len, extra,
                               [group.members[j][1] for j in members],
                               block_table[rows].long(), positions, counts,
                               device)
 
 
-def _compact_requests(state, prompt_len, extra, reqs, blocks, positions,
+def _compact_requests(state, law, prompt_len, extra, reqs, blocks, positions,
                       counts, device):
     """Compact requests of one prompt length and tail: ``blocks [n, columns]``,
     ``positions [n, L, Hkv, width]``."""
     if extra:  # re-prefilled outputs after a preemption: appended tokens
         tail = torch.arange(prompt_len, prompt_len + extra, device=device)
         positions = _append_positions(positions, counts, tail)
-    prompt = state.law.prompt_entries(prompt_len + extra)
-    fresh = blocks[:, prompt:prompt + state.law.compacted_blocks(prompt_len,
-                                                                 extra)]
+    prompt = law.prompt_entries(prompt_len + extra)
+    fresh = blocks[:, prompt:prompt + law.compacted_blocks(prompt_len, extra)]
     plan, tables = state.page_plan(counts, device)
     if fresh.shape[1] < plan.num_blocks(extra):
         raise RuntimeError(f"sparsemm: {fresh.shape[1]} compacted blocks in "

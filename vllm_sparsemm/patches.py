@@ -90,6 +90,8 @@ def _prepare_engine_config(vllm_config) -> None:
         return
     settings = settings_for(vllm_config)
     plan, source = budget_plan(vllm_config)
+    global _request_window
+    _request_window = settings.window
     logger.info_once(
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
         "block_size=%s admission_reserve=%d admission_pacing=%s "
@@ -222,6 +224,15 @@ def sparsemm_builders(runner) -> list:
             if isinstance(builder, SparseMMMetadataBuilder)]
 
 
+def _budget_of(runner, req_id: str):
+    """A request's own ``sparsemm_budget``, from the runner's copy of its
+    sampling parameters."""
+    from vllm_sparsemm.request_options import request_budget
+    state = runner.requests.get(req_id)
+    params = getattr(state, "sampling_params", None)
+    return request_budget(params.extra_args if params is not None else None)
+
+
 def patch_runner_hooks() -> None:
     """Wraps V1 ``GPUModelRunner._build_attention_metadata`` (to hand the
     sparsemm builder each row's request id, prompt length and progress,
@@ -249,7 +260,8 @@ def patch_runner_hooks() -> None:
                     rows = StepRows(req_ids,
                                     batch.num_prompt_tokens[:num_reqs],
                                     batch.num_computed_tokens_cpu[:num_reqs],
-                                    [scheduled[rid] for rid in req_ids])
+                                    [scheduled[rid] for rid in req_ids],
+                                    functools.partial(_budget_of, self))
                 for builder in builders:
                     builder.hand_step(rows, full_graph)
             return original(self, num_tokens, num_reqs, max_query_len,
@@ -286,6 +298,7 @@ def patch_admission_inputs() -> None:
     from vllm.v1.request import RequestStatus
 
     from vllm_sparsemm.kv_spec import SparseMMManager
+    from vllm_sparsemm.request_options import request_budget
 
     def managers_of(kv_manager):
         managers = kv_manager.__dict__.get("_sparsemm_managers")
@@ -301,7 +314,9 @@ def patch_admission_inputs() -> None:
                 manager.note_request(
                     request.request_id, request.num_prompt_tokens,
                     min(request.num_prompt_tokens + request.max_tokens,
-                        kv_manager.max_model_len))
+                        kv_manager.max_model_len),
+                    request_budget(request.sampling_params.extra_args
+                                   if request.sampling_params else None))
         return managers_of(kv_manager)
 
     def make_lookup(original):
@@ -309,7 +324,7 @@ def patch_admission_inputs() -> None:
         @functools.wraps(original)
         def get_computed_blocks(self, request):
             for manager in note(self, request):
-                manager.begin_lookup(request.num_prompt_tokens)
+                manager.begin_lookup(request.request_id)
             return original(self, request)
 
         return get_computed_blocks
@@ -339,6 +354,49 @@ def patch_admission_inputs() -> None:
     _wrap(KVCacheManager, "get_computed_blocks", make_lookup)
     _wrap(KVCacheManager, "allocate_slots", make_allocate)
     _wrap(KVCacheManager, "free", make_free)
+
+
+_request_window: int | None = None  # this process's sparsemm engine's W
+
+
+def patch_request_options() -> None:
+    """Wraps ``SamplingParams._verify_args`` and
+    ``InputProcessor._validate_params``: vLLM passes ``extra_args`` through
+    unchecked, and sparsemm's per-request options (``request_options.py``)
+    must fail as the client's error where vLLM checks sampling parameters:
+    an HTTP 400 from the server, a ``ValueError`` offline. The first covers
+    requests built once a sparsemm engine is configured in this process
+    (the API server's), the second parameters built before it (offline)."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_sparsemm.request_options import check_request_options
+
+    def make_verify(original):
+
+        @functools.wraps(original)
+        def _verify_args(self):
+            original(self)
+            if _request_window is not None:
+                check_request_options(self.extra_args, _request_window)
+
+        return _verify_args
+
+    def make_validate(original):
+
+        @functools.wraps(original)
+        def _validate_params(self, params, *args, **kwargs):
+            original(self, params, *args, **kwargs)
+            if is_sparsemm(self.vllm_config) and isinstance(params,
+                                                            SamplingParams):
+                from vllm_sparsemm.plan_setup import settings_for
+                check_request_options(params.extra_args,
+                                      settings_for(self.vllm_config).window)
+
+        return _validate_params
+
+    _wrap(SamplingParams, "_verify_args", make_verify)
+    _wrap(InputProcessor, "_validate_params", make_validate)
 
 
 def patch_full_graph_dispatch() -> None:
@@ -402,4 +460,5 @@ def apply_all() -> None:
     patch_layer_spec()
     patch_runner_hooks()
     patch_admission_inputs()
+    patch_request_options()
     patch_full_graph_dispatch()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vllm_sparsemm.block_law import BlockLaw
+from vllm_sparsemm.block_law import BlockLaw, LawBook
 from vllm_sparsemm.page_plan import PagePlan, PageSpace
 from vllm_sparsemm.selection import WindowQueryBuffer
 
@@ -44,9 +44,13 @@ class StepRows(Sequence):
     """
 
     def __init__(self, req_ids: list[str], prompt_len: np.ndarray,
-                 computed: np.ndarray, scheduled: np.ndarray):
+                 computed: np.ndarray, scheduled: np.ndarray,
+                 budget_of=None):
         # copies: the runner reuses its arrays for the next step
         self.req_ids = req_ids
+        # a request's own sparsemm_budget (None: the server's; 0: none),
+        # asked only for requests the worker has not seen yet
+        self.budget_of = budget_of or (lambda req_id: None)
         self.prompt_len = np.array(prompt_len, dtype=np.int64)
         self.computed = np.array(computed, dtype=np.int64)
         self.scheduled = np.array(scheduled, dtype=np.int64)
@@ -98,6 +102,7 @@ class StepRows(Sequence):
 class RequestKV:
     """Worker-side state of one request whose prompt is compressed."""
     prompt_len: int
+    law: BlockLaw  # its budget's
     windows: dict[int, WindowQueryBuffer] = field(default_factory=dict)
     compacted: bool = False
     # n_c: the standard entries before its compacted ones (block_law)
@@ -124,16 +129,15 @@ class RequestKV:
 class WorkerKVState:
     """Everything sparsemm keeps in one worker process, shared by all layers."""
 
-    def __init__(self, law: BlockLaw, num_layers: int, num_kv_heads: int,
+    def __init__(self, book: LawBook, num_layers: int, num_kv_heads: int,
                  rank: int, debug_poison: bool = False,
                  prompt_blocks_cached: bool = False):
-        self.law = law
+        self.book = book
+        self.law = book.default  # the server's default budget's
         self.rank = rank
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads  # on this rank
-        lo = rank * num_kv_heads
-        self.caps = law.caps[:, lo:lo + num_kv_heads]  # [L, Hkv on this rank]
-        self.window = law.plan.window
+        self.window = self.law.plan.window
         # the debug safety net: NaN-fill what nobody may read, and check
         # every block-table column on the GPU too (debug_checks)
         self.debug_poison = debug_poison
@@ -142,13 +146,15 @@ class WorkerKVState:
         self.prompt_blocks_cached = prompt_blocks_cached
         self.announced = False  # the first compaction was logged
         self.requests: dict[str, RequestKV] = {}
+        # live requests this worker has seen that are not compressed
+        self.uncompressed: set[str] = set()
         self.pages: torch.Tensor | None = None  # [NB * L * Hkv, bs, 2D]
         self.attention_views: tuple | None = None
         # tests set a dict here to record each layer's selection inputs/outputs
         self.recorded: dict | None = None
         self.space: PageSpace | None = None
         self._plans: dict[tuple, tuple[PagePlan, torch.Tensor]] = {}
-        self._caps_device: torch.Tensor | None = None
+        self._caps: dict[tuple, torch.Tensor] = {}
         # graph_decode.GraphDecode when full CUDA graphs replay decode steps
         self.graph = None
 
@@ -170,11 +176,16 @@ class WorkerKVState:
         """The buffer as token rows ``[pages * bs, 2D]`` (row = K|V of one token of one head)."""
         return self.pages.view(-1, self.pages.shape[-1])
 
-    def caps_on(self, device) -> torch.Tensor:
-        """This rank's caps ``[L, Hkv]`` on ``device`` (copied once)."""
-        if self._caps_device is None or self._caps_device.device != torch.device(device):
-            self._caps_device = self.caps.to(device)
-        return self._caps_device
+    def caps(self, law: BlockLaw, device="cpu") -> torch.Tensor:
+        """This rank's caps ``[L, Hkv]`` of ``law``, on ``device`` (copied
+        once per law)."""
+        key = (law.plan.budget, str(device))
+        if key not in self._caps:
+            if len(self._caps) > 4 * LawBook.MAX_BUDGETS:
+                self._caps.clear()
+            lo = self.rank * self.num_kv_heads
+            self._caps[key] = law.caps[:, lo:lo + self.num_kv_heads].to(device)
+        return self._caps[key]
 
     def page_plan(self, counts: torch.Tensor,
                   device) -> tuple[PagePlan, torch.Tensor]:
@@ -193,6 +204,32 @@ class WorkerKVState:
                 plan.prefix_pages[0], plan.prefix_start[0],
                 plan.decode_base[0], plan.counts[0]])
         return self._plans[key]
+
+    def start_request(self, row: RowInfo, budget) -> RequestKV | None:
+        """The state of a request starting (or restarting) its prompt, or
+        None when its budget does not compress it."""
+        law = self.book.law(budget)
+        if law is None or not law.compresses(row.prompt_len):
+            self.requests.pop(row.req_id, None)
+            self.uncompressed.add(row.req_id)
+            return None
+        self.uncompressed.discard(row.req_id)
+        req = self.requests[row.req_id] = RequestKV(row.prompt_len, law)
+        return req
+
+    def check_unseen(self, steps: "StepRows", indices) -> None:
+        """Rows past their prompt that no compaction here knows of must be
+        requests their budget leaves alone (else their pages are garbage)."""
+        for i in indices:
+            req_id = steps.req_ids[i]
+            if req_id in self.uncompressed:
+                continue
+            law = self.book.law(steps.budget_of(req_id))
+            if law is not None and law.compresses(int(steps.prompt_len[i])):
+                raise RuntimeError(
+                    f"sparsemm: request {req_id} decodes but was never "
+                    f"compacted on this worker")
+            self.uncompressed.add(req_id)
 
     def compacted_requests(self, steps: "StepRows",
                            indices) -> list[RequestKV]:
@@ -216,6 +253,7 @@ class WorkerKVState:
         list), which no later request reads before writing them."""
         owned = []
         for req_id in req_ids:
+            self.uncompressed.discard(req_id)
             req = self.requests.pop(req_id, None)
             if (self.debug_poison and req is not None and req.compacted
                     and block_ids and req_id in block_ids):
@@ -270,8 +308,13 @@ class SelectionGroup:
     members: list[tuple[int, RequestKV]]  # (batch row, request)
     index: torch.Tensor  # their batch rows, on the device
     # every layer's kept positions [n, L, Hkv, width], padded with -1; set
-    # in the last layer by the selection, read by the compaction
+    # layer by layer by the selection, read by the compaction
     positions: torch.Tensor | None = None
+
+    @property
+    def law(self) -> BlockLaw:
+        """The members' budget's law (a group shares one)."""
+        return self.members[0][1].law
 
 
 @dataclass
@@ -306,18 +349,23 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
     """
     steps = StepRows.of(rows)
     window = state.window
-    compresses = state.law.compresses(steps.prompt_len)
-    decoding = compresses & (steps.computed >= steps.prompt_len)
+    known = [state.requests.get(req_id) for req_id in steps.req_ids]
+    in_prompt = steps.computed < steps.prompt_len
+    # compacted requests past their prompt attend over their own pages;
     # plain rows and prompts being prefilled run vLLM's FlashAttention
+    decoding = ~in_prompt & np.array([req is not None for req in known],
+                                     dtype=bool)
     standard = np.flatnonzero(~decoding).tolist()
     compressed = np.flatnonzero(decoding).tolist()
     reqs = state.compacted_requests(steps, compressed)
+    state.check_unseen(steps, np.flatnonzero(~in_prompt & ~decoding))
     window_rows, compressing = [], []
-    for i in np.flatnonzero(compresses & ~decoding).tolist():
-        row = steps[i]
-        req = state.requests.get(row.req_id)
+    for i in np.flatnonzero(in_prompt).tolist():
+        row, req = steps[i], known[i]
         if req is None or req.compacted:  # new, or re-prefilling after preemption
-            req = state.requests[row.req_id] = RequestKV(row.prompt_len)
+            req = state.start_request(row, steps.budget_of(row.req_id))
+            if req is None:
+                continue  # not compressed
         if row.end > row.prompt_len - window:
             window_rows.append((i, req))
         if row.end >= row.prompt_len:
@@ -372,13 +420,15 @@ def _row_tokens(query_start: list[int], rows: list[int]) -> np.ndarray:
 
 
 def _selection_groups(compressing):
-    """``(prompt length, [(row, request)])`` batches: one length each, at most
-    SELECTION_TOKENS prompt tokens (always at least one request)."""
-    by_length: dict[int, list] = {}
+    """``(prompt length, [(row, request)])`` batches: one budget and prompt
+    length each, at most SELECTION_TOKENS prompt tokens (always at least one
+    request)."""
+    by_shape: dict[tuple, list] = {}
     for i, req in compressing:
-        by_length.setdefault(req.prompt_len, []).append((i, req))
+        by_shape.setdefault((req.law.plan.budget, req.prompt_len),
+                            []).append((i, req))
     groups = []
-    for length, members in by_length.items():
+    for (_, length), members in by_shape.items():
         size = max(1, SELECTION_TOKENS // length)
         groups += [(length, members[k:k + size])
                    for k in range(0, len(members), size)]
