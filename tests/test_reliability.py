@@ -457,6 +457,8 @@ def test_ratios_and_table():
     ratios = rel.compute_ratios(runs)
     assert ratios == {"load/m/sparsemm-b128": {
         "output_throughput": 1.5, "p50_e2el_ms": 1.0, "p99_e2el_ms": 0.5}}
+    other = {**runs["load/m/sparsemm-b128"], "workload": {"requests": 9}}
+    assert rel.compute_ratios({**runs, other["key"]: other}) == {}
     lines = rel.table(runs, ratios).splitlines()
     assert lines[2].startswith(
         "| load | m | stock | 1/1 | 100 | 0 | 10 | 1000")
