@@ -25,7 +25,7 @@ from vllm_sparsemm.config import SparseMMSettings
 from vllm_sparsemm.graph_decode import GraphDecode
 from vllm_sparsemm.host_threads import limit_host_threads
 from vllm_sparsemm.kv_ops import paged_attention_reference
-from vllm_sparsemm import triton_ops
+from vllm_sparsemm import metrics, triton_ops
 from vllm_sparsemm.layer_ops import (collect_window_queries, compact,
                                      compressed_page_table, page_table_width,
                                      prepare_compressed, select_layer,
@@ -99,7 +99,10 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         self._init_reorder_batch_threshold(1)
         limit_host_threads(torch.device(device))
         from vllm.distributed import get_tensor_model_parallel_rank
+
+        from vllm_sparsemm.patches import served_model_name
         settings = settings_for(vllm_config)
+        metrics.setup(served_model_name(vllm_config))  # TP workers too
         # this engine's state: a builder per engine, one KV group per engine
         self.state = WorkerKVState(
             kv_cache_spec.book(), len(layer_names), kv_cache_spec.num_kv_heads,
@@ -153,6 +156,7 @@ def step_plan(state: WorkerKVState, rows, num_reqs: int, num_tokens: int,
 def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
                metadata) -> StepPlan | None:
     """The step plan attached to the metadata; None when every row is plain FA."""
+    report_compaction_times(state)
     query_start = query_start_loc_cpu[:len(rows) + 1].tolist()
     plan = plan_step(state, rows, query_start, metadata.block_table)
     if plan.only_standard and not plan.compressing:
@@ -163,6 +167,17 @@ def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
             plan.standard_slots = metadata.slot_mapping[plan.standard_tokens]
             plan.standard_metadata = _restrict(metadata, plan)
     return plan
+
+
+def report_compaction_times(state: WorkerKVState) -> None:
+    """Earlier steps' compaction times, once the device has run them, to
+    ``/metrics`` (this process's metrics writer, when it has one)."""
+    writer = metrics.writer()
+    for seconds in state.timer.collect():
+        if writer is not None:
+            writer.compaction_seconds.observe(seconds)
+    if writer is not None:
+        writer.dump()
 
 
 def build_graph_step(state: WorkerKVState, rows, num_reqs: int,
@@ -261,9 +276,13 @@ class SparseMMImpl(FlashAttentionImpl):
                     output[tokens] = out
             self._compressed_attention(plan, index, query, output)
         if plan.compressing:  # this layer's keys are all in the cache now
+            state.timer.start(query.device)
             select_layer(plan, index, attn_metadata.block_table)
             if index == state.num_layers - 1:  # every layer has selected
                 compact(plan, attn_metadata.block_table)
+            state.timer.stop(query.device)
+            if index == state.num_layers - 1:
+                state.timer.end_step()
         return output
 
     def _layer_index(self, layer, kv_cache, state: WorkerKVState) -> int:

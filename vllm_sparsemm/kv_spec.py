@@ -17,6 +17,7 @@ import numpy as np
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_sparsemm import metrics
 from vllm_sparsemm.admission import AdmissionPacer, FutureRow, future_peak
 from vllm_sparsemm.block_law import BlockLaw, LawBook
 from vllm_sparsemm.budget import BudgetPlan
@@ -194,6 +195,7 @@ class SparseMMManager(FullAttentionManager):
         self._remove_blocks_in_range(request_id, 0,
                                      tracked.law.prompt_entries(tracked.end))
         tracked.released = True
+        _count_compaction(tracked)
         self._bound -= tracked.whole
         tracked.whole = 0
         self._touch(request_id)
@@ -249,6 +251,8 @@ class SparseMMManager(FullAttentionManager):
         if tracked is not None:
             self._bound -= tracked.final + tracked.whole
         self._touch(request_id)
+        if not self._requests:  # idle: show it without waiting for a step
+            self._report(force=True)
 
     def new_step_starts(self) -> None:
         super().new_step_starts()
@@ -257,6 +261,22 @@ class SparseMMManager(FullAttentionManager):
         self._stale.clear()
         if self.pacer is not None:
             self.pacer.new_step()
+        self._report()
+
+    def _report(self, force: bool = False) -> None:
+        """The blocks compressed requests hold, against their full cache,
+        for ``/metrics`` (at most once a second)."""
+        writer = metrics.writer()
+        if writer is None or not (force or writer.due()):
+            return
+        held = full = 0
+        for rid, tracked in self._requests.items():
+            if tracked.released:
+                held += self._held_blocks(rid)
+                full += cdiv(tracked.tokens, self.block_size)
+        writer.blocks_held.set(held)
+        writer.blocks_full.set(full)
+        writer.dump(force)
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
         return 0  # cascade attention would read compacted blocks as a prefix
@@ -377,6 +397,19 @@ class SparseMMManager(FullAttentionManager):
                               self._step)
         return FutureRow(prompt_len, tokens, tracked.limit, steps, whole,
                          self._held_blocks(rid), release, _budget(tracked))
+
+
+def _count_compaction(tracked: _Tracked) -> None:
+    """A compaction's prompt went back: the ``/metrics`` counters."""
+    writer = metrics.writer()
+    if writer is None:
+        return
+    law, prompt_len, end = tracked.law, tracked.prompt_len, tracked.end
+    writer.requests_compressed.inc()
+    writer.blocks_freed.inc(law.prompt_entries(end) -
+                            law.compacted_blocks(prompt_len, end - prompt_len))
+    writer.prompt_tokens_kept.inc(float(law.kept(prompt_len).double().mean()))
+    writer.prompt_tokens_full.inc(prompt_len)
 
 
 def _compresses(tracked: _Tracked) -> bool:

@@ -92,6 +92,8 @@ def _prepare_engine_config(vllm_config) -> None:
     plan, source = budget_plan(vllm_config)
     global _request_window
     _request_window = settings.window
+    from vllm_sparsemm import metrics
+    metrics.setup(served_model_name(vllm_config))
     logger.info_once(
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
         "block_size=%s admission_reserve=%d admission_pacing=%s "
@@ -102,6 +104,13 @@ def _prepare_engine_config(vllm_config) -> None:
         settings.full_cuda_graphs, settings.decode_kernel,
         settings.debug_poison,
         "on" if cache.enable_prefix_caching else "off", source)
+
+
+def served_model_name(vllm_config) -> str:
+    """The name vLLM's own metrics label the model by."""
+    model = vllm_config.model_config
+    name = model.served_model_name
+    return name[0] if isinstance(name, (list, tuple)) else str(name)
 
 
 def unsupported_features(vllm_config) -> list[str]:

@@ -98,6 +98,54 @@ class StepRows(Sequence):
         return list(self) == list(other)
 
 
+class CompactionTimer:
+    """Device time of each step's selection and compaction (``/metrics``),
+    read back a step or more later, so the host never waits for the GPU."""
+
+    def __init__(self):
+        self._spans: list = []  # this step's (start, end) pairs
+        self._steps: list[list] = []  # finished steps not read back yet
+        self._start = None
+
+    def start(self, device) -> None:
+        self._start = self._mark(device)
+
+    def stop(self, device) -> None:
+        self._spans.append((self._start, self._mark(device)))
+
+    def end_step(self) -> None:
+        if self._spans:
+            self._steps.append(self._spans)
+            self._spans = []
+
+    def collect(self) -> list[float]:
+        """Seconds of every finished step whose work the device has done."""
+        done = []
+        while self._steps and _finished(self._steps[0][-1][1]):
+            spans = self._steps.pop(0)
+            done.append(sum(_elapsed(a, b) for a, b in spans))
+        return done
+
+    @staticmethod
+    def _mark(device):
+        if torch.device(device).type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        import time
+        return time.perf_counter()
+
+
+def _finished(mark) -> bool:
+    return isinstance(mark, float) or mark.query()
+
+
+def _elapsed(start, end) -> float:
+    if isinstance(start, float):
+        return end - start
+    return start.elapsed_time(end) / 1000
+
+
 @dataclass
 class RequestKV:
     """Worker-side state of one request whose prompt is compressed."""
@@ -157,6 +205,7 @@ class WorkerKVState:
         self._caps: dict[tuple, torch.Tensor] = {}
         # graph_decode.GraphDecode when full CUDA graphs replay decode steps
         self.graph = None
+        self.timer = CompactionTimer()
 
     @property
     def block_size(self) -> int:
