@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_sparsemm.budget import head_budgets
-from vllm_sparsemm.head_scores import load_head_scores
+from vllm_sparsemm.head_scores import load_head_scores, resolve_score_file
 
 
 def plot_scores(scores_path: str | Path, out: str | Path, budget: int = 256,
                 num_kv_heads: int | None = None, window: int = 32,
                 ratio: float = 0.1) -> Path:
-    """Write a PNG: normalised head scores (left), tokens kept per KV head (right)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Write a PNG: normalised head scores (left), tokens kept per KV head
+    (right). ``scores_path``: a file or a shipped name."""
+    plt = _pyplot()
+    scores_path = resolve_score_file(scores_path)
     scores = load_head_scores(scores_path)
     num_layers, num_heads = scores.shape
     kv_heads = num_kv_heads or num_heads
@@ -32,6 +32,35 @@ def plot_scores(scores_path: str | Path, out: str | Path, budget: int = 256,
               f"(window {window}, ratio {ratio})", xlabel="layer",
               ylabel="KV head")
     fig.colorbar(image, ax=right)
+    return _save(fig, out)
+
+
+def plot_plan(report: dict, out: str | Path) -> Path:
+    """Write a PNG of a ``plan_report``: prompt tokens kept per (layer, KV
+    head), the picture of where a request's memory goes."""
+    import numpy as np
+    plt = _pyplot()
+    kept = np.array(report["kept"])
+    s = report["settings"]
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    image = ax.imshow(kept.T, aspect="auto", cmap="magma", origin="lower")
+    ax.set(title=f"prompt tokens kept of {report['prompt_len']} (budget "
+           f"{s['budget']}): {report['full_blocks']} -> "
+           f"{report['compressed_blocks']} blocks", xlabel="layer",
+           ylabel="KV head")
+    fig.colorbar(image, ax=ax)
+    return _save(fig, out)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out) -> Path:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)
