@@ -20,3 +20,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vllm_parsers():
+    """vLLM's ``serve`` and ``bench serve`` parsers, built as its CLI builds
+    them (on a CPU-only machine the CLI picks the CPU platform first; it is
+    put back afterwards, for the other tests)."""
+    from vllm import platforms
+    platform = platforms.current_platform
+    if platform.is_unspecified():
+        from vllm.platforms.cpu import CpuPlatform
+        platforms.current_platform = CpuPlatform()
+    try:
+        from vllm.benchmarks.serve import add_cli_args
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        serve = make_arg_parser(FlexibleArgumentParser())
+        bench = FlexibleArgumentParser()
+        add_cli_args(bench)
+    finally:
+        platforms.current_platform = platform
+    return serve, bench

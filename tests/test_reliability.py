@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import chat_client as cc  # noqa: E402
 import reliability as rel  # noqa: E402
 import serve_matrix as sm  # noqa: E402
-from test_serve_matrix import vllm_parsers  # noqa: E402,F401  (fixture)
 
 # ------------------------------------------------------------ a fake server
 

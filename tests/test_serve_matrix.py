@@ -20,28 +20,6 @@ import serve_matrix as sm  # noqa: E402
 
 # ------------------------------------------------------------ fixtures
 
-@pytest.fixture(scope="module")
-def vllm_parsers():
-    """vLLM's ``serve`` and ``bench serve`` parsers, built as its CLI builds
-    them (on a CPU-only machine the CLI picks the CPU platform first; it is
-    put back afterwards, for the other tests)."""
-    from vllm import platforms
-    platform = platforms.current_platform
-    if platform.is_unspecified():
-        from vllm.platforms.cpu import CpuPlatform
-        platforms.current_platform = CpuPlatform()
-    try:
-        from vllm.benchmarks.serve import add_cli_args
-        from vllm.entrypoints.openai.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-        serve = make_arg_parser(FlexibleArgumentParser())
-        bench = FlexibleArgumentParser()
-        add_cli_args(bench)
-    finally:
-        platforms.current_platform = platform
-    return serve, bench
-
-
 def _model_dir(path: Path, model_type: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({"model_type": model_type}))
