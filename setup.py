@@ -5,7 +5,7 @@ without it and uses its PyTorch references."""
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def cuda_extension():
@@ -52,8 +52,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vllm_sparsemm", "vllm_sparsemm.chase", "vllm_sparsemm.reference",
-              "vllm_sparsemm.score_files"],
+    packages=find_packages(include=["vllm_sparsemm", "vllm_sparsemm.*"]) +
+    ["vllm_sparsemm.score_files"],
     package_dir={"vllm_sparsemm.score_files": "head_scores"},
     package_data={"vllm_sparsemm.score_files": ["*.json"]},
     install_requires=[
@@ -66,8 +66,8 @@ setup(
         "plot": ["matplotlib"],
     },
     entry_points={
-        "vllm.general_plugins": ["sparsemm = vllm_sparsemm.plugin:register"],
-        "console_scripts": ["vllm-sparsemm = vllm_sparsemm.cli:main"],
+        "vllm.general_plugins": ["sparsemm = vllm_sparsemm.engine.plugin:register"],
+        "console_scripts": ["vllm-sparsemm = vllm_sparsemm.tools.cli:main"],
     },
     ext_modules=[built[0]] if built else [],
     cmdclass={"build_ext": built[1]} if built else {},

@@ -836,7 +836,7 @@ def bad_cases(args, count, max_model_len: int) -> list[tuple]:
     """(name, request, prompt tokens it was built for) for every bad input."""
     window = args.window
     if window is None:
-        from vllm_sparsemm.config import SparseMMSettings
+        from vllm_sparsemm.engine.config import SparseMMSettings
         window = SparseMMSettings.window
     question = "Describe the image."
     image = cc.image_url([args.seed, SALT["bad"]],

@@ -58,7 +58,7 @@ WORKLOADS = ("unique", "questions", "multiturn", "kv8")
 BENCH_WORKLOADS = ("unique", "kv8")
 MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
           "llava-next-7b": "write_dummy_llava_next_7b"}
-# score file for LLaVA models (Vicuna-7B heads), as examples/benchmark.py uses
+# score file for LLaVA models (Vicuna-7B heads), as benchmarks/benchmark.py uses
 LLAVA_SCORES = "llava-v1.6-vicuna-7b"
 FINISHED_OK = ("stop", "length")
 FIGURES = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
@@ -191,7 +191,7 @@ def model_folder(name_or_path: str, work_dir: Path) -> tuple[str, Path]:
     if name_or_path in MODELS:
         folder = work_dir / name_or_path
         if not (folder / "config.json").exists():
-            from vllm_sparsemm.reference import checkpoints
+            from vllm_sparsemm.testing import checkpoints
             getattr(checkpoints, MODELS[name_or_path])(folder)
         return name_or_path, folder
     folder = Path(name_or_path)

@@ -10,7 +10,7 @@ weights: serve it with ``--load-format dummy``), ``tiny-llava`` and
 import argparse
 from pathlib import Path
 
-from vllm_sparsemm.reference.checkpoints import (save_tiny_llava,
+from vllm_sparsemm.testing.checkpoints import (save_tiny_llava,
                                                  save_tiny_qwen2_vl,
                                                  write_dummy_llava_15_7b)
 

@@ -3,10 +3,16 @@ the same examples on every machine (CI must pass every time), unless
 HYPOTHESIS_PROFILE=explore asks for fresh random ones."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+
+# the shared helpers (cpu_engine, scripts) beside this file, for every
+# test folder (pytest puts only each test's own folder on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", max_examples=2000, database=None)

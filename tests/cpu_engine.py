@@ -23,15 +23,16 @@ from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request
 from vllm.v1.worker.block_table import BlockTable
 
-from vllm_sparsemm import backend
-from vllm_sparsemm.budget import BudgetPlan
-from vllm_sparsemm.config import SparseMMSettings
-from vllm_sparsemm.graph_decode import GraphDecode
-from vllm_sparsemm.kv_spec import SparseMMSpec
-from vllm_sparsemm.plugin import register
-from vllm_sparsemm.request_options import request_budget
-from vllm_sparsemm.selection import kept_positions
-from vllm_sparsemm.worker_state import RowInfo, StepRows, WorkerKVState
+from vllm_sparsemm.engine import backend
+from vllm_sparsemm.core.budget import BudgetPlan
+from vllm_sparsemm.engine.config import SparseMMSettings
+from vllm_sparsemm.engine.graph_decode import GraphDecode
+from vllm_sparsemm.engine.kv_spec import SparseMMSpec
+from vllm_sparsemm.engine.plugin import register
+from vllm_sparsemm.engine.request_options import request_budget
+from vllm_sparsemm.core.selection import kept_positions
+from vllm_sparsemm.engine.step_rows import RowInfo, StepRows
+from vllm_sparsemm.engine.worker_state import WorkerKVState
 
 LAYERS, HEADS, KV_HEADS, DIM, BS = 3, 4, 2, 8, 16
 BUDGET, WINDOW = 40, 8

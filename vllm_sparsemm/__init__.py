@@ -1,8 +1,15 @@
-"""vllm-sparsemm: SparseMM head-asymmetric KV-cache eviction as a vLLM plugin.
+"""vllm-sparsemm: SparseMM's head-asymmetric KV-cache compression as a vLLM plugin.
 
-The algorithm lives in small torch-only modules (``head_scores``, ``budget``,
-``selection``, ``page_plan``, ``kv_ops``) that import no vLLM; the vLLM glue
-imports them.
+Layers, each importing only those below it:
+
+* ``core``: the algorithm and its memory arithmetic (score files, budgets,
+  selection, pages, the block law, admission), torch and numpy only;
+* ``kernels``: the CUDA and Triton kernels, each beside its PyTorch reference;
+* ``engine``: the vLLM glue (plugin entry point, settings, KV-cache spec and
+  manager, attention backend, worker state, metrics; every patch of vLLM
+  internals in ``engine/patches.py``);
+* ``tools``: the ``vllm-sparsemm`` command (plan, scores, plot, chase);
+* ``testing``: tiny models, dummy model folders and the reference oracle.
 """
 
 __version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""Where the GPU idles in a torch-profiler trace, and what the host was doing
+then.
+
+    python benchmarks/trace_gaps.py prompt_trace.sparsemm.json.gz [--json out.json]
+
+Reads a Chrome trace written by ``benchmarks/benchmark.py --profile-trace``
+(kineto's format), merges the GPU's kernels, copies and memsets into busy
+intervals, and charges every idle gap inside the span to what the engine
+thread (the thread with the most CPU-op time) had open at that instant: the
+innermost torch op or CUDA runtime call, and the outermost scope (vLLM's
+``gpu_model_runner: ...`` ranges with ``VLLM_CUSTOM_SCOPES_FOR_PROFILING=1``,
+or an attention layer's ``vllm::unified_attention_with_output``). Time with
+nothing open is host Python outside torch (numpy, vLLM's bookkeeping,
+sparsemm's plan). A step whose gaps sum small is GPU-bound: host work there
+cannot buy time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from collections import defaultdict
+
+GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+HOST_CATS = {"cpu_op", "user_annotation", "cuda_runtime", "python_function",
+             "cuda_driver"}
+NO_OP = "(no torch op: host Python)"
+GAP_BUCKETS_US = (10, 100, 1000)
+
+
+def load(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def merge(intervals):
+    """Union of ``(start, end)`` intervals, sorted."""
+    merged = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
+def engine_thread(events) -> tuple:
+    """The (pid, tid) with the most CPU-op time: the engine's own thread."""
+    busy = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            busy[(e["pid"], e["tid"])] += e["dur"]
+    return max(busy, key=busy.get) if busy else None
+
+
+def analyse(events, top: int = 15) -> dict:
+    gpu = merge((e["ts"], e["ts"] + e["dur"]) for e in events
+                if e.get("cat") in GPU_CATS)
+    if not gpu:
+        raise ValueError("no GPU events in the trace")
+    start, end = gpu[0][0], gpu[-1][1]
+    gaps = [(a[1], b[0]) for a, b in zip(gpu, gpu[1:])]
+    thread = engine_thread(events)
+    host = sorted(((e["ts"], e["ts"] + e["dur"], e["name"])
+                   for e in events if e.get("cat") in HOST_CATS
+                   and (e["pid"], e["tid"]) == thread),
+                  key=lambda h: (h[0], -h[1]))
+    innermost, scope = defaultdict(float), defaultdict(float)
+    largest, open_, taken = [], [], 0
+    for lo, hi in gaps:  # in time order: sweep the host events once
+        while taken < len(host) and host[taken][0] < hi:
+            open_.append(host[taken])
+            taken += 1
+        open_ = [h for h in open_ if h[1] > lo]  # open at some point of the gap
+        cuts = sorted({lo, hi, *(t for h in open_ for t in h[:2]
+                                 if lo < t < hi)})
+        names = defaultdict(float)
+        for a, b in zip(cuts, cuts[1:]):
+            inside = [h for h in open_ if h[0] <= a and h[1] >= b]
+            inner = max(inside, key=lambda h: (h[0], -h[1]), default=None)
+            outer = min(inside, key=lambda h: (h[0], -h[1]), default=None)
+            names[inner[2] if inner else NO_OP] += b - a
+            scope[outer[2] if outer else NO_OP] += b - a
+        for name, t in names.items():
+            innermost[name] += t
+        largest.append((hi - lo, lo - start, max(names, key=names.get)))
+    idle = sum(hi - lo for lo, hi in gaps)
+    buckets = {}
+    for i, limit in enumerate(GAP_BUCKETS_US + (float("inf"),)):
+        low = GAP_BUCKETS_US[i - 1] if i else 0
+        chosen = [hi - lo for lo, hi in gaps if low <= hi - lo < limit]
+        label = f"{low}-{limit} us" if limit != float("inf") else f">{low} us"
+        buckets[label] = {"count": len(chosen), "ms": round(sum(chosen) / 1e3, 3)}
+
+    def ranked(table):
+        return [[name, round(t / 1e3, 3)] for name, t in
+                sorted(table.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"span_ms": round((end - start) / 1e3, 3),
+            "gpu_busy_ms": round(sum(hi - lo for lo, hi in gpu) / 1e3, 3),
+            "gpu_idle_ms": round(idle / 1e3, 3),
+            "gpu_busy_fraction": round(1 - idle / (end - start), 4),
+            "gaps": buckets,
+            "idle_by_innermost_host_op_ms": ranked(innermost),
+            "idle_by_outermost_host_scope_ms": ranked(scope),
+            "largest_gaps": [[round(d / 1e3, 3), round(at / 1e3, 3), name]
+                             for d, at, name in sorted(largest)[::-1][:10]]}
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("traces", nargs="+", help="Chrome traces (.json or .json.gz)")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    results = {}
+    for path in args.traces:
+        results[path] = result = analyse(load(path), args.top)
+        print(f"== {path}: span {result['span_ms']} ms, GPU busy "
+              f"{result['gpu_busy_fraction']:.1%}, idle {result['gpu_idle_ms']} ms")
+        print("   gaps by size:", result["gaps"])
+        for key in ("idle_by_outermost_host_scope_ms",
+                    "idle_by_innermost_host_op_ms"):
+            print(f"   {key}:")
+            for name, ms in result[key]:
+                print(f"     {ms:9.3f}  {name[:100]}")
+        print("   largest gaps [ms, at ms, host op]:", result["largest_gaps"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

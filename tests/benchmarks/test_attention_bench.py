@@ -1,0 +1,53 @@
+"""benchmarks/attention_bench.py's inputs: the stock and per-head layouts it
+times must hold the same keys and values for every (row, KV head), or the
+comparison would not be of the same attention."""
+
+import pytest
+import torch
+
+from scripts import load_script
+
+
+def test_stock_blocks_and_per_head_pages_hold_the_same_kv():
+    bench = load_script("attention_bench")
+    rows, tokens, heads, dim, bs = 3, 37, 4, 8, 16
+    case = bench.build_case(rows, tokens, heads, dim, bs, torch.device("cpu"),
+                            group=3)
+    pages, blocks = case["pages"], case["blocks"]
+    width = -(-tokens // bs)
+    assert case["table"].shape == (rows * heads, width)
+    assert case["block_table"].shape == (rows, width)
+    # every page and block is used once, and none is the null page 0
+    assert sorted(case["table"].flatten().tolist()) == list(range(1, len(pages)))
+    assert sorted(case["block_table"].flatten().tolist()) == list(
+        range(1, blocks.shape[1]))
+    for row in range(rows):
+        for head in range(heads):
+            own = pages[case["table"][row * heads + head].long()]
+            stock = blocks[:, case["block_table"][row].long(), :, head]
+            keys = own[..., :dim].reshape(-1, dim)[:tokens]
+            values = own[..., dim:].reshape(-1, dim)[:tokens]
+            assert torch.equal(keys, stock[0].reshape(-1, dim)[:tokens])
+            assert torch.equal(values, stock[1].reshape(-1, dim)[:tokens])
+    assert case["query"].shape == (rows, 3 * heads, dim)
+    assert case["kv_bytes"] == 2 * rows * heads * tokens * dim * 2
+
+
+def test_cases_parse_and_bad_ones_say_why():
+    bench = load_script("attention_bench")
+    assert bench.parse_cases("755x265, 26x300+2x2000") == [
+        (755, 265, 0, 0), (26, 300, 2, 2000)]
+    for bad in ("755", "x3", "7x", "ax3", "7x3+2", "7x3+x9"):
+        with pytest.raises(SystemExit, match="ROWSxTOKENS"):
+            bench.parse_cases(bad)
+
+
+def test_a_lopsided_case_gives_its_long_heads_their_tokens():
+    bench = load_script("attention_bench")
+    rows, heads, dim, bs = 2, 4, 8, 16
+    case = bench.build_case(rows, 5, heads, dim, bs, torch.device("cpu"),
+                            long_heads=1, long_tokens=40)
+    assert case["lengths"].tolist() == [40, 5, 5, 5] * rows
+    assert case["longest"] == 40 and case["table"].shape == (rows * heads, 3)
+    assert case["row_lengths"].tolist() == [40] * rows  # stock holds it all
+    assert case["kv_bytes"] == 2 * rows * (40 + 3 * 5) * dim * 2

@@ -1,0 +1,756 @@
+"""The serve benchmark on the CPU: its command lines against vLLM's own
+parsers, the /metrics arithmetic, ratios and table, the chat client's
+workloads and summary, and client and driver against a fake OpenAI server."""
+
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import chat_client as cc  # noqa: E402
+import serve_matrix as sm  # noqa: E402
+
+
+# ------------------------------------------------------------ fixtures
+
+def _model_dir(path: Path, model_type: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return path
+
+
+def _args(tmp_path, *extra):
+    return sm.parse_args([
+        "--model", str(_model_dir(tmp_path / "small", "llava")),
+        "--kv8-model", str(_model_dir(tmp_path / "next", "llava_next")),
+        "--out", str(tmp_path / "out.json"), *extra])
+
+
+# ------------------------------------------------- plan and command lines
+
+def test_plan_orders_servers_and_loads(tmp_path):
+    args = _args(tmp_path, "--concurrency", "1,64", "--budgets", "128,256",
+                 "--sparsemm-config", '{"decode_kernel": "flash_attn"}')
+    plans = sm.plan(args)
+    labels = [(p.model, p.backend.label, p.kv_bytes) for p in plans]
+    assert labels == [
+        ("small", "stock", None),
+        ("small", "sparsemm-b128+decode_kernel=flash_attn", None),
+        ("small", "sparsemm-b256+decode_kernel=flash_attn", None),
+        ("next", "stock", 8 * 2**30),
+        ("next", "sparsemm-b64+decode_kernel=flash_attn", 8 * 2**30),
+        ("next", "sparsemm-b256+decode_kernel=flash_attn", 8 * 2**30)]
+    loads = [(ld.workload, ld.concurrency) for ld in plans[0].loads]
+    assert loads == [("unique", 1), ("unique", 64), ("questions", 256),
+                     ("questions", 64), ("multiturn", 64), ("multiturn", 256)]
+    assert plans[1].loads == plans[0].loads  # same load for every backend
+    unique = {ld.concurrency: ld.params for ld in plans[0].loads
+              if ld.workload == "unique"}
+    assert unique[1]["num_prompts"] == 200 and unique[64]["num_prompts"] == 256
+    assert unique[1]["image_size"] == (336, 336)
+    kv8 = plans[3].loads[0]
+    assert (kv8.concurrency, kv8.params["image_size"]) == (256, (672, 672))
+
+    only = sm.plan(_args(tmp_path, "--workloads", "questions",
+                         "--backends", "sparsemm"))
+    assert [p.backend.label for p in only] == ["sparsemm-b128"]
+    assert {ld.workload for ld in only[0].loads} == {"questions"}
+    with pytest.raises(SystemExit):
+        sm.plan(_args(tmp_path, "--workloads", "nonsense"))
+
+
+def test_serve_commands_parse_with_vllm(tmp_path, vllm_parsers):
+    serve_parser, _ = vllm_parsers
+    plans = sm.plan(_args(tmp_path, "--server-args",
+                          "--gpu-memory-utilization 0.8"))
+    n = len(sm.VLLM)
+    parsed = {}
+    for p in plans:
+        cmd = p.command(8123)
+        assert cmd[:n] == sm.VLLM and cmd[n] == "serve"
+        parsed[(p.model, p.backend.label)] = serve_parser.parse_args(cmd[n + 1:])
+    stock = parsed[("small", "stock")]
+    assert stock.model_tag == str(tmp_path / "small")
+    assert (stock.load_format, stock.served_model_name, stock.port) == \
+        ("dummy", ["model"], 8123)
+    assert stock.max_model_len == 4096 and stock.attention_backend == "FLASH_ATTN"
+    assert stock.additional_config in (None, {})
+    assert stock.enable_prefix_caching is None  # vLLM's default: on
+    assert stock.kv_cache_memory_bytes is None
+    assert stock.gpu_memory_utilization == 0.8
+    sparse = parsed[("small", "sparsemm-b128")]
+    assert sparse.attention_backend == "sparsemm"
+    assert sparse.additional_config == {"sparsemm": {
+        "budget": 128, "head_scores": "llava-v1.6-vicuna-7b"}}
+    kv = parsed[("next", "sparsemm-b64")]
+    assert kv.kv_cache_memory_bytes == 8589934592
+    assert kv.additional_config["sparsemm"]["budget"] == 64
+
+
+def test_bench_command_parses_with_vllm(tmp_path, vllm_parsers):
+    _, bench_parser = vllm_parsers
+    load = sm.Load("unique", 16, {"num_prompts": 200, "input_len": 64,
+                                  "output_len": 256, "image_size": (400, 300),
+                                  "seed": 16})
+    cmd = sm.bench_command(tmp_path / "m", 8123, load, tmp_path, "r.json")
+    n = len(sm.VLLM)
+    assert cmd[:n] == sm.VLLM and cmd[n:n + 2] == ["bench", "serve"]
+    a = bench_parser.parse_args(cmd[n + 2:])
+    assert (a.backend, a.endpoint, a.dataset_name) == \
+        ("openai-chat", "/v1/chat/completions", "random-mm")
+    assert (a.host, a.port, a.model, a.served_model_name) == \
+        ("127.0.0.1", 8123, str(tmp_path / "m"), "model")
+    assert (a.num_prompts, a.max_concurrency, a.seed) == (200, 16, 16)
+    assert (a.random_input_len, a.random_output_len) == (64, 256)
+    assert a.random_mm_base_items_per_request == 1
+    assert a.random_mm_num_mm_items_range_ratio == 0
+    assert a.random_mm_limit_mm_per_prompt == {"image": 1, "video": 0}
+    assert a.random_mm_bucket_config == {(300, 400, 1): 1.0}  # (H, W, frames)
+    assert a.ignore_eos and a.temperature == 0 and a.save_result
+    assert (a.result_dir, a.result_filename) == (str(tmp_path), "r.json")
+    assert a.metric_percentiles == "50,99"
+    assert set(a.percentile_metrics.split(",")) >= {"ttft", "tpot"}
+
+
+def test_client_command_parses_with_the_client(tmp_path):
+    for workload, extra in (("questions", {"num_requests": 2000,
+                                           "num_images": 32}),
+                            ("multiturn", {"conversations": 256, "turns": 4})):
+        load = sm.Load(workload, 64, {"max_tokens": 64, "image_size": (336, 336),
+                                      "seed": 3, **extra})
+        cmd = sm.client_command(8123, load, tmp_path / "o.json",
+                                tmp_path / "r.jsonl", max_seconds=30)
+        assert cmd[:2] == sm.CLIENT
+        a = cc.build_parser().parse_args(cmd[2:])
+        assert (a.base_url, a.model, a.workload) == \
+            ("http://127.0.0.1:8123", "model", workload)
+        assert (a.concurrency, a.max_tokens, a.seed, a.max_seconds) == \
+            (64, 64, 3, 30)
+        assert a.image_size == "336x336"
+        if workload == "questions":
+            assert (a.num_requests, a.num_images) == (2000, 32)
+        else:
+            assert (a.conversations, a.turns) == (256, 4)
+
+
+# --------------------------------------------------------------- metrics
+
+SAMPLE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="model"} 7.0
+vllm:num_requests_running{engine="1",model_name="model"} 5.0
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="model"} %(queries)s
+# TYPE vllm:prefix_cache_queries_created gauge
+vllm:prefix_cache_queries_created{engine="0",model_name="model"} 1.7e+09
+vllm:prefix_cache_hits_total{engine="0",model_name="model"} %(hits)s
+vllm:generation_tokens_total{engine="0",model_name="model"} %(gen)s
+vllm:request_success_total{engine="0",finished_reason="length",model_name="model"} %(length)s
+vllm:request_success_total{engine="0",finished_reason="abort",model_name="model"} 1.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="model"} %(b1)s
+vllm:time_to_first_token_seconds_bucket{engine="0",le="1.0",model_name="model"} %(b2)s
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="model"} %(b3)s
+vllm:time_to_first_token_seconds_count{engine="0",model_name="model"} %(b3)s
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="model"} %(ttft_sum)s
+vllm:cache_config_info{block_size="16",model_name="model",prefix_caching="True"} 1.0
+"""
+
+
+def _sample(**values):
+    base = dict(queries=0, hits=0, gen=0, length=0, b1=0, b2=0, b3=0,
+                ttft_sum=0)
+    return sm.parse_prometheus(SAMPLE % {**base, **values})
+
+
+def test_prometheus_parse_and_counter_differences():
+    m = _sample(queries=1000, hits=250)
+    assert sm.total(m, "vllm:num_requests_running") == 12.0
+    assert sm.total(m, "vllm:num_requests_running", engine="1") == 5.0
+    assert sm.total(m, "vllm:prefix_cache_queries_total") == 1000.0
+    assert sm.total(m, "vllm:no_such_metric") is None
+    assert m["vllm:cache_config_info"][0][0]["prefix_caching"] == "True"
+    assert sm.buckets(m, "vllm:time_to_first_token_seconds") == \
+        [(0.1, 0.0), (1.0, 0.0), (float("inf"), 0.0)]
+
+    before = _sample(queries=1000, hits=250, gen=10, length=2, b1=1, b2=2,
+                     b3=2, ttft_sum=0.6)
+    after = _sample(queries=3000, hits=1250, gen=1010, length=12, b1=1, b2=11,
+                    b3=12, ttft_sum=5.6)
+    d = sm.server_delta(before, after)
+    assert d["prefix_cache_hit_rate"] == pytest.approx(0.5)
+    assert (d["generation_tokens"], d["completed"]) == (1000, 10)
+    assert d["requests_finished"]["abort"] == 0
+    assert d["mean_ttft_ms"] == pytest.approx(500.0)
+    # the rank falls in the +Inf bucket: the estimate is the last finite bound
+    assert d["p99_ttft_ms"] == pytest.approx(1000.0)
+    assert sm.server_delta({}, {})["prefix_cache_hit_rate"] is None
+
+
+def test_histogram_quantile_interpolates_like_prometheus():
+    cumulative = [(1.0, 10.0), (2.0, 30.0), (float("inf"), 30.0)]
+    assert sm.histogram_quantile(0.5, cumulative) == pytest.approx(1.25)
+    assert sm.histogram_quantile(0.2, cumulative) == pytest.approx(0.6)
+    assert sm.histogram_quantile(0.5, []) is None
+
+
+def test_active_rate_ignores_idle_head_and_tail():
+    timeline = [[0.0, 0, 0, 0, 0], [0.5, 0, 0, 0, 0], [1.0, 4, 0, 100, 0],
+                [1.5, 4, 0, 300, 0], [2.0, 0, 0, 400, 0], [2.5, 0, 0, 400, 0]]
+    assert sm.active_rate(timeline) == pytest.approx(400 / 1.5)
+    assert sm.active_rate(timeline[:2]) is None
+    assert sm.peak(timeline, 1) == 4
+
+
+# ------------------------------------------------------ ratios and table
+
+def _run(workload, conc, label, load=None, server=None, cut=False,
+         peak_running=10, params=None):
+    run = {"key": sm.run_key(workload, "m", conc, label), "workload": workload,
+           "model": "m", "concurrency": conc,
+           "backend": "stock" if label == "stock" else "sparsemm",
+           "label": label, "budget": None if label == "stock" else 128,
+           "load_params": params or {"seed": conc, "size": [8, 8]},
+           "cut": cut, "load": load,
+           "server": server or {"prefix_cache_hit_rate": 0.0},
+           "peak_running": peak_running, "load_error": None}
+    run["figures"] = sm.figures(run)
+    return run
+
+
+def _load(tok, ttft, p99, tpot, failed=0):
+    return {"output_throughput": tok, "mean_ttft_ms": ttft, "p99_ttft_ms": p99,
+            "mean_tpot_ms": tpot, "failed": failed, "completed": 100}
+
+
+def test_ratios_and_table():
+    runs = [
+        _run("unique", 64, "stock", _load(1000, 100, 400, 20),
+             {"prefix_cache_hit_rate": 0.4}, peak_running=64),
+        _run("unique", 64, "sparsemm-b128", _load(1500, 50, 100, 25, failed=2),
+             {"prefix_cache_hit_rate": 0.0}, peak_running=64),
+        # cut: the server's counters stand in for the load's numbers
+        _run("kv8", 256, "stock", None, {"output_throughput": 200,
+                                         "mean_ttft_ms": 9000,
+                                         "p99_ttft_ms": 20000,
+                                         "mean_tpot_ms": 30}, cut=True,
+             peak_running=5),
+        _run("kv8", 256, "sparsemm-b64", _load(900, 1000, 3000, 45),
+             peak_running=200),
+        # measured with other load parameters than stock's: no ratio
+        _run("questions", 64, "stock", _load(800, 80, 90, 20)),
+        _run("questions", 64, "sparsemm-b128", _load(900, 80, 90, 20),
+             params={"seed": 1}),
+    ]
+    runs = {r["key"]: r for r in runs}
+    assert runs["kv8/m/c256/stock"]["figures"]["output_throughput"] == 200
+    assert runs["kv8/m/c256/stock"]["figures"]["source"] == "server"
+    ratios = sm.compute_ratios(runs)
+    assert set(ratios) == {"unique/m/c64/sparsemm-b128", "kv8/m/c256/sparsemm-b64"}
+    u = ratios["unique/m/c64/sparsemm-b128"]
+    assert u == {"output_throughput": 1.5, "mean_ttft_ms": 0.5,
+                 "p99_ttft_ms": 0.25, "mean_tpot_ms": 1.25,
+                 "prefix_cache_hit_rate": 0.0, "peak_running": 1.0}
+    k = ratios["kv8/m/c256/sparsemm-b64"]
+    assert k["output_throughput"] == 4.5 and k["peak_running"] == 40
+    assert "prefix_cache_hit_rate" not in k  # stock's is zero
+
+    lines = sm.table(runs, ratios).splitlines()
+    assert lines[0].startswith("| workload | model | conc | backend | out tok/s")
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [(r[0], r[3]) for r in rows] == [
+        ("| unique", "stock"), ("| unique", "sparsemm-b128"),
+        ("| questions", "stock"), ("| questions", "sparsemm-b128"),
+        ("| kv8", "stock (cut)"), ("| kv8", "sparsemm-b64")]
+    assert rows[1][4:8] == ["1500 (1.50x)", "50.0 (0.50x)", "100.0 (0.25x)",
+                            "25.00 (1.25x)"]
+    assert rows[1][8] == "0.0% (0.00x)" and rows[1][10] == "2 |"
+    assert rows[0][4] == "1000" and rows[0][8] == "40.0%"
+    assert rows[3][4] == "900"  # no ratio across different parameters
+    assert rows[4][10] == "- |"  # a cut bench run has no error count
+
+
+def test_merge_keeps_earlier_runs(tmp_path):
+    out = tmp_path / "r.json"
+    a = _run("unique", 1, "stock", _load(100, 10, 20, 5))
+    b = _run("unique", 1, "sparsemm-b128", _load(150, 10, 20, 5),
+             params={"seed": 1, "size": (8, 8)})  # as built, not read back
+    sm.merge(out, {a["key"]: a}, ["first"])
+    data = sm.merge(out, {b["key"]: b}, ["second"])
+    assert set(data["runs"]) == {a["key"], b["key"]}
+    assert data["ratios"][b["key"]]["output_throughput"] == 1.5
+    assert data["meta"]["invocations"] == [["first"], ["second"]]
+    assert json.loads(out.read_text())["table"] == data["table"]
+
+
+# --------------------------------------------------- client: workloads
+
+def test_questions_workload():
+    requests = cc.questions_workload(2000, 32, seed=5, size=(32, 32))
+    assert len(requests) == 2000
+    texts = [r.messages[0]["content"][1]["text"] for r in requests]
+    urls = [r.messages[0]["content"][0]["image_url"]["url"] for r in requests]
+    assert len(set(texts)) == 2000  # every question distinct
+    assert len(set(urls)) == 32
+    assert all(urls[i] == urls[i % 32] for i in range(2000))
+    assert [r.tag["image"] for r in requests[:33]] == list(range(32)) + [0]
+    assert urls[0].startswith("data:image/jpeg;base64,")
+    again = cc.questions_workload(2000, 32, seed=5, size=(32, 32))
+    assert [r.messages for r in again] == [r.messages for r in requests]
+    other = cc.questions_workload(40, 32, seed=6, size=(32, 32))
+    assert other[0].messages != requests[0].messages
+    assert len(set(cc.make_questions(3000))) == 3000  # past the combinations
+
+
+def test_multiturn_messages_hold_the_history():
+    convs = cc.multiturn_workload(256, 4, seed=1, size=(32, 32))
+    assert len(convs) == 256 and all(len(c.questions) == 4 for c in convs)
+    assert len({c.image_url for c in convs}) == 256
+    assert len({q for c in convs for q in c.questions}) == 1024
+    c = convs[0]
+    first = cc.conversation_messages(c.image_url, c.questions[:1], [])
+    assert first == [cc.user_turn(c.image_url, c.questions[0])]
+    last = cc.conversation_messages(c.image_url, c.questions, ["a0", "a1", "a2"])
+    assert [m["role"] for m in last] == ["user", "assistant"] * 3 + ["user"]
+    assert last[0]["content"][0]["image_url"]["url"] == c.image_url
+    assert [m["content"] for m in last[1:]] == [
+        "a0", c.questions[1], "a1", c.questions[2], "a2", c.questions[3]]
+    with pytest.raises(ValueError):
+        cc.conversation_messages(c.image_url, c.questions, ["a0"])
+    # the same image bytes for the same seed (prefix-cache hits depend on it)
+    assert cc.make_image([1, 2], (16, 16), "PNG") == \
+        cc.make_image([1, 2], (16, 16), "PNG")
+    assert cc.image_url(0, (8, 8), "PNG").startswith("data:image/png;base64,")
+
+
+def test_request_body():
+    body = cc.ChatRequest([{"role": "user", "content": "hi"}], max_tokens=7,
+                          vllm_xargs={"k": 1}).body("model")
+    assert body == {"model": "model", "messages": [{"role": "user",
+                                                    "content": "hi"}],
+                    "max_tokens": 7, "temperature": 0.0, "stream": True,
+                    "ignore_eos": True,
+                    "stream_options": {"include_usage": True},
+                    "vllm_xargs": {"k": 1}}
+    plain = cc.ChatRequest([], stream=False, ignore_eos=False).body("m")
+    assert "stream_options" not in plain and "ignore_eos" not in plain
+
+
+def test_summary_arithmetic():
+    R = cc.ChatResult
+    results = [
+        R(sent=True, ok=True, ttft=0.1, latency=1.1, completion_tokens=11,
+          prompt_tokens=100),
+        R(sent=True, ok=True, ttft=0.3, latency=2.3, completion_tokens=21,
+          prompt_tokens=200),
+        R(sent=True, ok=True, stream=False, ttft=0.5, latency=0.5,
+          completion_tokens=8, prompt_tokens=50),
+        R(sent=True, ok=False, http_status=400, error="HTTP 400: too long"),
+        R(sent=True, ok=False, http_status=400, error="HTTP 400: too long"),
+        R(sent=True, ok=True, disconnected=True, ttft=0.1, latency=0.2,
+          completion_tokens=3),
+        R(sent=True, cut=True),
+        R(cut=True),
+    ]
+    s = cc.summarize(results, duration=4.0)
+    assert (s["num_requests"], s["completed"], s["failed"]) == (8, 3, 2)
+    assert (s["disconnected"], s["cut"], s["not_sent"]) == (1, 2, 1)
+    assert (s["total_output_tokens"], s["total_input_tokens"]) == (40, 350)
+    assert s["output_throughput"] == 10.0
+    assert s["request_throughput"] == 0.75
+    assert s["total_token_throughput"] == 97.5
+    assert s["mean_ttft_ms"] == pytest.approx(300.0)
+    assert s["median_ttft_ms"] == pytest.approx(300.0)
+    assert s["p99_ttft_ms"] == pytest.approx(496.0)
+    assert s["mean_tpot_ms"] == pytest.approx(100.0)  # streamed ones only
+    assert s["mean_e2el_ms"] == pytest.approx(1300.0)
+    assert s["error_counts"] == {"HTTP 400: too long": 2}
+    empty = cc.summarize([], 0.0)
+    assert empty["mean_ttft_ms"] is None and empty["output_throughput"] is None
+
+
+# ------------------------------------------------- a fake OpenAI server
+
+class FakeServer:
+    """An OpenAI-style chat server in a background thread: streams
+    ``max_tokens`` chunks, answers 400 to a question containing FAIL, and
+    keeps vLLM-named counters at /metrics."""
+
+    def __init__(self, chunk_delay: float = 0.0, port: int = 0):
+        self.chunk_delay, self.port = chunk_delay, port
+        self.bodies, self.events = [], []
+        self.images, self.count = set(), itertools.count()
+        self.counters = dict(queries=0, hits=0, gen=0, length=0, running=0)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        self.ready.wait()
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(),
+                                         self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self):
+        from aiohttp import web
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def health(self, request):
+        from aiohttp import web
+        return web.Response(text="")
+
+    async def models(self, request):
+        from aiohttp import web
+        return web.json_response({"data": [{"id": "model"}]})
+
+    async def metrics(self, request):
+        from aiohttp import web
+        c = self.counters
+        return web.Response(text=(
+            f'vllm:num_requests_running{{engine="0"}} {c["running"]}\n'
+            f'vllm:num_requests_waiting{{engine="0"}} 0\n'
+            f'vllm:prefix_cache_queries_total{{engine="0"}} {c["queries"]}\n'
+            f'vllm:prefix_cache_hits_total{{engine="0"}} {c["hits"]}\n'
+            f'vllm:generation_tokens_total{{engine="0"}} {c["gen"]}\n'
+            'vllm:request_success_total{engine="0",finished_reason="length"} '
+            f'{c["length"]}\n'))
+
+    async def chat(self, request):
+        from aiohttp import web
+        body = await request.json()
+        self.bodies.append(body)
+        number = next(self.count)
+        messages = body["messages"]
+        question = " ".join(_parts(messages[-1], "text"))
+        if "FAIL" in question:
+            return web.json_response({"error": {
+                "message": "bad request", "type": "BadRequestError",
+                "code": 400}}, status=400)
+        if "CUT" in question:  # the stream ends without [DONE]
+            response = web.StreamResponse()
+            await response.prepare(request)
+            await response.write(b'data: {"choices": [{"delta": '
+                                 b'{"content": "x"}}]}\n\n')
+            return response
+        image = tuple(_parts(messages[0], "image_url"))
+        self.counters["queries"] += 100
+        if image in self.images:
+            self.counters["hits"] += 50
+        self.images.add(image)
+        max_tokens = body.get("max_tokens") or body["max_completion_tokens"]
+        usage = {"prompt_tokens": 10 * len(messages),
+                 "completion_tokens": max_tokens}
+        pieces = [f"r{number}t{i} " for i in range(max_tokens)]
+        self.counters["gen"] += len(pieces)
+        if not body["stream"]:
+            self.counters["length"] += 1
+            return web.json_response({"choices": [{"message": {
+                "role": "assistant", "content": "".join(pieces)}}],
+                "usage": usage})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        def event(data):
+            return f"data: {json.dumps(data)}\n\n".encode()
+
+        self.counters["running"] += 1
+        try:
+            await response.write(event({"choices": [{"delta": {
+                "role": "assistant", "content": ""}}]}))
+            for piece in pieces:
+                await asyncio.sleep(self.chunk_delay)
+                await response.write(event({"choices": [{"delta": {
+                    "content": piece}}]}))
+            if body.get("stream_options", {}).get("include_usage"):
+                await response.write(event({"choices": [], "usage": usage}))
+            await response.write(b"data: [DONE]\n\n")
+            self.counters["length"] += 1
+            self.events.append("completed")
+        except (ConnectionError, asyncio.CancelledError):
+            self.events.append("disconnected")
+        finally:
+            self.counters["running"] -= 1
+        return response
+
+
+def _parts(message: dict, kind: str) -> list[str]:
+    """A message's texts or image URLs, whichever form its content has."""
+    content = message["content"]
+    if isinstance(content, str):
+        return [content] if kind == "text" else []
+    return [p["text"] if kind == "text" else p["image_url"]["url"]
+            for p in content if p["type"] == kind]
+
+
+def _step_clock():
+    """A fake clock: one second per reading."""
+    ticks = itertools.count()
+    return lambda: float(next(ticks))
+
+
+def test_client_streaming_and_not_against_fake_server():
+    requests = cc.questions_workload(6, 2, size=(16, 16), max_tokens=5,
+                                     vllm_xargs={"x": 1})
+    requests[1].stream = False
+    requests[2].messages = [cc.user_turn(None, "FAIL please")]
+    requests[3].messages = [cc.user_turn(None, "CUT short")]
+    with FakeServer() as server:
+        results, duration = asyncio.run(cc.run_requests(
+            server.url, "model", requests, concurrency=3,
+            clock=_step_clock()))
+    assert len(server.bodies) == 6
+    sent = server.bodies[0]
+    assert sent["model"] == "model" and sent["ignore_eos"] is True
+    assert sent["temperature"] == 0 and sent["max_tokens"] == 5
+    assert sent["vllm_xargs"] == {"x": 1}
+    assert sum("stream_options" in b for b in server.bodies) == 5
+    ok = [r for r in results if r.ok]
+    assert len(ok) == 4
+    for r in ok:
+        assert (r.completion_tokens, r.prompt_tokens, r.usage) == (5, 10, True)
+        assert r.text.split() == [f"{r.text.split()[0][:-2]}t{i}"
+                                  for i in range(5)]
+        assert 0 < r.ttft <= r.latency and r.ttft == int(r.ttft)
+    assert results[1].ttft == results[1].latency and not results[1].stream
+    bad = results[2]
+    assert (bad.ok, bad.http_status) == (False, 400)
+    assert "bad request" in bad.error
+    assert results[3].error == "stream ended before [DONE]"
+    assert results[3].text == "x" and not results[3].ok
+    s = cc.summarize(results, duration)
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (4, 2, 20)
+    assert s["output_throughput"] == 20 / duration  # the injected clock's
+
+
+def test_client_disconnects_mid_stream():
+    requests = cc.questions_workload(2, 1, size=(16, 16), max_tokens=200)
+    for r in requests:
+        r.disconnect_after = 3
+    with FakeServer(chunk_delay=0.002) as server:
+        results, _ = asyncio.run(cc.run_requests(server.url, "model",
+                                                 requests, concurrency=2))
+        for _ in range(500):  # until the server has noticed both
+            if len(server.events) == 2:
+                break
+            time.sleep(0.01)
+    assert server.events == ["disconnected", "disconnected"]
+    for r in results:
+        assert r.ok and r.disconnected and r.chunks == 3
+        assert r.completion_tokens == 3 and not r.usage
+    assert cc.summarize(results, 1.0)["disconnected"] == 2
+
+
+def test_client_cut_at_max_seconds():
+    requests = cc.questions_workload(4, 1, size=(16, 16), max_tokens=10**6)
+    with FakeServer(chunk_delay=0.01) as server:
+        results, _ = asyncio.run(cc.run_requests(
+            server.url, "model", requests, concurrency=2, max_seconds=0.2))
+    assert [r.cut for r in results] == [True] * 4
+    assert [r.sent for r in results] == [True, True, False, False]
+    s = cc.summarize(results, 1.0)
+    assert (s["completed"], s["failed"], s["cut"], s["not_sent"]) == \
+        (0, 0, 4, 2)
+
+
+def test_multiturn_against_fake_server_resends_answers():
+    convs = cc.multiturn_workload(3, 3, size=(16, 16))
+    convs[1].questions[1] = "FAIL now"
+    with FakeServer() as server:
+        results, _ = asyncio.run(cc.run_conversations(
+            server.url, "model", convs, concurrency=2, max_tokens=4))
+    by_turn = {(r.tag["conversation"], r.tag["turn"]): r for r in results}
+    assert len(results) == 9
+    assert not by_turn[(1, 1)].ok and not by_turn[(1, 2)].sent
+    assert not by_turn[(1, 2)].cut  # stopped by the failure, not a cut
+    for c in (0, 2):
+        for turn in range(3):
+            r = by_turn[(c, turn)]
+            assert r.ok and r.prompt_tokens == 10 * (2 * turn + 1)
+            body = next(b for b in server.bodies
+                        if b["messages"][0]["content"][0]["image_url"]["url"]
+                        == convs[c].image_url
+                        and len(b["messages"]) == 2 * turn + 1)
+            answers = [m["content"] for m in body["messages"]
+                       if m["role"] == "assistant"]
+            assert answers == [by_turn[(c, t)].text for t in range(turn)]
+            assert body["messages"][-1]["content"] == convs[c].questions[turn] \
+                or turn == 0
+    s = cc.summarize(results, 1.0)
+    assert (s["completed"], s["failed"], s["not_sent"]) == (7, 1, 1)
+
+
+def test_client_cli_writes_summary_and_requests(tmp_path):
+    with FakeServer() as server:
+        summary = cc.main(["--base-url", server.url, "--workload", "questions",
+                           "--num-requests", "4", "--num-images", "2",
+                           "--max-tokens", "3", "--image-size", "16x16",
+                           "--concurrency", "2", "--out",
+                           str(tmp_path / "o.json"), "--requests-out",
+                           str(tmp_path / "r.jsonl")])
+    assert summary["completed"] == 4
+    saved = json.loads((tmp_path / "o.json").read_text())
+    assert saved["completed"] == 4 and saved["params"]["num_requests"] == 4
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert [json.loads(x)["completion_tokens"] for x in lines] == [3] * 4
+
+
+# ----------------------------------------------- driver against fakes
+
+def test_measure_runs_the_client_and_reads_the_server(tmp_path):
+    plan = sm.ServerPlan("fake-1.5", tmp_path, sm.Backend("stock"), 4096)
+    load = sm.Load("questions", 4, {"num_requests": 12, "num_images": 3,
+                                    "max_tokens": 5, "image_size": (16, 16),
+                                    "seed": 0})
+    with FakeServer() as server:
+        run = sm.measure(plan, load, server.port, tmp_path, None)
+    assert run["key"] == "questions/fake-1.5/c4/stock"
+    assert (tmp_path / "questions_fake-1.5_c4_stock.result.json").exists()
+    assert (tmp_path / "questions_fake-1.5_c4_stock.log").exists()
+    assert run["load_error"] is None and not run["cut"]
+    assert run["load"]["completed"] == 12 and run["load"]["failed"] == 0
+    assert run["server"]["generation_tokens"] == 60
+    assert run["server"]["completed"] == 12
+    # three images: the first question about each misses, the rest hit
+    assert run["server"]["prefix_cache_hit_rate"] == pytest.approx(0.375)
+    assert run["figures"]["source"] == "load"
+    assert run["figures"]["output_throughput"] == \
+        run["load"]["output_throughput"]
+    assert run["timeline"] and run["peak_running"] is not None
+    assert run["load_cmd"][:2] == sm.CLIENT
+
+
+def test_start_server_fails_clearly_when_the_process_exits(tmp_path):
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-c", "print('no GPU here'); raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match="code 3") as info:
+        sm.start_server(cmd, log, sm.free_port(), timeout=60)
+    assert "no GPU here" in str(info.value)
+
+
+def test_stop_process_stops_the_whole_group():
+    proc = sm.spawn(["sh", "-c", "sleep 60 & sleep 60"], subprocess.DEVNULL)
+    for _ in range(500):
+        if len(sm.group_members(proc.pid)) >= 2:
+            break
+        time.sleep(0.01)
+    assert len(sm.group_members(proc.pid)) >= 2
+    sm.stop_process(proc, grace=10)
+    assert proc.poll() is not None and sm.group_members(proc.pid) == []
+
+
+def test_run_load_cuts_after_the_start_marker(tmp_path):
+    slow = [sys.executable, "-c", "print('warming'); print('Starting main "
+            "benchmark run...'); import time; time.sleep(60)"]
+    code, cut = sm.run_load(slow, tmp_path / "a.log", 0.2,
+                            "Starting main benchmark run")
+    assert cut and code != 0
+    assert "warming" in (tmp_path / "a.log").read_text()
+    code, cut = sm.run_load([sys.executable, "-c", "print('done')"],
+                            tmp_path / "b.log", 30, "never printed")
+    assert (code, cut) == (0, False)
+
+
+FAKE_VLLM = """
+import json, os, sys, time
+argv = sys.argv[1:]
+if argv[0] == "serve":  # the fake OpenAI server, until SIGTERM
+    sys.path.insert(0, %r)
+    from test_serve_matrix import FakeServer
+    with FakeServer(port=int(argv[argv.index("--port") + 1])):
+        time.sleep(600)
+assert argv[:2] == ["bench", "serve"], argv
+path = os.path.join(argv[argv.index("--result-dir") + 1],
+                    argv[argv.index("--result-filename") + 1])
+print("Starting main benchmark run...", flush=True)
+if "--sleep" in os.environ.get("FAKE_BENCH", ""):
+    time.sleep(60)
+json.dump({"completed": 3, "failed": 1, "output_throughput": 12.5,
+           "mean_ttft_ms": 5.0, "p99_ttft_ms": 9.0, "mean_tpot_ms": 1.0},
+          open(path, "w"))
+""" % str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """``vllm serve`` and ``vllm bench serve`` stand-ins."""
+    script = tmp_path / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
+    monkeypatch.setattr(sm, "VLLM", [sys.executable, str(script)])
+
+
+def test_measure_reads_bench_results_or_the_server_when_cut(
+        tmp_path, monkeypatch, fake_vllm):
+    plan = sm.ServerPlan("m-1.5", tmp_path, sm.Backend("sparsemm", 64), 4096)
+    load = sm.Load("kv8", 8, {"num_prompts": 8, "input_len": 4,
+                              "output_len": 4, "image_size": (16, 16),
+                              "seed": 8})
+    with FakeServer() as server:
+        run = sm.measure(plan, load, server.port, tmp_path, 30)
+        assert not run["cut"] and run["load"]["completed"] == 3
+        assert run["figures"]["output_throughput"] == 12.5
+        assert run["figures"]["errors"] == 1
+        assert run["key"] == "kv8/m-1.5/c8/sparsemm-b64"
+
+        monkeypatch.setenv("FAKE_BENCH", "--sleep")
+        cut = sm.measure(plan, load, server.port, tmp_path, 0.2)
+    assert cut["cut"] and cut["load"] is None and cut["load_error"] is None
+    assert cut["figures"]["source"] == "server"
+    assert cut["figures"]["errors"] is None
+
+
+def test_main_runs_every_server_and_merges(tmp_path, fake_vllm, capsys):
+    model = _model_dir(tmp_path / "tiny", "llava")
+    common = ["--model", str(model), "--concurrency", "2", "--output-len", "3",
+              "--image-size", "16x16", "--out", str(tmp_path / "r.json")]
+    # one server per backend runs both workloads
+    assert sm.main(["--workloads", "unique,questions", "--budgets", "64",
+                    "--questions-concurrency", "2", "--questions-requests",
+                    "4", "--questions-images", "2", *common]) == 0
+    assert len(list((tmp_path / "r.logs").glob("serve_*.log"))) == 2
+    # a later invocation adds its runs to the same JSON
+    assert sm.main(["--workloads", "unique", "--backends", "sparsemm",
+                    "--budgets", "32", *common]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(data["runs"]) == [
+        "questions/tiny/c2/sparsemm-b64", "questions/tiny/c2/stock",
+        "unique/tiny/c2/sparsemm-b32", "unique/tiny/c2/sparsemm-b64",
+        "unique/tiny/c2/stock"]
+    assert data["ratios"]["unique/tiny/c2/sparsemm-b32"][
+        "output_throughput"] == 1.0
+    assert "questions/tiny/c2/sparsemm-b64" in data["ratios"]
+    questions = data["runs"]["questions/tiny/c2/stock"]
+    assert questions["load"]["completed"] == 4
+    # the warm-up's image is its own: two misses, two hits
+    assert questions["server"]["prefix_cache_hit_rate"] == pytest.approx(0.25)
+    assert Path(questions["server_log"]).exists()
+    assert len(data["meta"]["invocations"]) == 2
+    assert data["table"] in capsys.readouterr().out

@@ -1,0 +1,78 @@
+"""benchmarks/trace_gaps.py: GPU idle time charged to what the host had open."""
+
+import gzip
+import json
+
+from scripts import load_script
+
+
+def _kernel(ts, dur, name="k"):
+    return {"ph": "X", "cat": "kernel", "name": name, "pid": 0, "tid": 7,
+            "ts": ts, "dur": dur}
+
+
+def _host(ts, dur, name, cat="cpu_op", tid=1):
+    return {"ph": "X", "cat": cat, "name": name, "pid": 100, "tid": tid,
+            "ts": ts, "dur": dur}
+
+
+def test_gaps_are_charged_to_the_innermost_and_outermost_host_ranges(tmp_path):
+    gaps = load_script("trace_gaps")
+    events = [
+        _kernel(0, 100), _kernel(50, 100),  # overlapping: busy 0-150
+        _kernel(200, 100),  # gap 150-200 (50 us)
+        _kernel(1300, 10),  # gap 300-1300 (1,000 us)
+        # the engine thread: a runner scope with an attention layer inside
+        _host(100, 1300, "gpu_model_runner: preprocess", "user_annotation"),
+        _host(140, 40, "vllm::unified_attention_with_output"),
+        _host(160, 10, "cudaLaunchKernel", "cuda_runtime"),
+        _host(400, 300, "aten::copy_"),
+        # another thread's busy op: not the engine's, so never charged
+        _host(0, 10, "aten::mm", tid=2), _host(150, 1150, "aten::idle", tid=2),
+    ]
+    # the engine thread holds the most CPU-op time
+    events.append(_host(2000, 2000, "aten::later"))
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events + [{"ph": "i", "name": "marker"}]}, f)
+    result = gaps.analyse(gaps.load(str(path)))
+    assert result["span_ms"] == 1.31 and result["gpu_busy_ms"] == 0.26
+    assert result["gpu_idle_ms"] == 1.05
+    assert result["gaps"]["10-100 us"] == {"count": 1, "ms": 0.05}
+    assert result["gaps"][">1000 us"] == {"count": 1, "ms": 1.0}
+    inner = dict(result["idle_by_innermost_host_op_ms"])
+    # 150-160, 170-180 in attention; 160-170 in the launch; 180-200 and
+    # 300-400, 700-1300 only in the scope; 400-700 in the copy
+    assert inner == {"vllm::unified_attention_with_output": 0.02,
+                     "cudaLaunchKernel": 0.01, "aten::copy_": 0.3,
+                     "gpu_model_runner: preprocess": 0.72}
+    outer = dict(result["idle_by_outermost_host_scope_ms"])
+    assert outer == {"gpu_model_runner: preprocess": 1.05}
+    assert result["largest_gaps"][0] == [1.0, 0.3, "gpu_model_runner: preprocess"]
+
+
+def test_idle_with_nothing_open_is_host_python():
+    gaps = load_script("trace_gaps")
+    events = [_kernel(0, 10), _kernel(30, 10), _host(0, 5, "aten::add")]
+    result = gaps.analyse(events)
+    assert dict(result["idle_by_innermost_host_op_ms"]) == {gaps.NO_OP: 0.02}
+    assert result["gpu_busy_fraction"] == 0.5
+
+
+def test_benchmark_busy_fraction_is_the_union_of_gpu_intervals():
+    """benchmark.py's profiled busy fraction merges the same way."""
+    import types
+
+    from torch.autograd import DeviceType
+    load_script("trace_gaps")  # what benchmark.py imports beside itself
+    bench = load_script("benchmark")
+
+    def event(lo, hi, device=DeviceType.CUDA):
+        return types.SimpleNamespace(device_type=device, time_range=types.
+                                     SimpleNamespace(start=lo, end=hi))
+
+    profiler = types.SimpleNamespace(events=lambda: [
+        event(30, 40), event(0, 10), event(5, 15), event(0, 100, DeviceType.CPU)])
+    assert bench._gpu_busy_fraction(profiler) == 25 / 40
+    assert bench._gpu_busy_fraction(types.SimpleNamespace(events=list)) != (
+        bench._gpu_busy_fraction(types.SimpleNamespace(events=list)))  # nan

@@ -1,0 +1,274 @@
+"""The backend's whole logic on CPU, driven like vLLM drives it.
+
+Scheduler side: vLLM's own ``KVCacheManager`` with our spec and manager.
+Worker side: ``SparseMMImpl.forward`` for every layer of every step, over one
+packed KV buffer, with the PyTorch references standing in for FlashAttention
+and ``reshape_and_cache_flash``. Each request's queries, keys and values are
+fixed random tensors per (layer, position), so the exact SparseMM attention of
+every token can be computed densely and compared.
+"""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, WINDOW, Engine,
+                        chunks)
+from vllm_sparsemm.engine import backend
+from vllm_sparsemm.engine.config import SparseMMSettings
+from vllm_sparsemm.core.pages import cdiv
+
+
+@pytest.mark.parametrize("chunk", [5, 13, 64, 500])
+@pytest.mark.parametrize("async_frees", [False, True])
+def test_mixed_batch_matches_dense_sparsemm(chunk, async_frees):
+    _run_mixed_batch(chunk, async_frees)
+
+
+def test_selection_in_chunks_across_requests_matches_dense_sparsemm(
+        monkeypatch):
+    """The selection scores (request, layer) pairs in chunks of at most
+    SELECTION_TOKENS prompt tokens; chunks of 2-5 pairs cross requests."""
+    from vllm_sparsemm.engine import layer_ops
+    monkeypatch.setattr(layer_ops, "SELECTION_TOKENS", 250)
+    _run_mixed_batch(500, False)
+
+
+def _run_mixed_batch(chunk, async_frees):
+    eng = Engine()
+    # b fits the budget; equal lengths (a, f and c, e) are selected as one batch
+    prompts = {"a": 100, "b": 30, "c": 71, "d": 49, "e": 71, "f": 100}
+    decode = 20
+    plans = eng.add_all(prompts, chunk, decode)
+    last = {}
+    while any(plans.values()):
+        schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
+        pending = list(last.items()) if async_frees else []
+        tokens, outputs = eng.step(schedule, pending)
+        if not async_frees:
+            for rid, n in schedule.items():
+                eng.requests[rid].num_in_flight_tokens -= n
+        last = schedule
+        eng.check(tokens, outputs)
+        for rid in schedule:
+            request = eng.requests[rid]
+            if eng.manager.prompt_released(rid):
+                # once its prompt went back, a request holds exactly what
+                # the block law says for the tokens allocated so far
+                appended = request.num_computed_tokens - request.num_prompt_tokens
+                assert eng.held_blocks(rid) == eng.law.compacted_blocks(
+                    request.num_prompt_tokens, appended)
+    for rid in prompts:
+        request = eng.requests[rid]
+        if BUDGET < request.num_prompt_tokens:
+            assert eng.held_blocks(rid) == eng.law.compacted_blocks(
+                request.num_prompt_tokens, decode)
+            assert eng.held_blocks(rid) < cdiv(request.num_prompt_tokens + decode,
+                                               BS)
+        else:
+            assert eng.held_blocks(rid) == cdiv(request.num_prompt_tokens + decode,
+                                                BS)
+        eng.finish(rid)
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+
+
+def test_same_request_alone_and_in_a_batch_gives_the_same_output():
+    def run(with_others):
+        eng = Engine(seed=3)
+        eng.add("x", 90, 110)
+        if with_others:
+            for i in range(6):
+                eng.add(f"o{i}", 20 + 15 * i, 40 + 15 * i)
+        plans = {rid: chunks(r.num_prompt_tokens, 32) + [1] * 20
+                 for rid, r in eng.requests.items()}
+        outs = []
+        for _, tokens, outputs in eng.run(plans):
+            outs += [outputs[:, t] for t, (rid, _) in enumerate(tokens)
+                     if rid == "x"]
+        return torch.stack(outs)
+
+    # batch neighbours change the order of nothing but the reference's
+    # float32 sums (see cpu_engine.Engine.check for the tolerance)
+    torch.testing.assert_close(run(False), run(True), rtol=1e-5, atol=1e-5)
+
+
+def test_preemption_recompute_and_abort_leak_nothing():
+    eng = Engine()
+    eng.add("p", 80, 160)
+    eng.add("q", 60, 140)
+    eng.add("gone", 70, 90)
+    for schedule in ({"p": 40, "q": 40, "gone": 35},
+                     {"p": 40, "q": 20, "gone": 30}):
+        eng.step(schedule)
+        for rid in ("p", "q", "gone"):
+            eng.requests[rid].num_in_flight_tokens = 0
+    eng.finish("gone")  # aborted mid-prefill
+    for _ in range(20):
+        tokens, outputs = eng.step({"p": 1, "q": 1})
+        eng.check(tokens, outputs)
+        for rid in ("p", "q"):
+            eng.requests[rid].num_in_flight_tokens = 0
+    # preempt p by recompute: blocks freed, prompt + outputs re-prefilled;
+    # the chunk that crosses the prompt ends past it (E > P), and the last
+    # chunk runs several tokens at once on the compacted layout
+    request = eng.requests["p"]
+    done = request.num_computed_tokens
+    eng.preempt("p")
+    for chunk in (64, 30, done - 94):
+        tokens, outputs = eng.step({"p": chunk, "q": 1} if chunk == 30
+                                   else {"p": chunk})
+        request.num_in_flight_tokens = 0
+        eng.requests["q"].num_in_flight_tokens = 0
+        eng.check(tokens, outputs)
+    assert request.compaction_end == 94 > request.num_prompt_tokens
+    assert done - 94 > 1
+    for _ in range(20):
+        tokens, outputs = eng.step({"p": 1, "q": 1})
+        eng.check(tokens, outputs)
+        for rid in ("p", "q"):
+            eng.requests[rid].num_in_flight_tokens = 0
+    eng.finish("p")
+    eng.finish("q")
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+    assert eng.state.requests == {}
+
+
+def test_one_prompt_length_with_and_without_a_recomputed_tail_compacts_apart():
+    """Prompts of one length complete in one step; the one re-prefilling its
+    outputs after a preemption (a tail past the prompt) is compacted apart."""
+    eng = Engine()
+    for rid in ("p", "r", "s"):
+        eng.add(rid, 80, 120)
+
+    def step(schedule):
+        tokens, outputs = eng.step(schedule)
+        for rid in schedule:
+            eng.requests[rid].num_in_flight_tokens = 0
+        eng.check(tokens, outputs)
+
+    step({"p": 80})
+    for _ in range(10):
+        step({"p": 1})
+    request = eng.requests["p"]
+    done = request.num_computed_tokens
+    eng.preempt("p")
+    step({"p": done, "r": 80, "s": 80})
+    assert request.compaction_end == done > 80
+    for _ in range(5):
+        step({"p": 1, "r": 1, "s": 1})
+    for rid in ("p", "r", "s"):
+        eng.finish(rid)
+    assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
+
+
+def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
+    """Two simulated ranks, each owning half the KV heads and its own cache."""
+    results = {}
+    for tp in (1, 2):
+        eng = Engine(seed=4, tp=tp)
+        prompts = {"a": 120, "b": 75, "c": 20}
+        plans = eng.add_all(prompts, 50, 12)
+        outs = []
+        for _, tokens, outputs in eng.run(plans):
+            eng.check(tokens, outputs)
+            outs.append(outputs)
+        held = {rid: eng.held_blocks(rid) for rid in prompts}
+        # the scheduler gave what the law counts for all ranks at once
+        assert held["a"] == eng.law.compacted_blocks(120, 12)
+        results[tp] = (outs, held)
+    # each rank sums its own heads: float32 order only (Engine.check)
+    for one, two in zip(results[1][0], results[2][0]):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    assert results[2][1]["a"] >= results[1][1]["a"]
+
+
+def test_selection_batches_split_by_length_and_token_cap(monkeypatch):
+    from vllm_sparsemm.engine import step_plan as worker_state
+    monkeypatch.setattr(worker_state, "SELECTION_TOKENS", 250)
+    def req(n, budget=64):
+        law = types.SimpleNamespace(plan=types.SimpleNamespace(budget=budget))
+        return types.SimpleNamespace(prompt_len=n, law=law)
+
+    # one budget and prompt length per group (row 6: another budget)
+    compressing = [(i, req(n)) for i, n in
+                   enumerate([100, 100, 100, 60, 300, 100])] + [(6, req(100,
+                                                                     90))]
+    groups = worker_state._selection_groups(compressing)
+    assert [(n, [i for i, _ in m]) for n, m in groups] == [
+        (100, [0, 1]), (100, [2, 5]), (60, [3]), (300, [4]), (100, [6])]
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 3, 1, 2]])
+def test_virtual_sequences_list_each_row_head_token_once(query_lens):
+    from vllm_sparsemm.engine.host_arrays import virtual_sequences
+    heads = 3
+    token, head, starts = virtual_sequences(query_lens, heads)
+    expected, row_start = [], 0
+    for n in query_lens:  # (row, head, token) order
+        expected += [(row_start + t, h) for h in range(heads) for t in range(n)]
+        row_start += n
+    assert list(zip(token.tolist(), head.tolist())) == expected
+    lens = [n for n in query_lens for _ in range(heads)]
+    assert starts.tolist() == [sum(lens[:i]) for i in range(len(lens) + 1)]
+    assert starts.dtype == np.int32
+
+
+def test_memory_profile_run_reserves_the_selection_scratch(monkeypatch):
+    """vLLM sizes the KV cache from the peak of its profile run, where
+    attention gets no metadata: the selection's scratch must show there."""
+    from vllm_sparsemm.engine import step_plan as worker_state
+    seen = []
+    monkeypatch.setattr(backend, "reserve_selection_scratch",
+                        lambda nbytes, device: seen.append(nbytes))
+    impl = backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
+                                "auto")
+    out = torch.ones(3, HEADS, DIM)
+    impl.forward(None, out, out, out, None, None, out)
+    assert out.eq(0).all()
+    assert seen == [worker_state.selection_scratch_bytes(
+        KV_HEADS, DIM, HEADS // KV_HEADS, SparseMMSettings().window)]
+    # a 7B model (32 KV heads of 128, no GQA, W = 32): ~1.3 GB
+    assert 1.2e9 < worker_state.selection_scratch_bytes(32, 128, 1, 32) < 1.4e9
+
+
+def test_triton_decode_kernel_is_refused_without_triton(monkeypatch):
+    """``decode_kernel: "triton"`` is taken up by the attention layers, and
+    fails at start-up, not silently, where Triton is missing on a CUDA
+    machine; without CUDA the kernel never runs, so nothing is refused."""
+    from vllm_sparsemm.kernels import triton_ops
+    monkeypatch.setenv("VLLM_SPARSEMM_DECODE_KERNEL", "triton")
+    impl = backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
+                                "auto")
+    assert impl.decode_kernel == "triton"
+    monkeypatch.setattr(triton_ops, "AVAILABLE", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None, "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        backend.SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None,
+                             "auto")
+
+
+def test_prompts_past_the_selection_chunk_are_scored_in_key_chunks(
+        monkeypatch):
+    """A prompt longer than SELECTION_TOKENS is scored alone, its keys read a
+    chunk at a time (bounded scratch whatever its length): every output
+    still equals dense SparseMM attention."""
+    from vllm_sparsemm.engine import layer_ops
+    from vllm_sparsemm.core import selection
+    monkeypatch.setattr(layer_ops, "SELECTION_TOKENS", 48)
+    streamed = []
+    original = selection.streamed_window_scores
+
+    def counted(*args, **kwargs):
+        streamed.append(args[2])  # the prompt length
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_ops, "streamed_window_scores", counted)
+    eng = Engine()
+    plans = eng.add_all({"long": 150, "short": 45}, 64, 6)
+    for _, tokens, outputs in eng.run(plans):
+        eng.check(tokens, outputs)
+    assert set(streamed) == {150}  # every layer of the long prompt alone

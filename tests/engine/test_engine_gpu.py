@@ -1,0 +1,418 @@
+"""The real vLLM engine with the sparsemm backend, on tiny random models saved locally.
+
+Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the tests
+can read the scheduler's block pool and the worker's selections. Most runs use
+``enforce_eager`` to keep start-up short; two run vLLM's compile mode, with
+piecewise CUDA graphs only and with full decode graphs (the default).
+"""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+MAX_TOKENS = 24
+TINY = dict(num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from vllm_sparsemm.testing.checkpoints import (save_tiny_llava,
+                                                     save_tiny_llava_next,
+                                                     save_tiny_qwen2_vl)
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llava": str(save_tiny_llava(root / "llava", seed=1, num_layers=4,
+                                     num_heads=4, num_kv_heads=4, head_dim=64,
+                                     image_size=336)),
+        "llava-small": str(save_tiny_llava(root / "llava-small", seed=1,
+                                           num_layers=4, num_heads=4,
+                                           num_kv_heads=4, head_dim=64,
+                                           image_size=112)),
+        "llava-next": str(save_tiny_llava_next(root / "llava-next", seed=1,
+                                               **TINY)),
+        "qwen2-vl": str(save_tiny_qwen2_vl(root / "qwen", seed=1, num_layers=4,
+                                           num_heads=4, num_kv_heads=2,
+                                           head_dim=64)),
+    }
+
+
+def _image(seed, size):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(
+        np.uint8))
+
+
+def _prompts(kind, n, seed=0, text_len=40):
+    """n requests: images of varying size, some text-only."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        text = "".join(rng.choice(list("abcdefghij klmnop"), text_len + 7 * i))
+        with_image = i % 4 != 3
+        if kind.startswith("llava"):
+            prompt = f"USER: {'<image>' if with_image else ''}\n{text} ASSISTANT:"
+        else:
+            vision = "<|vision_start|><|image_pad|><|vision_end|>" if with_image else ""
+            prompt = (f"<|im_start|>user\n{vision}{text}<|im_end|>\n"
+                      f"<|im_start|>assistant\n")
+        request = {"prompt": prompt}
+        if with_image:
+            request["multi_modal_data"] = {
+                "image": _image(seed * 100 + i, (224 + 28 * (i % 3), 196))}
+        out.append(request)
+    return out
+
+
+def _llm(model, backend, budget=None, **kwargs):
+    from vllm import LLM
+    args = dict(model=model, dtype="float16", max_model_len=2048,
+                gpu_memory_utilization=0.05, enforce_eager=True, seed=0,
+                limit_mm_per_prompt={"image": 1}, max_num_seqs=64,
+                enable_prefix_caching=False)
+    args.update(kwargs)
+    if backend == "sparsemm":
+        config = {"head_scores": "uniform", "window": 8}
+        config.update(budget or {})
+        args.update(attention_backend="sparsemm",
+                    additional_config={"sparsemm": config})
+    else:
+        args.update(attention_backend="FLASH_ATTN")
+    return LLM(**args)
+
+
+def _generate(llm, prompts, max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                            ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs], [
+        len(o.prompt_token_ids) for o in outputs]
+
+
+def _tokens(model, backend, budget=None, prompts=None, max_tokens=MAX_TOKENS,
+            **kwargs):
+    """Greedy tokens from an engine in a fresh process (engines leak GPU
+    memory when several start in one process). ``prompts``: _prompts args
+    plus ``pick``, the indices to send."""
+    args = json.dumps([model, backend, budget, prompts, max_tokens, kwargs])
+    code = ("import json, sys; sys.path.insert(0, 'tests/engine'); sys.path.insert(0, 'tests'); "
+            "import test_engine_gpu as t; "
+            "print('RESULT' + json.dumps(t._child(*json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, args],
+                          capture_output=True, text=True, timeout=300)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT")]
+    assert lines, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+def _conversation(kind, seed=11):
+    """Prompts that share prefixes, sent one after another: a question about
+    an image, the same again, another question about that image, the first
+    one's second turn (its answer, then a new question), a third turn, and
+    a text-only prompt."""
+    image = _image(seed, (224, 196))
+    first = "describe every object you can see here in detail " * 3
+    turns = [first, first, "what colours dominate the left half " * 3,
+             first + "ASSISTANT: a cat on a mat USER: and the right half?",
+             first + "ASSISTANT: a cat on a mat USER: and the right half? "
+             "ASSISTANT: a dog USER: count the animals"]
+    out = []
+    for text in turns:
+        if kind.startswith("llava"):
+            prompt = f"USER: <image>\n{text} ASSISTANT:"
+        else:
+            prompt = (f"<|im_start|>user\n<|vision_start|><|image_pad|>"
+                      f"<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
+        out.append({"prompt": prompt, "multi_modal_data": {"image": image}})
+    out.append({"prompt": "USER: " + first * 2 + " ASSISTANT:"
+                if kind.startswith("llava") else first * 2})
+    return out
+
+
+def _child(model, backend, budget, prompts, max_tokens, kwargs):
+    sequential = kwargs.pop("sequential", False)
+    if "conversation" in prompts:
+        chosen = _conversation(prompts["conversation"])
+    else:
+        pick = prompts.pop("pick", None)
+        chosen = _prompts(**prompts)
+        if pick is not None:
+            chosen = [chosen[i] for i in pick]
+    count = kwargs.pop("count_layer0_calls", False)
+    llm = _llm(model, backend, budget, **kwargs)
+    if sequential:  # each request finishes before the next: cache hits
+        from vllm import SamplingParams
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                ignore_eos=True)
+        outputs = [llm.generate([prompt], params, use_tqdm=False)[0]
+                   for prompt in chosen]
+        return ([list(o.outputs[0].token_ids) for o in outputs],
+                [len(o.prompt_token_ids) for o in outputs],
+                sum(o.num_cached_tokens or 0 for o in outputs))
+    if not count:
+        return _generate(llm, chosen, max_tokens)
+    from vllm_sparsemm.engine.backend import SparseMMImpl
+    calls, forward = [0], SparseMMImpl.forward
+
+    def counting(self, layer, *args, **kw):  # Python runs only outside FULL graphs
+        calls[0] += ".layers.0." in layer.layer_name
+        return forward(self, layer, *args, **kw)
+
+    SparseMMImpl.forward = counting
+    tokens, lens = _generate(llm, chosen, max_tokens)
+    return tokens, lens, calls[0]
+
+
+def _close(llm):
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+    torch.cuda.empty_cache()
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _worker_state(llm):
+    """The in-process engine's sparsemm worker state (its builder's)."""
+    from vllm_sparsemm.engine.patches import sparsemm_builders
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    runner = executor.driver_worker.worker.model_runner
+    return sparsemm_builders(runner)[0].state
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl"])
+def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
+    spec = dict(kind=kind, n=8)
+    want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec))
+    got, _ = _tokens(models[kind], "sparsemm", {"budget": 4096}, dict(spec))
+    assert max(lens) < 4096
+    assert got == want
+
+
+@pytest.mark.parametrize("kind, budget", [("llava", 96), ("llava-next", 96),
+                                          ("qwen2-vl", 48)])
+def test_eviction_matches_the_oracle(models, kind, budget):
+    """Selections equal the reference on vLLM's own queries/keys (exact), and
+    the fp32 HF oracle's (near-exact: vLLM runs fp16); tokens agree >= 16."""
+    from transformers import AutoProcessor
+
+    from vllm_sparsemm.testing import tiny
+    from vllm_sparsemm.testing.oracle import SparseMMOracle
+    from vllm_sparsemm.core.selection import kept_positions
+    prompt = _prompts(kind, 1)[0]
+    budget = {"budget": budget, "window": 16}
+    llm = _llm(models[kind], "sparsemm", budget)
+    state = _worker_state(llm)
+    state.recorded = {}
+    tokens, lens = _generate(llm, [prompt])
+    recorded = state.recorded
+    law = state.law
+    _close(llm)
+    (req_id, layers), = recorded.items()
+    for layer, (queries, keys, positions, counts) in layers.items():
+        want_pos, want_counts = kept_positions(queries, keys, law.caps[layer])
+        assert torch.equal(counts, want_counts)
+        assert torch.equal(positions, want_pos)
+
+    processor = AutoProcessor.from_pretrained(models[kind])
+    inputs = processor(images=prompt["multi_modal_data"]["image"],
+                       text=prompt["prompt"], return_tensors="pt")
+    assert inputs["input_ids"].shape[1] == lens[0]
+    model = {"llava": lambda: tiny.tiny_llava(seed=1, image_size=336, **TINY),
+             "llava-next": lambda: tiny.tiny_llava_next(seed=1, **TINY),
+             "qwen2-vl": lambda: tiny.tiny_qwen2_vl(seed=1, **dict(
+                 TINY, num_kv_heads=2))}[kind]()
+    oracle = SparseMMOracle(model, law.caps, budget["budget"],
+                            budget["window"])
+    result = oracle.generate(dict(inputs), MAX_TOKENS)
+    overlap = []
+    for layer, (positions, counts) in enumerate(result.kept):
+        vllm_pos = layers[layer][2]
+        for h in range(positions.shape[0]):
+            a = set(positions[h, :counts[h]].tolist())
+            b = set(vllm_pos[h, :counts[h]].tolist())
+            overlap.append(len(a & b) / len(a))
+    print(f"oracle kept-position overlap: min {min(overlap):.4f} "
+          f"mean {np.mean(overlap):.4f}; tokens {tokens[0]} vs {result.tokens}")
+    assert np.mean(overlap) >= 0.98
+    same = next((i for i, (a, b) in enumerate(zip(tokens[0], result.tokens))
+                 if a != b), len(result.tokens))
+    assert same >= 16, (tokens[0], result.tokens)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_prefix_caching_changes_no_token(models, kind):
+    """Repeated prompts, shared images and later turns of a conversation,
+    each sent after the last finished: greedy tokens with caching on equal
+    caching off, and the cache was hit (the debug net poisons what nobody
+    may read)."""
+    budget = {"budget": 48, "window": 16, "debug_poison": True}
+    spec = dict(conversation=kind)
+    off, lens, _ = _tokens(models[kind], "sparsemm", budget, dict(spec),
+                           sequential=True, enable_prefix_caching=False)
+    on, _, hits = _tokens(models[kind], "sparsemm", budget, dict(spec),
+                          sequential=True, enable_prefix_caching=True)
+    assert min(lens[:5]) > 48  # compressed
+    assert hits > 0
+    assert on == off
+
+
+def test_prefix_caching_without_eviction_gives_stocks_tokens(models):
+    """B >= N with caching on for both: sparsemm is stock attention."""
+    spec = dict(conversation="llava")
+    want, lens, _ = _tokens(models["llava"], "FLASH_ATTN", None, dict(spec),
+                            sequential=True, enable_prefix_caching=True)
+    got, _, hits = _tokens(models["llava"], "sparsemm", {"budget": 4096},
+                           dict(spec), sequential=True,
+                           enable_prefix_caching=True)
+    assert max(lens) < 4096 and hits > 0
+    assert got == want
+
+
+def test_same_output_alone_in_a_batch_and_chunked(models):
+    kind = "llava-small"
+    spec = dict(kind=kind, n=32, seed=5, text_len=120)
+    budget = {"budget": 48, "window": 16}
+    alone, lens = _tokens(models[kind], "sparsemm", budget, dict(spec, pick=[0]))
+    batch, _ = _tokens(models[kind], "sparsemm", budget, dict(spec))
+    assert lens[0] > 48  # compressed
+    assert batch[0] == alone[0]
+    for chunk in (64, 256, 2048):
+        chunked, _ = _tokens(models[kind], "sparsemm", budget,
+                             dict(spec, pick=list(range(8))),
+                             max_num_batched_tokens=chunk,
+                             enable_chunked_prefill=True)
+        assert chunked[0] == alone[0], f"chunk {chunk}"
+
+
+def test_blocks_match_the_plan_and_nothing_leaks(models):
+    """Aborts, forced preemption and NaN-poisoned released blocks."""
+    from vllm import SamplingParams
+
+    from vllm_sparsemm.engine import backend
+    kind = "llava-small"
+    prompts = _prompts(kind, 24, seed=7, text_len=150)
+    budget = {"budget": 48, "window": 16}
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+    want, _ = _tokens(models[kind], "sparsemm", budget,
+                      dict(kind=kind, n=24, seed=7, text_len=150), 40)
+
+    # few blocks and vLLM's optimistic admission (admission_reserve 0: the
+    # sparsemm gate would admit so that none is preempted): requests get
+    # preempted and recomputed; released blocks are NaN-filled, so any read
+    # of one would show in the outputs
+    # 4 layers x 4 heads x 16 tokens x 2 x 64 dims x 2 bytes = 64 KiB a block
+    llm = _llm(models[kind], "sparsemm",
+               dict(budget, debug_poison=True, admission_reserve=0),
+               kv_cache_memory_bytes=64 * 64 * 1024, max_model_len=1024,
+               max_num_seqs=24)
+    sched = _scheduler(llm)
+    pool = sched.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    engine = llm.llm_engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    law = _worker_state(llm).law
+    manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
+    done, checked, aborted, preempted = {}, 0, {"5", "17"}, set()
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        preempted |= {r.request_id.split("-")[0]
+                      for r in sched.requests.values() if r.num_preemptions}
+        steps += 1
+        if steps == 6:
+            engine.abort_request(list(aborted))
+        for request in sched.running:
+            held = sum(not b.is_null for b in
+                       manager.req_to_blocks[request.request_id])
+            processed = request.num_computed_tokens - request.num_in_flight_tokens
+            if (law.compresses(request.num_prompt_tokens)
+                    and processed > request.num_prompt_tokens):
+                blocks = manager.req_to_blocks[request.request_id]
+                if manager.prompt_released(request.request_id):
+                    # the block law's count, not the full prompt's
+                    assert held == law.compacted_blocks(
+                        request.num_prompt_tokens,
+                        request.num_computed_tokens -
+                        request.num_prompt_tokens)
+                    checked += 1
+                else:  # the prompt goes back at a later schedule()
+                    assert held == len(blocks)
+    print(f"steps {steps}, block checks {checked}, preempted {sorted(preempted)}")
+    assert checked > 0 and preempted
+    assert pool.get_num_free_blocks() == free_at_start
+    finished = {rid: tokens for rid, tokens in done.items()
+                if rid not in aborted}
+    assert len(finished) == len(prompts) - len(aborted)
+    for rid, tokens in finished.items():
+        assert len(tokens) == 40
+        # a recomputed request re-prefills its outputs with full attention,
+        # so only never-preempted requests must match the roomy run exactly
+        if rid not in preempted:
+            assert tokens == want[int(rid)], rid
+    _close(llm)
+
+
+def test_piecewise_graphs_give_eager_tokens(models):
+    """vLLM's compile mode with full_cuda_graphs off: the attention runs
+    eagerly between piecewise graphs, so tokens equal eager exactly."""
+    spec = dict(kind="llava-small", n=6, seed=9, text_len=100)
+    budget = {"budget": 48, "window": 16, "full_cuda_graphs": False}
+    eager, _ = _tokens(models["llava-small"], "sparsemm", budget, dict(spec))
+    compiled, _ = _tokens(models["llava-small"], "sparsemm", budget, dict(spec),
+                          enforce_eager=False)
+    assert compiled == eager
+
+
+def test_full_cuda_graphs_replay_decode_steps(models):
+    """``full_cuda_graphs`` (the default): uniform decode steps replay FULL graphs (the
+    layers' Python forward does not run), and tokens agree with eager. Only
+    the first 8 are required equal: under a graph FlashAttention sees
+    max_seqlen_k = max_model_len and may split the KV differently, which
+    changes the fp16 summation order, and tiny random models diverge after."""
+    spec = dict(kind="llava-small", n=6, seed=9, text_len=100)
+    budget = {"budget": 48, "window": 16}
+    eager, _ = _tokens(models["llava-small"], "sparsemm", budget, dict(spec))
+    full, _, calls = _tokens(models["llava-small"], "sparsemm", budget,
+                             dict(spec),
+                             enforce_eager=False, count_layer0_calls=True)
+    assert calls < MAX_TOKENS // 2  # prefill steps only, decode replayed
+    for want, got in zip(eager, full):
+        assert got[:8] == want[:8]
+
+
+
+def test_triton_decode_kernel_gives_flash_attn_tokens(models):
+    """``decode_kernel: "triton"`` (eager, and replayed in full graphs) against
+    FlashAttention, with eviction. Only the first 8 tokens are required equal:
+    the two kernels sum in different orders (fp16 rounding), and tiny random
+    models diverge after. FlashAttention is named, not left to the default,
+    so the test keeps its meaning with VLLM_SPARSEMM_DECODE_KERNEL set."""
+    spec = dict(kind="llava-small", n=6, seed=9, text_len=100)
+    budget = {"budget": 48, "window": 16}
+    want, _ = _tokens(models["llava-small"], "sparsemm",
+                      {**budget, "decode_kernel": "flash_attn"}, dict(spec))
+    for eager in (True, False):
+        got, _ = _tokens(models["llava-small"], "sparsemm",
+                         {**budget, "decode_kernel": "triton"}, dict(spec),
+                         enforce_eager=eager)
+        for a, b in zip(want, got):
+            assert b[:8] == a[:8]

@@ -1,0 +1,207 @@
+"""The plugin entry point and the vLLM patches, on CPU: registered once, active
+only when the sparsemm backend is chosen."""
+
+import types
+from importlib.metadata import entry_points
+
+import pytest
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+from vllm_sparsemm.engine import patches
+from vllm_sparsemm.engine.plugin import register
+
+
+def _config(backend, groups=1):
+    return types.SimpleNamespace(
+        attention_config=types.SimpleNamespace(backend=backend),
+        kv_transfer_config=None)
+
+
+def test_entry_point_is_installed():
+    names = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert names.get("sparsemm") == "vllm_sparsemm.engine.plugin:register"
+
+
+def test_register_is_idempotent_and_owns_custom():
+    register()
+    first = AttentionBackendEnum.CUSTOM.get_path()
+    register()
+    assert first == AttentionBackendEnum.CUSTOM.get_path() == (
+        "vllm_sparsemm.engine.backend.SparseMMBackend")
+
+
+def test_backend_name_alias():
+    from vllm.config.attention import AttentionConfig
+    register()
+    check = AttentionConfig.validate_backend_before
+    assert check("sparsemm") is AttentionBackendEnum.CUSTOM
+    assert check("SparseMM") is AttentionBackendEnum.CUSTOM
+    assert check("custom") is AttentionBackendEnum.CUSTOM
+    assert check("flash_attn") is AttentionBackendEnum.FLASH_ATTN
+    assert check("auto") is None
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        check("sparsem")
+
+
+def test_patches_only_act_for_sparsemm():
+    from vllm.v1.core import kv_cache_utils
+    register()
+    ours, theirs = (_config(AttentionBackendEnum.CUSTOM),
+                    _config(AttentionBackendEnum.FLASH_ATTN))
+    assert patches.is_sparsemm(ours) and not patches.is_sparsemm(theirs)
+    group = [types.SimpleNamespace(kv_cache_spec=object())]
+    assert kv_cache_utils._use_packed_kv_cache_config(ours, group)
+    assert not kv_cache_utils._use_packed_kv_cache_config(theirs, group)
+
+
+def test_v1_runner_is_chosen_for_sparsemm(monkeypatch):
+    from vllm.config import VllmConfig
+    register()
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    prop = VllmConfig.__dict__["use_v2_model_runner"]
+    assert prop.fget(_config(AttentionBackendEnum.CUSTOM)) is False
+    # an explicit user choice is left alone (the builder then explains)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert prop.fget(_config(AttentionBackendEnum.CUSTOM)) is True
+
+
+def _engine_config(**parallel):
+    return types.SimpleNamespace(
+        attention_config=types.SimpleNamespace(
+            backend=AttentionBackendEnum.CUSTOM),
+        cache_config=types.SimpleNamespace(enable_prefix_caching=True,
+                                           cache_dtype="auto", block_size=16),
+        speculative_config=None, kv_transfer_config=None,
+        parallel_config=types.SimpleNamespace(**{
+            "pipeline_parallel_size": 1, "tensor_parallel_size": 1,
+            "decode_context_parallel_size": 1,
+            "prefill_context_parallel_size": 1, "use_ubatching": False,
+            **parallel}),
+        model_config=None, additional_config={})
+
+
+def test_unsupported_features_are_refused_with_what_to_change():
+    register()
+    config = _engine_config(pipeline_parallel_size=2)
+    config.speculative_config = object()
+    config.cache_config.cache_dtype = "fp8"
+    with pytest.raises(ValueError, match=r"speculative decoding \(drop "
+                       r"--speculative-config\); pipeline parallelism \(use "
+                       r"--pipeline-parallel-size 1\); --kv-cache-dtype fp8"):
+        patches._prepare_engine_config(config)
+
+
+@pytest.mark.parametrize("parallel, words", [
+    ({"decode_context_parallel_size": 2}, "--decode-context-parallel-size 1"),
+    ({"prefill_context_parallel_size": 2},
+     "--prefill-context-parallel-size 1"),
+    ({"use_ubatching": True}, "drop --enable-dbo"),
+])
+def test_parallel_layouts_the_plan_cannot_serve_are_refused(parallel, words):
+    register()
+    with pytest.raises(ValueError, match=words):
+        patches._prepare_engine_config(_engine_config(**parallel))
+
+
+def test_tensor_parallelism_that_would_replicate_kv_heads_is_refused():
+    """Each rank must own whole KV heads (Hkv / tp): vLLM replicates heads
+    when tp does not divide them, which the block law cannot express."""
+    config = _engine_config(tensor_parallel_size=8)
+    config.model_config = types.SimpleNamespace(
+        get_total_num_kv_heads=lambda: 4)
+    assert "tensor parallelism 8 over 4 KV heads" in " ".join(
+        patches.unsupported_features(config))
+    config.parallel_config.tensor_parallel_size = 2
+    assert patches.unsupported_features(config) == []
+
+
+def test_prefix_caching_is_left_as_the_user_set_it():
+    register()
+    config = _engine_config()
+    patches._prepare_engine_config(config)
+    assert config.cache_config.enable_prefix_caching is True
+
+
+def _builder():
+    """A sparsemm builder that records what the runner hook hands it."""
+    from vllm_sparsemm.engine.backend import SparseMMMetadataBuilder
+    builder = object.__new__(SparseMMMetadataBuilder)
+    builder.handed = []
+    builder.hand_step = lambda rows, full_graph: builder.handed.append(
+        (rows, full_graph))
+    return builder
+
+
+def test_runner_hook_hands_the_builder_each_rows_request_and_progress(
+        monkeypatch):
+    """The metadata hook (GPU-only in the engine tests) reads vLLM's input
+    batch: request id, prompt length, computed and scheduled tokens per row,
+    and hands them to the engine's sparsemm builder."""
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sparsemm.engine import step_rows as worker_state
+    register()
+    builder = _builder()
+    batch = types.SimpleNamespace(
+        req_ids=["a", "b", "c"], num_prompt_tokens=np.array([90, 40, 7]),
+        num_computed_tokens_cpu=np.array([90, 32, 0]))
+    # the dispatch patch recorded the step's mode: FULL
+    runner = types.SimpleNamespace(
+        input_batch=batch, _sparsemm_step_full_graph=True,
+        attn_groups=[[types.SimpleNamespace(metadata_builders=[builder])]])
+    with pytest.raises(AttributeError):  # the real builder needs a real runner
+        GPUModelRunner._build_attention_metadata(
+            runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
+    (rows, full_graph), = builder.handed
+    assert full_graph
+    # the runner's arrays are copied: its next step's updates do not leak in
+    batch.num_computed_tokens_cpu[0] = 91
+    assert list(rows.computed) == [90, 32] and rows._rows is None
+    assert list(rows) == [worker_state.RowInfo("a", 90, 90, 1),
+                          worker_state.RowInfo("b", 40, 32, 8)]
+    assert all(type(v) is int for row in rows
+               for v in (row.prompt_len, row.computed, row.scheduled))
+
+
+def test_runner_hooks_leave_engines_of_other_backends_alone():
+    """Installed, the plugin builds no rows for an engine whose builders are
+    not sparsemm's: the original method runs on its own."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    register()
+    other = types.SimpleNamespace(metadata_builders=[object()])
+    runner = types.SimpleNamespace(attn_groups=[[other]])  # no input_batch
+    with pytest.raises(AttributeError) as error:
+        GPUModelRunner._build_attention_metadata(
+            runner, 10, 2, 8, num_scheduled_tokens={"a": 1, "b": 8})
+    assert "input_batch" not in str(error.value)  # the hook never read it
+    assert patches.sparsemm_builders(runner) == []
+
+
+def test_the_hook_reaches_the_builders_vllm_rebuilt():
+    """vLLM profiles CUDA-graph memory with a throwaway KV cache and set of
+    builders, clears them and builds the serving ones: rows must reach the
+    live builder, never one kept from the first set."""
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    register()
+    batch = types.SimpleNamespace(req_ids=["a"],
+                                  num_prompt_tokens=np.array([90]),
+                                  num_computed_tokens_cpu=np.array([0]))
+    profiling, serving = _builder(), _builder()
+    runner = types.SimpleNamespace(
+        input_batch=batch, attn_groups=[[types.SimpleNamespace(
+            metadata_builders=[profiling])]])
+
+    def step():
+        with pytest.raises(AttributeError):  # past the hook: a real runner
+            GPUModelRunner._build_attention_metadata(
+                runner, 4, 1, 4, num_scheduled_tokens={"a": 4})
+
+    step()
+    runner.attn_groups.clear()  # vLLM's _cleanup_profiling_kv_cache
+    runner.attn_groups.append([types.SimpleNamespace(
+        metadata_builders=[serving])])
+    step()
+    assert len(profiling.handed) == 1 and len(serving.handed) == 1
+    assert list(serving.handed[0][0].req_ids) == ["a"]

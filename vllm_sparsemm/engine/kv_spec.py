@@ -1,0 +1,423 @@
+"""Scheduler side: the KV-cache spec every sparsemm layer reports, and its block manager.
+
+The manager runs in EngineCore. It gives a request the standard blocks while
+it prefills, adds the compacted blocks when the step that completes the prompt
+is scheduled, and hands the prompt's blocks back once that step has been
+processed (the precedent is vLLM's ``RSWAManager``); from then on the list
+grows by :class:`~vllm_sparsemm.core.block_law.BlockLaw`. Compaction copies out of
+place, so full prompt blocks are cached as stock vLLM caches them and stay
+prefix-cache hits after they are handed back; compacted blocks never are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_sparsemm.engine import metrics
+from vllm_sparsemm.core.admission import AdmissionPacer, FutureRow, future_peak
+from vllm_sparsemm.core.block_law import BlockLaw, LawBook
+from vllm_sparsemm.core.budget import BudgetPlan
+from vllm_sparsemm.core.pages import cdiv
+
+_BOOKS: dict[tuple, LawBook] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseMMSpec(FullAttentionSpec):
+    """A full-attention layer whose requests are compressed by ``plan`` after prefill."""
+    plan: BudgetPlan
+    tp_size: int = 1
+    # steps ahead the admission gate keeps the pool from running out (-1:
+    # until every request finishes; 0: vLLM's optimistic admission)
+    admission_reserve: int = 256
+    admission_pacing: bool = True  # admission.AdmissionPacer
+    # vLLM's async scheduling processes a step's output one step later, so
+    # a compaction's prompt blocks go back one step later too
+    async_scheduling: bool = False
+
+    def book(self) -> LawBook:
+        """The block laws of this spec's budgets (one book per plan, block
+        size and TP size, shared by the scheduler and the workers)."""
+        key = (self.plan, self.block_size, self.tp_size)
+        if key not in _BOOKS:
+            _BOOKS[key] = LawBook(self.plan, self.block_size, self.tp_size)
+        return _BOOKS[key]
+
+    def law(self) -> BlockLaw:
+        """The law of the server's default budget."""
+        return self.book().default
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        # The workers' block-table rows. A list is the prompt's entries and
+        # the compacted blocks, and compacted blocks never outnumber the
+        # full cache's (tests/test_properties.py), so whatever budget a
+        # request picks it stays within twice vLLM's cdiv(max_len, bs).
+        return 2 * cdiv(max_len, self.block_size)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # What one request of max_model_len holds at most: its prompt and
+        # its compacted blocks at the compaction step. vLLM refuses to start
+        # unless this fits, and divides the pool by it for the "maximum
+        # concurrency" it logs (not by the block-table width, which counts
+        # the released entries too).
+        law = self.law()
+        max_len = vllm_config.model_config.max_model_len
+        blocks = cdiv(max_len, self.block_size)
+        if law.compresses(max_len):
+            blocks += law.compacted_blocks(max_len, 0)
+        return blocks * self.page_size_bytes
+
+    @classmethod
+    def merge(cls, specs: list["SparseMMSpec"]) -> "SparseMMSpec":
+        # FullAttentionSpec.merge rebuilds the base class fields only.
+        extra = ("plan", "tp_size", "admission_reserve", "admission_pacing",
+                 "async_scheduling")
+        values = {tuple(getattr(spec, name) for name in extra)
+                  for spec in specs}
+        assert all(isinstance(s, SparseMMSpec) for s in specs) and len(
+            values) == 1, "all sparsemm layers of a KV group must share one plan"
+        base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
+        fields = {f: getattr(base, f) for f in base.__dataclass_fields__}
+        return cls(**fields, **dict(zip(extra, values.pop())))
+
+
+@dataclass
+class _Tracked:
+    """What the manager knows of one request (vLLM passes managers ids only)."""
+    prompt_len: int
+    limit: int  # prompt + max_tokens, capped at max_model_len
+    law: BlockLaw | None  # its budget's; None: not compressed
+    tokens: int = 0  # tokens with a slot
+    chunk: int = 0  # tokens its last allocation added
+    end: int | None = None  # E, once the compaction step is scheduled
+    end_step: int = 0  # the scheduler step that scheduled it
+    released: bool = False  # the prompt's entries went back to the pool
+    # its share of SparseMMManager's bound on what everyone can hold: the
+    # blocks at its limit, and its whole prompt until that goes back
+    final: int = 0
+    whole: int = 0
+
+
+class SparseMMManager(FullAttentionManager):
+    """Block lists of compressed requests (see ``block_law`` for the layout),
+    prefix-cache hits that leave the observation window to be recomputed,
+    and an admission gate fitted to their life (``admission.py``): a request
+    is admitted only if no step within ``admission_reserve`` steps would run
+    out of blocks with every request running to its limit, and compressed
+    requests start no faster than the pool can sustain
+    (``admission_pacing``). Both stand aside while every request at its
+    most, and the candidate, fit in half the pool: then neither could help,
+    and a wait would only add to time-to-first-token.
+    """
+
+    # hits end on block boundaries: the window rule is per block
+    supports_fine_grained_hash_lookup = False
+
+    def __init__(self, kv_cache_spec: SparseMMSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.book = kv_cache_spec.book()
+        self.law = self.book.default  # the server's default budget's
+        self.window = kv_cache_spec.plan.window
+        self.admission_horizon = kv_cache_spec.admission_reserve  # steps
+        self.release_lag = 2 if kv_cache_spec.async_scheduling else 1
+        self.pacer = AdmissionPacer(
+            self.book, self.block_pool.num_gpu_blocks - 1
+        ) if kv_cache_spec.admission_pacing else None
+        self._paced: str | None = None  # the request the pacer let in last
+        self._requests: dict[str, _Tracked] = {}
+        self._step = 0
+        self._hit_limit: int | None = None  # set by begin_lookup
+        # this step's gate rows of running requests, once the first
+        # admission of the step built them, and the requests whose row may
+        # have changed since (only kept while rows are)
+        self._step_rows: dict[str, FutureRow] | None = None
+        self._stale: set[str] = set()
+        # what every request holding blocks could hold at once at most
+        # (_Tracked.final + whole): while a candidate fits beside it in half
+        # the pool, the pool cannot run short even if all of them grow and
+        # finish together, so the gate and the pacer stand aside (no tax
+        # where compression cannot pay)
+        self._bound = 0
+
+    # -- what vLLM does not pass to managers (patches.py) ---------------------
+
+    def note_request(self, request_id: str, prompt_len: int, limit: int,
+                     budget: int | None = None) -> None:
+        """Prompt length, the most tokens ``request_id`` can reach and its
+        own budget (None: the server's; 0: none), before its first lookup or
+        allocation."""
+        if request_id not in self._requests:
+            self._requests[request_id] = _Tracked(prompt_len, limit,
+                                                  self.book.law(budget))
+            self._touch(request_id)
+
+    def is_noted(self, request_id: str) -> bool:
+        """Whether ``note_request`` ran for this request since it was last freed."""
+        return request_id in self._requests
+
+    def note_finished(self, request_id: str, num_output_tokens: int) -> None:
+        """``request_id`` ran to its end (not preempted or aborted): the
+        pacer's mean life."""
+        if self.pacer is not None:
+            self.pacer.finished(num_output_tokens)
+
+    def begin_lookup(self, request_id: str) -> None:
+        """The next prefix-cache lookup is for ``request_id`` (noted): a
+        compressed prompt's last ``window`` tokens must be computed in this
+        request, since their queries choose what every head keeps."""
+        tracked = self._requests[request_id]
+        self._hit_limit = (tracked.prompt_len - self.window
+                           if _compresses(tracked) else None)
+
+    # -- vLLM's manager interface ---------------------------------------------
+
+    def find_longest_cache_hit(self, block_hashes, max_length: int, *args,
+                               **kwargs):
+        limit, self._hit_limit = self._hit_limit, None
+        if limit is not None:
+            max_length = max(0, min(max_length, limit))
+        return FullAttentionManager.find_longest_cache_hit.__func__(
+            type(self), block_hashes, max_length, *args, **kwargs)
+
+    def remove_skipped_blocks(self, request_id: str,
+                              processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        # vLLM calls this first in every allocate_slots, with the processed
+        # tokens: the prompt goes back once the compaction step is processed
+        tracked = self._requests.get(request_id)
+        if (tracked is None or tracked.end is None or tracked.released
+                or processed_computed_tokens < tracked.end):
+            return
+        self._remove_blocks_in_range(request_id, 0,
+                                     tracked.law.prompt_entries(tracked.end))
+        tracked.released = True
+        _count_compaction(tracked)
+        self._bound -= tracked.whole
+        tracked.whole = 0
+        self._touch(request_id)
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens,
+                                   new_computed_blocks, total_computed_tokens,
+                                   num_local_computed_tokens,
+                                   num_tokens_main_model,
+                                   apply_admission_cap=False) -> int:
+        blocks = super().get_num_blocks_to_allocate(
+            request_id, self._slot_tokens(request_id, num_tokens),
+            new_computed_blocks, total_computed_tokens,
+            num_local_computed_tokens, num_tokens_main_model,
+            apply_admission_cap)
+        # vLLM's full-sequence admission gate; a prompt that does not fit on
+        # its own is refused anyway, so skip the reserve's walk over requests
+        if apply_admission_cap and blocks <= self.block_pool.get_num_free_blocks():
+            blocks += self.admission_reserve(request_id, num_tokens)
+        return blocks
+
+    def allocate_new_blocks(self, request_id, num_tokens,
+                            num_tokens_main_model):
+        tracked = self._requests.get(request_id)
+        if tracked is not None:
+            if request_id == self._paced:
+                self.pacer.started(tracked.law, tracked.prompt_len)
+                self._paced = None
+            if tracked.final == 0:  # its first blocks
+                tracked.final, tracked.whole = self._most_blocks(
+                    tracked, num_tokens)
+                self._bound += tracked.final + tracked.whole
+            if (tracked.end is None and num_tokens >= tracked.prompt_len
+                    and _compresses(tracked)):
+                tracked.end, tracked.end_step = num_tokens, self._step
+            tracked.chunk = num_tokens - tracked.tokens
+            tracked.tokens = num_tokens
+            self._touch(request_id)
+        return super().allocate_new_blocks(
+            request_id, self._slot_tokens(request_id, num_tokens),
+            num_tokens_main_model)
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        # Only the standard layout is shareable: a compressed request's full
+        # prompt blocks, never its compacted entries or what follows them.
+        tracked = self._requests.get(request.request_id)
+        if tracked is not None and _compresses(tracked):
+            num_tokens = min(num_tokens, request.num_prompt_tokens)
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        tracked = self._requests.pop(request_id, None)
+        if tracked is not None:
+            self._bound -= tracked.final + tracked.whole
+        self._touch(request_id)
+        if not self._requests:  # idle: show it without waiting for a step
+            self._report(force=True)
+
+    def new_step_starts(self) -> None:
+        super().new_step_starts()
+        self._step += 1
+        self._step_rows = None
+        self._stale.clear()
+        if self.pacer is not None:
+            self.pacer.new_step()
+        self._report()
+
+    def _report(self, force: bool = False) -> None:
+        """The blocks compressed requests hold, against their full cache,
+        for ``/metrics`` (at most once a second)."""
+        writer = metrics.writer()
+        if writer is None or not (force or writer.due()):
+            return
+        held = full = 0
+        for rid, tracked in self._requests.items():
+            if tracked.released:
+                held += self._held_blocks(rid)
+                full += cdiv(tracked.tokens, self.block_size)
+        writer.blocks_held.set(held)
+        writer.blocks_full.set(full)
+        writer.dump(force)
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0  # cascade attention would read compacted blocks as a prefix
+
+    # -- the block law in vLLM's arithmetic -----------------------------------
+
+    def _slot_tokens(self, request_id: str, num_tokens: int) -> int:
+        """``num_tokens`` for the standard arithmetic (``cdiv(n, bs)``
+        entries) that yields the law's list length."""
+        tracked = self._requests.get(request_id)
+        if (tracked is None or num_tokens < tracked.prompt_len
+                or not _compresses(tracked)):
+            return num_tokens
+        end = tracked.end if tracked.end is not None else num_tokens
+        return tracked.law.list_length(tracked.prompt_len, end,
+                                       num_tokens) * self.block_size
+
+    def prompt_released(self, request_id: str) -> bool:
+        """Whether a compacted request's prompt blocks went back to the pool."""
+        tracked = self._requests.get(request_id)
+        return tracked is not None and tracked.released
+
+    def _held_blocks(self, request_id: str) -> int:
+        """Real blocks held (released entries of the list are null blocks)."""
+        held = len(self.req_to_blocks.get(request_id, ()))
+        tracked = self._requests.get(request_id)
+        if tracked is not None and tracked.released:
+            held -= tracked.law.prompt_entries(tracked.end)
+        return held
+
+    # -- admission --------------------------------------------------------------
+
+    def _touch(self, request_id: str) -> None:
+        if self._step_rows is not None:
+            self._stale.add(request_id)
+
+    def _most_blocks(self, tracked: _Tracked,
+                     tokens: int) -> tuple[int, int]:
+        """(blocks at its limit, whole prompt held until compaction) of a
+        request: together, the most it ever holds."""
+        if not _compresses(tracked):
+            return cdiv(tracked.limit, self.block_size), 0
+        return (tracked.law.compacted_blocks(tracked.prompt_len,
+                                             tracked.limit -
+                                             tracked.prompt_len),
+                cdiv(max(tokens, tracked.prompt_len), self.block_size))
+
+    def admission_reserve(self, request_id: str, num_tokens: int) -> int:
+        """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
+        admitting ``request_id``; more than are free while the pacer says
+        not yet (class docstring)."""
+        if self.admission_horizon == 0 or not self.req_to_blocks:
+            return 0  # with nothing running, never hold a request back
+        tracked = self._requests.get(request_id) or _Tracked(
+            num_tokens, num_tokens + 1, self.law)
+        if 2 * (self._bound + sum(self._most_blocks(tracked, num_tokens))
+                ) <= self.block_pool.num_gpu_blocks - 1:
+            return 0  # all at their most fit twice over: no gate, no pace
+        if self.pacer is not None and num_tokens <= tracked.prompt_len:
+            if not self.pacer.allows(tracked.law, tracked.prompt_len,
+                                     tracked.limit - tracked.prompt_len):
+                return self.block_pool.get_num_free_blocks() + 1
+            self._paced = request_id
+        rows = self._future_rows(request_id, tracked, num_tokens)
+        peak = future_peak(rows, self.book, self.admission_horizon)
+        held = sum(row.held for row in rows)
+        return max(0, peak - held - cdiv(num_tokens, self.block_size))
+
+    def _future_rows(self, request_id: str, candidate: _Tracked,
+                     num_tokens: int) -> list[FutureRow]:
+        """``admission.future_peak``'s rows: every request holding blocks,
+        then the candidate ``request_id`` asking for ``num_tokens`` slots.
+
+        A step may admit several requests, each asking over every running
+        one, so the running requests' rows are built at the first admission
+        of a step and kept; later ones rebuild only the rows of requests
+        whose blocks or progress changed since (``_stale``)."""
+        rows = self._step_rows
+        if rows is None:
+            rows = self._step_rows = {
+                rid: self._running_row(rid, tracked)
+                for rid, tracked in self._requests.items()
+                if rid in self.req_to_blocks}
+        else:
+            for rid in self._stale:
+                tracked = self._requests.get(rid)
+                if tracked is None or rid not in self.req_to_blocks:
+                    rows.pop(rid, None)
+                else:
+                    rows[rid] = self._running_row(rid, tracked)
+        self._stale.clear()
+        return [row for rid, row in rows.items()
+                if rid != request_id] + [
+                    self._candidate_row(candidate, num_tokens)]
+
+    def _candidate_row(self, tracked: _Tracked, num_tokens: int) -> FutureRow:
+        """The row of a request asking to start with ``num_tokens`` slots."""
+        prompt_len = tracked.prompt_len
+        steps = cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1))
+        whole = (cdiv(max(num_tokens, prompt_len), self.block_size)
+                 if _compresses(tracked) else 0)
+        return FutureRow(prompt_len, num_tokens, tracked.limit, steps, whole,
+                         0, steps + self.release_lag, _budget(tracked))
+
+    def _running_row(self, rid: str, tracked: _Tracked) -> FutureRow:
+        """One running request's row of ``_future_rows`` (plain lookups)."""
+        prompt_len, tokens = tracked.prompt_len, tracked.tokens
+        steps = (cdiv(prompt_len - tokens, max(tracked.chunk, 1))
+                 if tokens < prompt_len else 0)
+        whole, release = 0, 0
+        if _compresses(tracked) and not tracked.released:
+            if tracked.end is None:  # still prefilling
+                whole = cdiv(max(tokens, prompt_len), self.block_size)
+                release = steps + self.release_lag
+            else:  # the compaction step is scheduled: back when processed
+                whole = tracked.law.prompt_entries(tracked.end)
+                release = max(1, tracked.end_step + self.release_lag -
+                              self._step)
+        return FutureRow(prompt_len, tokens, tracked.limit, steps, whole,
+                         self._held_blocks(rid), release, _budget(tracked))
+
+
+def _count_compaction(tracked: _Tracked) -> None:
+    """A compaction's prompt went back: the ``/metrics`` counters."""
+    writer = metrics.writer()
+    if writer is None:
+        return
+    law, prompt_len, end = tracked.law, tracked.prompt_len, tracked.end
+    writer.requests_compressed.inc()
+    writer.blocks_freed.inc(law.prompt_entries(end) -
+                            law.compacted_blocks(prompt_len, end - prompt_len))
+    writer.prompt_tokens_kept.inc(float(law.kept(prompt_len).double().mean()))
+    writer.prompt_tokens_full.inc(prompt_len)
+
+
+def _compresses(tracked: _Tracked) -> bool:
+    """Whether this request's prompt is compressed (by its own budget)."""
+    return tracked.law is not None and tracked.law.compresses(
+        tracked.prompt_len)
+
+
+def _budget(tracked: _Tracked) -> int:
+    """The budget ``FutureRow`` names a request's law by (0: none)."""
+    return 0 if tracked.law is None else tracked.law.plan.budget

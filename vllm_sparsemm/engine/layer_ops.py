@@ -1,0 +1,301 @@
+"""What one attention layer does for sparsemm in one step.
+
+In step order: write the new tokens' K/V (standard slots, or each compressed
+head's own page), collect observation-window queries, select what each head
+keeps once the prompt is complete, and in the last layer compact every
+finished prompt. The attention itself lives in ``backend.py``; the pieces here
+are device-agnostic torch, so the CPU tests run them as they are (on a GPU the
+compressed K/V write and the compaction move take their kernels, whose tests
+compare them with these references).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+
+from vllm_sparsemm.kernels import triton_ops
+from vllm_sparsemm.kernels.kv_ops import copy_rows, write_rows
+from vllm_sparsemm.core.pages import (RequestLayout, cdiv, compaction_rows,
+                                     page_slot, prompt_rows)
+from vllm_sparsemm.core.selection import (select_kept, streamed_window_scores,
+                                     window_scores)
+
+logger = init_logger("vllm.sparsemm.layers")
+from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows, StepPlan)
+from vllm_sparsemm.engine.worker_state import WorkerKVState
+
+
+def compressed_page(cr: CompressedRows, state: WorkerKVState, req, head,
+                    index, used=None) -> torch.Tensor:
+    """Page id holding token ``index`` of local head ``head`` of compressed row ``req``.
+
+    ``head`` is the flat index ``layer * Hkv + kv_head``; all arguments
+    broadcast. Slots as ``PagePlan.slots``; entries map to the runner's block
+    row as ``block_law`` lays it out (owned = list[n_c:]). ``used`` masks
+    the pages that exist (the others read column 0 and must be dropped).
+    """
+    pages_per_block = state.space.pages_per_block
+    slot = page_slot(cr.prefix_pages[req, head], cr.prefix_start[req, head],
+                     cr.decode_base[req, head], pages_per_block,
+                     index // state.block_size)
+    column = cr.prompt_entries[req, 0] + slot // pages_per_block
+    column = checked_columns(column, cr.block_rows.shape[1], used,
+                             state.debug_checks)
+    block = cr.block_rows[req, column].long()
+    return block * pages_per_block + slot % pages_per_block
+
+
+def checked_columns(column: torch.Tensor, width: int, used, debug: bool
+                    ) -> torch.Tensor:
+    """``column`` where ``used``, else 0; a used column past the block-table
+    row is a broken block law, never clamped: an error on the CPU, and on
+    the GPU in debug runs (an asynchronous device assert, no sync)."""
+    if used is not None:
+        column = torch.where(used, column, 0)
+    inside = column < width
+    if column.device.type == "cpu":
+        if not bool(inside.all()):
+            raise RuntimeError(f"sparsemm: a page lies past the {width} "
+                               f"block-table columns")
+    elif debug:
+        torch._assert_async(inside.all(),
+                            "sparsemm: a page lies past the block-table row")
+    return column
+
+
+def prepare_compressed(cr: CompressedRows, state: WorkerKVState) -> None:
+    """Once per step, for every layer at once: where each new token of each
+    head goes (``cr.write_rows [L, Tc * Hkv]``) and how many keys each (row,
+    KV head) attends to (``cr.lengths [L, R * Hkv]``, int32), so a layer only
+    slices them."""
+    layers, heads = state.num_layers, state.num_kv_heads
+    flat = torch.arange(layers * heads, device=cr.counts.device)[None, :]
+    req = cr.token_req[:, None]
+    index = cr.counts[req, flat] + cr.token_offset[:, None]  # [Tc, F]
+    page = compressed_page(cr, state, req, flat, index)
+    rows = page * state.block_size + index % state.block_size
+    cr.write_rows = rows.view(-1, layers, heads).transpose(0, 1).reshape(
+        layers, -1)
+    lengths = cr.counts + cr.seq_offset[:, None]  # [R, F]
+    cr.lengths = lengths.view(-1, layers, heads).transpose(0, 1).reshape(
+        layers, -1).to(torch.int32)
+
+
+def compressed_page_table(cr: CompressedRows, state: WorkerKVState,
+                          layer: int) -> torch.Tensor:
+    """Page ids ``[R * Hkv, width]`` (int32) of every (row, KV head) sequence; 0 where unused.
+
+    The PyTorch reference of ``triton_ops.page_table``; ``width`` is a
+    host-side bound on any head's pages (no sync).
+    """
+    device = cr.counts.device
+    lengths = cr.lengths[layer].view(-1, state.num_kv_heads).long()
+    num_pages = cdiv(lengths, state.block_size)  # [R, H]
+    width = page_table_width(cr, state)
+    req = torch.arange(len(cr.rows), device=device)[:, None, None]
+    head = (layer * state.num_kv_heads +
+            torch.arange(state.num_kv_heads, device=device))[None, :, None]
+    page = torch.arange(width, device=device)[None, None, :]
+    used = page < num_pages[..., None]
+    table = compressed_page(cr, state, req, head, page * state.block_size,
+                            used)
+    table = torch.where(used, table, 0)
+    return table.reshape(-1, width).to(torch.int32)
+
+
+def page_table_width(cr: CompressedRows, state: WorkerKVState) -> int:
+    return max(cdiv(cr.max_length, state.block_size), 1)
+
+
+def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
+                     key: torch.Tensor, value: torch.Tensor) -> None:
+    """Append the compressed rows' new tokens to each head's own pages
+    (one Triton launch on the GPU; the reference below on the CPU)."""
+    if key.is_cuda and triton_ops.AVAILABLE:
+        triton_ops.write_kv(state.rows, cr.write_rows[layer], key, value,
+                            None if cr.leading else cr.tokens)
+        return
+    if cr.leading:
+        kv = torch.cat([key[:len(cr.rows)], value[:len(cr.rows)]], dim=-1)
+    else:
+        kv = torch.cat([key[cr.tokens], value[cr.tokens]], dim=-1)
+    write_rows(state.rows, cr.write_rows[layer], kv.flatten(0, 1))
+
+
+def write_standard_reference(state: WorkerKVState, layer: int,
+                             key: torch.Tensor, value: torch.Tensor,
+                             slots: torch.Tensor) -> None:
+    """PyTorch stand-in for vLLM's ``reshape_and_cache_flash`` (CPU tests)."""
+    valid = slots >= 0
+    slot = slots[valid]
+    block, offset = slot // state.block_size, slot % state.block_size
+    heads = torch.arange(state.num_kv_heads, device=key.device)
+    page = state.space.page_id(layer, block[:, None], heads[None, :])
+    rows = page * state.block_size + offset[:, None]
+    kv = torch.cat([key[:slots.shape[0]][valid], value[:slots.shape[0]][valid]],
+                   dim=-1)
+    write_rows(state.rows, rows.flatten(), kv.flatten(0, 1))
+
+
+def collect_window_queries(plan: StepPlan, layer: int,
+                           query: torch.Tensor) -> None:
+    """Buffer this step's queries that fall in a prompt's observation window."""
+    for i, req in plan.window_rows:
+        start, end = plan.query_start[i], plan.query_start[i + 1]
+        req.window(layer, plan.state.window).add(plan.rows[i].computed,
+                                                 query[start:end])
+
+
+def select_layer(plan: StepPlan, layer: int,
+                 block_table: torch.Tensor) -> None:
+    """Pick what each head of ``layer`` keeps, for every prompt completed this step.
+
+    Runs in each layer once its keys are in the cache, so a layer's window
+    queries are dropped as soon as it has selected: only queries of prompts
+    whose window a chunk boundary split wait across steps. Requests of one
+    prompt length are scored and selected together, at most
+    SELECTION_TOKENS prompt tokens at a time; a longer prompt is scored
+    alone, its keys SELECTION_TOKENS at a time
+    (``selection.streamed_window_scores``), so the scratch is bounded
+    whatever the prompt length.
+    """
+    state = plan.state
+    num_heads = state.num_kv_heads
+    head_dim = state.pages.shape[-1] // 2
+    device = block_table.device
+    heads = torch.arange(num_heads, device=device)
+    for group in plan.selection_groups:
+        n, prompt_len, law = len(group.members), group.prompt_len, group.law
+        caps = state.caps(law, device)[layer]  # [Hkv]
+        width = _kept_width(state, law, prompt_len)
+        if group.positions is None:  # [n, L, Hkv, width]: every layer's
+            group.positions = torch.empty(
+                (n, state.num_layers, num_heads, width), dtype=torch.int64,
+                device=device)
+        blocks = block_table[group.index].long()  # [n, columns]
+        chunk = max(1, SELECTION_TOKENS // prompt_len)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            queries = torch.stack([req.windows.pop(layer).ready().queries
+                                   for _, req in group.members[lo:hi]])
+
+            def keys(first, last):  # [hi - lo, last - first, Hkv, D]: K only
+                positions = torch.arange(first, last, device=device)[:, None]
+                rows = prompt_rows(state.space, blocks[lo:hi], layer, heads,
+                                   positions)
+                return state.rows[:, :head_dim][rows]
+
+            if prompt_len <= SELECTION_TOKENS:
+                scores = window_scores(queries, keys(0, prompt_len),
+                                       state.law.plan.pool_kernel)
+            else:
+                scores = streamed_window_scores(
+                    queries, keys, prompt_len, state.law.plan.pool_kernel,
+                    SELECTION_TOKENS)
+            kept, counts = select_kept(scores.flatten(0, 1),
+                                       caps.repeat(hi - lo), state.window,
+                                       max_count=width)
+            group.positions[lo:hi, layer] = kept.view(hi - lo, num_heads,
+                                                      width)
+            counts = counts.view(hi - lo, num_heads)
+            if device.type != "cuda":  # CPU: check against the block law
+                want = law.kept(prompt_len)[layer, state.rank *
+                                            num_heads:][:num_heads]
+                assert bool((counts == want).all()), (
+                    "sparsemm: selection and block law disagree")
+            if state.recorded is not None:  # tests: each layer's selection
+                for j, (i, _) in enumerate(group.members[lo:hi]):
+                    state.recorded.setdefault(plan.rows[i].req_id, {})[
+                        layer] = (queries[j].cpu(),
+                                  keys(0, prompt_len)[j].cpu(),
+                                  group.positions[lo + j, layer].cpu(),
+                                  counts[j].cpu())
+
+
+def _kept_width(state: WorkerKVState, law, prompt_len: int) -> int:
+    """Largest kept count of any head of this rank: ``min(cap, N - W) + W``."""
+    caps = state.caps(law)
+    return int(caps.clamp(max=prompt_len - state.window).max()) + state.window
+
+
+def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
+    """Copy every completed prompt's kept tokens into its compacted blocks.
+
+    Runs in the last layer, once every layer has read the standard layout.
+    Out of place: the kept tokens go to the ``K_c`` fresh entries after the
+    prompt's ``n_c`` (``block_law``), so the prompt blocks stay intact for
+    the prefix cache. Tokens after the prompt that this step also computed
+    (a preempted request re-prefilling its outputs) are kept by every head,
+    in decode order. Counts come from the block law on the host, so nothing
+    here waits for the device.
+    """
+    state = plan.state
+    device = block_table.device
+    lo = state.rank * state.num_kv_heads
+    for group in plan.selection_groups:
+        # [L, Hkv] kept prompt tokens per head, from the law, on the host
+        counts = group.law.kept(group.prompt_len)[
+            :, lo:lo + state.num_kv_heads]
+        # requests with the same appended tail share one plan: moved together
+        by_extra: dict[int, list[int]] = {}
+        for j, (i, req) in enumerate(group.members):
+            by_extra.setdefault(plan.rows[i].end - req.prompt_len, []).append(j)
+        for extra, members in by_extra.items():
+            if len(members) == len(group.members):
+                rows, positions = group.index, group.positions
+            else:
+                picked = torch.tensor(members, device=device)
+                rows, positions = group.index[picked], group.positions[picked]
+            _compact_requests(state, group.law, group.prompt_len, extra,
+                              [group.members[j][1] for j in members],
+                              block_table[rows].long(), positions, counts,
+                              device)
+
+
+def _compact_requests(state, law, prompt_len, extra, reqs, blocks, positions,
+                      counts, device):
+    """Compact requests of one prompt length and tail: ``blocks [n, columns]``,
+    ``positions [n, L, Hkv, width]``."""
+    if extra:  # re-prefilled outputs after a preemption: appended tokens
+        tail = torch.arange(prompt_len, prompt_len + extra, device=device)
+        positions = _append_positions(positions, counts, tail)
+    prompt = law.prompt_entries(prompt_len + extra)
+    fresh = blocks[:, prompt:prompt + law.compacted_blocks(prompt_len, extra)]
+    plan, tables = state.page_plan(counts, device)
+    if fresh.shape[1] < plan.num_blocks(extra):
+        raise RuntimeError(f"sparsemm: {fresh.shape[1]} compacted blocks in "
+                           f"a block-table row of {blocks.shape[1]} for a "
+                           f"plan of {plan.num_blocks(extra)}")
+    layout = RequestLayout(state.space, counts, 1, fresh, plan=plan)
+    src, dst = compaction_rows(  # counts from the plan: on the device
+        layout, blocks, positions,
+        layout.plan.counts.view(counts.shape) + extra,
+        total=int(counts.sum()) + extra * counts.numel())
+    if state.debug_poison:  # unwritten rows of the fresh blocks read as NaN
+        state.poison(fresh.flatten())
+    copy_rows(state.rows, src.flatten(), dst.flatten())
+    if state.debug_poison and not state.prompt_blocks_cached:
+        state.poison(blocks[:, :prompt].flatten())  # free, and not a cache
+    max_count = int(counts.max())
+    for req in reqs:
+        req.adopt(tables, prompt, max_count)
+    if not state.announced:  # operators see that compression runs
+        state.announced = True
+        logger.info("sparsemm: compressing prompts; the first, %d tokens, "
+                    "keeps %d blocks of its %d", prompt_len, fresh.shape[1],
+                    prompt)
+
+
+def _append_positions(positions, counts, tail):
+    """Put ``tail`` right after each head's ``counts`` kept positions
+    (``positions [..., L, Hkv, width]``)."""
+    width = positions.shape[-1]
+    device = positions.device
+    out = torch.full(positions.shape[:-1] + (width + len(tail), ), -1,
+                     dtype=positions.dtype, device=device)
+    out[..., :width] = positions
+    index = counts.to(device)[..., None] + torch.arange(len(tail), device=device)
+    index = index.expand(out.shape[:-1] + (len(tail), ))
+    out.scatter_(-1, index, tail.expand(index.shape).contiguous())
+    return out

@@ -1,0 +1,466 @@
+"""Every patch of vLLM 0.26.0 internals the plugin needs, in one place.
+
+Each patch names the vLLM function it replaces or wraps and why. All of them
+leave vLLM's behaviour unchanged unless the sparsemm backend is selected
+(``--attention-backend sparsemm`` or ``CUSTOM`` while this plugin owns CUSTOM).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.logger import init_logger
+
+logger = init_logger("vllm.sparsemm.patches")
+
+BACKEND_PATH = "vllm_sparsemm.engine.backend.SparseMMBackend"
+ALIAS = "sparsemm"
+
+
+def is_sparsemm(vllm_config) -> bool:
+    """Whether this engine config selects the sparsemm backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    attention = getattr(vllm_config, "attention_config", None)
+    return (attention is not None
+            and attention.backend == AttentionBackendEnum.CUSTOM
+            and AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH)
+
+
+_patched: set[tuple[int, str]] = set()
+
+
+def _wrap(owner, name, make):
+    """Replace ``owner.name`` with ``make(original)`` once per process."""
+    if (id(owner), name) in _patched:
+        return
+    original = owner.__dict__[name] if name in owner.__dict__ else getattr(
+        owner, name)
+    setattr(owner, name, make(original))
+    _patched.add((id(owner), name))
+
+
+def patch_backend_name() -> None:
+    """Replaces ``AttentionConfig.validate_backend_before``: vLLM 0.26.0 has no
+    public way to add a backend name, so map "sparsemm" onto the CUSTOM slot.
+    (Covers ``--attention-backend`` and ``LLM(attention_backend=...)``.)"""
+    from vllm.config.attention import AttentionConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    def make(original):
+        func = original.__func__
+
+        @functools.wraps(func)
+        def validate_backend_before(cls, value):
+            if isinstance(value, str) and value.lower() == ALIAS:
+                return AttentionBackendEnum.CUSTOM
+            return func(cls, value)
+
+        return classmethod(validate_backend_before)
+
+    _wrap(AttentionConfig, "validate_backend_before", make)
+
+
+def patch_engine_config() -> None:
+    """Wraps ``VllmConfig.__post_init__``: when sparsemm is selected, validate
+    the settings and score file up front and refuse what the backend does not
+    handle, before any weight loads."""
+    from vllm.config import VllmConfig
+
+    def make(original):
+
+        @functools.wraps(original)
+        def __post_init__(self):
+            if is_sparsemm(self):
+                _prepare_engine_config(self)
+            original(self)
+
+        return __post_init__
+
+    _wrap(VllmConfig, "__post_init__", make)
+
+
+def _prepare_engine_config(vllm_config) -> None:
+    from vllm_sparsemm.engine.plan_setup import budget_plan, settings_for
+    cache = vllm_config.cache_config
+    unsupported = unsupported_features(vllm_config)
+    if unsupported:
+        raise ValueError("the sparsemm attention backend does not support "
+                         + "; ".join(unsupported))
+    if vllm_config.model_config is None:
+        return
+    settings = settings_for(vllm_config)
+    plan, source = budget_plan(vllm_config)
+    global _request_window
+    _request_window = settings.window
+    from vllm_sparsemm.engine import metrics
+    metrics.setup(metrics.model_label(vllm_config))
+    logger.info_once(
+        "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
+        "block_size=%s admission_reserve=%d admission_pacing=%s "
+        "full_cuda_graphs=%s decode_kernel=%s debug_poison=%s "
+        "prefix_caching=%s head_scores=%s", settings.budget, settings.window,
+        settings.ratio, settings.pool_kernel, cache.block_size,
+        settings.admission_reserve, settings.admission_pacing,
+        settings.full_cuda_graphs, settings.decode_kernel,
+        settings.debug_poison,
+        "on" if cache.enable_prefix_caching else "off", source)
+
+
+def unsupported_features(vllm_config) -> list[str]:
+    """What this engine config asks for that sparsemm cannot serve, each with
+    what to change."""
+    cache, parallel = vllm_config.cache_config, vllm_config.parallel_config
+    found = []
+    if vllm_config.speculative_config is not None:
+        found.append("speculative decoding (drop --speculative-config)")
+    if vllm_config.kv_transfer_config is not None:
+        found.append("KV connectors (drop --kv-transfer-config)")
+    if parallel.pipeline_parallel_size > 1:
+        found.append("pipeline parallelism (use --pipeline-parallel-size 1)")
+    if parallel.decode_context_parallel_size > 1:
+        found.append("decode context parallelism (use "
+                     "--decode-context-parallel-size 1)")
+    if parallel.prefill_context_parallel_size > 1:
+        found.append("prefill context parallelism (use "
+                     "--prefill-context-parallel-size 1)")
+    if parallel.use_ubatching:
+        found.append("dual-batch overlap / micro-batching (drop --enable-dbo "
+                     "and --ubatch-size)")
+    if str(cache.cache_dtype) not in ("auto", "float16", "bfloat16"):
+        found.append(f"--kv-cache-dtype {cache.cache_dtype} (use auto)")
+    model = vllm_config.model_config
+    tp = parallel.tensor_parallel_size
+    if model is not None and tp > 1:
+        kv_heads = model.get_total_num_kv_heads()
+        if kv_heads % tp:
+            found.append(f"tensor parallelism {tp} over {kv_heads} KV heads "
+                         f"(vLLM would replicate heads; use a "
+                         f"--tensor-parallel-size that divides {kv_heads})")
+    return found
+
+
+def patch_model_runner_choice() -> None:
+    """Replaces the ``VllmConfig.use_v2_model_runner`` property: sparsemm needs
+    the V1 runner (its metadata hook below), so the plugin picks V1 itself
+    unless the user forced a runner with VLLM_USE_V2_MODEL_RUNNER."""
+    import os
+
+    from vllm.config import VllmConfig
+
+    def make(original):
+
+        def use_v2_model_runner(self):
+            if (is_sparsemm(self)
+                    and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None):
+                return False
+            return original.fget(self)
+
+        return property(use_v2_model_runner)
+
+    _wrap(VllmConfig, "use_v2_model_runner", make)
+
+
+def patch_packed_kv_layout() -> None:
+    """Replaces ``vllm.v1.core.kv_cache_utils._use_packed_kv_cache_config``: put
+    every layer's KV in one block-major buffer ``[blocks, layers, ...]`` so any
+    layer's heads can use any page of a request's blocks (exact accounting)."""
+    from vllm.v1.core import kv_cache_utils
+
+    def make(original):
+
+        @functools.wraps(original)
+        def _use_packed_kv_cache_config(vllm_config, kv_cache_groups):
+            if is_sparsemm(vllm_config) and len(kv_cache_groups) == 1:
+                return True
+            return original(vllm_config, kv_cache_groups)
+
+        return _use_packed_kv_cache_config
+
+    _wrap(kv_cache_utils, "_use_packed_kv_cache_config", make)
+
+
+def patch_layer_spec() -> None:
+    """Wraps ``Attention.get_kv_cache_spec``: sparsemm layers report a
+    ``SparseMMSpec`` (full attention plus the budget plan), which selects the
+    scheduler-side manager that frees compacted blocks."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    def make(original):
+
+        @functools.wraps(original)
+        def get_kv_cache_spec(self, vllm_config):
+            spec = original(self, vllm_config)
+            if spec is None or not is_sparsemm(vllm_config):
+                return spec
+            from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+            from vllm_sparsemm.engine.kv_spec import SparseMMSpec
+            from vllm_sparsemm.engine.plan_setup import budget_plan, settings_for
+            if type(spec) is not FullAttentionSpec:
+                raise ValueError(f"sparsemm supports full-attention layers "
+                                 f"only, not {type(spec).__name__}")
+            fields = {f: getattr(spec, f)
+                      for f in spec.__dataclass_fields__}
+            settings = settings_for(vllm_config)
+            return SparseMMSpec(
+                **fields, plan=budget_plan(vllm_config)[0],
+                tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                admission_reserve=settings.admission_reserve,
+                admission_pacing=settings.admission_pacing,
+                async_scheduling=bool(
+                    vllm_config.scheduler_config.async_scheduling))
+
+        return get_kv_cache_spec
+
+    _wrap(Attention, "get_kv_cache_spec", make)
+
+
+def sparsemm_builders(runner) -> list:
+    """This runner's live sparsemm metadata builders (none when its engine
+    runs another backend). Looked up at every call, never kept: vLLM builds
+    a throwaway set while it profiles CUDA-graph memory, then clears it and
+    builds the builders that serve."""
+    from vllm_sparsemm.engine.backend import SparseMMMetadataBuilder
+    return [builder for groups in getattr(runner, "attn_groups", ())
+            for group in groups for builder in group.metadata_builders
+            if isinstance(builder, SparseMMMetadataBuilder)]
+
+
+def _budget_of(runner, req_id: str):
+    """A request's own ``sparsemm_budget``, from the runner's copy of its
+    sampling parameters."""
+    from vllm_sparsemm.engine.request_options import request_budget
+    state = runner.requests.get(req_id)
+    params = getattr(state, "sampling_params", None)
+    return request_budget(params.extra_args if params is not None else None)
+
+
+def patch_runner_hooks() -> None:
+    """Wraps V1 ``GPUModelRunner._build_attention_metadata`` (to hand the
+    sparsemm builder each row's request id, prompt length and progress,
+    which vLLM does not pass) and ``GPUModelRunner._update_states`` (to drop
+    finished requests' worker state). Engines of other backends pass
+    straight through."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_sparsemm.engine.step_rows import StepRows
+
+    def make_build(original):
+
+        @functools.wraps(original)
+        def _build_attention_metadata(self, num_tokens, num_reqs,
+                                      max_query_len, *args, **kwargs):
+            builders = sparsemm_builders(self)
+            if builders:
+                scheduled = kwargs.get("num_scheduled_tokens")
+                full_graph = getattr(self, "_sparsemm_step_full_graph", False)
+                rows = None
+                if scheduled is not None and not kwargs.get(
+                        "for_cudagraph_capture"):
+                    batch = self.input_batch
+                    req_ids = batch.req_ids[:num_reqs]
+                    rows = StepRows(req_ids,
+                                    batch.num_prompt_tokens[:num_reqs],
+                                    batch.num_computed_tokens_cpu[:num_reqs],
+                                    [scheduled[rid] for rid in req_ids],
+                                    functools.partial(_budget_of, self))
+                for builder in builders:
+                    builder.hand_step(rows, full_graph)
+            return original(self, num_tokens, num_reqs, max_query_len,
+                            *args, **kwargs)
+
+        return _build_attention_metadata
+
+    def make_update(original):
+
+        @functools.wraps(original)
+        def _update_states(self, scheduler_output):
+            finished = scheduler_output.finished_req_ids
+            for builder in sparsemm_builders(self) if finished else ():
+                blocks = {rid: self.requests[rid].block_ids[0]
+                          for rid in finished if rid in self.requests}
+                builder.state.finish(finished, blocks)
+            return original(self, scheduler_output)
+
+        return _update_states
+
+    _wrap(GPUModelRunner, "_build_attention_metadata", make_build)
+    _wrap(GPUModelRunner, "_update_states", make_update)
+
+
+def patch_admission_inputs() -> None:
+    """Wraps ``KVCacheManager.get_computed_blocks``, ``allocate_slots`` and
+    ``free``: vLLM passes the per-type managers request ids only, and the
+    sparsemm manager needs each request's prompt length (a prefix-cache hit
+    must leave a compressed prompt's observation window to compute) and token
+    limit (prompt + max_tokens, for the admission gate), and the output
+    length of each request that ran to its end (not preempted or aborted),
+    from which the pacer learns how long requests live."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.request import RequestStatus
+
+    from vllm_sparsemm.engine.kv_spec import SparseMMManager
+    from vllm_sparsemm.engine.request_options import request_budget
+
+    def managers_of(kv_manager):
+        managers = kv_manager.__dict__.get("_sparsemm_managers")
+        if managers is None:  # called for every running request each step
+            managers = kv_manager._sparsemm_managers = [
+                m for m in kv_manager.coordinator.single_type_managers
+                if isinstance(m, SparseMMManager)]
+        return managers
+
+    def note(kv_manager, request):
+        for manager in managers_of(kv_manager):
+            if not manager.is_noted(request.request_id):
+                manager.note_request(
+                    request.request_id, request.num_prompt_tokens,
+                    min(request.num_prompt_tokens + request.max_tokens,
+                        kv_manager.max_model_len),
+                    request_budget(request.sampling_params.extra_args
+                                   if request.sampling_params else None))
+        return managers_of(kv_manager)
+
+    def make_lookup(original):
+
+        @functools.wraps(original)
+        def get_computed_blocks(self, request):
+            for manager in note(self, request):
+                manager.begin_lookup(request.request_id)
+            return original(self, request)
+
+        return get_computed_blocks
+
+    def make_allocate(original):
+
+        @functools.wraps(original)
+        def allocate_slots(self, request, *args, **kwargs):
+            note(self, request)
+            return original(self, request, *args, **kwargs)
+
+        return allocate_slots
+
+    def make_free(original):
+
+        @functools.wraps(original)
+        def free(self, request):
+            if (request.is_finished()
+                    and request.status != RequestStatus.FINISHED_ABORTED):
+                for manager in managers_of(self):
+                    manager.note_finished(request.request_id,
+                                          request.num_output_tokens)
+            return original(self, request)
+
+        return free
+
+    _wrap(KVCacheManager, "get_computed_blocks", make_lookup)
+    _wrap(KVCacheManager, "allocate_slots", make_allocate)
+    _wrap(KVCacheManager, "free", make_free)
+
+
+_request_window: int | None = None  # this process's sparsemm engine's W
+
+
+def patch_request_options() -> None:
+    """Wraps ``SamplingParams._verify_args`` and
+    ``InputProcessor._validate_params``: vLLM passes ``extra_args`` through
+    unchecked, and sparsemm's per-request options (``request_options.py``)
+    must fail as the client's error where vLLM checks sampling parameters:
+    an HTTP 400 from the server, a ``ValueError`` offline. The first covers
+    requests built once a sparsemm engine is configured in this process
+    (the API server's), the second parameters built before it (offline)."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_sparsemm.engine.request_options import check_request_options
+
+    def make_verify(original):
+
+        @functools.wraps(original)
+        def _verify_args(self):
+            original(self)
+            if _request_window is not None:
+                check_request_options(self.extra_args, _request_window)
+
+        return _verify_args
+
+    def make_validate(original):
+
+        @functools.wraps(original)
+        def _validate_params(self, params, *args, **kwargs):
+            original(self, params, *args, **kwargs)
+            if is_sparsemm(self.vllm_config) and isinstance(params,
+                                                            SamplingParams):
+                from vllm_sparsemm.engine.plan_setup import settings_for
+                check_request_options(params.extra_args,
+                                      settings_for(self.vllm_config).window)
+
+        return _validate_params
+
+    _wrap(SamplingParams, "_verify_args", make_verify)
+    _wrap(InputProcessor, "_validate_params", make_validate)
+
+
+def patch_full_graph_dispatch() -> None:
+    """Wraps V1 ``GPUModelRunner._determine_batch_execution_and_padding``,
+    which picks each step's CUDA-graph mode, for two reasons:
+
+    - vLLM counts a step with one token per row as uniform decode even when a
+      row is still in its prompt (a 1-token last chunk), and a replayed FULL
+      graph would skip what such a row needs (window queries, selection,
+      compaction). With ``full_cuda_graphs`` on, those steps pass
+      ``use_cascade_attn=True``, which in this function only rules FULL out:
+      they run piecewise.
+    - The builder is not told the mode. It is recorded on the runner so that
+      FULL steps, and only they, take graph_decode's fixed path (eager and
+      piecewise decode steps keep plain FlashAttention for plain rows)."""
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+
+        @functools.wraps(original)
+        def _determine_batch_execution_and_padding(self, **kwargs):
+            full_graphs = _full_graphs(self)
+            if (full_graphs
+                    and kwargs.get("force_uniform_decode") is None  # real step
+                    and kwargs.get("max_num_scheduled_tokens") == 1
+                    and rows_in_prompt(self.input_batch, kwargs["num_reqs"])):
+                kwargs["use_cascade_attn"] = True
+            result = original(self, **kwargs)
+            self._sparsemm_step_full_graph = (
+                full_graphs and result[0] == CUDAGraphMode.FULL)
+            return result
+
+        return _determine_batch_execution_and_padding
+
+    _wrap(GPUModelRunner, "_determine_batch_execution_and_padding", make)
+
+
+def _full_graphs(runner) -> bool:
+    """Whether this runner's engine is sparsemm with ``full_cuda_graphs`` (read once)."""
+    flag = getattr(runner, "_sparsemm_full_graphs", None)
+    if flag is None:
+        from vllm_sparsemm.engine.plan_setup import settings_for
+        flag = runner._sparsemm_full_graphs = (
+            is_sparsemm(runner.vllm_config)
+            and settings_for(runner.vllm_config).full_cuda_graphs)
+    return flag
+
+
+def rows_in_prompt(input_batch, num_reqs: int) -> bool:
+    """Whether a row of the batch still computes prompt tokens this step."""
+    computed = input_batch.num_computed_tokens_cpu[:num_reqs]
+    return bool((computed < input_batch.num_prompt_tokens[:num_reqs]).any())
+
+
+def apply_all() -> None:
+    patch_backend_name()
+    patch_engine_config()
+    patch_model_runner_choice()
+    patch_packed_kv_layout()
+    patch_layer_spec()
+    patch_runner_hooks()
+    patch_admission_inputs()
+    patch_request_options()
+    patch_full_graph_dispatch()

@@ -1,0 +1,218 @@
+"""What sparsemm does in one step, shared by all layers: :func:`plan_step`
+classifies the step's rows and builds the compressed rows' index tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vllm_sparsemm.core.block_law import BlockLaw
+from vllm_sparsemm.engine.host_arrays import (distinct_tables, row_tokens,
+                                              upload, virtual_sequences)
+from vllm_sparsemm.engine.step_rows import RowInfo, StepRows
+from vllm_sparsemm.engine.worker_state import RequestKV, WorkerKVState
+
+
+@dataclass
+class CompressedRows:
+    """Index tensors for the rows that attend over compacted per-head pages."""
+    rows: list[int]  # batch rows
+    tokens: torch.Tensor  # [Tc] batch token indices
+    token_req: torch.Tensor  # [Tc] index into rows
+    token_offset: torch.Tensor  # [Tc] position - prompt_len
+    seq_offset: torch.Tensor  # [R] (seq_len after this step) - prompt_len
+    query_lens: list[int]
+    prefix_pages: torch.Tensor  # [R, F]
+    prefix_start: torch.Tensor  # [R, F]
+    decode_base: torch.Tensor  # [R, F]
+    counts: torch.Tensor  # [R, F] compacted tokens per head
+    prompt_entries: torch.Tensor  # [R, 1] n_c: the owned blocks follow
+    block_rows: torch.Tensor  # [R, cols] the runner's block-table rows (int32)
+    # query rows of the virtual (row, KV head) sequences, in (row, head,
+    # token) order; None on graph_decode's path (``leading``: views instead)
+    virtual_token: torch.Tensor | None
+    virtual_head: torch.Tensor | None
+    virtual_starts: torch.Tensor  # [R * Hkv + 1]
+    max_query_len: int
+    max_length: int  # bound on any (row, head) length after this step
+    # the batch's first rows, one token each (vLLM puts decodes first): the
+    # compressed tokens are then [0, R) and the standard ones [R, T)
+    leading: bool = False
+    # filled once per step for every layer by layer_ops.prepare_compressed
+    write_rows: torch.Tensor | None = None  # [L, Tc * Hkv] rows of new tokens
+    lengths: torch.Tensor | None = None  # [L, R * Hkv] int32 keys per sequence
+
+
+@dataclass
+class SelectionGroup:
+    """Prompts of one length that end in this step: scored and selected together."""
+    prompt_len: int
+    members: list[tuple[int, RequestKV]]  # (batch row, request)
+    index: torch.Tensor  # their batch rows, on the device
+    # every layer's kept positions [n, L, Hkv, width], padded with -1; set
+    # layer by layer by the selection, read by the compaction
+    positions: torch.Tensor | None = None
+
+    @property
+    def law(self) -> BlockLaw:
+        """The members' budget's law (a group shares one)."""
+        return self.members[0][1].law
+
+
+@dataclass
+class StepPlan:
+    """What sparsemm does in one step, shared by all layers."""
+    state: WorkerKVState
+    rows: StepRows
+    query_start: list[int]  # [B + 1] token offsets of rows
+    standard_rows: list[int]
+    compressed: CompressedRows | None
+    window_rows: list[tuple[int, RequestKV]]
+    compressing: list[tuple[int, RequestKV]]
+    # the standard rows' tokens when some rows are compressed (a slice when
+    # they follow the compressed rows), and their slot mapping
+    standard_tokens: torch.Tensor | slice | None = None
+    standard_slots: torch.Tensor | None = None
+    standard_metadata: object | None = None  # FA metadata of the standard rows
+    selection_groups: list[SelectionGroup] = field(default_factory=list)
+
+    @property
+    def only_standard(self) -> bool:
+        return self.compressed is None and not self.window_rows
+
+
+def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
+              query_start: list[int], block_table: torch.Tensor
+              ) -> StepPlan:
+    """Classify the rows of a step and build the compressed rows' index tensors.
+
+    Array arithmetic over the step's rows; Python per row only to look up
+    the compressed rows' requests and for the few rows still in a prompt.
+    """
+    steps = StepRows.of(rows)
+    window = state.window
+    known = [state.requests.get(req_id) for req_id in steps.req_ids]
+    in_prompt = steps.computed < steps.prompt_len
+    # compacted requests past their prompt attend over their own pages;
+    # plain rows and prompts being prefilled run vLLM's FlashAttention
+    decoding = ~in_prompt & np.array([req is not None for req in known],
+                                     dtype=bool)
+    standard = np.flatnonzero(~decoding).tolist()
+    compressed = np.flatnonzero(decoding).tolist()
+    reqs = state.compacted_requests(steps, compressed)
+    state.check_unseen(steps, np.flatnonzero(~in_prompt & ~decoding))
+    window_rows, compressing = [], []
+    for i in np.flatnonzero(in_prompt).tolist():
+        row, req = steps[i], known[i]
+        if req is None or req.compacted:  # new, or re-prefilling after preemption
+            req = state.start_request(row, steps.budget_of(row.req_id))
+            if req is None:
+                continue  # not compressed
+        if row.end > row.prompt_len - window:
+            window_rows.append((i, req))
+        if row.end >= row.prompt_len:
+            compressing.append((i, req))
+    device = block_table.device
+    plan = StepPlan(state, steps, query_start, standard, None, window_rows,
+                    compressing)
+    if compressed:
+        plan.compressed = _compressed_rows(state, steps, reqs, query_start,
+                                           compressed, block_table, device)
+        leading = (compressed[-1] == len(compressed) - 1 and
+                   plan.compressed.max_query_len == 1)
+        plan.compressed.leading = leading
+        if leading:
+            plan.standard_tokens = slice(len(compressed), query_start[-1])
+        else:
+            plan.standard_tokens, = upload([row_tokens(query_start,
+                                                        standard)], device)
+    if compressing:  # selection batches requests of one prompt length
+        groups = _selection_groups(compressing)
+        indices = upload([np.array([i for i, _ in members], dtype=np.int64)
+                          for _, members in groups], device)
+        plan.selection_groups = [SelectionGroup(length, members, index) for
+                                 (length, members), index in
+                                 zip(groups, indices)]
+    return plan
+
+
+# Prompt tokens scored at once: bounds the selection's scratch memory
+# (selection_scratch_bytes). vLLM's memory profile run does not select, so
+# the backend allocates that much there (backend.reserve_selection_scratch)
+# and the KV cache is sized around it.
+SELECTION_TOKENS = 1 << 15
+
+
+def selection_scratch_bytes(num_kv_heads: int, head_dim: int, group: int,
+                            window: int) -> int:
+    """Peak scratch of one selection chunk: per prompt token and KV head, the
+    key in fp16 and fp32, three fp32 copies of its ``group x window`` logits,
+    and ~64 bytes of scores, sort values and indices."""
+    per_token = 6 * head_dim + 12 * group * window + 64
+    return SELECTION_TOKENS * num_kv_heads * per_token
+
+
+def _selection_groups(compressing):
+    """``(prompt length, [(row, request)])`` batches: one budget and prompt
+    length each, at most SELECTION_TOKENS prompt tokens (always at least one
+    request)."""
+    by_shape: dict[tuple, list] = {}
+    for i, req in compressing:
+        by_shape.setdefault((req.law.plan.budget, req.prompt_len),
+                            []).append((i, req))
+    groups = []
+    for (_, length), members in by_shape.items():
+        size = max(1, SELECTION_TOKENS // length)
+        groups += [(length, members[k:k + size])
+                   for k in range(0, len(members), size)]
+    return groups
+
+
+def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
+                     query_start, indices, block_table, device):
+    """Index tensors of the compressed rows ``indices`` of ``steps`` (their
+    requests ``reqs``), built with a fixed number of ops."""
+    heads = state.num_kv_heads
+    rows = np.asarray(indices, dtype=np.int64)
+    prompt_len, computed = steps.prompt_len[rows], steps.computed[rows]
+    q_lens_np = steps.scheduled[rows]
+    query_lens = q_lens_np.tolist()
+    seq_offset_np = steps.end[rows] - prompt_len
+    first = np.asarray(query_start, dtype=np.int64)[rows]
+    offset = computed - prompt_len
+    num_rows, num_tokens = len(indices), int(q_lens_np.sum())
+    token_req = np.repeat(np.arange(num_rows), q_lens_np)
+    row_start = np.cumsum(q_lens_np) - q_lens_np  # first token of each row, local
+    within = np.arange(num_tokens) - row_start[token_req]
+    virtual_token, virtual_head, starts = virtual_sequences(q_lens_np, heads)
+    distinct, which = distinct_tables([req.tables for req in reqs])
+    prompt = np.array([req.prompt_entries for req in reqs], dtype=np.int64)
+    (tokens, token_req, token_offset, seq_offset, prompt, batch_rows,
+     virtual_token, virtual_head, starts, which) = upload(
+        [first[token_req] + within, token_req, offset[token_req] + within,
+         seq_offset_np, prompt[:, None], rows,
+         virtual_token, virtual_head, starts, which], device)
+    tables = torch.stack(distinct)[which]  # [R, 4, F]
+    return CompressedRows(
+        rows=indices,
+        tokens=tokens,
+        token_req=token_req,
+        token_offset=token_offset,
+        seq_offset=seq_offset,
+        query_lens=query_lens,
+        prefix_pages=tables[:, 0],
+        prefix_start=tables[:, 1],
+        decode_base=tables[:, 2],
+        counts=tables[:, 3],
+        prompt_entries=prompt,
+        block_rows=block_table[batch_rows],
+        virtual_token=virtual_token,
+        virtual_head=virtual_head,
+        virtual_starts=starts.to(torch.int32),
+        max_query_len=max(query_lens),
+        max_length=int((np.array([req.max_count for req in reqs]) +
+                        seq_offset_np).max()),
+    )

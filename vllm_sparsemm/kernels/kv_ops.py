@@ -1,0 +1,72 @@
+"""KV data movement and page-list attention: PyTorch references and the CUDA path.
+
+The references are the oracle for the CUDA kernel (``csrc/``) and the
+implementation the CPU tests drive. ``copy_rows`` picks the kernel when the
+extension is built for this GPU and the tensor lives on it, the reference
+otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_sparsemm.kernels import cuda_ext as _ext
+
+
+def copy_rows_reference(rows: torch.Tensor, src: torch.Tensor,
+                        dst: torch.Tensor) -> None:
+    """``rows[dst[i]] = rows[src[i]]`` for all i; no destination may be a
+    source (compaction copies out of place)."""
+    rows[dst] = rows[src]
+
+
+def copy_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """:func:`copy_rows_reference` with the CUDA kernel where available."""
+    if src.numel() == 0:
+        return
+    if rows.is_cuda and _ext.run_kernel("copy_rows", rows.device, rows,
+                                        src.to(torch.int64),
+                                        dst.to(torch.int64)):
+        return
+    copy_rows_reference(rows, src, dst)
+
+
+def write_rows(rows: torch.Tensor, dst: torch.Tensor,
+               values: torch.Tensor) -> None:
+    """Append new tokens: ``rows[dst[i]] = values[i]`` (decode writes; no overlap)."""
+    rows[dst] = values.to(rows.dtype)
+
+
+def paged_attention_reference(query: torch.Tensor, key_pages: torch.Tensor,
+                              value_pages: torch.Tensor,
+                              page_table: torch.Tensor, seq_lens: torch.Tensor,
+                              query_start_loc: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """Attention of varlen queries over per-sequence page lists, in float32.
+
+    ``query``: ``[Tq, G, D]`` (G query heads share each sequence's single KV
+    head); ``key_pages``/``value_pages``: ``[P, block_size, D]``;
+    ``page_table``: ``[S, max_pages]``; ``seq_lens``: ``[S]`` keys per
+    sequence; ``query_start_loc``: ``[S + 1]``. Causal, aligned bottom-right
+    as in FlashAttention: query i of q_len sees keys ``< seq_len - q_len + i + 1``.
+    Returns ``[Tq, G, D]`` in the query dtype.
+    """
+    block_size = key_pages.shape[1]
+    out = torch.empty_like(query)
+    for seq in range(page_table.shape[0]):
+        start, end = int(query_start_loc[seq]), int(query_start_loc[seq + 1])
+        num_keys = int(seq_lens[seq])
+        if end == start:
+            continue
+        pages = page_table[seq, :-(-num_keys // block_size)]
+        keys = key_pages[pages].reshape(-1, key_pages.shape[-1])[:num_keys]
+        values = value_pages[pages].reshape(-1, value_pages.shape[-1])[:num_keys]
+        q = query[start:end].float()  # [q_len, G, D]
+        logits = torch.einsum("qgd,kd->gqk", q, keys.float()) * scale
+        q_len = end - start
+        limit = num_keys - q_len + torch.arange(q_len, device=q.device)
+        future = torch.arange(num_keys, device=q.device)[None, :] > limit[:, None]
+        probs = torch.softmax(logits.masked_fill(future, float("-inf")), -1)
+        out[start:end] = torch.einsum("gqk,kd->qgd", probs,
+                                      values.float()).to(query.dtype)
+    return out

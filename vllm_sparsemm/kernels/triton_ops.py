@@ -1,0 +1,359 @@
+"""Triton kernels of the per-layer decode path, one launch each.
+
+``page_table`` writes one layer's per-(row, KV head) page table; its PyTorch
+reference is ``layer_ops.compressed_page_table`` (about 40 small ops).
+``write_kv`` appends the step's new K/V to each head's own page; its
+reference is ``kv_ops.write_rows`` after a ``cat`` of K and V (two launches
+and a [T, Hkv, 2D] temporary per layer). ``paged_decode`` is the decode
+rows' attention over per-head pages (``decode_kernel: "triton"``); its
+reference is ``kv_ops.paged_attention_reference``. The tests compare each
+kernel with its reference: on the GPU, and on the CPU through Triton's
+interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - vLLM ships Triton on CUDA machines
+    triton = None
+
+
+# Pointers the kernels read one index at a time: their 16-byte alignment buys
+# no wider load, and it varies from step to step (``host_arrays.upload``
+# packs the step's arrays into one buffer, at offsets the step's sizes set).
+# Triton would build a variant per alignment pattern, mid-run, when a step
+# first shows it. Lease 13's Triton runs fell 1-3 s behind FlashAttention's
+# in their first seconds (``timeline`` in docs/results/h200-56ca2fc), which
+# such builds (~1 s each for the decode kernel) would explain.
+_INDEX_POINTERS = ("table_ptr", "lengths_ptr", "prefix_pages_ptr",
+                   "prefix_start_ptr", "decode_base_ptr", "prompt_ptr",
+                   "block_rows_ptr")
+
+if triton is not None:
+
+    @triton.jit
+    def _plan_source(prefix_pages_ptr, prefix_start_ptr, decode_base_ptr,
+                     prompt_ptr, block_rows_ptr, row, flat_head,
+                     plan_stride, block_rows_stride, num_columns,
+                     pages_per_block):
+        """What ``_page_of`` needs from the step plan for one (row, flat
+        head): prefix pages, prefix start, decode base, the prompt entries
+        before the owned ones, the row's block list, its width and pages per
+        block."""
+        plan_at = row * plan_stride + flat_head
+        return (tl.load(prefix_pages_ptr + plan_at),
+                tl.load(prefix_start_ptr + plan_at),
+                tl.load(decode_base_ptr + plan_at),
+                tl.load(prompt_ptr + row),
+                block_rows_ptr + row.to(tl.int64) * block_rows_stride,
+                num_columns, pages_per_block)
+
+    @triton.jit
+    def _page_of(column, source, FROM_PLAN: tl.constexpr, used=True):
+        """Page id of a sequence's ``column``-th page(s): ``FROM_PLAN``, from
+        ``_plan_source`` (page_plan.page_slot, then the block law's entry ->
+        list column), else from ``source = (its page-table row, )``. Pages
+        not ``used`` read list column 0 (callers drop them). A used page is
+        never clamped into the row: debug runs check the columns with the
+        PyTorch references instead (``layer_ops.checked_columns``)."""
+        if FROM_PLAN:
+            (prefix_pages, prefix_start, decode_base, prompt,
+             block_row, num_columns, pages_per_block) = source
+            slot = tl.where(column < prefix_pages, prefix_start + column,
+                            decode_base + (column - prefix_pages) *
+                            pages_per_block)
+            where = tl.where(used, prompt + slot // pages_per_block, 0)
+            block = tl.load(block_row + where)
+            return block.to(tl.int64) * pages_per_block + slot % pages_per_block
+        else:
+            return tl.load(source[0] + column).to(tl.int64)
+
+    # (table_ptr is this kernel's output: aligned, and stored lane-wide)
+    @triton.jit(do_not_specialize=("width", ),
+                do_not_specialize_on_alignment=_INDEX_POINTERS[1:])
+    def _page_table_kernel(table_ptr, lengths_ptr, prefix_pages_ptr,
+                           prefix_start_ptr, decode_base_ptr,
+                           prompt_ptr, block_rows_ptr, plan_stride,
+                           block_rows_stride, num_columns, head0,
+                           pages_per_block, num_heads, width, block_size,
+                           BLOCK: tl.constexpr):
+        seq = tl.program_id(0)  # row * num_heads + head
+        row = seq // num_heads
+        source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
+                              decode_base_ptr, prompt_ptr,
+                              block_rows_ptr, row, head0 + seq % num_heads,
+                              plan_stride, block_rows_stride, num_columns,
+                              pages_per_block)
+        length = tl.load(lengths_ptr + seq).to(tl.int64)
+        num_pages = (length + block_size - 1) // block_size
+        # one program per (sequence, BLOCK columns): no loop over a runtime
+        # bound, which Triton's interpreter cannot index under NumPy >= 2.4
+        page = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        used = page < num_pages
+        value = tl.where(used, _page_of(page, source, True, used), 0)
+        tl.store(table_ptr + seq * width + page, value.to(tl.int32),
+                 mask=page < width)
+
+    @triton.jit(do_not_specialize_on_alignment=("dst_ptr", "tokens_ptr"))
+    def _write_kv_kernel(rows_ptr, dst_ptr, tokens_ptr, key_ptr, value_ptr,
+                         key_token_stride, key_head_stride,
+                         value_token_stride, value_head_stride, row_stride,
+                         num_heads, dim, HAS_TOKENS: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        seq = tl.program_id(0)  # token * num_heads + head, as dst is laid out
+        token = seq // num_heads
+        head = seq % num_heads
+        if HAS_TOKENS:
+            token = tl.load(tokens_ptr + token)
+        token = token.to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        used = d < dim
+        key = tl.load(key_ptr + token * key_token_stride +
+                      head * key_head_stride + d, mask=used)
+        value = tl.load(value_ptr + token * value_token_stride +
+                        head * value_head_stride + d, mask=used)
+        row = rows_ptr + tl.load(dst_ptr + seq).to(tl.int64) * row_stride
+        tl.store(row + d, key.to(rows_ptr.dtype.element_ty), mask=used)
+        tl.store(row + dim + d, value.to(rows_ptr.dtype.element_ty),
+                 mask=used)
+
+    @triton.jit
+    def _decode_page(q, pages_ptr, page, column, page_stride, offsets, t,
+                     dim_used, last, m, l, acc, scale, dim, BS: tl.constexpr):
+        """One page of keys into the online softmax (fp32 scores and sums).
+        The page's base is one 64-bit scalar and its [BS, D] offsets int32
+        and loop-invariant, which spares registers."""
+        base = pages_ptr + page * page_stride
+        valid = column * BS + t < last
+        kv_mask = valid[:, None] & dim_used[None, :]
+        k = tl.load(base + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(base + dim + offsets, mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BS]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit(do_not_specialize_on_alignment=_INDEX_POINTERS)
+    def _decode_kernel(q_ptr, q_row_stride, q_head_stride, pages_ptr,
+                       page_stride, token_stride, table_ptr, table_stride,
+                       lengths_ptr, out_ptr, out_row_stride, out_head_stride,
+                       part_ptr, num_kv_heads, group, dim, scale,
+                       prefix_pages_ptr, prefix_start_ptr,
+                       decode_base_ptr, prompt_ptr, block_rows_ptr,
+                       plan_stride, block_rows_stride, num_columns, head0,
+                       pages_per_block, G_PAD: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                       SPLIT: tl.constexpr, FROM_PLAN: tl.constexpr,
+                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr):
+        seq = tl.program_id(0)  # row * num_kv_heads + KV head
+        split = tl.program_id(1)
+        row, kv_head = seq // num_kv_heads, seq % num_kv_heads
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, BLOCK_D)
+        t = tl.arange(0, BS)
+        head_used, dim_used = g < group, d < dim
+        q = tl.load(q_ptr + row.to(tl.int64) * q_row_stride +
+                    (kv_head * group + g)[:, None] * q_head_stride + d[None, :],
+                    mask=head_used[:, None] & dim_used[None, :], other=0.0)
+        length = tl.load(lengths_ptr + seq)
+        # each sequence's own pages in equal parts: a long (visual) head
+        # spreads over all its splits, as a short one does
+        per_split = tl.cdiv(tl.cdiv(length, BS), tl.num_programs(1))
+        first = split * per_split
+        last = tl.minimum(length, (first + per_split) * BS)  # keys
+        # finite floor: a split with no keys leaves m finite and l zero
+        m = tl.full([G_PAD], -1.0e30, tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+        if FROM_PLAN:  # this (row, layer's head) of the step plan
+            source = _plan_source(prefix_pages_ptr, prefix_start_ptr,
+                                  decode_base_ptr, prompt_ptr,
+                                  block_rows_ptr, row, head0 + kv_head,
+                                  plan_stride, block_rows_stride, num_columns,
+                                  pages_per_block)
+        else:
+            source = (table_ptr + seq.to(tl.int64) * table_stride, )
+        offsets = t[:, None] * token_stride + d[None, :]
+        end = tl.cdiv(last, BS)  # past the split's last page
+        if INTERPRET:  # the interpreter cannot range() over tensors
+            column = first
+            while column < end:
+                m, l, acc = _decode_page(
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
+                    page_stride, offsets, t, dim_used, last, m, l, acc, scale,
+                    dim, BS)
+                column += 1
+        else:  # Triton pipelines the page loads (cp.async, NUM_STAGES deep)
+            for column in tl.range(first, end, num_stages=NUM_STAGES):
+                m, l, acc = _decode_page(
+                    q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
+                    page_stride, offsets, t, dim_used, last, m, l, acc, scale,
+                    dim, BS)
+        if SPLIT:  # partials [S, splits, group, BLOCK_D + 2]: acc | m | l
+            width = BLOCK_D + 2
+            base = part_ptr + ((seq.to(tl.int64) * tl.num_programs(1) + split)
+                               * group + g) * width
+            tl.store(base[:, None] + d[None, :], acc, mask=head_used[:, None])
+            tl.store(base + BLOCK_D, m, mask=head_used)
+            tl.store(base + BLOCK_D + 1, l, mask=head_used)
+        else:
+            result = acc / tl.where(l > 0, l, 1.0)[:, None]
+            tl.store(out_ptr + row.to(tl.int64) * out_row_stride +
+                     (kv_head * group + g)[:, None] * out_head_stride +
+                     d[None, :], result.to(out_ptr.dtype.element_ty),
+                     mask=head_used[:, None] & dim_used[None, :])
+
+    @triton.jit(do_not_specialize=("num_splits", ))
+    def _decode_combine_kernel(part_ptr, out_ptr, out_row_stride,
+                               out_head_stride, num_kv_heads, group, dim,
+                               num_splits, G_PAD: tl.constexpr,
+                               BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+        seq = tl.program_id(0)
+        row, kv_head = seq // num_kv_heads, seq % num_kv_heads
+        width = BLOCK_D + 2
+        j = tl.arange(0, SPLITS)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, BLOCK_D)
+        used = (j < num_splits)[:, None] & (g < group)[None, :]
+        base = part_ptr + (((seq.to(tl.int64) * num_splits + j)[:, None] *
+                            group + g[None, :]) * width)  # [SPLITS, G_PAD]
+        m = tl.load(base + BLOCK_D, mask=used, other=-1.0e30)
+        l = tl.load(base + BLOCK_D + 1, mask=used, other=0.0)
+        acc = tl.load(base[:, :, None] + d[None, None, :],
+                      mask=used[:, :, None], other=0.0)
+        weight = tl.exp(m - tl.max(m, 0)[None, :])  # [SPLITS, G_PAD]
+        total = tl.sum(weight * l, 0)
+        result = (tl.sum(weight[:, :, None] * acc, 0) /
+                  tl.where(total > 0, total, 1.0)[:, None])
+        tl.store(out_ptr + row.to(tl.int64) * out_row_stride +
+                 (kv_head * group + g)[:, None] * out_head_stride + d[None, :],
+                 result.to(out_ptr.dtype.element_ty),
+                 mask=(g < group)[:, None] & (d < dim)[None, :])
+
+
+AVAILABLE = triton is not None
+MAX_SPLITS = 16  # paged_decode's key splits per sequence
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# page-table columns per program: the whole row up to 256. Launches are
+# latency-bound (a full-graph step's width covers max_model_len: 256 columns
+# in 64-column programs cost 3x one program per row). Two sizes only: each
+# is a build, and eager steps' widths vary step by step.
+_TABLE_BLOCKS = (64, 256)
+
+
+def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
+    """``layer_ops.compressed_page_table`` in one kernel launch: int32 ``[R * Hkv, width]``."""
+    heads = state.num_kv_heads
+    num_seqs = len(cr.rows) * heads
+    table = torch.empty(num_seqs, width, dtype=torch.int32,
+                        device=cr.counts.device)
+    if num_seqs == 0:
+        return table
+    block = _TABLE_BLOCKS[0] if width <= _TABLE_BLOCKS[0] else _TABLE_BLOCKS[1]
+    _page_table_kernel[(num_seqs, triton.cdiv(width, block))](
+        table, cr.lengths[layer], *_plan_args(cr, layer, state), heads, width,
+        state.block_size, BLOCK=block)
+    return table
+
+
+def _plan_args(cr, layer: int, state) -> tuple:
+    """The step plan's arguments of ``_plan_source`` (then ``pages_per_block``),
+    for ``layer``: what both the page-table and the decode kernel read."""
+    assert cr.prompt_entries.stride(0) == 1
+    return (cr.prefix_pages, cr.prefix_start, cr.decode_base,
+            cr.prompt_entries, cr.block_rows, cr.prefix_pages.stride(0),
+            cr.block_rows.stride(0), cr.block_rows.shape[1],
+            layer * state.num_kv_heads, state.space.pages_per_block)
+
+
+def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor, tokens: torch.Tensor | None) -> None:
+    """``rows[dst[t * Hkv + h]] = K|V of token tokens[t] (or t), head h``.
+
+    ``key``/``value``: ``[T, Hkv, D]`` with unit stride in D (vLLM's views of
+    the fused QKV output qualify); ``rows``: ``[R, 2D]``, each row K|V of one
+    token of one head. ``tokens`` picks the tokens; None means the first
+    ``len(dst) / Hkv``.
+    """
+    heads, dim = key.shape[1], key.shape[2]
+    if dst.numel() == 0:
+        return
+    assert key.stride(2) == 1 and value.stride(2) == 1 and rows.stride(1) == 1
+    _write_kv_kernel[(dst.numel(), )](
+        rows, dst, tokens if tokens is not None else dst, key, value,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        rows.stride(0), heads, dim, HAS_TOKENS=tokens is not None,
+        BLOCK_D=triton.next_power_of_2(dim))
+
+
+def paged_decode(query: torch.Tensor, pages: torch.Tensor,
+                 table: torch.Tensor | None, lengths: torch.Tensor,
+                 scale: float, out: torch.Tensor, num_splits: int = 1,
+                 num_warps: int = 2, num_stages: int = 3,
+                 plan: tuple | None = None) -> torch.Tensor:
+    """One query token per (row, KV head) over that head's own pages: a
+    split-K decode kernel that reads the packed pages in place, a page per
+    loop iteration (``decode_kernel: "triton"``; its reference is
+    ``kv_ops.paged_attention_reference``).
+
+    ``query``/``out``: ``[R, Hkv * G, D]`` with unit stride in D (vLLM's
+    strided query view qualifies); ``pages``: ``[P, block_size, 2D]``, each
+    token K|V; ``lengths``: ``[R * Hkv]``. The pages come from ``table``
+    (``[R * Hkv, width]`` int32) or, with ``table`` None, straight from the
+    step plan ``plan = (cr, layer, state)`` (``CompressedRows``, a layer, its
+    ``WorkerKVState``), as ``page_table`` would write them: no table is
+    built. With ``num_splits`` > 1 each sequence's own pages are cut in
+    that many equal ranges (a long head is then not one program's walk
+    while the rest of the GPU waits) and a second launch combines them.
+    ``num_warps`` and ``num_stages`` (page loads in flight, through
+    cp.async) are there for ``benchmarks/attention_bench.py`` to tune; the
+    defaults, 2 warps and 3 stages, were its fastest on an H200 (lease 13).
+    """
+    rows, query_heads, dim = query.shape
+    sequences = lengths.numel()
+    if sequences == 0:
+        return out
+    kv_heads = sequences // rows
+    group = query_heads // kv_heads
+    assert query.stride(2) == 1 and out.stride(2) == 1 and pages.stride(2) == 1
+    assert lengths.is_contiguous()
+    if table is None:  # from the plan, as _page_table_kernel reads it
+        cr, layer, state = plan
+        table_args = (cr.block_rows, 0)
+        plan_args = _plan_args(cr, layer, state)
+    else:
+        assert table.stride(1) == 1
+        table_args = (table, table.stride(0))
+        plan_args = (table, ) * 5 + (0, 0, 1, 0, 1)
+    block_d = triton.next_power_of_2(dim)
+    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot's smallest M
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got "
+                         f"{num_splits}")
+    split = num_splits > 1
+    partials = (torch.empty(sequences, num_splits, group, block_d + 2,
+                            dtype=torch.float32, device=query.device)
+                if split else out)
+    _decode_kernel[(sequences, num_splits)](
+        query, query.stride(0), query.stride(1), pages, pages.stride(0),
+        pages.stride(1), *table_args, lengths, out, out.stride(0),
+        out.stride(1), partials, kv_heads, group, dim, scale, *plan_args,
+        G_PAD=g_pad, BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
+        FROM_PLAN=table is None, INTERPRET=_INTERPRET, NUM_STAGES=num_stages,
+        num_warps=num_warps)
+    if split:  # one build for any split count; no tl.dot, so no 16-row tile
+        _decode_combine_kernel[(sequences, )](
+            partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
+            num_splits, G_PAD=triton.next_power_of_2(group), BLOCK_D=block_d,
+            SPLITS=MAX_SPLITS)
+    return out

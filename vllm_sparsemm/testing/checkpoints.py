@@ -1,0 +1,247 @@
+"""Model folders vLLM can load, written locally: tiny random checkpoints and 7B configs.
+
+Nothing is downloaded. The tokenizer is a character-level one whose special
+tokens sit at the ids the model config expects; the processors and chat
+templates are the real transformers classes, so vLLM's multimodal processing
+(placeholder expansion, image preprocessing) runs as it would for the real
+models.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] in ['image', 'image_url'] %}"
+    "<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% else %}ASSISTANT: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] in ['image', 'image_url'] %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+def char_tokenizer(vocab_size: int, specials: dict[str, int], bos: str,
+                   eos: str, unk: str, pad: str | None = None):
+    """A character-level fast tokenizer with ``specials`` at fixed ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = dict(specials)
+    used = set(vocab.values())
+    next_id = 0
+    for char in string.printable[:95] + "\n":
+        while next_id in used:
+            next_id += 1
+        vocab[char] = next_id
+        used.add(next_id)
+    for i in range(vocab_size):
+        if i not in used:
+            vocab[f"<extra_{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk,
+                                   bos_token=bos, eos_token=eos,
+                                   pad_token=pad or unk)
+    fast.add_special_tokens({"additional_special_tokens": [
+        s for s in specials if s not in (bos, eos, unk, pad)]})
+    return fast
+
+
+def llava_processor(image_size: int, vocab_size: int, image_token_id: int):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+    tokenizer = char_tokenizer(
+        vocab_size, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id},
+        bos="<s>", eos="</s>", unk="<unk>")
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer,
+                          patch_size=14, vision_feature_select_strategy="default",
+                          chat_template=LLAVA_TEMPLATE, image_token="<image>",
+                          num_additional_image_tokens=1)
+
+
+def llava_next_processor(image_size: int, vocab_size: int,
+                         image_token_id: int):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from vllm_sparsemm.testing.tiny import NEXT_PINPOINTS
+    tokenizer = char_tokenizer(
+        vocab_size, {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": image_token_id},
+        bos="<s>", eos="</s>", unk="<unk>")
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=NEXT_PINPOINTS(image_size))
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer,
+                              patch_size=14,
+                              vision_feature_select_strategy="default",
+                              chat_template=LLAVA_TEMPLATE, image_token="<image>",
+                              num_additional_image_tokens=1)
+
+
+def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
+                       max_pixels: int = 64 * 28 * 28, version: str = "2"):
+    from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
+                "<|image_pad|>": ids["image"], "<|video_pad|>": ids["video"],
+                "<|vision_start|>": ids["vision_start"],
+                "<|vision_end|>": ids["vision_end"]}
+    tokenizer = char_tokenizer(vocab_size, specials, bos="<|im_start|>",
+                               eos="<|im_end|>", unk="<|endoftext|>")
+    images = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28,
+                                   max_pixels=max_pixels)
+    videos = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28,
+                                   max_pixels=max_pixels)
+    cls = Qwen2_5_VLProcessor if version == "2.5" else Qwen2VLProcessor
+    return cls(image_processor=images, tokenizer=tokenizer,
+               video_processor=videos, chat_template=QWEN_TEMPLATE)
+
+
+def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
+    """A tiny random LLaVA-1.5-shaped checkpoint that vLLM 0.26.0 loads."""
+    from vllm_sparsemm.testing.tiny import tiny_llava
+    return _save_llava_like(path, tiny_llava(seed=seed, **model_kwargs),
+                            llava_processor)
+
+
+def save_tiny_llava_next(path, seed: int = 0, **model_kwargs) -> Path:
+    """A tiny random LLaVA-NeXT-shaped checkpoint that vLLM 0.26.0 loads."""
+    from vllm_sparsemm.testing.tiny import tiny_llava_next
+    return _save_llava_like(path, tiny_llava_next(seed=seed, **model_kwargs),
+                            llava_next_processor)
+
+
+def _save_llava_like(path, model, make_processor) -> Path:
+    path = Path(path)
+    model.save_pretrained(path)
+    _rename_clip_keys(path / "model.safetensors")
+    config = model.config
+    make_processor(config.vision_config.image_size,
+                   config.text_config.vocab_size,
+                   config.image_token_index).save_pretrained(path)
+    return path
+
+
+def save_tiny_qwen2_vl(path, seed: int = 0, version: str = "2",
+                       **model_kwargs) -> Path:
+    """A tiny random Qwen2-VL (or, ``version="2.5"``, Qwen2.5-VL) checkpoint."""
+    from vllm_sparsemm.testing.tiny import tiny_qwen2_5_vl, tiny_qwen2_vl
+    path = Path(path)
+    make = tiny_qwen2_5_vl if version == "2.5" else tiny_qwen2_vl
+    model = make(seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    config = model.config
+    qwen2_vl_processor(config.text_config.vocab_size, {
+        "image": config.image_token_id, "video": config.video_token_id,
+        "vision_start": config.vision_start_token_id,
+        "vision_end": config.vision_end_token_id},
+        version=version).save_pretrained(path)
+    return path
+
+
+def _rename_clip_keys(file: Path) -> None:
+    """transformers 5 saves LLaVA's CLIP tower without ``vision_model.``;
+    vLLM 0.26.0 loads only the hub layout ``vision_tower.vision_model.*``."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(file)
+    renamed = {re.sub(r"vision_tower\.(?!vision_model\.)",
+                      "vision_tower.vision_model.", k): v
+               for k, v in tensors.items()}
+    save_file(renamed, file, metadata={"format": "pt"})
+
+
+# Real architecture configs for --load-format dummy runs.
+LLAVA_15_7B = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava", "image_token_index": 32000,
+    "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default", "torch_dtype": "float16",
+    "text_config": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32064,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "torch_dtype": "float16"},
+    "vision_config": {
+        "model_type": "clip_vision_model", "hidden_size": 1024,
+        "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+        "projection_dim": 768, "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5},
+}
+
+
+NEXT_PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336],
+                      [336, 1008]]
+LLAVA_NEXT_VICUNA_7B = dict(
+    LLAVA_15_7B, architectures=["LlavaNextForConditionalGeneration"],
+    model_type="llava_next", image_grid_pinpoints=NEXT_PINPOINTS_336,
+    use_image_newline_parameter=True)
+QWEN2_VL_7B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl", "torch_dtype": "bfloat16",
+    "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "bos_token_id": 151643, "eos_token_id": 151645,
+    "text_config": {
+        "model_type": "qwen2_vl_text", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4,
+        "vocab_size": 152064, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16"},
+    "vision_config": {
+        "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16,
+        "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "in_chans": 3, "hidden_act": "quick_gelu"},
+}
+
+
+def write_dummy_llava_15_7b(path) -> Path:
+    """Config, tokenizer and processor of LLaVA-1.5-7B (576 image tokens), no weights."""
+    return _write_dummy(path, LLAVA_15_7B,
+                        llava_processor(336, 32064, 32000))
+
+
+def write_dummy_llava_next_7b(path) -> Path:
+    """LLaVA-NeXT-Vicuna-7B (up to ~2,900 image tokens), no weights."""
+    processor = llava_next_processor(336, 32064, 32000)
+    processor.image_processor.image_grid_pinpoints = NEXT_PINPOINTS_336
+    return _write_dummy(path, LLAVA_NEXT_VICUNA_7B, processor)
+
+
+def write_dummy_qwen2_vl_7b(path) -> Path:
+    """Qwen2-VL-7B (GQA 28/4, M-RoPE), no weights."""
+    processor = qwen2_vl_processor(152064, {
+        "image": 151655, "video": 151656, "vision_start": 151652,
+        "vision_end": 151653}, max_pixels=16384 * 28 * 28)
+    return _write_dummy(path, QWEN2_VL_7B, processor)
+
+
+def _write_dummy(path, config: dict, processor) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    processor.save_pretrained(path)
+    return path
