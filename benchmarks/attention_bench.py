@@ -23,12 +23,6 @@ each row hold L tokens, the rest T. It has no stock twin (stock would hold
 every head at L), so its variants are checked and timed against the
 per-head FlashAttention call, and the Triton kernel also runs unsplit, to
 show what cutting each head's pages into parts buys.
-
-Lease 13 (H200): the per-head FlashAttention call took 1.16-1.26x stock's
-time on uniform cases; the Triton kernel at 2 warps 0.71x-0.96x where rows
-are many, 1.10x at 41 rows of 600 tokens. End to end the Triton kernel lost
-at B=256, where one visual head per layer is long: that is the lopsided
-case.
 """
 
 from __future__ import annotations
@@ -149,7 +143,7 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
 
 
 # (warps, stages) of the Triton kernel to time; the first is the backend's
-# (paged_decode's defaults, lease 13's fastest of (4|2|8, 3) and (4, 2|4))
+# (paged_decode's defaults)
 TRITON_CONFIGS = ((2, 3), (2, 2), (2, 4), (1, 3), (4, 3))
 
 

@@ -11,12 +11,8 @@ fixed costs per step and per prompt begun (CostModel.step).
 Output: steps, modelled seconds and output tok/s, recompute preemptions and
 the prompt tokens they threw away, peak running requests, and the wall time
 vLLM's scheduler itself took per step on this CPU (host time that a GPU step
-must hide). It is a model, not a measurement: its step counts match the
-H100 runs within ~8%. With the defaults (no per-step or per-prompt cost) its
-step times are 10-20% short of them; with the costs fitted to the 8 GiB runs
-(``--weights-ms 5.2 --step-ms 0.9 --prompt-ms 20``) sparsemm's run times are
-within 3% and stock's throughput 4% low; prompts split into small chunks
-cost more than either charges (docs/performance.md, lease 7).
+must hide). It is a model, not a measurement: docs/benchmarks.md says how
+close it came to measured runs, and with which fitted costs.
 
 ``--no-prefill-transient`` models a design sparsemm does not have yet: each
 prompt prefilled in one step (chunked prefill off) and written straight into
@@ -254,9 +250,7 @@ def main():
                         help="per-step cost besides matmuls and attention")
     parser.add_argument("--prompt-ms", type=float, default=0.0,
                         help="per prompt begun: its image through the vision "
-                        "tower. Fitted to the 8 GiB LLaVA-NeXT runs on an "
-                        "H100 (docs/performance.md, lease 7): --weights-ms "
-                        "5.2 --step-ms 0.9 --prompt-ms 20")
+                        "tower (docs/benchmarks.md gives fitted values)")
     parser.add_argument("--kv-tb-per-s", type=float, default=2.4,
                         help="bandwidth of decode attention over the KV, "
                         "TB/s (2.4: FlashAttention on an H100). An H200 "

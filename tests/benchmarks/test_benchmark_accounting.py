@@ -55,7 +55,8 @@ def _window(bench, requests, slots, output_len, stop=None):
 
 
 def test_host_probe_ratio_compares_two_processes_hosts():
-    """Lease 16's case: stock's probe 10.652 ms, sparsemm's 21.734 ms."""
+    """Stock's probe 10.652 ms against sparsemm's 21.734 ms: a host twice
+    as slow for one of two runs meant to compare."""
     bench = _benchmark()
     stock = {"host_cpu": {"python_probe_ms": 10.652}}
     ours = {"host_cpu": {"python_probe_ms": 21.734}}
@@ -379,8 +380,14 @@ def test_every_bench_matrix_case_parses(tmp_path):
     cases = tmp_path / "cases.txt"
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}",
                CASES=str(cases), BENCH_DIR=str(tmp_path / "bench"))
-    subprocess.run(["bash", str(BENCHMARKS / "bench_matrix.sh")], env=env,
-                   cwd=BENCHMARKS.parent, check=True, capture_output=True)
+    listed = subprocess.run(["bash", str(BENCHMARKS / "bench_matrix.sh")],
+                            env=env, cwd=BENCHMARKS.parent, check=True,
+                            capture_output=True, text=True).stdout
+    assert not cases.exists()  # bare: the list, nothing run
+    assert " 15  one Qwen2-VL prompt step traced" in listed
+    subprocess.run(["bash", str(BENCHMARKS / "bench_matrix.sh"), "all"],
+                   env=env, cwd=BENCHMARKS.parent, check=True,
+                   capture_output=True)
     lines = cases.read_text().splitlines()
     assert len(lines) == 15
     for line in lines:

@@ -18,7 +18,7 @@ def test_defaults_are_the_papers():
     s = SparseMMSettings.from_sources({}, environ={})
     assert (s.budget, s.window, s.ratio, s.pool_kernel, s.head_scores) == (
         256, 32, 0.1, 5, None)
-    assert s.decode_kernel == "triton"  # measured: docs/performance.md, lease 15
+    assert s.decode_kernel == "triton"  # docs/benchmarks.md: the faster
 
 
 def test_additional_config_beats_environment():

@@ -360,8 +360,8 @@ def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
     sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)],
                           capture_output=True, text=True, check=True).stdout
     # At 2 warps the plan mode keeps two values on an 8-byte stack (stored
-    # before the page loop, loaded after it: lease 13's measured build); a
-    # spill inside the loop would cost every page
+    # before the page loop, loaded after it); a spill inside the loop would
+    # cost every page
     loops = _loops(sass)
     assert loops, "no page loop found in the SASS"
     spilled = [line for loop in loops for line in loop
@@ -374,7 +374,7 @@ def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
 
 def test_decode_splits_spread_few_heads_and_leave_many_whole():
     """The Triton kernel's split rule, with an H200's 132 SMs: the cases it
-    was set from (lease 13) and its bounds."""
+    was set from and its bounds."""
     from vllm_sparsemm.engine.backend import triton_decode_splits
     sms = 132
     assert triton_decode_splits(26 * 32, sms) == 6  # 8 GiB, B=256: 26 rows

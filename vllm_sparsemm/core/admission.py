@@ -18,10 +18,9 @@ Two rules make admission fit that life:
   together, so the pool must hold all of their final sizes at once, about
   twice their mean size over a life. Admitting compressed requests no faster
   than the pool can sustain (``pool / mean blocks`` requests per life, spread
-  over the life) lets requests of all ages share the pool. On vLLM's own
-  scheduler (``benchmarks/scheduler_sim.py``, 8 GiB of KV, LLaVA-NeXT, 256
-  requests of 512 output tokens) this takes the mean decode batch from ~31 to
-  ~40 at B=64 with no preemption.
+  over the life) lets requests of all ages share the pool: a larger mean
+  decode batch on vLLM's own scheduler (``benchmarks/scheduler_sim.py``),
+  with no preemption.
 """
 
 from __future__ import annotations

@@ -404,10 +404,9 @@ def num_splits(num_sequences: int, num_sms: int) -> int:
     they alone fill the GPU twice over, else 0 (FA's own heuristic).
 
     With varlen inputs FA3 sizes its splits as if there were one long
-    sequence, then launches its combine kernel every layer: about 12 us per
-    layer at ~800 short sequences (H100 profile, 8 GiB case), ~4% of a step.
-    Depends only on the (padded) row count, so a captured graph and its
-    replays agree.
+    sequence, then launches its combine kernel in every layer, a cost that
+    buys nothing once there are enough sequences. Depends only on the
+    (padded) row count, so a captured graph and its replays agree.
     """
     return 1 if num_sequences >= 2 * num_sms else 0
 
@@ -416,13 +415,11 @@ def triton_decode_splits(num_sequences: int, num_sms: int) -> int:
     """``triton_ops.paged_decode``'s key splits: each sequence's pages in
     that many parts, so that there are ~32 programs per SM, at most 16 parts.
 
-    Compressed heads are lopsided: at budget 256 a layer's visual head keeps
-    ~1,600 of a 2,900-token prompt, the median head 66. With one program per
-    head (26 rows, 832 heads) that head's walk, a page per iteration, was
-    the layer's critical path: H200 decode steps took 10.2 ms against 7.2
-    with FlashAttention (lease 13). Many rows (755 rows: 24,160 heads) fill
-    the GPU unsplit. A function of the (padded) row count only, so a
-    captured graph and its replays agree."""
+    Compressed heads are lopsided: a visual head may keep tens of times the
+    tokens of the median head. With one program per head and few rows, that
+    head's walk, a page per iteration, is the layer's critical path; many
+    rows fill the GPU unsplit. A function of the (padded) row count only,
+    so a captured graph and its replays agree."""
     return min(triton_ops.MAX_SPLITS,
                max(1, -(-32 * num_sms // max(num_sequences, 1))))
 

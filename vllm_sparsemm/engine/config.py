@@ -47,16 +47,15 @@ class SparseMMSettings:
     admission_pacing: bool = True
     # uniform decode steps (every row one token, none in its prompt) replay
     # full CUDA graphs (graph_decode.py); off: they run piecewise, with the
-    # attention eager between graphs (H100: batch-1 decode 1.39x stock's
-    # ms/token piecewise, 1.04x full; ~300 rows: 5% fewer tok/s piecewise)
+    # attention eager between graphs (slower decode: docs/benchmarks.md)
     full_cuda_graphs: bool = True
     # decode attention of the per-head page lists: the Triton split-K kernel
-    # (triton_ops.paged_decode), or FlashAttention over a page table. Triton
-    # tied or won every H200 case (8 GiB 3.68x/4.65x stock against 3.67x/
-    # 4.58x; one layer 0.68-0.94x stock's time against 1.05-1.19x) and
-    # passed the whole GPU suite, stock identity without eviction included
+    # (triton_ops.paged_decode), or FlashAttention over a page table
+    # (docs/benchmarks.md compares them)
     decode_kernel: str = "triton"
-    debug_poison: bool = False  # NaN-fill released blocks (tests)
+    # the debug safety net: NaN-fill what nobody may read, check every
+    # block-table column on the GPU too
+    debug_poison: bool = False
 
     def __post_init__(self):
         check_budget_args(self.budget, self.window, self.ratio)

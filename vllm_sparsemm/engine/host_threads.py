@@ -1,14 +1,14 @@
 """One torch intra-op thread in the process that runs the GPU worker.
 
-sparsemm's steps are host-bound: with compression a step carries 2-3x the rows
-of stock vLLM's, and the engine waits on the CPU, not the GPU. torch's default
+sparsemm's steps are host-bound: with compression a step carries several times
+the rows of stock vLLM's, and the engine waits on the CPU, not the GPU. torch's default
 of one intra-op thread per CPU then costs time: every CPU op over its grain
 size (vLLM's input preparation, multimodal inputs) wakes the whole pool, whose
 threads spin after each op and compete with the engine's thread. vLLM limits
 the pool to one thread only in tensor-parallel workers
 (``multiproc_executor.set_multiprocessing_worker_envs``); a single-GPU engine
-keeps the default. On an H200 LLaVA-1.5 ran markedly faster with one thread
-than with sixteen, while stock ran the same either way (docs/benchmarks.md).
+keeps the default. sparsemm runs markedly faster with one thread, stock the
+same either way (docs/benchmarks.md).
 """
 
 from __future__ import annotations

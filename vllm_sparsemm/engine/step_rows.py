@@ -32,7 +32,7 @@ class StepRows(Sequence):
 
     The step plans (:func:`plan_step`, ``graph_decode``) work on the arrays
     and look at single rows only where a prompt is in progress: a Python
-    object per row cost ~2 us each, which a host-bound step of hundreds of
+    object per row is host time that a host-bound step of hundreds of
     decoding rows pays in full.
     """
 

@@ -28,9 +28,7 @@ except ImportError:  # pragma: no cover - vLLM ships Triton on CUDA machines
 # no wider load, and it varies from step to step (``host_arrays.upload``
 # packs the step's arrays into one buffer, at offsets the step's sizes set).
 # Triton would build a variant per alignment pattern, mid-run, when a step
-# first shows it. Lease 13's Triton runs fell 1-3 s behind FlashAttention's
-# in their first seconds (``timeline`` in docs/results/h200-56ca2fc), which
-# such builds (~1 s each for the decode kernel) would explain.
+# first shows it: each such build stalls serving for as long as it takes.
 _INDEX_POINTERS = ("table_ptr", "lengths_ptr", "prefix_pages_ptr",
                    "prefix_start_ptr", "decode_base_ptr", "prompt_ptr",
                    "block_rows_ptr")
@@ -317,7 +315,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     while the rest of the GPU waits) and a second launch combines them.
     ``num_warps`` and ``num_stages`` (page loads in flight, through
     cp.async) are there for ``benchmarks/attention_bench.py`` to tune; the
-    defaults, 2 warps and 3 stages, were its fastest on an H200 (lease 13).
+    defaults are its fastest on the GPUs measured (docs/benchmarks.md).
     """
     rows, query_heads, dim = query.shape
     sequences = lengths.numel()
