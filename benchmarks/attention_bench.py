@@ -152,7 +152,6 @@ def triton_call(case: dict, scale: float, num_warps: int, num_stages: int,
     """``triton_ops.paged_decode`` (``decode_kernel: "triton"``) on the same
     pages, with the backend's split count unless ``splits`` is given."""
     import torch
-    from vllm_sparsemm.engine import backend
     from vllm_sparsemm.kernels import triton_ops
     query = case["query"]
     if splits is None:

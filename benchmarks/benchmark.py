@@ -624,7 +624,7 @@ def _held_vs_ideal(scheduler):
 
 def run_latency(args, backend) -> dict:
     """One request at a time, each of fresh random token ids. Stock vLLM keeps
-    prefix caching on (sparsemm turns it off), so a prompt repeated, or sharing
+    prefix caching on (so does sparsemm), so a prompt repeated, or sharing
     its first block with an earlier one, would time a cache hit, not a prefill."""
     import numpy as np
     from vllm import SamplingParams

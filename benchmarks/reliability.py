@@ -1035,28 +1035,10 @@ def table(runs: dict, ratios: dict) -> str:
 
 def merge_runs(path: Path, new_runs: dict, invocation=None) -> dict:
     """Merge records into the JSON at ``path`` by key and write it back
-    whole, with the ratios and the table recomputed."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    runs = {**data.get("runs", {}), **new_runs}
-    meta = data.get("meta", {})
-    if new_runs:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            meta["vllm"] = version("vllm")
-        except PackageNotFoundError:
-            pass
-        meta.update(gpu=sm.gpu_name() or meta.get("gpu"),
-                    updated=datetime.datetime.now().isoformat(
-                        timespec="seconds"))
-    if invocation and invocation not in meta.setdefault("invocations", []):
-        meta["invocations"].append(invocation)
-    ratios = compute_ratios(runs)
-    data = {"meta": meta, "runs": runs, "ratios": ratios,
-            "table": table(runs, ratios)}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-    return data
+    whole, with the ratios and the table recomputed (serve_matrix's file
+    handling, this suite's ratios and table)."""
+    return sm.merge(path, new_runs, invocation, sm.gpu_name(),
+                    ratios_of=compute_ratios, table_of=table)
 
 
 # --------------------------------------------------------------------- CLI

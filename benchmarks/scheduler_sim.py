@@ -256,7 +256,7 @@ def main():
                         "TB/s (2.4: FlashAttention on an H100). An H200 "
                         "reads 1.43x faster: --weights-ms 3.64 "
                         "--kv-tb-per-s 3.43 with the fitted --step-ms and "
-                        "--prompt-ms (docs/performance.md)")
+                        "--prompt-ms (docs/benchmarks.md)")
     parser.add_argument("--head-scores", default=str(
         ROOT / "head_scores" / "llava-v1.6-vicuna-7b.json"))
     args = parser.parse_args()

@@ -14,7 +14,7 @@ against it in turn; then it is stopped and the next variant starts:
 * ``unique``: ``vllm bench serve`` on its ``random-mm`` dataset (one fresh
   image per request) at each ``--concurrency``.
 * ``questions``: ``chat_client.py``: many distinct questions about few images
-  (stock's prefix cache can reuse an image's KV; sparsemm switches it off).
+  (both backends' prefix caches reuse an image's KV).
 * ``multiturn``: ``chat_client.py``: conversations about one image each,
   every turn resending the history with the server's answers.
 * ``kv8``: the ``unique`` load on a LLaVA-NeXT-7B-shaped model with an
@@ -783,9 +783,10 @@ def gpu_name() -> str | None:
 
 
 def merge(path: Path, new_runs: dict, invocation: list[str] | None = None,
-          gpu: str | None = None) -> dict:
+          gpu: str | None = None, ratios_of=None, table_of=None) -> dict:
     """Merge runs into the JSON at ``path`` by key, recompute ratios and the
-    table, and write it back whole (via a temporary file)."""
+    table (``ratios_of``/``table_of``: another tool's, else this one's), and
+    write it back whole (via a temporary file)."""
     data = json.loads(path.read_text()) if path.exists() else {}
     meta = data.get("meta", {})
     runs = {**data.get("runs", {}), **new_runs}
@@ -798,9 +799,9 @@ def merge(path: Path, new_runs: dict, invocation: list[str] | None = None,
     meta["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
     if invocation and invocation not in meta.setdefault("invocations", []):
         meta["invocations"].append(invocation)
-    ratios = compute_ratios(runs)
+    ratios = (ratios_of or compute_ratios)(runs)
     data = {"meta": meta, "runs": runs, "ratios": ratios,
-            "table": table(runs, ratios)}
+            "table": (table_of or table)(runs, ratios)}
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)

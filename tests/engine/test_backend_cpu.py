@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, WINDOW, Engine,
+from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, Engine,
                         chunks)
 from vllm_sparsemm.engine import backend
 from vllm_sparsemm.engine.config import SparseMMSettings

@@ -303,7 +303,6 @@ def test_blocks_match_the_plan_and_nothing_leaks(models):
     """Aborts, forced preemption and NaN-poisoned released blocks."""
     from vllm import SamplingParams
 
-    from vllm_sparsemm.engine import backend
     kind = "llava-small"
     prompts = _prompts(kind, 24, seed=7, text_len=150)
     budget = {"budget": 48, "window": 16}

@@ -10,7 +10,6 @@ a clamp.
 """
 
 import pytest
-import torch
 
 from cpu_engine import BS, BUDGET, Engine, chunks
 from vllm_sparsemm.core.pages import cdiv

@@ -1,0 +1,63 @@
+"""The repository speaks of the product: its layers import downwards only, the
+README stays a user's document, results stay small, and measurements are
+named by GPU and commit (never by the sessions that ran them)."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "vllm_sparsemm"
+LAYERS = ["core", "kernels", "engine", "tools", "testing"]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_layers_import_downwards_only():
+    """core -> kernels -> engine -> tools (testing beside tools); core uses
+    no vLLM at all."""
+    for layer in LAYERS:
+        above = LAYERS[LAYERS.index(layer) + 1:]
+        for path in (PACKAGE / layer).rglob("*.py"):
+            imported = _imports(path)
+            upward = sorted(name for name in imported for other in above
+                            if name.startswith(f"vllm_sparsemm.{other}")
+                            and not (layer == "tools" and other == "testing"))
+            assert not upward, (path, upward)
+            if layer == "core":
+                assert not any(name == "vllm" or name.startswith("vllm.")
+                               for name in imported), path
+
+
+def test_readme_is_a_users_document():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    assert "python3 -m pytest -q" in readme  # the test command CI runs
+    assert "python3 -m pytest -q" in (ROOT / ".ci" / "run").read_text()
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+
+
+def test_results_are_small_json_only():
+    results = list((ROOT / "benchmarks" / "results").iterdir())
+    assert results and all(p.suffix == ".json" for p in results)
+    assert sum(p.stat().st_size for p in results) <= 1_000_000
+
+
+def test_measurements_are_named_by_gpu_and_commit():
+    word = re.compile(r"\b" + "le" + r"ase\b", re.I)  # a session's name
+    folders = ["vllm_sparsemm", "tests", "examples", "benchmarks", "docs"]
+    files = [ROOT / "README.md"] + [
+        p for folder in folders for p in (ROOT / folder).rglob("*")
+        if p.suffix in (".py", ".md", ".sh") and p.is_file()]
+    named = [str(p) for p in files if word.search(p.read_text())]
+    assert not named
