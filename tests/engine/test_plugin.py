@@ -1,6 +1,7 @@
 """The plugin entry point and the vLLM patches, on CPU: registered once, active
 only when the sparsemm backend is chosen."""
 
+import dataclasses
 import types
 from importlib.metadata import entry_points
 
@@ -205,3 +206,46 @@ def test_the_hook_reaches_the_builders_vllm_rebuilt():
     step()
     assert len(profiling.handed) == 1 and len(serving.handed) == 1
     assert list(serving.handed[0][0].req_ids) == ["a"]
+
+
+def test_start_up_logs_every_effective_setting_once(monkeypatch):
+    """One vLLM-style line names each setting with the value in force, the
+    engine's block size and prefix caching, and where the scores came from."""
+    import logging
+
+    from vllm_sparsemm.engine import metrics
+    from vllm_sparsemm.engine.config import SparseMMSettings
+    register()
+    monkeypatch.setattr(metrics, "setup", lambda name: None)
+    config = _engine_config()
+    config.additional_config = {"sparsemm": {"budget": 208,
+                                             "head_scores": "uniform"}}
+    text = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, hidden_size=64,
+                                 vocab_size=128)
+    config.model_config = types.SimpleNamespace(
+        hf_config=types.SimpleNamespace(
+            architectures=["LlavaForConditionalGeneration"]),
+        hf_text_config=text, served_model_name="tiny",
+        get_total_num_kv_heads=lambda: 2)
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    patches.logger.addHandler(handler)
+    try:
+        patches._prepare_engine_config(config)
+        patches._prepare_engine_config(config)
+    finally:
+        patches.logger.removeHandler(handler)
+    started = [line for line in lines if line.startswith("sparsemm: budget=")]
+    assert len(started) == 1, lines
+    for name in (f.name for f in dataclasses.fields(SparseMMSettings)
+                 if f.name != "head_scores"):
+        assert f" {name}=" in f" {started[0]}", name
+    assert "budget=208 " in started[0]
+    assert "block_size=16" in started[0] and "prefix_caching=on" in started[0]
+    assert "head_scores=uniform" in started[0]
