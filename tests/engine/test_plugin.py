@@ -217,6 +217,8 @@ def test_start_up_logs_every_effective_setting_once(monkeypatch):
     from vllm_sparsemm.engine.config import SparseMMSettings
     register()
     monkeypatch.setattr(metrics, "setup", lambda name: None)
+    # the config sets the process's request window; give it back after
+    monkeypatch.setattr(patches, "_request_window", patches._request_window)
     config = _engine_config()
     config.additional_config = {"sparsemm": {"budget": 208,
                                              "head_scores": "uniform"}}

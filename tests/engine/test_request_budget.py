@@ -86,11 +86,12 @@ def test_a_chat_request_with_a_bad_budget_fails_before_generation(
     assert good.to_sampling_params(16, {}).extra_args == {KEY: 96}
 
 
-def test_requests_of_several_budgets_share_a_batch():
+def test_requests_of_several_budgets_share_a_batch(monkeypatch):
     """The server's budget, a smaller and a larger one, one at least the
     prompt (nothing compressed) and one off: every output equals dense
     SparseMM attention under the request's own budget, and each holds the
     blocks its own law counts."""
+    monkeypatch.setattr(patches, "_request_window", WINDOW)
     eng = Engine()
     budgets = {"default": None, "small": 20, "large": 70, "whole": 500,
                "off": 0}

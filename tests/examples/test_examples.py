@@ -110,7 +110,10 @@ def test_client_shows_a_refusal_in_one_line(capsys):
     assert "(400)" in err and "sparsemm_budget must be" in err
 
 
-def test_offline_example_builds_a_batch_with_images():
+def test_offline_example_builds_a_batch_with_images(monkeypatch):
+    from vllm_sparsemm.engine import patches
+    # as in a fresh process: no engine has set the request window yet
+    monkeypatch.setattr(patches, "_request_window", None)
     offline = load_script("offline_inference")
     args = offline.parse_args(["--model", "m", "--request-budget", "off"])
     batch = offline.conversations(offline.images([]), args.question)
