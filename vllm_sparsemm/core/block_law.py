@@ -109,6 +109,15 @@ class BlockLaw:
         """``n_c``: the standard entries before the compacted ones."""
         return cdiv(compaction_end, self.block_size)
 
+    def peak_blocks(self, prompt_len: int) -> int:
+        """The most blocks a request of ``prompt_len`` tokens holds before it
+        decodes: its prompt's, plus its compacted ones in the step that
+        compacts it (out of place, both at once)."""
+        blocks = cdiv(prompt_len, self.block_size)
+        if self.compresses(prompt_len):
+            blocks += self.compacted_blocks(prompt_len, 0)
+        return blocks
+
     def list_length(self, prompt_len: int, compaction_end: int | None,
                     num_tokens: int) -> int:
         """Length of the request's (append-only) block list covering

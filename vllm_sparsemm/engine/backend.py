@@ -21,21 +21,24 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadata,
     FlashAttentionMetadataBuilder)
 
+from vllm_sparsemm.engine import metrics
 from vllm_sparsemm.engine.config import SparseMMSettings
 from vllm_sparsemm.engine.graph_decode import GraphDecode
-from vllm_sparsemm.engine.host_threads import limit_host_threads
-from vllm_sparsemm.kernels.kv_ops import paged_attention_reference
-from vllm_sparsemm.engine import metrics
-from vllm_sparsemm.kernels import triton_ops
-from vllm_sparsemm.engine.layer_ops import (collect_window_queries, compact,
-                                     compressed_page_table, page_table_width,
-                                     prepare_compressed, select_layer,
-                                     write_compressed, write_standard_reference)
-from vllm_sparsemm.engine.plan_setup import settings_for
 from vllm_sparsemm.engine.host_arrays import upload, virtual_sequences
-from vllm_sparsemm.engine.step_plan import (StepPlan, plan_step, selection_scratch_bytes)
+from vllm_sparsemm.engine.host_threads import limit_host_threads
+from vllm_sparsemm.engine.layer_ops import (collect_window_queries, compact,
+                                            compressed_page_table,
+                                            page_table_width,
+                                            prepare_compressed, select_layer,
+                                            write_compressed,
+                                            write_standard_reference)
+from vllm_sparsemm.engine.plan_setup import settings_for
+from vllm_sparsemm.engine.step_plan import (StepPlan, plan_step,
+                                            selection_scratch_bytes)
 from vllm_sparsemm.engine.step_rows import StepRows
 from vllm_sparsemm.engine.worker_state import WorkerKVState
+from vllm_sparsemm.kernels import triton_ops
+from vllm_sparsemm.kernels.kv_ops import paged_attention_reference
 
 logger = init_logger("vllm.sparsemm.backend")
 
@@ -172,12 +175,13 @@ def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
 def report_compaction_times(state: WorkerKVState) -> None:
     """Earlier steps' compaction times, once the device has run them, to
     ``/metrics`` (this process's metrics writer, when it has one)."""
+    done = state.timer.collect()  # drained with or without a writer
     writer = metrics.writer()
-    for seconds in state.timer.collect():
-        if writer is not None:
-            writer.compaction_seconds.observe(seconds)
-    if writer is not None:
-        writer.dump()
+    if writer is None:
+        return
+    for seconds in done:
+        writer.compaction_seconds.observe(seconds)
+    writer.dump()
 
 
 def build_graph_step(state: WorkerKVState, rows, num_reqs: int,
@@ -321,14 +325,17 @@ class SparseMMImpl(FlashAttentionImpl):
         lengths = cr.lengths[index]  # [R * Hkv]
         triton = query.is_cuda and triton_ops.AVAILABLE
         # debug runs build page tables with the checked PyTorch reference
-        from_plan = triton and not state.debug_checks
-        if cr.leading and from_plan and self.decode_kernel == "triton":
-            # one launch (two if split) that finds each page from the plan
-            # and reads the strided query in place: no page table is built
+        from_plan = triton and not state.debug_poison
+        if cr.leading and triton and self.decode_kernel == "triton":
+            # one launch (two if split) that reads the strided query in
+            # place and, outside debug runs, finds each page from the plan:
+            # no page table is built
             rows = len(cr.rows)
+            table = None if from_plan else compressed_page_table(cr, state,
+                                                                 index)
             triton_ops.paged_decode(
-                query[:rows], state.pages, None, lengths, self.scale,
-                output[:rows], plan=(cr, index, state),
+                query[:rows], state.pages, table, lengths, self.scale,
+                output[:rows], plan=(cr, index, state) if from_plan else None,
                 num_splits=triton_decode_splits(rows * state.num_kv_heads,
                                                 sm_count(query.device)))
             return
@@ -337,14 +344,6 @@ class SparseMMImpl(FlashAttentionImpl):
                                           page_table_width(cr, state))
         else:
             table = compressed_page_table(cr, state, index)
-        if cr.leading and triton and self.decode_kernel == "triton":
-            rows = len(cr.rows)
-            triton_ops.paged_decode(
-                query[:rows], state.pages, table, lengths, self.scale,
-                output[:rows],
-                num_splits=triton_decode_splits(rows * state.num_kv_heads,
-                                                sm_count(query.device)))
-            return
         if cr.leading:  # decode rows first: (row, head) sequences are views
             rows = len(cr.rows)
             self._attend_per_kv_head(

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_sparsemm.engine import metrics
 from vllm_sparsemm.core.admission import AdmissionPacer, FutureRow, future_peak
 from vllm_sparsemm.core.block_law import BlockLaw, LawBook
 from vllm_sparsemm.core.budget import BudgetPlan
 from vllm_sparsemm.core.pages import cdiv
+from vllm_sparsemm.engine import metrics
 
 _BOOKS: dict[tuple, LawBook] = {}
 
@@ -63,12 +63,8 @@ class SparseMMSpec(FullAttentionSpec):
         # unless this fits, and divides the pool by it for the "maximum
         # concurrency" it logs (not by the block-table width, which counts
         # the released entries too).
-        law = self.law()
         max_len = vllm_config.model_config.max_model_len
-        blocks = cdiv(max_len, self.block_size)
-        if law.compresses(max_len):
-            blocks += law.compacted_blocks(max_len, 0)
-        return blocks * self.page_size_bytes
+        return self.law().peak_blocks(max_len) * self.page_size_bytes
 
     @classmethod
     def merge(cls, specs: list["SparseMMSpec"]) -> "SparseMMSpec":
@@ -321,7 +317,12 @@ class SparseMMManager(FullAttentionManager):
         return (tracked.law.compacted_blocks(tracked.prompt_len,
                                              tracked.limit -
                                              tracked.prompt_len),
-                cdiv(max(tokens, tracked.prompt_len), self.block_size))
+                self._whole_prompt(tracked, tokens))
+
+    def _whole_prompt(self, tracked: _Tracked, tokens: int) -> int:
+        """Blocks of a compressed request's standard layout until compaction:
+        its prompt, or all ``tokens`` when a re-prefill runs past it."""
+        return cdiv(max(tokens, tracked.prompt_len), self.block_size)
 
     def admission_reserve(self, request_id: str, num_tokens: int) -> int:
         """Blocks to find free, beyond the ``num_tokens`` vLLM counts, before
@@ -375,7 +376,7 @@ class SparseMMManager(FullAttentionManager):
         """The row of a request asking to start with ``num_tokens`` slots."""
         prompt_len = tracked.prompt_len
         steps = cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1))
-        whole = (cdiv(max(num_tokens, prompt_len), self.block_size)
+        whole = (self._whole_prompt(tracked, num_tokens)
                  if _compresses(tracked) else 0)
         return FutureRow(prompt_len, num_tokens, tracked.limit, steps, whole,
                          0, steps + self.release_lag, _budget(tracked))
@@ -388,7 +389,7 @@ class SparseMMManager(FullAttentionManager):
         whole, release = 0, 0
         if _compresses(tracked) and not tracked.released:
             if tracked.end is None:  # still prefilling
-                whole = cdiv(max(tokens, prompt_len), self.block_size)
+                whole = self._whole_prompt(tracked, tokens)
                 release = steps + self.release_lag
             else:  # the compaction step is scheduled: back when processed
                 whole = tracked.law.prompt_entries(tracked.end)

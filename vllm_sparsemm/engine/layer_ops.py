@@ -14,16 +14,17 @@ from __future__ import annotations
 import torch
 from vllm.logger import init_logger
 
+from vllm_sparsemm.core.pages import (RequestLayout, cdiv, compaction_rows,
+                                      page_slot, prompt_rows)
+from vllm_sparsemm.core.selection import (select_kept, streamed_window_scores,
+                                          window_scores)
+from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
+                                            StepPlan)
+from vllm_sparsemm.engine.worker_state import WorkerKVState
 from vllm_sparsemm.kernels import triton_ops
 from vllm_sparsemm.kernels.kv_ops import copy_rows, write_rows
-from vllm_sparsemm.core.pages import (RequestLayout, cdiv, compaction_rows,
-                                     page_slot, prompt_rows)
-from vllm_sparsemm.core.selection import (select_kept, streamed_window_scores,
-                                     window_scores)
 
 logger = init_logger("vllm.sparsemm.layers")
-from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows, StepPlan)
-from vllm_sparsemm.engine.worker_state import WorkerKVState
 
 
 def compressed_page(cr: CompressedRows, state: WorkerKVState, req, head,
@@ -41,7 +42,7 @@ def compressed_page(cr: CompressedRows, state: WorkerKVState, req, head,
                      index // state.block_size)
     column = cr.prompt_entries[req, 0] + slot // pages_per_block
     column = checked_columns(column, cr.block_rows.shape[1], used,
-                             state.debug_checks)
+                             state.debug_poison)
     block = cr.block_rows[req, column].long()
     return block * pages_per_block + slot % pages_per_block
 

@@ -89,7 +89,7 @@ def _prepare_engine_config(vllm_config) -> None:
     if vllm_config.model_config is None:
         return
     settings = settings_for(vllm_config)
-    plan, source = budget_plan(vllm_config)
+    _, source = budget_plan(vllm_config)  # fails here on a bad score file
     global _request_window
     _request_window = settings.window
     from vllm_sparsemm.engine import metrics
@@ -276,10 +276,12 @@ def patch_runner_hooks() -> None:
         @functools.wraps(original)
         def _update_states(self, scheduler_output):
             finished = scheduler_output.finished_req_ids
-            for builder in sparsemm_builders(self) if finished else ():
+            builders = sparsemm_builders(self) if finished else []
+            if builders:
                 blocks = {rid: self.requests[rid].block_ids[0]
                           for rid in finished if rid in self.requests}
-                builder.state.finish(finished, blocks)
+                for builder in builders:
+                    builder.state.finish(finished, blocks)
             return original(self, scheduler_output)
 
         return _update_states
@@ -311,7 +313,8 @@ def patch_admission_inputs() -> None:
         return managers
 
     def note(kv_manager, request):
-        for manager in managers_of(kv_manager):
+        managers = managers_of(kv_manager)
+        for manager in managers:
             if not manager.is_noted(request.request_id):
                 manager.note_request(
                     request.request_id, request.num_prompt_tokens,
@@ -319,7 +322,7 @@ def patch_admission_inputs() -> None:
                         kv_manager.max_model_len),
                     request_budget(request.sampling_params.extra_args
                                    if request.sampling_params else None))
-        return managers_of(kv_manager)
+        return managers
 
     def make_lookup(original):
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vllm_sparsemm.core.budget import BudgetPlan
 from vllm_sparsemm.engine.config import (ModelShape, SparseMMSettings,
-                                  resolve_scores)
+                                         resolve_scores)
 
 _cache: dict = {}
 

@@ -106,7 +106,7 @@ class WorkerKVState:
         self.num_kv_heads = num_kv_heads  # on this rank
         self.window = self.law.plan.window
         # the debug safety net: NaN-fill what nobody may read, and check
-        # every block-table column on the GPU too (debug_checks)
+        # every block-table column on the GPU too
         self.debug_poison = debug_poison
         # whether released prompt blocks stay prefix-cache entries (not
         # poisoned then: later requests read them)
@@ -194,9 +194,7 @@ class WorkerKVState:
                 continue
             law = self.book.law(steps.budget_of(req_id))
             if law is not None and law.compresses(int(steps.prompt_len[i])):
-                raise RuntimeError(
-                    f"sparsemm: request {req_id} decodes but was never "
-                    f"compacted on this worker")
+                raise _never_compacted(req_id)
             self.uncompressed.add(req_id)
 
     def compacted_requests(self, steps: "StepRows",
@@ -206,14 +204,8 @@ class WorkerKVState:
         reqs = [self.requests.get(steps.req_ids[i]) for i in indices]
         for i, req in zip(indices, reqs):
             if req is None or not req.compacted:
-                raise RuntimeError(
-                    f"sparsemm: request {steps.req_ids[i]} decodes but was "
-                    f"never compacted on this worker")
+                raise _never_compacted(steps.req_ids[i])
         return reqs
-
-    @property
-    def debug_checks(self) -> bool:
-        return self.debug_poison
 
     def finish(self, req_ids, block_ids=None) -> None:
         """Forget finished requests; under ``debug_poison``, NaN-fill the
@@ -237,3 +229,10 @@ class WorkerKVState:
                      torch.arange(self.space.pages_per_block,
                                   device=blocks.device)).flatten()
             self.pages[pages] = float("nan")
+
+
+def _never_compacted(req_id: str) -> RuntimeError:
+    """A row decodes past a prompt its budget compresses, but this worker
+    holds no compacted pages for it: its keys would be garbage."""
+    return RuntimeError(f"sparsemm: request {req_id} decodes but was never "
+                        f"compacted on this worker")

@@ -25,7 +25,7 @@ class _UsageError(Exception):
 
 def _plan(args) -> int:
     from vllm_sparsemm.tools.plan_report import (format_report, plan_report,
-                                           write_json)
+                                                 write_json)
     report = plan_report(args.source, args.budget, args.prompt_len,
                          args.block_size, args.window, args.ratio,
                          args.num_kv_heads, args.head_scores)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 from vllm_sparsemm.core.block_law import BlockLaw
 from vllm_sparsemm.core.budget import BudgetPlan
-from vllm_sparsemm.engine.config import (KNOWN_SCORE_FILES, ModelShape,
-                                  SparseMMSettings, resolve_scores)
+from vllm_sparsemm.core.pages import cdiv
 from vllm_sparsemm.core.scores import (HeadScoreError, load_head_scores,
                                        resolve_score_file, shipped_score_files)
-from vllm_sparsemm.core.pages import cdiv
-
+from vllm_sparsemm.engine.config import (KNOWN_SCORE_FILES, ModelShape,
+                                         SparseMMSettings, resolve_scores)
 
 def load_source(source: str, num_kv_heads: int | None,
                 head_scores: str | None):
@@ -65,8 +64,7 @@ def plan_report(source: str, budget: int, prompt_len: int,
         "compressed": compressed,
         "kept": law.kept(prompt_len).tolist(),
         "full_blocks": full, "compressed_blocks": blocks,
-        # what it holds in the step that compacts it: prompt and pages
-        "peak_blocks": full + blocks if compressed else full,
+        "peak_blocks": law.peak_blocks(prompt_len),
         "ratio": full / blocks,
     }
 

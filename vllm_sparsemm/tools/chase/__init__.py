@@ -5,7 +5,7 @@ image), :func:`generate_ocr_images` / :func:`load_ocr_folder` (data).
 """
 
 from vllm_sparsemm.tools.chase.data import (OcrSample, generate_ocr_images,
-                                      load_ocr_folder)
+                                            load_ocr_folder)
 from vllm_sparsemm.tools.chase.run import chase, load_model
 from vllm_sparsemm.tools.chase.scorer import prepare_model, score_image
 
