@@ -1002,8 +1002,7 @@ def compute_ratios(runs: dict) -> dict:
         mine, theirs = run.get("figures") or {}, stock.get("figures") or {}
         if not mine or not theirs:
             continue
-        ratios[key] = {f: mine[f] / theirs[f] for f in RATIO_FIGURES
-                       if mine.get(f) is not None and theirs.get(f)}
+        ratios[key] = sm.figure_ratios(mine, theirs, RATIO_FIGURES)
     return ratios
 
 

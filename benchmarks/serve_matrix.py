@@ -729,10 +729,16 @@ def compute_ratios(runs: dict) -> dict:
                 or _same(stock.get("load_params")) != _same(
                     run.get("load_params")):
             continue
-        mine, theirs = run["figures"], stock["figures"]
-        ratios[key] = {f: mine[f] / theirs[f] for f in RATIO_FIGURES
-                       if mine.get(f) is not None and theirs.get(f)}
+        ratios[key] = figure_ratios(run["figures"], stock["figures"],
+                                    RATIO_FIGURES)
     return ratios
+
+
+def figure_ratios(mine: dict, theirs: dict, names) -> dict:
+    """``mine[f] / theirs[f]`` for each figure ``f`` of ``names`` that both
+    runs report (stock's non-zero)."""
+    return {f: mine[f] / theirs[f] for f in names
+            if mine.get(f) is not None and theirs.get(f)}
 
 
 def _cell(value, fmt: str, ratio=None) -> str:
