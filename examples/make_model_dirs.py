@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from vllm_sparsemm.testing.checkpoints import (save_tiny_llava,
-                                                 save_tiny_qwen2_vl,
-                                                 write_dummy_llava_15_7b)
+                                               save_tiny_qwen2_vl,
+                                               write_dummy_llava_15_7b)
 
 
 def main():

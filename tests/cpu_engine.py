@@ -278,6 +278,12 @@ class Engine:
             self.requests[rid].num_in_flight_tokens -= n
         return tokens, outputs  # [L, T, Hq, D]
 
+    def processed(self, rids) -> None:
+        """vLLM's ``update_from_output`` for a step run synchronously: no
+        token of ``rids`` (ids, or a schedule) is in flight any more."""
+        for rid in rids:
+            self.requests[rid].num_in_flight_tokens = 0
+
     def budget_of(self, rid):
         """A request's own budget, as the runner hook reads it."""
         return request_budget(self.requests[rid].sampling_params.extra_args)
@@ -326,8 +332,7 @@ class Engine:
         while any(plans.values()):
             schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
             tokens, outputs = self.step(schedule)
-            for rid, n in schedule.items():
-                self.requests[rid].num_in_flight_tokens -= n
+            self.processed(schedule)
             yield schedule, tokens, outputs
 
     def held_blocks(self, rid):

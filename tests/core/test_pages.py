@@ -9,9 +9,10 @@ import torch
 from vllm_sparsemm.core.budget import head_budgets, kept_counts
 from vllm_sparsemm.core.scores import load_head_scores
 from vllm_sparsemm.kernels.kv_ops import (copy_rows_reference,
-                                  paged_attention_reference, write_rows)
+                                          paged_attention_reference,
+                                          write_rows)
 from vllm_sparsemm.core.pages import (PagePlan, PageSpace, RequestLayout, cdiv,
-                                     compaction_rows)
+                                      compaction_rows)
 from vllm_sparsemm.core.selection import select_kept
 
 VICUNA = Path(__file__).resolve().parents[2] / "head_scores" / (

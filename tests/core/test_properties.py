@@ -103,8 +103,7 @@ def test_random_schedules_keep_scheduler_and_workers_in_step(
             else:
                 schedule[rid] = 1
         tokens, outputs = eng.step(schedule)
-        for rid in schedule:
-            eng.requests[rid].num_in_flight_tokens = 0
+        eng.processed(schedule)
         eng.check(tokens, outputs)
         for rid, n in schedule.items():
             request = eng.requests[rid]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_sparsemm.core.selection import (WindowQueryBuffer, kept_positions,
-                                     select_kept, window_scores)
+                                          select_kept, window_scores)
 
 
 def _keys(*values):

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, Engine,
-                        chunks)
+from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, Engine, chunks)
 from vllm_sparsemm.engine import backend
 from vllm_sparsemm.engine.config import SparseMMSettings
 from vllm_sparsemm.core.pages import cdiv
@@ -48,8 +47,7 @@ def _run_mixed_batch(chunk, async_frees):
         pending = list(last.items()) if async_frees else []
         tokens, outputs = eng.step(schedule, pending)
         if not async_frees:
-            for rid, n in schedule.items():
-                eng.requests[rid].num_in_flight_tokens -= n
+            eng.processed(schedule)
         last = schedule
         eng.check(tokens, outputs)
         for rid in schedule:
@@ -102,14 +100,12 @@ def test_preemption_recompute_and_abort_leak_nothing():
     for schedule in ({"p": 40, "q": 40, "gone": 35},
                      {"p": 40, "q": 20, "gone": 30}):
         eng.step(schedule)
-        for rid in ("p", "q", "gone"):
-            eng.requests[rid].num_in_flight_tokens = 0
+        eng.processed(schedule)
     eng.finish("gone")  # aborted mid-prefill
     for _ in range(20):
         tokens, outputs = eng.step({"p": 1, "q": 1})
         eng.check(tokens, outputs)
-        for rid in ("p", "q"):
-            eng.requests[rid].num_in_flight_tokens = 0
+        eng.processed(("p", "q"))
     # preempt p by recompute: blocks freed, prompt + outputs re-prefilled;
     # the chunk that crosses the prompt ends past it (E > P), and the last
     # chunk runs several tokens at once on the compacted layout
@@ -119,16 +115,14 @@ def test_preemption_recompute_and_abort_leak_nothing():
     for chunk in (64, 30, done - 94):
         tokens, outputs = eng.step({"p": chunk, "q": 1} if chunk == 30
                                    else {"p": chunk})
-        request.num_in_flight_tokens = 0
-        eng.requests["q"].num_in_flight_tokens = 0
+        eng.processed(("p", "q"))
         eng.check(tokens, outputs)
     assert request.compaction_end == 94 > request.num_prompt_tokens
     assert done - 94 > 1
     for _ in range(20):
         tokens, outputs = eng.step({"p": 1, "q": 1})
         eng.check(tokens, outputs)
-        for rid in ("p", "q"):
-            eng.requests[rid].num_in_flight_tokens = 0
+        eng.processed(("p", "q"))
     eng.finish("p")
     eng.finish("q")
     assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start
@@ -144,8 +138,7 @@ def test_one_prompt_length_with_and_without_a_recomputed_tail_compacts_apart():
 
     def step(schedule):
         tokens, outputs = eng.step(schedule)
-        for rid in schedule:
-            eng.requests[rid].num_in_flight_tokens = 0
+        eng.processed(schedule)
         eng.check(tokens, outputs)
 
     step({"p": 80})

@@ -7,7 +7,7 @@ import torch
 
 from vllm_sparsemm.core.budget import BudgetPlan
 from vllm_sparsemm.engine.config import (ModelShape, SparseMMSettings,
-                                  find_score_file, resolve_scores)
+                                         find_score_file, resolve_scores)
 from vllm_sparsemm.core.scores import HeadScoreError
 
 VICUNA_SHAPE = ModelShape(("LlavaNextForConditionalGeneration", ), 32, 32, 32,

@@ -26,8 +26,8 @@ TINY = dict(num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from vllm_sparsemm.testing.checkpoints import (save_tiny_llava,
-                                                     save_tiny_llava_next,
-                                                     save_tiny_qwen2_vl)
+                                                   save_tiny_llava_next,
+                                                   save_tiny_qwen2_vl)
     root = tmp_path_factory.mktemp("models")
     return {
         "llava": str(save_tiny_llava(root / "llava", seed=1, num_layers=4,

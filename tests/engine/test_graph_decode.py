@@ -28,14 +28,9 @@ def _prefilled(decode=6, tp=1):
         tokens, outputs = eng.step(schedule)
         assert eng.last_plan is None or eng.last_plan.compressed is None or (
             eng.last_plan.compressed.max_length != 4096)  # not the graph path
-        _processed(eng, schedule)
+        eng.processed(schedule)
         eng.check(tokens, outputs)
     return eng
-
-
-def _processed(eng, schedule):
-    for rid, n in schedule.items():
-        eng.requests[rid].num_in_flight_tokens -= n
 
 
 @pytest.mark.parametrize("pad_to, tp", [(0, 1), (5, 1), (8, 1), (5, 2)])
@@ -48,7 +43,7 @@ def test_uniform_decode_on_the_fixed_path_matches_dense_sparsemm(pad_to, tp):
         assert compressed.max_length == 4096  # the fixed path ran
         assert len(compressed.rows) == max(pad_to, len(PROMPTS))
         assert not eng.last_plan.standard_rows
-        _processed(eng, schedule)
+        eng.processed(schedule)
         eng.check(tokens, outputs)
 
 
@@ -63,7 +58,7 @@ def test_fixed_path_buffers_keep_their_addresses_across_steps():
 
     eng.step({rid: 1 for rid in PROMPTS}, pad_to=8)
     first = addresses()
-    _processed(eng, {rid: 1 for rid in PROMPTS})
+    eng.processed(PROMPTS)
     eng.step({"a": 1, "c": 1}, pad_to=8)  # other rows, same padded size
     assert addresses() == first
 

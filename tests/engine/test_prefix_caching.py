@@ -32,7 +32,7 @@ def _run(eng, rid, tokens, decode, chunk=512, check=True, room=0):
             left = prompt - eng.requests[rid].num_computed_tokens
             plan = chunks(left, chunk) + [1] * decode if left else (
                 [1] * (decode - 1))
-        eng.requests[rid].num_in_flight_tokens = 0
+        eng.processed([rid])
         if check:
             eng.check(tokens_run, outputs)
         assert eng.requests[rid].num_computed_tokens > before
@@ -116,10 +116,10 @@ def test_a_preempted_request_takes_its_prompt_back_from_the_cache():
     assert tokens[0][1] == (len(prompt) - WINDOW) // BS * BS
     assert request.compaction_end == done
     eng.check(tokens, outputs)
-    request.num_in_flight_tokens = 0
+    eng.processed(["p"])
     for _ in range(5):
         tokens, outputs = eng.step({"p": 1})
-        request.num_in_flight_tokens = 0
+        eng.processed(["p"])
         eng.check(tokens, outputs)
     eng.finish("p")
     assert eng.kv.block_pool.get_num_free_blocks() == eng.free_at_start

@@ -16,8 +16,8 @@ from cpu_engine import BS, BUDGET, WINDOW, Engine, chunks
 from vllm_sparsemm.engine import patches
 from vllm_sparsemm.engine.plugin import register
 from vllm_sparsemm.engine.request_options import (BUDGET as KEY,
-                                           check_request_options,
-                                           request_budget)
+                                                  check_request_options,
+                                                  request_budget)
 
 
 @pytest.mark.parametrize("value, budget", [

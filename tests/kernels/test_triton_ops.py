@@ -196,8 +196,7 @@ def compare_plan_decode(device: str) -> int:
         for pad_to in (0, 5, 8):
             schedule = {rid: 1 for rid in plans}
             eng.step(schedule, pad_to=pad_to)
-            for rid in schedule:
-                eng.requests[rid].num_in_flight_tokens -= 1
+            eng.processed(schedule)
         assert eng.last_plan.compressed.max_length == 4096  # the fixed path ran
     finally:
         backend.SparseMMImpl._compressed_attention = attend

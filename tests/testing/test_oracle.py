@@ -10,8 +10,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from vllm_sparsemm.core.budget import head_budgets, kept_counts
 from vllm_sparsemm.testing.oracle import SparseMMOracle
 from vllm_sparsemm.testing.tiny import (llava_inputs, qwen2_vl_inputs,
-                                          tiny_llava, tiny_qwen2_5_vl,
-                                          tiny_qwen2_vl)
+                                        tiny_llava, tiny_qwen2_5_vl,
+                                        tiny_qwen2_vl)
 from vllm_sparsemm.core.selection import kept_positions
 
 MODELS = {

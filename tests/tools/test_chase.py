@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from vllm_sparsemm.tools.chase import (OcrSample, chase, generate_ocr_images,
-                                 load_model, load_ocr_folder, prepare_model,
-                                 score_image)
+                                       load_model, load_ocr_folder,
+                                       prepare_model, score_image)
 from vllm_sparsemm.tools.chase.regions import box_tokens
 from vllm_sparsemm.core.scores import load_head_scores
 from vllm_sparsemm.testing import checkpoints, tiny
