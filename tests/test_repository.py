@@ -61,3 +61,17 @@ def test_measurements_are_named_by_gpu_and_commit():
         if p.suffix in (".py", ".md", ".sh") and p.is_file()]
     named = [str(p) for p in files if word.search(p.read_text())]
     assert not named
+
+
+def test_gpu_runner_names_test_files_that_exist():
+    """tests/gpu/run_all.sh keeps up with moved test files, and every GPU
+    test file is in it."""
+    script = (ROOT / "tests/gpu/run_all.sh").read_text()
+    named = set(re.findall(r"tests/[\w/]+\.py", script))
+    named |= {"tests/engine/test_engine_gpu.py"} if "$engine" in script else set()
+    assert named and all((ROOT / path).is_file() for path in named), named
+    gpu_files = {str(path.relative_to(ROOT)) for path in
+                 (ROOT / "tests").rglob("test_*.py")
+                 if re.search(r"^pytestmark = pytest\.mark\.gpu",
+                              path.read_text(), re.M)}
+    assert gpu_files <= named, gpu_files - named

@@ -5,39 +5,74 @@
 # Usage (on the GPU machine, after staging vLLM):
 #   bash tests/gpu/run_all.sh            # every test
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
+#   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
+# With JOBS > 1 the small engine tests (5% of the GPU each) share the GPU;
+# `serve` and `compile` size their pools from free memory, so they run
+# alone afterwards. A test whose engine failed only because another
+# process freed memory while it profiled is run again alone.
 set -u
 log_dir=${OUT:-/tmp}
-status=0
+jobs=${JOBS:-1}
+engine=tests/engine/test_engine_gpu.py
 declare -A tests=(
-  [kernels]="tests/test_kernels_gpu.py tests/test_triton_ops.py"
-  [no_eviction_llava]="tests/test_engine_gpu.py -k no_eviction_is_token_identical_to_flash_attn[llava]"
-  [no_eviction_llava-next]="tests/test_engine_gpu.py -k no_eviction_is_token_identical_to_flash_attn[llava-next]"
-  [no_eviction_qwen2-vl]="tests/test_engine_gpu.py -k no_eviction_is_token_identical_to_flash_attn[qwen2-vl]"
-  [oracle_llava]="tests/test_engine_gpu.py -k oracle[llava-96]"
-  [oracle_llava-next]="tests/test_engine_gpu.py -k oracle[llava-next-96]"
-  [oracle_qwen2-vl]="tests/test_engine_gpu.py -k oracle[qwen2-vl-48]"
-  [caching_llava]="tests/test_engine_gpu.py -k prefix_caching_changes_no_token[llava]"
-  [caching_qwen2-vl]="tests/test_engine_gpu.py -k prefix_caching_changes_no_token[qwen2-vl]"
-  [caching_stock]="tests/test_engine_gpu.py -k prefix_caching_without_eviction"
-  [chunked]="tests/test_engine_gpu.py -k chunked"
-  [leaks]="tests/test_engine_gpu.py -k leaks"
-  [compile]="tests/test_engine_gpu.py -k graphs"
-  [triton]="tests/test_engine_gpu.py -k triton_decode_kernel"
-  [serve]="tests/test_serve_gpu.py"
+  [kernels]="tests/kernels/test_kernels_gpu.py tests/kernels/test_triton_ops.py tests/kernels/test_attention_gpu.py"
+  [no_eviction_llava]="$engine -k no_eviction_is_token_identical_to_flash_attn[llava]"
+  [no_eviction_llava-next]="$engine -k no_eviction_is_token_identical_to_flash_attn[llava-next]"
+  [no_eviction_qwen2-vl]="$engine -k no_eviction_is_token_identical_to_flash_attn[qwen2-vl]"
+  [oracle_llava]="$engine -k oracle[llava-96]"
+  [oracle_llava-next]="$engine -k oracle[llava-next-96]"
+  [oracle_qwen2-vl]="$engine -k oracle[qwen2-vl-48]"
+  [caching_llava]="$engine -k prefix_caching_changes_no_token[llava]"
+  [caching_qwen2-vl]="$engine -k prefix_caching_changes_no_token[qwen2-vl]"
+  [caching_stock]="$engine -k prefix_caching_without_eviction"
+  [chunked]="$engine -k chunked"
+  [leaks]="$engine -k leaks"
+  [triton]="$engine -k triton_decode_kernel"
+  [compile]="$engine -k graphs"
+  [serve]="tests/engine/test_serve_gpu.py"
 )
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        oracle_llava oracle_llava-next oracle_qwen2-vl caching_llava
-       caching_qwen2-vl caching_stock chunked leaks compile triton serve)
+       caching_qwen2-vl caching_stock chunked leaks triton compile serve)
+alone=" compile serve "
 [ $# -gt 0 ] && order=("$@")
-for name in "${order[@]}"; do
-  args=${tests[$name]:-}
-  if [ -z "$args" ]; then echo "== $name: no such test" && status=1 && continue; fi
-  limit=${LIMIT:-300}; [ "$name" = serve ] && limit=450
+
+run_one() {  # name: one pytest process, its log, its summary line
+  local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
+  [ "$name" = serve ] && limit=600
+  rm -rf "/tmp/gpu_tests/$name"
   # shellcheck disable=SC2086
-  timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider $args \
-    > "$log_dir/gpu_$name.log" 2>&1
+  timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \
+    --basetemp="/tmp/gpu_tests/$name" $args > "$log_dir/gpu_$name.log" 2>&1
   rc=$?
-  [ $rc -eq 0 ] || status=1
-  echo "== $name rc=$rc: $(grep -hE '^(PASSED|FAILED|ERROR)|^E  |oracle kept|block checks' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
+  echo "$rc" > "$log_dir/gpu_$name.rc"
+  echo "== $name rc=$rc: $(grep -hE '^(PASSED|FAILED|ERROR)|^E  |oracle kept|block checks|served:' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
+}
+
+status=0
+for name in "${order[@]}"; do
+  if [ -z "${tests[$name]:-}" ]; then echo "== $name: no such test"; status=1; fi
+done
+[ $status -eq 0 ] || exit $status
+together=() last=()
+for name in "${order[@]}"; do
+  if [ "$jobs" -gt 1 ] && [[ $alone == *" $name "* ]]; then last+=("$name")
+  else together+=("$name"); fi
+done
+for name in "${together[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+  run_one "$name" &
+done
+wait
+for name in "${together[@]}"; do
+  if [ "$jobs" -gt 1 ] && [ "$(cat "$log_dir/gpu_$name.rc")" != 0 ] &&
+     grep -q "Error in memory profiling" "$log_dir/gpu_$name.log"; then
+    echo "== $name: another test freed memory while it profiled; again, alone"
+    last+=("$name")
+  fi
+done
+for name in "${last[@]}"; do run_one "$name"; done
+for name in "${order[@]}"; do
+  [ "$(cat "$log_dir/gpu_$name.rc")" = 0 ] || status=1
 done
 exit $status
