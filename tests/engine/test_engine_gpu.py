@@ -315,10 +315,13 @@ def test_blocks_match_the_plan_and_nothing_leaks(models):
     # sparsemm gate would admit so that none is preempted): requests get
     # preempted and recomputed; released blocks are NaN-filled, so any read
     # of one would show in the outputs
-    # 4 layers x 4 heads x 16 tokens x 2 x 64 dims x 2 bytes = 64 KiB a block
+    # 4 layers x 4 heads x 16 tokens x 2 x 64 dims x 2 bytes = 64 KiB a block;
+    # the pool must still hold one max_model_len request at its peak (its
+    # prompt and its compacted blocks in the compaction step), or vLLM
+    # refuses to start
     llm = _llm(models[kind], "sparsemm",
                dict(budget, debug_poison=True, admission_reserve=0),
-               kv_cache_memory_bytes=64 * 64 * 1024, max_model_len=1024,
+               kv_cache_memory_bytes=72 * 64 * 1024, max_model_len=1024,
                max_num_seqs=24)
     sched = _scheduler(llm)
     pool = sched.kv_cache_manager.block_pool

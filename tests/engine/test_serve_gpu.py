@@ -179,10 +179,7 @@ def test_serve_chat_completion_with_image(tmp_path):
             except OSError:
                 assert time.time() < deadline, "server did not start"
                 time.sleep(2)
-        buf = io.BytesIO()
-        Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255)
-                        .astype(np.uint8)).save(buf, format="PNG")
-        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        url = _image_url(0)
         reply = _post(f"http://127.0.0.1:{port}/v1/chat/completions", {
             "model": "llava", "max_tokens": 16, "temperature": 0,
             "messages": [{"role": "user", "content": [

@@ -40,12 +40,12 @@ alone=" compile serve "
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
   [ "$name" = serve ] && limit=600
-  rm -rf "/tmp/gpu_tests/$name"
+  rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \
     --basetemp="/tmp/gpu_tests/$name" $args > "$log_dir/gpu_$name.log" 2>&1
   rc=$?
-  echo "$rc" > "$log_dir/gpu_$name.rc"
+  echo "$rc" > "/tmp/gpu_tests/$name.rc"
   echo "== $name rc=$rc: $(grep -hE '^(PASSED|FAILED|ERROR)|^E  |oracle kept|block checks|served:' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
 }
 
@@ -65,7 +65,7 @@ for name in "${together[@]}"; do
 done
 wait
 for name in "${together[@]}"; do
-  if [ "$jobs" -gt 1 ] && [ "$(cat "$log_dir/gpu_$name.rc")" != 0 ] &&
+  if [ "$jobs" -gt 1 ] && [ "$(cat "/tmp/gpu_tests/$name.rc")" != 0 ] &&
      grep -q "Error in memory profiling" "$log_dir/gpu_$name.log"; then
     echo "== $name: another test freed memory while it profiled; again, alone"
     last+=("$name")
@@ -73,6 +73,6 @@ for name in "${together[@]}"; do
 done
 for name in "${last[@]}"; do run_one "$name"; done
 for name in "${order[@]}"; do
-  [ "$(cat "$log_dir/gpu_$name.rc")" = 0 ] || status=1
+  [ "$(cat "/tmp/gpu_tests/$name.rc")" = 0 ] || status=1
 done
 exit $status
