@@ -72,7 +72,8 @@ def write_text_model(path: Path, layers: int = 32, heads: int = 32) -> Path:
 
 def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
                    max_num_seqs: int, model_dir: Path, max_model_len=4096,
-                   chunked_prefill: bool = True):
+                   chunked_prefill: bool = True, prefix_caching: bool = False,
+                   async_scheduling: bool | None = None):
     """vLLM's scheduler over ``spec``'s manager: its ``AsyncScheduler`` when
     the spec says async scheduling (vLLM's default), else ``Scheduler``."""
     from vllm.config import (CacheConfig, DeviceConfig, ModelConfig,
@@ -85,7 +86,7 @@ def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
     from vllm_sparsemm.engine.plugin import register
     register()  # the manager, and the patch that feeds its admission gate
     cache = CacheConfig(block_size=spec.block_size,
-                        enable_prefix_caching=False)
+                        enable_prefix_caching=prefix_caching)
     cache.num_gpu_blocks = num_blocks
     config = VllmConfig(
         model_config=ModelConfig(model=str(model_dir),
@@ -102,8 +103,9 @@ def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
                   config.parallel_config))]
     kv_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                               kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
-    scheduler_cls = (AsyncScheduler if getattr(spec, "async_scheduling", False)
-                     else Scheduler)
+    if async_scheduling is None:
+        async_scheduling = getattr(spec, "async_scheduling", False)
+    scheduler_cls = AsyncScheduler if async_scheduling else Scheduler
     return scheduler_cls(config, kv_config, StructuredOutputManager(config),
                          block_size=spec.block_size)
 

@@ -8,11 +8,16 @@ prompt. The sparsemm manager's gate reserves the running requests' remaining
 prefill and growth; these tests pin its arithmetic and its effect.
 """
 
+import functools
+import hashlib
+import pickle
+
 import numpy as np
 import pytest
 import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request, RequestStatus
 
@@ -33,7 +38,7 @@ def _scores(layers=4, heads=4):
     return torch.rand(layers, heads, generator=torch.Generator().manual_seed(0))
 
 
-def _manager(reserve, num_blocks=400, pacing=False):
+def _manager(reserve, num_blocks=400, pacing=False, caching=False):
     register()
     spec = _sim().sparsemm_spec(64, reserve, _scores(), head_size=8,
                                 admission_pacing=pacing)
@@ -42,13 +47,25 @@ def _manager(reserve, num_blocks=400, pacing=False):
                                [f"model.layers.{i}.self_attn.attn"
                                 for i in range(4)], spec)])
     kv = KVCacheManager(config, max_model_len=4096, scheduler_block_size=BS,
-                        hash_block_size=BS, enable_caching=False)
+                        hash_block_size=BS, enable_caching=caching)
     return kv, kv.coordinator.single_type_managers[0]
 
 
-def _request(rid, prompt_len, max_tokens):
-    return Request(rid, [1] * prompt_len,
-                   SamplingParams(max_tokens=max_tokens), None)
+@functools.cache
+def _block_hasher():
+    """vLLM's request block hasher (one seed for every request)."""
+    def digest(value):
+        return hashlib.sha256(pickle.dumps(value)).digest()
+    init_none_hash(digest)
+    return get_request_block_hasher(BS, digest)
+
+
+def _request(rid, prompt_len, max_tokens, tokens=None):
+    # with tokens: hashed blocks, so prefix-cache hits
+    hasher = None if tokens is None else _block_hasher()
+    return Request(rid, list(tokens) if tokens is not None else
+                   [1] * prompt_len, SamplingParams(max_tokens=max_tokens),
+                   None, block_hasher=hasher)
 
 
 def _blocks_at(book, prompt, tokens, limit, prefill_steps, whole, held,
@@ -115,7 +132,7 @@ def test_gate_counts_every_request_to_its_limit():
     while a (prefilling) holds its whole prompt until its transient ends."""
     # a pool these requests could fill at their limits (else the gate
     # stands aside: see the test below)
-    kv, manager = _manager(reserve=-1, num_blocks=200)
+    kv, manager = _manager(reserve=-1, num_blocks=120)
     law = manager.law
     a = _request("a", 300, 500)  # prefilling, 96 of 300 prompt tokens
     assert kv.allocate_slots(a, 96) is not None
@@ -162,11 +179,11 @@ def test_gate_refuses_admission_that_would_starve_running_growth():
 
 
 @pytest.mark.parametrize("num_blocks", [4000, 400])
-def test_gate_and_pacer_stand_aside_while_all_fit_twice_over(num_blocks):
-    """A burst of 24 requests on a roomy pool (each at its limit, twice
-    over, fits): all start at once, no pacing, no reserve, so an idle
-    server adds no wait to time-to-first-token. On a pool they could fill,
-    the pacer starts a few, then one per interval."""
+def test_gate_and_pacer_stand_aside_while_all_fit(num_blocks):
+    """A burst of 24 requests on a roomy pool (all of them at their limits
+    fit): all start at once, no pacing, no reserve, so an idle server adds
+    no wait to time-to-first-token. On a pool they could fill, the pacer
+    starts a few, then one per interval."""
     kv, manager = _manager(reserve=256, num_blocks=num_blocks, pacing=True)
     admitted = 0
     for i in range(24):
@@ -176,8 +193,43 @@ def test_gate_and_pacer_stand_aside_while_all_fit_twice_over(num_blocks):
             admitted += 1
     if num_blocks == 4000:
         assert admitted == 24
-    else:  # the first while they fit twice over, then the pacer's burst
+    else:  # the first while all fit, then the pacer's burst
         assert 1 < admitted < 24
+
+
+def test_shared_prompt_blocks_count_once_when_standing_aside():
+    """Chat requests about one image share its prompt blocks (prefix
+    caching): what they may hold together is the shared prompt once, plus
+    each one's compacted and decode blocks. A burst that fits so, twice
+    over, starts at once, as on stock vLLM, though each request's own prompt
+    and growth would overfill the pool."""
+    prompt, max_tokens, n = 600, 100, 24
+    kv, manager = _manager(reserve=256, num_blocks=4000)
+    law, window = manager.law, manager.window
+    hit = (prompt - window) // BS * BS  # a hit leaves the window to compute
+    new = cdiv(prompt, BS) - hit // BS  # blocks each later request adds
+    final = law.compacted_blocks(prompt, max_tokens)
+    # in use, what the others may still allocate, and the last one's most
+    fits = (cdiv(prompt, BS) + (n - 2) * new + (n - 1) * final
+            + final + cdiv(prompt, BS))
+    num_blocks = 2 * fits + 1  # and the null block
+    assert n * (cdiv(prompt, BS) + final) > num_blocks
+    kv, manager = _manager(reserve=256, num_blocks=num_blocks, pacing=True,
+                           caching=True)
+    shared = list(range(10_000, 10_000 + prompt - 8))
+    admitted = 0
+    for i in range(n):  # one image, then a question of its own
+        request = _request(f"r{i}", prompt, max_tokens, shared + [i] * 8)
+        hits, num_hit = kv.get_computed_blocks(request)[:2]
+        assert num_hit == (0 if i == 0 else hit)
+        if kv.allocate_slots(request, prompt - num_hit, num_hit, hits,
+                             full_sequence_must_fit=True):
+            admitted += 1
+    assert admitted == n
+    # each holds its compacted blocks beside the prompt in this step
+    in_use = num_blocks - 1 - kv.block_pool.get_num_free_blocks()
+    assert in_use == cdiv(prompt, BS) + n * law.compacted_blocks(
+        prompt, 0) + (n - 1) * new
 
 
 def test_gate_never_holds_back_a_request_when_nothing_runs():

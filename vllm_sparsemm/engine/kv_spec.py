@@ -91,10 +91,12 @@ class _Tracked:
     end: int | None = None  # E, once the compaction step is scheduled
     end_step: int = 0  # the scheduler step that scheduled it
     released: bool = False  # the prompt's entries went back to the pool
-    # its share of SparseMMManager's bound on what everyone can hold: the
-    # blocks at its limit, and its whole prompt until that goes back
+    # blocks at its limit (compacted and decode ones when compressed), and
+    # its whole prompt's until that goes back
     final: int = 0
     whole: int = 0
+    pending: int = 0  # blocks of ``whole`` not yet in its list
+    growth: int = 0  # blocks it may still allocate beyond its prompt
 
 
 class SparseMMManager(FullAttentionManager):
@@ -104,9 +106,13 @@ class SparseMMManager(FullAttentionManager):
     is admitted only if no step within ``admission_reserve`` steps would run
     out of blocks with every request running to its limit, and compressed
     requests start no faster than the pool can sustain
-    (``admission_pacing``). Both stand aside while every request at its
-    most, and the candidate, fit in half the pool: then neither could help,
-    and a wait would only add to time-to-first-token.
+    (``admission_pacing``). Both stand aside while the blocks in use now,
+    everything the running requests may still allocate and the candidate's
+    most fit in half the pool (the pacer's margin: requests admitted together
+    grow together), and the gate alone while they fit in the pool: no
+    request can then be preempted whatever it does, and a wait would only
+    add to time-to-first-token. Blocks that requests share through the
+    prefix cache count once.
     """
 
     # hits end on block boundaries: the window rule is per block
@@ -131,12 +137,10 @@ class SparseMMManager(FullAttentionManager):
         # have changed since (only kept while rows are)
         self._step_rows: dict[str, FutureRow] | None = None
         self._stale: set[str] = set()
-        # what every request holding blocks could hold at once at most
-        # (_Tracked.final + whole): while a candidate fits beside it in half
-        # the pool, the pool cannot run short even if all of them grow and
-        # finish together, so the gate and the pacer stand aside (no tax
-        # where compression cannot pay)
-        self._bound = 0
+        # what every request holding blocks may still allocate, at most:
+        # the sums of _Tracked.pending and _Tracked.growth (admission_reserve)
+        self._pending_sum = 0
+        self._growth_sum = 0
 
     # -- what vLLM does not pass to managers (patches.py) ---------------------
 
@@ -191,7 +195,6 @@ class SparseMMManager(FullAttentionManager):
                                      tracked.law.prompt_entries(tracked.end))
         tracked.released = True
         _count_compaction(tracked)
-        self._bound -= tracked.whole
         tracked.whole = 0
         self._touch(request_id)
 
@@ -221,16 +224,35 @@ class SparseMMManager(FullAttentionManager):
             if tracked.final == 0:  # its first blocks
                 tracked.final, tracked.whole = self._most_blocks(
                     tracked, num_tokens)
-                self._bound += tracked.final + tracked.whole
             if (tracked.end is None and num_tokens >= tracked.prompt_len
                     and _compresses(tracked)):
                 tracked.end, tracked.end_step = num_tokens, self._step
             tracked.chunk = num_tokens - tracked.tokens
             tracked.tokens = num_tokens
             self._touch(request_id)
-        return super().allocate_new_blocks(
+        new_blocks = super().allocate_new_blocks(
             request_id, self._slot_tokens(request_id, num_tokens),
             num_tokens_main_model)
+        if tracked is not None:
+            self._count_what_remains(request_id, tracked)
+        return new_blocks
+
+    def _count_what_remains(self, request_id: str, tracked: _Tracked) -> None:
+        """Update ``tracked``'s share of what the running requests may still
+        allocate: its prompt blocks not yet in its list (``pending``), and
+        its blocks at its limit less those beyond its prompt that it holds
+        (``growth``; a compressed request's compacted and decode blocks)."""
+        listed = len(self.req_to_blocks[request_id])
+        if _compresses(tracked):
+            pending = max(0, tracked.whole - listed)
+            beyond = (0 if tracked.end is None else
+                      listed - tracked.law.prompt_entries(tracked.end))
+        else:
+            pending, beyond = 0, listed
+        growth = max(0, tracked.final - beyond)
+        self._pending_sum += pending - tracked.pending
+        self._growth_sum += growth - tracked.growth
+        tracked.pending, tracked.growth = pending, growth
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         # Only the standard layout is shareable: a compressed request's full
@@ -244,7 +266,8 @@ class SparseMMManager(FullAttentionManager):
         super().free(request_id)
         tracked = self._requests.pop(request_id, None)
         if tracked is not None:
-            self._bound -= tracked.final + tracked.whole
+            self._pending_sum -= tracked.pending
+            self._growth_sum -= tracked.growth
         self._touch(request_id)
         if not self._requests:  # idle: show it without waiting for a step
             self._report(force=True)
@@ -332,14 +355,19 @@ class SparseMMManager(FullAttentionManager):
             return 0  # with nothing running, never hold a request back
         tracked = self._requests.get(request_id) or _Tracked(
             num_tokens, num_tokens + 1, self.law)
-        if 2 * (self._bound + sum(self._most_blocks(tracked, num_tokens))
-                ) <= self.block_pool.num_gpu_blocks - 1:
+        pool = self.block_pool.num_gpu_blocks - 1  # less the null block
+        in_use = pool - self.block_pool.get_num_free_blocks()
+        most = (in_use + self._pending_sum + self._growth_sum +
+                sum(self._most_blocks(tracked, num_tokens)))
+        if 2 * most <= pool:
             return 0  # all at their most fit twice over: no gate, no pace
         if self.pacer is not None and num_tokens <= tracked.prompt_len:
             if not self.pacer.allows(tracked.law, tracked.prompt_len,
                                      tracked.limit - tracked.prompt_len):
                 return self.block_pool.get_num_free_blocks() + 1
             self._paced = request_id
+        if most <= pool:
+            return 0  # all fit whatever each does: the gate cannot refuse
         rows = self._future_rows(request_id, tracked, num_tokens)
         peak = future_peak(rows, self.book, self.admission_horizon)
         held = sum(row.held for row in rows)
