@@ -146,3 +146,39 @@ def test_bad_shapes_are_rejected(args, message):
         window_scores(*args)
     with pytest.raises(ValueError, match="odd"):
         window_scores(torch.randn(2, 2, 8), torch.randn(10, 2, 8), pool_kernel=4)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (8, 2)])
+def test_prompts_of_different_lengths_select_as_alone(num_heads, num_kv_heads):
+    """One batch of prompts of several lengths, padded to the longest (the
+    padding's keys arbitrary): every prompt's scores and kept positions are
+    those it gets scored alone."""
+    gen = torch.Generator().manual_seed(3)
+    window, dim, lengths = 6, 16, [9, 30, 17, 30, 23]
+    longest = max(lengths)
+    queries = torch.randn(len(lengths), window, num_heads, dim, generator=gen)
+    keys = torch.randn(len(lengths), longest, num_kv_heads, dim,
+                       generator=gen)
+    caps = torch.randint(0, 20, (len(lengths), num_kv_heads), generator=gen)
+    ragged = torch.tensor(lengths)
+    # each prompt's window queries sit at its own end
+    scores = window_scores(queries, keys, 5, lengths=ragged)
+    assert scores.shape == (len(lengths), num_kv_heads, longest - window)
+    counts_alone = [torch.clamp(caps[b], max=n - window) + window
+                    for b, n in enumerate(lengths)]
+    width = int(max(c.max() for c in counts_alone))
+    kept, counts = select_kept(
+        scores.flatten(0, 1), caps.flatten(), window, max_count=width,
+        lengths=(ragged - window).repeat_interleave(num_kv_heads))
+    kept = kept.view(len(lengths), num_kv_heads, width)
+    counts = counts.view(len(lengths), num_kv_heads)
+    for b, n in enumerate(lengths):
+        alone = window_scores(queries[b], keys[b, :n], 5)
+        torch.testing.assert_close(scores[b, :, :n - window], alone,
+                                   rtol=1e-5, atol=1e-7)
+        # past its prompt only the pooling's spill (select_kept drops it)
+        assert not scores[b, :, n - window + 2:].any()
+        positions, count = select_kept(alone, caps[b], window)
+        assert torch.equal(counts[b], count)
+        assert torch.equal(kept[b, :, :positions.shape[1]], positions)
+        assert bool((kept[b, :, positions.shape[1]:] == -1).all())

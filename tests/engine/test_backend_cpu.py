@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, Engine, chunks)
+from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, LAYERS, Engine,
+                        chunks)
 from vllm_sparsemm.engine import backend
 from vllm_sparsemm.engine.config import SparseMMSettings
 from vllm_sparsemm.core.pages import cdiv
@@ -193,6 +194,68 @@ def test_selection_batches_split_by_length_and_token_cap(monkeypatch):
         (100, [0, 1]), (100, [2, 5]), (60, [3]), (300, [4]), (100, [6])]
 
 
+def test_selection_batches_pad_lengths_up_to_the_token_cap(monkeypatch):
+    """Groups of any length and budget share batches, shortest first, with
+    rows x longest <= SELECTION_TOKENS; each group's rows are contiguous,
+    every request is in one batch once, and longer prompts in none."""
+    from vllm_sparsemm.engine import step_plan
+    monkeypatch.setattr(step_plan, "SELECTION_TOKENS", 250)
+    state = types.SimpleNamespace(window=8, caps=lambda law: law.caps)
+
+    def req(n, budget):
+        law = types.SimpleNamespace(
+            plan=types.SimpleNamespace(budget=budget),
+            caps=torch.tensor([[budget, 20]]))
+        return types.SimpleNamespace(prompt_len=n, law=law)
+
+    lengths = [100, 30, 100, 60, 300, 30, 45, 100, 60]
+    compressing = [(i, req(n, 40 if i % 3 else 90))
+                   for i, n in enumerate(lengths)]
+    groups = step_plan._selection_groups(compressing)
+    batches = step_plan._selection_batches(groups, state)
+    seen = []
+    for parts, longest, width in batches:
+        rows = sum(hi - lo for _, lo, hi, _ in parts)
+        assert rows * longest <= 250
+        assert longest == max(groups[g][0] for g, _, _, _ in parts)
+        assert width == max(min(groups[g][1][0][1].law.caps.max(),
+                                groups[g][0] - 8) + 8 for g, _, _, _ in parts)
+        first = 0
+        for g, lo, hi, at in parts:
+            assert at == first
+            first += hi - lo
+            seen += [i for i, _ in groups[g][1][lo:hi]]
+    assert sorted(seen) == [i for i, n in enumerate(lengths) if n <= 250]
+    assert [groups[g][0] for parts, _, _ in batches
+            for g, _, _, _ in parts] == sorted(
+                groups[g][0] for parts, _, _ in batches
+                for g, _, _, _ in parts)
+
+
+def test_a_step_of_many_prompt_lengths_selects_once_per_layer(monkeypatch):
+    """A chat load's prompts differ in length: they are scored in one batch
+    per layer (not one per length), and every output still equals dense
+    SparseMM attention."""
+    from vllm_sparsemm.engine import layer_ops
+    calls = []
+    original = layer_ops.window_scores
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_ops, "window_scores", counted)
+    eng = Engine(num_blocks=600)
+    prompts = {f"r{n}": n for n in (BUDGET + 3, 57, 64, 71, 90, 121, 122)}
+    plans = eng.add_all(prompts, 256, 5)  # every prompt in one step
+    for step, (_, tokens, outputs) in enumerate(eng.run(plans)):
+        eng.check(tokens, outputs)
+        if step == 0:
+            assert len(eng.last_plan.selection_batches) == 1
+            assert len(eng.last_plan.selection_groups) == len(prompts)
+    assert calls == [len(prompts)] * LAYERS
+
+
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 3, 1, 2]])
 def test_virtual_sequences_list_each_row_head_token_once(query_lens):
     from vllm_sparsemm.engine.host_arrays import virtual_sequences
@@ -249,9 +312,10 @@ def test_prompts_past_the_selection_chunk_are_scored_in_key_chunks(
     """A prompt longer than SELECTION_TOKENS is scored alone, its keys read a
     chunk at a time (bounded scratch whatever its length): every output
     still equals dense SparseMM attention."""
-    from vllm_sparsemm.engine import layer_ops
+    from vllm_sparsemm.engine import layer_ops, step_plan
     from vllm_sparsemm.core import selection
     monkeypatch.setattr(layer_ops, "SELECTION_TOKENS", 48)
+    monkeypatch.setattr(step_plan, "SELECTION_TOKENS", 48)
     streamed = []
     original = selection.streamed_window_scores
 

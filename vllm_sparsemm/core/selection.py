@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 
 def window_scores(queries: torch.Tensor, keys: torch.Tensor,
-                  pool_kernel: int = 5) -> torch.Tensor:
+                  pool_kernel: int = 5,
+                  lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Pooled importance of every non-window key, per KV head.
 
     ``queries``: ``[W, Hq, D]``, the last W prompt positions. ``keys``:
@@ -23,8 +24,11 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
     queries, restricted to keys ``[0, N - W)``, mean over the G query heads of
     each KV head, then ``avg_pool1d(kernel, padding=kernel // 2, stride=1)``
     with zero padding counted (PyTorch's default, as in the reference).
-    A leading batch dimension (requests of one prompt length) is kept:
-    ``[B, W, Hq, D]`` and ``[B, N, Hkv, D]`` give ``[B, Hkv, N - W]``.
+    A leading batch dimension is kept: ``[B, W, Hq, D]`` and ``[B, N, Hkv,
+    D]`` give ``[B, Hkv, N - W]``. ``lengths`` (int64 ``[B]``, each in
+    ``(W, N]``) batches prompts of different lengths: request b's prompt is
+    its first ``lengths[b]`` keys, and its scores, the first
+    ``lengths[b] - W``, are those of its prompt alone (zero after them).
     """
     if queries.ndim == 3:
         return window_scores(queries[None], keys[None], pool_kernel)[0]
@@ -42,12 +46,24 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
                          f"{pool_kernel}")
     q = _grouped_queries(queries, num_kv_heads)
     logits = _logits(q, keys, head_dim)
-    future = (torch.arange(num_keys, device=q.device)[None, :] >
-              _query_positions(num_keys, window, num_heads // num_kv_heads,
-                               q.device)[:, None])
+    group = num_heads // num_kv_heads
+    keys_at = torch.arange(num_keys, device=q.device)
+    if lengths is None:
+        future = (keys_at[None, :] > _query_positions(
+            num_keys, window, group, q.device)[:, None])
+    else:  # [B, 1, G * W, N]: each request's window sits at its own end
+        ends = lengths.to(q.device)[:, None] - window
+        query_at = (ends + torch.arange(window, device=q.device)).repeat(
+            1, group)
+        future = (keys_at > query_at[..., None])[:, None]
     probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
     # mean over the W queries and G heads together = mean of per-head means
-    return _pool(probs[..., :num_keys - window].mean(dim=2), pool_kernel)
+    per_kv_head = probs[..., :num_keys - window].mean(dim=2)
+    if lengths is not None:  # zeros after each prompt's scored keys: the
+        # pooling's zero padding, as for that prompt alone
+        per_kv_head = per_kv_head.masked_fill(
+            keys_at[:num_keys - window] >= ends[:, None, :], 0.0)
+    return _pool(per_kv_head, pool_kernel)
 
 
 def streamed_window_scores(queries: torch.Tensor, keys, num_keys: int,
@@ -129,7 +145,8 @@ def _pool(per_kv_head: torch.Tensor, pool_kernel: int) -> torch.Tensor:
 
 
 def select_kept(scores: torch.Tensor, caps: torch.Tensor, window: int,
-                max_count: int | None = None
+                max_count: int | None = None,
+                lengths: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept prompt positions per KV head: the top ``cap`` scored keys plus the window.
 
@@ -138,6 +155,9 @@ def select_kept(scores: torch.Tensor, caps: torch.Tensor, window: int,
     ``(positions, counts)``: int64 ``[Hkv, max_count]`` ascending per head and
     padded with -1, and int64 ``[Hkv]`` counts ``min(cap, N - W) + W``.
     ``max_count`` is ``max(counts)`` when the caller knows it on the host.
+    ``lengths`` (int64 ``[Hkv]``, each at most ``N - W``) gives rows of
+    prompts of different lengths: row r scores its first ``lengths[r]``
+    keys, and its window follows them.
     """
     num_kv_heads, num_scored = scores.shape
     if caps.shape != (num_kv_heads,):
@@ -148,14 +168,20 @@ def select_kept(scores: torch.Tensor, caps: torch.Tensor, window: int,
     if max_count is None:  # callers with device caps pass it: no sync
         max_count = int(caps.max()) + window
     caps = caps.to(device, non_blocking=True)
+    rank = torch.arange(num_scored, device=device)
+    window_pos = torch.arange(num_scored, num_scored + window, device=device)
+    if lengths is None:
+        window_pos = window_pos.expand(num_kv_heads, window)
+    else:  # keys past a row's prompt are never kept: sorted last
+        lengths = lengths.to(device)[:, None]
+        scores = scores.masked_fill(rank >= lengths, float("-inf"))
+        caps = torch.minimum(caps, lengths[:, 0])
+        window_pos = window_pos - num_scored + lengths
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    rank = torch.arange(num_scored, device=device)
     keep.scatter_(1, order, rank[None, :] < caps[:, None])
-    window_pos = torch.arange(num_scored, num_scored + window, device=device)
     positions = torch.cat(
-        [torch.where(keep, rank, num_scored + window),
-         window_pos.expand(num_kv_heads, window)], dim=1)
+        [torch.where(keep, rank, num_scored + window), window_pos], dim=1)
     counts = caps + window
     positions = positions.sort(dim=-1).values[:, :max_count]
     positions = positions.masked_fill(positions >= num_scored + window, -1)

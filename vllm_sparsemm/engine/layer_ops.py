@@ -15,11 +15,12 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_sparsemm.core.pages import (RequestLayout, cdiv, compaction_rows,
-                                      page_slot, prompt_rows)
+                                      page_slot, standard_row)
 from vllm_sparsemm.core.selection import (select_kept, streamed_window_scores,
                                           window_scores)
 from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
-                                            StepPlan)
+                                            SelectionBatch, StepPlan,
+                                            kept_width)
 from vllm_sparsemm.engine.worker_state import WorkerKVState
 from vllm_sparsemm.kernels import triton_ops
 from vllm_sparsemm.kernels.kv_ops import copy_rows, write_rows
@@ -154,70 +155,108 @@ def select_layer(plan: StepPlan, layer: int,
 
     Runs in each layer once its keys are in the cache, so a layer's window
     queries are dropped as soon as it has selected: only queries of prompts
-    whose window a chunk boundary split wait across steps. Requests of one
-    prompt length are scored and selected together, at most
-    SELECTION_TOKENS prompt tokens at a time; a longer prompt is scored
-    alone, its keys SELECTION_TOKENS at a time
-    (``selection.streamed_window_scores``), so the scratch is bounded
-    whatever the prompt length.
+    whose window a chunk boundary split wait across steps. The step's
+    prompts, of whatever lengths and budgets, are scored and selected
+    together (``SelectionBatch``), at most SELECTION_TOKENS padded prompt
+    tokens at a time; a longer prompt is scored alone, its keys
+    SELECTION_TOKENS at a time (``selection.streamed_window_scores``), so
+    the scratch is bounded whatever the prompt length.
     """
     state = plan.state
-    num_heads = state.num_kv_heads
-    head_dim = state.pages.shape[-1] // 2
-    device = block_table.device
-    heads = torch.arange(num_heads, device=device)
     for group in plan.selection_groups:
-        n, prompt_len, law = len(group.members), group.prompt_len, group.law
-        caps = state.caps(law, device)[layer]  # [Hkv]
-        width = _kept_width(state, law, prompt_len)
         if group.positions is None:  # [n, L, Hkv, width]: every layer's
             group.positions = torch.empty(
-                (n, state.num_layers, num_heads, width), dtype=torch.int64,
-                device=device)
-        blocks = block_table[group.index].long()  # [n, columns]
-        chunk = max(1, SELECTION_TOKENS // prompt_len)
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
-            queries = torch.stack([req.windows.pop(layer).ready().queries
-                                   for _, req in group.members[lo:hi]])
-
-            def keys(first, last):  # [hi - lo, last - first, Hkv, D]: K only
-                positions = torch.arange(first, last, device=device)[:, None]
-                rows = prompt_rows(state.space, blocks[lo:hi], layer, heads,
-                                   positions)
-                return state.rows[:, :head_dim][rows]
-
-            if prompt_len <= SELECTION_TOKENS:
-                scores = window_scores(queries, keys(0, prompt_len),
-                                       state.law.plan.pool_kernel)
-            else:
-                scores = streamed_window_scores(
-                    queries, keys, prompt_len, state.law.plan.pool_kernel,
-                    SELECTION_TOKENS)
-            kept, counts = select_kept(scores.flatten(0, 1),
-                                       caps.repeat(hi - lo), state.window,
-                                       max_count=width)
-            group.positions[lo:hi, layer] = kept.view(hi - lo, num_heads,
-                                                      width)
-            counts = counts.view(hi - lo, num_heads)
-            if device.type != "cuda":  # CPU: check against the block law
-                want = law.kept(prompt_len)[layer, state.rank *
-                                            num_heads:][:num_heads]
-                assert bool((counts == want).all()), (
-                    "sparsemm: selection and block law disagree")
-            if state.recorded is not None:  # tests: each layer's selection
-                for j, (i, _) in enumerate(group.members[lo:hi]):
-                    state.recorded.setdefault(plan.rows[i].req_id, {})[
-                        layer] = (queries[j].cpu(),
-                                  keys(0, prompt_len)[j].cpu(),
-                                  group.positions[lo + j, layer].cpu(),
-                                  counts[j].cpu())
+                (len(group.members), state.num_layers, state.num_kv_heads,
+                 kept_width(state, group.law, group.prompt_len)),
+                dtype=torch.int64, device=block_table.device)
+    for batch in plan.selection_batches:
+        _select_batch(plan, batch, layer, block_table)
+    for group in plan.selection_groups:
+        if not group.batched:
+            _select_long(plan, group, layer, block_table)
 
 
-def _kept_width(state: WorkerKVState, law, prompt_len: int) -> int:
-    """Largest kept count of any head of this rank: ``min(cap, N - W) + W``."""
-    caps = state.caps(law)
-    return int(caps.clamp(max=prompt_len - state.window).max()) + state.window
+def _key_rows(state: WorkerKVState, blocks: torch.Tensor, layer: int,
+              positions: torch.Tensor) -> torch.Tensor:
+    """Keys ``[n, T, Hkv, D]`` of prompt ``positions [n, T]`` (or ``[T]``
+    for all) of requests whose standard blocks are ``blocks [n, columns]``."""
+    heads = torch.arange(state.num_kv_heads, device=blocks.device)
+    if positions.ndim == 1:
+        positions = positions.expand(blocks.shape[0], -1)
+    block = blocks.gather(1, positions // state.space.block_size)
+    rows = standard_row(state.space, block[..., None], layer, heads,
+                        positions[..., None])
+    return state.rows[:, :state.pages.shape[-1] // 2][rows]
+
+
+def _select_batch(plan: StepPlan, batch: SelectionBatch, layer: int,
+                  block_table: torch.Tensor) -> None:
+    """One layer's selection for a batch of prompts of any lengths."""
+    state = plan.state
+    num_heads = state.num_kv_heads
+    queries = torch.stack([req.windows.pop(layer).ready().queries
+                           for req in batch.members])  # [b, W, Hq, D]
+    blocks = block_table[batch.index].long()  # [b, columns]
+    keys = _key_rows(state, blocks, layer, batch.key_positions)
+    scores = window_scores(queries, keys, state.law.plan.pool_kernel,
+                           lengths=batch.lengths)
+    kept, counts = select_kept(
+        scores.flatten(0, 1), batch.caps[layer].flatten(), state.window,
+        max_count=batch.width,
+        lengths=(batch.lengths - state.window).repeat_interleave(num_heads))
+    kept = kept.view(len(batch.members), num_heads, batch.width)
+    counts = counts.view(len(batch.members), num_heads)
+    for group, lo, hi, first in batch.parts:
+        rows = slice(first, first + hi - lo)
+        width = group.positions.shape[-1]
+        group.positions[lo:hi, layer] = kept[rows, :, :width]
+        _check_and_record(plan, group, layer, range(lo, hi), counts[rows],
+                          queries[rows], keys[rows, :group.prompt_len])
+
+
+def _select_long(plan: StepPlan, group, layer: int,
+                 block_table: torch.Tensor) -> None:
+    """One layer's selection for prompts longer than SELECTION_TOKENS: one
+    at a time, their keys streamed."""
+    state = plan.state
+    device = block_table.device
+    blocks = block_table[group.index].long()  # [n, columns]
+    caps = state.caps(group.law, device)[layer]  # [Hkv]
+    width = group.positions.shape[-1]
+    for j, (_, req) in enumerate(group.members):
+        queries = req.windows.pop(layer).ready().queries[None]
+
+        def keys(first, last, j=j):  # [1, last - first, Hkv, D]
+            return _key_rows(state, blocks[j:j + 1], layer,
+                             torch.arange(first, last, device=device))
+
+        scores = streamed_window_scores(
+            queries, keys, group.prompt_len, state.law.plan.pool_kernel,
+            SELECTION_TOKENS)
+        kept, counts = select_kept(scores[0], caps, state.window,
+                                   max_count=width)
+        group.positions[j, layer] = kept
+        _check_and_record(plan, group, layer, [j], counts[None], queries,
+                          None if state.recorded is None else
+                          keys(0, group.prompt_len))
+
+
+def _check_and_record(plan, group, layer, members, counts, queries, keys):
+    """CPU: the selection's counts are the block law's. Tests: each layer's
+    selection of each request (``state.recorded``)."""
+    state = plan.state
+    if counts.device.type != "cuda":
+        lo = state.rank * state.num_kv_heads
+        want = group.law.kept(group.prompt_len)[layer, lo:lo +
+                                                state.num_kv_heads]
+        assert bool((counts == want).all()), (
+            "sparsemm: selection and block law disagree")
+    if state.recorded is not None:
+        for k, j in enumerate(members):
+            req_id = plan.rows[group.members[j][0]].req_id
+            state.recorded.setdefault(req_id, {})[layer] = (
+                queries[k].cpu(), keys[k].cpu(),
+                group.positions[j, layer].cpu(), counts[k].cpu())
 
 
 def compact(plan: StepPlan, block_table: torch.Tensor) -> None:

@@ -55,11 +55,31 @@ class SelectionGroup:
     # every layer's kept positions [n, L, Hkv, width], padded with -1; set
     # layer by layer by the selection, read by the compaction
     positions: torch.Tensor | None = None
+    batched: bool = False  # selected in a SelectionBatch (else: streamed)
 
     @property
     def law(self) -> BlockLaw:
         """The members' budget's law (a group shares one)."""
         return self.members[0][1].law
+
+
+@dataclass
+class SelectionBatch:
+    """Prompts of any lengths and budgets that end in this step, scored and
+    selected together in each layer, padded to the longest: a step's
+    selection costs the same few kernels per layer however many prompt
+    lengths a chat load brings. Prompts longer than SELECTION_TOKENS are
+    scored by their groups alone (streamed)."""
+    # (group, its first member here, past its last, first row here): each
+    # group's rows are contiguous
+    parts: list[tuple[SelectionGroup, int, int, int]]
+    members: list[RequestKV]  # in row order
+    longest: int  # host: the longest prompt
+    width: int  # host: the most positions any head keeps
+    index: torch.Tensor  # [b] their batch rows
+    lengths: torch.Tensor  # [b] prompt lengths
+    key_positions: torch.Tensor  # [b, longest]: 0..N-1, then N-1 repeated
+    caps: torch.Tensor  # [L, b, Hkv] this rank's caps of each one's budget
 
 
 @dataclass
@@ -78,6 +98,7 @@ class StepPlan:
     standard_slots: torch.Tensor | None = None
     standard_metadata: object | None = None  # FA metadata of the standard rows
     selection_groups: list[SelectionGroup] = field(default_factory=list)
+    selection_batches: list[SelectionBatch] = field(default_factory=list)
 
     @property
     def only_standard(self) -> bool:
@@ -129,13 +150,30 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
         else:
             plan.standard_tokens, = upload([row_tokens(query_start,
                                                         standard)], device)
-    if compressing:  # selection batches requests of one prompt length
+    if compressing:  # compaction moves requests of one prompt length
         groups = _selection_groups(compressing)
-        indices = upload([np.array([i for i, _ in members], dtype=np.int64)
-                          for _, members in groups], device)
+        batches = _selection_batches(groups, state)
+        arrays = [np.array([i for i, _ in members], dtype=np.int64)
+                  for _, members in groups]
+        for parts, _, _ in batches:
+            arrays += _batch_arrays(parts, groups, state)
+        tensors = upload(arrays, device)
         plan.selection_groups = [SelectionGroup(length, members, index) for
                                  (length, members), index in
-                                 zip(groups, indices)]
+                                 zip(groups, tensors)]
+        tensors = tensors[len(groups):]
+        for k, (parts, longest, width) in enumerate(batches):
+            for g, _, _, _ in parts:
+                plan.selection_groups[g].batched = True
+            index, lengths, positions, caps = tensors[4 * k:4 * k + 4]
+            plan.selection_batches.append(SelectionBatch(
+                [(plan.selection_groups[g], lo, hi, first)
+                 for g, lo, hi, first in parts],
+                [req for g, lo, hi, _ in parts
+                 for _, req in groups[g][1][lo:hi]],
+                longest, width, index, lengths,
+                positions.view(len(index), longest),
+                caps.view(state.num_layers, len(index), state.num_kv_heads)))
     return plan
 
 
@@ -169,6 +207,54 @@ def _selection_groups(compressing):
         groups += [(length, members[k:k + size])
                    for k in range(0, len(members), size)]
     return groups
+
+
+def _selection_batches(groups, state: WorkerKVState):
+    """``(parts, longest, width)`` per batch: the groups' requests of prompts
+    up to SELECTION_TOKENS, shortest first, at most SELECTION_TOKENS padded
+    prompt tokens a batch (always at least one request)."""
+    order = sorted((length, g) for g, (length, _) in enumerate(groups)
+                   if length <= SELECTION_TOKENS)
+    batches, parts, rows, width, longest = [], [], 0, 0, 0
+    for length, g in order:  # the longest so far: rows x length is padded
+        members = groups[g][1]
+        group_width = kept_width(state, members[0][1].law, length)
+        lo = 0
+        while lo < len(members):
+            room = SELECTION_TOKENS // length - rows
+            if room <= 0:  # full: the next batch
+                batches.append((parts, longest, width))
+                parts, rows, width, longest = [], 0, 0, 0
+                continue
+            hi = min(len(members), lo + room)
+            parts.append((g, lo, hi, rows))
+            rows, lo = rows + hi - lo, hi
+            width, longest = max(width, group_width), length
+    if parts:
+        batches.append((parts, longest, width))
+    return batches
+
+
+def kept_width(state: WorkerKVState, law: BlockLaw, prompt_len: int) -> int:
+    """Most positions any head of this rank keeps: ``min(cap, N - W) + W``."""
+    caps = state.caps(law)
+    return int(caps.clamp(max=prompt_len - state.window).max()) + state.window
+
+
+def _batch_arrays(parts, groups, state: WorkerKVState) -> list[np.ndarray]:
+    """A batch's host arrays: rows, lengths, key positions, caps."""
+    rows, lengths, caps = [], [], []
+    for g, lo, hi, _ in parts:
+        length, members = groups[g]
+        rows += [i for i, _ in members[lo:hi]]
+        lengths += [length] * (hi - lo)
+        law_caps = state.caps(members[0][1].law).numpy()  # [L, Hkv]
+        caps += [law_caps] * (hi - lo)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    longest = int(lengths.max())
+    positions = np.minimum(np.arange(longest)[None, :], lengths[:, None] - 1)
+    return [np.asarray(rows, dtype=np.int64), lengths, positions.ravel(),
+            np.stack(caps, axis=1).ravel()]
 
 
 def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
