@@ -224,7 +224,7 @@ def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
     index = torch.arange(total, device=device) - first[flat]
     layer, head = flat // num_kv_heads, flat % num_kv_heads
     member = torch.arange(num_requests, device=device)[:, None]
-    kept = positions.view(num_requests, -1, width)[member, flat, index]
+    kept = positions.reshape(num_requests, -1, width)[member, flat, index]
     # prompt_rows with each request's own positions
     block = prompt_blocks[member, kept // layout.space.block_size]
     src = standard_row(layout.space, block, layer, head, kept)

@@ -162,18 +162,18 @@ def select_layer(plan: StepPlan, layer: int,
     SELECTION_TOKENS at a time (``selection.streamed_window_scores``), so
     the scratch is bounded whatever the prompt length.
     """
-    state = plan.state
-    for group in plan.selection_groups:
-        if group.positions is None:  # [n, L, Hkv, width]: every layer's
-            group.positions = torch.empty(
-                (len(group.members), state.num_layers, state.num_kv_heads,
-                 kept_width(state, group.law, group.prompt_len)),
-                dtype=torch.int64, device=block_table.device)
     for batch in plan.selection_batches:
         _select_batch(plan, batch, layer, block_table)
     for group in plan.selection_groups:
         if not group.batched:
             _select_long(plan, group, layer, block_table)
+
+
+def _every_layers_positions(state: WorkerKVState, rows: int, width: int,
+                            device) -> torch.Tensor:
+    """``[rows, L, Hkv, width]``: kept positions, filled layer by layer."""
+    return torch.empty((rows, state.num_layers, state.num_kv_heads, width),
+                       dtype=torch.int64, device=device)
 
 
 def _key_rows(state: WorkerKVState, blocks: torch.Tensor, layer: int,
@@ -205,13 +205,17 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, layer: int,
         max_count=batch.width,
         lengths=(batch.lengths - state.window).repeat_interleave(num_heads))
     kept = kept.view(len(batch.members), num_heads, batch.width)
-    counts = counts.view(len(batch.members), num_heads)
-    for group, lo, hi, first in batch.parts:
-        rows = slice(first, first + hi - lo)
-        width = group.positions.shape[-1]
-        group.positions[lo:hi, layer] = kept[rows, :, :width]
-        _check_and_record(plan, group, layer, range(lo, hi), counts[rows],
-                          queries[rows], keys[rows, :group.prompt_len])
+    if batch.positions is None:
+        batch.positions = _every_layers_positions(
+            state, len(batch.members), batch.width, blocks.device)
+    batch.positions[:, layer] = kept
+    if counts.device.type != "cuda" or state.recorded is not None:
+        counts = counts.view(len(batch.members), num_heads)
+        for group, lo, hi, first in batch.parts:
+            rows = slice(first, first + hi - lo)
+            _check_and_record(plan, group, layer, range(lo, hi), counts[rows],
+                              queries[rows], keys[rows, :group.prompt_len],
+                              kept[rows])
 
 
 def _select_long(plan: StepPlan, group, layer: int,
@@ -222,7 +226,10 @@ def _select_long(plan: StepPlan, group, layer: int,
     device = block_table.device
     blocks = block_table[group.index].long()  # [n, columns]
     caps = state.caps(group.law, device)[layer]  # [Hkv]
-    width = group.positions.shape[-1]
+    width = kept_width(state, group.law, group.prompt_len)
+    if group.positions is None:
+        group.positions = _every_layers_positions(
+            state, len(group.members), width, device)
     for j, (_, req) in enumerate(group.members):
         queries = req.windows.pop(layer).ready().queries[None]
 
@@ -238,12 +245,14 @@ def _select_long(plan: StepPlan, group, layer: int,
         group.positions[j, layer] = kept
         _check_and_record(plan, group, layer, [j], counts[None], queries,
                           None if state.recorded is None else
-                          keys(0, group.prompt_len))
+                          keys(0, group.prompt_len), kept[None])
 
 
-def _check_and_record(plan, group, layer, members, counts, queries, keys):
+def _check_and_record(plan, group, layer, members, counts, queries, keys,
+                      kept):
     """CPU: the selection's counts are the block law's. Tests: each layer's
-    selection of each request (``state.recorded``)."""
+    selection of each request (``state.recorded``; ``kept [n, Hkv, width]``
+    padded with -1)."""
     state = plan.state
     if counts.device.type != "cuda":
         lo = state.rank * state.num_kv_heads
@@ -254,9 +263,26 @@ def _check_and_record(plan, group, layer, members, counts, queries, keys):
     if state.recorded is not None:
         for k, j in enumerate(members):
             req_id = plan.rows[group.members[j][0]].req_id
+            width = kept_width(state, group.law, group.prompt_len)
             state.recorded.setdefault(req_id, {})[layer] = (
-                queries[k].cpu(), keys[k].cpu(),
-                group.positions[j, layer].cpu(), counts[k].cpu())
+                queries[k].cpu(), keys[k].cpu(), kept[k, :, :width].cpu(),
+                counts[k].cpu())
+
+
+def _group_positions(plan: StepPlan) -> None:
+    """Every batched group's kept positions ``[n, L, Hkv, width]`` from its
+    batches' (a view when one batch holds the whole group)."""
+    parts: dict[int, list[torch.Tensor]] = {}
+    for batch in plan.selection_batches:
+        for group, lo, hi, first in batch.parts:
+            width = kept_width(plan.state, group.law, group.prompt_len)
+            parts.setdefault(id(group), []).append(
+                batch.positions[first:first + hi - lo, ..., :width])
+    for group in plan.selection_groups:
+        if group.batched:
+            pieces = parts[id(group)]
+            group.positions = (pieces[0] if len(pieces) == 1 else
+                               torch.cat(pieces))
 
 
 def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
@@ -273,6 +299,7 @@ def compact(plan: StepPlan, block_table: torch.Tensor) -> None:
     state = plan.state
     device = block_table.device
     lo = state.rank * state.num_kv_heads
+    _group_positions(plan)
     for group in plan.selection_groups:
         # [L, Hkv] kept prompt tokens per head, from the law, on the host
         counts = group.law.kept(group.prompt_len)[

@@ -80,6 +80,9 @@ class SelectionBatch:
     lengths: torch.Tensor  # [b] prompt lengths
     key_positions: torch.Tensor  # [b, longest]: 0..N-1, then N-1 repeated
     caps: torch.Tensor  # [L, b, Hkv] this rank's caps of each one's budget
+    # every layer's kept positions [b, L, Hkv, width], padded with -1; set
+    # layer by layer by the selection
+    positions: torch.Tensor | None = None
 
 
 @dataclass
