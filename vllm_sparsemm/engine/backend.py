@@ -263,7 +263,7 @@ class SparseMMImpl(FlashAttentionImpl):
                                  plan.standard_slots, state, index)
         if compressed is not None:
             write_compressed(compressed, state, index, key, value)
-        if plan.window_rows:
+        if plan.window_rows or plan.selection_batches:
             collect_window_queries(plan, index, query)
         if compressed is None:
             self._standard_attention(layer, query, key, value, kv_cache,

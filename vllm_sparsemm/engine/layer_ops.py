@@ -142,11 +142,18 @@ def write_standard_reference(state: WorkerKVState, layer: int,
 
 def collect_window_queries(plan: StepPlan, layer: int,
                            query: torch.Tensor) -> None:
-    """Buffer this step's queries that fall in a prompt's observation window."""
+    """Buffer this step's queries that fall in a prompt's observation
+    window; a batch whose members' windows are all in this step takes them
+    in one gather (``SelectionBatch.window_tokens``)."""
+    window = plan.state.window
     for i, req in plan.window_rows:
         start, end = plan.query_start[i], plan.query_start[i + 1]
-        req.window(layer, plan.state.window).add(plan.rows[i].computed,
-                                                 query[start:end])
+        req.window(layer, window).add(plan.rows[i].computed,
+                                      query[start:end])
+    for batch in plan.selection_batches:
+        if batch.window_tokens is not None:
+            batch.queries = query[batch.window_tokens].view(
+                len(batch.members), window, *query.shape[1:])
 
 
 def select_layer(plan: StepPlan, layer: int,
@@ -194,8 +201,11 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, layer: int,
     """One layer's selection for a batch of prompts of any lengths."""
     state = plan.state
     num_heads = state.num_kv_heads
-    queries = torch.stack([req.windows.pop(layer).ready().queries
-                           for req in batch.members])  # [b, W, Hq, D]
+    if batch.window_tokens is not None:  # [b, W, Hq, D]
+        queries, batch.queries = batch.queries, None
+    else:
+        queries = torch.stack([req.windows.pop(layer).ready().queries
+                               for req in batch.members])
     blocks = block_table[batch.index].long()  # [b, columns]
     keys = _key_rows(state, blocks, layer, batch.key_positions)
     scores = window_scores(queries, keys, state.law.plan.pool_kernel,

@@ -80,6 +80,10 @@ class SelectionBatch:
     lengths: torch.Tensor  # [b] prompt lengths
     key_positions: torch.Tensor  # [b, longest]: 0..N-1, then N-1 repeated
     caps: torch.Tensor  # [L, b, Hkv] this rank's caps of each one's budget
+    # [b * W] this step's query tokens of every member's window, when each
+    # one's whole window is in this step (else their windows were buffered)
+    window_tokens: torch.Tensor | None = None
+    queries: torch.Tensor | None = None  # [b, W, Hq, D]: this layer's
     # every layer's kept positions [b, L, Hkv, width], padded with -1; set
     # layer by layer by the selection
     positions: torch.Tensor | None = None
@@ -158,8 +162,12 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
         batches = _selection_batches(groups, state)
         arrays = [np.array([i for i, _ in members], dtype=np.int64)
                   for _, members in groups]
+        in_step = []  # per batch: each member's whole window in this step
         for parts, _, _ in batches:
             arrays += _batch_arrays(parts, groups, state)
+            tokens = _window_tokens(parts, groups, steps, query_start, window)
+            in_step.append(tokens is not None)
+            arrays.append(tokens if tokens is not None else [])
         tensors = upload(arrays, device)
         plan.selection_groups = [SelectionGroup(length, members, index) for
                                  (length, members), index in
@@ -168,7 +176,7 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
         for k, (parts, longest, width) in enumerate(batches):
             for g, _, _, _ in parts:
                 plan.selection_groups[g].batched = True
-            index, lengths, positions, caps = tensors[4 * k:4 * k + 4]
+            index, lengths, positions, caps, tokens = tensors[5 * k:5 * k + 5]
             plan.selection_batches.append(SelectionBatch(
                 [(plan.selection_groups[g], lo, hi, first)
                  for g, lo, hi, first in parts],
@@ -176,8 +184,29 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
                  for _, req in groups[g][1][lo:hi]],
                 longest, width, index, lengths,
                 positions.view(len(index), longest),
-                caps.view(state.num_layers, len(index), state.num_kv_heads)))
+                caps.view(state.num_layers, len(index), state.num_kv_heads),
+                tokens if in_step[k] else None))
+        # their windows are read from the step's queries: no buffers
+        direct = {id(req) for batch in plan.selection_batches
+                  if batch.window_tokens is not None for req in batch.members}
+        plan.window_rows = [(i, req) for i, req in plan.window_rows
+                            if id(req) not in direct]
     return plan
+
+
+def _window_tokens(parts, groups, steps: StepRows, query_start,
+                   window: int) -> np.ndarray | None:
+    """Token indices ``[b * W]`` of a batch's window queries in this step,
+    if every member's whole window is in it (else None)."""
+    tokens = []
+    for g, lo, hi, _ in parts:
+        for i, _ in groups[g][1][lo:hi]:
+            row = steps[i]
+            first = row.prompt_len - window - row.computed
+            if first < 0:  # part of its window came in an earlier step
+                return None
+            tokens.append(query_start[i] + first + np.arange(window))
+    return np.concatenate(tokens)
 
 
 # Prompt tokens scored at once: bounds the selection's scratch memory
