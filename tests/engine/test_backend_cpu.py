@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, LAYERS, Engine,
-                        chunks)
+from cpu_engine import (BS, BUDGET, DIM, HEADS, KV_HEADS, LAYERS, WINDOW,
+                        Engine, chunks)
 from vllm_sparsemm.engine import backend
 from vllm_sparsemm.engine.config import SparseMMSettings
 from vllm_sparsemm.core.pages import cdiv
@@ -254,6 +254,32 @@ def test_a_step_of_many_prompt_lengths_selects_once_per_layer(monkeypatch):
             assert len(eng.last_plan.selection_batches) == 1
             assert len(eng.last_plan.selection_groups) == len(prompts)
     assert calls == [len(prompts)] * LAYERS
+
+
+def test_windows_in_the_step_are_gathered_and_split_ones_buffered():
+    """A prompt whose whole observation window is in this step gives its
+    window queries straight from the step's queries (no buffer); one whose
+    window a chunk boundary split keeps its buffer. Both select as dense
+    SparseMM says."""
+    eng = Engine()
+    # a: one step; b: its window (the last WINDOW tokens) split 3 / 5
+    plans = {"a": [70, 1, 1], "b": [85 - 5, 5, 1]}
+    eng.add("a", 70, 72)
+    eng.add("b", 85, 86)
+    seen = []
+    for _, tokens, outputs in eng.run(plans):
+        eng.check(tokens, outputs)
+        plan = eng.last_plan
+        seen.append([(batch.window_tokens is not None,
+                      [req.prompt_len for req in batch.members])
+                     for batch in plan.selection_batches])
+        gathered = {id(req) for batch in plan.selection_batches
+                    if batch.window_tokens is not None
+                    for req in batch.members}
+        assert not gathered & {id(req) for _, req in plan.window_rows}
+    assert seen[0] == [(True, [70])]
+    assert seen[1] == [(False, [85])]
+    assert 85 - 5 > 85 - WINDOW  # b's first chunk held part of its window
 
 
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 3, 1, 2]])
