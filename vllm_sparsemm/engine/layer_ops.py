@@ -152,8 +152,13 @@ def collect_window_queries(plan: StepPlan, layer: int,
                                       query[start:end])
     for batch in plan.selection_batches:
         if batch.window_tokens is not None:
-            batch.queries = query[batch.window_tokens].view(
-                len(batch.members), window, *query.shape[1:])
+            if batch.queries is None:
+                batch.queries = query.new_empty(
+                    (batch.layers_per_pass, len(batch.members) * window)
+                    + query.shape[1:])
+            torch.index_select(query, 0, batch.window_tokens,
+                               out=batch.queries[layer %
+                                                 batch.layers_per_pass])
 
 
 def select_layer(plan: StepPlan, layer: int,
@@ -169,8 +174,12 @@ def select_layer(plan: StepPlan, layer: int,
     SELECTION_TOKENS at a time (``selection.streamed_window_scores``), so
     the scratch is bounded whatever the prompt length.
     """
+    last_layer = plan.state.num_layers - 1
     for batch in plan.selection_batches:
-        _select_batch(plan, batch, layer, block_table)
+        per_pass = batch.layers_per_pass
+        if (layer + 1) % per_pass == 0 or layer == last_layer:
+            _select_batch(plan, batch, layer - layer % per_pass, layer + 1,
+                          block_table)
     for group in plan.selection_groups:
         if not group.batched:
             _select_long(plan, group, layer, block_table)
@@ -183,49 +192,66 @@ def _every_layers_positions(state: WorkerKVState, rows: int, width: int,
                        dtype=torch.int64, device=device)
 
 
-def _key_rows(state: WorkerKVState, blocks: torch.Tensor, layer: int,
+def _key_rows(state: WorkerKVState, blocks: torch.Tensor, layer,
               positions: torch.Tensor) -> torch.Tensor:
     """Keys ``[n, T, Hkv, D]`` of prompt ``positions [n, T]`` (or ``[T]``
-    for all) of requests whose standard blocks are ``blocks [n, columns]``."""
+    for all) of requests whose standard blocks are ``blocks [n, columns]``,
+    in ``layer``; ``[m, n, T, Hkv, D]`` for a tensor of m layers."""
     heads = torch.arange(state.num_kv_heads, device=blocks.device)
     if positions.ndim == 1:
         positions = positions.expand(blocks.shape[0], -1)
-    block = blocks.gather(1, positions // state.space.block_size)
-    rows = standard_row(state.space, block[..., None], layer, heads,
-                        positions[..., None])
+    block = blocks.gather(1, positions // state.space.block_size)[..., None]
+    positions = positions[..., None]
+    if isinstance(layer, torch.Tensor):
+        layer = layer.view(-1, 1, 1, 1)
+        block, positions = block[None], positions[None]
+    rows = standard_row(state.space, block, layer, heads, positions)
     return state.rows[:, :state.pages.shape[-1] // 2][rows]
 
 
-def _select_batch(plan: StepPlan, batch: SelectionBatch, layer: int,
-                  block_table: torch.Tensor) -> None:
-    """One layer's selection for a batch of prompts of any lengths."""
+def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
+                  last: int, block_table: torch.Tensor) -> None:
+    """Selection of layers ``[first, last)`` for a batch of prompts of any
+    lengths, in one pass."""
     state = plan.state
-    num_heads = state.num_kv_heads
-    if batch.window_tokens is not None:  # [b, W, Hq, D]
-        queries, batch.queries = batch.queries, None
+    num_heads, window, size = state.num_kv_heads, state.window, len(
+        batch.members)
+    layers = last - first
+    if batch.window_tokens is not None:  # [m, b, W, Hq, D]
+        queries = batch.queries[:layers].view(
+            layers, size, window, *batch.queries.shape[2:])
     else:
-        queries = torch.stack([req.windows.pop(layer).ready().queries
-                               for req in batch.members])
+        queries = torch.stack([torch.stack(
+            [req.windows.pop(layer).ready().queries for req in batch.members])
+            for layer in range(first, last)])
     blocks = block_table[batch.index].long()  # [b, columns]
-    keys = _key_rows(state, blocks, layer, batch.key_positions)
-    scores = window_scores(queries, keys, state.law.plan.pool_kernel,
-                           lengths=batch.lengths)
+    keys = _key_rows(state, blocks,
+                     torch.arange(first, last, device=blocks.device),
+                     batch.key_positions)  # [m, b, N, Hkv, D]
+    scores = window_scores(queries.flatten(0, 1), keys.flatten(0, 1),
+                           state.law.plan.pool_kernel,
+                           lengths=batch.lengths.repeat(layers))
     kept, counts = select_kept(
-        scores.flatten(0, 1), batch.caps[layer].flatten(), state.window,
+        scores.flatten(0, 1), batch.caps[first:last].flatten(), window,
         max_count=batch.width,
-        lengths=(batch.lengths - state.window).repeat_interleave(num_heads))
-    kept = kept.view(len(batch.members), num_heads, batch.width)
+        lengths=(batch.lengths - window).repeat_interleave(num_heads).repeat(
+            layers))
+    kept = kept.view(layers, size, num_heads, batch.width)
     if batch.positions is None:
-        batch.positions = _every_layers_positions(
-            state, len(batch.members), batch.width, blocks.device)
-    batch.positions[:, layer] = kept
+        batch.positions = _every_layers_positions(state, size, batch.width,
+                                                  blocks.device)
+    batch.positions[:, first:last] = kept.transpose(0, 1)
+    if last == state.num_layers:
+        batch.queries = None
     if counts.device.type != "cuda" or state.recorded is not None:
-        counts = counts.view(len(batch.members), num_heads)
-        for group, lo, hi, first in batch.parts:
-            rows = slice(first, first + hi - lo)
-            _check_and_record(plan, group, layer, range(lo, hi), counts[rows],
-                              queries[rows], keys[rows, :group.prompt_len],
-                              kept[rows])
+        counts = counts.view(layers, size, num_heads)
+        for at, layer in enumerate(range(first, last)):
+            for group, lo, hi, start in batch.parts:
+                rows = slice(start, start + hi - lo)
+                _check_and_record(
+                    plan, group, layer, range(lo, hi), counts[at, rows],
+                    queries[at, rows], keys[at, rows, :group.prompt_len],
+                    kept[at, rows])
 
 
 def _select_long(plan: StepPlan, group, layer: int,

@@ -66,10 +66,13 @@ class SelectionGroup:
 @dataclass
 class SelectionBatch:
     """Prompts of any lengths and budgets that end in this step, scored and
-    selected together in each layer, padded to the longest: a step's
-    selection costs the same few kernels per layer however many prompt
-    lengths a chat load brings. Prompts longer than SELECTION_TOKENS are
-    scored by their groups alone (streamed)."""
+    selected together, padded to the longest: a step's selection costs the
+    same few kernels however many prompt lengths a chat load brings. A
+    batch whose windows are all in this step is selected for
+    ``layers_per_pass`` layers at once (the padded tokens of a pass stay
+    within SELECTION_TOKENS), so a step of few prompts runs few passes, not
+    one per layer. Prompts longer than SELECTION_TOKENS are scored by their
+    groups alone (streamed)."""
     # (group, its first member here, past its last, first row here): each
     # group's rows are contiguous
     parts: list[tuple[SelectionGroup, int, int, int]]
@@ -83,7 +86,10 @@ class SelectionBatch:
     # [b * W] this step's query tokens of every member's window, when each
     # one's whole window is in this step (else their windows were buffered)
     window_tokens: torch.Tensor | None = None
-    queries: torch.Tensor | None = None  # [b, W, Hq, D]: this layer's
+    layers_per_pass: int = 1
+    # [layers_per_pass, b, W, Hq, D]: the window queries of the layers of
+    # the pass under way, gathered layer by layer
+    queries: torch.Tensor | None = None
     # every layer's kept positions [b, L, Hkv, width], padded with -1; set
     # layer by layer by the selection
     positions: torch.Tensor | None = None
@@ -185,13 +191,21 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
                 longest, width, index, lengths,
                 positions.view(len(index), longest),
                 caps.view(state.num_layers, len(index), state.num_kv_heads),
-                tokens if in_step[k] else None))
+                tokens if in_step[k] else None,
+                _layers_per_pass(len(index), longest, state.num_layers)
+                if in_step[k] else 1))
         # their windows are read from the step's queries: no buffers
         direct = {id(req) for batch in plan.selection_batches
                   if batch.window_tokens is not None for req in batch.members}
         plan.window_rows = [(i, req) for i, req in plan.window_rows
                             if id(req) not in direct]
     return plan
+
+
+def _layers_per_pass(rows: int, longest: int, num_layers: int) -> int:
+    """Layers one selection pass covers: as many as keep its padded prompt
+    tokens within SELECTION_TOKENS."""
+    return max(1, min(num_layers, SELECTION_TOKENS // (rows * longest)))
 
 
 def _window_tokens(parts, groups, steps: StepRows, query_start,
@@ -218,10 +232,12 @@ SELECTION_TOKENS = 1 << 15
 
 def selection_scratch_bytes(num_kv_heads: int, head_dim: int, group: int,
                             window: int) -> int:
-    """Peak scratch of one selection chunk: per prompt token and KV head, the
+    """Peak scratch of one selection pass: per prompt token and KV head, the
     key in fp16 and fp32, three fp32 copies of its ``group x window`` logits,
-    and ~64 bytes of scores, sort values and indices."""
-    per_token = 6 * head_dim + 12 * group * window + 64
+    ~64 bytes of scores, sort values and indices, and the window queries a
+    pass over several layers holds (at most ``group x head_dim`` fp16 per
+    token: a pass's prompts are longer than the window)."""
+    per_token = 8 * head_dim + 12 * group * window + 64
     return SELECTION_TOKENS * num_kv_heads * per_token
 
 
