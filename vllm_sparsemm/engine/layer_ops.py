@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from vllm.logger import init_logger
 
-from vllm_sparsemm.core.pages import (RequestLayout, cdiv, compaction_rows,
-                                      page_slot, standard_row)
+from vllm_sparsemm.core.pages import cdiv, page_slot, standard_row
 from vllm_sparsemm.core.selection import (select_kept, streamed_window_scores,
                                           window_scores)
 from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
@@ -366,15 +365,12 @@ def _compact_requests(state, law, prompt_len, extra, reqs, blocks, positions,
     prompt = law.prompt_entries(prompt_len + extra)
     fresh = blocks[:, prompt:prompt + law.compacted_blocks(prompt_len, extra)]
     plan, tables = state.page_plan(counts, device)
-    if fresh.shape[1] < plan.num_blocks(extra):
+    if fresh.shape[1] < law.compacted_blocks(prompt_len, extra):
         raise RuntimeError(f"sparsemm: {fresh.shape[1]} compacted blocks in "
                            f"a block-table row of {blocks.shape[1]} for a "
-                           f"plan of {plan.num_blocks(extra)}")
-    layout = RequestLayout(state.space, counts, 1, fresh, plan=plan)
-    src, dst = compaction_rows(  # counts from the plan: on the device
-        layout, blocks, positions,
-        layout.plan.counts.view(counts.shape) + extra,
-        total=int(counts.sum()) + extra * counts.numel())
+                           f"plan of {law.compacted_blocks(prompt_len, extra)}")
+    moves = state.compaction_moves(counts, extra, fresh.shape[1], device)
+    src, dst = moves.rows(state.space, blocks, positions, fresh)
     if state.debug_poison:  # unwritten rows of the fresh blocks read as NaN
         state.poison(fresh.flatten())
     copy_rows(state.rows, src.flatten(), dst.flatten())
