@@ -363,6 +363,12 @@ def server_delta(before: dict, after: dict) -> dict:
         "prompt_tokens": diff("vllm:prompt_tokens_total"),
         "generation_tokens": diff("vllm:generation_tokens_total"),
         "preemptions": diff("vllm:num_preemptions_total"),
+        # sparsemm's own: steps its admission held a request back, and
+        # the GPU seconds of selection and compaction
+        "admission_waits": {r: diff("vllm:sparsemm_admission_waits_total",
+                                    reason=r) for r in ("gate", "pacer")},
+        "compaction_seconds": diff("vllm:sparsemm_compaction_seconds_sum"),
+        "compactions": diff("vllm:sparsemm_compaction_seconds_count"),
         "requests_finished": finished,
         "completed": sum(finished[r] or 0 for r in FINISHED_OK),
     }

@@ -192,6 +192,21 @@ def test_prometheus_parse_and_counter_differences():
     # the rank falls in the +Inf bucket: the estimate is the last finite bound
     assert d["p99_ttft_ms"] == pytest.approx(1000.0)
     assert sm.server_delta({}, {})["prefix_cache_hit_rate"] is None
+    assert d["admission_waits"] == {"gate": None, "pacer": None}  # stock
+
+
+def test_sparsemm_counters_over_a_load():
+    text = """
+vllm:sparsemm_admission_waits_total{model_name="m",reason="gate"} %d
+vllm:sparsemm_admission_waits_total{model_name="m",reason="pacer"} %d
+vllm:sparsemm_compaction_seconds_sum{model_name="m"} %f
+vllm:sparsemm_compaction_seconds_count{model_name="m"} %d
+"""
+    before = sm.parse_prometheus(text % (2, 0, 0.5, 10))
+    after = sm.parse_prometheus(text % (7, 3, 2.0, 40))
+    d = sm.server_delta(before, after)
+    assert d["admission_waits"] == {"gate": 5, "pacer": 3}
+    assert (d["compaction_seconds"], d["compactions"]) == (1.5, 30)
 
 
 def test_histogram_quantile_interpolates_like_prometheus():

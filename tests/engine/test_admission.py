@@ -232,6 +232,45 @@ def test_shared_prompt_blocks_count_once_when_standing_aside():
         prompt, 0) + (n - 1) * new
 
 
+def test_held_back_requests_are_counted_by_reason(tmp_path, monkeypatch):
+    """``vllm:sparsemm_admission_waits_total{reason}``: operators see when
+    sparsemm's admission, not the pool, keeps requests waiting."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_sparsemm.engine import metrics
+    monkeypatch.setenv(metrics.ENV, str(tmp_path))
+    monkeypatch.setattr(metrics, "_writer", None)
+    writer = metrics.setup("tiny")
+
+    def waits():
+        out = {}
+        text = generate_latest(writer.registry).decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "vllm:sparsemm_admission_waits_total":
+                    out[sample.labels["reason"]] = sample.value
+        return out
+
+    kv, manager = _manager(reserve=-1, num_blocks=40)  # the gate's case
+    first = _request("first", 300, 400)
+    assert kv.allocate_slots(first, 300, full_sequence_must_fit=True)
+    first.num_computed_tokens = 300
+    first.append_output_token_ids([0])
+    assert kv.allocate_slots(first, 1)
+    second = _request("second", 300, 400)
+    manager.note_request("second", 300, 700)
+    assert kv.allocate_slots(second, 300, full_sequence_must_fit=True) is None
+    assert waits() == {"gate": 1}
+    kv, manager = _manager(reserve=256, num_blocks=400, pacing=True)
+    for i in range(24):  # the pacer's case: a burst on a pool they fill
+        request = _request(f"r{i}", 300, 200)
+        manager.note_request(request.request_id, 300, 500)
+        kv.allocate_slots(request, 300, full_sequence_must_fit=True)
+    assert waits()["pacer"] >= 1 and waits()["gate"] == 1
+    monkeypatch.setattr(metrics, "_writer", None)
+
+
 def test_gate_never_holds_back_a_request_when_nothing_runs():
     kv, manager = _manager(reserve=-1, num_blocks=30)
     alone = _request("alone", 300, 3000)  # growth alone would need the pool

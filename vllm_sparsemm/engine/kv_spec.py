@@ -129,6 +129,7 @@ class SparseMMManager(FullAttentionManager):
             self.book, self.block_pool.num_gpu_blocks - 1
         ) if kv_cache_spec.admission_pacing else None
         self._paced: str | None = None  # the request the pacer let in last
+        self._paced_out = False  # the last admission_reserve: the pacer's no
         self._requests: dict[str, _Tracked] = {}
         self._step = 0
         self._hit_limit: int | None = None  # set by begin_lookup
@@ -210,8 +211,12 @@ class SparseMMManager(FullAttentionManager):
             apply_admission_cap)
         # vLLM's full-sequence admission gate; a prompt that does not fit on
         # its own is refused anyway, so skip the reserve's walk over requests
-        if apply_admission_cap and blocks <= self.block_pool.get_num_free_blocks():
+        free = self.block_pool.get_num_free_blocks()
+        if apply_admission_cap and blocks <= free:
+            self._paced_out = False
             blocks += self.admission_reserve(request_id, num_tokens)
+            if blocks > free:  # held back: for /metrics
+                _count_wait("pacer" if self._paced_out else "gate")
         return blocks
 
     def allocate_new_blocks(self, request_id, num_tokens,
@@ -364,6 +369,7 @@ class SparseMMManager(FullAttentionManager):
         if self.pacer is not None and num_tokens <= tracked.prompt_len:
             if not self.pacer.allows(tracked.law, tracked.prompt_len,
                                      tracked.limit - tracked.prompt_len):
+                self._paced_out = True
                 return self.block_pool.get_num_free_blocks() + 1
             self._paced = request_id
         if most <= pool:
@@ -425,6 +431,14 @@ class SparseMMManager(FullAttentionManager):
                               self._step)
         return FutureRow(prompt_len, tokens, tracked.limit, steps, whole,
                          self._held_blocks(rid), release, _budget(tracked))
+
+
+def _count_wait(reason: str) -> None:
+    """A waiting request held back this step: the ``/metrics`` counter."""
+    writer = metrics.writer()
+    if writer is not None:
+        writer.admission_waits.labels(model_name=writer.model_name,
+                                      reason=reason).inc()
 
 
 def _count_compaction(tracked: _Tracked) -> None:

@@ -69,6 +69,13 @@ class MetricsWriter:
             "vllm:sparsemm_blocks_full_cache",
             "KV blocks the same requests would hold uncompressed", labels,
             registry=r, multiprocess_mode="sum"))
+        self.admission_waits = Counter(
+            "vllm:sparsemm_admission_waits",
+            "Scheduler steps in which sparsemm's admission held a waiting "
+            "request back (reason: gate, the pool could run short; pacer, "
+            "compressed requests start no faster than the pool sustains)",
+            labels + ["reason"], registry=r)
+        self.model_name = model_name
         self.compaction_seconds = labelled(Histogram(
             "vllm:sparsemm_compaction_seconds",
             "GPU time of a step's selection and compaction", labels,
