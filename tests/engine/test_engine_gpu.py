@@ -75,8 +75,11 @@ def _prompts(kind, n, seed=0, text_len=40):
 
 def _llm(model, backend, budget=None, **kwargs):
     from vllm import LLM
+    # a fixed KV pool (no sizing from a memory profile, which engines of
+    # other tests on the same GPU would disturb: tests/gpu/run_all.sh JOBS)
     args = dict(model=model, dtype="float16", max_model_len=2048,
-                gpu_memory_utilization=0.05, enforce_eager=True, seed=0,
+                gpu_memory_utilization=0.05, kv_cache_memory_bytes=1 << 30,
+                enforce_eager=True, seed=0,
                 limit_mm_per_prompt={"image": 1}, max_num_seqs=64,
                 enable_prefix_caching=False)
     args.update(kwargs)
