@@ -72,6 +72,6 @@ def test_gpu_runner_names_test_files_that_exist():
     assert named and all((ROOT / path).is_file() for path in named), named
     gpu_files = {str(path.relative_to(ROOT)) for path in
                  (ROOT / "tests").rglob("test_*.py")
-                 if re.search(r"^pytestmark = pytest\.mark\.gpu",
+                 if re.search(r"^(pytestmark = |@)pytest\.mark\.gpu",
                               path.read_text(), re.M)}
     assert gpu_files <= named, gpu_files - named

@@ -30,11 +30,13 @@ declare -A tests=(
   [triton]="$engine -k triton_decode_kernel"
   [compile]="$engine -k graphs"
   [serve]="tests/engine/test_serve_gpu.py"
+  [examples]="tests/examples/test_examples.py"
 )
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        oracle_llava oracle_llava-next oracle_qwen2-vl caching_llava
-       caching_qwen2-vl caching_stock chunked leaks triton compile serve)
-alone=" compile serve "
+       caching_qwen2-vl caching_stock chunked leaks triton examples compile
+       serve)
+alone=" examples compile serve "
 [ $# -gt 0 ] && order=("$@")
 
 run_one() {  # name: one pytest process, its log, its summary line
