@@ -7,9 +7,9 @@
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
 #   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
 # With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
-# GPU; `serve` and `compile` size their pools from free memory, so they run
-# alone afterwards. A test that fails beside others is run again alone, and
-# both results are printed.
+# GPU; `examples`, `serve` and `compile` size their pools from free memory,
+# so they run alone afterwards. A test that fails beside others is run again
+# alone, and both results are printed.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
