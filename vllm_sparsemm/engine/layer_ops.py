@@ -186,9 +186,10 @@ def select_layer(plan: StepPlan, layer: int,
 
 def _every_layers_positions(state: WorkerKVState, rows: int, width: int,
                             device) -> torch.Tensor:
-    """``[rows, L, Hkv, width]``: kept positions, filled layer by layer."""
+    """``[rows, L, Hkv, width]``: kept positions, filled layer by layer
+    (int32: they live until the compaction, one per kept token and head)."""
     return torch.empty((rows, state.num_layers, state.num_kv_heads, width),
-                       dtype=torch.int64, device=device)
+                       dtype=torch.int32, device=device)
 
 
 def _key_rows(state: WorkerKVState, blocks: torch.Tensor, layer,
@@ -396,5 +397,5 @@ def _append_positions(positions, counts, tail):
     out[..., :width] = positions
     index = counts.to(device)[..., None] + torch.arange(len(tail), device=device)
     index = index.expand(out.shape[:-1] + (len(tail), ))
-    out.scatter_(-1, index, tail.expand(index.shape).contiguous())
+    out.scatter_(-1, index, tail.to(out.dtype).expand(index.shape).contiguous())
     return out

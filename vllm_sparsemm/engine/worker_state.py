@@ -141,7 +141,7 @@ class CompactionMoves:
         ``pages.compaction_rows``)."""
         n, width = positions.shape[0], positions.shape[-1]
         kept = positions.reshape(n, -1, width)[:, self.flat, self.index]
-        block = prompt_blocks.gather(1, kept // space.block_size)
+        block = prompt_blocks.gather(1, (kept // space.block_size).long())
         per_block = space.pages_per_block * space.block_size
         src = (block * per_block + self.flat * space.block_size +
                kept % space.block_size)
