@@ -164,14 +164,15 @@ def select_layer(plan: StepPlan, layer: int,
                  block_table: torch.Tensor) -> None:
     """Pick what each head of ``layer`` keeps, for every prompt completed this step.
 
-    Runs in each layer once its keys are in the cache, so a layer's window
-    queries are dropped as soon as it has selected: only queries of prompts
-    whose window a chunk boundary split wait across steps. The step's
-    prompts, of whatever lengths and budgets, are scored and selected
-    together (``SelectionBatch``), at most SELECTION_TOKENS padded prompt
-    tokens at a time; a longer prompt is scored alone, its keys
-    SELECTION_TOKENS at a time (``selection.streamed_window_scores``), so
-    the scratch is bounded whatever the prompt length.
+    Runs in each layer once its keys are in the cache. The step's prompts,
+    of whatever lengths and budgets, are scored and selected together
+    (``SelectionBatch``), at most SELECTION_TOKENS padded prompt tokens at
+    a time; when their windows are all in this step, one pass covers the
+    batch's ``layers_per_pass`` layers, run in the last of them (keys stay
+    in the cache until the compaction in the last layer). A longer prompt
+    is scored alone, its keys SELECTION_TOKENS at a time
+    (``selection.streamed_window_scores``), so the scratch is bounded
+    whatever the prompt length.
     """
     last_layer = plan.state.num_layers - 1
     for batch in plan.selection_batches:
