@@ -52,8 +52,9 @@ class SelectionGroup:
     prompt_len: int
     members: list[tuple[int, RequestKV]]  # (batch row, request)
     index: torch.Tensor  # their batch rows, on the device
-    # every layer's kept positions [n, L, Hkv, width], padded with -1; set
-    # layer by layer by the selection, read by the compaction
+    # every layer's kept positions [n, L, Hkv, width], padded with -1, read
+    # by the compaction: set layer by layer by a streamed selection, or
+    # taken from its SelectionBatches' before the compaction
     positions: torch.Tensor | None = None
     batched: bool = False  # selected in a SelectionBatch (else: streamed)
 
