@@ -23,6 +23,7 @@ its compressed pages, so a request never holds its whole prompt's blocks
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -111,11 +112,16 @@ def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
 
 
 def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
-             cost: CostModel = CostModel(), max_steps: int = 100_000) -> dict:
+             cost: CostModel = CostModel(), max_steps: int = 100_000,
+             requests=None, clients: int | None = None) -> dict:
     """Submit a burst of requests, step until all finish, return the tally.
 
-    Under an ``AsyncScheduler`` a step's output is processed after the next
-    step is scheduled, as vLLM's engine does with async scheduling."""
+    ``requests`` (vLLM ``Request``s) replaces the ``num_requests`` identical
+    ones; with ``clients``, that many are in flight at a time, each finished
+    one replaced by the next (a closed loop of clients, as a chat server
+    sees). Under an ``AsyncScheduler`` a step's output is processed after
+    the next step is scheduled, as vLLM's engine does with async
+    scheduling."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -130,10 +136,15 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
         return preempt(request, timestamp)
 
     scheduler._preempt_request = counting_preempt
-    for i in range(num_requests):
-        scheduler.add_request(Request(
-            str(i), [5] * prompt_len,
-            SamplingParams(max_tokens=output_len, ignore_eos=True), None))
+    if requests is None:
+        requests = (Request(str(i), [5] * prompt_len, SamplingParams(
+            max_tokens=output_len, ignore_eos=True), None)
+            for i in range(num_requests))
+    requests = iter(requests)
+    for request in (requests if clients is None else
+                    itertools.islice(requests, clients)):
+        scheduler.add_request(request)
+    waiting = 0  # requests waiting, summed over steps
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     seconds, steps, produced, peak = 0.0, 0, 0, 0
     host = 0.0  # wall seconds in vLLM's scheduler (this CPU, not the model)
@@ -165,17 +176,52 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             pending, (out, output) = (out, output), pending or (None, None)
         started = time.perf_counter()
         if out is not None:
-            scheduler.update_from_output(out, output)
+            finished = sum(o.finished for outs in scheduler.update_from_output(
+                out, output).values() for o in outs.outputs)
+            for request in itertools.islice(requests, finished
+                                            if clients else 0):
+                scheduler.add_request(request)
         host += time.perf_counter() - started
         produced += sum(map(len, sampled))
         steps += 1
         peak = max(peak, len(scheduler.running))
+        waiting += len(scheduler.waiting)
     return {"steps": steps, "seconds": seconds,
             "output_tok_per_s": produced / seconds if seconds else 0.0,
             "finished": scheduler.get_num_unfinished_requests() == 0,
             "preemptions": preempted[0], "recomputed_tokens": wasted[0],
-            "peak_running": peak,
+            "peak_running": peak, "mean_waiting": waiting / max(steps, 1),
             "scheduler_ms_per_step": 1e3 * host / max(steps, 1)}
+
+
+def chat_requests(num_requests: int, images: int, image_len: int,
+                  question_len: tuple[int, int], output_len: int,
+                  seed: int = 0):
+    """Requests about a few shared images (token runs standing for them),
+    each with a question of its own: prefix-cache hits for all but an
+    image's first request. Their blocks are hashed as vLLM hashes them."""
+    import hashlib
+    import pickle
+
+    import numpy as np
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.kv_cache_utils import (get_request_block_hasher,
+                                             init_none_hash)
+    from vllm.v1.request import Request
+
+    def digest(value):
+        return hashlib.sha256(pickle.dumps(value)).digest()
+
+    init_none_hash(digest)
+    hasher = get_request_block_hasher(16, digest)
+    rng = np.random.default_rng(seed)
+    for i in range(num_requests):
+        image = int(rng.integers(images))
+        question = rng.integers(100, 30_000, int(rng.integers(*question_len)))
+        tokens = ([40_000 + image * image_len + j for j in range(image_len)]
+                  + [int(t) for t in question])
+        yield Request(str(i), tokens, SamplingParams(
+            max_tokens=output_len, ignore_eos=True), None, block_hasher=hasher)
 
 
 def without_prefill_transient(scheduler) -> None:

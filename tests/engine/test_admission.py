@@ -301,6 +301,46 @@ def test_saturated_burst_on_vllms_scheduler(model_dir, reserve):
         assert result["preemptions"] > 0 and result["recomputed_tokens"] > 0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_chat_load_over_shared_images_waits_as_on_stock(
+        model_dir, monkeypatch, async_scheduling):
+    """64 clients asking questions about 8 images, prefix caching on, on a
+    pool their shared prompts fit twice over though each one's own prompt
+    and growth would not: sparsemm's admission holds nobody back, and
+    vLLM's scheduler runs the load in stock's steps."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_sparsemm.engine import kv_spec
+    sim = _sim()
+    waits = []
+    monkeypatch.setattr(kv_spec, "_count_wait", waits.append)
+    load = dict(num_requests=192, images=8, image_len=300,
+                question_len=(20, 40), output_len=64)
+    spec = sim.sparsemm_spec(64, 256, _scores(), head_size=8,
+                             async_scheduling=async_scheduling)
+    law = spec.law()
+    own = cdiv(340, BS) + law.compacted_blocks(340, 64)
+    num_blocks = 1800
+    assert 64 * own > num_blocks  # each request's own would not fit
+    results = {}
+    for name, kind in (("stock", FullAttentionSpec(
+            block_size=BS, num_kv_heads=4, head_size=8,
+            dtype=torch.float16)), ("sparsemm", spec)):
+        scheduler = sim.make_scheduler(
+            kind, num_blocks=num_blocks, max_batched_tokens=2048,
+            max_num_seqs=256, model_dir=model_dir, prefix_caching=True,
+            async_scheduling=async_scheduling)
+        results[name] = sim.simulate(
+            scheduler, 0, 0, 0, requests=sim.chat_requests(**load),
+            clients=64)
+        assert results[name]["finished"]
+        assert results[name]["preemptions"] == 0
+    assert waits == []
+    assert results["sparsemm"]["steps"] == results["stock"]["steps"]
+    assert results["sparsemm"]["mean_waiting"] == pytest.approx(
+        results["stock"]["mean_waiting"])
+
+
 def test_gate_rows_kept_within_a_step_equal_rows_built_afresh(model_dir):
     """The gate keeps the running requests' rows from the first admission of
     a step and rebuilds only those whose state changed since. On vLLM's
