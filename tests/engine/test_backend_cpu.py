@@ -288,6 +288,40 @@ def test_windows_in_the_step_are_gathered_and_split_ones_buffered():
     assert 85 - 5 > 85 - WINDOW  # b's first chunk held part of its window
 
 
+def test_selection_host_work_does_not_grow_with_prompt_lengths(monkeypatch):
+    """The tensor ops a step's selection issues (each a kernel launch on a
+    GPU, where the host had to keep up) are the same for 16 prompts of one
+    length and of 16 lengths; the CPU-only check against the block law is
+    left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vllm_sparsemm.engine import layer_ops
+    monkeypatch.setattr(layer_ops, "_check_and_record_batch",
+                        lambda *args: None)
+    counted = [0]
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counted[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    for name in ("select_layer", "collect_window_queries"):
+        def wrapped(*args, _original=getattr(backend, name), **kwargs):
+            with Count():
+                return _original(*args, **kwargs)
+        monkeypatch.setattr(backend, name, wrapped)
+    ops = []
+    for lengths in (1, 16):
+        eng = Engine(num_blocks=1200, debug_poison=False)
+        prompts = {f"r{i}": 60 + i % lengths for i in range(16)}
+        for rid, prompt in prompts.items():
+            eng.add(rid, prompt, prompt + 2)
+        counted[0] = 0
+        eng.step(prompts)
+        ops.append(counted[0])
+    assert ops[0] == ops[1] > 0
+
+
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 3, 1, 2]])
 def test_virtual_sequences_list_each_row_head_token_once(query_lens):
     from vllm_sparsemm.engine.host_arrays import virtual_sequences

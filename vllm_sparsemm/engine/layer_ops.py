@@ -245,14 +245,22 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
     if last == state.num_layers:
         batch.queries = None
     if counts.device.type != "cuda" or state.recorded is not None:
-        counts = counts.view(layers, size, num_heads)
-        for at, layer in enumerate(range(first, last)):
-            for group, lo, hi, start in batch.parts:
-                rows = slice(start, start + hi - lo)
-                _check_and_record(
-                    plan, group, layer, range(lo, hi), counts[at, rows],
-                    queries[at, rows], keys[at, rows, :group.prompt_len],
-                    kept[at, rows])
+        _check_and_record_batch(plan, batch, first, last,
+                                counts.view(layers, size, num_heads),
+                                queries, keys, kept)
+
+
+def _check_and_record_batch(plan, batch, first, last, counts, queries, keys,
+                            kept):
+    """:func:`_check_and_record` for each group of a batch's pass over
+    layers ``[first, last)`` (tensors ``[m, b, ...]``)."""
+    for at, layer in enumerate(range(first, last)):
+        for group, lo, hi, start in batch.parts:
+            rows = slice(start, start + hi - lo)
+            _check_and_record(
+                plan, group, layer, range(lo, hi), counts[at, rows],
+                queries[at, rows], keys[at, rows, :group.prompt_len],
+                kept[at, rows])
 
 
 def _select_long(plan: StepPlan, group, layer: int,
