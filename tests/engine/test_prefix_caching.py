@@ -134,3 +134,35 @@ def test_uncompressed_prompts_cache_like_stock(prompt):
     _run(eng, "a", tokens, 3)
     eng.finish("a")
     assert _run(eng, "b", tokens, 3) == (prompt - 1) // BS * BS
+
+
+@pytest.mark.parametrize("seed, tp", [(0, 1), (1, 2), (2, 1)])
+def test_questions_about_one_image_in_one_step(seed, tp):
+    """Several requests hit one image's cached blocks in the same step, with
+    questions of their own lengths and budgets of their own (off, too):
+    selected together, each output equals dense SparseMM attention."""
+    gen = torch.Generator().manual_seed(seed)
+    eng = Engine(caching=True, num_blocks=600, seed=seed, tp=tp)
+    first = IMAGE + list(range(10, 30))
+    _run(eng, "a", first, 2)
+    eng.finish("a")
+    rids = []
+    for i in range(6):
+        question = [int(t) for t in torch.randint(100, 900, (
+            int(torch.randint(5, 60, (1,), generator=gen)),), generator=gen)]
+        rid = f"q{i}"
+        eng.add(rid, len(IMAGE) + len(question),
+                len(IMAGE) + len(question) + 3, tokens=IMAGE + question,
+                budget=[None, 0, 60][i % 3])
+        rids.append(rid)
+    tokens, outputs = eng.step(
+        {rid: eng.requests[rid].num_prompt_tokens for rid in rids})
+    eng.processed(rids)
+    eng.check(tokens, outputs)
+    computed = [sum(r == rid for r, _ in tokens) for rid in rids]
+    assert all(n < len(IMAGE) // 2 for n in computed), computed  # all hit
+    assert len(eng.last_plan.selection_batches) == 1
+    for _ in range(2):
+        tokens, outputs = eng.step({rid: 1 for rid in rids})
+        eng.processed(rids)
+        eng.check(tokens, outputs)
