@@ -212,7 +212,9 @@ def test_selection_batches_pad_lengths_up_to_the_token_cap(monkeypatch):
     compressing = [(i, req(n, 40 if i % 3 else 90))
                    for i, n in enumerate(lengths)]
     groups = step_plan._selection_groups(compressing)
-    batches = step_plan._selection_batches(groups, state)
+    widths = [step_plan.kept_width(state, members[0][1].law, length)
+              for length, members in groups]
+    batches = step_plan._selection_batches(groups, widths)
     seen = []
     for parts, longest, width in batches:
         rows = sum(hi - lo for _, lo, hi, _ in parts)

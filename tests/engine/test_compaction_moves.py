@@ -1,12 +1,13 @@
-"""The cached compaction moves give the rows of the reference layout
-(``pages.compaction_rows``), for any plan and appended tail."""
+"""The compaction moves as the engine builds and caches them (a plan's kept
+counts on the device plus an appended tail, the total from the host) give
+the rows of ``pages.compaction_rows`` over the same counts, for any plan
+and tail."""
 
 import pytest
 import torch
 
-from vllm_sparsemm.core.pages import (PagePlan, PageSpace, RequestLayout,
-                                      compaction_rows)
-from vllm_sparsemm.engine.worker_state import CompactionMoves
+from vllm_sparsemm.core.pages import (CompactionMoves, PagePlan, PageSpace,
+                                      RequestLayout, compaction_rows)
 
 LAYERS, KV_HEADS, BS = 3, 2, 4
 
@@ -52,8 +53,10 @@ def test_moves_equal_the_reference_rows(seed, extra):
     layout = RequestLayout(space, counts, 1, fresh, plan=plan)
     want_src, want_dst = compaction_rows(layout, prompt_blocks, positions,
                                          counts + extra)
-    moves = CompactionMoves.of(space, plan, counts, extra, num_blocks, "cpu")
-    src, dst = moves.rows(space, prompt_blocks, positions, fresh)
+    moves = CompactionMoves(  # as WorkerKVState.compaction_moves builds them
+        space, plan, plan.counts.view(counts.shape) + extra, num_blocks,
+        total=int(counts.sum()) + extra * counts.numel())
+    src, dst = moves.rows(prompt_blocks, positions, fresh)
     assert torch.equal(src, want_src)
     assert torch.equal(dst, want_dst)
     assert moves.nbytes == 16 * int((counts + extra).sum())

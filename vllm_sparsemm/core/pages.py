@@ -196,6 +196,59 @@ def standard_row(space: PageSpace, block: torch.Tensor, layer, head,
             position % space.block_size)
 
 
+class CompactionMoves:
+    """A plan's compaction, whatever the request: row ``r`` moves kept token
+    ``index[r]`` of flat head ``flat[r]`` (``layer * Hkv + head``) to row
+    ``sub[r]`` of the request's fresh block ``entry[r]`` (int32 each, so the
+    engine can keep them per plan)."""
+
+    def __init__(self, space: PageSpace, plan: PagePlan, counts: torch.Tensor,
+                 num_blocks: int, total: int | None = None):
+        """``counts``: the tokens each head moves (``[L, Hkv]``, the kept ones
+        and any appended after them); ``total`` their sum, when the host
+        knows it (else a device sync); ``num_blocks`` fresh blocks."""
+        device = counts.device
+        shape = counts.view(space.num_layers, -1)
+        counts = counts.flatten()
+        if total is None:
+            total = int(counts.sum())
+        flat = torch.repeat_interleave(
+            torch.arange(len(counts), device=device), counts,
+            output_size=total)
+        first = counts.cumsum(0) - counts
+        index = torch.arange(total, device=device) - first[flat]
+        # the layout over fresh blocks 0 .. num_blocks - 1: block id = entry
+        layout = RequestLayout(space, shape, plan.num_pools, torch.arange(
+            num_blocks, device=device), plan=plan)
+        rows = layout.token_rows(flat // space.num_kv_heads,
+                                 flat % space.num_kv_heads, index)
+        per_block = space.pages_per_block * space.block_size
+        self.space = space
+        self.flat, self.index, self.entry, self.sub = (
+            t.to(torch.int32) for t in
+            (flat, index, rows // per_block, rows % per_block))
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * 4 * self.flat.numel()
+
+    def rows(self, prompt_blocks: torch.Tensor, positions: torch.Tensor,
+             fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source and destination rows ``[n, total]`` of n requests:
+        ``prompt_blocks [n, columns]``, kept ``positions [n, L, Hkv, width]``
+        (ascending, padded with -1) and ``fresh`` blocks ``[n, num_blocks]``.
+        Sources and destinations overlap: move through a copy."""
+        space = self.space
+        n, width = positions.shape[0], positions.shape[-1]
+        kept = positions.reshape(n, -1, width)[:, self.flat, self.index]
+        block = prompt_blocks.gather(1, (kept // space.block_size).long())
+        src = standard_row(space, block, self.flat // space.num_kv_heads,
+                           self.flat % space.num_kv_heads, kept)
+        per_block = space.pages_per_block * space.block_size
+        dst = fresh.gather(1, self.entry.long().expand(n, -1)) * per_block
+        return src, dst + self.sub
+
+
 def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
                     positions: torch.Tensor, counts: torch.Tensor,
                     total: int | None = None
@@ -213,20 +266,10 @@ def compaction_rows(layout: RequestLayout, prompt_blocks: torch.Tensor,
     single = positions.ndim == 3
     if single:
         positions, prompt_blocks = positions[None], prompt_blocks[None]
-    num_requests, num_layers, num_kv_heads, width = positions.shape
-    device = positions.device
-    counts = counts.to(device).flatten()
-    if total is None:
-        total = int(counts.sum())
-    flat = torch.repeat_interleave(
-        torch.arange(len(counts), device=device), counts, output_size=total)
-    first = counts.cumsum(0) - counts
-    index = torch.arange(total, device=device) - first[flat]
-    layer, head = flat // num_kv_heads, flat % num_kv_heads
-    member = torch.arange(num_requests, device=device)[:, None]
-    kept = positions.reshape(num_requests, -1, width)[member, flat, index]
-    # prompt_rows with each request's own positions
-    block = prompt_blocks[member, kept // layout.space.block_size]
-    src = standard_row(layout.space, block, layer, head, kept)
-    dst = layout.token_rows(layer, head, index)
-    return (src[0], dst) if single else (src, dst)
+    blocks = layout.blocks.view(-1, layout.blocks.shape[-1])
+    moves = CompactionMoves(layout.space, layout.plan,
+                            counts.to(positions.device), blocks.shape[-1],
+                            total)
+    src, dst = moves.rows(prompt_blocks, positions,
+                          blocks.expand(positions.shape[0], -1))
+    return (src[0], dst[0]) if single else (src, dst)

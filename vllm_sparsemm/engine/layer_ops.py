@@ -18,8 +18,7 @@ from vllm_sparsemm.core.pages import cdiv, page_slot, standard_row
 from vllm_sparsemm.core.selection import (select_kept, streamed_window_scores,
                                           window_scores)
 from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
-                                            SelectionBatch, StepPlan,
-                                            kept_width)
+                                            SelectionBatch, StepPlan)
 from vllm_sparsemm.engine.worker_state import WorkerKVState
 from vllm_sparsemm.kernels import triton_ops
 from vllm_sparsemm.kernels.kv_ops import copy_rows, write_rows
@@ -271,7 +270,7 @@ def _select_long(plan: StepPlan, group, layer: int,
     device = block_table.device
     blocks = block_table[group.index].long()  # [n, columns]
     caps = state.caps(group.law, device)[layer]  # [Hkv]
-    width = kept_width(state, group.law, group.prompt_len)
+    width = group.width
     if group.positions is None:
         group.positions = _every_layers_positions(
             state, len(group.members), width, device)
@@ -308,9 +307,9 @@ def _check_and_record(plan, group, layer, members, counts, queries, keys,
     if state.recorded is not None:
         for k, j in enumerate(members):
             req_id = plan.rows[group.members[j][0]].req_id
-            width = kept_width(state, group.law, group.prompt_len)
             state.recorded.setdefault(req_id, {})[layer] = (
-                queries[k].cpu(), keys[k].cpu(), kept[k, :, :width].cpu(),
+                queries[k].cpu(), keys[k].cpu(),
+                kept[k, :, :group.width].cpu(),
                 counts[k].cpu())
 
 
@@ -320,9 +319,8 @@ def _group_positions(plan: StepPlan) -> None:
     parts: dict[int, list[torch.Tensor]] = {}
     for batch in plan.selection_batches:
         for group, lo, hi, first in batch.parts:
-            width = kept_width(plan.state, group.law, group.prompt_len)
             parts.setdefault(id(group), []).append(
-                batch.positions[first:first + hi - lo, ..., :width])
+                batch.positions[first:first + hi - lo, ..., :group.width])
     for group in plan.selection_groups:
         if group.batched:
             pieces = parts[id(group)]
@@ -380,7 +378,7 @@ def _compact_requests(state, law, prompt_len, extra, reqs, blocks, positions,
                            f"a block-table row of {blocks.shape[1]} for a "
                            f"plan of {law.compacted_blocks(prompt_len, extra)}")
     moves = state.compaction_moves(counts, extra, fresh.shape[1], device)
-    src, dst = moves.rows(state.space, blocks, positions, fresh)
+    src, dst = moves.rows(blocks, positions, fresh)
     if state.debug_poison:  # unwritten rows of the fresh blocks read as NaN
         state.poison(fresh.flatten())
     copy_rows(state.rows, src.flatten(), dst.flatten())

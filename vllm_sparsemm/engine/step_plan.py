@@ -52,6 +52,7 @@ class SelectionGroup:
     prompt_len: int
     members: list[tuple[int, RequestKV]]  # (batch row, request)
     index: torch.Tensor  # their batch rows, on the device
+    width: int  # host: the most positions any head of this rank keeps
     # every layer's kept positions [n, L, Hkv, width], padded with -1, read
     # by the compaction: set layer by layer by a streamed selection, or
     # taken from its SelectionBatches' before the compaction
@@ -166,7 +167,9 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
                                                         standard)], device)
     if compressing:  # compaction moves requests of one prompt length
         groups = _selection_groups(compressing)
-        batches = _selection_batches(groups, state)
+        widths = [kept_width(state, members[0][1].law, length)
+                  for length, members in groups]
+        batches = _selection_batches(groups, widths)
         arrays = [np.array([i for i, _ in members], dtype=np.int64)
                   for _, members in groups]
         in_step = []  # per batch: each member's whole window in this step
@@ -176,9 +179,9 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
             in_step.append(tokens is not None)
             arrays.append(tokens if tokens is not None else [])
         tensors = upload(arrays, device)
-        plan.selection_groups = [SelectionGroup(length, members, index) for
-                                 (length, members), index in
-                                 zip(groups, tensors)]
+        plan.selection_groups = [
+            SelectionGroup(length, members, index, width) for
+            (length, members), index, width in zip(groups, tensors, widths)]
         tensors = tensors[len(groups):]
         for k, (parts, longest, width) in enumerate(batches):
             for g, _, _, _ in parts:
@@ -258,7 +261,7 @@ def _selection_groups(compressing):
     return groups
 
 
-def _selection_batches(groups, state: WorkerKVState):
+def _selection_batches(groups, widths: list[int]):
     """``(parts, longest, width)`` per batch: the groups' requests of prompts
     up to SELECTION_TOKENS, shortest first, at most SELECTION_TOKENS padded
     prompt tokens a batch (always at least one request)."""
@@ -266,8 +269,7 @@ def _selection_batches(groups, state: WorkerKVState):
                    if length <= SELECTION_TOKENS)
     batches, parts, rows, width, longest = [], [], 0, 0, 0
     for length, g in order:  # the longest so far: rows x length is padded
-        members = groups[g][1]
-        group_width = kept_width(state, members[0][1].law, length)
+        members, group_width = groups[g][1], widths[g]
         lo = 0
         while lo < len(members):
             room = SELECTION_TOKENS // length - rows

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_sparsemm.core.block_law import BlockLaw, LawBook
-from vllm_sparsemm.core.pages import PagePlan, PageSpace, RequestLayout
+from vllm_sparsemm.core.pages import CompactionMoves, PagePlan, PageSpace
 from vllm_sparsemm.core.selection import WindowQueryBuffer
 from vllm_sparsemm.engine.step_rows import RowInfo, StepRows
 
@@ -98,57 +98,6 @@ class RequestKV:
 MOVES_CACHE_BYTES = 64 << 20
 
 
-@dataclass
-class CompactionMoves:
-    """One plan's compaction, as offsets: row ``r`` of a request moves kept
-    token ``index[r]`` of flat head ``flat[r]`` (``layer * Hkv + head``) to
-    row ``sub[r]`` of its fresh block ``entry[r]`` (int32 each)."""
-    flat: torch.Tensor
-    index: torch.Tensor
-    entry: torch.Tensor
-    sub: torch.Tensor
-
-    @classmethod
-    def of(cls, space: PageSpace, plan: PagePlan, counts: torch.Tensor,
-           extra: int, num_blocks: int, device) -> "CompactionMoves":
-        """The moves of ``plan``, from the reference layout over fresh
-        blocks ``0 .. num_blocks - 1`` (block id = entry)."""
-        per_head = plan.counts.view(-1) + extra
-        total = int(counts.sum()) + extra * counts.numel()
-        flat = torch.repeat_interleave(
-            torch.arange(len(per_head), device=device), per_head,
-            output_size=total)
-        index = (torch.arange(total, device=device) -
-                 (per_head.cumsum(0) - per_head)[flat])
-        layout = RequestLayout(space, counts, 1, torch.arange(
-            num_blocks, device=device), plan=plan)
-        rows = layout.token_rows(flat // space.num_kv_heads,
-                                 flat % space.num_kv_heads, index)
-        per_block = space.pages_per_block * space.block_size
-        return cls(*(t.to(torch.int32) for t in
-                     (flat, index, rows // per_block, rows % per_block)))
-
-    @property
-    def nbytes(self) -> int:
-        return 4 * 4 * self.flat.numel()
-
-    def rows(self, space: PageSpace, prompt_blocks: torch.Tensor,
-             positions: torch.Tensor, fresh: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Source and destination rows ``[n, total]`` of n requests of this
-        plan: ``prompt_blocks [n, columns]``, kept ``positions [n, L, Hkv,
-        width]`` and ``fresh`` blocks ``[n, num_blocks]`` (as
-        ``pages.compaction_rows``)."""
-        n, width = positions.shape[0], positions.shape[-1]
-        kept = positions.reshape(n, -1, width)[:, self.flat, self.index]
-        block = prompt_blocks.gather(1, (kept // space.block_size).long())
-        per_block = space.pages_per_block * space.block_size
-        src = (block * per_block + self.flat * space.block_size +
-               kept % space.block_size)
-        dst = fresh.gather(1, self.entry.long().expand(n, -1)) * per_block
-        return src, dst + self.sub
-
-
 class WorkerKVState:
     """Everything sparsemm keeps in one worker process, shared by all layers."""
 
@@ -232,7 +181,7 @@ class WorkerKVState:
         return self._plans[key]
 
     def compaction_moves(self, counts: torch.Tensor, extra: int,
-                         num_blocks: int, device) -> "CompactionMoves":
+                         num_blocks: int, device) -> CompactionMoves:
         """What a compaction of host ``counts [L, Hkv]`` kept tokens (plus
         ``extra`` appended ones per head) into ``num_blocks`` fresh blocks
         moves, whatever the request: cached per plan, within
@@ -243,8 +192,9 @@ class WorkerKVState:
         moves = self._moves.get(key)
         if moves is None:
             plan, _ = self.page_plan(counts, device)
-            moves = CompactionMoves.of(self.space, plan, counts, extra,
-                                       num_blocks, device)
+            moves = CompactionMoves(
+                self.space, plan, plan.counts.view(counts.shape) + extra,
+                num_blocks, total=int(counts.sum()) + extra * counts.numel())
             if self._moves_bytes + moves.nbytes > MOVES_CACHE_BYTES:
                 self._moves.clear()
                 self._moves_bytes = 0
