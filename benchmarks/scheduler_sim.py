@@ -23,6 +23,7 @@ its compressed pages, so a request never holds its whole prompt's blocks
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -194,26 +195,34 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             "scheduler_ms_per_step": 1e3 * host / max(steps, 1)}
 
 
+@functools.cache
+def block_hasher(block_size: int):
+    """vLLM's request block hasher, made (and vLLM's hash seed set) once, so
+    requests made at different times hash equal prefixes alike."""
+    import hashlib
+    import pickle
+
+    from vllm.v1.core.kv_cache_utils import (get_request_block_hasher,
+                                             init_none_hash)
+
+    def digest(value):
+        return hashlib.sha256(pickle.dumps(value)).digest()
+
+    init_none_hash(digest)
+    return get_request_block_hasher(block_size, digest)
+
+
 def chat_requests(num_requests: int, images: int, image_len: int,
                   question_len: tuple[int, int], output_len: int,
                   seed: int = 0):
     """Requests about a few shared images (token runs standing for them),
     each with a question of its own: prefix-cache hits for all but an
     image's first request. Their blocks are hashed as vLLM hashes them."""
-    import hashlib
-    import pickle
-
     import numpy as np
     from vllm.sampling_params import SamplingParams
-    from vllm.v1.core.kv_cache_utils import (get_request_block_hasher,
-                                             init_none_hash)
     from vllm.v1.request import Request
 
-    def digest(value):
-        return hashlib.sha256(pickle.dumps(value)).digest()
-
-    init_none_hash(digest)
-    hasher = get_request_block_hasher(16, digest)
+    hasher = block_hasher(16)
     rng = np.random.default_rng(seed)
     for i in range(num_requests):
         image = int(rng.integers(images))

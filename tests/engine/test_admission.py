@@ -8,16 +8,11 @@ prompt. The sparsemm manager's gate reserves the running requests' remaining
 prefill and growth; these tests pin its arithmetic and its effect.
 """
 
-import functools
-import hashlib
-import pickle
-
 import numpy as np
 import pytest
 import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.kv_cache_manager import KVCacheManager
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request, RequestStatus
 
@@ -51,18 +46,9 @@ def _manager(reserve, num_blocks=400, pacing=False, caching=False):
     return kv, kv.coordinator.single_type_managers[0]
 
 
-@functools.cache
-def _block_hasher():
-    """vLLM's request block hasher (one seed for every request)."""
-    def digest(value):
-        return hashlib.sha256(pickle.dumps(value)).digest()
-    init_none_hash(digest)
-    return get_request_block_hasher(BS, digest)
-
-
 def _request(rid, prompt_len, max_tokens, tokens=None):
     # with tokens: hashed blocks, so prefix-cache hits
-    hasher = None if tokens is None else _block_hasher()
+    hasher = None if tokens is None else _sim().block_hasher(BS)
     return Request(rid, list(tokens) if tokens is not None else
                    [1] * prompt_len, SamplingParams(max_tokens=max_tokens),
                    None, block_hasher=hasher)
