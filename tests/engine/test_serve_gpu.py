@@ -146,13 +146,10 @@ def _check_bad_budgets(port):
 
 def _client_example(port, *args):
     """examples/openai_client.py against the server, as its docstring says."""
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(ROOT / "examples/openai_client.py"),
          "--base-url", f"http://127.0.0.1:{port}/v1", "--max-tokens", "24",
          *args], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
-    return done
 
 
 def test_serve_chat_completion_with_image(tmp_path):
@@ -196,12 +193,11 @@ def test_serve_chat_completion_with_image(tmp_path):
         assert "prefix_caching=on" in text
         assert "sparsemm: compressing prompts" in text
 
-        _client_example(port)
-        _client_example(port, "--stream", "--budget", "64")
-        refused = subprocess.run(
-            [sys.executable, str(ROOT / "examples/openai_client.py"),
-             "--base-url", f"http://127.0.0.1:{port}/v1", "--budget", "-5"],
-            capture_output=True, text=True, timeout=120)
+        for args in ((), ("--stream", "--budget", "64")):
+            done = _client_example(port, *args)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.strip()
+        refused = _client_example(port, "--budget", "-5")
         assert refused.returncode == 2 and "(400)" in refused.stderr
         budgets = {}
         _check_budgets(port, _settings(text), budgets)
