@@ -80,8 +80,10 @@ def sampling(args, count: int) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-    if not torch.cuda.is_available():
+    # vLLM's platform check asks NVML: torch.cuda here would initialise CUDA
+    # in this process, and the engine core vLLM forks could not use it
+    from vllm.platforms import current_platform
+    if not current_platform.is_cuda():
         print("offline_inference.py: vLLM with sparsemm needs an NVIDIA GPU "
               "(CUDA); none is visible here", file=sys.stderr)
         return 2
