@@ -285,13 +285,28 @@ def _session(concurrency: int):
         timeout=aiohttp.ClientTimeout(total=6 * 3600))
 
 
+async def _until(event) -> None:
+    """Return once a ``threading.Event`` (set from another thread) is set."""
+    while not event.is_set():
+        await asyncio.sleep(0.05)
+
+
 async def _finish(tasks: list, max_seconds: float | None,
-                  stop: asyncio.Event) -> None:
-    """Wait for every task, or until ``max_seconds``: then send nothing more
-    and cancel what is in flight."""
+                  stop: asyncio.Event, give_up=None) -> None:
+    """Wait for every task, or until ``max_seconds`` or the ``give_up``
+    event: then send nothing more and cancel what is in flight (the
+    client hangs up, as one with a timeout does)."""
     if not tasks:
         return
-    _, pending = await asyncio.wait(tasks, timeout=max_seconds)
+    everything = asyncio.ensure_future(asyncio.wait(tasks))
+    waiters = [everything]
+    if give_up is not None:
+        waiters.append(asyncio.ensure_future(_until(give_up)))
+    await asyncio.wait(waiters, timeout=max_seconds,
+                       return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    pending = [task for task in tasks if not task.done()]
     if pending:
         stop.set()
         for task in pending:
@@ -301,8 +316,9 @@ async def _finish(tasks: list, max_seconds: float | None,
 
 async def run_requests(base_url: str, model: str, requests: list[ChatRequest],
                        concurrency: int, max_seconds: float | None = None,
-                       clock=time.perf_counter):
-    """Send ``requests`` with at most ``concurrency`` in flight.
+                       clock=time.perf_counter, give_up=None):
+    """Send ``requests`` with at most ``concurrency`` in flight; stop at
+    ``max_seconds`` or once ``give_up`` (a ``threading.Event``) is set.
 
     Returns (results in request order, seconds from the first send to the
     last answer or to the cut).
@@ -321,7 +337,7 @@ async def run_requests(base_url: str, model: str, requests: list[ChatRequest],
 
         tasks = [asyncio.create_task(one(q, r))
                  for q, r in zip(requests, results)]
-        await _finish(tasks, max_seconds, stop)
+        await _finish(tasks, max_seconds, stop, give_up)
         duration = clock() - origin
     for result in results:
         result.cut = result.cut or (stop.is_set() and not result.sent)

@@ -533,9 +533,10 @@ def rest_checks(v: Verdicts, before: Rest, after: Rest, args,
 
 
 def run_load_requests(server: Server, requests, concurrency: int,
-                      max_seconds: float | None):
+                      max_seconds: float | None, give_up=None):
     return asyncio.run(cc.run_requests(server.base, sm.SERVED_NAME, requests,
-                                       concurrency, max_seconds))
+                                       concurrency, max_seconds,
+                                       give_up=give_up))
 
 
 def save_requests(args, key: str, requests, results) -> str:
@@ -720,19 +721,31 @@ def still_alive(pids) -> list[int]:
     return left
 
 
+def wait_exit(proc: subprocess.Popen, seconds: float) -> int | None:
+    """The exit code, or None if still running after ``seconds``."""
+    try:
+        return proc.wait(max(0.0, seconds))
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def restart_part(args, server: Server, v: Verdicts) -> dict:
     """SIGTERM to the server's main process mid-load (as a container stop
     sends it); it must exit cleanly, its children with it, and the same
-    command must serve again on the same port."""
+    command must serve again on the same port. vLLM keeps its HTTP server
+    up while a stream it will not finish is open (stock too), so the
+    clients hang up ``--client-patience`` s after the signal, as clients
+    with a timeout do."""
     requests = load_workload(args.restart_requests, args.seed, num_images=8,
                              stream_share=1.0, disconnect_share=0.0,
                              max_tokens=(256, 512),
                              size=cc.parse_size(args.image_size),
                              salt="restart")
     load: list = []
+    give_up = threading.Event()
     thread = threading.Thread(daemon=True, target=lambda: load.append(
         run_load_requests(server, requests, args.restart_concurrency,
-                          args.max_seconds)))
+                          args.max_seconds, give_up)))
     thread.start()
     busy = wait_for(lambda: (sm.total(sm.scrape(server.base), RUNNING) or 0)
                     > 0, args.idle_timeout)
@@ -741,10 +754,13 @@ def restart_part(args, server: Server, v: Verdicts) -> dict:
     members = family(server.proc.pid)
     os.kill(server.proc.pid, signal.SIGTERM)
     started = time.monotonic()
-    try:
-        code = server.proc.wait(args.shutdown_timeout)
-    except subprocess.TimeoutExpired:
-        code = None
+    code = wait_exit(server.proc, min(args.client_patience,
+                                      args.shutdown_timeout))
+    hung_up = code is None  # vLLM waits for the streams it still holds open
+    give_up.set()
+    if code is None:
+        code = wait_exit(server.proc, args.shutdown_timeout
+                         - (time.monotonic() - started))
     seconds = time.monotonic() - started
     # its children get what is left of the timeout to follow it
     sm._wait_group(server.proc, max(1.0, args.shutdown_timeout - seconds))
@@ -756,13 +772,16 @@ def restart_part(args, server: Server, v: Verdicts) -> dict:
         detail = f"still running after {args.shutdown_timeout:g} s"
     else:
         detail = f"exit code {code} after {seconds:.1f} s"
+    if hung_up:
+        detail += (f" (open streams held it until the clients hung up at "
+                   f"{args.client_patience:g} s)")
     detail += (f", {running or 0:g} requests running when sent" if busy
                else "; no request was running when sent")
     v.add(Check("SIGTERM under load", code == 0 and busy, detail), "restart")
     v.add(Check("no orphan processes", not left, f"left alive: {left}"
                 if left else f"all {len(members)} processes gone"), "restart")
     outcome = {"exit_code": code, "exit_seconds": seconds, "left": left,
-               "running_at_sigterm": running,
+               "running_at_sigterm": running, "held_by_open_streams": hung_up,
                "load": cc.summarize(*load[0]) if load else None}
     log = log_file(args, "serve", "restart", server.port)
     try:
@@ -1118,6 +1137,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--restart-after", type=float, default=5.0,
       help="seconds of load before SIGTERM")
     a("--shutdown-timeout", type=float, default=60.0)
+    a("--client-patience", type=float, default=20.0,
+      help="seconds after SIGTERM until the restart load's clients hang up "
+           "(vLLM keeps serving a stream it holds open)")
 
     bad = sub.add_parser("bad-input", formatter_class=fmt,
                          help="bad requests and bad start-up settings")

@@ -120,6 +120,9 @@ class FakeHandler(BaseHTTPRequestHandler):
                                                "content": ""}}]})
             for word in words:
                 time.sleep(fake.delay)
+                while fake.stalled.is_set():  # an SSE comment finds a hang-up
+                    time.sleep(0.05)
+                    self.wfile.write(b": stalled\n\n")
                 self.event({"choices": [{"delta": {"content": word}}]})
             self.event({"choices": [], "usage": usage})
             self.wfile.write(b"data: [DONE]\n\n")
@@ -147,7 +150,7 @@ class FakeVllm(ThreadingHTTPServer):
         self.max_model_len, self.leak = max_model_len, int(leak)
         self.xargs_status, self.delay = xargs_status, delay
         self.lock, self.running, self.held = threading.Lock(), 0, 0
-        self.bodies = []
+        self.bodies, self.stalled = [], threading.Event()
 
     def metrics(self) -> str:
         labels = '{engine="0",model_name="model"}'
@@ -547,7 +550,7 @@ def test_load_against_fake_server(tmp_path):
 # ------------------------------------- faults against a fake vllm serve
 
 FAKE_SERVE = """
-import os, signal, subprocess, sys, threading
+import os, signal, subprocess, sys, threading, time
 sys.path.insert(0, %r)
 from test_reliability import FakeVllm
 argv = sys.argv[1:]
@@ -555,8 +558,13 @@ assert argv[0] == "serve", argv
 if os.environ.get("FAKE_ORPHAN"):  # a child left behind at exit
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 server = FakeVllm(port=int(argv[argv.index("--port") + 1]), delay=0.01)
-signal.signal(signal.SIGTERM,
-              lambda *_: threading.Thread(target=server.shutdown).start())
+def stop():
+    if os.environ.get("FAKE_HOLD_STREAMS"):  # as vLLM: its streams stall, and
+        server.stalled.set()  # the HTTP server waits for them to close
+        while server.running:
+            time.sleep(0.05)
+    server.shutdown()
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stop).start())
 server.serve_forever()
 server.server_close()
 """ % str(Path(__file__).resolve().parent)
@@ -593,27 +601,50 @@ def test_faults_aborts_and_restart_against_fake_serve(tmp_path, fake_serve):
         "restart: serves again on the same port"]
     assert run["aborts"]["dropped_early"] == 10
     assert run["restart"]["exit_code"] == 0
+    assert not run["restart"]["held_by_open_streams"]
     assert run["kv_cache_memory_bytes"] is None  # no preemption part
 
 
-def test_restart_finds_orphans(tmp_path, fake_serve, monkeypatch):
-    args = _args(tmp_path, *FAULTS, "--shutdown-timeout", "2")
+def _restart(tmp_path, monkeypatch, *extra, **env):
+    """restart_part against a fake started with ``env``: (checks, outcome)."""
+    args = _args(tmp_path, *FAULTS, *extra)
     ctx = rel.context(args)
     args.log_dir.mkdir(parents=True)
     port = sm.free_port()
     cmd = rel.server_command(args, ctx, sm.Backend("stock"), port)
-    monkeypatch.setenv("FAKE_ORPHAN", "1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     proc = sm.start_server(cmd, tmp_path / "s.log", port, 60)
-    monkeypatch.delenv("FAKE_ORPHAN")
+    for name in env:
+        monkeypatch.delenv(name)
     v = rel.Verdicts("t")
     try:
         outcome = rel.restart_part(args, rel.Server(
             f"http://127.0.0.1:{port}", proc, cmd, port), v)
     finally:
         sm.stop_process(proc)
-    checks = {c.name: c for c in v.checks}
+    assert sm.group_members(proc.pid) == []
+    return {c.name: c for c in v.checks}, outcome
+
+
+def test_restart_clients_hang_up_on_a_server_that_holds_streams(
+        tmp_path, fake_serve, monkeypatch):
+    """vLLM's HTTP server waits for the streams it will not finish; the
+    clients hang up after --client-patience and the exit is then clean."""
+    checks, outcome = _restart(tmp_path, monkeypatch, "--client-patience",
+                               "1", FAKE_HOLD_STREAMS="1")
+    sigterm = checks["restart: SIGTERM under load"]
+    assert sigterm.ok and outcome["held_by_open_streams"]
+    assert "until the clients hung up at 1 s" in sigterm.detail
+    assert outcome["exit_seconds"] >= 1
+    assert outcome["load"]["cut"] > 0  # the hung-up streams
+    assert checks["restart: no orphan processes"].ok
+
+
+def test_restart_finds_orphans(tmp_path, fake_serve, monkeypatch):
+    checks, outcome = _restart(tmp_path, monkeypatch, "--shutdown-timeout",
+                               "2", FAKE_ORPHAN="1")
     assert checks["restart: SIGTERM under load"].ok  # the fake itself exits
     assert not checks["restart: no orphan processes"].ok
     assert outcome["left"] and checks["restart: serves again on the same "
                                       "port"].ok
-    assert sm.group_members(proc.pid) == []  # the orphan was stopped too
