@@ -381,3 +381,59 @@ def test_decode_splits_spread_few_heads_and_leave_many_whole():
     assert triton_decode_splits(32, sms) == 16  # batch 1: at most 16 parts
     counts = [triton_decode_splits(n, sms) for n in range(1, 6000)]
     assert counts == sorted(counts, reverse=True)  # fewer as heads grow
+
+
+def compare_window_means(device: str) -> int:
+    """``triton_ops.window_means`` against ``selection.window_means`` over
+    keys gathered from the same packed cache: MHA and GQA, head dims 64 and
+    80, prompts of several lengths (one exactly W + 1), a pass of two
+    layers, fp16 (fp32 on the CPU, where the interpreter computes). The
+    kernel sums in another order, so values agree to float32 rounding, not
+    bit for bit. Returns cases compared."""
+    from vllm_sparsemm.core.pages import PageSpace, standard_row
+    from vllm_sparsemm.core.selection import window_means
+    from vllm_sparsemm.kernels import triton_ops
+
+    compared = 0
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    block_size, num_layers, num_blocks, window = 16, 3, 40, 8
+    for kv_heads, group, dim, lengths in ((2, 1, 64, [40, 9, 33]),
+                                          (2, 4, 80, [70, 25])):
+        space = PageSpace(num_layers, num_blocks, kv_heads, block_size)
+        rows = torch.randn(num_blocks * num_layers * kv_heads * block_size,
+                           2 * dim, generator=gen).to(dtype).to(device)
+        longest = max(lengths)
+        columns = -(-longest // block_size)
+        blocks = torch.randperm(num_blocks, generator=gen)[
+            :len(lengths) * columns].view(len(lengths), columns)
+        blocks = blocks.to(torch.int32).to(device)
+        lens = torch.tensor(lengths, device=device)
+        first, layers = 1, 2
+        queries = torch.randn(layers * len(lengths), window, kv_heads * group,
+                              dim, generator=gen).to(dtype).to(device)
+        got = triton_ops.window_means(queries, rows, blocks, lens, first,
+                                      num_layers, kv_heads, block_size,
+                                      longest)
+        positions = torch.arange(longest, device=device).clamp(
+            max=lens[:, None] - 1)  # [b, N]: padded with each last position
+        heads = torch.arange(kv_heads, device=device)
+        for at, layer in enumerate(range(first, first + layers)):
+            block = blocks.long().gather(1, positions // block_size)[..., None]
+            keys = rows[standard_row(space, block, layer, heads,
+                                     positions[..., None]), :dim]
+            part = slice(at * len(lengths), (at + 1) * len(lengths))
+            want = window_means(queries[part].float(), keys.float(), lens)
+            torch.testing.assert_close(got[part], want, rtol=1e-4, atol=1e-6)
+            compared += 1
+    return compared
+
+
+def test_window_means_kernel_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_window_means") == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_window_means_kernel_on_gpu():
+    assert compare_window_means("cuda") == 4

@@ -32,6 +32,19 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
     """
     if queries.ndim == 3:
         return window_scores(queries[None], keys[None], pool_kernel)[0]
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd and positive, got "
+                         f"{pool_kernel}")
+    return pool_scores(window_means(queries, keys, lengths), pool_kernel)
+
+
+def window_means(queries: torch.Tensor, keys: torch.Tensor,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`window_scores` before the pooling: ``[B, Hkv, N - W]`` float32,
+    each key's softmax probability averaged over the window queries and the
+    G query heads of its KV head (zero past each prompt's scored keys). The
+    reference of ``triton_ops.window_means``, which reads the keys from the
+    paged cache."""
     batch, window, num_heads, head_dim = queries.shape
     _, num_keys, num_kv_heads, key_dim = keys.shape
     if (key_dim != head_dim or num_heads % num_kv_heads or
@@ -41,9 +54,6 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
     if not 0 < window < num_keys:
         raise ValueError(f"need 0 < window ({window}) < prompt length "
                          f"({num_keys})")
-    if pool_kernel < 1 or pool_kernel % 2 == 0:
-        raise ValueError(f"pool_kernel must be odd and positive, got "
-                         f"{pool_kernel}")
     q = _grouped_queries(queries, num_kv_heads)
     logits = _logits(q, keys, head_dim)
     group = num_heads // num_kv_heads
@@ -63,7 +73,7 @@ def window_scores(queries: torch.Tensor, keys: torch.Tensor,
         # pooling's zero padding, as for that prompt alone
         per_kv_head = per_kv_head.masked_fill(
             keys_at[:num_keys - window] >= ends[:, None, :], 0.0)
-    return _pool(per_kv_head, pool_kernel)
+    return per_kv_head
 
 
 def streamed_window_scores(queries: torch.Tensor, keys, num_keys: int,
@@ -106,7 +116,7 @@ def streamed_window_scores(queries: torch.Tensor, keys, num_keys: int,
         probs = torch.exp(_logits(q, keys(first, last), head_dim) -
                           high[..., None]) / total[..., None]
         per_kv_head[..., first:last] = probs.mean(dim=2)
-    return _pool(per_kv_head, pool_kernel)
+    return pool_scores(per_kv_head, pool_kernel)
 
 
 def _grouped_queries(queries: torch.Tensor,
@@ -135,7 +145,7 @@ def _logits(q: torch.Tensor, keys: torch.Tensor, head_dim: int):
     return torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)
 
 
-def _pool(per_kv_head: torch.Tensor, pool_kernel: int) -> torch.Tensor:
+def pool_scores(per_kv_head: torch.Tensor, pool_kernel: int) -> torch.Tensor:
     """``avg_pool1d`` along the keys, zero padding counted (as the reference)."""
     batch, heads, scored = per_kv_head.shape
     pooled = F.avg_pool1d(per_kv_head.reshape(-1, 1, scored),

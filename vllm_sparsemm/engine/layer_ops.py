@@ -15,7 +15,8 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_sparsemm.core.pages import cdiv, page_slot, standard_row
-from vllm_sparsemm.core.selection import (select_kept, streamed_window_scores,
+from vllm_sparsemm.core.selection import (pool_scores, select_kept,
+                                          streamed_window_scores,
                                           window_scores)
 from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
                                             SelectionBatch, StepPlan)
@@ -224,13 +225,24 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
         queries = torch.stack([torch.stack(
             [req.windows.pop(layer).ready().queries for req in batch.members])
             for layer in range(first, last)])
-    blocks = block_table[batch.index].long()  # [b, columns]
-    keys = _key_rows(state, blocks,
-                     torch.arange(first, last, device=blocks.device),
-                     batch.key_positions)  # [m, b, N, Hkv, D]
-    scores = window_scores(queries.flatten(0, 1), keys.flatten(0, 1),
-                           state.law.plan.pool_kernel,
-                           lengths=batch.lengths.repeat(layers))
+    blocks = block_table[batch.index]  # [b, columns]
+    keys = None
+
+    def gathered_keys():  # [m, b, N, Hkv, D]
+        return _key_rows(state, blocks.long(),
+                         torch.arange(first, last, device=blocks.device),
+                         batch.key_positions)
+
+    if queries.is_cuda and triton_ops.AVAILABLE:  # keys read in place
+        scores = pool_scores(triton_ops.window_means(
+            queries.flatten(0, 1), state.rows, blocks, batch.lengths, first,
+            state.num_layers, num_heads, state.block_size, batch.longest),
+            state.law.plan.pool_kernel)
+    else:
+        keys = gathered_keys()
+        scores = window_scores(queries.flatten(0, 1), keys.flatten(0, 1),
+                               state.law.plan.pool_kernel,
+                               lengths=batch.lengths.repeat(layers))
     kept, counts = select_kept(
         scores.flatten(0, 1), batch.caps[first:last].flatten(), window,
         max_count=batch.width,
@@ -246,7 +258,8 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
     if counts.device.type != "cuda" or state.recorded is not None:
         _check_and_record_batch(plan, batch, first, last,
                                 counts.view(layers, size, num_heads),
-                                queries, keys, kept)
+                                queries, gathered_keys() if keys is None
+                                else keys, kept)
 
 
 def _check_and_record_batch(plan, batch, first, last, counts, queries, keys,

@@ -1,4 +1,4 @@
-"""Triton kernels of the per-layer decode path, one launch each.
+"""Triton kernels of the per-layer decode path and of the selection.
 
 ``page_table`` writes one layer's per-(row, KV head) page table; its PyTorch
 reference is ``layer_ops.compressed_page_table`` (about 40 small ops).
@@ -6,7 +6,10 @@ reference is ``layer_ops.compressed_page_table`` (about 40 small ops).
 reference is ``kv_ops.write_rows`` after a ``cat`` of K and V (two launches
 and a [T, Hkv, 2D] temporary per layer). ``paged_decode`` is the decode
 rows' attention over per-head pages (``decode_kernel: "triton"``); its
-reference is ``kv_ops.paged_attention_reference``. The tests compare each
+reference is ``kv_ops.paged_attention_reference``. ``window_means`` scores a
+batch of prompts' keys for the selection, reading them from the cache in
+place (two launches); its reference is ``selection.window_means`` over keys
+gathered with ``layer_ops._key_rows``. The tests compare each
 kernel with its reference: on the GPU, and on the CPU through Triton's
 interpreter (``TRITON_INTERPRET=1``).
 """
@@ -239,6 +242,121 @@ if triton is not None:
                  mask=(g < group)[:, None] & (d < dim)[None, :])
 
 
+    @triton.jit
+    def _prompt_keys(rows_ptr, row_stride, blocks_ptr, n, used, dim_used, d,
+                     layer, kv_head, num_layers, num_kv_heads,
+                     BS: tl.constexpr):
+        """Keys ``[BLOCK_N, BLOCK_D]`` of prompt positions ``n`` of (layer,
+        KV head) in the standard layout (``pages.standard_row``), read
+        through the prompt's block-table row ``blocks_ptr``."""
+        block = tl.load(blocks_ptr + n // BS, mask=used, other=0).to(tl.int64)
+        row = ((block * num_layers + layer) * num_kv_heads + kv_head) * BS + \
+            n % BS
+        return tl.load(rows_ptr + row[:, None] * row_stride + d[None, :],
+                       mask=used[:, None] & dim_used[None, :], other=0.0)
+
+    @triton.jit
+    def _window_queries(q_ptr, q_item_stride, q_token_stride, q_head_stride,
+                        item, kv_head, r, d, dim_used, group,
+                        WINDOW: tl.constexpr, GW: tl.constexpr):
+        """Window queries of grouped rows ``r`` (``r = g * W + w``, as
+        ``selection._grouped_queries`` orders them), and which rows exist."""
+        g, w = r // WINDOW, r % WINDOW
+        rows_used = r < GW
+        q = tl.load(q_ptr + item.to(tl.int64) * q_item_stride +
+                    w[:, None] * q_token_stride +
+                    (kv_head * group + g)[:, None] * q_head_stride +
+                    d[None, :], mask=rows_used[:, None] & dim_used[None, :],
+                    other=0.0)
+        return q, w, rows_used
+
+    # the step's sizes vary from step to step: one build serves them all
+    _WINDOW_SIZES = ("prompts", "first_layer", "scored_width")
+
+    @triton.jit(do_not_specialize=_WINDOW_SIZES[:2],
+                do_not_specialize_on_alignment=("blocks_ptr", "lengths_ptr"))
+    def _window_lse_kernel(q_ptr, q_item_stride, q_token_stride,
+                           q_head_stride, rows_ptr, row_stride, blocks_ptr,
+                           blocks_stride, lengths_ptr, lse_ptr, prompts,
+                           first_layer, num_layers, num_kv_heads, group, dim,
+                           scale, WINDOW: tl.constexpr, GW: tl.constexpr,
+                           BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BS: tl.constexpr):
+        """Log-sum-exp of each window query's causal softmax over its
+        prompt's keys: ``lse [items, Hkv, GW]`` (item = pass layer * b +
+        prompt)."""
+        seq = tl.program_id(0)  # item * Hkv + KV head
+        item, kv_head = seq // num_kv_heads, seq % num_kv_heads
+        prompt = item % prompts
+        layer = first_layer + item // prompts
+        d = tl.arange(0, BLOCK_D)
+        dim_used = d < dim
+        r = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q, w, rows_used = _window_queries(
+            q_ptr, q_item_stride, q_token_stride, q_head_stride, item,
+            kv_head, r, d, dim_used, group, WINDOW, GW)
+        length = tl.load(lengths_ptr + prompt)
+        at = length - WINDOW + w  # each query's prompt position
+        blocks = blocks_ptr + prompt.to(tl.int64) * blocks_stride
+        m = tl.full([BLOCK_Q], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_Q], tl.float32)
+        start = 0
+        while start < length:  # the interpreter cannot range() to a load
+            n = start + tl.arange(0, BLOCK_N)
+            used = n < length
+            k = _prompt_keys(rows_ptr, row_stride, blocks, n, used, dim_used,
+                             d, layer, kv_head, num_layers, num_kv_heads, BS)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(used[None, :] & (n[None, :] <= at[:, None]), s,
+                         float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+            m = m_new
+            start += BLOCK_N
+        tl.store(lse_ptr + seq.to(tl.int64) * GW + r, m + tl.log(l),
+                 mask=rows_used)
+
+    @triton.jit(do_not_specialize=_WINDOW_SIZES,
+                do_not_specialize_on_alignment=("blocks_ptr", "lengths_ptr"))
+    def _window_means_kernel(q_ptr, q_item_stride, q_token_stride,
+                             q_head_stride, rows_ptr, row_stride, blocks_ptr,
+                             blocks_stride, lengths_ptr, lse_ptr, out_ptr,
+                             scored_width, prompts, first_layer, num_layers,
+                             num_kv_heads, group, dim, scale,
+                             WINDOW: tl.constexpr, GW: tl.constexpr,
+                             BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BS: tl.constexpr):
+        """Each scored key's probability averaged over the window queries:
+        ``out [items, Hkv, scored_width]``, zero past the prompt's own
+        ``length - W`` scored keys (every window query sees every scored
+        key: no causal mask)."""
+        seq = tl.program_id(0)
+        item, kv_head = seq // num_kv_heads, seq % num_kv_heads
+        prompt = item % prompts
+        layer = first_layer + item // prompts
+        d = tl.arange(0, BLOCK_D)
+        dim_used = d < dim
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        scored = tl.load(lengths_ptr + prompt) - WINDOW
+        used = n < scored
+        k = _prompt_keys(rows_ptr, row_stride,
+                         blocks_ptr + prompt.to(tl.int64) * blocks_stride, n,
+                         used, dim_used, d, layer, kv_head, num_layers,
+                         num_kv_heads, BS)
+        total = tl.zeros([BLOCK_N], tl.float32)
+        for first in tl.static_range(0, GW, BLOCK_Q):
+            r = first + tl.arange(0, BLOCK_Q)
+            q, _, rows_used = _window_queries(
+                q_ptr, q_item_stride, q_token_stride, q_head_stride, item,
+                kv_head, r, d, dim_used, group, WINDOW, GW)
+            lse = tl.load(lse_ptr + seq.to(tl.int64) * GW + r,
+                          mask=rows_used, other=float("inf"))
+            p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+            total += tl.sum(tl.where(rows_used[:, None], p, 0.0), 0)
+        tl.store(out_ptr + seq.to(tl.int64) * scored_width + n,
+                 tl.where(used, total / GW, 0.0), mask=n < scored_width)
+
+
 AVAILABLE = triton is not None
 MAX_SPLITS = 16  # paged_decode's key splits per sequence
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -354,4 +472,48 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
             partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
             num_splits, G_PAD=triton.next_power_of_2(group), BLOCK_D=block_d,
             SPLITS=MAX_SPLITS)
+    return out
+
+
+def window_means(queries: torch.Tensor, rows: torch.Tensor,
+                 blocks: torch.Tensor, lengths: torch.Tensor,
+                 first_layer: int, num_layers: int, num_kv_heads: int,
+                 block_size: int, longest: int) -> torch.Tensor:
+    """``selection.window_means`` of prompts whose keys are in the paged
+    cache, read in place: no gathered keys, no ``[B, Hq, W, N]`` logits.
+
+    ``queries``: ``[m * b, W, Hq, D]`` (m layers from ``first_layer``, b
+    prompts), unit stride in D; ``rows``: the packed cache as ``[R, 2D]``
+    rows K|V; ``blocks``: ``[b, columns]`` the prompts' block-table rows;
+    ``lengths``: ``[b]``, each in ``(W, longest]``. Returns float32 ``[m * b,
+    Hkv, longest - W]``. Two launches: each window query's log-sum-exp over
+    its prompt, then each scored key's mean probability.
+    """
+    items, window, query_heads, dim = queries.shape
+    prompts = blocks.shape[0]
+    group = query_heads // num_kv_heads
+    grouped = group * window
+    assert queries.stride(3) == 1 and rows.stride(1) == 1
+    assert blocks.stride(1) == 1 and lengths.is_contiguous()
+    scored_width = longest - window
+    out = torch.empty(items, num_kv_heads, scored_width, dtype=torch.float32,
+                      device=queries.device)
+    if items == 0 or scored_width <= 0:
+        return out.zero_()
+    lse = torch.empty(items, num_kv_heads, grouped, dtype=torch.float32,
+                      device=queries.device)
+    block_q = 32 if grouped <= 32 else 64
+    block_n = 64
+    common = (queries, queries.stride(0), queries.stride(1), queries.stride(2),
+              rows, rows.stride(0), blocks, blocks.stride(0), lengths)
+    shape = (prompts, first_layer, num_layers, num_kv_heads, group, dim,
+             dim ** -0.5)
+    sizes = dict(WINDOW=window, GW=grouped, BLOCK_Q=block_q,
+                 BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
+                 BS=block_size)
+    seqs = items * num_kv_heads
+    _window_lse_kernel[(seqs, triton.cdiv(grouped, block_q))](
+        *common, lse, *shape, **sizes)
+    _window_means_kernel[(seqs, triton.cdiv(scored_width, block_n))](
+        *common, lse, out, scored_width, *shape, **sizes)
     return out
