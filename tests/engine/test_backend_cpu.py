@@ -178,9 +178,8 @@ def test_tensor_parallel_ranks_match_one_rank_and_share_the_max_block_count():
     assert results[2][1]["a"] >= results[1][1]["a"]
 
 
-def test_selection_batches_split_by_length_and_token_cap(monkeypatch):
-    from vllm_sparsemm.engine import step_plan as worker_state
-    monkeypatch.setattr(worker_state, "SELECTION_TOKENS", 250)
+def test_selection_batches_split_by_length_and_token_cap():
+    from vllm_sparsemm.engine import step_plan
     def req(n, budget=64):
         law = types.SimpleNamespace(plan=types.SimpleNamespace(budget=budget))
         return types.SimpleNamespace(prompt_len=n, law=law)
@@ -189,17 +188,17 @@ def test_selection_batches_split_by_length_and_token_cap(monkeypatch):
     compressing = [(i, req(n)) for i, n in
                    enumerate([100, 100, 100, 60, 300, 100])] + [(6, req(100,
                                                                      90))]
-    groups = worker_state._selection_groups(compressing)
+    groups = step_plan._selection_groups(compressing, 250)
     assert [(n, [i for i, _ in m]) for n, m in groups] == [
         (100, [0, 1]), (100, [2, 5]), (60, [3]), (300, [4]), (100, [6])]
 
 
-def test_selection_batches_pad_lengths_up_to_the_token_cap(monkeypatch):
+def test_selection_batches_pad_lengths_up_to_the_token_cap():
     """Groups of any length and budget share batches, shortest first, with
-    rows x longest <= SELECTION_TOKENS; each group's rows are contiguous,
-    every request is in one batch once, and longer prompts in none."""
+    rows x longest <= the pass's token cap; each group's rows are
+    contiguous, every request is in one batch once, and longer prompts in
+    none."""
     from vllm_sparsemm.engine import step_plan
-    monkeypatch.setattr(step_plan, "SELECTION_TOKENS", 250)
     state = types.SimpleNamespace(window=8, caps=lambda law: law.caps)
 
     def req(n, budget):
@@ -211,10 +210,10 @@ def test_selection_batches_pad_lengths_up_to_the_token_cap(monkeypatch):
     lengths = [100, 30, 100, 60, 300, 30, 45, 100, 60]
     compressing = [(i, req(n, 40 if i % 3 else 90))
                    for i, n in enumerate(lengths)]
-    groups = step_plan._selection_groups(compressing)
+    groups = step_plan._selection_groups(compressing, 250)
     widths = [step_plan.kept_width(state, members[0][1].law, length)
               for length, members in groups]
-    batches = step_plan._selection_batches(groups, widths)
+    batches = step_plan._selection_batches(groups, widths, 250)
     seen = []
     for parts, longest, width in batches:
         rows = sum(hi - lo for _, lo, hi, _ in parts)
@@ -398,3 +397,19 @@ def test_prompts_past_the_selection_chunk_are_scored_in_key_chunks(
     for _, tokens, outputs in eng.run(plans):
         eng.check(tokens, outputs)
     assert set(streamed) == {150}  # every layer of the long prompt alone
+
+
+def test_the_kernel_scores_more_tokens_a_pass_in_the_same_scratch():
+    """Reading keys in place (triton_ops.window_means) costs a pass far less
+    scratch per token than the reference: the same reservation then covers
+    more prompt tokens a pass, so a step runs fewer passes. LLaVA-1.5
+    (MHA, D 128) and Qwen2-VL (G 7) shapes."""
+    from vllm_sparsemm.engine import step_plan
+    for heads, dim, group in ((32, 128, 1), (4, 128, 7)):
+        tokens = step_plan.kernel_selection_tokens(heads, dim, group, 32)
+        assert tokens > 2 * step_plan.SELECTION_TOKENS
+        assert tokens * heads * (64 + 2 * group * dim) <= \
+            step_plan.selection_scratch_bytes(heads, dim, group, 32)
+        assert step_plan._layers_per_pass(20, 613, 32, tokens) > \
+            step_plan._layers_per_pass(20, 613, 32,
+                                       step_plan.SELECTION_TOKENS)

@@ -33,7 +33,9 @@ from vllm_sparsemm.engine.layer_ops import (collect_window_queries, compact,
                                             write_compressed,
                                             write_standard_reference)
 from vllm_sparsemm.engine.plan_setup import settings_for
-from vllm_sparsemm.engine.step_plan import (StepPlan, plan_step,
+from vllm_sparsemm.engine.step_plan import (StepPlan,
+                                            kernel_selection_tokens,
+                                            plan_step,
                                             selection_scratch_bytes)
 from vllm_sparsemm.engine.step_rows import StepRows
 from vllm_sparsemm.engine.worker_state import WorkerKVState
@@ -111,6 +113,12 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
             kv_cache_spec.book(), len(layer_names), kv_cache_spec.num_kv_heads,
             get_tensor_model_parallel_rank(), settings.debug_poison,
             vllm_config.cache_config.enable_prefix_caching)
+        if torch.device(device).type == "cuda" and triton_ops.AVAILABLE:
+            model = vllm_config.model_config
+            heads = kv_cache_spec.num_kv_heads
+            self.state.selection_tokens = kernel_selection_tokens(
+                heads, kv_cache_spec.head_size, model.get_num_attention_heads(
+                    vllm_config.parallel_config) // heads, settings.window)
         if settings.full_cuda_graphs:
             compilation = vllm_config.compilation_config
             self.state.graph = GraphDecode(

@@ -72,9 +72,10 @@ class SelectionBatch:
     same few kernels however many prompt lengths a chat load brings. A
     batch whose windows are all in this step is selected for
     ``layers_per_pass`` layers at once (the padded tokens of a pass stay
-    within SELECTION_TOKENS), so a step of few prompts runs few passes, not
-    one per layer. Prompts longer than SELECTION_TOKENS are scored by their
-    groups alone (streamed)."""
+    within SELECTION_TOKENS, or ``kernel_selection_tokens`` where the keys
+    are read in place), so a step of few prompts runs few passes, not one
+    per layer. Longer prompts are scored by their groups alone
+    (streamed)."""
     # (group, its first member here, past its last, first row here): each
     # group's rows are contiguous
     parts: list[tuple[SelectionGroup, int, int, int]]
@@ -166,10 +167,11 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
             plan.standard_tokens, = upload([row_tokens(query_start,
                                                         standard)], device)
     if compressing:  # compaction moves requests of one prompt length
-        groups = _selection_groups(compressing)
+        pass_tokens = state.selection_tokens or SELECTION_TOKENS
+        groups = _selection_groups(compressing, pass_tokens)
         widths = [kept_width(state, members[0][1].law, length)
                   for length, members in groups]
-        batches = _selection_batches(groups, widths)
+        batches = _selection_batches(groups, widths, pass_tokens)
         arrays = [np.array([i for i, _ in members], dtype=np.int64)
                   for _, members in groups]
         in_step = []  # per batch: each member's whole window in this step
@@ -196,7 +198,8 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
                 positions.view(len(index), longest),
                 caps.view(state.num_layers, len(index), state.num_kv_heads),
                 tokens if in_step[k] else None,
-                _layers_per_pass(len(index), longest, state.num_layers)
+                _layers_per_pass(len(index), longest, state.num_layers,
+                                 pass_tokens)
                 if in_step[k] else 1))
         # their windows are read from the step's queries: no buffers
         direct = {id(req) for batch in plan.selection_batches
@@ -206,10 +209,11 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
     return plan
 
 
-def _layers_per_pass(rows: int, longest: int, num_layers: int) -> int:
+def _layers_per_pass(rows: int, longest: int, num_layers: int,
+                     tokens: int) -> int:
     """Layers one selection pass covers: as many as keep its padded prompt
-    tokens within SELECTION_TOKENS."""
-    return max(1, min(num_layers, SELECTION_TOKENS // (rows * longest)))
+    tokens within ``tokens``."""
+    return max(1, min(num_layers, tokens // (rows * longest)))
 
 
 def _window_tokens(parts, groups, steps: StepRows, query_start,
@@ -245,9 +249,20 @@ def selection_scratch_bytes(num_kv_heads: int, head_dim: int, group: int,
     return SELECTION_TOKENS * num_kv_heads * per_token
 
 
-def _selection_groups(compressing):
+def kernel_selection_tokens(num_kv_heads: int, head_dim: int, group: int,
+                            window: int) -> int:
+    """Prompt tokens one pass may score when ``triton_ops.window_means``
+    reads the keys in place: as many as fit the same reserved scratch at its
+    cost per token and KV head (~64 bytes of scores, sort values and indices,
+    and the pass's window queries, at most ``group x head_dim`` fp16)."""
+    per_token = 64 + 2 * group * head_dim
+    return selection_scratch_bytes(num_kv_heads, head_dim, group,
+                                   window) // (num_kv_heads * per_token)
+
+
+def _selection_groups(compressing, tokens: int):
     """``(prompt length, [(row, request)])`` batches: one budget and prompt
-    length each, at most SELECTION_TOKENS prompt tokens (always at least one
+    length each, at most ``tokens`` prompt tokens (always at least one
     request)."""
     by_shape: dict[tuple, list] = {}
     for i, req in compressing:
@@ -255,24 +270,24 @@ def _selection_groups(compressing):
                             []).append((i, req))
     groups = []
     for (_, length), members in by_shape.items():
-        size = max(1, SELECTION_TOKENS // length)
+        size = max(1, tokens // length)
         groups += [(length, members[k:k + size])
                    for k in range(0, len(members), size)]
     return groups
 
 
-def _selection_batches(groups, widths: list[int]):
+def _selection_batches(groups, widths: list[int], tokens: int):
     """``(parts, longest, width)`` per batch: the groups' requests of prompts
-    up to SELECTION_TOKENS, shortest first, at most SELECTION_TOKENS padded
-    prompt tokens a batch (always at least one request)."""
+    up to ``tokens``, shortest first, at most ``tokens`` padded prompt
+    tokens a batch (always at least one request)."""
     order = sorted((length, g) for g, (length, _) in enumerate(groups)
-                   if length <= SELECTION_TOKENS)
+                   if length <= tokens)
     batches, parts, rows, width, longest = [], [], 0, 0, 0
     for length, g in order:  # the longest so far: rows x length is padded
         members, group_width = groups[g][1], widths[g]
         lo = 0
         while lo < len(members):
-            room = SELECTION_TOKENS // length - rows
+            room = tokens // length - rows
             if room <= 0:  # full: the next batch
                 batches.append((parts, longest, width))
                 parts, rows, width, longest = [], 0, 0, 0

@@ -132,6 +132,9 @@ class WorkerKVState:
         # graph_decode.GraphDecode when full CUDA graphs replay decode steps
         self.graph = None
         self.timer = CompactionTimer()
+        # prompt tokens one selection pass scores (None: SELECTION_TOKENS,
+        # the PyTorch reference's bound; the builder sets the kernel's)
+        self.selection_tokens: int | None = None
 
     @property
     def block_size(self) -> int:
