@@ -277,8 +277,8 @@ def _check_and_record_batch(plan, batch, first, last, counts, queries, keys,
 
 def _select_long(plan: StepPlan, group, layer: int,
                  block_table: torch.Tensor) -> None:
-    """One layer's selection for prompts longer than SELECTION_TOKENS: one
-    at a time, their keys streamed."""
+    """One layer's selection for prompts longer than a pass's token bound:
+    one at a time, their keys streamed (the reference) or read in place."""
     state = plan.state
     device = block_table.device
     blocks = block_table[group.index].long()  # [n, columns]
@@ -287,6 +287,7 @@ def _select_long(plan: StepPlan, group, layer: int,
     if group.positions is None:
         group.positions = _every_layers_positions(
             state, len(group.members), width, device)
+    in_place = device.type == "cuda" and triton_ops.AVAILABLE
     for j, (_, req) in enumerate(group.members):
         queries = req.windows.pop(layer).ready().queries[None]
 
@@ -294,9 +295,16 @@ def _select_long(plan: StepPlan, group, layer: int,
             return _key_rows(state, blocks[j:j + 1], layer,
                              torch.arange(first, last, device=device))
 
-        scores = streamed_window_scores(
-            queries, keys, group.prompt_len, state.law.plan.pool_kernel,
-            SELECTION_TOKENS)
+        if in_place:  # no scratch beyond the scores, whatever the length
+            scores = pool_scores(triton_ops.window_means(
+                queries, state.rows, blocks[j:j + 1],
+                torch.full((1, ), group.prompt_len, device=device), layer,
+                state.num_layers, state.num_kv_heads, state.block_size,
+                group.prompt_len), state.law.plan.pool_kernel)
+        else:
+            scores = streamed_window_scores(
+                queries, keys, group.prompt_len, state.law.plan.pool_kernel,
+                SELECTION_TOKENS)
         kept, counts = select_kept(scores[0], caps, state.window,
                                    max_count=width)
         group.positions[j, layer] = kept
