@@ -256,6 +256,17 @@ if triton is not None:
                        mask=used[:, None] & dim_used[None, :], other=0.0)
 
     @triton.jit
+    def _window_program(prompts, first_layer, num_kv_heads, dim,
+                        BLOCK_D: tl.constexpr):
+        """This program's sequence (``item * Hkv + KV head``, item = pass
+        layer * b + prompt), its parts, and the head-dimension lanes."""
+        seq = tl.program_id(0)
+        item, kv_head = seq // num_kv_heads, seq % num_kv_heads
+        d = tl.arange(0, BLOCK_D)
+        return (seq, item, kv_head, item % prompts,
+                first_layer + item // prompts, d, d < dim)
+
+    @triton.jit
     def _window_queries(q_ptr, q_item_stride, q_token_stride, q_head_stride,
                         item, kv_head, r, d, dim_used, group,
                         WINDOW: tl.constexpr, GW: tl.constexpr):
@@ -285,12 +296,8 @@ if triton is not None:
         """Log-sum-exp of each window query's causal softmax over its
         prompt's keys: ``lse [items, Hkv, GW]`` (item = pass layer * b +
         prompt)."""
-        seq = tl.program_id(0)  # item * Hkv + KV head
-        item, kv_head = seq // num_kv_heads, seq % num_kv_heads
-        prompt = item % prompts
-        layer = first_layer + item // prompts
-        d = tl.arange(0, BLOCK_D)
-        dim_used = d < dim
+        seq, item, kv_head, prompt, layer, d, dim_used = _window_program(
+            prompts, first_layer, num_kv_heads, dim, BLOCK_D)
         r = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q, w, rows_used = _window_queries(
             q_ptr, q_item_stride, q_token_stride, q_head_stride, item,
@@ -330,12 +337,8 @@ if triton is not None:
         ``out [items, Hkv, scored_width]``, zero past the prompt's own
         ``length - W`` scored keys (every window query sees every scored
         key: no causal mask)."""
-        seq = tl.program_id(0)
-        item, kv_head = seq // num_kv_heads, seq % num_kv_heads
-        prompt = item % prompts
-        layer = first_layer + item // prompts
-        d = tl.arange(0, BLOCK_D)
-        dim_used = d < dim
+        seq, item, kv_head, prompt, layer, d, dim_used = _window_program(
+            prompts, first_layer, num_kv_heads, dim, BLOCK_D)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         scored = tl.load(lengths_ptr + prompt) - WINDOW
         used = n < scored
