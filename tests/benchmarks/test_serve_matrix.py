@@ -769,3 +769,24 @@ def test_main_runs_every_server_and_merges(tmp_path, fake_vllm, capsys):
     assert Path(questions["server_log"]).exists()
     assert len(data["meta"]["invocations"]) == 2
     assert data["table"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, scores", [
+    ("llava-1.5-7b", "llava-v1.6-vicuna-7b"),
+    ("llava-next-mistral-7b", "llava-v1.6-vicuna-7b"),
+    ("qwen2-vl-7b", "uniform"), ("qwen2.5-vl-7b", "uniform")])
+def test_each_named_model_is_written_with_scores_that_fit(tmp_path, name,
+                                                          scores):
+    """A named model's folder is written locally and gets score settings
+    the plugin accepts for its shape (no start-up error to meet on a GPU)."""
+    from vllm.config import ModelConfig
+
+    from vllm_sparsemm.engine.config import (ModelShape, SparseMMSettings,
+                                             resolve_scores)
+    label, folder = sm.model_folder(name, tmp_path)
+    settings = sm.sparsemm_defaults(folder)
+    assert label == name and settings == {"head_scores": scores}
+    model = ModelConfig(model=str(folder))
+    shape = ModelShape.from_hf_text_config(model.architectures,
+                                           model.hf_text_config)
+    resolve_scores(SparseMMSettings(**settings), shape)

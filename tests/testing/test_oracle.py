@@ -17,6 +17,9 @@ from vllm_sparsemm.core.selection import kept_positions
 MODELS = {
     "llava-mha": (lambda: tiny_llava(num_kv_heads=4), llava_inputs),
     "llava-gqa": (lambda: tiny_llava(num_kv_heads=2), llava_inputs),
+    # LLaVA-NeXT-Mistral's text stack (its any-res images: the GPU tests)
+    "llava-mistral-gqa": (lambda: tiny_llava(
+        num_kv_heads=2, text_model="mistral"), llava_inputs),
     "qwen2-vl": (lambda: tiny_qwen2_vl(), qwen2_vl_inputs),
     "qwen2.5-vl": (lambda: tiny_qwen2_5_vl(), qwen2_vl_inputs),
 }

@@ -218,6 +218,30 @@ QWEN2_VL_7B = {
 }
 
 
+LLAVA_NEXT_MISTRAL_7B = dict(
+    LLAVA_NEXT_VICUNA_7B, text_config={
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 32064,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "sliding_window": None,
+        "torch_dtype": "bfloat16"})
+QWEN2_5_VL_7B = {
+    **QWEN2_VL_7B, "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "text_config": {**QWEN2_VL_7B["text_config"],
+                    "model_type": "qwen2_5_vl_text",
+                    "max_position_embeddings": 128000},
+    "vision_config": {
+        "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+        "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584,
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2, "hidden_act": "silu"},
+}
+
+
 def write_dummy_llava_15_7b(path) -> Path:
     """Config, tokenizer and processor of LLaVA-1.5-7B (576 image tokens), no weights."""
     return _write_dummy(path, LLAVA_15_7B,
@@ -237,6 +261,21 @@ def write_dummy_qwen2_vl_7b(path) -> Path:
         "image": 151655, "video": 151656, "vision_start": 151652,
         "vision_end": 151653}, max_pixels=16384 * 28 * 28)
     return _write_dummy(path, QWEN2_VL_7B, processor)
+
+
+def write_dummy_llava_next_mistral_7b(path) -> Path:
+    """LLaVA-v1.6-Mistral-7B (GQA 32/8), no weights."""
+    processor = llava_next_processor(336, 32064, 32000)
+    processor.image_processor.image_grid_pinpoints = NEXT_PINPOINTS_336
+    return _write_dummy(path, LLAVA_NEXT_MISTRAL_7B, processor)
+
+
+def write_dummy_qwen2_5_vl_7b(path) -> Path:
+    """Qwen2.5-VL-7B (GQA 28/4, M-RoPE, windowed ViT), no weights."""
+    processor = qwen2_vl_processor(152064, {
+        "image": 151655, "video": 151656, "vision_start": 151652,
+        "vision_end": 151653}, max_pixels=16384 * 28 * 28, version="2.5")
+    return _write_dummy(path, QWEN2_5_VL_7B, processor)
 
 
 def _write_dummy(path, config: dict, processor) -> Path:

@@ -27,26 +27,32 @@ def tiny_llava(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 4,
 def tiny_llava_next(num_layers: int = 3, num_heads: int = 4,
                     num_kv_heads: int = 4, head_dim: int = 16,
                     image_size: int = 112, seed: int = 0,
-                    dtype: torch.dtype = torch.float32):
-    """A LLaVA-NeXT-shaped model: any-res tiles of ``image_size`` plus a base image."""
+                    dtype: torch.dtype = torch.float32,
+                    text_model: str = "llama"):
+    """A LLaVA-NeXT-shaped model: any-res tiles of ``image_size`` plus a base
+    image; ``text_model="mistral"`` for LLaVA-NeXT-Mistral's text stack."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
     config = LlavaNextConfig(
         **_llava_parts(num_layers, num_heads, num_kv_heads, head_dim,
-                       image_size),
+                       image_size, text_model=text_model),
         image_grid_pinpoints=NEXT_PINPOINTS(image_size))
     return _build(LlavaNextForConditionalGeneration, config, seed, dtype)
 
 
 def _llava_parts(num_layers, num_heads, num_kv_heads, head_dim, image_size,
-                 **text_kwargs):
-    """What LLaVA-1.5 and LLaVA-NeXT configs share: a tiny CLIP and Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+                 text_model="llama", **text_kwargs):
+    """What LLaVA-1.5 and LLaVA-NeXT configs share: a tiny CLIP and a Llama
+    (or Mistral) text stack."""
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig
+    text_config = {"llama": LlamaConfig, "mistral": MistralConfig}[text_model]
+    if text_model == "mistral":
+        text_kwargs.setdefault("sliding_window", None)
     return dict(
         vision_config=CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, image_size=image_size, patch_size=14,
             projection_dim=32),
-        text_config=LlamaConfig(
+        text_config=text_config(
             hidden_size=num_heads * head_dim, intermediate_size=128,
             num_hidden_layers=num_layers, num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads, head_dim=head_dim,

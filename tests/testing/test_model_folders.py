@@ -1,0 +1,76 @@
+"""The dummy-weight 7B folders the benchmarks serve: vLLM resolves each one
+as the real model (architecture, multimodal, text shape), and the plugin
+finds its shipped scores or says, naming both routes, that it has none."""
+
+import pytest
+import torch
+
+from vllm_sparsemm.core.scores import HeadScoreError
+from vllm_sparsemm.engine.config import (ModelShape, SparseMMSettings,
+                                         resolve_scores)
+from vllm_sparsemm.testing import checkpoints
+
+# writer: (architecture, layers, query heads, KV heads, a shipped file?)
+FOLDERS = {
+    "write_dummy_llava_15_7b": ("LlavaForConditionalGeneration", 32, 32, 32,
+                                False),
+    "write_dummy_llava_next_7b": ("LlavaNextForConditionalGeneration", 32,
+                                  32, 32, True),
+    "write_dummy_llava_next_mistral_7b": (
+        "LlavaNextForConditionalGeneration", 32, 32, 8, False),
+    "write_dummy_qwen2_vl_7b": ("Qwen2VLForConditionalGeneration", 28, 28,
+                                4, False),
+    "write_dummy_qwen2_5_vl_7b": ("Qwen2_5_VLForConditionalGeneration", 28,
+                                  28, 4, False),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(FOLDERS))
+def test_vllm_reads_each_folder_as_the_real_model(tmp_path, writer):
+    from vllm.config import ModelConfig
+    arch, layers, heads, kv_heads, shipped = FOLDERS[writer]
+    folder = getattr(checkpoints, writer)(tmp_path / writer)
+    model = ModelConfig(model=str(folder))
+    assert model.architectures == [arch] and model.is_multimodal_model
+    text = model.hf_text_config
+    assert (text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads) == (layers, heads, kv_heads)
+    shape = ModelShape.from_hf_text_config(model.architectures, text)
+    scores, source = resolve_scores(SparseMMSettings(head_scores="uniform"),
+                                    shape)
+    assert scores.shape == (layers, heads) and source.startswith("uniform")
+    if shipped:
+        scores, source = resolve_scores(SparseMMSettings(), shape)
+        assert scores.shape == (layers, heads) and torch.isfinite(scores).all()
+    else:
+        with pytest.raises(HeadScoreError) as error:
+            resolve_scores(SparseMMSettings(), shape)
+        message = str(error.value)
+        assert arch in message and "vllm-sparsemm chase" in message
+        assert '"uniform"' in message
+
+
+@pytest.mark.parametrize("family", ["llava-next-mistral", "qwen2.5-vl"])
+def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
+        tmp_path, family):
+    """The GPU tests' tiny checkpoints: vLLM resolves them (architecture,
+    GQA text stack), and the saved tensors hold the text layers' attention."""
+    from safetensors import safe_open
+    from vllm.config import ModelConfig
+    kwargs = dict(seed=1, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=64)
+    if family == "qwen2.5-vl":
+        folder = checkpoints.save_tiny_qwen2_vl(tmp_path / family,
+                                                version="2.5", **kwargs)
+        arch, text_type = "Qwen2_5_VLForConditionalGeneration", \
+            "qwen2_5_vl_text"
+    else:
+        folder = checkpoints.save_tiny_llava_next(
+            tmp_path / family, text_model="mistral", **kwargs)
+        arch, text_type = "LlavaNextForConditionalGeneration", "mistral"
+    model = ModelConfig(model=str(folder))
+    assert model.architectures == [arch]
+    assert model.hf_text_config.model_type == text_type
+    assert model.hf_text_config.num_key_value_heads == 2
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert any("layers.0.self_attn.k_proj" in key for key in f.keys())
