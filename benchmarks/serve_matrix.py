@@ -279,10 +279,59 @@ def plan(args) -> list[ServerPlan]:
     for model, kv_bytes, budgets, loads in groups:
         name, folder = model_folder(model, Path(args.work_dir))
         for backend in backends(args, budgets):
-            plans.append(ServerPlan(name, folder, backend, args.max_model_len,
-                                    kv_bytes, extra, sparsemm_defaults(folder),
-                                    loads))
+            plans.append(ServerPlan(
+                name, folder, backend, args.max_model_len, kv_bytes,
+                extra + profiler_args(args, f"{name}_{backend.label}"),
+                sparsemm_defaults(folder), loads))
     return plans
+
+
+def profiler_args(args, server_name: str) -> list[str]:
+    """With --profile-at: vLLM's torch profiler, worker side only, at most
+    --profile-steps engine steps, its traces under the log folder."""
+    if args.profile_at is None:
+        return []
+    folder = Path(args.log_dir) / "profiles" / re.sub(r"[^\w.+=-]+", "_",
+                                                     server_name)
+    return ["--profiler-config", json.dumps({
+        "profiler": "torch", "torch_profiler_dir": str(folder.resolve()),
+        "torch_profiler_with_stack": False, "ignore_frontend": True,
+        "max_iterations": args.profile_steps})]
+
+
+class ProfileWindow(threading.Thread):
+    """``/start_profile`` ``at`` seconds into a load, ``/stop_profile`` (which
+    writes the trace) ``seconds`` later, or when the load ends first."""
+
+    def __init__(self, base_url: str, at: float, seconds: float):
+        super().__init__(daemon=True)
+        self.base, self.at, self.seconds = base_url, at, seconds
+        self.done = threading.Event()
+        self.record = {"at_s": at, "seconds": seconds, "started": False,
+                       "stopped": False}
+
+    def _post(self, path: str) -> bool:
+        request = urllib.request.Request(self.base + path, data=b"",
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120):
+                return True
+        except OSError as exc:
+            self.record["error"] = f"{path}: {exc}"
+            return False
+
+    def run(self):
+        if self.done.wait(self.at):
+            return
+        self.record["started"] = self._post("/start_profile")
+        if self.record["started"]:
+            self.done.wait(self.seconds)
+            self.record["stopped"] = self._post("/stop_profile")
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join(timeout=180)
+        return self.record
 
 
 def run_key(workload: str, model: str, concurrency: int, label: str) -> str:
@@ -627,8 +676,10 @@ def run_load(cmd: list[str], log_path, max_seconds: float | None,
 # ----------------------------------------------------------------- a run
 
 def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
-            max_seconds: float | None) -> dict:
-    """Run one load against the running server and return its record."""
+            max_seconds: float | None,
+            profile: tuple[float, float] | None = None) -> dict:
+    """Run one load against the running server and return its record;
+    ``profile = (at, seconds)`` profiles that window of it."""
     key = run_key(load.workload, server.model, load.concurrency,
                   server.backend.label)
     stem = str(log_dir / re.sub(r"[^\w.+=-]+", "_", key))
@@ -650,11 +701,15 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
     before = scrape(base)
     poller = MetricsPoller(base + "/metrics")
     poller.start()
+    window = ProfileWindow(base, *profile) if profile else None
+    if window:
+        window.start()
     started = time.monotonic()
     try:
         code, cut = run_load(cmd, load_log, limit, marker)
     finally:
         timeline = poller.stop()
+        profiled = window.stop() if window else None
     wall = time.monotonic() - started
     after = scrape(base)
     result, error = None, None
@@ -682,6 +737,7 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
         "load_error": error, "server": server_numbers,
         "peak_running": peak(timeline, 1), "peak_waiting": peak(timeline, 2),
         "peak_kv_cache_usage": peak(timeline, 4), "timeline": timeline,
+        "profiled": profiled,
     }
     run["figures"] = figures(run)
     return run
@@ -785,6 +841,8 @@ def table(runs: dict, ratios: dict) -> str:
             label += " (cut)"
         elif run.get("load_error"):
             label += " (load failed)"
+        if (run.get("profiled") or {}).get("started"):
+            label += " (profiled)"
         cells = [_cell(fig.get(f), formats[f], ratio.get(f)) for f in FIGURES]
         lines.append(f"| {run['workload']} | {run['model']} | "
                      f"{run['concurrency']} | {label} | " + " | ".join(cells)
@@ -879,6 +937,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="cap on each load's run time; a cut load is reported "
                    "from the server's counters")
+    p.add_argument("--profile-at", type=float, default=None,
+                   help="profile every load this many seconds in (vLLM's "
+                   "torch profiler; traces under <log-dir>/profiles, for "
+                   "trace_gaps.py; its figures are then not a measurement)")
+    p.add_argument("--profile-seconds", type=float, default=3.0,
+                   help="how long the profiled window lasts")
+    p.add_argument("--profile-steps", type=int, default=40,
+                   help="at most this many engine steps traced")
     p.add_argument("--health-timeout", type=float, default=420.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="serve_matrix.json",
@@ -929,6 +995,8 @@ def main(argv=None) -> int:
                                    args.max_seconds)))
         return 0
     args.log_dir.mkdir(parents=True, exist_ok=True)
+    if args.profile_at is not None:  # the runner's scopes, for trace_gaps.py
+        os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     invocation = sys.argv if argv is None else [sys.argv[0], *argv]
     gpu, failures = gpu_name(), 0
@@ -955,7 +1023,9 @@ def main(argv=None) -> int:
                 print(f"!! warm-up request failed: {error}", flush=True)
             for load in server.loads:
                 run = measure(server, load, port, args.log_dir,
-                              args.max_seconds)
+                              args.max_seconds,
+                              None if args.profile_at is None else
+                              (args.profile_at, args.profile_seconds))
                 run["server_log"] = str(log)
                 failures += bool(run["load_error"])
                 merge(out, {run["key"]: run}, invocation, gpu)

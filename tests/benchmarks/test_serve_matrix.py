@@ -430,6 +430,8 @@ class FakeServer:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
+        for path in ("/start_profile", "/stop_profile"):
+            app.router.add_post(path, self.profile)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
@@ -437,6 +439,11 @@ class FakeServer:
         self.port = site._server.sockets[0].getsockname()[1]
         self.ready.set()
         self.loop.run_forever()
+
+    async def profile(self, request):
+        from aiohttp import web
+        self.events.append(request.path)
+        return web.Response(text="")
 
     async def health(self, request):
         from aiohttp import web
@@ -790,3 +797,44 @@ def test_each_named_model_is_written_with_scores_that_fit(tmp_path, name,
     shape = ModelShape.from_hf_text_config(model.architectures,
                                            model.hf_text_config)
     resolve_scores(SparseMMSettings(**settings), shape)
+
+
+def test_profiler_config_parses_with_vllm(tmp_path, vllm_parsers):
+    """--profile-at gives every server vLLM's torch profiler, worker side,
+    its traces in a folder of its own under the log folder."""
+    serve_parser, _ = vllm_parsers
+    plans = sm.plan(_args(tmp_path, "--profile-at", "5", "--profile-steps",
+                          "30"))
+    folders = set()
+    for p in plans:
+        cmd = p.command(8123)
+        config = serve_parser.parse_args(cmd[len(sm.VLLM) + 1:]).profiler_config
+        assert config.profiler == "torch" and config.ignore_frontend
+        assert config.max_iterations == 30
+        assert config.torch_profiler_dir.startswith(str(tmp_path.resolve()))
+        folders.add(config.torch_profiler_dir)
+    assert len(folders) == len(plans)
+    assert all("--profiler-config" not in p.command(8123)
+               for p in sm.plan(_args(tmp_path)))
+
+
+def test_measure_profiles_a_window_of_the_load(tmp_path):
+    """/start_profile some seconds in, /stop_profile after the window (or at
+    the load's end), recorded in the run and marked in the table."""
+    plan = sm.ServerPlan("fake-1.5", tmp_path, sm.Backend("stock"), 4096)
+    load = sm.Load("questions", 2, {"num_requests": 8, "num_images": 2,
+                                    "max_tokens": 20, "image_size": (16, 16),
+                                    "seed": 0})
+    with FakeServer(chunk_delay=0.02) as server:
+        run = sm.measure(plan, load, server.port, tmp_path, None,
+                         profile=(0.1, 60.0))
+        events = [e for e in server.events if "profile" in e]
+    assert events == ["/start_profile", "/stop_profile"]
+    assert run["profiled"]["started"] and run["profiled"]["stopped"]
+    assert "stock (profiled)" in sm.table({run["key"]: run}, {})
+    with FakeServer() as server:
+        run = sm.measure(plan, load, server.port, tmp_path, None,
+                         profile=(600.0, 1.0))  # the load ends first
+        assert not [e for e in server.events if "profile" in e]
+    assert not run["profiled"]["started"]
+    assert "(profiled)" not in sm.table({run["key"]: run}, {})
