@@ -438,3 +438,36 @@ def test_window_means_kernel_in_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_window_means_kernel_on_gpu():
     assert compare_window_means("cuda") == 6
+
+
+def _compile_for_hopper(kernel, pointers: dict, constants: dict):
+    """Compile ``kernel`` for sm_90 without a GPU (Triton's own ptxas): the
+    path the interpreter does not take (``range`` to a loaded bound, tl.dot
+    on fp16) must build."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name in constants else
+                 pointers.get(name, "fp32" if name == "scale" else "i32")
+                 for name in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={
+        (names.index(name), ): value for name, value in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
+
+
+@pytest.mark.parametrize("group, dim", [(1, 128), (7, 80)])
+def test_window_kernels_compile_for_hopper(group, dim):
+    pytest.importorskip("triton")
+    from vllm_sparsemm.kernels import triton_ops
+    pointers = {"q_ptr": "*fp16", "rows_ptr": "*fp16", "blocks_ptr": "*i32",
+                "lengths_ptr": "*i64", "lse_ptr": "*fp32", "out_ptr": "*fp32"}
+    grouped = group * 32
+    sizes = dict(WINDOW=32, GW=grouped, BLOCK_Q=32 if grouped <= 32 else 64,
+                 BLOCK_N=64, BLOCK_D=triton_ops.triton.next_power_of_2(dim),
+                 BS=16)
+    for kernel, extra in ((triton_ops._window_lse_kernel,
+                           {"INTERPRET": False}),
+                          (triton_ops._window_means_kernel, {})):
+        built = _compile_for_hopper(kernel, pointers, {**sizes, **extra})
+        assert built.asm["cubin"]

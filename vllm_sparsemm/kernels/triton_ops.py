@@ -281,6 +281,24 @@ if triton is not None:
                     other=0.0)
         return q, w, rows_used
 
+    @triton.jit
+    def _lse_block(q, at, start, length, m, l, scale, keys,
+                   BLOCK_N: tl.constexpr, BS: tl.constexpr):
+        """One block of keys into each window query's running maximum and
+        sum (causal: query at position ``at`` sees keys ``<= at``)."""
+        rows_ptr, row_stride, blocks, dim_used, d, layer, kv_head, \
+            num_layers, num_kv_heads = keys
+        n = start + tl.arange(0, BLOCK_N)
+        used = n < length
+        k = _prompt_keys(rows_ptr, row_stride, blocks, n, used, dim_used, d,
+                         layer, kv_head, num_layers, num_kv_heads, BS)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(used[None, :] & (n[None, :] <= at[:, None]), s,
+                     float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        return m_new, l
+
     # the step's sizes vary from step to step: one build serves them all
     _WINDOW_SIZES = ("prompts", "first_layer", "scored_width")
 
@@ -292,7 +310,8 @@ if triton is not None:
                            first_layer, num_layers, num_kv_heads, group, dim,
                            scale, WINDOW: tl.constexpr, GW: tl.constexpr,
                            BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BS: tl.constexpr):
+                           BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                           INTERPRET: tl.constexpr):
         """Log-sum-exp of each window query's causal softmax over its
         prompt's keys: ``lse [items, Hkv, GW]`` (item = pass layer * b +
         prompt)."""
@@ -307,19 +326,18 @@ if triton is not None:
         blocks = blocks_ptr + prompt.to(tl.int64) * blocks_stride
         m = tl.full([BLOCK_Q], -1.0e30, tl.float32)
         l = tl.zeros([BLOCK_Q], tl.float32)
-        start = 0
-        while start < length:  # the interpreter cannot range() to a load
-            n = start + tl.arange(0, BLOCK_N)
-            used = n < length
-            k = _prompt_keys(rows_ptr, row_stride, blocks, n, used, dim_used,
-                             d, layer, kv_head, num_layers, num_kv_heads, BS)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(used[None, :] & (n[None, :] <= at[:, None]), s,
-                         float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-            m = m_new
-            start += BLOCK_N
+        keys = (rows_ptr, row_stride, blocks, dim_used, d, layer, kv_head,
+                num_layers, num_kv_heads)
+        if INTERPRET:  # the interpreter cannot range() to a loaded bound
+            start = 0
+            while start < length:
+                m, l = _lse_block(q, at, start, length, m, l, scale, keys,
+                                  BLOCK_N, BS)
+                start += BLOCK_N
+        else:
+            for start in range(0, length, BLOCK_N):
+                m, l = _lse_block(q, at, start, length, m, l, scale, keys,
+                                  BLOCK_N, BS)
         tl.store(lse_ptr + seq.to(tl.int64) * GW + r, m + tl.log(l),
                  mask=rows_used)
 
@@ -516,7 +534,7 @@ def window_means(queries: torch.Tensor, rows: torch.Tensor,
                  BS=block_size)
     seqs = items * num_kv_heads
     _window_lse_kernel[(seqs, triton.cdiv(grouped, block_q))](
-        *common, lse, *shape, **sizes)
+        *common, lse, *shape, INTERPRET=_INTERPRET, **sizes)
     _window_means_kernel[(seqs, triton.cdiv(scored_width, block_n))](
         *common, lse, out, scored_width, *shape, **sizes)
     return out
