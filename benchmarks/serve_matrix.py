@@ -60,7 +60,8 @@ MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
           "llava-next-7b": "write_dummy_llava_next_7b",
           "llava-next-mistral-7b": "write_dummy_llava_next_mistral_7b",
           "qwen2-vl-7b": "write_dummy_qwen2_vl_7b",
-          "qwen2.5-vl-7b": "write_dummy_qwen2_5_vl_7b"}
+          "qwen2.5-vl-7b": "write_dummy_qwen2_5_vl_7b",
+          "qwen3-vl-8b": "write_dummy_qwen3_vl_8b"}
 # score file for LLaVA models (Vicuna-7B heads), as benchmarks/benchmark.py uses
 LLAVA_SCORES = "llava-v1.6-vicuna-7b"
 FINISHED_OK = ("stop", "length")
@@ -212,7 +213,7 @@ def sparsemm_defaults(model_dir: Path) -> dict:
         return {}
     if config.get("model_type") in ("llava", "llava_next"):
         return {"head_scores": LLAVA_SCORES}
-    if config.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+    if config.get("model_type") in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return {"head_scores": "uniform"}
     return {}
 

@@ -46,6 +46,10 @@ def models(tmp_path_factory):
                                              version="2.5", num_layers=4,
                                              num_heads=4, num_kv_heads=2,
                                              head_dim=64)),
+        "qwen3-vl": str(save_tiny_qwen2_vl(root / "qwen3", seed=1,
+                                           version="3", num_layers=4,
+                                           num_heads=4, num_kv_heads=2,
+                                           head_dim=64)),
         "llava-next-mistral": str(save_tiny_llava_next(
             root / "llava-next-mistral", seed=1, text_model="mistral",
             **dict(TINY, num_kv_heads=2))),
@@ -205,7 +209,8 @@ def _worker_state(llm):
 
 
 @pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl",
-                                  "qwen2.5-vl", "llava-next-mistral"])
+                                  "qwen2.5-vl", "qwen3-vl",
+                                  "llava-next-mistral"])
 def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     spec = dict(kind=kind, n=8)
     want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec))
@@ -216,6 +221,7 @@ def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
 
 @pytest.mark.parametrize("kind, budget", [("llava", 96), ("llava-next", 96),
                                           ("qwen2-vl", 48), ("qwen2.5-vl", 48),
+                                          ("qwen3-vl", 48),
                                           ("llava-next-mistral", 96)])
 def test_eviction_matches_the_oracle(models, kind, budget):
     """Selections equal the reference on vLLM's own queries/keys (exact but
@@ -248,6 +254,8 @@ def test_eviction_matches_the_oracle(models, kind, budget):
              "qwen2-vl": lambda: tiny.tiny_qwen2_vl(seed=1, **dict(
                  TINY, num_kv_heads=2)),
              "qwen2.5-vl": lambda: tiny.tiny_qwen2_5_vl(seed=1, **dict(
+                 TINY, num_kv_heads=2)),
+             "qwen3-vl": lambda: tiny.tiny_qwen3_vl(seed=1, **dict(
                  TINY, num_kv_heads=2)),
              "llava-next-mistral": lambda: tiny.tiny_llava_next(
                  seed=1, text_model="mistral", **dict(TINY, num_kv_heads=2)),

@@ -22,6 +22,8 @@ FOLDERS = {
                                 4, False),
     "write_dummy_qwen2_5_vl_7b": ("Qwen2_5_VLForConditionalGeneration", 28,
                                   28, 4, False),
+    "write_dummy_qwen3_vl_8b": ("Qwen3VLForConditionalGeneration", 36, 32,
+                                8, False),
 }
 
 
@@ -50,7 +52,8 @@ def test_vllm_reads_each_folder_as_the_real_model(tmp_path, writer):
         assert '"uniform"' in message
 
 
-@pytest.mark.parametrize("family", ["llava-next-mistral", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", ["llava-next-mistral", "qwen2.5-vl",
+                                    "qwen3-vl"])
 def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
         tmp_path, family):
     """The GPU tests' tiny checkpoints: vLLM resolves them (architecture,
@@ -59,11 +62,14 @@ def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
     from vllm.config import ModelConfig
     kwargs = dict(seed=1, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=64)
-    if family == "qwen2.5-vl":
+    if family.startswith("qwen"):
+        version = family[4:-3]
         folder = checkpoints.save_tiny_qwen2_vl(tmp_path / family,
-                                                version="2.5", **kwargs)
-        arch, text_type = "Qwen2_5_VLForConditionalGeneration", \
-            "qwen2_5_vl_text"
+                                                version=version, **kwargs)
+        arch, text_type = {
+            "2.5": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl_text"),
+            "3": ("Qwen3VLForConditionalGeneration", "qwen3_vl_text"),
+        }[version]
     else:
         folder = checkpoints.save_tiny_llava_next(
             tmp_path / family, text_model="mistral", **kwargs)

@@ -11,7 +11,7 @@ from vllm_sparsemm.core.budget import head_budgets, kept_counts
 from vllm_sparsemm.testing.oracle import SparseMMOracle
 from vllm_sparsemm.testing.tiny import (llava_inputs, qwen2_vl_inputs,
                                         tiny_llava, tiny_qwen2_5_vl,
-                                        tiny_qwen2_vl)
+                                        tiny_qwen2_vl, tiny_qwen3_vl)
 from vllm_sparsemm.core.selection import kept_positions
 
 MODELS = {
@@ -22,6 +22,7 @@ MODELS = {
         num_kv_heads=2, text_model="mistral"), llava_inputs),
     "qwen2-vl": (lambda: tiny_qwen2_vl(), qwen2_vl_inputs),
     "qwen2.5-vl": (lambda: tiny_qwen2_5_vl(), qwen2_vl_inputs),
+    "qwen3-vl": (lambda: tiny_qwen3_vl(), qwen2_vl_inputs),
 }
 
 

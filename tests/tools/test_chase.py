@@ -62,6 +62,23 @@ def test_qwen2_vl_box_tokens_use_the_merged_grid():
     assert got == [2 + 0 * 6 + 1, 2 + 0 * 6 + 2, 2 + 1 * 6 + 1, 2 + 1 * 6 + 2]
 
 
+def test_qwen3_vl_box_tokens_use_its_16_px_patches():
+    """Qwen3-VL's processor cuts 16 px patches, merged 2 x 2 into 32 px
+    tokens: a 320 x 192 image is 12 x 20 patches, 6 x 10 tokens."""
+    processor = checkpoints.qwen2_vl_processor(400, {
+        "image": 390, "video": 391, "vision_start": 392, "vision_end": 393},
+        version="3")
+    config = tiny.tiny_qwen3_vl().config
+    image = Image.new("RGB", (320, 192), "white")
+    inputs = processor(images=image, text="<|vision_start|><|image_pad|>"
+                       "<|vision_end|>x", return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 12, 20]]
+    start = int((inputs["input_ids"][0] == 390).nonzero()[0])
+    # pixels x 64..95 are token column 2, y 32..63 token row 1
+    got = box_tokens(processor, config, inputs, (320, 192), (70, 40, 90, 60))
+    assert got == [start + 1 * 10 + 2]
+
+
 def test_llava_next_box_tokens_skip_the_base_image_and_newlines():
     model = tiny.tiny_llava_next(image_size=112)
     processor = checkpoints.llava_next_processor(112, 256, 250)
@@ -157,7 +174,7 @@ def test_rigged_head_gets_the_top_score(tmp_path):
     assert float(scores.flatten().topk(2).values[1]) < float(scores[1, 2])
 
 
-@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3"])
 def test_chase_run_writes_the_authors_format_and_resumes(tmp_path, version):
     generate_ocr_images(tmp_path / "data", 3, seed=2, size=(224, 168))
     checkpoints.save_tiny_qwen2_vl(tmp_path / "qwen", version=version)

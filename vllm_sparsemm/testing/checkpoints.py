@@ -96,21 +96,40 @@ def llava_next_processor(image_size: int, vocab_size: int,
 
 def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
                        max_pixels: int = 64 * 28 * 28, version: str = "2"):
+    """Qwen2-VL's, Qwen2.5-VL's or (``version="3"``) Qwen3-VL's processor,
+    whose patches are 16 px instead of 14 (``max_pixels`` is in 28 px
+    tokens either way)."""
     from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
-    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
-                "<|image_pad|>": ids["image"], "<|video_pad|>": ids["video"],
-                "<|vision_start|>": ids["vision_start"],
-                "<|vision_end|>": ids["vision_end"]}
-    tokenizer = char_tokenizer(vocab_size, specials, bos="<|im_start|>",
-                               eos="<|im_end|>", unk="<|endoftext|>")
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    if version == "3":
+        token = 32
+        images = Qwen2VLImageProcessor(
+            patch_size=16, merge_size=2, image_mean=[0.5] * 3,
+            image_std=[0.5] * 3, min_pixels=4 * token * token,
+            max_pixels=max_pixels // (28 * 28) * token * token)
+        videos = Qwen3VLVideoProcessor(patch_size=16, merge_size=2)
+        return Qwen3VLProcessor(image_processor=images,
+                                tokenizer=_qwen_tokenizer(vocab_size, ids),
+                                video_processor=videos,
+                                chat_template=QWEN_TEMPLATE)
     images = Qwen2VLImageProcessor(min_pixels=4 * 28 * 28,
                                    max_pixels=max_pixels)
     videos = Qwen2VLVideoProcessor(min_pixels=4 * 28 * 28,
                                    max_pixels=max_pixels)
     cls = Qwen2_5_VLProcessor if version == "2.5" else Qwen2VLProcessor
-    return cls(image_processor=images, tokenizer=tokenizer,
+    return cls(image_processor=images,
+               tokenizer=_qwen_tokenizer(vocab_size, ids),
                video_processor=videos, chat_template=QWEN_TEMPLATE)
+
+
+def _qwen_tokenizer(vocab_size: int, ids: dict[str, int]):
+    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
+                "<|image_pad|>": ids["image"], "<|video_pad|>": ids["video"],
+                "<|vision_start|>": ids["vision_start"],
+                "<|vision_end|>": ids["vision_end"]}
+    return char_tokenizer(vocab_size, specials, bos="<|im_start|>",
+                          eos="<|im_end|>", unk="<|endoftext|>")
 
 
 def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
@@ -140,10 +159,13 @@ def _save_llava_like(path, model, make_processor) -> Path:
 
 def save_tiny_qwen2_vl(path, seed: int = 0, version: str = "2",
                        **model_kwargs) -> Path:
-    """A tiny random Qwen2-VL (or, ``version="2.5"``, Qwen2.5-VL) checkpoint."""
-    from vllm_sparsemm.testing.tiny import tiny_qwen2_5_vl, tiny_qwen2_vl
+    """A tiny random Qwen2-VL (``version`` "2.5": Qwen2.5-VL, "3": Qwen3-VL)
+    checkpoint."""
+    from vllm_sparsemm.testing.tiny import (tiny_qwen2_5_vl, tiny_qwen2_vl,
+                                            tiny_qwen3_vl)
     path = Path(path)
-    make = tiny_qwen2_5_vl if version == "2.5" else tiny_qwen2_vl
+    make = {"2": tiny_qwen2_vl, "2.5": tiny_qwen2_5_vl,
+            "3": tiny_qwen3_vl}[version]
     model = make(seed=seed, **model_kwargs)
     model.save_pretrained(path)
     config = model.config
@@ -242,6 +264,33 @@ QWEN2_5_VL_7B = {
 }
 
 
+QWEN3_VL_8B = {
+    "architectures": ["Qwen3VLForConditionalGeneration"],
+    "model_type": "qwen3_vl", "torch_dtype": "bfloat16",
+    "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "qwen3_vl_text", "hidden_size": 4096,
+        "intermediate_size": 12288, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "vocab_size": 151936,
+        "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+        "rope_theta": 5000000, "attention_bias": False,
+        "rope_scaling": {"rope_type": "default", "mrope_interleaved": True,
+                         "mrope_section": [24, 20, 20]},
+        "bos_token_id": 151643, "eos_token_id": 151645,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "vision_config": {
+        "model_type": "qwen3_vl", "depth": 27, "hidden_size": 1152,
+        "intermediate_size": 4304, "num_heads": 16, "in_channels": 3,
+        "out_hidden_size": 4096, "patch_size": 16, "spatial_merge_size": 2,
+        "temporal_patch_size": 2, "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+        "hidden_act": "gelu_pytorch_tanh"},
+}
+
+
 def write_dummy_llava_15_7b(path) -> Path:
     """Config, tokenizer and processor of LLaVA-1.5-7B (576 image tokens), no weights."""
     return _write_dummy(path, LLAVA_15_7B,
@@ -250,32 +299,42 @@ def write_dummy_llava_15_7b(path) -> Path:
 
 def write_dummy_llava_next_7b(path) -> Path:
     """LLaVA-NeXT-Vicuna-7B (up to ~2,900 image tokens), no weights."""
-    processor = llava_next_processor(336, 32064, 32000)
-    processor.image_processor.image_grid_pinpoints = NEXT_PINPOINTS_336
-    return _write_dummy(path, LLAVA_NEXT_VICUNA_7B, processor)
-
-
-def write_dummy_qwen2_vl_7b(path) -> Path:
-    """Qwen2-VL-7B (GQA 28/4, M-RoPE), no weights."""
-    processor = qwen2_vl_processor(152064, {
-        "image": 151655, "video": 151656, "vision_start": 151652,
-        "vision_end": 151653}, max_pixels=16384 * 28 * 28)
-    return _write_dummy(path, QWEN2_VL_7B, processor)
+    return _write_dummy(path, LLAVA_NEXT_VICUNA_7B, _next_336_processor())
 
 
 def write_dummy_llava_next_mistral_7b(path) -> Path:
     """LLaVA-v1.6-Mistral-7B (GQA 32/8), no weights."""
-    processor = llava_next_processor(336, 32064, 32000)
-    processor.image_processor.image_grid_pinpoints = NEXT_PINPOINTS_336
-    return _write_dummy(path, LLAVA_NEXT_MISTRAL_7B, processor)
+    return _write_dummy(path, LLAVA_NEXT_MISTRAL_7B, _next_336_processor())
+
+
+def write_dummy_qwen2_vl_7b(path) -> Path:
+    """Qwen2-VL-7B (GQA 28/4, M-RoPE), no weights."""
+    return _write_dummy(path, QWEN2_VL_7B, _qwen_hub_processor("2", 152064))
 
 
 def write_dummy_qwen2_5_vl_7b(path) -> Path:
     """Qwen2.5-VL-7B (GQA 28/4, M-RoPE, windowed ViT), no weights."""
-    processor = qwen2_vl_processor(152064, {
+    return _write_dummy(path, QWEN2_5_VL_7B,
+                        _qwen_hub_processor("2.5", 152064))
+
+
+def write_dummy_qwen3_vl_8b(path) -> Path:
+    """Qwen3-VL-8B (GQA 32/8, 36 layers, 16 px patches, deepstack), no weights."""
+    return _write_dummy(path, QWEN3_VL_8B, _qwen_hub_processor("3", 151936))
+
+
+def _next_336_processor():
+    """LLaVA-NeXT-7B's processor: 336 px tiles on the hub's any-res grids."""
+    processor = llava_next_processor(336, 32064, 32000)
+    processor.image_processor.image_grid_pinpoints = NEXT_PINPOINTS_336
+    return processor
+
+
+def _qwen_hub_processor(version: str, vocab_size: int):
+    """A Qwen VL processor with the hub's token ids and pixel limit."""
+    return qwen2_vl_processor(vocab_size, {
         "image": 151655, "video": 151656, "vision_start": 151652,
-        "vision_end": 151653}, max_pixels=16384 * 28 * 28, version="2.5")
-    return _write_dummy(path, QWEN2_5_VL_7B, processor)
+        "vision_end": 151653}, max_pixels=16384 * 28 * 28, version=version)
 
 
 def _write_dummy(path, config: dict, processor) -> Path:

@@ -117,6 +117,27 @@ def tiny_qwen2_5_vl(num_layers: int = 3, num_heads: int = 4,
     return _build(Qwen2_5_VLForConditionalGeneration, config, seed, dtype)
 
 
+def tiny_qwen3_vl(num_layers: int = 3, num_heads: int = 4,
+                  num_kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
+                  dtype: torch.dtype = torch.float32):
+    """A Qwen3-VL-shaped model (16 px patches, deepstack visual features
+    into the first text layer, interleaved M-RoPE, GQA)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    text = _qwen_text(num_layers, num_heads, num_kv_heads, head_dim)
+    mrope = text.pop("rope_scaling")
+    config = Qwen3VLConfig(
+        text_config=dict(text, head_dim=head_dim, rope_parameters=dict(
+            rope_type="default", rope_theta=5e5,
+            mrope_section=mrope["mrope_section"], mrope_interleaved=True)),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+            out_hidden_size=num_heads * head_dim, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        **_QWEN_TOKENS)
+    return _build(Qwen3VLForConditionalGeneration, config, seed, dtype)
+
+
 def _build(cls, config, seed, dtype):
     torch.manual_seed(seed)
     model = cls(config).to(dtype).eval()

@@ -12,7 +12,8 @@ divides by zero).
   first and are excluded, as in the reference); its rows end with a newline
   token.
 * Qwen2-VL and Qwen2.5-VL: the processor resizes to ``grid * 14`` pixels;
-  tokens are 2x2 merged patches, 28 pixels a side.
+  tokens are 2x2 merged patches, 28 pixels a side (Qwen3-VL: 16 px patches,
+  32 px tokens; the mapping reads the grid, so it is the same).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ BOX_TOKENS = {
     "llava_next": llava_next_box_tokens,
     "qwen2_vl": qwen2_vl_box_tokens,
     "qwen2_5_vl": qwen2_vl_box_tokens,  # same 14 px patches, 2x2 merge
+    "qwen3_vl": qwen2_vl_box_tokens,  # 16 px patches: read from the grid
 }
 
 
