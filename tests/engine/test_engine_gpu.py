@@ -27,6 +27,7 @@ TINY = dict(num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64)
 def models(tmp_path_factory):
     from vllm_sparsemm.testing.checkpoints import (save_tiny_llava,
                                                    save_tiny_llava_next,
+                                                   save_tiny_llava_onevision,
                                                    save_tiny_qwen2_vl)
     root = tmp_path_factory.mktemp("models")
     return {
@@ -50,6 +51,8 @@ def models(tmp_path_factory):
                                            version="3", num_layers=4,
                                            num_heads=4, num_kv_heads=2,
                                            head_dim=64)),
+        "llava-onevision": str(save_tiny_llava_onevision(
+            root / "llava-onevision", seed=1, **dict(TINY, num_kv_heads=2))),
         "llava-next-mistral": str(save_tiny_llava_next(
             root / "llava-next-mistral", seed=1, text_model="mistral",
             **dict(TINY, num_kv_heads=2))),
@@ -210,7 +213,7 @@ def _worker_state(llm):
 
 @pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl",
                                   "qwen2.5-vl", "qwen3-vl",
-                                  "llava-next-mistral"])
+                                  "llava-next-mistral", "llava-onevision"])
 def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     spec = dict(kind=kind, n=8)
     want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec))
@@ -222,7 +225,8 @@ def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
 @pytest.mark.parametrize("kind, budget", [("llava", 96), ("llava-next", 96),
                                           ("qwen2-vl", 48), ("qwen2.5-vl", 48),
                                           ("qwen3-vl", 48),
-                                          ("llava-next-mistral", 96)])
+                                          ("llava-next-mistral", 96),
+                                          ("llava-onevision", 96)])
 def test_eviction_matches_the_oracle(models, kind, budget):
     """Selections equal the reference on vLLM's own queries/keys (exact but
     for float32 rounding ties at a head's cut: ``_same_selection``), and
@@ -257,6 +261,8 @@ def test_eviction_matches_the_oracle(models, kind, budget):
                  TINY, num_kv_heads=2)),
              "qwen3-vl": lambda: tiny.tiny_qwen3_vl(seed=1, **dict(
                  TINY, num_kv_heads=2)),
+             "llava-onevision": lambda: tiny.tiny_llava_onevision(
+                 seed=1, **dict(TINY, num_kv_heads=2)),
              "llava-next-mistral": lambda: tiny.tiny_llava_next(
                  seed=1, text_model="mistral", **dict(TINY, num_kv_heads=2)),
              }[kind]()

@@ -24,6 +24,8 @@ FOLDERS = {
                                   28, 4, False),
     "write_dummy_qwen3_vl_8b": ("Qwen3VLForConditionalGeneration", 36, 32,
                                 8, False),
+    "write_dummy_llava_onevision_7b": (
+        "LlavaOnevisionForConditionalGeneration", 28, 28, 4, False),
 }
 
 
@@ -53,7 +55,7 @@ def test_vllm_reads_each_folder_as_the_real_model(tmp_path, writer):
 
 
 @pytest.mark.parametrize("family", ["llava-next-mistral", "qwen2.5-vl",
-                                    "qwen3-vl"])
+                                    "qwen3-vl", "llava-onevision"])
 def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
         tmp_path, family):
     """The GPU tests' tiny checkpoints: vLLM resolves them (architecture,
@@ -70,6 +72,10 @@ def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
             "2.5": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl_text"),
             "3": ("Qwen3VLForConditionalGeneration", "qwen3_vl_text"),
         }[version]
+    elif family == "llava-onevision":
+        folder = checkpoints.save_tiny_llava_onevision(tmp_path / family,
+                                                       **kwargs)
+        arch, text_type = "LlavaOnevisionForConditionalGeneration", "qwen2"
     else:
         folder = checkpoints.save_tiny_llava_next(
             tmp_path / family, text_model="mistral", **kwargs)

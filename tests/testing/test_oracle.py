@@ -9,8 +9,9 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from vllm_sparsemm.core.budget import head_budgets, kept_counts
 from vllm_sparsemm.testing.oracle import SparseMMOracle
-from vllm_sparsemm.testing.tiny import (llava_inputs, qwen2_vl_inputs,
-                                        tiny_llava, tiny_qwen2_5_vl,
+from vllm_sparsemm.testing.tiny import (llava_inputs, llava_onevision_inputs,
+                                        qwen2_vl_inputs, tiny_llava,
+                                        tiny_llava_onevision, tiny_qwen2_5_vl,
                                         tiny_qwen2_vl, tiny_qwen3_vl)
 from vllm_sparsemm.core.selection import kept_positions
 
@@ -23,6 +24,7 @@ MODELS = {
     "qwen2-vl": (lambda: tiny_qwen2_vl(), qwen2_vl_inputs),
     "qwen2.5-vl": (lambda: tiny_qwen2_5_vl(), qwen2_vl_inputs),
     "qwen3-vl": (lambda: tiny_qwen3_vl(), qwen2_vl_inputs),
+    "llava-onevision": (lambda: tiny_llava_onevision(), llava_onevision_inputs),
 }
 
 

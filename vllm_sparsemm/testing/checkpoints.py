@@ -94,6 +94,40 @@ def llava_next_processor(image_size: int, vocab_size: int,
                               num_additional_image_tokens=1)
 
 
+ONEVISION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] in ['image', 'image_url'] %}"
+    "<image>\n{% elif c['type'] in ['video', 'video_url'] %}<video>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def llava_onevision_processor(image_size: int, vocab_size: int,
+                              image_token_id: int, video_token_id: int,
+                              pinpoints=None):
+    from transformers import (LlavaOnevisionImageProcessor,
+                              LlavaOnevisionProcessor,
+                              LlavaOnevisionVideoProcessor)
+
+    from vllm_sparsemm.testing.tiny import NEXT_PINPOINTS
+    tokenizer = char_tokenizer(
+        vocab_size, {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
+                     "<image>": image_token_id, "<video>": video_token_id},
+        bos="<|im_start|>", eos="<|im_end|>", unk="<|endoftext|>")
+    size = {"height": image_size, "width": image_size}
+    images = LlavaOnevisionImageProcessor(
+        size=size, image_grid_pinpoints=pinpoints or NEXT_PINPOINTS(image_size))
+    return LlavaOnevisionProcessor(
+        image_processor=images, tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=(image_size // 14) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=ONEVISION_TEMPLATE, image_token="<image>",
+        video_token="<video>")
+
+
 def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
                        max_pixels: int = 64 * 28 * 28, version: str = "2"):
     """Qwen2-VL's, Qwen2.5-VL's or (``version="3"``) Qwen3-VL's processor,
@@ -154,6 +188,22 @@ def _save_llava_like(path, model, make_processor) -> Path:
     make_processor(config.vision_config.image_size,
                    config.text_config.vocab_size,
                    config.image_token_index).save_pretrained(path)
+    return path
+
+
+def save_tiny_llava_onevision(path, seed: int = 0, **model_kwargs) -> Path:
+    """A tiny random LLaVA-OneVision checkpoint (SigLIP keys renamed as
+    LLaVA's CLIP ones)."""
+    from vllm_sparsemm.testing.tiny import tiny_llava_onevision
+    path = Path(path)
+    model = tiny_llava_onevision(seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    _rename_clip_keys(path / "model.safetensors")
+    config = model.config
+    llava_onevision_processor(
+        config.vision_config.image_size, config.text_config.vocab_size,
+        config.image_token_index, config.video_token_index).save_pretrained(
+            path)
     return path
 
 
@@ -291,6 +341,32 @@ QWEN3_VL_8B = {
 }
 
 
+ONEVISION_PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7)
+                       for b in range(1, 7)]
+LLAVA_ONEVISION_7B = {
+    "architectures": ["LlavaOnevisionForConditionalGeneration"],
+    "model_type": "llava_onevision", "torch_dtype": "bfloat16",
+    "image_token_index": 151646, "video_token_index": 151647,
+    "projector_hidden_act": "gelu", "vision_aspect_ratio": "anyres_max_9",
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+    "use_image_newline_parameter": True, "tie_word_embeddings": False,
+    "image_grid_pinpoints": ONEVISION_PINPOINTS,
+    "text_config": {
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "vocab_size": 152128,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16"},
+    "vision_config": {
+        "model_type": "siglip_vision_model", "hidden_size": 1152,
+        "image_size": 384, "intermediate_size": 4304,
+        "num_attention_heads": 16, "num_hidden_layers": 26, "patch_size": 14,
+        "vision_use_head": False},
+}
+
+
 def write_dummy_llava_15_7b(path) -> Path:
     """Config, tokenizer and processor of LLaVA-1.5-7B (576 image tokens), no weights."""
     return _write_dummy(path, LLAVA_15_7B,
@@ -321,6 +397,13 @@ def write_dummy_qwen2_5_vl_7b(path) -> Path:
 def write_dummy_qwen3_vl_8b(path) -> Path:
     """Qwen3-VL-8B (GQA 32/8, 36 layers, 16 px patches, deepstack), no weights."""
     return _write_dummy(path, QWEN3_VL_8B, _qwen_hub_processor("3", 151936))
+
+
+def write_dummy_llava_onevision_7b(path) -> Path:
+    """LLaVA-OneVision-Qwen2-7B (GQA 28/4, SigLIP 384 px tiles of 729
+    tokens, up to 9), no weights."""
+    return _write_dummy(path, LLAVA_ONEVISION_7B, llava_onevision_processor(
+        384, 152128, 151646, 151647, pinpoints=ONEVISION_PINPOINTS))
 
 
 def _next_336_processor():

@@ -11,6 +11,7 @@ import torch
 
 LLAVA_IMAGE_TOKEN = 250
 QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN = 390, 391
+ONEVISION_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN = 390, 391
 QWEN_VISION_START, QWEN_VISION_END = 392, 393
 
 
@@ -136,6 +137,53 @@ def tiny_qwen3_vl(num_layers: int = 3, num_heads: int = 4,
             num_position_embeddings=64, deepstack_visual_indexes=[0]),
         **_QWEN_TOKENS)
     return _build(Qwen3VLForConditionalGeneration, config, seed, dtype)
+
+
+def tiny_llava_onevision(num_layers: int = 3, num_heads: int = 4,
+                         num_kv_heads: int = 2, head_dim: int = 16,
+                         image_size: int = 112, seed: int = 0,
+                         dtype: torch.dtype = torch.float32):
+    """A LLaVA-OneVision-shaped model: SigLIP tiles (any-res, at most 9),
+    a Qwen2 text stack (GQA)."""
+    from transformers import (LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration,
+                              Qwen2Config, SiglipVisionConfig)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=image_size, patch_size=14),
+        text_config=Qwen2Config(
+            hidden_size=num_heads * head_dim, intermediate_size=128,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads, head_dim=head_dim,
+            vocab_size=400, max_position_embeddings=4096, bos_token_id=1,
+            eos_token_id=2),
+        image_token_index=ONEVISION_IMAGE_TOKEN,
+        video_token_index=ONEVISION_VIDEO_TOKEN,
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        image_grid_pinpoints=NEXT_PINPOINTS(image_size),
+        vision_aspect_ratio="anyres_max_9")
+    return _build(LlavaOnevisionForConditionalGeneration, config, seed, dtype)
+
+
+def llava_onevision_inputs(model, seed: int = 0) -> dict:
+    """A prompt ``text, <image>, text`` with a random 150x200 image, through
+    the model's processor (any-res tiles, image sizes)."""
+    import numpy as np
+    from PIL import Image
+
+    from vllm_sparsemm.testing.checkpoints import llava_onevision_processor
+    config = model.config
+    processor = llava_onevision_processor(
+        config.vision_config.image_size, config.text_config.vocab_size,
+        config.image_token_index, config.video_token_index)
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray((rng.random((150, 200, 3)) * 255).astype(np.uint8))
+    inputs = processor(images=image, text="<|im_start|>user <image>\nabc "
+                       "def<|im_end|><|im_start|>assistant\n",
+                       return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return dict(inputs)
 
 
 def _build(cls, config, seed, dtype):
