@@ -62,6 +62,19 @@ def test_qwen2_vl_box_tokens_use_the_merged_grid():
     assert got == [2 + 0 * 6 + 1, 2 + 0 * 6 + 2, 2 + 1 * 6 + 1, 2 + 1 * 6 + 2]
 
 
+def test_llava_onevision_box_tokens_skip_the_base_image_and_newlines():
+    model = tiny.tiny_llava_onevision(image_size=112)
+    processor = checkpoints.llava_onevision_processor(112, 400, 390, 391)
+    image = Image.new("RGB", (224, 112), "white")  # best grid: 1 x 2 tiles
+    inputs = processor(images=image, text="<|im_start|>user <image>\nx",
+                       return_tensors="pt")
+    assert int((inputs["input_ids"] == 390).sum()) == 64 + 8 * (16 + 1)
+    start = int((inputs["input_ids"][0] == 390).nonzero()[0])
+    got = box_tokens(processor, model.config, inputs, (224, 112),
+                     (0, 0, 20, 10))  # top-left corner of the hi-res grid
+    assert got == [start + 64 + c for c in (0, 1)]
+
+
 def test_qwen3_vl_box_tokens_use_its_16_px_patches():
     """Qwen3-VL's processor cuts 16 px patches, merged 2 x 2 into 32 px
     tokens: a 320 x 192 image is 12 x 20 patches, 6 x 10 tokens."""
@@ -174,10 +187,14 @@ def test_rigged_head_gets_the_top_score(tmp_path):
     assert float(scores.flatten().topk(2).values[1]) < float(scores[1, 2])
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "onevision"])
 def test_chase_run_writes_the_authors_format_and_resumes(tmp_path, version):
     generate_ocr_images(tmp_path / "data", 3, seed=2, size=(224, 168))
-    checkpoints.save_tiny_qwen2_vl(tmp_path / "qwen", version=version)
+    if version == "onevision":  # LLaVA-OneVision, under the same folder name
+        checkpoints.save_tiny_llava_onevision(tmp_path / "qwen", num_layers=3,
+                                              num_heads=4, num_kv_heads=2)
+    else:
+        checkpoints.save_tiny_qwen2_vl(tmp_path / "qwen", version=version)
     model, processor = load_model(str(tmp_path / "qwen"), "cpu")
     out = tmp_path / "scores" / "qwen.json"
     first = chase(model, processor, tmp_path / "data", out, max_images=2,

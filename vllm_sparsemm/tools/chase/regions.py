@@ -8,9 +8,9 @@ divides by zero).
 
 * LLaVA-1.5: the processor resizes the short side and centre-crops; the grid is
   ``crop / patch`` square, row-major.
-* LLaVA-NeXT: only the hi-res any-res grid counts (the base image's tokens come
-  first and are excluded, as in the reference); its rows end with a newline
-  token.
+* LLaVA-NeXT and LLaVA-OneVision: only the hi-res any-res grid counts (the
+  base image's tokens come first and are excluded, as in the reference); its
+  rows end with a newline token.
 * Qwen2-VL and Qwen2.5-VL: the processor resizes to ``grid * 14`` pixels;
   tokens are 2x2 merged patches, 28 pixels a side (Qwen3-VL: 16 px patches,
   32 px tokens; the mapping reads the grid, so it is the same).
@@ -87,6 +87,9 @@ def qwen2_vl_box_tokens(processor, config, inputs, image_size,
 BOX_TOKENS = {
     "llava": llava_box_tokens,
     "llava_next": llava_next_box_tokens,
+    # the same layout (base image, then the unpadded any-res grid, a newline
+    # a row); its processor also counts the anyres_max_9 downsampling
+    "llava_onevision": llava_next_box_tokens,
     "qwen2_vl": qwen2_vl_box_tokens,
     "qwen2_5_vl": qwen2_vl_box_tokens,  # same 14 px patches, 2x2 merge
     "qwen3_vl": qwen2_vl_box_tokens,  # 16 px patches: read from the grid
