@@ -75,3 +75,25 @@ def test_gpu_runner_names_test_files_that_exist():
                  if re.search(r"^(pytestmark = |@)pytest\.mark\.gpu",
                               path.read_text(), re.M)}
     assert gpu_files <= named, gpu_files - named
+
+
+def test_gpu_runner_selects_each_engine_test_once():
+    """Each ``-k`` of tests/gpu/run_all.sh picks at least one GPU engine
+    test, and every one of them is picked exactly once (a name that is a
+    substring of another test's would run that one twice)."""
+    import subprocess
+    import sys
+    script = (ROOT / "tests/gpu/run_all.sh").read_text()
+    selections = re.findall(r'\$engine -k ([^"]+)"', script)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+         "-p", "no:cacheprovider", "tests/engine/test_engine_gpu.py"],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    names = [line.split("::", 1)[1] for line in done.stdout.splitlines()
+             if "::" in line]
+    picked = []
+    for selection in selections:
+        chosen = [name for name in names if selection.lower() in name.lower()]
+        assert chosen, selection
+        picked += chosen
+    assert sorted(picked) == sorted(names)

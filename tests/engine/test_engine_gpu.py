@@ -66,23 +66,41 @@ def _image(seed, size):
         np.uint8))
 
 
-def _prompts(kind, n, seed=0, text_len=40):
-    """n requests: images of varying size, some text-only."""
+def _video(seed, frames=4, size=(112, 84)):
+    """``frames`` random RGB frames ``[T, H, W, 3]`` (uint8)."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((frames, size[1], size[0], 3)) * 255).astype(np.uint8)
+
+
+def _prompts(kind, n, seed=0, text_len=40, video=False):
+    """n requests: images of varying size, some text-only; with ``video``
+    (Qwen VL and LLaVA-OneVision), request i % 4 == 1 asks about a short
+    video and i % 4 == 2 about an image and a video."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         text = "".join(rng.choice(list("abcdefghij klmnop"), text_len + 7 * i))
-        with_image = i % 4 != 3
+        with_image = i % 4 != 3 and not (video and i % 4 == 1)
+        with_video = video and i % 4 in (1, 2)
         if kind.startswith("llava"):
-            prompt = f"USER: {'<image>' if with_image else ''}\n{text} ASSISTANT:"
+            media = ("<image>" if with_image else "") + (
+                "<video>" if with_video else "")
+            prompt = f"USER: {media}\n{text} ASSISTANT:"
         else:
-            vision = "<|vision_start|><|image_pad|><|vision_end|>" if with_image else ""
-            prompt = (f"<|im_start|>user\n{vision}{text}<|im_end|>\n"
+            media = ("<|vision_start|><|image_pad|><|vision_end|>"
+                     if with_image else "") + (
+                "<|vision_start|><|video_pad|><|vision_end|>"
+                if with_video else "")
+            prompt = (f"<|im_start|>user\n{media}{text}<|im_end|>\n"
                       f"<|im_start|>assistant\n")
         request = {"prompt": prompt}
+        data = {}
         if with_image:
-            request["multi_modal_data"] = {
-                "image": _image(seed * 100 + i, (224 + 28 * (i % 3), 196))}
+            data["image"] = _image(seed * 100 + i, (224 + 28 * (i % 3), 196))
+        if with_video:
+            data["video"] = _video(seed * 100 + i)
+        if data:
+            request["multi_modal_data"] = data
         out.append(request)
     return out
 
@@ -94,7 +112,8 @@ def _llm(model, backend, budget=None, **kwargs):
     args = dict(model=model, dtype="float16", max_model_len=2048,
                 gpu_memory_utilization=0.05, kv_cache_memory_bytes=1 << 30,
                 enforce_eager=True, seed=0,
-                limit_mm_per_prompt={"image": 1}, max_num_seqs=64,
+                limit_mm_per_prompt={"image": 1, "video": 1},
+                max_num_seqs=64,
                 enable_prefix_caching=False)
     args.update(kwargs)
     if backend == "sparsemm":
@@ -222,11 +241,43 @@ def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     assert got == want
 
 
+VIDEO_KINDS = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision"]
+
+
+@pytest.mark.parametrize("kind", VIDEO_KINDS)
+def test_video_prompts_without_eviction_give_stocks_tokens(models, kind):
+    """Video prompts, alone and beside an image, with B above every prompt:
+    stock's tokens."""
+    spec = dict(kind=kind, n=8, video=True)
+    want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec))
+    got, _ = _tokens(models[kind], "sparsemm", {"budget": 4096}, dict(spec))
+    assert max(lens) < 4096
+    assert got == want
+
+
+def test_video_and_image_prompt_same_alone_and_in_chunks(models):
+    """A prompt with an image and a video, compressed, gives the same tokens
+    alone as in a batch under chunked prefill (its window may span
+    chunks)."""
+    kind = "qwen2-vl"
+    spec = dict(kind=kind, n=8, seed=5, text_len=60, video=True)
+    budget = {"budget": 48, "window": 16}
+    alone, lens = _tokens(models[kind], "sparsemm", budget,
+                          dict(spec, pick=[2]))
+    assert lens[0] > 48
+    for chunk in (64, 2048):
+        chunked, _ = _tokens(models[kind], "sparsemm", budget, dict(spec),
+                             max_num_batched_tokens=chunk,
+                             enable_chunked_prefill=True)
+        assert chunked[2] == alone[0], f"chunk {chunk}"
+
+
 @pytest.mark.parametrize("kind, budget", [("llava", 96), ("llava-next", 96),
                                           ("qwen2-vl", 48), ("qwen2.5-vl", 48),
                                           ("qwen3-vl", 48),
                                           ("llava-next-mistral", 96),
-                                          ("llava-onevision", 96)])
+                                          ("llava-onevision", 96),
+                                          ("qwen2-vl-video", 48)])
 def test_eviction_matches_the_oracle(models, kind, budget):
     """Selections equal the reference on vLLM's own queries/keys (exact but
     for float32 rounding ties at a head's cut: ``_same_selection``), and
@@ -235,7 +286,10 @@ def test_eviction_matches_the_oracle(models, kind, budget):
 
     from vllm_sparsemm.testing import tiny
     from vllm_sparsemm.testing.oracle import SparseMMOracle
-    prompt = _prompts(kind, 1)[0]
+    video = kind.endswith("-video")  # a video prompt of the same model
+    kind = kind.removesuffix("-video")
+    prompt = (_prompts(kind, 2, video=True)[1] if video else
+              _prompts(kind, 1)[0])
     budget = {"budget": budget, "window": 16}
     llm = _llm(models[kind], "sparsemm", budget)
     state = _worker_state(llm)
@@ -250,7 +304,9 @@ def test_eviction_matches_the_oracle(models, kind, budget):
                   for queries, keys, positions, counts in layers.values())
 
     processor = AutoProcessor.from_pretrained(models[kind])
-    inputs = processor(images=prompt["multi_modal_data"]["image"],
+    media = prompt["multi_modal_data"]
+    inputs = processor(images=media.get("image"),
+                       videos=[media["video"]] if video else None,
                        text=prompt["prompt"], return_tensors="pt")
     assert inputs["input_ids"].shape[1] == lens[0]
     model = {"llava": lambda: tiny.tiny_llava(seed=1, image_size=336, **TINY),

@@ -29,6 +29,9 @@ declare -A tests=(
   [oracle_qwen2.5-vl]="$engine -k oracle[qwen2.5-vl-48]"
   [oracle_qwen3-vl]="$engine -k oracle[qwen3-vl-48]"
   [oracle_llava-onevision]="$engine -k oracle[llava-onevision-96]"
+  [oracle_qwen2-vl-video]="$engine -k oracle[qwen2-vl-video-48]"
+  [video_no_eviction]="$engine -k test_video_prompts_without_eviction"
+  [video_chunked]="$engine -k test_video_and_image_prompt"
   [oracle_llava-next-mistral]="$engine -k oracle[llava-next-mistral-96]"
   [caching_llava]="$engine -k prefix_caching_changes_no_token[llava]"
   [caching_qwen2-vl]="$engine -k prefix_caching_changes_no_token[qwen2-vl]"
@@ -45,7 +48,7 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        no_eviction_llava-next-mistral no_eviction_llava-onevision
        oracle_llava oracle_llava-next oracle_qwen2-vl oracle_qwen2.5-vl
        oracle_qwen3-vl oracle_llava-next-mistral oracle_llava-onevision
-       caching_llava
+       oracle_qwen2-vl-video video_no_eviction video_chunked caching_llava
        caching_qwen2-vl caching_stock chunked leaks triton examples compile
        serve)
 alone=" examples compile serve "

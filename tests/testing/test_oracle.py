@@ -10,7 +10,8 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from vllm_sparsemm.core.budget import head_budgets, kept_counts
 from vllm_sparsemm.testing.oracle import SparseMMOracle
 from vllm_sparsemm.testing.tiny import (llava_inputs, llava_onevision_inputs,
-                                        qwen2_vl_inputs, tiny_llava,
+                                        qwen2_vl_inputs, qwen2_vl_video_inputs,
+                                        tiny_llava,
                                         tiny_llava_onevision, tiny_qwen2_5_vl,
                                         tiny_qwen2_vl, tiny_qwen3_vl)
 from vllm_sparsemm.core.selection import kept_positions
@@ -25,6 +26,12 @@ MODELS = {
     "qwen2.5-vl": (lambda: tiny_qwen2_5_vl(), qwen2_vl_inputs),
     "qwen3-vl": (lambda: tiny_qwen3_vl(), qwen2_vl_inputs),
     "llava-onevision": (lambda: tiny_llava_onevision(), llava_onevision_inputs),
+    # a short video: its tokens are prompt tokens like an image's
+    "qwen2-vl-video": (lambda: tiny_qwen2_vl(), qwen2_vl_video_inputs),
+    # Qwen3-VL gives each temporal patch its own span and timestamp text:
+    # one patch (two frames) keeps the prompt one span
+    "qwen3-vl-video": (lambda: tiny_qwen3_vl(), lambda model:
+                       qwen2_vl_video_inputs(model, grid_thw=(1, 8, 8))),
 }
 
 

@@ -232,3 +232,27 @@ def qwen2_vl_inputs(model, grid_hw: tuple[int, int] = (8, 8),
     return {"input_ids": ids, "pixel_values": pixels.to(model.dtype),
             "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
             "mm_token_type_ids": (ids == QWEN_IMAGE_TOKEN).int()}
+
+
+def qwen2_vl_video_inputs(model, grid_thw: tuple[int, int, int] = (2, 8, 8),
+                          text_before: int = 5, text_after: int = 12,
+                          seed: int = 0) -> dict:
+    """A prompt with one short video: ``t`` temporal patches (2 frames
+    each) of ``h x w`` patches, ``t * h * w / 4`` video tokens."""
+    vision = model.config.vision_config
+    gen = torch.Generator().manual_seed(seed)
+    grid_t, grid_h, grid_w = grid_thw
+    num_tokens = grid_t * grid_h * grid_w // vision.spatial_merge_size**2
+    vocab = QWEN_IMAGE_TOKEN - 3
+    ids = torch.cat([
+        torch.tensor([1]),
+        torch.randint(3, vocab, (text_before, ), generator=gen),
+        torch.tensor([QWEN_VISION_START]),
+        torch.full((num_tokens, ), QWEN_VIDEO_TOKEN),
+        torch.tensor([QWEN_VISION_END]),
+        torch.randint(3, vocab, (text_after, ), generator=gen)])[None]
+    patch = 3 * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(grid_t * grid_h * grid_w, patch, generator=gen)
+    return {"input_ids": ids, "pixel_values_videos": pixels.to(model.dtype),
+            "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]]),
+            "mm_token_type_ids": 2 * (ids == QWEN_VIDEO_TOKEN).int()}
