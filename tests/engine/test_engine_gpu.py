@@ -72,6 +72,13 @@ def _video(seed, frames=4, size=(112, 84)):
     return (rng.random((frames, size[1], size[0], 3)) * 255).astype(np.uint8)
 
 
+def _video_metadata(frames: int, fps: float = 2.0) -> dict:
+    """What vLLM's video loaders attach to decoded frames."""
+    return {"total_num_frames": frames, "fps": fps, "duration": frames / fps,
+            "video_backend": "opencv", "frames_indices": list(range(frames)),
+            "do_sample_frames": False}
+
+
 def _prompts(kind, n, seed=0, text_len=40, video=False):
     """n requests: images of varying size, some text-only; with ``video``
     (Qwen VL and LLaVA-OneVision), request i % 4 == 1 asks about a short
@@ -98,7 +105,10 @@ def _prompts(kind, n, seed=0, text_len=40, video=False):
         if with_image:
             data["image"] = _image(seed * 100 + i, (224 + 28 * (i % 3), 196))
         if with_video:
-            data["video"] = _video(seed * 100 + i)
+            frames = _video(seed * 100 + i)
+            # vLLM's Qwen3-VL wants the frames' metadata (their timestamps)
+            data["video"] = (frames, _video_metadata(len(frames))) \
+                if kind.startswith("qwen3") else frames
         if data:
             request["multi_modal_data"] = data
         out.append(request)
