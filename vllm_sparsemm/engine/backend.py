@@ -113,7 +113,7 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
             kv_cache_spec.book(), len(layer_names), kv_cache_spec.num_kv_heads,
             get_tensor_model_parallel_rank(), settings.debug_poison,
             vllm_config.cache_config.enable_prefix_caching)
-        if torch.device(device).type == "cuda" and triton_ops.AVAILABLE:
+        if triton_ops.runs_on(device):
             model = vllm_config.model_config
             heads = kv_cache_spec.num_kv_heads
             self.state.selection_tokens = kernel_selection_tokens(
@@ -331,7 +331,7 @@ class SparseMMImpl(FlashAttentionImpl):
     def _compressed_attention(self, plan: StepPlan, index: int, query, output):
         state, cr = plan.state, plan.compressed
         lengths = cr.lengths[index]  # [R * Hkv]
-        triton = query.is_cuda and triton_ops.AVAILABLE
+        triton = triton_ops.runs_on(query)
         # debug runs build page tables with the checked PyTorch reference
         from_plan = triton and not state.debug_poison
         if cr.leading and triton and self.decode_kernel == "triton":

@@ -113,7 +113,7 @@ def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
                      key: torch.Tensor, value: torch.Tensor) -> None:
     """Append the compressed rows' new tokens to each head's own pages
     (one Triton launch on the GPU; the reference below on the CPU)."""
-    if key.is_cuda and triton_ops.AVAILABLE:
+    if triton_ops.runs_on(key):
         triton_ops.write_kv(state.rows, cr.write_rows[layer], key, value,
                             None if cr.leading else cr.tokens)
         return
@@ -233,11 +233,9 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
                          torch.arange(first, last, device=blocks.device),
                          batch.key_positions)
 
-    if queries.is_cuda and triton_ops.AVAILABLE:  # keys read in place
-        scores = pool_scores(triton_ops.window_means(
-            queries.flatten(0, 1), state.rows, blocks, batch.lengths, first,
-            state.num_layers, num_heads, state.block_size, batch.longest),
-            state.law.plan.pool_kernel)
+    if triton_ops.runs_on(queries):  # keys read in place
+        scores = _scores_in_place(state, queries.flatten(0, 1), blocks,
+                                  batch.lengths, first, batch.longest)
     else:
         keys = gathered_keys()
         scores = window_scores(queries.flatten(0, 1), keys.flatten(0, 1),
@@ -260,6 +258,16 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
                                 counts.view(layers, size, num_heads),
                                 queries, gathered_keys() if keys is None
                                 else keys, kept)
+
+
+def _scores_in_place(state: WorkerKVState, queries, blocks, lengths,
+                     first_layer: int, longest: int) -> torch.Tensor:
+    """``selection.window_scores`` of prompts whose keys are in the cache,
+    read there (``triton_ops.window_means``), then pooled."""
+    return pool_scores(triton_ops.window_means(
+        queries, state.rows, blocks, lengths, first_layer, state.num_layers,
+        state.num_kv_heads, state.block_size, longest),
+        state.law.plan.pool_kernel)
 
 
 def _check_and_record_batch(plan, batch, first, last, counts, queries, keys,
@@ -287,7 +295,7 @@ def _select_long(plan: StepPlan, group, layer: int,
     if group.positions is None:
         group.positions = _every_layers_positions(
             state, len(group.members), width, device)
-    in_place = device.type == "cuda" and triton_ops.AVAILABLE
+    in_place = triton_ops.runs_on(device)
     for j, (_, req) in enumerate(group.members):
         queries = req.windows.pop(layer).ready().queries[None]
 
@@ -296,11 +304,10 @@ def _select_long(plan: StepPlan, group, layer: int,
                              torch.arange(first, last, device=device))
 
         if in_place:  # no scratch beyond the scores, whatever the length
-            scores = pool_scores(triton_ops.window_means(
-                queries, state.rows, blocks[j:j + 1],
+            scores = _scores_in_place(
+                state, queries, blocks[j:j + 1],
                 torch.full((1, ), group.prompt_len, device=device), layer,
-                state.num_layers, state.num_kv_heads, state.block_size,
-                group.prompt_len), state.law.plan.pool_kernel)
+                group.prompt_len)
         else:
             scores = streamed_window_scores(
                 queries, keys, group.prompt_len, state.law.plan.pool_kernel,
@@ -392,12 +399,13 @@ def _compact_requests(state, law, prompt_len, extra, reqs, blocks, positions,
         tail = torch.arange(prompt_len, prompt_len + extra, device=device)
         positions = _append_positions(positions, counts, tail)
     prompt = law.prompt_entries(prompt_len + extra)
-    fresh = blocks[:, prompt:prompt + law.compacted_blocks(prompt_len, extra)]
-    plan, tables = state.page_plan(counts, device)
-    if fresh.shape[1] < law.compacted_blocks(prompt_len, extra):
+    compacted = law.compacted_blocks(prompt_len, extra)
+    fresh = blocks[:, prompt:prompt + compacted]
+    _, tables = state.page_plan(counts, device)
+    if fresh.shape[1] < compacted:
         raise RuntimeError(f"sparsemm: {fresh.shape[1]} compacted blocks in "
                            f"a block-table row of {blocks.shape[1]} for a "
-                           f"plan of {law.compacted_blocks(prompt_len, extra)}")
+                           f"plan of {compacted}")
     moves = state.compaction_moves(counts, extra, fresh.shape[1], device)
     src, dst = moves.rows(blocks, positions, fresh)
     if state.debug_poison:  # unwritten rows of the fresh blocks read as NaN

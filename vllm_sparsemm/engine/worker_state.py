@@ -93,8 +93,8 @@ class RequestKV:
         return self.windows[layer]
 
 
-# device memory the cached compaction moves may take (a 7B model's plan at
-# B = 128 takes about 2 MB)
+# device memory the cached compaction moves may take (room for the plans of
+# many prompt lengths of a 7B model)
 MOVES_CACHE_BYTES = 64 << 20
 
 

@@ -379,6 +379,14 @@ if triton is not None:
 
 
 AVAILABLE = triton is not None
+
+
+def runs_on(where) -> bool:
+    """Whether these kernels run on ``where`` (a tensor or a device): a CUDA
+    device, with Triton installed. Elsewhere the PyTorch references do."""
+    device = where.device if isinstance(where, torch.Tensor) else where
+    return AVAILABLE and torch.device(device).type == "cuda"
+
 MAX_SPLITS = 16  # paged_decode's key splits per sequence
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # page-table columns per program: the whole row up to 256. Launches are
