@@ -169,41 +169,45 @@ def _qwen_tokenizer(vocab_size: int, ids: dict[str, int]):
 def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
     """A tiny random LLaVA-1.5-shaped checkpoint that vLLM 0.26.0 loads."""
     from vllm_sparsemm.testing.tiny import tiny_llava
-    return _save_llava_like(path, tiny_llava(seed=seed, **model_kwargs),
-                            llava_processor)
+    model = tiny_llava(seed=seed, **model_kwargs)
+    return _save_llava_like(path, model,
+                            llava_processor(*_llava_sizes(model.config)))
 
 
 def save_tiny_llava_next(path, seed: int = 0, **model_kwargs) -> Path:
     """A tiny random LLaVA-NeXT-shaped checkpoint that vLLM 0.26.0 loads."""
     from vllm_sparsemm.testing.tiny import tiny_llava_next
-    return _save_llava_like(path, tiny_llava_next(seed=seed, **model_kwargs),
-                            llava_next_processor)
-
-
-def _save_llava_like(path, model, make_processor) -> Path:
-    path = Path(path)
-    model.save_pretrained(path)
-    _rename_clip_keys(path / "model.safetensors")
-    config = model.config
-    make_processor(config.vision_config.image_size,
-                   config.text_config.vocab_size,
-                   config.image_token_index).save_pretrained(path)
-    return path
+    model = tiny_llava_next(seed=seed, **model_kwargs)
+    return _save_llava_like(path, model,
+                            llava_next_processor(*_llava_sizes(model.config)))
 
 
 def save_tiny_llava_onevision(path, seed: int = 0, **model_kwargs) -> Path:
-    """A tiny random LLaVA-OneVision checkpoint (SigLIP keys renamed as
-    LLaVA's CLIP ones)."""
+    """A tiny random LLaVA-OneVision checkpoint (its SigLIP tower saved as
+    transformers 5 saves LLaVA's CLIP one)."""
     from vllm_sparsemm.testing.tiny import tiny_llava_onevision
-    path = Path(path)
     model = tiny_llava_onevision(seed=seed, **model_kwargs)
+    return _save_llava_like(path, model, onevision_processor_of(model.config))
+
+
+def onevision_processor_of(config):
+    """The processor of a (tiny) LLaVA-OneVision config."""
+    return llava_onevision_processor(*_llava_sizes(config),
+                                     config.video_token_index)
+
+
+def _llava_sizes(config) -> tuple[int, int, int]:
+    """What the LLaVA processors take from a config: tile size, vocabulary
+    size and the image token id."""
+    return (config.vision_config.image_size, config.text_config.vocab_size,
+            config.image_token_index)
+
+
+def _save_llava_like(path, model, processor) -> Path:
+    path = Path(path)
     model.save_pretrained(path)
     _rename_clip_keys(path / "model.safetensors")
-    config = model.config
-    llava_onevision_processor(
-        config.vision_config.image_size, config.text_config.vocab_size,
-        config.image_token_index, config.video_token_index).save_pretrained(
-            path)
+    processor.save_pretrained(path)
     return path
 
 

@@ -172,11 +172,8 @@ def llava_onevision_inputs(model, seed: int = 0) -> dict:
     import numpy as np
     from PIL import Image
 
-    from vllm_sparsemm.testing.checkpoints import llava_onevision_processor
-    config = model.config
-    processor = llava_onevision_processor(
-        config.vision_config.image_size, config.text_config.vocab_size,
-        config.image_token_index, config.video_token_index)
+    from vllm_sparsemm.testing.checkpoints import onevision_processor_of
+    processor = onevision_processor_of(model.config)
     rng = np.random.default_rng(seed)
     image = Image.fromarray((rng.random((150, 200, 3)) * 255).astype(np.uint8))
     inputs = processor(images=image, text="<|im_start|>user <image>\nabc "
