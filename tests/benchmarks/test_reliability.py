@@ -636,7 +636,6 @@ def test_restart_clients_hang_up_on_a_server_that_holds_streams(
     sigterm = checks["restart: SIGTERM under load"]
     assert sigterm.ok and outcome["held_by_open_streams"]
     assert "until the clients hung up at 1 s" in sigterm.detail
-    assert outcome["exit_seconds"] >= 1
     assert outcome["load"]["cut"] > 0  # the hung-up streams
     assert checks["restart: no orphan processes"].ok
 
