@@ -97,6 +97,98 @@ def compare_write_kv(device: str) -> int:
     return compared
 
 
+FP8_SCALES = (0.5, 2.0, 0.25)  # (k, v, q): none is 1, so a missed one shows
+
+
+def _fp8_scales(device, layers: int = 1) -> torch.Tensor:
+    """Each layer's ``(k, v, q)`` scales as ``WorkerKVState.kv_scales``
+    holds them (layer l's times 1 + l: per-layer scales must be told apart)."""
+    base = torch.tensor(FP8_SCALES)
+    return torch.stack([base * (1 + l) for l in range(layers)]).to(device)
+
+
+def compare_write_kv_fp8(device: str) -> int:
+    """``triton_ops.write_kv`` into an fp8 cache against ``kv_ops.write_rows``
+    with the layer's scales: the same bytes (divide, saturate, round to
+    nearest even), values past fp8's range included. Returns cases."""
+    from vllm_sparsemm.kernels import triton_ops
+    from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE, write_rows
+
+    compared = 0
+    gen = torch.Generator().manual_seed(2)
+    scales = _fp8_scales(device)[0]
+    for heads, dim, dtype in ((2, 64, torch.float16), (4, 80, torch.bfloat16)):
+        tokens = 9
+        kv = (torch.randn(tokens, 2 * heads, dim, generator=gen) * 60).to(dtype)
+        kv[0, 0, 0] = 1000.0  # saturates at 448 x scale
+        kv = kv.to(device)
+        key, value = kv[:, :heads], kv[:, heads:]
+        rows = torch.zeros(100, 2 * dim, dtype=torch.uint8,
+                           device=device).view(FP8_KV_DTYPE)
+        dst = torch.randperm(100, generator=gen)[:tokens * heads].to(device)
+        want = rows.clone()
+        write_rows(want, dst, torch.cat([key, value], -1).flatten(0, 1),
+                   (scales[0], scales[1]))
+        triton_ops.write_kv(rows, dst, key, value, None, scales)
+        assert torch.equal(rows.view(torch.uint8), want.view(torch.uint8))
+        compared += 1
+    return compared
+
+
+def compare_paged_decode_fp8(device: str) -> int:
+    """``triton_ops.paged_decode`` over fp8 pages against
+    ``paged_attention_reference`` with the same scales: fp8 queries (vLLM
+    quantizes them for an fp8 cache) and 16-bit ones, one and several
+    splits. Returns cases compared."""
+    from vllm_sparsemm.kernels import triton_ops
+    from vllm_sparsemm.kernels.kv_ops import (FP8_KV_DTYPE,
+                                              paged_attention_reference,
+                                              to_cache)
+
+    compared = 0
+    gen = torch.Generator().manual_seed(3)
+    scales = _fp8_scales(device)[0]
+    k_scale, v_scale, q_scale = FP8_SCALES
+    for kv_heads, group, dim, fp8_query in ((2, 4, 64, True),
+                                            (3, 7, 80, True),
+                                            (2, 1, 128, False)):
+        rows, block_size, num_pages = 4, 16, 120
+        sequences = rows * kv_heads
+        pages = torch.cat([
+            to_cache(torch.randn(num_pages, block_size, dim, generator=gen),
+                     FP8_KV_DTYPE, k_scale),
+            to_cache(torch.randn(num_pages, block_size, dim, generator=gen),
+                     FP8_KV_DTYPE, v_scale)], dim=-1)
+        lengths = torch.randint(1, 90, (sequences, ), generator=gen,
+                                dtype=torch.int32)
+        lengths[1] = 200
+        width = 200 // block_size + 1
+        table = torch.randint(1, num_pages, (sequences, width), generator=gen,
+                              dtype=torch.int32)
+        query = torch.randn(rows, kv_heads * group, dim, generator=gen)
+        query = (to_cache(query, FP8_KV_DTYPE, q_scale) if fp8_query else
+                 query.to(torch.float16))
+        starts = torch.arange(sequences + 1, dtype=torch.int32)
+        want = paged_attention_reference(
+            query.reshape(sequences, group, dim), pages[..., :dim],
+            pages[..., dim:], table, lengths, starts, dim**-0.5,
+            scales=(q_scale, k_scale, v_scale), out_dtype=torch.float32)
+        for splits in (1, 3):
+            out = torch.full((rows, kv_heads * group, dim), float("nan"),
+                             dtype=torch.float16, device=device)
+            triton_ops.paged_decode(query.to(device), pages.to(device),
+                                    table.to(device), lengths.to(device),
+                                    dim**-0.5, out, num_splits=splits,
+                                    scales=scales)
+            # exact fp8 inputs widened to fp16, P in fp16 as in the 16-bit
+            # case, outputs ~v_scale in size and rounded to fp16
+            torch.testing.assert_close(
+                out.cpu().float().view(sequences, group, dim), want,
+                atol=4e-3, rtol=1e-2)
+            compared += 1
+    return compared
+
+
 def compare_paged_decode(device: str) -> int:
     """``triton_ops.paged_decode`` against ``paged_attention_reference``: MHA
     and GQA, head dims 64/80/128, fp16 (and bf16 on the GPU), one and several
@@ -146,7 +238,12 @@ def compare_paged_decode(device: str) -> int:
     return compared
 
 
-def compare_plan_decode(device: str) -> int:
+def compare_plan_decode_fp8(device: str) -> int:
+    """:func:`compare_plan_decode` over an fp8 cache with fp8 queries."""
+    return compare_plan_decode(device, "fp8")
+
+
+def compare_plan_decode(device: str, kv_cache_dtype: str = "auto") -> int:
     """``triton_ops.paged_decode`` reading the pages straight from the step
     plan (no table) against the CPU backend's own attention output, in the
     decode steps of the CPU engine (compacted heads, growing pages, several
@@ -170,11 +267,15 @@ def compare_plan_decode(device: str) -> int:
         rows = [i for i, n in enumerate(cr.lengths[index].view(
             len(cr.rows), -1).amin(1).tolist()) if n > 0]  # padding has no keys
         moved, pages = _to_device(cr, device), state.pages.to(device)
+        scales = (None if state.kv_scales is None else
+                  state.kv_scales[index].to(device))
         for splits in (1, 3):
-            out = torch.full_like(query[cr.tokens], float("nan")).to(device)
+            out = torch.full_like(query[cr.tokens], float("nan"),
+                                  dtype=output.dtype).to(device)
             triton_ops.paged_decode(
                 query[cr.tokens].to(device), pages, None, moved.lengths[index],
-                self.scale, out, num_splits=splits, plan=(moved, index, state))
+                self.scale, out, num_splits=splits, plan=(moved, index, state),
+                scales=scales)
             # float32 pages and products in both
             torch.testing.assert_close(out.cpu()[rows], output[cr.tokens][rows],
                                        atol=1e-4, rtol=1e-4)
@@ -182,13 +283,15 @@ def compare_plan_decode(device: str) -> int:
 
     backend.SparseMMImpl._compressed_attention = checking_attention
     try:
-        eng = Engine(num_blocks=300)
+        eng = Engine(num_blocks=300, kv_cache_dtype=kv_cache_dtype)
         plans = eng.add_all({"a": 300, "b": 180, "c": 30, "d": 97}, 64, 20)
         for _ in eng.run(plans):
             pass
         # graph_decode's fixed path: the uncompressed "b" on the identity
         # plan, rows padded to 5 and 8, page tables as wide as max_model_len
-        eng, budget, every = Engine(full_graphs=True), compared + 18, 1
+        eng, budget, every = Engine(full_graphs=True,
+                                    kv_cache_dtype=kv_cache_dtype), \
+            compared + 18, 1
         plans = eng.add_all({"a": 100, "b": 30, "c": 71}, 64, 3)
         prompts = {rid: plan[:-3] for rid, plan in plans.items()}
         for _ in eng.run(prompts):
@@ -234,8 +337,29 @@ def test_paged_decode_kernel_in_triton_interpreter():
     assert _in_triton_interpreter("compare_paged_decode") == 9
 
 
+def test_fp8_write_kv_kernel_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_write_kv_fp8") == 2
+
+
+def test_fp8_paged_decode_kernel_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_paged_decode_fp8") == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fp8_kernels_on_gpu():
+    assert compare_write_kv_fp8("cuda") == 2
+    assert compare_paged_decode_fp8("cuda") == 6
+    assert compare_window_means_fp8("cuda") == 4
+    assert compare_plan_decode_fp8("cuda") == 48
+
+
 def test_paged_decode_from_the_plan_in_triton_interpreter():
     assert _in_triton_interpreter("compare_plan_decode") == 48
+
+
+def test_fp8_paged_decode_from_the_plan_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_plan_decode_fp8") == 48
 
 
 @pytest.mark.gpu
@@ -300,16 +424,20 @@ def _loops(sass: str) -> list[list[str]]:
     return loops
 
 
-@pytest.mark.parametrize("dim, group, split, from_plan", [
-    (128, 1, False, False), (128, 1, True, False), (128, 1, False, True),
-    (80, 7, False, True), (64, 4, True, False)])
+@pytest.mark.parametrize("dim, group, split, from_plan, fp8", [
+    (128, 1, False, False, False), (128, 1, True, False, False),
+    (128, 1, False, True, False), (80, 7, False, True, False),
+    (64, 4, True, False, False), (128, 4, False, True, True),
+    (80, 7, True, False, True)])
 def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
-                                                      from_plan, tmp_path):
+                                                      from_plan, fp8,
+                                                      tmp_path):
     """The GPU branch of the decode kernel (the for loop, which the
     interpreter cannot run) compiled ahead of time for an H100/H200 with
     Triton's own ptxas: it must build, keep its registers (a spill to local
     memory would cost the kernel its bandwidth) and stream K and V in with
-    pipelined 16-byte asynchronous copies."""
+    pipelined 16-byte asynchronous copies; with an fp8 cache (and fp8
+    queries) too."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -322,8 +450,9 @@ def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
     for name in triton_ops._decode_kernel.arg_names:
         signature[name] = (
             "constexpr" if name.isupper() else
+            "*fp8e4nv" if fp8 and name in ("q_ptr", "pages_ptr") else
             "*fp16" if name in ("q_ptr", "pages_ptr", "out_ptr") else
-            "*fp32" if name == "part_ptr" else
+            "*fp32" if name in ("part_ptr", "scales_ptr") else
             ("*i64" if from_plan else "*i32") if name in plan_ptrs else
             "*i32" if name.endswith("_ptr") else
             "fp32" if name == "scale" else "i32")
@@ -333,7 +462,7 @@ def test_paged_decode_compiles_for_sm90_without_spills(dim, group, split,
     constants = {"G_PAD": max(16, triton.next_power_of_2(group)),
                  "BLOCK_D": triton.next_power_of_2(dim), "BS": 16,
                  "SPLIT": split, "FROM_PLAN": from_plan, "INTERPRET": False,
-                 "NUM_STAGES": defaults["num_stages"].default}
+                 "NUM_STAGES": defaults["num_stages"].default, "QUANT": fp8}
     # what Triton's launcher sees for the backend's tensors: 16-byte aligned
     # pointers and strides divisible by 16 (it specializes on both), except
     # the index pointers, whose alignment it is told to ignore
@@ -430,6 +559,59 @@ def compare_window_means(device: str) -> int:
     return compared
 
 
+def compare_window_means_fp8(device: str) -> int:
+    """``triton_ops.window_means`` over an fp8 cache with fp8 window queries
+    against ``selection.window_means`` of the dequantized keys and queries,
+    a pass of two layers whose scales differ. Returns cases compared."""
+    from vllm_sparsemm.core.pages import PageSpace, standard_row
+    from vllm_sparsemm.core.selection import window_means
+    from vllm_sparsemm.kernels import triton_ops
+    from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE, from_cache, to_cache
+
+    compared = 0
+    gen = torch.Generator().manual_seed(4)
+    block_size, num_layers, num_blocks, window = 16, 3, 30, 8
+    scales = _fp8_scales(device, num_layers)
+    for kv_heads, group, dim, lengths in ((2, 1, 64, [40, 9, 33]),
+                                          (2, 4, 80, [70, 25])):
+        space = PageSpace(num_layers, num_blocks, kv_heads, block_size)
+        rows = to_cache(torch.randn(
+            num_blocks * num_layers * kv_heads * block_size, 2 * dim,
+            generator=gen), FP8_KV_DTYPE, 1.0).to(device)
+        longest = max(lengths)
+        columns = -(-longest // block_size)
+        blocks = torch.randperm(num_blocks, generator=gen)[
+            :len(lengths) * columns].view(len(lengths), columns)
+        blocks = blocks.to(torch.int32).to(device)
+        lens = torch.tensor(lengths, device=device)
+        first, layers = 1, 2
+        queries = to_cache(torch.randn(
+            layers * len(lengths), window, kv_heads * group, dim,
+            generator=gen), FP8_KV_DTYPE, 1.0).to(device)
+        got = triton_ops.window_means(queries, rows, blocks, lens, first,
+                                      num_layers, kv_heads, block_size,
+                                      longest, scales)
+        positions = torch.arange(longest, device=device).clamp(
+            max=lens[:, None] - 1)
+        heads = torch.arange(kv_heads, device=device)
+        for at, layer in enumerate(range(first, first + layers)):
+            block = blocks.long().gather(1, positions // block_size)[..., None]
+            keys = rows[standard_row(space, block, layer, heads,
+                                     positions[..., None]), :dim]
+            part = slice(at * len(lengths), (at + 1) * len(lengths))
+            k_scale, _, q_scale = scales[layer]
+            want = window_means(from_cache(queries[part], q_scale),
+                                from_cache(keys, k_scale), lens)
+            # exact fp8 products summed in float32, scaled after the sum
+            torch.testing.assert_close(got[part], want, rtol=1e-4, atol=1e-6)
+            compared += 1
+    return compared
+
+
+def test_fp8_window_means_kernel_in_triton_interpreter():
+    assert _in_triton_interpreter("compare_window_means_fp8") == 4
+
+
 def test_window_means_kernel_in_triton_interpreter():
     assert _in_triton_interpreter("compare_window_means") == 6
 
@@ -451,23 +633,40 @@ def _compile_for_hopper(kernel, pointers: dict, constants: dict):
     signature = {name: "constexpr" if name in constants else
                  pointers.get(name, "fp32" if name == "scale" else "i32")
                  for name in names}
+    signature["scales_ptr"] = "*fp32"
     source = ASTSource(fn=kernel, signature=signature, constexprs={
         (names.index(name), ): value for name, value in constants.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
 
-@pytest.mark.parametrize("group, dim", [(1, 128), (7, 80)])
-def test_window_kernels_compile_for_hopper(group, dim):
+@pytest.mark.parametrize("group, dim, fp8", [(1, 128, False), (7, 80, False),
+                                             (4, 128, True)])
+def test_window_kernels_compile_for_hopper(group, dim, fp8):
     pytest.importorskip("triton")
     from vllm_sparsemm.kernels import triton_ops
-    pointers = {"q_ptr": "*fp16", "rows_ptr": "*fp16", "blocks_ptr": "*i32",
+    cache = "*fp8e4nv" if fp8 else "*fp16"
+    pointers = {"q_ptr": cache, "rows_ptr": cache, "blocks_ptr": "*i32",
                 "lengths_ptr": "*i64", "lse_ptr": "*fp32", "out_ptr": "*fp32"}
     grouped = group * 32
     sizes = dict(WINDOW=32, GW=grouped, BLOCK_Q=32 if grouped <= 32 else 64,
                  BLOCK_N=64, BLOCK_D=triton_ops.triton.next_power_of_2(dim),
-                 BS=16)
+                 BS=16, QUANT=fp8)
     for kernel, extra in ((triton_ops._window_lse_kernel,
                            {"INTERPRET": False}),
                           (triton_ops._window_means_kernel, {})):
         built = _compile_for_hopper(kernel, pointers, {**sizes, **extra})
         assert built.asm["cubin"]
+
+
+def test_fp8_write_kv_compiles_for_hopper():
+    """The GPU's conversion path of the fp8 K/V write (the interpreter
+    takes ``_on_e4m3_grid`` instead) builds for sm_90."""
+    pytest.importorskip("triton")
+    from vllm_sparsemm.kernels import triton_ops
+    built = _compile_for_hopper(
+        triton_ops._write_kv_kernel,
+        {"rows_ptr": "*fp8e4nv", "dst_ptr": "*i64", "tokens_ptr": "*i64",
+         "key_ptr": "*bf16", "value_ptr": "*bf16", "limit": "fp32"},
+        {"HAS_TOKENS": True, "BLOCK_D": 128, "QUANT": True,
+         "INTERPRET": False})
+    assert "cvt.rn.satfinite.e4m3x2.f32" in built.asm["ptx"]

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE
+
 try:
     import triton
     import triton.language as tl
@@ -101,12 +103,38 @@ if triton is not None:
         tl.store(table_ptr + seq * width + page, value.to(tl.int32),
                  mask=page < width)
 
+    @triton.jit
+    def _to_cache(x, scales_ptr, column, limit, QUANT: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+        """``x`` as the cache stores it: fp8 (``QUANT``) divided by its
+        scale and saturated, as ``kv_ops.to_cache``; else as it is."""
+        if QUANT:
+            x = x.to(tl.float32) / tl.load(scales_ptr + column)
+            x = tl.minimum(tl.maximum(x, -limit), limit)
+            if INTERPRET:
+                x = _on_e4m3_grid(x)
+        return x
+
+    @triton.jit
+    def _on_e4m3_grid(x):
+        """fp32 ``x`` (within fp8's range) rounded to the nearest e4m3 value,
+        ties to even, in fp32 arithmetic; the GPU's conversion does this
+        itself, Triton's interpreter halves values whose mantissa carries."""
+        bits = x.to(tl.int32, bitcast=True)
+        exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # subnormals
+        # 1.5 x 2^(ulp + 23): adding it rounds to a multiple of the ulp
+        magic = (((exponent - 3 + 150) << 23) | (1 << 22)).to(tl.float32,
+                                                               bitcast=True)
+        size = (tl.abs(x) + magic) - magic
+        return tl.where(bits < 0, -size, size)
+
     @triton.jit(do_not_specialize_on_alignment=("dst_ptr", "tokens_ptr"))
     def _write_kv_kernel(rows_ptr, dst_ptr, tokens_ptr, key_ptr, value_ptr,
                          key_token_stride, key_head_stride,
                          value_token_stride, value_head_stride, row_stride,
-                         num_heads, dim, HAS_TOKENS: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         num_heads, dim, scales_ptr, limit,
+                         HAS_TOKENS: tl.constexpr, BLOCK_D: tl.constexpr,
+                         QUANT: tl.constexpr, INTERPRET: tl.constexpr):
         seq = tl.program_id(0)  # token * num_heads + head, as dst is laid out
         token = seq // num_heads
         head = seq % num_heads
@@ -120,6 +148,8 @@ if triton is not None:
         value = tl.load(value_ptr + token * value_token_stride +
                         head * value_head_stride + d, mask=used)
         row = rows_ptr + tl.load(dst_ptr + seq).to(tl.int64) * row_stride
+        key = _to_cache(key, scales_ptr, 0, limit, QUANT, INTERPRET)
+        value = _to_cache(value, scales_ptr, 1, limit, QUANT, INTERPRET)
         tl.store(row + d, key.to(rows_ptr.dtype.element_ty), mask=used)
         tl.store(row + dim + d, value.to(rows_ptr.dtype.element_ty),
                  mask=used)
@@ -133,8 +163,10 @@ if triton is not None:
         base = pages_ptr + page * page_stride
         valid = column * BS + t < last
         kv_mask = valid[:, None] & dim_used[None, :]
-        k = tl.load(base + offsets, mask=kv_mask, other=0.0)
-        v = tl.load(base + dim + offsets, mask=kv_mask, other=0.0)
+        # fp8 pages widen exactly to the query's 16-bit type; their scales
+        # apply to the scores and the output
+        k = tl.load(base + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(base + dim + offsets, mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BS]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
@@ -144,6 +176,15 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
+    @triton.jit
+    def _query_key_scale(q_ptr, scales_ptr):
+        """The factor fp8 keys (and fp8 queries) put on the scores: the
+        layer's k scale, times its q scale when vLLM quantized the query."""
+        k_scale = tl.load(scales_ptr)
+        if q_ptr.dtype.element_ty == tl.float8e4nv:
+            k_scale = k_scale * tl.load(scales_ptr + 2)
+        return k_scale
+
     @triton.jit(do_not_specialize_on_alignment=_INDEX_POINTERS)
     def _decode_kernel(q_ptr, q_row_stride, q_head_stride, pages_ptr,
                        page_stride, token_stride, table_ptr, table_stride,
@@ -152,10 +193,11 @@ if triton is not None:
                        prefix_pages_ptr, prefix_start_ptr,
                        decode_base_ptr, prompt_ptr, block_rows_ptr,
                        plan_stride, block_rows_stride, num_columns, head0,
-                       pages_per_block, G_PAD: tl.constexpr,
+                       pages_per_block, scales_ptr, G_PAD: tl.constexpr,
                        BLOCK_D: tl.constexpr, BS: tl.constexpr,
                        SPLIT: tl.constexpr, FROM_PLAN: tl.constexpr,
-                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr):
+                       INTERPRET: tl.constexpr, NUM_STAGES: tl.constexpr,
+                       QUANT: tl.constexpr):
         seq = tl.program_id(0)  # row * num_kv_heads + KV head
         split = tl.program_id(1)
         row, kv_head = seq // num_kv_heads, seq % num_kv_heads
@@ -166,6 +208,9 @@ if triton is not None:
         q = tl.load(q_ptr + row.to(tl.int64) * q_row_stride +
                     (kv_head * group + g)[:, None] * q_head_stride + d[None, :],
                     mask=head_used[:, None] & dim_used[None, :], other=0.0)
+        if QUANT:  # fp8 pages (and fp8 queries): descale scores and output
+            q = q.to(out_ptr.dtype.element_ty)
+            scale = scale * _query_key_scale(q_ptr, scales_ptr)
         length = tl.load(lengths_ptr + seq)
         # each sequence's own pages in equal parts: a long (visual) head
         # spreads over all its splits, as a short one does
@@ -200,6 +245,8 @@ if triton is not None:
                     q, pages_ptr, _page_of(column, source, FROM_PLAN), column,
                     page_stride, offsets, t, dim_used, last, m, l, acc, scale,
                     dim, BS)
+        if QUANT:
+            acc = acc * tl.load(scales_ptr + 1)
         if SPLIT:  # partials [S, splits, group, BLOCK_D + 2]: acc | m | l
             width = BLOCK_D + 2
             base = part_ptr + ((seq.to(tl.int64) * tl.num_programs(1) + split)
@@ -279,7 +326,16 @@ if triton is not None:
                     (kv_head * group + g)[:, None] * q_head_stride +
                     d[None, :], mask=rows_used[:, None] & dim_used[None, :],
                     other=0.0)
+        if q_ptr.dtype.element_ty == tl.float8e4nv:  # exactly, to fp16
+            q = q.to(tl.float16)
         return q, w, rows_used
+
+    @triton.jit
+    def _window_scale(scale, q_ptr, scales_ptr, layer, QUANT: tl.constexpr):
+        """The logits' factor: ``scale``, times ``layer``'s fp8 descales."""
+        if QUANT:
+            scale = scale * _query_key_scale(q_ptr, scales_ptr + layer * 3)
+        return scale
 
     @triton.jit
     def _lse_block(q, at, start, length, m, l, scale, keys,
@@ -292,7 +348,7 @@ if triton is not None:
         used = n < length
         k = _prompt_keys(rows_ptr, row_stride, blocks, n, used, dim_used, d,
                          layer, kv_head, num_layers, num_kv_heads, BS)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale  # fp8 widens exactly
         s = tl.where(used[None, :] & (n[None, :] <= at[:, None]), s,
                      float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -308,15 +364,17 @@ if triton is not None:
                            q_head_stride, rows_ptr, row_stride, blocks_ptr,
                            blocks_stride, lengths_ptr, lse_ptr, prompts,
                            first_layer, num_layers, num_kv_heads, group, dim,
-                           scale, WINDOW: tl.constexpr, GW: tl.constexpr,
-                           BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                           scale, scales_ptr, WINDOW: tl.constexpr,
+                           GW: tl.constexpr, BLOCK_Q: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BS: tl.constexpr, QUANT: tl.constexpr,
                            INTERPRET: tl.constexpr):
         """Log-sum-exp of each window query's causal softmax over its
         prompt's keys: ``lse [items, Hkv, GW]`` (item = pass layer * b +
         prompt)."""
         seq, item, kv_head, prompt, layer, d, dim_used = _window_program(
             prompts, first_layer, num_kv_heads, dim, BLOCK_D)
+        scale = _window_scale(scale, q_ptr, scales_ptr, layer, QUANT)
         r = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q, w, rows_used = _window_queries(
             q_ptr, q_item_stride, q_token_stride, q_head_stride, item,
@@ -347,16 +405,18 @@ if triton is not None:
                              q_head_stride, rows_ptr, row_stride, blocks_ptr,
                              blocks_stride, lengths_ptr, lse_ptr, out_ptr,
                              scored_width, prompts, first_layer, num_layers,
-                             num_kv_heads, group, dim, scale,
+                             num_kv_heads, group, dim, scale, scales_ptr,
                              WINDOW: tl.constexpr, GW: tl.constexpr,
                              BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BS: tl.constexpr):
+                             BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                             QUANT: tl.constexpr):
         """Each scored key's probability averaged over the window queries:
         ``out [items, Hkv, scored_width]``, zero past the prompt's own
         ``length - W`` scored keys (every window query sees every scored
         key: no causal mask)."""
         seq, item, kv_head, prompt, layer, d, dim_used = _window_program(
             prompts, first_layer, num_kv_heads, dim, BLOCK_D)
+        scale = _window_scale(scale, q_ptr, scales_ptr, layer, QUANT)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         scored = tl.load(lengths_ptr + prompt) - WINDOW
         used = n < scored
@@ -372,7 +432,8 @@ if triton is not None:
                 kv_head, r, d, dim_used, group, WINDOW, GW)
             lse = tl.load(lse_ptr + seq.to(tl.int64) * GW + r,
                           mask=rows_used, other=float("inf"))
-            p = tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None])
+            p = tl.exp(tl.dot(q, tl.trans(k.to(q.dtype))) * scale -
+                       lse[:, None])
             total += tl.sum(tl.where(rows_used[:, None], p, 0.0), 0)
         tl.store(out_ptr + seq.to(tl.int64) * scored_width + n,
                  tl.where(used, total / GW, 0.0), mask=n < scored_width)
@@ -422,30 +483,44 @@ def _plan_args(cr, layer: int, state) -> tuple:
 
 
 def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
-             value: torch.Tensor, tokens: torch.Tensor | None) -> None:
+             value: torch.Tensor, tokens: torch.Tensor | None,
+             scales: torch.Tensor | None = None) -> None:
     """``rows[dst[t * Hkv + h]] = K|V of token tokens[t] (or t), head h``.
 
     ``key``/``value``: ``[T, Hkv, D]`` with unit stride in D (vLLM's views of
     the fused QKV output qualify); ``rows``: ``[R, 2D]``, each row K|V of one
     token of one head. ``tokens`` picks the tokens; None means the first
-    ``len(dst) / Hkv``.
+    ``len(dst) / Hkv``. For an fp8 ``rows``, ``scales`` (the layer's ``(k,
+    v, q)``, on the device) quantize as ``kv_ops.to_cache``.
     """
     heads, dim = key.shape[1], key.shape[2]
     if dst.numel() == 0:
         return
     assert key.stride(2) == 1 and value.stride(2) == 1 and rows.stride(1) == 1
+    quant = _quantized(rows, scales)
     _write_kv_kernel[(dst.numel(), )](
         rows, dst, tokens if tokens is not None else dst, key, value,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        rows.stride(0), heads, dim, HAS_TOKENS=tokens is not None,
-        BLOCK_D=triton.next_power_of_2(dim))
+        rows.stride(0), heads, dim, scales if quant else dst,
+        torch.finfo(rows.dtype).max if quant else 0.0,
+        HAS_TOKENS=tokens is not None, BLOCK_D=triton.next_power_of_2(dim),
+        QUANT=quant, INTERPRET=_INTERPRET)
+
+
+def _quantized(cache: torch.Tensor, scales: torch.Tensor | None) -> bool:
+    """Whether ``cache`` holds fp8 values, which ``scales`` then dequantize."""
+    fp8 = cache.dtype == FP8_KV_DTYPE
+    if fp8 and scales is None:
+        raise ValueError("an fp8 KV cache needs its layer's scales")
+    return fp8
 
 
 def paged_decode(query: torch.Tensor, pages: torch.Tensor,
                  table: torch.Tensor | None, lengths: torch.Tensor,
                  scale: float, out: torch.Tensor, num_splits: int = 1,
                  num_warps: int = 2, num_stages: int = 3,
-                 plan: tuple | None = None) -> torch.Tensor:
+                 plan: tuple | None = None,
+                 scales: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per (row, KV head) over that head's own pages: a
     split-K decode kernel that reads the packed pages in place, a page per
     loop iteration (``decode_kernel: "triton"``; its reference is
@@ -463,6 +538,8 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     ``num_warps`` and ``num_stages`` (page loads in flight, through
     cp.async) are there for ``benchmarks/attention_bench.py`` to tune; the
     defaults are its fastest on the GPUs measured (docs/benchmarks.md).
+    fp8 ``pages`` (and queries) are read with the layer's ``scales`` ``(k,
+    v, q)``, a device tensor, as FlashAttention's descales.
     """
     rows, query_heads, dim = query.shape
     sequences = lengths.numel()
@@ -470,6 +547,7 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
         return out
     kv_heads = sequences // rows
     group = query_heads // kv_heads
+    quant = _quantized(pages, scales)
     assert query.stride(2) == 1 and out.stride(2) == 1 and pages.stride(2) == 1
     assert lengths.is_contiguous()
     if table is None:  # from the plan, as _page_table_kernel reads it
@@ -493,8 +571,9 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
         query, query.stride(0), query.stride(1), pages, pages.stride(0),
         pages.stride(1), *table_args, lengths, out, out.stride(0),
         out.stride(1), partials, kv_heads, group, dim, scale, *plan_args,
-        G_PAD=g_pad, BLOCK_D=block_d, BS=pages.shape[1], SPLIT=split,
-        FROM_PLAN=table is None, INTERPRET=_INTERPRET, NUM_STAGES=num_stages,
+        scales if quant else lengths, G_PAD=g_pad, BLOCK_D=block_d,
+        BS=pages.shape[1], SPLIT=split, FROM_PLAN=table is None,
+        INTERPRET=_INTERPRET, NUM_STAGES=num_stages, QUANT=quant,
         num_warps=num_warps)
     if split:  # one build for any split count; no tl.dot, so no 16-row tile
         _decode_combine_kernel[(sequences, )](
@@ -507,7 +586,8 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
 def window_means(queries: torch.Tensor, rows: torch.Tensor,
                  blocks: torch.Tensor, lengths: torch.Tensor,
                  first_layer: int, num_layers: int, num_kv_heads: int,
-                 block_size: int, longest: int) -> torch.Tensor:
+                 block_size: int, longest: int,
+                 scales: torch.Tensor | None = None) -> torch.Tensor:
     """``selection.window_means`` of prompts whose keys are in the paged
     cache, read in place: no gathered keys, no ``[B, Hq, W, N]`` logits.
 
@@ -516,7 +596,9 @@ def window_means(queries: torch.Tensor, rows: torch.Tensor,
     rows K|V; ``blocks``: ``[b, columns]`` the prompts' block-table rows;
     ``lengths``: ``[b]``, each in ``(W, longest]``. Returns float32 ``[m * b,
     Hkv, longest - W]``. Two launches: each window query's log-sum-exp over
-    its prompt, then each scored key's mean probability.
+    its prompt, then each scored key's mean probability. An fp8 cache's keys
+    (and fp8 queries) are read with ``scales [L, 3]`` (each layer's ``(k, v,
+    q)``), as ``selection`` reads them dequantized.
     """
     items, window, query_heads, dim = queries.shape
     prompts = blocks.shape[0]
@@ -535,11 +617,12 @@ def window_means(queries: torch.Tensor, rows: torch.Tensor,
     block_n = 64
     common = (queries, queries.stride(0), queries.stride(1), queries.stride(2),
               rows, rows.stride(0), blocks, blocks.stride(0), lengths)
+    quant = _quantized(rows, scales)
     shape = (prompts, first_layer, num_layers, num_kv_heads, group, dim,
-             dim ** -0.5)
+             dim ** -0.5, scales if quant else lengths)
     sizes = dict(WINDOW=window, GW=grouped, BLOCK_Q=block_q,
                  BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
-                 BS=block_size)
+                 BS=block_size, QUANT=quant)
     seqs = items * num_kv_heads
     _window_lse_kernel[(seqs, triton.cdiv(grouped, block_q))](
         *common, lse, *shape, INTERPRET=_INTERPRET, **sizes)
