@@ -33,6 +33,7 @@ from vllm_sparsemm.engine.request_options import request_budget
 from vllm_sparsemm.core.selection import kept_positions
 from vllm_sparsemm.engine.step_rows import RowInfo, StepRows
 from vllm_sparsemm.engine.worker_state import WorkerKVState
+from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE, from_cache, to_cache
 
 LAYERS, HEADS, KV_HEADS, DIM, BS = 3, 4, 2, 8, 16
 BUDGET, WINDOW = 40, 8
@@ -66,7 +67,7 @@ class Engine:
     def __init__(self, num_blocks=400, debug_poison=True, seed=0, tp=1,
                  full_graphs=False, caching=False,
                  max_model_len=MAX_MODEL_LEN, budget=BUDGET, scores=None,
-                 width=None):
+                 width=None, kv_cache_dtype="auto"):
         register()
         gen = torch.Generator().manual_seed(seed)
         if scores is None:
@@ -76,8 +77,12 @@ class Engine:
         self.plan = BudgetPlan.build(settings, scores, KV_HEADS)
         # each tensor-parallel rank owns KV_HEADS / tp heads and their queries
         kv_heads, heads = KV_HEADS // tp, HEADS // tp
+        # ``kv_cache_dtype="fp8"``: vLLM allocates bytes, the attention
+        # layer quantizes queries, and each layer has its own scales
+        self.fp8 = kv_cache_dtype == "fp8"
+        cache_dtype = torch.uint8 if self.fp8 else torch.float32
         self.spec = SparseMMSpec(block_size=BS, num_kv_heads=kv_heads,
-                                 head_size=DIM, dtype=torch.float32,
+                                 head_size=DIM, dtype=cache_dtype,
                                  plan=self.plan, tp_size=tp)
         config = KVCacheConfig(
             num_blocks=num_blocks, kv_cache_tensors=[],
@@ -108,10 +113,12 @@ class Engine:
         self.book = self.spec.book()
         self.ranks = [types.SimpleNamespace(
             state=WorkerKVState(self.book, LAYERS, kv_heads, r, debug_poison,
-                                prompt_blocks_cached=caching),
-            cache=torch.zeros(num_blocks, LAYERS, kv_heads, BS, 2 * DIM),
+                                prompt_blocks_cached=caching,
+                                kv_fp8=self.fp8),
+            cache=torch.zeros(num_blocks, LAYERS, kv_heads, BS, 2 * DIM,
+                              dtype=cache_dtype),
             impl=backend.SparseMMImpl(heads, DIM, DIM**-0.5, kv_heads, None,
-                                      None, "auto"),
+                                      None, kv_cache_dtype),
             heads=slice(r * heads, (r + 1) * heads),
             kv_heads=slice(r * kv_heads, (r + 1) * kv_heads))
             for r in range(tp)]
@@ -120,9 +127,12 @@ class Engine:
         if full_graphs:  # as the builder sets it up (max_model_len, capacity)
             for rank in self.ranks:
                 rank.state.graph = GraphDecode(max_model_len, 64)
+        # scales unlike 1 and unlike each other, so that a missed or
+        # swapped one shows
         self.layers = [types.SimpleNamespace(
-            layer_name=f"model.layers.{l}.self_attn.attn", _k_scale=None,
-            _v_scale=None) for l in range(LAYERS)]
+            layer_name=f"model.layers.{l}.self_attn.attn",
+            _k_scale=torch.tensor(0.5 + l), _v_scale=torch.tensor(2.0 / (l + 1)),
+            _q_scale=torch.tensor(0.25 * (l + 1))) for l in range(LAYERS)]
         self.free_at_start = self.kv.block_pool.get_num_free_blocks()
         self.requests = {}
         self.gen = gen
@@ -261,6 +271,8 @@ class Engine:
                            qkv.split([q[0].numel(), k[0].numel(),
                                       v[0].numel()], dim=1))
                 out = torch.empty_like(q)
+                if self.fp8:  # as vLLM's Attention.forward hands them over
+                    q = to_cache(q, FP8_KV_DTYPE, layer._q_scale)
                 rank.impl.forward(layer, q, k, v, rank.cache[:, l],
                                   rank_metadata, out)
                 rank_out.append(out[:len(tokens)])
@@ -292,8 +304,11 @@ class Engine:
         """Dense SparseMM attention of one token, straight from the definition."""
         request = self.requests[rid]
         prompt = request.num_prompt_tokens
-        q = request.q[layer, position]  # [Hq, D]
-        keys, values = request.k[layer], request.v[layer]
+        q, keys, values = (self.as_cached(getattr(request, name)[layer],
+                                          layer, name)
+                           for name in ("q", "k", "v"))
+        q_window = q[prompt - WINDOW:prompt]
+        q = q[position]  # [Hq, D]
         end = request.compaction_end
         law = self.book.law(self.budget_of(rid))
         compressed = (law is not None and law.compresses(prompt)
@@ -302,8 +317,7 @@ class Engine:
         out = torch.empty(HEADS, DIM)
         if compressed:
             caps = law.caps[layer]
-            kept, counts = kept_positions(
-                request.q[layer, prompt - WINDOW:prompt], keys[:prompt], caps)
+            kept, counts = kept_positions(q_window, keys[:prompt], caps)
         for h in range(KV_HEADS):
             if compressed:
                 visible = torch.cat([kept[h, :counts[h]],
@@ -314,6 +328,14 @@ class Engine:
                 probs = torch.softmax(q[g] @ keys[visible, h].T * DIM**-0.5, -1)
                 out[g] = probs @ values[visible, h]
         return out
+
+    def as_cached(self, values, layer, name):
+        """``values`` as attention reads them: fp8-rounded with ``layer``'s
+        scale for an fp8 cache (queries too: vLLM quantizes them)."""
+        if not self.fp8:
+            return values
+        scale = getattr(self.layers[layer], f"_{name}_scale")
+        return from_cache(to_cache(values, FP8_KV_DTYPE, scale), scale)
 
     def check(self, tokens, outputs):
         """Every token's output against the dense definition. Both sides run

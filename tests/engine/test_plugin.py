@@ -85,11 +85,29 @@ def test_unsupported_features_are_refused_with_what_to_change():
     register()
     config = _engine_config(pipeline_parallel_size=2)
     config.speculative_config = object()
-    config.cache_config.cache_dtype = "fp8"
+    config.cache_config.cache_dtype = "fp8_e5m2"
     with pytest.raises(ValueError, match=r"speculative decoding \(drop "
                        r"--speculative-config\); pipeline parallelism \(use "
-                       r"--pipeline-parallel-size 1\); --kv-cache-dtype fp8"):
+                       r"--pipeline-parallel-size 1\); --kv-cache-dtype "
+                       r"fp8_e5m2 \(use auto or fp8\)"):
         patches._prepare_engine_config(config)
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "fp8_e4m3"])
+def test_fp8_kv_cache_is_served_with_static_scales(dtype):
+    """fp8 (e4m3) KV is served; scales computed on the fly are refused,
+    saying what to change; other quantized dtypes name the ones served."""
+    config = _engine_config()
+    config.cache_config.cache_dtype = dtype
+    assert patches.unsupported_features(config) == []
+    config.cache_config.calculate_kv_scales = True
+    assert patches.unsupported_features(config) == [
+        "--calculate-kv-scales (fp8 scales must be static: take them from "
+        "the checkpoint, or drop the flag)"]
+    for other in ("fp8_e5m2", "fp8_inc", "nvfp4", "turboquant_k8v4"):
+        config.cache_config.cache_dtype = other
+        assert patches.unsupported_features(config) == [
+            f"--kv-cache-dtype {other} (use auto or fp8)"]
 
 
 @pytest.mark.parametrize("parallel, words", [

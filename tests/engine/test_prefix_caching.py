@@ -39,10 +39,10 @@ def _run(eng, rid, tokens, decode, chunk=512, check=True, room=0):
     return hits
 
 
-def _conversation(caching, record=False):
+def _conversation(caching, record=False, **engine_options):
     """Three requests sharing an image, a repeat of the first, and a second
     turn that sends the first turn's prompt plus an answer and a question."""
-    eng = Engine(caching=caching, num_blocks=200)
+    eng = Engine(caching=caching, num_blocks=200, **engine_options)
     if record:
         eng.state.recorded = {}
     hits = {}

@@ -112,7 +112,8 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
         self.state = WorkerKVState(
             kv_cache_spec.book(), len(layer_names), kv_cache_spec.num_kv_heads,
             get_tensor_model_parallel_rank(), settings.debug_poison,
-            vllm_config.cache_config.enable_prefix_caching)
+            vllm_config.cache_config.enable_prefix_caching,
+            kv_fp8=is_fp8(vllm_config.cache_config.cache_dtype))
         if triton_ops.runs_on(device):
             model = vllm_config.model_config
             heads = kv_cache_spec.num_kv_heads
@@ -305,6 +306,7 @@ class SparseMMImpl(FlashAttentionImpl):
         if checked is None or checked[0] != kv_cache.data_ptr():
             index = extract_layer_index(layer.layer_name)
             _check_layer_slot(kv_cache, state, index)
+            state.adopt_scales(index, layer)
             self._sparsemm_slot = checked = (kv_cache.data_ptr(), index)
         return checked[1]
 
@@ -344,6 +346,8 @@ class SparseMMImpl(FlashAttentionImpl):
             triton_ops.paged_decode(
                 query[:rows], state.pages, table, lengths, self.scale,
                 output[:rows], plan=(cr, index, state) if from_plan else None,
+                scales=None if state.kv_scales is None else
+                state.kv_scales[index],
                 num_splits=triton_decode_splits(rows * state.num_kv_heads,
                                                 sm_count(query.device)))
             return
@@ -355,23 +359,28 @@ class SparseMMImpl(FlashAttentionImpl):
         if cr.leading:  # decode rows first: (row, head) sequences are views
             rows = len(cr.rows)
             self._attend_per_kv_head(
-                state, query[:rows], None, None, cr.virtual_starts, table,
-                lengths, 1, cr.max_length, output[:rows])
+                state, index, query[:rows], None, None, cr.virtual_starts,
+                table, lengths, 1, cr.max_length, output[:rows])
             return
         output[cr.tokens] = self._attend_per_kv_head(
-            state, query[cr.tokens], cr.virtual_token, cr.virtual_head,
-            cr.virtual_starts, table, lengths, cr.max_query_len,
-            cr.max_length)
+            state, index, query[cr.tokens], cr.virtual_token,
+            cr.virtual_head, cr.virtual_starts, table, lengths,
+            cr.max_query_len, cr.max_length, dtype=output.dtype)
 
-    def _attend_per_kv_head(self, state, query, token, head, starts, table,
-                            lengths, max_query_len, max_length, out=None):
+    def _attend_per_kv_head(self, state, layer, query, token, head, starts,
+                            table, lengths, max_query_len, max_length,
+                            out=None, dtype=None):
         """Attention of ``query [T, Hq, D]`` as one single-head paged sequence
-        per (row, KV head): FlashAttention on GPU, the reference on CPU.
+        per (row, KV head) of ``layer``: FlashAttention on GPU, the reference
+        on CPU.
 
         ``token``/``head`` list each sequence's query entries in (row, head,
         token) order; None when every row has one token, so the sequences
-        are a view of ``query`` and the result is written into ``out``.
+        are a view of ``query`` and the result is written into ``out``;
+        otherwise the result is returned in ``dtype`` (the model's: an fp8
+        cache's queries come quantized).
         """
+        dtype = out.dtype if out is not None else dtype
         dim, group = self.head_size, self.num_queries_per_kv
         q = query.view(len(query), -1, group, dim)
         # vLLM's query is a strided view of the fused QKV output: copy it
@@ -380,10 +389,14 @@ class SparseMMImpl(FlashAttentionImpl):
         if token is None and out.is_contiguous():
             out_virtual = out.view(q_virtual.shape)
         else:
-            out_virtual = torch.empty_like(q_virtual)
+            out_virtual = torch.empty_like(q_virtual, dtype=dtype)
+        scales = state.scales(layer)
         if query.is_cuda:
             flash_attn_varlen_func, _, _ = _fa_ops()
             keys, values = _single_head_pages(state, dim)
+            descales = {} if scales is None else {
+                f"{name}_descale": scale.expand(len(starts) - 1, 1)
+                for name, scale in zip("kvq", scales)}
             flash_attn_varlen_func(
                 q=q_virtual, k=keys, v=values,
                 out=out_virtual, cu_seqlens_q=starts,
@@ -392,16 +405,18 @@ class SparseMMImpl(FlashAttentionImpl):
                 causal=True, block_table=table,
                 fa_version=self.vllm_flash_attn_version,
                 num_splits=num_splits(len(starts) - 1,
-                                      sm_count(query.device)))
+                                      sm_count(query.device)), **descales)
         else:
             out_virtual.copy_(paged_attention_reference(
                 q_virtual, state.pages[..., :dim], state.pages[..., dim:],
-                table, lengths, starts, self.scale))
+                table, lengths, starts, self.scale,
+                scales=None if scales is None else
+                (scales[2], scales[0], scales[1]), out_dtype=dtype))
         if token is None:
             if out_virtual.data_ptr() != out.data_ptr():
                 out.copy_(out_virtual.view(out.shape))
             return out
-        result = torch.empty_like(q)
+        result = torch.empty_like(q, dtype=dtype)
         result[token, head] = out_virtual
         return result.view(query.shape)
 
@@ -491,6 +506,11 @@ def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:
     return base[:pages * block_size * width].view(pages, block_size, width)
 
 
+def is_fp8(cache_dtype) -> bool:
+    """Whether vLLM's ``--kv-cache-dtype`` stores fp8 (e4m3) values."""
+    return str(cache_dtype) in ("fp8", "fp8_e4m3")
+
+
 def _check_layer_slot(kv_cache, state: WorkerKVState, index: int) -> None:
     offset = kv_cache.data_ptr() - state.pages.data_ptr()
     slot = offset // (kv_cache.stride(1) * kv_cache.shape[1] *
@@ -514,8 +534,8 @@ def _standard_attention_reference(impl, layer, query, metadata, output):
         starts.diff().numpy(), heads))
     total = int(starts[-1])
     output[:total] = impl._attend_per_kv_head(
-        state, query[:total], token, head, virtual_starts,
+        state, index, query[:total], token, head, virtual_starts,
         table.reshape(num_rows * heads, -1).to(torch.int32),
         metadata.seq_lens[:num_rows].repeat_interleave(heads).to(torch.int32),
-        metadata.max_query_len, metadata.max_seq_len)
+        metadata.max_query_len, metadata.max_seq_len, dtype=output.dtype)
     return output

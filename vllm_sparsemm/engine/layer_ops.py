@@ -22,7 +22,8 @@ from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
                                             SelectionBatch, StepPlan)
 from vllm_sparsemm.engine.worker_state import WorkerKVState
 from vllm_sparsemm.kernels import triton_ops
-from vllm_sparsemm.kernels.kv_ops import copy_rows, write_rows
+from vllm_sparsemm.kernels.kv_ops import (FP8_KV_DTYPE, copy_rows,
+                                          from_cache, write_rows)
 
 logger = init_logger("vllm.sparsemm.layers")
 
@@ -115,13 +116,16 @@ def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
     (one Triton launch on the GPU; the reference below on the CPU)."""
     if triton_ops.runs_on(key):
         triton_ops.write_kv(state.rows, cr.write_rows[layer], key, value,
-                            None if cr.leading else cr.tokens)
+                            None if cr.leading else cr.tokens,
+                            None if state.kv_scales is None else
+                            state.kv_scales[layer])
         return
     if cr.leading:
         kv = torch.cat([key[:len(cr.rows)], value[:len(cr.rows)]], dim=-1)
     else:
         kv = torch.cat([key[cr.tokens], value[cr.tokens]], dim=-1)
-    write_rows(state.rows, cr.write_rows[layer], kv.flatten(0, 1))
+    write_rows(state.rows, cr.write_rows[layer], kv.flatten(0, 1),
+               state.scales(layer))
 
 
 def write_standard_reference(state: WorkerKVState, layer: int,
@@ -136,7 +140,8 @@ def write_standard_reference(state: WorkerKVState, layer: int,
     rows = page * state.block_size + offset[:, None]
     kv = torch.cat([key[:slots.shape[0]][valid], value[:slots.shape[0]][valid]],
                    dim=-1)
-    write_rows(state.rows, rows.flatten(), kv.flatten(0, 1))
+    write_rows(state.rows, rows.flatten(), kv.flatten(0, 1),
+               state.scales(layer))
 
 
 def collect_window_queries(plan: StepPlan, layer: int,
@@ -228,15 +233,18 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
     blocks = block_table[batch.index]  # [b, columns]
     keys = None
 
+    layers_at = torch.arange(first, last, device=blocks.device)
+
     def gathered_keys():  # [m, b, N, Hkv, D]
-        return _key_rows(state, blocks.long(),
-                         torch.arange(first, last, device=blocks.device),
-                         batch.key_positions)
+        return dequantized(state, _key_rows(state, blocks.long(), layers_at,
+                                            batch.key_positions),
+                           layers_at, KEY)
 
     if triton_ops.runs_on(queries):  # keys read in place
         scores = _scores_in_place(state, queries.flatten(0, 1), blocks,
                                   batch.lengths, first, batch.longest)
     else:
+        queries = dequantized(state, queries, layers_at, QUERY)
         keys = gathered_keys()
         scores = window_scores(queries.flatten(0, 1), keys.flatten(0, 1),
                                state.law.plan.pool_kernel,
@@ -266,8 +274,23 @@ def _scores_in_place(state: WorkerKVState, queries, blocks, lengths,
     read there (``triton_ops.window_means``), then pooled."""
     return pool_scores(triton_ops.window_means(
         queries, state.rows, blocks, lengths, first_layer, state.num_layers,
-        state.num_kv_heads, state.block_size, longest),
+        state.num_kv_heads, state.block_size, longest, state.kv_scales),
         state.law.plan.pool_kernel)
+
+
+KEY, VALUE, QUERY = 0, 1, 2  # columns of ``WorkerKVState.kv_scales``
+
+
+def dequantized(state: WorkerKVState, values: torch.Tensor, layers,
+                column: int) -> torch.Tensor:
+    """float32 ``values`` of an fp8 cache (keys, or the queries vLLM
+    quantizes for it) of ``layers`` (an int, or a tensor indexing the
+    leading dimension); ``values`` as they are otherwise."""
+    if state.kv_scales is None or values.dtype != FP8_KV_DTYPE:
+        return values
+    scale = state.kv_scales[layers, column]
+    return from_cache(values, scale.view(scale.shape + (1, ) * (
+        values.ndim - scale.ndim)))
 
 
 def _check_and_record_batch(plan, batch, first, last, counts, queries, keys,
@@ -300,8 +323,9 @@ def _select_long(plan: StepPlan, group, layer: int,
         queries = req.windows.pop(layer).ready().queries[None]
 
         def keys(first, last, j=j):  # [1, last - first, Hkv, D]
-            return _key_rows(state, blocks[j:j + 1], layer,
-                             torch.arange(first, last, device=device))
+            return dequantized(state, _key_rows(
+                state, blocks[j:j + 1], layer,
+                torch.arange(first, last, device=device)), layer, KEY)
 
         if in_place:  # no scratch beyond the scores, whatever the length
             scores = _scores_in_place(
@@ -309,6 +333,7 @@ def _select_long(plan: StepPlan, group, layer: int,
                 torch.full((1, ), group.prompt_len, device=device), layer,
                 group.prompt_len)
         else:
+            queries = dequantized(state, queries, layer, QUERY)
             scores = streamed_window_scores(
                 queries, keys, group.prompt_len, state.law.plan.pool_kernel,
                 SELECTION_TOKENS)

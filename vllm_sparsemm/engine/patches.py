@@ -98,11 +98,11 @@ def _prepare_engine_config(vllm_config) -> None:
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
         "block_size=%s admission_reserve=%d admission_pacing=%s "
         "full_cuda_graphs=%s decode_kernel=%s debug_poison=%s "
-        "prefix_caching=%s head_scores=%s", settings.budget, settings.window,
-        settings.ratio, settings.pool_kernel, cache.block_size,
-        settings.admission_reserve, settings.admission_pacing,
-        settings.full_cuda_graphs, settings.decode_kernel,
-        settings.debug_poison,
+        "kv_cache_dtype=%s prefix_caching=%s head_scores=%s",
+        settings.budget, settings.window, settings.ratio,
+        settings.pool_kernel, cache.block_size, settings.admission_reserve,
+        settings.admission_pacing, settings.full_cuda_graphs,
+        settings.decode_kernel, settings.debug_poison, cache.cache_dtype,
         "on" if cache.enable_prefix_caching else "off", source)
 
 
@@ -126,8 +126,7 @@ def unsupported_features(vllm_config) -> list[str]:
     if parallel.use_ubatching:
         found.append("dual-batch overlap / micro-batching (drop --enable-dbo "
                      "and --ubatch-size)")
-    if str(cache.cache_dtype) not in ("auto", "float16", "bfloat16"):
-        found.append(f"--kv-cache-dtype {cache.cache_dtype} (use auto)")
+    found += _kv_cache_dtype_problems(cache)
     model = vllm_config.model_config
     tp = parallel.tensor_parallel_size
     if model is not None and tp > 1:
@@ -136,6 +135,30 @@ def unsupported_features(vllm_config) -> list[str]:
             found.append(f"tensor parallelism {tp} over {kv_heads} KV heads "
                          f"(vLLM would replicate heads; use a "
                          f"--tensor-parallel-size that divides {kv_heads})")
+    return found
+
+
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
+
+
+def _kv_cache_dtype_problems(cache) -> list[str]:
+    """KV dtypes sparsemm serves: the model's, and fp8 (e4m3) with static
+    per-layer scales, on FlashAttention 3 (Hopper) as stock vLLM serves it."""
+    dtype = str(cache.cache_dtype)
+    if dtype not in KV_CACHE_DTYPES:
+        return [f"--kv-cache-dtype {dtype} (use auto or fp8)"]
+    if not dtype.startswith("fp8"):
+        return []
+    found = []
+    if getattr(cache, "calculate_kv_scales", False):
+        found.append("--calculate-kv-scales (fp8 scales must be static: "
+                     "take them from the checkpoint, or drop the flag)")
+    from vllm.platforms import current_platform
+    if current_platform.is_cuda():
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+        if not FlashAttentionBackend.supports_kv_cache_dtype(dtype):
+            found.append(f"--kv-cache-dtype {dtype} on this GPU (fp8 KV "
+                         f"needs FlashAttention 3 on a Hopper GPU; use auto)")
     return found
 
 

@@ -15,6 +15,7 @@ from vllm_sparsemm.core.block_law import BlockLaw, LawBook
 from vllm_sparsemm.core.pages import CompactionMoves, PagePlan, PageSpace
 from vllm_sparsemm.core.selection import WindowQueryBuffer
 from vllm_sparsemm.engine.step_rows import RowInfo, StepRows
+from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE
 
 
 class CompactionTimer:
@@ -103,7 +104,7 @@ class WorkerKVState:
 
     def __init__(self, book: LawBook, num_layers: int, num_kv_heads: int,
                  rank: int, debug_poison: bool = False,
-                 prompt_blocks_cached: bool = False):
+                 prompt_blocks_cached: bool = False, kv_fp8: bool = False):
         self.book = book
         self.law = book.default  # the server's default budget's
         self.rank = rank
@@ -121,6 +122,10 @@ class WorkerKVState:
         # live requests this worker has seen that are not compressed
         self.uncompressed: set[str] = set()
         self.pages: torch.Tensor | None = None  # [NB * L * Hkv, bs, 2D]
+        # ``--kv-cache-dtype fp8``: pages hold e4m3 values, and each layer's
+        # (k, v, q) scales, ``kv_scales [L, 3]`` float32, dequantize them
+        self.kv_fp8 = kv_fp8
+        self.kv_scales: torch.Tensor | None = None
         self.attention_views: tuple | None = None
         # tests set a dict here to record each layer's selection inputs/outputs
         self.recorded: dict | None = None
@@ -141,13 +146,33 @@ class WorkerKVState:
         return self.law.block_size
 
     def bind_cache(self, pages: torch.Tensor) -> None:
-        """Adopt the single KV buffer, viewed as pages ``[NB * L * Hkv, bs, 2D]``."""
-        self.pages = pages
+        """Adopt the single KV buffer, viewed as pages ``[NB * L * Hkv, bs, 2D]``
+        (of fp8 values for an fp8 cache, which vLLM allocates as bytes)."""
+        self.pages = pages.view(FP8_KV_DTYPE) if self.kv_fp8 else pages
+        if self.kv_fp8:
+            self.kv_scales = torch.ones(self.num_layers, 3,
+                                        dtype=torch.float32,
+                                        device=pages.device)
         self.attention_views = None  # the backend's views of ``pages``
         self.space = PageSpace(self.num_layers,
                                pages.shape[0] // (self.num_layers *
                                                   self.num_kv_heads),
                                self.num_kv_heads, self.block_size)
+
+    def adopt_scales(self, layer: int, attention_layer) -> None:
+        """Copy ``layer``'s fp8 scales (vLLM's ``_k_scale``, ``_v_scale``,
+        ``_q_scale``, set when weights load) where the kernels read them."""
+        if self.kv_scales is not None:
+            for column, name in enumerate(("_k_scale", "_v_scale",
+                                           "_q_scale")):
+                self.kv_scales[layer, column].copy_(
+                    getattr(attention_layer, name).reshape(()))
+
+    def scales(self, layer: int) -> tuple | None:
+        """``layer``'s ``(k, v, q)`` scales as 0-d tensors; None unless fp8."""
+        if self.kv_scales is None:
+            return None
+        return tuple(self.kv_scales[layer])
 
     @property
     def rows(self) -> torch.Tensor:
