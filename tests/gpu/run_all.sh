@@ -33,6 +33,10 @@ declare -A tests=(
   [video_no_eviction]="$engine -k test_video_prompts_without_eviction"
   [video_chunked]="$engine -k test_video_and_image_prompt"
   [oracle_llava-next-mistral]="$engine -k oracle[llava-next-mistral-96]"
+  [fp8_no_eviction]="$engine -k test_fp8_cache_without_eviction"
+  [fp8_decode]="$engine -k test_fp8_decode_kernels_agree"
+  [oracle_llava-fp8]="$engine -k oracle[llava-fp8-96]"
+  [oracle_qwen2-vl-fp8]="$engine -k oracle[qwen2-vl-fp8-48]"
   [caching_llava]="$engine -k prefix_caching_changes_no_token[llava]"
   [caching_qwen2-vl]="$engine -k prefix_caching_changes_no_token[qwen2-vl]"
   [caching_stock]="$engine -k prefix_caching_without_eviction"
@@ -48,7 +52,8 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        no_eviction_llava-next-mistral no_eviction_llava-onevision
        oracle_llava oracle_llava-next oracle_qwen2-vl oracle_qwen2.5-vl
        oracle_qwen3-vl oracle_llava-next-mistral oracle_llava-onevision
-       oracle_qwen2-vl-video video_no_eviction video_chunked caching_llava
+       oracle_qwen2-vl-video video_no_eviction video_chunked fp8_no_eviction
+       fp8_decode oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock chunked leaks triton examples compile
        serve)
 alone=" examples compile serve "

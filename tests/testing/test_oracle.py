@@ -178,3 +178,34 @@ def test_eos_stops_generation():
                                          ).generate(inputs, 6,
                                                     eos_token_id=first.tokens[2])
     assert stopped.tokens == first.tokens[:3]
+
+
+@pytest.mark.parametrize("name", ["llava-gqa", "qwen2-vl"])
+def test_fp8_rounding_oracle_is_full_cache_generation_on_rounded_qkv(name):
+    """``kv_dtype``: with nothing evicted, the oracle equals transformers'
+    own generation whose attention reads fp8-rounded queries, keys and
+    values (vLLM's fp8 cache at unit scales), and differs from the
+    unrounded run, so the rounding is applied."""
+    model, inputs, scores = _setup(name)
+    fp8 = torch.float8_e4m3fn
+
+    def rounded(module, query, key, value, attention_mask, scaling=None,
+                **kwargs):
+        query, key, value = (t.to(fp8).to(t.dtype) for t in (query, key,
+                                                              value))
+        return _causal_eager(module, query, key, value, scaling)
+
+    AttentionInterface.register("fp8_rounded", rounded)
+    model.set_attn_implementation({"text_config": "fp8_rounded"})
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    logits = torch.stack(out.logits)[:, 0].float()
+    prompt_len = inputs["input_ids"].shape[1]
+    oracle = SparseMMOracle.from_scores(model, scores, budget=prompt_len)
+    oracle.kv_dtype = fp8
+    result = oracle.generate(inputs, 8)
+    assert result.tokens == out.sequences[0, prompt_len:].tolist()
+    torch.testing.assert_close(result.logits, logits, rtol=0, atol=1e-5)
+    plain = SparseMMOracle.from_scores(model, scores, budget=prompt_len)
+    assert (plain.generate(inputs, 8).logits - logits).abs().max() > 1e-3

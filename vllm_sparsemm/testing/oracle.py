@@ -71,8 +71,9 @@ class _OracleCache:
     """Ragged per-(layer, KV head) key/value lists of one request."""
 
     def __init__(self, caps: torch.Tensor, budget: int, window: int,
-                 pool_kernel: int):
+                 pool_kernel: int, kv_dtype: torch.dtype | None = None):
         self.caps, self.budget = caps, budget
+        self.kv_dtype = kv_dtype
         self.window, self.pool_kernel = window, pool_kernel
         self.keys: dict[int, list[torch.Tensor]] = {}
         self.values: dict[int, list[torch.Tensor]] = {}
@@ -80,6 +81,9 @@ class _OracleCache:
 
     def attend(self, module, query, key, value, scaling):
         layer = module.layer_idx
+        if self.kv_dtype is not None:  # what an fp8 KV cache (scale 1) reads
+            query, key, value = (t.to(self.kv_dtype).to(t.dtype)
+                                 for t in (query, key, value))
         if layer not in self.keys:
             return self._prefill(layer, module, query, key, value, scaling)
         return self._decode(layer, query, key, value, scaling)
@@ -130,12 +134,17 @@ class SparseMMOracle:
     """SparseMM generation for one request on a transformers LLaVA / Qwen2-VL model."""
 
     def __init__(self, model, caps: torch.Tensor, budget: int,
-                 window: int = 32, pool_kernel: int = 5):
+                 window: int = 32, pool_kernel: int = 5,
+                 kv_dtype: torch.dtype | None = None):
+        """``kv_dtype`` (e.g. ``torch.float8_e4m3fn``) rounds the text
+        stack's queries, keys and values to it, as vLLM's fp8 KV cache with
+        unit scales does (it quantizes queries for FlashAttention too)."""
         _register_attention()
         model.set_attn_implementation({"text_config": ATTN_NAME})
         self.model = model
         self.caps, self.budget = caps, budget
         self.window, self.pool_kernel = window, pool_kernel
+        self.kv_dtype = kv_dtype
 
     @classmethod
     def from_scores(cls, model, scores: torch.Tensor, budget: int,
@@ -150,7 +159,7 @@ class SparseMMOracle:
     def _cache(self):
         global _active
         _active = _OracleCache(self.caps, self.budget, self.window,
-                               self.pool_kernel)
+                               self.pool_kernel, self.kv_dtype)
         try:
             yield _active
         finally:
