@@ -311,7 +311,8 @@ def test_eviction_matches_the_oracle(models, kind, budget):
     (req_id, layers), = recorded.items()
     swapped = sum(_same_selection(queries, keys, law.caps[layer], positions,
                                   counts, law.plan.pool_kernel)
-                  for queries, keys, positions, counts in layers.values())
+                  for layer, (queries, keys, positions, counts)
+                  in layers.items())
 
     processor = AutoProcessor.from_pretrained(models[kind])
     media = prompt["multi_modal_data"]
