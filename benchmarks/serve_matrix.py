@@ -62,7 +62,8 @@ MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
           "qwen2-vl-7b": "write_dummy_qwen2_vl_7b",
           "qwen2.5-vl-7b": "write_dummy_qwen2_5_vl_7b",
           "qwen3-vl-8b": "write_dummy_qwen3_vl_8b",
-          "llava-onevision-7b": "write_dummy_llava_onevision_7b"}
+          "llava-onevision-7b": "write_dummy_llava_onevision_7b",
+          "internvl3-8b": "write_dummy_internvl3_8b"}
 # score file for LLaVA models (Vicuna-7B heads), as benchmarks/benchmark.py uses
 LLAVA_SCORES = "llava-v1.6-vicuna-7b"
 FINISHED_OK = ("stop", "length")
@@ -206,8 +207,8 @@ def model_folder(name_or_path: str, work_dir: Path) -> tuple[str, Path]:
 def sparsemm_defaults(model_dir: Path) -> dict:
     """LLaVA-1.5 and LLaVA-NeXT models get the shipped Vicuna-7B scores
     (LLaVA-1.5 and LLaVA-NeXT-Mistral have no file of their own, and
-    sparsemm refuses to guess; their 32 x 32 query heads fit it); Qwen VL
-    and LLaVA-OneVision (Qwen2) models, which have no file, uniform
+    sparsemm refuses to guess; their 32 x 32 query heads fit it); Qwen VL,
+    LLaVA-OneVision and InternVL (Qwen2) models, which have no file, uniform
     budgets."""
     try:
         config = json.loads((model_dir / "config.json").read_text())
@@ -216,7 +217,7 @@ def sparsemm_defaults(model_dir: Path) -> dict:
     if config.get("model_type") in ("llava", "llava_next"):
         return {"head_scores": LLAVA_SCORES}
     if config.get("model_type") in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                    "llava_onevision"):
+                                    "llava_onevision", "internvl"):
         return {"head_scores": "uniform"}
     return {}
 

@@ -782,7 +782,8 @@ def test_main_runs_every_server_and_merges(tmp_path, fake_vllm, capsys):
     ("llava-1.5-7b", "llava-v1.6-vicuna-7b"),
     ("llava-next-mistral-7b", "llava-v1.6-vicuna-7b"),
     ("qwen2-vl-7b", "uniform"), ("qwen2.5-vl-7b", "uniform"),
-    ("qwen3-vl-8b", "uniform"), ("llava-onevision-7b", "uniform")])
+    ("qwen3-vl-8b", "uniform"), ("llava-onevision-7b", "uniform"),
+    ("internvl3-8b", "uniform")])
 def test_each_named_model_is_written_with_scores_that_fit(tmp_path, name,
                                                           scores):
     """A named model's folder is written locally and gets score settings

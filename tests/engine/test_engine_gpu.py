@@ -27,7 +27,8 @@ TINY = dict(num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from vllm_sparsemm.testing.checkpoints import (save_tiny_llava,
+    from vllm_sparsemm.testing.checkpoints import (save_tiny_internvl,
+                                                   save_tiny_llava,
                                                    save_tiny_llava_next,
                                                    save_tiny_llava_onevision,
                                                    save_tiny_qwen2_vl)
@@ -58,6 +59,8 @@ def models(tmp_path_factory):
         "llava-next-mistral": str(save_tiny_llava_next(
             root / "llava-next-mistral", seed=1, text_model="mistral",
             **dict(TINY, num_kv_heads=2))),
+        "internvl": str(save_tiny_internvl(root / "internvl", seed=1,
+                                           **dict(TINY, num_kv_heads=2))),
     }
 
 
@@ -95,6 +98,10 @@ def _prompts(kind, n, seed=0, text_len=40, video=False):
             media = ("<image>" if with_image else "") + (
                 "<video>" if with_video else "")
             prompt = f"USER: {media}\n{text} ASSISTANT:"
+        elif kind == "internvl":
+            media = "<IMG_CONTEXT>\n" if with_image else ""
+            prompt = (f"<|im_start|>user\n{media}{text}<|im_end|>\n"
+                      f"<|im_start|>assistant\n")
         else:
             media = ("<|vision_start|><|image_pad|><|vision_end|>"
                      if with_image else "") + (
@@ -244,7 +251,8 @@ def _worker_state(llm):
 
 @pytest.mark.parametrize("kind", ["llava", "llava-next", "qwen2-vl",
                                   "qwen2.5-vl", "qwen3-vl",
-                                  "llava-next-mistral", "llava-onevision"])
+                                  "llava-next-mistral", "llava-onevision",
+                                  "internvl"])
 def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     spec = dict(kind=kind, n=8)
     want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec))
@@ -320,6 +328,7 @@ def test_video_and_image_prompt_same_alone_and_in_chunks(models):
                                           ("qwen3-vl", 48),
                                           ("llava-next-mistral", 96),
                                           ("llava-onevision", 96),
+                                          ("internvl", 96),
                                           ("qwen2-vl-video", 48),
                                           ("llava-fp8", 96),
                                           ("qwen2-vl-fp8", 48)])
@@ -352,7 +361,8 @@ def test_eviction_matches_the_oracle(models, kind, budget):
     (req_id, layers), = recorded.items()
     swapped = sum(_same_selection(queries, keys, law.caps[layer], positions,
                                   counts, law.plan.pool_kernel)
-                  for queries, keys, positions, counts in layers.values())
+                  for layer, (queries, keys, positions, counts)
+                  in layers.items())
 
     processor = AutoProcessor.from_pretrained(models[kind])
     media = prompt["multi_modal_data"]
@@ -372,6 +382,8 @@ def test_eviction_matches_the_oracle(models, kind, budget):
                  seed=1, **dict(TINY, num_kv_heads=2)),
              "llava-next-mistral": lambda: tiny.tiny_llava_next(
                  seed=1, text_model="mistral", **dict(TINY, num_kv_heads=2)),
+             "internvl": lambda: tiny.tiny_internvl(
+                 seed=1, **dict(TINY, num_kv_heads=2)),
              }[kind]()
     oracle = SparseMMOracle(model, law.caps, budget["budget"],
                             budget["window"],

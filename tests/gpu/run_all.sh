@@ -23,12 +23,14 @@ declare -A tests=(
   [no_eviction_qwen3-vl]="$engine -k no_eviction_is_token_identical_to_flash_attn[qwen3-vl]"
   [no_eviction_llava-onevision]="$engine -k no_eviction_is_token_identical_to_flash_attn[llava-onevision]"
   [no_eviction_llava-next-mistral]="$engine -k no_eviction_is_token_identical_to_flash_attn[llava-next-mistral]"
+  [no_eviction_internvl]="$engine -k no_eviction_is_token_identical_to_flash_attn[internvl]"
   [oracle_llava]="$engine -k oracle[llava-96]"
   [oracle_llava-next]="$engine -k oracle[llava-next-96]"
   [oracle_qwen2-vl]="$engine -k oracle[qwen2-vl-48]"
   [oracle_qwen2.5-vl]="$engine -k oracle[qwen2.5-vl-48]"
   [oracle_qwen3-vl]="$engine -k oracle[qwen3-vl-48]"
   [oracle_llava-onevision]="$engine -k oracle[llava-onevision-96]"
+  [oracle_internvl]="$engine -k oracle[internvl-96]"
   [oracle_qwen2-vl-video]="$engine -k oracle[qwen2-vl-video-48]"
   [video_no_eviction]="$engine -k test_video_prompts_without_eviction"
   [video_chunked]="$engine -k test_video_and_image_prompt"
@@ -50,10 +52,11 @@ declare -A tests=(
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        no_eviction_qwen2.5-vl no_eviction_qwen3-vl
        no_eviction_llava-next-mistral no_eviction_llava-onevision
-       oracle_llava oracle_llava-next oracle_qwen2-vl oracle_qwen2.5-vl
-       oracle_qwen3-vl oracle_llava-next-mistral oracle_llava-onevision
-       oracle_qwen2-vl-video video_no_eviction video_chunked fp8_no_eviction
-       fp8_decode oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
+       no_eviction_internvl oracle_llava oracle_llava-next oracle_qwen2-vl
+       oracle_qwen2.5-vl oracle_qwen3-vl oracle_llava-next-mistral
+       oracle_llava-onevision oracle_internvl oracle_qwen2-vl-video
+       video_no_eviction video_chunked fp8_no_eviction fp8_decode
+       oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock chunked leaks triton examples compile
        serve)
 alone=" examples compile serve "

@@ -26,6 +26,8 @@ FOLDERS = {
                                 8, False),
     "write_dummy_llava_onevision_7b": (
         "LlavaOnevisionForConditionalGeneration", 28, 28, 4, False),
+    "write_dummy_internvl3_8b": ("InternVLForConditionalGeneration", 28, 28,
+                                 4, False),
 }
 
 
@@ -55,7 +57,8 @@ def test_vllm_reads_each_folder_as_the_real_model(tmp_path, writer):
 
 
 @pytest.mark.parametrize("family", ["llava-next-mistral", "qwen2.5-vl",
-                                    "qwen3-vl", "llava-onevision"])
+                                    "qwen3-vl", "llava-onevision",
+                                    "internvl"])
 def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
         tmp_path, family):
     """The GPU tests' tiny checkpoints: vLLM resolves them (architecture,
@@ -76,6 +79,9 @@ def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
         folder = checkpoints.save_tiny_llava_onevision(tmp_path / family,
                                                        **kwargs)
         arch, text_type = "LlavaOnevisionForConditionalGeneration", "qwen2"
+    elif family == "internvl":
+        folder = checkpoints.save_tiny_internvl(tmp_path / family, **kwargs)
+        arch, text_type = "InternVLForConditionalGeneration", "qwen2"
     else:
         folder = checkpoints.save_tiny_llava_next(
             tmp_path / family, text_model="mistral", **kwargs)
@@ -86,3 +92,36 @@ def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
     assert model.hf_text_config.num_key_value_heads == 2
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert any("layers.0.self_attn.k_proj" in key for key in f.keys())
+
+
+@pytest.mark.parametrize("writer, tile, per_tile", [
+    ("save_tiny_internvl", 112, 16), ("write_dummy_internvl3_8b", 448, 256)])
+def test_vllm_processes_internvl_prompts_as_transformers(tmp_path, writer,
+                                                         tile, per_tile):
+    """vLLM serves InternVL's HF layout through its InternS1 processing,
+    which reads the folder's processor and tokenizer (the image tokens by
+    name): an image two tiles wide becomes ``<img>``, two tiles and a
+    thumbnail of ``<IMG_CONTEXT>``, ``</img>``, the ids transformers'
+    processor gives."""
+    from PIL import Image
+    from transformers import AutoProcessor
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    folder = getattr(checkpoints, writer)(tmp_path / writer)
+    image = Image.new("RGB", (2 * tile, tile), "white")
+    prompt = ("<|im_start|>user\n<IMG_CONTEXT>\nwhat is it<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    processor = MULTIMODAL_REGISTRY.create_processor(
+        ModelConfig(model=str(folder)))
+    got = processor(prompt, processor.info.parse_mm_data({"image": [image]}))
+    want = AutoProcessor.from_pretrained(folder)(images=image, text=prompt)
+    assert got["prompt_token_ids"] == want["input_ids"][0]
+    hf = processor.info.get_hf_processor()
+    ids = got["prompt_token_ids"]
+    assert ids.count(hf.image_token_id) == 3 * per_tile
+    start = ids.index(hf.image_token_id)
+    assert ids[start - 1] == hf.start_image_token_id
+    assert ids[start + 3 * per_tile] == hf.end_image_token_id
+    (placeholder, ) = got["mm_placeholders"]["image"]
+    assert placeholder.offset == start - 1
+    assert placeholder.length == 3 * per_tile + 2

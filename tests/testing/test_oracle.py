@@ -9,9 +9,10 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from vllm_sparsemm.core.budget import head_budgets, kept_counts
 from vllm_sparsemm.testing.oracle import SparseMMOracle
-from vllm_sparsemm.testing.tiny import (llava_inputs, llava_onevision_inputs,
+from vllm_sparsemm.testing.tiny import (internvl_inputs, llava_inputs,
+                                        llava_onevision_inputs,
                                         qwen2_vl_inputs, qwen2_vl_video_inputs,
-                                        tiny_llava,
+                                        tiny_internvl, tiny_llava,
                                         tiny_llava_onevision, tiny_qwen2_5_vl,
                                         tiny_qwen2_vl, tiny_qwen3_vl)
 from vllm_sparsemm.core.selection import kept_positions
@@ -26,6 +27,8 @@ MODELS = {
     "qwen2.5-vl": (lambda: tiny_qwen2_5_vl(), qwen2_vl_inputs),
     "qwen3-vl": (lambda: tiny_qwen3_vl(), qwen2_vl_inputs),
     "llava-onevision": (lambda: tiny_llava_onevision(), llava_onevision_inputs),
+    # InternVL3: two tiles and a thumbnail, Qwen2 text stack
+    "internvl": (lambda: tiny_internvl(), internvl_inputs),
     # a short video: its tokens are prompt tokens like an image's
     "qwen2-vl-video": (lambda: tiny_qwen2_vl(), qwen2_vl_video_inputs),
     # Qwen3-VL gives each temporal patch its own span and timestamp text:

@@ -92,6 +92,37 @@ def test_qwen3_vl_box_tokens_use_its_16_px_patches():
     assert got == [start + 1 * 10 + 2]
 
 
+def test_internvl_box_tokens_cross_tiles_and_skip_the_thumbnail():
+    """112 px tiles of 4 x 4 tokens, 28 px each. A 448 x 224 image matches
+    2:1 grids 2 x 1 and 4 x 2 equally; the processor takes 4 x 2, whose
+    canvas is the image itself: 16 x 8 tokens, then a thumbnail."""
+    model = tiny.tiny_internvl(image_size=112)
+    processor = checkpoints.internvl_processor_of(model.config)
+    image = Image.new("RGB", (448, 224), "white")
+    inputs = processor(images=image, text="<|im_start|>user <IMG_CONTEXT>\nx",
+                       return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    assert int((ids == 390).sum()) == (4 * 2 + 1) * 16
+    start = int((ids == 390).nonzero()[0])
+    assert ids[start - 1] == 392  # <img>
+    # x 100..120 -> token columns 3, 4; y 100..120 -> token rows 3, 4: the
+    # corners of tiles 0, 1 (top row) and 4, 5 (second row)
+    got = box_tokens(processor, model.config, inputs, (448, 224),
+                     (100, 100, 120, 120))
+    assert got == [start + 0 * 16 + 3 * 4 + 3, start + 1 * 16 + 3 * 4 + 0,
+                   start + 4 * 16 + 0 * 4 + 3, start + 5 * 16 + 0 * 4 + 0]
+    # a 300 x 150 image goes on a 2 x 1 grid (224 x 112 px): x 160..170
+    # is 119.5..127 px there, column 4 (tile 1, its column 0); y 40..45 is
+    # 29.9..33.6 px, row 1
+    image = Image.new("RGB", (300, 150), "white")
+    inputs = processor(images=image, text="<IMG_CONTEXT>", return_tensors="pt")
+    assert int((inputs["input_ids"] == 390).sum()) == (2 + 1) * 16
+    start = int((inputs["input_ids"][0] == 390).nonzero()[0])
+    got = box_tokens(processor, model.config, inputs, (300, 150),
+                     (160, 40, 170, 45))
+    assert got == [start + 16 + 1 * 4 + 0]
+
+
 def test_llava_next_box_tokens_skip_the_base_image_and_newlines():
     model = tiny.tiny_llava_next(image_size=112)
     processor = checkpoints.llava_next_processor(112, 256, 250)
@@ -187,12 +218,16 @@ def test_rigged_head_gets_the_top_score(tmp_path):
     assert float(scores.flatten().topk(2).values[1]) < float(scores[1, 2])
 
 
-@pytest.mark.parametrize("version", ["2", "2.5", "3", "onevision"])
+@pytest.mark.parametrize("version", ["2", "2.5", "3", "onevision",
+                                     "internvl"])
 def test_chase_run_writes_the_authors_format_and_resumes(tmp_path, version):
     generate_ocr_images(tmp_path / "data", 3, seed=2, size=(224, 168))
     if version == "onevision":  # LLaVA-OneVision, under the same folder name
         checkpoints.save_tiny_llava_onevision(tmp_path / "qwen", num_layers=3,
                                               num_heads=4, num_kv_heads=2)
+    elif version == "internvl":  # InternVL3, likewise
+        checkpoints.save_tiny_internvl(tmp_path / "qwen", num_layers=3,
+                                       num_heads=4, num_kv_heads=2)
     else:
         checkpoints.save_tiny_qwen2_vl(tmp_path / "qwen", version=version)
     model, processor = load_model(str(tmp_path / "qwen"), "cpu")

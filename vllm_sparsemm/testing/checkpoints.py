@@ -35,8 +35,11 @@ QWEN_TEMPLATE = (
 
 
 def char_tokenizer(vocab_size: int, specials: dict[str, int], bos: str,
-                   eos: str, unk: str, pad: str | None = None):
-    """A character-level fast tokenizer with ``specials`` at fixed ids."""
+                   eos: str, unk: str, pad: str | None = None,
+                   named: dict[str, str] | None = None):
+    """A character-level fast tokenizer with ``specials`` at fixed ids;
+    ``named`` gives some of them attribute names (``tokenizer.video_token``,
+    ``tokenizer.video_token_id``), which are saved and loaded with it."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = dict(specials)
@@ -55,7 +58,7 @@ def char_tokenizer(vocab_size: int, specials: dict[str, int], bos: str,
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk,
                                    bos_token=bos, eos_token=eos,
-                                   pad_token=pad or unk)
+                                   pad_token=pad or unk, **(named or {}))
     fast.add_special_tokens({"additional_special_tokens": [
         s for s in specials if s not in (bos, eos, unk, pad)]})
     return fast
@@ -166,6 +169,51 @@ def _qwen_tokenizer(vocab_size: int, ids: dict[str, int]):
                           eos="<|im_end|>", unk="<|endoftext|>")
 
 
+INTERNVL_TEMPLATE = ONEVISION_TEMPLATE.replace("<image>\n", "<IMG_CONTEXT>\n")
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def internvl_processor(image_size: int, vocab_size: int, ids: dict[str, int],
+                       max_patches: int = 12):
+    """InternVL's processor: GotOcr2 tiles of ``image_size`` px (up to
+    ``max_patches``, and a thumbnail when there are several) of
+    ``(image_size / 28) ** 2`` tokens each. InternVLProcessor and vLLM's
+    InternS1 processing read the image tokens by name off the tokenizer, and
+    vLLM's needs ``<video>`` to be one token even for image prompts."""
+    from transformers import (GotOcr2ImageProcessor, InternVLProcessor,
+                              InternVLVideoProcessor)
+    tokens = {"<IMG_CONTEXT>": ids["image"], "<video>": ids["video"],
+              "<img>": ids["start"], "</img>": ids["end"]}
+    tokenizer = char_tokenizer(
+        vocab_size, {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
+                     **tokens},
+        bos="<|im_start|>", eos="<|im_end|>", unk="<|endoftext|>",
+        named={"context_image_token": "<IMG_CONTEXT>",
+               "video_token": "<video>", "start_image_token": "<img>",
+               "end_image_token": "</img>"})
+    size = {"height": image_size, "width": image_size}
+    images = GotOcr2ImageProcessor(
+        size=size, crop_to_patches=True, min_patches=1,
+        max_patches=max_patches, image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD)
+    return InternVLProcessor(
+        image_processor=images, tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(
+            size=size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),
+        image_seq_length=(image_size // 28) ** 2,
+        chat_template=INTERNVL_TEMPLATE)
+
+
+def internvl_processor_of(config):
+    """The processor of a tiny InternVL config: its tile size, and the tiny
+    models' ids of ``<video>``, ``<img>`` and ``</img>``."""
+    from vllm_sparsemm.testing import tiny
+    return internvl_processor(
+        config.vision_config.image_size[0], config.text_config.vocab_size,
+        {"image": config.image_token_id, "video": tiny.INTERNVL_VIDEO_TOKEN,
+         "start": tiny.INTERNVL_IMAGE_START, "end": tiny.INTERNVL_IMAGE_END})
+
+
 def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
     """A tiny random LLaVA-1.5-shaped checkpoint that vLLM 0.26.0 loads."""
     from vllm_sparsemm.testing.tiny import tiny_llava
@@ -228,6 +276,18 @@ def save_tiny_qwen2_vl(path, seed: int = 0, version: str = "2",
         "vision_start": config.vision_start_token_id,
         "vision_end": config.vision_end_token_id},
         version=version).save_pretrained(path)
+    return path
+
+
+def save_tiny_internvl(path, seed: int = 0, **model_kwargs) -> Path:
+    """A tiny random InternVL3-shaped checkpoint. transformers 5 saves it in
+    the layout vLLM's InternS1 model names its modules (``language_model.
+    model.*``, ``vision_tower.*``), which its loader takes as they are."""
+    from vllm_sparsemm.testing.tiny import tiny_internvl
+    path = Path(path)
+    model = tiny_internvl(seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    internvl_processor_of(model.config).save_pretrained(path)
     return path
 
 
@@ -371,6 +431,38 @@ LLAVA_ONEVISION_7B = {
 }
 
 
+INTERNVL3_8B = {
+    "architectures": ["InternVLForConditionalGeneration"],
+    "model_type": "internvl", "torch_dtype": "bfloat16",
+    "image_token_id": 151667, "image_seq_length": 256,
+    "downsample_ratio": 0.5, "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+    "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "vocab_size": 151674,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "hidden_act": "silu",
+        "rope_scaling": {"factor": 2.0, "rope_type": "dynamic",
+                         "type": "dynamic"},
+        "sliding_window": None, "use_sliding_window": False,
+        "bos_token_id": 151643, "eos_token_id": 151645,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "vision_config": {
+        "model_type": "internvl_vision", "hidden_size": 1024,
+        "intermediate_size": 4096, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "image_size": [448, 448],
+        "patch_size": [14, 14], "num_channels": 3, "attention_bias": True,
+        "use_qk_norm": False, "norm_type": "layer_norm",
+        "layer_norm_eps": 1e-6, "hidden_act": "gelu",
+        "layer_scale_init_value": 0.1, "use_mask_token": False,
+        "use_absolute_position_embeddings": True, "use_mean_pooling": True,
+        "torch_dtype": "bfloat16"},
+}
+
+
 def write_dummy_llava_15_7b(path) -> Path:
     """Config, tokenizer and processor of LLaVA-1.5-7B (576 image tokens), no weights."""
     return _write_dummy(path, LLAVA_15_7B,
@@ -408,6 +500,15 @@ def write_dummy_llava_onevision_7b(path) -> Path:
     tokens, up to 9), no weights."""
     return _write_dummy(path, LLAVA_ONEVISION_7B, llava_onevision_processor(
         384, 152128, 151646, 151647, pinpoints=ONEVISION_PINPOINTS))
+
+
+def write_dummy_internvl3_8b(path) -> Path:
+    """InternVL3-8B (GQA 28/4, InternViT-300M: 448 px tiles of 256 tokens,
+    up to 12 and a thumbnail), no weights. The image tokens at the hub's ids
+    (<img>, </img>, <IMG_CONTEXT>), <video> after the text vocabulary."""
+    return _write_dummy(path, INTERNVL3_8B, internvl_processor(
+        448, 151674, {"image": 151667, "video": 151674, "start": 151665,
+                      "end": 151666}))
 
 
 def _next_336_processor():

@@ -1,8 +1,9 @@
-"""Tiny randomly initialised LLaVA and Qwen2-VL models and inputs for tests.
+"""Tiny randomly initialised LLaVA, Qwen VL and InternVL models, test inputs.
 
 Nothing is downloaded: configs are written here, weights are drawn from a
 seeded generator. The shapes keep the real models' structure (LLaVA: CLIP
-tower, Llama text stack; Qwen2-VL: its ViT with 2x2 merge, M-RoPE text stack).
+tower, Llama text stack; Qwen2-VL: its ViT with 2x2 merge, M-RoPE text stack;
+InternVL: InternViT tiles, pixel shuffle, Qwen2 text stack).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ LLAVA_IMAGE_TOKEN = 250
 QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN = 390, 391
 ONEVISION_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN = 390, 391
 QWEN_VISION_START, QWEN_VISION_END = 392, 393
+# <IMG_CONTEXT>, <video>, <img>, </img>
+INTERNVL_IMAGE_TOKEN, INTERNVL_VIDEO_TOKEN = 390, 391
+INTERNVL_IMAGE_START, INTERNVL_IMAGE_END = 392, 393
 
 
 def tiny_llava(num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 4,
@@ -178,6 +182,51 @@ def llava_onevision_inputs(model, seed: int = 0) -> dict:
     image = Image.fromarray((rng.random((150, 200, 3)) * 255).astype(np.uint8))
     inputs = processor(images=image, text="<|im_start|>user <image>\nabc "
                        "def<|im_end|><|im_start|>assistant\n",
+                       return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return dict(inputs)
+
+
+def tiny_internvl(num_layers: int = 3, num_heads: int = 4,
+                  num_kv_heads: int = 2, head_dim: int = 16,
+                  image_size: int = 112, seed: int = 0,
+                  dtype: torch.dtype = torch.float32):
+    """An InternVL3-shaped model: InternViT tiles of ``image_size`` (14 px
+    patches, pixel shuffle 0.5: ``(image_size / 28) ** 2`` tokens a tile), a
+    Qwen2 text stack (GQA), untied embeddings as InternVL3-8B's."""
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration,
+                              Qwen2Config)
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=image_size, patch_size=14,
+            attention_bias=True),
+        text_config=Qwen2Config(
+            hidden_size=num_heads * head_dim, intermediate_size=128,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads, head_dim=head_dim,
+            vocab_size=400, max_position_embeddings=4096, bos_token_id=1,
+            eos_token_id=2, tie_word_embeddings=False),
+        image_token_id=INTERNVL_IMAGE_TOKEN,
+        image_seq_length=(image_size // 28) ** 2, downsample_ratio=0.5,
+        tie_word_embeddings=False)
+    return _build(InternVLForConditionalGeneration, config, seed, dtype)
+
+
+def internvl_inputs(model, seed: int = 0) -> dict:
+    """A prompt ``text, <image>, text`` with a random image two tiles wide
+    through the model's processor: two tiles and a thumbnail."""
+    import numpy as np
+    from PIL import Image
+
+    from vllm_sparsemm.testing.checkpoints import internvl_processor_of
+    processor = internvl_processor_of(model.config)
+    tile = model.config.vision_config.image_size[0]
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray((rng.random((tile, 2 * tile, 3)) * 255).astype(
+        np.uint8))
+    inputs = processor(images=image, text="<|im_start|>user <IMG_CONTEXT>\n"
+                       "abc def<|im_end|><|im_start|>assistant\n",
                        return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return dict(inputs)

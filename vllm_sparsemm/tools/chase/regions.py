@@ -14,6 +14,11 @@ divides by zero).
 * Qwen2-VL and Qwen2.5-VL: the processor resizes to ``grid * 14`` pixels;
   tokens are 2x2 merged patches, 28 pixels a side (Qwen3-VL: 16 px patches,
   32 px tokens; the mapping reads the grid, so it is the same).
+* InternVL: the processor resizes the image onto a grid of tiles (448 px on
+  the hub) and cuts it tile by tile, row-major; pixel shuffle merges 2x2
+  patches, so a tile is a row-major square of tokens (16 x 16 on the hub).
+  With several tiles a thumbnail of the whole image follows them; like
+  LLaVA-NeXT's base image it is excluded.
 """
 
 from __future__ import annotations
@@ -84,6 +89,39 @@ def qwen2_vl_box_tokens(processor, config, inputs, image_size,
     return [start + r * cols + c for r, c in cells]
 
 
+def internvl_box_tokens(processor, config, inputs, image_size,
+                       box) -> list[int]:
+    width, height = image_size
+    vision = config.vision_config
+    side = int(vision.image_size[0] // vision.patch_size[0]
+               * config.downsample_ratio)  # tokens a tile side
+    start = _first(inputs["input_ids"], config.image_token_id)
+    count = int((inputs["input_ids"] == config.image_token_id).sum())
+    cols, rows = _internvl_grid(processor.image_processor, width, height,
+                                count // (side * side))
+    cells = _cells(box, cols * side / width, rows * side / height, 0, 0,
+                   cols * side, rows * side)
+    return [start + ((r // side) * cols + c // side) * side * side
+            + (r % side) * side + c % side for r, c in cells]
+
+
+def _internvl_grid(images, width, height, tiles) -> tuple[int, int]:
+    """(columns, rows) of tiles: one tile is the whole image; more are the
+    processor's grid and a thumbnail."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import \
+        get_optimal_tiled_canvas
+    if tiles == 1:
+        return 1, 1
+    tile = images.size["height"], images.size["width"]
+    cols, rows = get_optimal_tiled_canvas((height, width), tile,
+                                          images.min_patches,
+                                          images.max_patches)
+    if cols * rows + 1 != tiles:
+        raise ValueError(f"the prompt holds {tiles} tiles, the processor's "
+                         f"grid {cols} x {rows} and a thumbnail")
+    return cols, rows
+
+
 BOX_TOKENS = {
     "llava": llava_box_tokens,
     "llava_next": llava_next_box_tokens,
@@ -93,6 +131,7 @@ BOX_TOKENS = {
     "qwen2_vl": qwen2_vl_box_tokens,
     "qwen2_5_vl": qwen2_vl_box_tokens,  # same 14 px patches, 2x2 merge
     "qwen3_vl": qwen2_vl_box_tokens,  # 16 px patches: read from the grid
+    "internvl": internvl_box_tokens,
 }
 
 
