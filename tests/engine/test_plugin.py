@@ -104,6 +104,10 @@ def test_fp8_kv_cache_is_served_with_static_scales(dtype):
     assert patches.unsupported_features(config) == [
         "--calculate-kv-scales (fp8 scales must be static: take them from "
         "the checkpoint, or drop the flag)"]
+    config.cache_config.calculate_kv_scales = False
+    config.cache_config.kv_cache_dtype_skip_layers = ["0"]
+    assert "--kv-cache-dtype-skip-layers" in patches.unsupported_features(
+        config)[0]
     for other in ("fp8_e5m2", "fp8_inc", "nvfp4", "turboquant_k8v4"):
         config.cache_config.cache_dtype = other
         assert patches.unsupported_features(config) == [

@@ -150,6 +150,9 @@ def _kv_cache_dtype_problems(cache) -> list[str]:
     if not dtype.startswith("fp8"):
         return []
     found = []
+    if getattr(cache, "kv_cache_dtype_skip_layers", None):
+        found.append("--kv-cache-dtype-skip-layers (sparsemm keeps every "
+                     "layer's KV in one buffer of one dtype)")
     if getattr(cache, "calculate_kv_scales", False):
         found.append("--calculate-kv-scales (fp8 scales must be static: "
                      "take them from the checkpoint, or drop the flag)")
