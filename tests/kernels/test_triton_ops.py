@@ -325,47 +325,30 @@ def _in_triton_interpreter(comparison: str) -> int:
     return int(done.stdout.split("compared")[-1])
 
 
+# each comparison of this module and the cases it covers
+INTERPRETED = {"compare_write_kv": 4, "compare_paged_decode": 9,
+               "compare_plan_decode": 48, "compare_window_means": 6,
+               "compare_write_kv_fp8": 2, "compare_paged_decode_fp8": 6,
+               "compare_plan_decode_fp8": 48, "compare_window_means_fp8": 6}
+
+
+@pytest.mark.parametrize("comparison", sorted(INTERPRETED))
+def test_kernel_equals_its_reference_in_triton_interpreter(comparison):
+    assert _in_triton_interpreter(comparison) == INTERPRETED[comparison]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("comparison", sorted(INTERPRETED))
+def test_kernel_equals_its_reference_on_gpu(comparison):
+    # on the GPU the decode comparison adds the bf16 cases
+    cases = {"compare_paged_decode": 12}.get(comparison,
+                                            INTERPRETED[comparison])
+    assert globals()[comparison]("cuda") == cases
+
+
 def test_page_table_kernel_in_triton_interpreter():
     assert _in_triton_interpreter("compare_on_engine_steps") > 50
-
-
-def test_write_kv_kernel_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_write_kv") == 4
-
-
-def test_paged_decode_kernel_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_paged_decode") == 9
-
-
-def test_fp8_write_kv_kernel_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_write_kv_fp8") == 2
-
-
-def test_fp8_paged_decode_kernel_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_paged_decode_fp8") == 6
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_fp8_kernels_on_gpu():
-    assert compare_write_kv_fp8("cuda") == 2
-    assert compare_paged_decode_fp8("cuda") == 6
-    assert compare_window_means_fp8("cuda") == 4
-    assert compare_plan_decode_fp8("cuda") == 48
-
-
-def test_paged_decode_from_the_plan_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_plan_decode") == 48
-
-
-def test_fp8_paged_decode_from_the_plan_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_plan_decode_fp8") == 48
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_paged_decode_kernel_on_gpu():
-    assert compare_paged_decode("cuda") == 12
 
 
 @pytest.mark.gpu
@@ -403,12 +386,6 @@ def test_paged_decode_builds_once_whatever_its_index_views_offsets():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_page_table_kernel_on_gpu():
     assert compare_on_engine_steps("cuda") > 50
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_write_kv_kernel_on_gpu():
-    assert compare_write_kv("cuda") == 4
 
 
 def _loops(sass: str) -> list[list[str]]:
@@ -512,27 +489,42 @@ def test_decode_splits_spread_few_heads_and_leave_many_whole():
     assert counts == sorted(counts, reverse=True)  # fewer as heads grow
 
 
-def compare_window_means(device: str) -> int:
+def compare_window_means_fp8(device: str) -> int:
+    """:func:`compare_window_means` over an fp8 cache."""
+    return compare_window_means(device, fp8=True)
+
+
+def compare_window_means(device: str, fp8: bool = False) -> int:
     """``triton_ops.window_means`` against ``selection.window_means`` over
     keys gathered from the same packed cache: MHA and GQA (up to 72 grouped
     window rows: two query blocks), head dims 64 and 80, prompts of several
-    lengths (one exactly W + 1), a pass of two layers, fp16 (fp32 on the CPU, where the interpreter computes). The
-    kernel sums in another order, so values agree to float32 rounding, not
-    bit for bit. Returns cases compared."""
+    lengths (one exactly W + 1), a pass of two layers, fp16 (fp32 on the
+    CPU, where the interpreter computes). The kernel sums in another order,
+    so values agree to float32 rounding, not bit for bit. ``fp8``: an fp8
+    cache and fp8 window queries, the two layers' scales unlike, against
+    the reference on dequantized ones (the kernel's fp8 products are exact,
+    its scales applied after the sums). Returns cases compared."""
     from vllm_sparsemm.core.pages import PageSpace, standard_row
     from vllm_sparsemm.core.selection import window_means
     from vllm_sparsemm.kernels import triton_ops
+    from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE, from_cache, to_cache
 
     compared = 0
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float16 if device == "cuda" else torch.float32
     block_size, num_layers, num_blocks, window = 16, 3, 40, 8
+    scales = _fp8_scales(device, num_layers) if fp8 else None
+
+    def stored(*shape):  # random values as the cache (or the layer) holds them
+        values = torch.randn(*shape, generator=gen)
+        return (to_cache(values, FP8_KV_DTYPE, 1.0) if fp8 else
+                values.to(dtype)).to(device)
+
     for kv_heads, group, dim, lengths in ((2, 1, 64, [40, 9, 33]),
                                           (2, 4, 80, [70, 25]),
                                           (1, 9, 64, [30, 90])):  # GW > 64
         space = PageSpace(num_layers, num_blocks, kv_heads, block_size)
-        rows = torch.randn(num_blocks * num_layers * kv_heads * block_size,
-                           2 * dim, generator=gen).to(dtype).to(device)
+        rows = stored(num_blocks * num_layers * kv_heads * block_size, 2 * dim)
         longest = max(lengths)
         columns = -(-longest // block_size)
         blocks = torch.randperm(num_blocks, generator=gen)[
@@ -540,11 +532,10 @@ def compare_window_means(device: str) -> int:
         blocks = blocks.to(torch.int32).to(device)
         lens = torch.tensor(lengths, device=device)
         first, layers = 1, 2
-        queries = torch.randn(layers * len(lengths), window, kv_heads * group,
-                              dim, generator=gen).to(dtype).to(device)
+        queries = stored(layers * len(lengths), window, kv_heads * group, dim)
         got = triton_ops.window_means(queries, rows, blocks, lens, first,
                                       num_layers, kv_heads, block_size,
-                                      longest)
+                                      longest, scales)
         positions = torch.arange(longest, device=device).clamp(
             max=lens[:, None] - 1)  # [b, N]: padded with each last position
         heads = torch.arange(kv_heads, device=device)
@@ -553,73 +544,12 @@ def compare_window_means(device: str) -> int:
             keys = rows[standard_row(space, block, layer, heads,
                                      positions[..., None]), :dim]
             part = slice(at * len(lengths), (at + 1) * len(lengths))
-            want = window_means(queries[part].float(), keys.float(), lens)
-            torch.testing.assert_close(got[part], want, rtol=1e-4, atol=1e-6)
-            compared += 1
-    return compared
-
-
-def compare_window_means_fp8(device: str) -> int:
-    """``triton_ops.window_means`` over an fp8 cache with fp8 window queries
-    against ``selection.window_means`` of the dequantized keys and queries,
-    a pass of two layers whose scales differ. Returns cases compared."""
-    from vllm_sparsemm.core.pages import PageSpace, standard_row
-    from vllm_sparsemm.core.selection import window_means
-    from vllm_sparsemm.kernels import triton_ops
-    from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE, from_cache, to_cache
-
-    compared = 0
-    gen = torch.Generator().manual_seed(4)
-    block_size, num_layers, num_blocks, window = 16, 3, 30, 8
-    scales = _fp8_scales(device, num_layers)
-    for kv_heads, group, dim, lengths in ((2, 1, 64, [40, 9, 33]),
-                                          (2, 4, 80, [70, 25])):
-        space = PageSpace(num_layers, num_blocks, kv_heads, block_size)
-        rows = to_cache(torch.randn(
-            num_blocks * num_layers * kv_heads * block_size, 2 * dim,
-            generator=gen), FP8_KV_DTYPE, 1.0).to(device)
-        longest = max(lengths)
-        columns = -(-longest // block_size)
-        blocks = torch.randperm(num_blocks, generator=gen)[
-            :len(lengths) * columns].view(len(lengths), columns)
-        blocks = blocks.to(torch.int32).to(device)
-        lens = torch.tensor(lengths, device=device)
-        first, layers = 1, 2
-        queries = to_cache(torch.randn(
-            layers * len(lengths), window, kv_heads * group, dim,
-            generator=gen), FP8_KV_DTYPE, 1.0).to(device)
-        got = triton_ops.window_means(queries, rows, blocks, lens, first,
-                                      num_layers, kv_heads, block_size,
-                                      longest, scales)
-        positions = torch.arange(longest, device=device).clamp(
-            max=lens[:, None] - 1)
-        heads = torch.arange(kv_heads, device=device)
-        for at, layer in enumerate(range(first, first + layers)):
-            block = blocks.long().gather(1, positions // block_size)[..., None]
-            keys = rows[standard_row(space, block, layer, heads,
-                                     positions[..., None]), :dim]
-            part = slice(at * len(lengths), (at + 1) * len(lengths))
-            k_scale, _, q_scale = scales[layer]
+            k_scale, _, q_scale = scales[layer] if fp8 else (None, ) * 3
             want = window_means(from_cache(queries[part], q_scale),
                                 from_cache(keys, k_scale), lens)
-            # exact fp8 products summed in float32, scaled after the sum
             torch.testing.assert_close(got[part], want, rtol=1e-4, atol=1e-6)
             compared += 1
     return compared
-
-
-def test_fp8_window_means_kernel_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_window_means_fp8") == 4
-
-
-def test_window_means_kernel_in_triton_interpreter():
-    assert _in_triton_interpreter("compare_window_means") == 6
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_window_means_kernel_on_gpu():
-    assert compare_window_means("cuda") == 6
 
 
 def _compile_for_hopper(kernel, pointers: dict, constants: dict):

@@ -405,6 +405,14 @@ QWEN3_VL_8B = {
 }
 
 
+# the Qwen2-7B text stack LLaVA-OneVision-7B and InternVL3-8B share
+QWEN2_7B_TEXT = {
+    "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+    "num_attention_heads": 28, "num_key_value_heads": 4,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16"}
 ONEVISION_PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7)
                        for b in range(1, 7)]
 LLAVA_ONEVISION_7B = {
@@ -415,14 +423,7 @@ LLAVA_ONEVISION_7B = {
     "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
     "use_image_newline_parameter": True, "tie_word_embeddings": False,
     "image_grid_pinpoints": ONEVISION_PINPOINTS,
-    "text_config": {
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 3584, "intermediate_size": 18944,
-        "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 152128,
-        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16"},
+    "text_config": dict(QWEN2_7B_TEXT, vocab_size=152128),
     "vision_config": {
         "model_type": "siglip_vision_model", "hidden_size": 1152,
         "image_size": 384, "intermediate_size": 4304,
@@ -438,18 +439,12 @@ INTERNVL3_8B = {
     "downsample_ratio": 0.5, "projector_hidden_act": "gelu",
     "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
     "tie_word_embeddings": False,
-    "text_config": {
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
-        "hidden_size": 3584, "intermediate_size": 18944,
-        "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 151674,
-        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "hidden_act": "silu",
-        "rope_scaling": {"factor": 2.0, "rope_type": "dynamic",
-                         "type": "dynamic"},
-        "sliding_window": None, "use_sliding_window": False,
-        "bos_token_id": 151643, "eos_token_id": 151645,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
+    "text_config": dict(
+        QWEN2_7B_TEXT, vocab_size=151674, hidden_act="silu",
+        rope_scaling={"factor": 2.0, "rope_type": "dynamic",
+                      "type": "dynamic"},
+        sliding_window=None, use_sliding_window=False, bos_token_id=151643,
+        eos_token_id=151645),
     "vision_config": {
         "model_type": "internvl_vision", "hidden_size": 1024,
         "intermediate_size": 4096, "num_hidden_layers": 24,
