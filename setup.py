@@ -61,8 +61,13 @@ setup(
         "transformers>=5.5.3,<5.17",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "requests", "openai", "matplotlib"],
-        "qwen": ["qwen-vl-utils"],
+        "test": ["pytest", "hypothesis", "requests", "openai", "matplotlib",
+                 "qwen-vl-utils", "decord; platform_machine == 'x86_64'"],
+        # qwen-vl-utils reads videos with decord, torchcodec (FFmpeg's shared
+        # libraries needed) or torchvision (whose reader vLLM's torchvision
+        # no longer has); decord brings its own, with wheels for Intel and AMD
+        # processors only
+        "qwen": ["qwen-vl-utils", "decord; platform_machine == 'x86_64'"],
         "plot": ["matplotlib"],
     },
     entry_points={

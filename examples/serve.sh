@@ -6,6 +6,9 @@
 # MODEL is a Hugging Face model folder or id (LLaVA-1.5, LLaVA-NeXT,
 # Qwen2-VL). Needs an NVIDIA GPU (sm_80 or sm_90) and vLLM 0.26.0. Then ask
 # it about an image: python examples/openai_client.py --image photo.jpg
+# or, a Qwen VL model, about a video:
+#   python examples/video_chat.py --base-url http://127.0.0.1:8000/v1 \
+#       --video clip.mp4
 #
 # The settings below are the defaults; each may be left out. The server logs
 # the effective ones once at start-up ("sparsemm: budget=...").

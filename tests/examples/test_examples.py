@@ -1,17 +1,23 @@
 """The user examples: each runs as written. On the CPU: arguments, the requests
-they build, the serve line against vLLM's own parser, and their one-line
-messages without a GPU or a server. On a GPU (``-m gpu``): they run."""
+they build, the serve line against vLLM's own parser, what vLLM makes of the
+video example's prompts, and their one-line messages without a GPU or a
+server. On a GPU (``-m gpu``): they run."""
 
+import base64
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
-from scripts import EXAMPLES, load_script
+from scripts import EXAMPLES, ROOT, load_script
 
 
 def _serve_line(*extra):
@@ -150,3 +156,190 @@ def test_offline_example_runs_on_a_tiny_model(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert [l[:3] for l in done.stdout.splitlines() if l.startswith("[")] == [
         "[0]", "[1]", "[2]"]
+
+
+def test_video_chat_sends_a_video_url_its_fps_and_a_budget(tmp_path):
+    import cv2
+    video = load_script("video_chat")
+    clip = video.write_clip(tmp_path / "clip.mp4")
+    capture = cv2.VideoCapture(clip)
+    assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 16
+    assert capture.get(cv2.CAP_PROP_FPS) == 8
+    capture.release()
+    args = video.parse_args(["--base-url", "http://127.0.0.1:8000/v1",
+                             "--video", clip, "--request-budget", "64"])
+    chat = video.messages(args.video, args.question, args.fps,
+                          args.max_pixels)
+    assert chat[0]["content"][0] == {"type": "video", "video": clip,
+                                     "max_pixels": 360 * 420, "fps": 2.0}
+    request = video.chat_request("m", chat, 32, args.request_budget)
+    part, text = request["messages"][0]["content"]
+    url = part["video_url"]["url"]
+    assert part["type"] == "video_url"
+    assert url.startswith("data:video/mp4;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == Path(clip).read_bytes()
+    assert text == {"type": "text", "text": "Describe this video."}
+    assert request["max_tokens"] == 32 and request["temperature"] == 0
+    assert request["extra_body"] == {
+        "media_io_kwargs": {"video": {"fps": 2.0}},
+        "vllm_xargs": {"sparsemm_budget": 64}}
+    for given in ("https://example.com/a.mp4", "file:///data/a.mp4"):
+        assert video.video_part(given)["video_url"]["url"] == given
+    off = video.chat_request("m", chat, 8, "off")
+    assert off["extra_body"]["vllm_xargs"] == {"sparsemm_budget": "off"}
+    assert "vllm_xargs" not in video.chat_request("m", chat, 8,
+                                                  None)["extra_body"]
+
+
+def test_video_chat_builds_the_offline_engine_and_budget(monkeypatch):
+    from vllm_sparsemm.engine import patches
+    # as in a fresh process: no engine has set the request window yet
+    monkeypatch.setattr(patches, "_request_window", None)
+    video = load_script("video_chat")
+    args = video.parse_args(["--model", "m", "--request-budget", "off"])
+    kwargs = video.engine_kwargs(args)
+    assert kwargs["attention_backend"] == "sparsemm"
+    assert kwargs["additional_config"] == {"sparsemm": {"budget": 256}}
+    assert kwargs["limit_mm_per_prompt"] == {"image": 0, "video": 1}
+    assert video.sampling(args).extra_args == {"sparsemm_budget": "off"}
+    default = video.parse_args(["--model", "m"])
+    assert video.sampling(default).extra_args is None
+    for wrong in ([], ["--model", "m", "--base-url", "http://h/v1"]):
+        with pytest.raises(SystemExit):
+            video.parse_args(wrong)
+
+
+def test_video_chat_says_in_one_line_what_it_lacks(monkeypatch, capsys):
+    """No GPU, no qwen-vl-utils (offline), no server: one line each."""
+    video = load_script("video_chat")
+    if not __import__("torch").cuda.is_available():
+        assert video.main(["--model", "m"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs an NVIDIA GPU" in err
+    from vllm import platforms
+    monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", "decord")
+    monkeypatch.setattr(platforms, "current_platform",
+                        types.SimpleNamespace(is_cuda=lambda: True))
+    monkeypatch.setitem(sys.modules, "qwen_vl_utils", None)
+    assert video.main(["--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vllm-sparsemm[qwen]" in err
+    assert video.main(["--base-url", "http://127.0.0.1:9/v1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no server at" in err
+
+
+def _reads_videos() -> str | None:
+    """Why qwen-vl-utils cannot read an mp4 here, or None."""
+    if importlib.util.find_spec("qwen_vl_utils") is None:
+        return "qwen-vl-utils is not installed (the qwen and test extras)"
+    if importlib.util.find_spec("decord") is None:
+        return ("decord is not installed: qwen-vl-utils' other readers need "
+                "FFmpeg's shared libraries or an older torchvision")
+    return None
+
+
+def _rendered(folder: str, clip: str) -> dict:
+    """The video example's offline prompt and server request as vLLM
+    renders them for the engine, on the CPU: run in a fresh process, since
+    vLLM's CPU platform sets environment variables."""
+    from vllm import platforms
+    from vllm.platforms.cpu import CpuPlatform
+    platforms.current_platform = CpuPlatform()
+    video = load_script("video_chat")
+    video.prefer_decord()
+    from transformers import AutoProcessor
+    from vllm.config import ModelConfig, VllmConfig
+    from vllm.renderers.params import ChatParams
+    from vllm.renderers.registry import renderer_from_config
+
+    from vllm_sparsemm.testing.tiny import QWEN_VIDEO_TOKEN
+    chat = video.messages(clip, "What happens?", 4.0, 360 * 420)
+    processor = AutoProcessor.from_pretrained(folder)
+    prompt = video.offline_prompt(processor, chat)
+    frames, metadata = prompt["multi_modal_data"]["video"][0]
+    model = ModelConfig(model=folder, mm_processor_cache_gb=0,
+                        limit_mm_per_prompt={"image": 0, "video": 1})
+    renderer = renderer_from_config(VllmConfig(model_config=model))
+    request = video.chat_request("m", chat, 8, "64")
+    params = ChatParams(media_io_kwargs=request["extra_body"][
+        "media_io_kwargs"])
+    served = renderer.render_chat([request["messages"]], params)[1][0]
+
+    def seen(engine_input):
+        items = engine_input["mm_kwargs"]["video"]
+        return {"grids": [item["video_grid_thw"].data.tolist()
+                          for item in items],
+                "tokens": engine_input["prompt_token_ids"].count(
+                    QWEN_VIDEO_TOKEN)}
+    return {"keys": sorted(prompt["multi_modal_data"]),
+            "kwargs": prompt["mm_processor_kwargs"],
+            "frames": list(frames.shape),
+            "patch": processor.image_processor.patch_size,
+            "metadata": {key: metadata[key] for key in
+                         ("fps", "total_num_frames", "frames_indices")},
+            "offline": seen(renderer.render_cmpl([prompt])[0]),
+            "served": seen(served)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["2.5", "3"])
+def test_video_chat_prompts_are_what_vllm_takes(tmp_path, version):
+    """qwen-vl-utils' frames go to vLLM with their metadata and frame
+    sampling off; offline and through the server, a tiny Qwen2.5-VL or
+    Qwen3-VL gets as many frames a second, and a placeholder per video
+    token."""
+    reason = _reads_videos()
+    if reason:
+        pytest.skip(reason)
+    from vllm_sparsemm.testing.checkpoints import save_tiny_qwen2_vl
+    folder = save_tiny_qwen2_vl(tmp_path / "model", version=version,
+                                num_layers=2, num_heads=4, num_kv_heads=2,
+                                head_dim=64)
+    clip = load_script("video_chat").write_clip(tmp_path / "clip.mp4")
+    code = ("import json, sys; sys.path[:0] = ['tests/examples', 'tests']; "
+            "import test_examples as t; "
+            "print('RESULT' + json.dumps(t._rendered(*sys.argv[1:])))")
+    done = subprocess.run([sys.executable, "-c", code, str(folder), clip],
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT")]
+    assert lines, done.stdout[-3000:] + done.stderr[-5000:]
+    seen = json.loads(lines[-1][len("RESULT"):])
+    assert seen["keys"] == ["video"]
+    assert seen["kwargs"] == {"do_sample_frames": False}
+    count, channels, height, width = seen["frames"]
+    assert (count, channels) == (8, 3)
+    factor = 2 * seen["patch"]  # a merged patch of the processor
+    assert height % factor == 0 and width % factor == 0
+    assert height * width <= 360 * 420
+    assert seen["metadata"]["fps"] == 8 and len(
+        seen["metadata"]["frames_indices"]) == 8
+    assert seen["metadata"]["total_num_frames"] == 16
+    for route in ("offline", "served"):
+        (grid,) = seen[route]["grids"]
+        # a temporal patch holds a pair of frames
+        assert grid[0] == count // 2, route
+        assert seen[route]["tokens"] == grid[0] * grid[1] * grid[2] // 4
+
+
+@pytest.mark.gpu
+def test_video_chat_runs_offline_on_a_tiny_qwen2_5_vl(tmp_path):
+    reason = _reads_videos()
+    if reason:
+        pytest.skip(reason)
+    from vllm_sparsemm.testing.checkpoints import save_tiny_qwen2_vl
+    model = save_tiny_qwen2_vl(tmp_path / "qwen2.5-vl", seed=1,
+                               version="2.5", num_layers=4, num_heads=4,
+                               num_kv_heads=2, head_dim=64)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "video_chat.py"), "--model",
+         str(model), "--head-scores", "uniform", "--budget", "64",
+         "--request-budget", "48", "--max-model-len", "2048",
+         "--max-tokens", "8"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = re.fullmatch(r"prompt (\d+) tokens, (\d+) generated",
+                          done.stdout.splitlines()[-1])
+    assert counts, done.stdout[-1000:]
+    assert int(counts[1]) > 64  # the video is in the prompt, compressed

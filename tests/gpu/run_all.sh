@@ -8,8 +8,10 @@
 #   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
 # With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
 # GPU; `examples`, `serve` and `compile` size their pools from free memory,
-# so they run alone afterwards. A test that fails beside others is run again
-# alone, and both results are printed.
+# and `serve_video` starts two servers in turn, so they run alone
+# afterwards. A test that fails beside others is run again alone, and both
+# results are printed. The serve tests and `examples`, which start engines
+# one after another, get twice LIMIT.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
@@ -47,6 +49,7 @@ declare -A tests=(
   [triton]="$engine -k triton_decode_kernel"
   [compile]="$engine -k graphs"
   [serve]="tests/engine/test_serve_gpu.py"
+  [serve_video]="tests/engine/test_serve_video_gpu.py"
   [examples]="tests/examples/test_examples.py"
 )
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
@@ -58,13 +61,13 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_no_eviction video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock chunked leaks triton examples compile
-       serve)
-alone=" examples compile serve "
+       serve serve_video)
+alone=" examples compile serve serve_video "
 [ $# -gt 0 ] && order=("$@")
 
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
-  [ "$name" = serve ] && limit=600
+  [[ $name == serve* || $name == examples ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \

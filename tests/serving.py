@@ -1,0 +1,131 @@
+"""`vllm serve` in a subprocess, for the serve GPU tests: started on a free
+port and ready once ``/health`` answers, stopped at the end; JSON requests,
+the ``vllm:sparsemm_*`` lines of ``/metrics`` and the settings it logs."""
+
+import base64
+import contextlib
+import dataclasses
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Server:
+    port: int
+    log_path: Path
+    log: io.TextIOBase
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model, *args, log_path, start_timeout=420):
+    """``vllm serve model *args`` until the block ends; the server's output
+    goes to ``log_path``, whose tail a failed start shows."""
+    port = free_port()
+    log_path = Path(log_path)
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve",
+         str(model), *args, "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT)
+    handle = Server(port, log_path, log)
+    try:
+        deadline = time.time() + start_timeout
+        while True:
+            assert server.poll() is None, (
+                "server exited; its log ends:\n" + handle.log_text()[-3000:])
+            try:
+                urllib.request.urlopen(f"{handle.url}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "server did not start"
+                time.sleep(2)
+        yield handle
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def post(url, body, timeout=120):
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def image_data_url(seed, size=(400, 300)) -> str:
+    """Random pixels as a base64 PNG data URL."""
+    from PIL import Image
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).random((size[1], size[0], 3)) * 255
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def sparsemm_metrics(port) -> dict[str, float]:
+    """The vllm:sparsemm_* samples of /metrics, summed over labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                  timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:sparsemm_"):
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+def after_compressions(port, count, timeout=15.0):
+    """/metrics once the counters show ``count`` compressed requests (the
+    engine writes them at most once a second, and when it goes idle)."""
+    deadline = time.time() + timeout
+    while True:
+        now = sparsemm_metrics(port)
+        if now.get("vllm:sparsemm_requests_compressed_total", 0) >= count:
+            return now
+        assert time.time() < deadline, ("the compression counters did not "
+                                        f"reach {count}: {now}")
+        time.sleep(0.5)
+
+
+def compression_since(before, after) -> dict[str, float]:
+    """What the requests compressed between two /metrics reads kept (per
+    KV head, averaged), freed (blocks) and had in full (prompt tokens)."""
+    def grew(name):
+        name = f"vllm:sparsemm_{name}_total"
+        return after.get(name, 0.0) - before.get(name, 0.0)
+    return {"kept": grew("prompt_tokens_kept"), "freed": grew("blocks_freed"),
+            "full": grew("prompt_tokens_full"),
+            "requests": grew("requests_compressed")}
+
+
+def logged_settings(log_text) -> dict:
+    """The effective settings the server logs once at start-up."""
+    line = re.search(r"sparsemm: budget=(\d+) window=(\d+) ratio=(\S+) .*"
+                     r"block_size=(\d+)", log_text)
+    assert line, "no start-up settings line in the server log"
+    return {"budget": int(line[1]), "window": int(line[2]),
+            "ratio": float(line[3]), "block_size": int(line[4])}
