@@ -86,3 +86,21 @@ def test_tiny_checkpoints_of_the_new_families_load_in_vllm_config(
     assert model.hf_text_config.num_key_value_heads == 2
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert any("layers.0.self_attn.k_proj" in key for key in f.keys())
+
+
+def test_qwen_template_places_videos_as_images():
+    """The Qwen folders' chat template (vLLM's chat endpoint renders it):
+    a video part becomes the video placeholder, as an image part the image
+    one, each in its place."""
+    import jinja2
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+        {"type": "video"}, {"type": "text", "text": "Which?"}]}]
+    text = jinja2.Template(checkpoints.QWEN_TEMPLATE).render(
+        messages=messages, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "<|vision_start|><|video_pad|><|vision_end|>Which?<|im_end|>\n"
+        "<|im_start|>assistant\n")

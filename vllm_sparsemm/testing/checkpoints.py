@@ -28,7 +28,9 @@ QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{% for c in m['content'] %}{% if c['type'] in ['image', 'image_url'] %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] in ['video', 'video_url'] %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
     "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% endif %}")
