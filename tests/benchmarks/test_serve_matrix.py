@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import chat_client as cc  # noqa: E402
 import serve_matrix as sm  # noqa: E402
+import video_budget as vb  # noqa: E402
 
 
 # ------------------------------------------------------------ fixtures
@@ -839,3 +842,39 @@ def test_measure_profiles_a_window_of_the_load(tmp_path):
         assert not [e for e in server.events if "profile" in e]
     assert not run["profiled"]["started"]
     assert "(profiled)" not in sm.table({run["key"]: run}, {})
+
+
+# ------------------------------------------------------- video workload
+
+# what the dummy Qwen2.5-VL-7B folder's processor counts for a request of
+# 336x336 frames (counting is checked against vLLM's chat path below)
+QWEN_TOKENS = {16: {"text": 57, "video": 1152, "per_frame": 144, "steps": 8},
+               64: {"text": 57, "video": 4608, "per_frame": 144, "steps": 32}}
+
+
+@settings(max_examples=300, deadline=None)  # no wall-clock limit
+@given(text=st.integers(0, 400), steps=st.integers(1, 128),
+       per_frame=st.integers(1, 1500), budget=st.integers(33, 40000))
+def test_evs_rate_keeps_what_the_budget_keeps(text, steps, per_frame, budget):
+    """At the chosen rate vLLM's own EVS count leaves sparsemm's min(N, B)
+    prompt tokens; more only where EVS's floor (the first temporal step) is
+    above that, and no pruning where sparsemm compresses nothing."""
+    from vllm.multimodal.evs import compute_retained_tokens_count
+    video = steps * per_frame
+    rate = vb.evs_pruning_rate(text, video, per_frame, budget)
+    assert 0.0 <= rate < 1.0
+    kept = text + (compute_retained_tokens_count(per_frame, steps, rate)
+                   if rate else video)
+    assert kept == vb.evs_prompt_kv(text, video, per_frame, rate)
+    wanted = vb.sparsemm_prompt_kv(text + video, budget)
+    assert kept == max(wanted, text + min(per_frame, video))
+
+
+def test_arm_prompt_kv_of_each_arm():
+    """What each arm keeps of the 7B folder's 64-frame prompt at B = 256."""
+    tokens = QWEN_TOKENS[64]
+    assert vb.evs_pruning_rate(57, 4608, 144, 256) == 0.956706
+    assert vb.arm_prompt_kv("stock", tokens) == 4665
+    assert vb.arm_prompt_kv("sparsemm", tokens, 256) == 256
+    assert vb.arm_prompt_kv("evs", tokens, 256, 0.956706) == 256
+    assert vb.arm_prompt_kv("sparsemm", tokens, 8192) == 4665
