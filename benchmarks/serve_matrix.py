@@ -67,8 +67,9 @@ MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
 LLAVA_SCORES = "llava-v1.6-vicuna-7b"
 FINISHED_OK = ("stop", "length")
 FIGURES = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-           "prefix_cache_hit_rate", "peak_running", "errors")
-RATIO_FIGURES = FIGURES[:-1]
+           "prefix_cache_hit_rate", "peak_running", "kv_blocks_per_request",
+           "errors")
+RATIO_FIGURES = FIGURES[:-1] + ("pool_blocks_per_request",)
 
 
 # ------------------------------------------------------------------ plan
@@ -422,6 +423,15 @@ def server_delta(before: dict, after: dict) -> dict:
         "mm_cache_queries": diff("vllm:mm_cache_queries_total"),
         "prompt_tokens": diff("vllm:prompt_tokens_total"),
         "generation_tokens": diff("vllm:generation_tokens_total"),
+        # finished requests' prompt and output tokens, and what sparsemm's
+        # compaction kept of the prompts it compressed (mean over KV heads)
+        "finished_prompt_tokens": diff("vllm:request_prompt_tokens_sum"),
+        "finished_output_tokens": diff("vllm:request_generation_tokens_sum"),
+        "finished_requests": diff("vllm:request_prompt_tokens_count"),
+        "compressed_prompt_tokens": diff(
+            "vllm:sparsemm_prompt_tokens_full_total"),
+        "compressed_prompt_tokens_kept": diff(
+            "vllm:sparsemm_prompt_tokens_kept_total"),
         "preemptions": diff("vllm:num_preemptions_total"),
         # sparsemm's own: steps its admission held a request back, and
         # the GPU seconds of selection and compaction
@@ -459,6 +469,40 @@ def active_rate(timeline: list[list[float]], column: int = 3) -> float | None:
     first, last = rises[0] - 1, rises[-1]
     seconds = timeline[last][0] - timeline[first][0]
     return (values[last] - values[first]) / seconds if seconds > 0 else None
+
+
+def kv_tokens_per_request(server: dict) -> float | None:
+    """The KV tokens a finished request held at its end, on average over a
+    load: its prompt and output, less the prompt tokens sparsemm's
+    compaction dropped (for EVS the prompt is already the pruned one)."""
+    count, prompt = (server.get("finished_requests"),
+                     server.get("finished_prompt_tokens"))
+    if not count or prompt is None:
+        return None
+    dropped = ((server.get("compressed_prompt_tokens") or 0)
+               - (server.get("compressed_prompt_tokens_kept") or 0))
+    output = server.get("finished_output_tokens") or 0
+    return (prompt + output - dropped) / count
+
+
+def pool_blocks_per_request(timeline: list[list[float]],
+                            num_blocks: int | None) -> float | None:
+    """KV blocks in use per running request, from the pool's usage (any
+    backend), averaged over the samples with requests running."""
+    rows = [row for row in timeline if row[1] > 0]
+    if not rows or not num_blocks:
+        return None
+    return sum(row[4] * num_blocks / row[1] for row in rows) / len(rows)
+
+
+def cache_numbers(metrics: dict) -> tuple[int | None, int | None]:
+    """(block size, blocks in the pool) from ``vllm:cache_config_info``."""
+    labels = (metrics.get("vllm:cache_config_info") or [({}, 0.0)])[0][0]
+
+    def number(key):
+        value = labels.get(key)
+        return int(value) if value and value.isdigit() else None
+    return number("block_size"), number("num_gpu_blocks")
 
 
 def http_get(url: str, timeout: float = 5.0) -> str:
@@ -725,11 +769,13 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
                  + log_tail(load_log, 15))
     server_numbers = server_delta(before, after)
     server_numbers["output_throughput"] = active_rate(timeline)
+    block_size, num_blocks = cache_numbers(before)
     run = {
         "key": key, "workload": load.workload, "model": server.model,
         "model_dir": str(server.model_dir), "concurrency": load.concurrency,
         "backend": server.backend.name, "label": server.backend.label,
         "budget": server.backend.budget,
+        "block_size": block_size, "num_gpu_blocks": num_blocks,
         "sparsemm": server.backend.sparsemm_config(server.sparsemm_defaults),
         "kv_cache_memory_bytes": server.kv_bytes,
         "max_model_len": server.max_model_len,
@@ -765,6 +811,13 @@ def failed_runs(server: ServerPlan, error: str) -> dict:
 
 # ---------------------------------------------------------- tabulation
 
+def kv_blocks_per_request(run: dict) -> float | None:
+    """``kv_tokens_per_request`` in blocks of the server's block size."""
+    tokens = kv_tokens_per_request(run.get("server") or {})
+    size = run.get("block_size")
+    return None if tokens is None or not size else tokens / size
+
+
 def figures(run: dict) -> dict:
     """The table's numbers for a run: the load generator's, or the server's
     counters when the load was cut (or wrote nothing)."""
@@ -777,6 +830,9 @@ def figures(run: dict) -> dict:
         "mean_tpot_ms": source.get("mean_tpot_ms"),
         "prefix_cache_hit_rate": server.get("prefix_cache_hit_rate"),
         "peak_running": run.get("peak_running"),
+        "kv_blocks_per_request": kv_blocks_per_request(run),
+        "pool_blocks_per_request": pool_blocks_per_request(
+            run.get("timeline") or [], run.get("num_gpu_blocks")),
         "errors": load.get("failed") if load else None,
         "completed": source.get("completed"),
         "source": "load" if source is load and load else "server",
@@ -831,11 +887,11 @@ def table(runs: dict, ratios: dict) -> str:
 
     lines = ["| workload | model | conc | backend | out tok/s | mean TTFT ms "
              "| p99 TTFT ms | mean TPOT ms | prefix hit | peak running "
-             "| errors |", "|" + "---|" * 11]
+             "| KV blocks/req | errors |", "|" + "---|" * 12]
     formats = {"output_throughput": "{:.0f}", "mean_ttft_ms": "{:.1f}",
                "p99_ttft_ms": "{:.1f}", "mean_tpot_ms": "{:.2f}",
                "prefix_cache_hit_rate": "{:.1%}", "peak_running": "{:.0f}",
-               "errors": "{:d}"}
+               "kv_blocks_per_request": "{:.1f}", "errors": "{:d}"}
     for run in sorted(runs.values(), key=order):
         fig, ratio = run["figures"], ratios.get(run["key"], {})
         label = run["label"]

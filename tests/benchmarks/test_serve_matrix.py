@@ -282,6 +282,7 @@ def test_ratios_and_table():
 
     lines = sm.table(runs, ratios).splitlines()
     assert lines[0].startswith("| workload | model | conc | backend | out tok/s")
+    assert lines[0].endswith("| KV blocks/req | errors |")
     rows = [line.split(" | ") for line in lines[2:]]
     assert [(r[0], r[3]) for r in rows] == [
         ("| unique", "stock"), ("| unique", "sparsemm-b128"),
@@ -289,10 +290,10 @@ def test_ratios_and_table():
         ("| kv8", "stock (cut)"), ("| kv8", "sparsemm-b64")]
     assert rows[1][4:8] == ["1500 (1.50x)", "50.0 (0.50x)", "100.0 (0.25x)",
                             "25.00 (1.25x)"]
-    assert rows[1][8] == "0.0% (0.00x)" and rows[1][10] == "2 |"
+    assert rows[1][8] == "0.0% (0.00x)" and rows[1][11] == "2 |"
     assert rows[0][4] == "1000" and rows[0][8] == "40.0%"
     assert rows[3][4] == "900"  # no ratio across different parameters
-    assert rows[4][10] == "- |"  # a cut bench run has no error count
+    assert rows[4][11] == "- |"  # a cut bench run has no error count
 
 
 def test_merge_keeps_earlier_runs(tmp_path):
@@ -878,3 +879,34 @@ def test_arm_prompt_kv_of_each_arm():
     assert vb.arm_prompt_kv("sparsemm", tokens, 256) == 256
     assert vb.arm_prompt_kv("evs", tokens, 256, 0.956706) == 256
     assert vb.arm_prompt_kv("sparsemm", tokens, 8192) == 4665
+
+
+def test_kv_blocks_per_request_from_counters_and_pool():
+    """KV tokens a request holds at its end: prompt and output, less what
+    sparsemm's compaction dropped; in blocks of the server's block size.
+    The pool's view: usage x pool blocks / running, over busy samples."""
+    text = """
+vllm:cache_config_info{block_size="16",model_name="m",num_gpu_blocks="1000"} 1
+vllm:request_prompt_tokens_sum{model_name="m"} %d
+vllm:request_prompt_tokens_count{model_name="m"} %d
+vllm:request_generation_tokens_sum{model_name="m"} %d
+vllm:sparsemm_prompt_tokens_full_total{model_name="m"} %d
+vllm:sparsemm_prompt_tokens_kept_total{model_name="m"} %f
+"""
+    before = sm.parse_prometheus(text % (1000, 1, 10, 0, 0))
+    # ten requests of 4,665 prompt and 256 output tokens, eight compressed
+    after = sm.parse_prometheus(text % (1000 + 46650, 11, 10 + 2560,
+                                        8 * 4665, 8 * 256.0))
+    delta = sm.server_delta(before, after)
+    kv = (2 * 4665 + 8 * 256 + 10 * 256) / 10
+    assert sm.kv_tokens_per_request(delta) == pytest.approx(kv)
+    assert sm.cache_numbers(before) == (16, 1000)
+    assert sm.cache_numbers({}) == (None, None)
+    assert sm.kv_tokens_per_request({"finished_requests": 0}) is None
+    timeline = [[0.0, 0, 0, 0, 0.0], [0.5, 10, 0, 0, 0.5], [1.0, 20, 0, 0, 0.8]]
+    assert sm.pool_blocks_per_request(timeline, 1000) == pytest.approx(45)
+    assert sm.pool_blocks_per_request(timeline, None) is None
+    fig = sm.figures({"server": delta, "block_size": 16, "timeline": timeline,
+                      "num_gpu_blocks": 1000})
+    assert fig["kv_blocks_per_request"] == pytest.approx(kv / 16)
+    assert fig["pool_blocks_per_request"] == pytest.approx(45)
