@@ -1,18 +1,23 @@
-"""Async chat-completions load client for image workloads against ``vllm serve``.
+"""Async chat-completions load client for image and video workloads against
+``vllm serve``.
 
-``vllm bench serve`` has no dataset for many questions about a few images or
-for multi-turn conversations, so ``serve_matrix.py`` runs those with this
-client; the reliability suite reuses it to close connections mid-stream.
+``vllm bench serve`` has no dataset for many questions about a few images,
+for multi-turn conversations or for videos of a set frame count, so
+``serve_matrix.py`` runs those with this client; the reliability suite reuses
+it to close connections mid-stream.
 
     python benchmarks/chat_client.py --base-url http://127.0.0.1:8000 \\
         --workload questions --concurrency 64 --out questions.json
     python benchmarks/chat_client.py --workload multiturn --concurrency 64 \\
         --max-tokens 64 --out multiturn.json
+    python benchmarks/chat_client.py --workload video --frames 64 \\
+        --num-requests 512 --concurrency 256 --out video.json
 
-Images go as base64 data URLs generated from a seed, so the same request list
-comes back on every run. Summary keys follow ``vllm bench serve``'s result
-JSON where they overlap (``completed``, ``output_throughput``,
-``mean_ttft_ms``, ``p99_ttft_ms``, ``mean_tpot_ms``, ...).
+Images and videos (mp4) go as base64 data URLs generated from a seed, so the
+same request list comes back on every run. Summary keys follow ``vllm bench
+serve``'s result JSON where they overlap (``completed``,
+``output_throughput``, ``mean_ttft_ms``, ``p99_ttft_ms``, ``mean_tpot_ms``,
+...).
 """
 
 from __future__ import annotations
@@ -23,14 +28,22 @@ import base64
 import collections
 import io
 import json
+import os
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 # seed salts, so two workloads given the same seed never share an image
-SALT = {"questions": 1, "multiturn": 2, "warmup": 3}
+SALT = {"questions": 1, "multiturn": 2, "warmup": 3, "video": 4}
 PERCENTILES = (50, 99)
+VIDEO_QUESTION = "Describe what happens in this video."
+# the rate the mp4 declares: vLLM's loaders keep every frame at any rate
+# with num_frames -1, and Qwen's processors take time from it
+VIDEO_FPS = 2.0
 
 OPENERS = ("What is", "Describe", "How would you rate", "Can you explain",
            "Tell me about", "What do you notice about", "Comment on",
@@ -70,6 +83,47 @@ def image_url(seed, size=(336, 336), fmt: str = "JPEG") -> str:
     mime = "png" if fmt.upper() == "PNG" else "jpeg"
     data = base64.b64encode(make_image(seed, size, fmt)).decode()
     return f"data:image/{mime};base64,{data}"
+
+
+def video_frames(seed, frames: int, size=(336, 336)) -> np.ndarray:
+    """``frames`` RGB frames ``[T, H, W, 3]`` from ``seed``: a flat colour
+    drifting from frame to frame and a moving square, so consecutive frames
+    differ (EVS keeps what changes) and the mp4 stays small."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    steps = np.arange(frames)[:, None]
+    shades = ((rng.integers(0, 256, 3) + steps * rng.integers(1, 8, 3))
+              % 256).astype(np.uint8)
+    video = np.broadcast_to(shades[:, None, None, :],
+                            (frames, height, width, 3)).copy()
+    side = max(1, min(width, height) // 8)
+    top = int(rng.integers(0, height - side + 1))
+    for t in range(frames):
+        left = (4 * t) % (width - side + 1)
+        video[t, top:top + side, left:left + side] = 255 - shades[t]
+    return video
+
+
+def make_video(seed, frames: int, size=(336, 336)) -> bytes:
+    """``video_frames`` as an mp4 (MPEG-4 part 2, which OpenCV writes with
+    no extra codec) at ``VIDEO_FPS``: every frame is in the file."""
+    import cv2
+    width, height = size
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "video.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"),
+                                 VIDEO_FPS, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError("OpenCV cannot write an mp4v video here")
+        for frame in video_frames(seed, frames, size):
+            writer.write(np.ascontiguousarray(frame[:, :, ::-1]))  # BGR
+        writer.release()
+        return Path(path).read_bytes()
+
+
+def video_url(seed, frames: int, size=(336, 336)) -> str:
+    data = base64.b64encode(make_video(seed, frames, size)).decode()
+    return f"data:video/mp4;base64,{data}"
 
 
 def make_questions(n: int, seed: int = 0) -> list[str]:
@@ -116,12 +170,13 @@ class ChatRequest:
         return body
 
 
-def user_turn(url: str | None, text: str) -> dict:
+def user_turn(url: str | None, text: str, kind: str = "image") -> dict:
+    """A user message: ``text`` after one ``kind`` ("image" or "video")."""
     if url is None:
         return {"role": "user", "content": text}
+    part = f"{kind}_url"
     return {"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}},
-        {"type": "text", "text": text}]}
+        {"type": part, part: {"url": url}}, {"type": "text", "text": text}]}
 
 
 def questions_workload(num_requests: int = 2000, num_images: int = 32,
@@ -134,6 +189,19 @@ def questions_workload(num_requests: int = 2000, num_images: int = 32,
                         tag={"index": i, "image": i % num_images},
                         **request_kwargs)
             for i, question in enumerate(make_questions(num_requests, seed))]
+
+
+def video_workload(num_requests: int = 512, frames: int = 16, seed: int = 0,
+                   size=(336, 336), **request_kwargs) -> list[ChatRequest]:
+    """One fresh video per request (no prefix-cache hit), each asked
+    ``VIDEO_QUESTION``, so every prompt has the same length."""
+    seeds = [[seed, SALT["video"], frames, i] for i in range(num_requests)]
+    # OpenCV encodes outside the GIL: threads make the start-up shorter
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        urls = list(pool.map(lambda s: video_url(s, frames, size), seeds))
+    return [ChatRequest(messages=[user_turn(url, VIDEO_QUESTION, "video")],
+                        tag={"index": i, "frames": frames}, **request_kwargs)
+            for i, url in enumerate(urls)]
 
 
 @dataclass
@@ -461,10 +529,13 @@ async def run_workload(args) -> tuple[list[ChatResult], float]:
                           ignore_eos=not args.no_ignore_eos,
                           vllm_xargs=args.vllm_xargs,
                           disconnect_after=args.disconnect_after)
-    if args.workload == "questions":
-        requests = questions_workload(args.num_requests, args.num_images,
-                                      args.seed, size, args.image_format,
-                                      **request_kwargs)
+    if args.workload in ("questions", "video"):
+        requests = (video_workload(args.num_requests, args.frames, args.seed,
+                                   size, **request_kwargs)
+                    if args.workload == "video" else
+                    questions_workload(args.num_requests, args.num_images,
+                                       args.seed, size, args.image_format,
+                                       **request_kwargs))
         return await run_requests(args.base_url, model, requests,
                                   args.concurrency, args.max_seconds)
     conversations = multiturn_workload(args.conversations, args.turns,
@@ -479,10 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", help="served model name (default: the "
                         "server's first)")
-    parser.add_argument("--workload", choices=("questions", "multiturn"),
+    parser.add_argument("--workload",
+                        choices=("questions", "multiturn", "video"),
                         default="questions")
     parser.add_argument("--num-requests", type=int, default=2000,
-                        help="questions: requests")
+                        help="questions, video: requests")
     parser.add_argument("--num-images", type=int, default=32,
                         help="questions: distinct images")
     parser.add_argument("--conversations", type=int, default=256,
@@ -499,7 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON dict sent as vllm_xargs")
     parser.add_argument("--disconnect-after", type=int, default=None,
                         help="close each stream after this many chunks")
-    parser.add_argument("--image-size", default="336x336", help="WxH")
+    parser.add_argument("--frames", type=int, default=16,
+                        help="video: frames of each request's video (the "
+                        "server must keep them all: --media-io-kwargs "
+                        "'{\"video\": {\"num_frames\": -1}}')")
+    parser.add_argument("--image-size", default="336x336",
+                        help="WxH of images, or of a video's frames")
     parser.add_argument("--image-format", default="JPEG",
                         choices=("JPEG", "PNG", "jpeg", "png"))
     parser.add_argument("--seed", type=int, default=0)

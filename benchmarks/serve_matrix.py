@@ -4,12 +4,15 @@
         --max-seconds 90 --out serve.json
     python benchmarks/serve_matrix.py --workloads questions,multiturn \\
         --max-seconds 90 --out serve.json        # merges into the same JSON
+    python benchmarks/serve_matrix.py --workloads video --video-frames 64 \\
+        --backends stock,evs --max-seconds 90 --out serve.json
     python benchmarks/serve_matrix.py --table-only --out serve.json
 
 For every server variant (stock ``--attention-backend FLASH_ATTN`` with its
-default prefix caching, then sparsemm at each budget) one ``vllm serve`` of a
-dummy-weight model runs on this GPU while each selected workload's loads run
-against it in turn; then it is stopped and the next variant starts:
+default prefix caching, for videos stock with EVS, then sparsemm at each
+budget) one ``vllm serve`` of a dummy-weight model runs on this GPU while each
+selected workload's loads run against it in turn; then it is stopped and the
+next variant starts:
 
 * ``unique``: ``vllm bench serve`` on its ``random-mm`` dataset (one fresh
   image per request) at each ``--concurrency``.
@@ -19,6 +22,12 @@ against it in turn; then it is stopped and the next variant starts:
   every turn resending the history with the server's answers.
 * ``kv8``: the ``unique`` load on a LLaVA-NeXT-7B-shaped model with an
   8 GiB KV cache, where memory bounds the batch.
+* ``video`` (not run by default): ``chat_client.py``: one fresh mp4 per
+  request, of each ``--video-frames`` count, every frame reaching the model,
+  on a Qwen2.5-VL-7B-shaped model with an 8 GiB KV cache. Its third arm is
+  stock with vLLM's own video-token pruning (EVS, ``--video-pruning-rate``)
+  at the rate that keeps as many prompt tokens as sparsemm's budget
+  (``video_budget.py``).
 
 While a load runs ``/metrics`` is scraped about twice a second (peak running
 requests, a token timeline), and once before and after (counter differences:
@@ -26,7 +35,8 @@ prefix-cache hit rate, tokens, server-side latency histograms). A load cut by
 ``--max-seconds`` is reported from the server's counters (``vllm bench serve``
 writes no result when interrupted). Every run is merged into ``--out`` by key
 as soon as it ends, so several short invocations build one table; a markdown
-table with each sparsemm figure's ratio to stock's is printed at the end.
+table with each figure's ratio to stock's (and sparsemm's output tok/s over
+EVS's) is printed at the end.
 """
 
 from __future__ import annotations
@@ -50,11 +60,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import chat_client  # noqa: E402
+import video_budget  # noqa: E402
 
 VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 CLIENT = [sys.executable, str(HERE / "chat_client.py")]
 SERVED_NAME = "model"
-WORKLOADS = ("unique", "questions", "multiturn", "kv8")
+WORKLOADS = ("unique", "questions", "multiturn", "kv8", "video")
+DEFAULT_WORKLOADS = WORKLOADS[:4]
 BENCH_WORKLOADS = ("unique", "kv8")
 MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
           "llava-next-7b": "write_dummy_llava_next_7b",
@@ -68,33 +80,48 @@ MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
 LLAVA_SCORES = "llava-v1.6-vicuna-7b"
 FINISHED_OK = ("stop", "length")
 FIGURES = ("output_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-           "prefix_cache_hit_rate", "peak_running", "errors")
-RATIO_FIGURES = FIGURES[:-1]
+           "prefix_cache_hit_rate", "peak_running", "kv_blocks_per_request",
+           "errors")
+RATIO_FIGURES = FIGURES[:-1] + ("pool_blocks_per_request",)
+# video servers: every frame of the file reaches the model (vLLM samples 32
+# by default), and no image budget in the profile
+VIDEO_SERVER_ARGS = ["--media-io-kwargs",
+                     json.dumps({"video": {"num_frames": -1}}),
+                     "--limit-mm-per-prompt",
+                     json.dumps({"image": 0, "video": 1})]
 
 
 # ------------------------------------------------------------------ plan
 
 @dataclass(frozen=True)
 class Backend:
-    """A server variant: stock FlashAttention, or sparsemm at one budget."""
-    name: str  # "stock" or "sparsemm"
+    """A server variant: stock FlashAttention, stock with EVS video-token
+    pruning at the rate matched to a sparsemm budget, or sparsemm at one
+    budget."""
+    name: str  # "stock", "evs" or "sparsemm"
     budget: int | None = None
     settings: str = "{}"  # extra sparsemm settings, as JSON
+    pruning_rate: float | None = None  # evs: --video-pruning-rate
 
     @property
     def label(self) -> str:
         if self.name == "stock":
             return "stock"
+        if self.name == "evs":
+            return f"evs-b{self.budget}-r{self.pruning_rate:.4g}"
         extra = "".join(f"+{k}={v}" for k, v in
                         sorted(json.loads(self.settings).items()))
         return f"sparsemm-b{self.budget}{extra}"
 
     def sparsemm_config(self, defaults: dict) -> dict | None:
-        if self.name == "stock":
+        if self.name != "sparsemm":
             return None
         return {"budget": self.budget, **defaults, **json.loads(self.settings)}
 
     def server_args(self, defaults: dict) -> list[str]:
+        if self.name == "evs":
+            return ["--attention-backend", "FLASH_ATTN",
+                    "--video-pruning-rate", str(self.pruning_rate)]
         if self.name == "stock":
             return ["--attention-backend", "FLASH_ATTN"]
         return ["--attention-backend", "sparsemm", "--additional-config",
@@ -107,6 +134,12 @@ class Load:
     workload: str
     concurrency: int
     params: dict
+
+    @property
+    def name(self) -> str:
+        """The workload as run keys name it: a video load by its frames."""
+        frames = self.params.get("frames")
+        return f"{self.workload}-{frames}f" if frames else self.workload
 
 
 @dataclass
@@ -179,6 +212,9 @@ def client_command(port: int, load: Load, out, requests_out,
     if load.workload == "questions":
         cmd += ["--num-requests", str(p["num_requests"]),
                 "--num-images", str(p["num_images"])]
+    elif load.workload == "video":
+        cmd += ["--num-requests", str(p["num_requests"]),
+                "--frames", str(p["frames"])]
     else:
         cmd += ["--conversations", str(p["conversations"]),
                 "--turns", str(p["turns"])]
@@ -264,6 +300,68 @@ def loads_for(workload: str, args) -> list[Load]:
     raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
 
 
+def video_loads(args, folder: Path) -> list[Load]:
+    """One load per frame count and concurrency; ``prompt_tokens`` is what
+    the model's processor makes of such a request (EVS is set from it)."""
+    size = chat_client.parse_size(args.video_size)
+    loads = []
+    for frames in ints(args.video_frames):
+        tokens = video_budget.video_prompt_tokens(
+            folder, frames, size, chat_client.VIDEO_QUESTION)
+        loads += [Load("video", c, {
+            "num_requests": args.video_num_requests, "frames": frames,
+            "max_tokens": args.video_output_len, "image_size": size,
+            "seed": args.seed + c, "prompt_tokens": tokens})
+            for c in ints(args.video_concurrency)]
+    return loads
+
+
+def evs_arms(budgets: list[int], loads: list[Load], folder: Path):
+    """(EVS backend, its loads) per budget and frame count: the rate that
+    keeps sparsemm's KV depends on both. No arm where sparsemm keeps the
+    whole prompt (EVS would prune nothing)."""
+    kind = video_budget.model_type(folder)
+    if kind not in video_budget.EVS_TYPES:
+        raise SystemExit(f"the evs arm is set up for {video_budget.EVS_TYPES}"
+                         f" models; {folder} is {kind!r}: choose "
+                         f"--backends stock,sparsemm")
+    arms = []
+    for budget in budgets:
+        for frames in dict.fromkeys(ld.params["frames"] for ld in loads):
+            same = [ld for ld in loads if ld.params["frames"] == frames]
+            tokens = same[0].params["prompt_tokens"]
+            rate = video_budget.evs_pruning_rate(
+                tokens["text"], tokens["video"], tokens["per_frame"], budget)
+            if rate:
+                arms.append((Backend("evs", budget, pruning_rate=rate), same))
+    return arms
+
+
+def video_arms(args, folder: Path) -> list[tuple[Backend, list[Load]]]:
+    """Stock, EVS at each budget's rate (one server per frame count), then
+    sparsemm at each budget."""
+    loads = video_loads(args, folder)
+    budgets = ints(args.video_budgets)
+    chosen = backends(args, budgets)
+    evs = (evs_arms(budgets, loads, folder)
+           if "evs" in args.backends.split(",") else [])
+    return ([(b, loads) for b in chosen if b.name == "stock"] + evs
+            + [(b, loads) for b in chosen if b.name == "sparsemm"])
+
+
+def server_plans(args, model: str, arms_of, kv_bytes: int | None = None,
+                 max_model_len: int | None = None,
+                 server_args=()) -> list[ServerPlan]:
+    """One server per (backend, loads) of ``arms_of(model folder)``."""
+    name, folder = model_folder(model, Path(args.work_dir))
+    extra = shlex.split(args.server_args or "") + list(server_args)
+    return [ServerPlan(name, folder, backend,
+                       max_model_len or args.max_model_len, kv_bytes,
+                       extra + profiler_args(args, f"{name}_{backend.label}"),
+                       sparsemm_defaults(folder), loads)
+            for backend, loads in arms_of(folder)]
+
+
 def plan(args) -> list[ServerPlan]:
     """Server variants in run order: per model group, stock first."""
     workloads = [w for w in args.workloads.split(",") if w]
@@ -271,23 +369,23 @@ def plan(args) -> list[ServerPlan]:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w!r}; "
                              f"choose from {WORKLOADS}")
-    extra = shlex.split(args.server_args or "")
-    groups = []
+
+    def same_loads(budgets: str, loads: list[Load]):
+        return lambda _: [(b, loads) for b in backends(args, ints(budgets))]
+
+    plans = []
     shared = [w for w in WORKLOADS[:3] if w in workloads]
     if shared:
-        groups.append((args.model, None, ints(args.budgets),
-                       [ld for w in shared for ld in loads_for(w, args)]))
+        plans += server_plans(args, args.model, same_loads(
+            args.budgets, [ld for w in shared for ld in loads_for(w, args)]))
     if "kv8" in workloads:
-        groups.append((args.kv8_model, args.kv8_bytes, ints(args.kv8_budgets),
-                       loads_for("kv8", args)))
-    plans = []
-    for model, kv_bytes, budgets, loads in groups:
-        name, folder = model_folder(model, Path(args.work_dir))
-        for backend in backends(args, budgets):
-            plans.append(ServerPlan(
-                name, folder, backend, args.max_model_len, kv_bytes,
-                extra + profiler_args(args, f"{name}_{backend.label}"),
-                sparsemm_defaults(folder), loads))
+        plans += server_plans(args, args.kv8_model, same_loads(
+            args.kv8_budgets, loads_for("kv8", args)), args.kv8_bytes)
+    if "video" in workloads:
+        plans += server_plans(args, args.video_model,
+                              lambda folder: video_arms(args, folder),
+                              args.video_kv_bytes, args.video_max_model_len,
+                              VIDEO_SERVER_ARGS)
     return plans
 
 
@@ -423,6 +521,15 @@ def server_delta(before: dict, after: dict) -> dict:
         "mm_cache_queries": diff("vllm:mm_cache_queries_total"),
         "prompt_tokens": diff("vllm:prompt_tokens_total"),
         "generation_tokens": diff("vllm:generation_tokens_total"),
+        # finished requests' prompt and output tokens, and what sparsemm's
+        # compaction kept of the prompts it compressed (mean over KV heads)
+        "finished_prompt_tokens": diff("vllm:request_prompt_tokens_sum"),
+        "finished_output_tokens": diff("vllm:request_generation_tokens_sum"),
+        "finished_requests": diff("vllm:request_prompt_tokens_count"),
+        "compressed_prompt_tokens": diff(
+            "vllm:sparsemm_prompt_tokens_full_total"),
+        "compressed_prompt_tokens_kept": diff(
+            "vllm:sparsemm_prompt_tokens_kept_total"),
         "preemptions": diff("vllm:num_preemptions_total"),
         # sparsemm's own: steps its admission held a request back, and
         # the GPU seconds of selection and compaction
@@ -460,6 +567,40 @@ def active_rate(timeline: list[list[float]], column: int = 3) -> float | None:
     first, last = rises[0] - 1, rises[-1]
     seconds = timeline[last][0] - timeline[first][0]
     return (values[last] - values[first]) / seconds if seconds > 0 else None
+
+
+def kv_tokens_per_request(server: dict) -> float | None:
+    """The KV tokens a finished request held at its end, on average over a
+    load: its prompt and output, less the prompt tokens sparsemm's
+    compaction dropped (for EVS the prompt is already the pruned one)."""
+    count, prompt = (server.get("finished_requests"),
+                     server.get("finished_prompt_tokens"))
+    if not count or prompt is None:
+        return None
+    dropped = ((server.get("compressed_prompt_tokens") or 0)
+               - (server.get("compressed_prompt_tokens_kept") or 0))
+    output = server.get("finished_output_tokens") or 0
+    return (prompt + output - dropped) / count
+
+
+def pool_blocks_per_request(timeline: list[list[float]],
+                            num_blocks: int | None) -> float | None:
+    """KV blocks in use per running request, from the pool's usage (any
+    backend), averaged over the samples with requests running."""
+    rows = [row for row in timeline if row[1] > 0]
+    if not rows or not num_blocks:
+        return None
+    return sum(row[4] * num_blocks / row[1] for row in rows) / len(rows)
+
+
+def cache_numbers(metrics: dict) -> tuple[int | None, int | None]:
+    """(block size, blocks in the pool) from ``vllm:cache_config_info``."""
+    labels = (metrics.get("vllm:cache_config_info") or [({}, 0.0)])[0][0]
+
+    def number(key):
+        value = labels.get(key)
+        return int(value) if value and value.isdigit() else None
+    return number("block_size"), number("num_gpu_blocks")
 
 
 def http_get(url: str, timeout: float = 5.0) -> str:
@@ -624,13 +765,18 @@ def wait_idle(base_url: str, timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def warm_up(base_url: str, seed: int) -> str | None:
-    """One small request with its own image, so first-request set-up is not
-    in the first load; returns the error, if any."""
-    request = chat_client.ChatRequest(
-        messages=[chat_client.user_turn(chat_client.image_url(
-            [seed, chat_client.SALT["warmup"]]), "Describe the image.")],
-        max_tokens=8, stream=False)
+def warm_up(base_url: str, seed: int, video_size=None) -> str | None:
+    """One small request with its own image (a video server: a short video
+    of frames of ``video_size``), so first-request set-up is not in the
+    first load; returns the error, if any."""
+    salt = [seed, chat_client.SALT["warmup"]]
+    turn = (chat_client.user_turn(chat_client.video_url(salt, 4, video_size),
+                                  "Describe the video.", "video")
+            if video_size else
+            chat_client.user_turn(chat_client.image_url(salt),
+                                  "Describe the image."))
+    request = chat_client.ChatRequest(messages=[turn], max_tokens=8,
+                                      stream=False)
     import asyncio
     results, _ = asyncio.run(chat_client.run_requests(
         base_url, SERVED_NAME, [request], 1))
@@ -685,7 +831,7 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
             profile: tuple[float, float] | None = None) -> dict:
     """Run one load against the running server and return its record;
     ``profile = (at, seconds)`` profiles that window of it."""
-    key = run_key(load.workload, server.model, load.concurrency,
+    key = run_key(load.name, server.model, load.concurrency,
                   server.backend.label)
     stem = str(log_dir / re.sub(r"[^\w.+=-]+", "_", key))
     base = f"http://127.0.0.1:{port}"
@@ -726,11 +872,15 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
                  + log_tail(load_log, 15))
     server_numbers = server_delta(before, after)
     server_numbers["output_throughput"] = active_rate(timeline)
+    block_size, num_blocks = cache_numbers(before)
     run = {
-        "key": key, "workload": load.workload, "model": server.model,
+        "key": key, "workload": load.name, "model": server.model,
         "model_dir": str(server.model_dir), "concurrency": load.concurrency,
         "backend": server.backend.name, "label": server.backend.label,
         "budget": server.backend.budget,
+        "video_pruning_rate": server.backend.pruning_rate,
+        "planned_prompt_kv": planned_prompt_kv(server.backend, load),
+        "block_size": block_size, "num_gpu_blocks": num_blocks,
         "sparsemm": server.backend.sparsemm_config(server.sparsemm_defaults),
         "kv_cache_memory_bytes": server.kv_bytes,
         "max_model_len": server.max_model_len,
@@ -752,10 +902,10 @@ def failed_runs(server: ServerPlan, error: str) -> dict:
     """Records for loads that never ran because the server did not start."""
     runs = {}
     for load in server.loads:
-        key = run_key(load.workload, server.model, load.concurrency,
+        key = run_key(load.name, server.model, load.concurrency,
                       server.backend.label)
         runs[key] = {
-            "key": key, "workload": load.workload, "model": server.model,
+            "key": key, "workload": load.name, "model": server.model,
             "concurrency": load.concurrency, "backend": server.backend.name,
             "label": server.backend.label, "budget": server.backend.budget,
             "load_params": load.params, "server_error": error, "cut": False,
@@ -764,7 +914,24 @@ def failed_runs(server: ServerPlan, error: str) -> dict:
     return runs
 
 
+def planned_prompt_kv(backend: Backend, load: Load) -> int | None:
+    """Prompt KV tokens per request (per KV head) this arm should keep, for
+    loads whose prompt the model's processor counted (video)."""
+    tokens = load.params.get("prompt_tokens")
+    if not tokens:
+        return None
+    return video_budget.arm_prompt_kv(backend.name, tokens, backend.budget,
+                                      backend.pruning_rate)
+
+
 # ---------------------------------------------------------- tabulation
+
+def kv_blocks_per_request(run: dict) -> float | None:
+    """``kv_tokens_per_request`` in blocks of the server's block size."""
+    tokens = kv_tokens_per_request(run.get("server") or {})
+    size = run.get("block_size")
+    return None if tokens is None or not size else tokens / size
+
 
 def figures(run: dict) -> dict:
     """The table's numbers for a run: the load generator's, or the server's
@@ -778,6 +945,9 @@ def figures(run: dict) -> dict:
         "mean_tpot_ms": source.get("mean_tpot_ms"),
         "prefix_cache_hit_rate": server.get("prefix_cache_hit_rate"),
         "peak_running": run.get("peak_running"),
+        "kv_blocks_per_request": kv_blocks_per_request(run),
+        "pool_blocks_per_request": pool_blocks_per_request(
+            run.get("timeline") or [], run.get("num_gpu_blocks")),
         "errors": load.get("failed") if load else None,
         "completed": source.get("completed"),
         "source": "load" if source is load and load else "server",
@@ -793,19 +963,39 @@ def _same(params) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def evs_run(runs: dict, run: dict) -> dict | None:
+    """The EVS run set to keep what a sparsemm run's budget keeps, on the
+    same workload, model and concurrency."""
+    return next((other for other in runs.values()
+                 if other["backend"] == "evs" and run["backend"] == "sparsemm"
+                 and other.get("budget") == run.get("budget")
+                 and all(other[k] == run[k]
+                         for k in ("workload", "model", "concurrency"))),
+                None)
+
+
 def compute_ratios(runs: dict) -> dict:
-    """Each sparsemm figure over stock's, for the same workload, model,
-    concurrency and load parameters."""
+    """Each sparsemm (and EVS) figure over stock's, for the same workload,
+    model, concurrency and load parameters; a sparsemm run's over its EVS
+    run's too, under ``vs_evs``."""
     ratios = {}
     for key, run in runs.items():
-        stock = runs.get(stock_key(run))
-        if run["backend"] == "stock" or stock is None \
-                or _same(stock.get("load_params")) != _same(
-                    run.get("load_params")):
+        if run["backend"] == "stock":
             continue
-        ratios[key] = figure_ratios(run["figures"], stock["figures"],
-                                    RATIO_FIGURES)
+        stock, evs = runs.get(stock_key(run)), evs_run(runs, run)
+        with_stock, with_evs = _comparable(run, stock), _comparable(run, evs)
+        if with_stock:
+            ratios[key] = figure_ratios(run["figures"], stock["figures"],
+                                        RATIO_FIGURES)
+        if with_evs:
+            ratios.setdefault(key, {})["vs_evs"] = figure_ratios(
+                run["figures"], evs["figures"], RATIO_FIGURES)
     return ratios
+
+
+def _comparable(run: dict, other: dict | None) -> bool:
+    return other is not None and _same(other.get("load_params")) == _same(
+        run.get("load_params"))
 
 
 def figure_ratios(mine: dict, theirs: dict, names) -> dict:
@@ -822,22 +1012,31 @@ def _cell(value, fmt: str, ratio=None) -> str:
     return f"{text} ({ratio:.2f}x)" if ratio is not None else text
 
 
-def table(runs: dict, ratios: dict) -> str:
-    """Markdown: one row per run; sparsemm cells carry their ratio to stock."""
-    def order(run):
-        w = run["workload"]
-        return (WORKLOADS.index(w) if w in WORKLOADS else len(WORKLOADS),
-                run["model"], run["concurrency"], run["backend"] != "stock",
-                run.get("budget") or 0, run["label"])
+ARMS = ("stock", "evs", "sparsemm")
 
+
+def _order(run: dict) -> tuple:
+    """Table order: workload, frames, model, concurrency, then stock, EVS
+    and sparsemm, by budget."""
+    w = run["workload"].split("-")[0]
+    return (WORKLOADS.index(w) if w in WORKLOADS else len(WORKLOADS),
+            (run.get("load_params") or {}).get("frames") or 0, run["model"],
+            run["concurrency"], ARMS.index(run["backend"])
+            if run["backend"] in ARMS else len(ARMS),
+            run.get("budget") or 0, run["label"])
+
+
+def table(runs: dict, ratios: dict) -> str:
+    """Markdown: one row per run; other cells carry their ratio to stock,
+    and a sparsemm run its output tok/s over its EVS run's."""
     lines = ["| workload | model | conc | backend | out tok/s | mean TTFT ms "
              "| p99 TTFT ms | mean TPOT ms | prefix hit | peak running "
-             "| errors |", "|" + "---|" * 11]
+             "| KV blocks/req | errors | tok/s vs EVS |", "|" + "---|" * 13]
     formats = {"output_throughput": "{:.0f}", "mean_ttft_ms": "{:.1f}",
                "p99_ttft_ms": "{:.1f}", "mean_tpot_ms": "{:.2f}",
                "prefix_cache_hit_rate": "{:.1%}", "peak_running": "{:.0f}",
-               "errors": "{:d}"}
-    for run in sorted(runs.values(), key=order):
+               "kv_blocks_per_request": "{:.1f}", "errors": "{:d}"}
+    for run in sorted(runs.values(), key=_order):
         fig, ratio = run["figures"], ratios.get(run["key"], {})
         label = run["label"]
         if run.get("server_error"):
@@ -849,6 +1048,8 @@ def table(runs: dict, ratios: dict) -> str:
         if (run.get("profiled") or {}).get("started"):
             label += " (profiled)"
         cells = [_cell(fig.get(f), formats[f], ratio.get(f)) for f in FIGURES]
+        vs_evs = ratio.get("vs_evs", {}).get("output_throughput")
+        cells.append("-" if vs_evs is None else f"{vs_evs:.2f}x")
         lines.append(f"| {run['workload']} | {run['model']} | "
                      f"{run['concurrency']} | {label} | " + " | ".join(cells)
                      + " |")
@@ -896,9 +1097,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workloads", default=",".join(WORKLOADS),
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                    help=f"comma list of {WORKLOADS}")
-    p.add_argument("--backends", default="stock,sparsemm")
+    p.add_argument("--backends", default="stock,evs,sparsemm",
+                   help="comma list of stock, evs (video only: stock with "
+                   "--video-pruning-rate keeping what each budget keeps), "
+                   "sparsemm")
     p.add_argument("--model", default="llava-1.5-7b",
                    help=f"{list(MODELS)} (written locally) or a model folder")
     p.add_argument("--budgets", default="128",
@@ -939,6 +1143,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv8-output-len", type=int, default=512)
     p.add_argument("--kv8-image-size", default="672x672",
                    help="WxH (LLaVA-NeXT tiles it: a long, KV-heavy prompt)")
+    p.add_argument("--video-model", default="qwen2.5-vl-7b",
+                   help="video: the model (EVS needs Qwen2.5-VL)")
+    p.add_argument("--video-frames", default="16,64",
+                   help="video: frames per video (each its own load; every "
+                   "frame reaches the model)")
+    p.add_argument("--video-size", default="336x336",
+                   help="video: WxH of the frames")
+    p.add_argument("--video-budgets", default="256",
+                   help="video: sparsemm budgets, each with its EVS arm")
+    p.add_argument("--video-concurrency", default="256")
+    p.add_argument("--video-num-requests", type=int, default=512,
+                   help="video: requests per load, each its own video")
+    p.add_argument("--video-output-len", type=int, default=256)
+    p.add_argument("--video-kv-bytes", type=int, default=8 * 2**30,
+                   help="video: --kv-cache-memory-bytes (memory bounds the "
+                   "batch; 0: vLLM's default)")
+    p.add_argument("--video-max-model-len", type=int, default=8192)
     p.add_argument("--max-seconds", type=float, default=None,
                    help="cap on each load's run time; a cut load is reported "
                    "from the server's counters")
@@ -1023,7 +1244,9 @@ def main(argv=None) -> int:
             merge(out, failed_runs(server, str(exc)), invocation, gpu)
             continue
         try:
-            error = warm_up(f"http://127.0.0.1:{port}", args.seed)
+            video = next((ld.params["image_size"] for ld in server.loads
+                          if ld.workload == "video"), None)
+            error = warm_up(f"http://127.0.0.1:{port}", args.seed, video)
             if error:
                 print(f"!! warm-up request failed: {error}", flush=True)
             for load in server.loads:

@@ -1,6 +1,8 @@
 """The serve benchmark on the CPU: its command lines against vLLM's own
 parsers, the /metrics arithmetic, ratios and table, the chat client's
-workloads and summary, and client and driver against a fake OpenAI server."""
+workloads and summary, client and driver against a fake OpenAI server, and
+the video workload's arms (EVS matched to sparsemm's budget) against vLLM's
+own token counts."""
 
 import asyncio
 import itertools
@@ -12,10 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import chat_client as cc  # noqa: E402
 import serve_matrix as sm  # noqa: E402
+import video_budget as vb  # noqa: E402
 
 
 # ------------------------------------------------------------ fixtures
@@ -122,7 +127,8 @@ def test_bench_command_parses_with_vllm(tmp_path, vllm_parsers):
 def test_client_command_parses_with_the_client(tmp_path):
     for workload, extra in (("questions", {"num_requests": 2000,
                                            "num_images": 32}),
-                            ("multiturn", {"conversations": 256, "turns": 4})):
+                            ("multiturn", {"conversations": 256, "turns": 4}),
+                            ("video", {"num_requests": 512, "frames": 64})):
         load = sm.Load(workload, 64, {"max_tokens": 64, "image_size": (336, 336),
                                       "seed": 3, **extra})
         cmd = sm.client_command(8123, load, tmp_path / "o.json",
@@ -136,6 +142,8 @@ def test_client_command_parses_with_the_client(tmp_path):
         assert a.image_size == "336x336"
         if workload == "questions":
             assert (a.num_requests, a.num_images) == (2000, 32)
+        elif workload == "video":
+            assert (a.num_requests, a.frames) == (512, 64)
         else:
             assert (a.conversations, a.turns) == (256, 4)
 
@@ -227,11 +235,11 @@ def test_active_rate_ignores_idle_head_and_tail():
 # ------------------------------------------------------ ratios and table
 
 def _run(workload, conc, label, load=None, server=None, cut=False,
-         peak_running=10, params=None):
+         peak_running=10, params=None, budget=128):
+    backend = label.split("-")[0]  # stock, evs or sparsemm
     run = {"key": sm.run_key(workload, "m", conc, label), "workload": workload,
-           "model": "m", "concurrency": conc,
-           "backend": "stock" if label == "stock" else "sparsemm",
-           "label": label, "budget": None if label == "stock" else 128,
+           "model": "m", "concurrency": conc, "backend": backend,
+           "label": label, "budget": None if label == "stock" else budget,
            "load_params": params or {"seed": conc, "size": [8, 8]},
            "cut": cut, "load": load,
            "server": server or {"prefix_cache_hit_rate": 0.0},
@@ -279,6 +287,7 @@ def test_ratios_and_table():
 
     lines = sm.table(runs, ratios).splitlines()
     assert lines[0].startswith("| workload | model | conc | backend | out tok/s")
+    assert lines[0].endswith("| KV blocks/req | errors | tok/s vs EVS |")
     rows = [line.split(" | ") for line in lines[2:]]
     assert [(r[0], r[3]) for r in rows] == [
         ("| unique", "stock"), ("| unique", "sparsemm-b128"),
@@ -286,10 +295,11 @@ def test_ratios_and_table():
         ("| kv8", "stock (cut)"), ("| kv8", "sparsemm-b64")]
     assert rows[1][4:8] == ["1500 (1.50x)", "50.0 (0.50x)", "100.0 (0.25x)",
                             "25.00 (1.25x)"]
-    assert rows[1][8] == "0.0% (0.00x)" and rows[1][10] == "2 |"
+    assert rows[1][8] == "0.0% (0.00x)" and rows[1][11] == "2"
     assert rows[0][4] == "1000" and rows[0][8] == "40.0%"
     assert rows[3][4] == "900"  # no ratio across different parameters
-    assert rows[4][10] == "- |"  # a cut bench run has no error count
+    assert rows[4][11] == "-"  # a cut bench run has no error count
+    assert {r[12] for r in rows} == {"- |"}  # no EVS run to compare with
 
 
 def test_merge_keeps_earlier_runs(tmp_path):
@@ -840,3 +850,274 @@ def test_measure_profiles_a_window_of_the_load(tmp_path):
         assert not [e for e in server.events if "profile" in e]
     assert not run["profiled"]["started"]
     assert "(profiled)" not in sm.table({run["key"]: run}, {})
+
+
+# ------------------------------------------------------- video workload
+
+# what the dummy Qwen2.5-VL-7B folder's processor counts for a request of
+# 336x336 frames (counting is checked against vLLM's chat path below)
+QWEN_TOKENS = {16: {"text": 57, "video": 1152, "per_frame": 144, "steps": 8},
+               64: {"text": 57, "video": 4608, "per_frame": 144, "steps": 32}}
+
+
+@settings(max_examples=300, deadline=None)  # no wall-clock limit
+@given(text=st.integers(0, 400), steps=st.integers(1, 128),
+       per_frame=st.integers(1, 1500), budget=st.integers(33, 40000))
+def test_evs_rate_keeps_what_the_budget_keeps(text, steps, per_frame, budget):
+    """At the chosen rate vLLM's own EVS count leaves sparsemm's min(N, B)
+    prompt tokens; more only where EVS's floor (the first temporal step) is
+    above that, and no pruning where sparsemm compresses nothing."""
+    from vllm.multimodal.evs import compute_retained_tokens_count
+    video = steps * per_frame
+    rate = vb.evs_pruning_rate(text, video, per_frame, budget)
+    assert 0.0 <= rate < 1.0
+    kept = text + (compute_retained_tokens_count(per_frame, steps, rate)
+                   if rate else video)
+    assert kept == vb.evs_prompt_kv(text, video, per_frame, rate)
+    wanted = vb.sparsemm_prompt_kv(text + video, budget)
+    assert kept == max(wanted, text + min(per_frame, video))
+
+
+def test_arm_prompt_kv_of_each_arm():
+    """What each arm keeps of the 7B folder's 64-frame prompt at B = 256."""
+    tokens = QWEN_TOKENS[64]
+    assert vb.evs_pruning_rate(57, 4608, 144, 256) == 0.956706
+    assert vb.arm_prompt_kv("stock", tokens) == 4665
+    assert vb.arm_prompt_kv("sparsemm", tokens, 256) == 256
+    assert vb.arm_prompt_kv("evs", tokens, 256, 0.956706) == 256
+    assert vb.arm_prompt_kv("sparsemm", tokens, 8192) == 4665
+
+
+def _video_args(tmp_path, model_type="qwen2_5_vl", *extra):
+    folder = _model_dir(tmp_path / model_type, model_type)
+    return sm.parse_args(["--workloads", "video", "--video-model", str(folder),
+                          "--out", str(tmp_path / "out.json"), *extra])
+
+
+@pytest.fixture
+def qwen_tokens(monkeypatch):
+    """The 7B folder's counts, without writing one."""
+    monkeypatch.setattr(vb, "video_prompt_tokens",
+                        lambda folder, frames, size, question:
+                        dict(QWEN_TOKENS[frames]))
+
+
+def test_video_plan_arms_and_commands(tmp_path, vllm_parsers, qwen_tokens):
+    """Stock, EVS per budget and frame count (none where sparsemm keeps the
+    whole prompt), sparsemm per budget; the EVS flag and its rate only in
+    the EVS servers; every server keeps every frame of a video."""
+    serve_parser, _ = vllm_parsers
+    plans = sm.plan(_video_args(tmp_path, "qwen2_5_vl",
+                                "--video-budgets", "256,2048"))
+    assert [p.backend.label for p in plans] == [
+        "stock", "evs-b256-r0.8268", "evs-b256-r0.9567", "evs-b2048-r0.5678",
+        "sparsemm-b256", "sparsemm-b2048"]  # 16 frames: 1,209 < 2,048
+    evs_frames = [[ld.params["frames"] for ld in p.loads] for p in plans[1:4]]
+    assert evs_frames == [[16], [64], [64]]
+    assert [ld.name for ld in plans[0].loads] == ["video-16f", "video-64f"]
+    assert plans[4].loads == plans[0].loads
+    assert plans[0].loads[1].params == {
+        "num_requests": 512, "frames": 64, "max_tokens": 256,
+        "image_size": (336, 336), "seed": 256,
+        "prompt_tokens": QWEN_TOKENS[64]}
+    for p in plans:
+        cmd = p.command(8123)
+        a = serve_parser.parse_args(cmd[len(sm.VLLM) + 1:])
+        assert a.media_io_kwargs == {"video": {"num_frames": -1}}
+        assert a.limit_mm_per_prompt == {"image": 0, "video": 1}
+        assert (a.kv_cache_memory_bytes, a.max_model_len) == (8 * 2**30, 8192)
+        assert a.attention_backend == (
+            "sparsemm" if p.backend.name == "sparsemm" else "FLASH_ATTN")
+        assert a.video_pruning_rate == p.backend.pruning_rate
+        assert ("--video-pruning-rate" in cmd) == (p.backend.name == "evs")
+        assert a.enable_prefix_caching is None  # vLLM's default: on
+    assert plans[2].backend.pruning_rate == 0.956706
+    assert plans[4].backend.sparsemm_config(plans[4].sparsemm_defaults) == {
+        "budget": 256, "head_scores": "uniform"}
+
+
+def test_video_plan_without_evs(tmp_path, qwen_tokens):
+    """EVS is set up for Qwen2.5-VL only: another model fails with the way
+    out, and runs stock and sparsemm without it."""
+    with pytest.raises(SystemExit, match="--backends stock,sparsemm"):
+        sm.plan(_video_args(tmp_path, "qwen2_vl"))
+    plans = sm.plan(_video_args(tmp_path, "qwen2_vl", "--backends",
+                                "stock,sparsemm"))
+    assert [p.backend.label for p in plans] == ["stock", "sparsemm-b256"]
+    assert "video" not in sm.build_parser().parse_args([]).workloads
+    assert "video" in sm.build_parser().format_help()
+    assert "--workloads video" in sm.__doc__
+
+
+def test_video_requests_carry_every_frame():
+    """One fresh mp4 per request as a data URL, the same on every run, and
+    every frame of it decoded by vLLM with the video servers' setting
+    (vLLM's default would take 32)."""
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.multimodal.media.video import VideoMediaIO
+    requests = cc.video_workload(3, 16, seed=2, size=(64, 48), max_tokens=7)
+    parts = [r.messages[0]["content"] for r in requests]
+    urls = [p[0]["video_url"]["url"] for p in parts]
+    assert len(set(urls)) == 3
+    assert all(u.startswith("data:video/mp4;base64,") for u in urls)
+    assert {p[1]["text"] for p in parts} == {cc.VIDEO_QUESTION}
+    body = requests[0].body("model")
+    assert body["ignore_eos"] and body["max_tokens"] == 7
+    again = cc.video_workload(3, 16, seed=2, size=(64, 48))
+    assert [r.messages for r in again] == [r.messages for r in requests]
+    setting = json.loads(sm.VIDEO_SERVER_ARGS[1])["video"]
+    every = VideoMediaIO(ImageMediaIO(), **setting)
+    frames, _ = every.load_base64("video/mp4", urls[0].split(",", 1)[1])
+    assert frames.shape == (16, 48, 64, 3)
+    long = cc.video_url([0], 64, (64, 48)).split(",", 1)[1]
+    assert every.load_base64("video/mp4", long)[0].shape[0] == 64
+    assert VideoMediaIO(ImageMediaIO()).load_base64(
+        "video/mp4", long)[0].shape[0] == 32
+
+
+def test_kv_blocks_per_request_from_counters_and_pool():
+    """KV tokens a request holds at its end: prompt and output, less what
+    sparsemm's compaction dropped; in blocks of the server's block size.
+    The pool's view: usage x pool blocks / running, over busy samples."""
+    text = """
+vllm:cache_config_info{block_size="16",model_name="m",num_gpu_blocks="1000"} 1
+vllm:request_prompt_tokens_sum{model_name="m"} %d
+vllm:request_prompt_tokens_count{model_name="m"} %d
+vllm:request_generation_tokens_sum{model_name="m"} %d
+vllm:sparsemm_prompt_tokens_full_total{model_name="m"} %d
+vllm:sparsemm_prompt_tokens_kept_total{model_name="m"} %f
+"""
+    before = sm.parse_prometheus(text % (1000, 1, 10, 0, 0))
+    # ten requests of 4,665 prompt and 256 output tokens, eight compressed
+    after = sm.parse_prometheus(text % (1000 + 46650, 11, 10 + 2560,
+                                        8 * 4665, 8 * 256.0))
+    delta = sm.server_delta(before, after)
+    kv = (2 * 4665 + 8 * 256 + 10 * 256) / 10
+    assert sm.kv_tokens_per_request(delta) == pytest.approx(kv)
+    assert sm.cache_numbers(before) == (16, 1000)
+    assert sm.cache_numbers({}) == (None, None)
+    assert sm.kv_tokens_per_request({"finished_requests": 0}) is None
+    timeline = [[0.0, 0, 0, 0, 0.0], [0.5, 10, 0, 0, 0.5],
+                [1.0, 20, 0, 0, 0.8]]
+    assert sm.pool_blocks_per_request(timeline, 1000) == pytest.approx(45)
+    assert sm.pool_blocks_per_request(timeline, None) is None
+    fig = sm.figures({"server": delta, "block_size": 16, "timeline": timeline,
+                      "num_gpu_blocks": 1000})
+    assert fig["kv_blocks_per_request"] == pytest.approx(kv / 16)
+    assert fig["pool_blocks_per_request"] == pytest.approx(45)
+
+
+def _video_run(label, tok, peak, blocks, frames=64, seed=0):
+    run = _run(f"video-{frames}f", 256, label, _load(tok, 900, 2000, 30),
+               peak_running=peak, params={"frames": frames, "seed": seed},
+               budget=256)
+    run["figures"]["kv_blocks_per_request"] = blocks
+    return run
+
+
+def test_video_ratios_to_stock_and_to_evs():
+    runs = [_video_run("stock", 1000, 30, 306.0),
+            _video_run("evs-b256-r0.9567", 3000, 200, 32.0),
+            _video_run("sparsemm-b256", 3300, 210, 33.0),
+            _video_run("stock", 2000, 100, 90.0, frames=16),
+            # measured with other load parameters than EVS's: no ratio
+            _video_run("sparsemm-b256", 2500, 250, 32.5, frames=16),
+            _video_run("evs-b256-r0.8268", 2600, 250, 32.0, frames=16,
+                       seed=1)]
+    runs = {r["key"]: r for r in runs}
+    ratios = sm.compute_ratios(runs)
+    evs = ratios["video-64f/m/c256/evs-b256-r0.9567"]
+    assert evs["peak_running"] == pytest.approx(200 / 30)
+    assert "vs_evs" not in evs
+    mine = ratios["video-64f/m/c256/sparsemm-b256"]
+    assert mine["output_throughput"] == pytest.approx(3.3)
+    assert mine["peak_running"] == pytest.approx(7.0)
+    assert mine["kv_blocks_per_request"] == pytest.approx(33 / 306)
+    assert mine["vs_evs"]["output_throughput"] == pytest.approx(1.1)
+    assert mine["vs_evs"]["kv_blocks_per_request"] == pytest.approx(33 / 32)
+    assert "vs_evs" not in ratios["video-16f/m/c256/sparsemm-b256"]
+
+    rows = [line.split(" | ") for line in
+            sm.table(runs, ratios).splitlines()[2:]]
+    assert [(r[0], r[3]) for r in rows] == [
+        ("| video-16f", "stock"), ("| video-16f", "evs-b256-r0.8268"),
+        ("| video-16f", "sparsemm-b256"), ("| video-64f", "stock"),
+        ("| video-64f", "evs-b256-r0.9567"), ("| video-64f", "sparsemm-b256")]
+    assert rows[5][4] == "3300 (3.30x)" and rows[5][9] == "210 (7.00x)"
+    assert rows[5][10] == "33.0 (0.11x)" and rows[5][12] == "1.10x |"
+    assert rows[4][12] == "- |" and rows[2][12] == "- |"
+
+
+def test_main_runs_the_video_arms(tmp_path, fake_vllm, qwen_tokens,
+                                  monkeypatch):
+    """Stock, EVS and sparsemm servers in turn, each warmed up with a video
+    and sent the video load; ratios to stock and to EVS in the JSON."""
+    monkeypatch.setitem(QWEN_TOKENS, 4, {"text": 20, "video": 128,
+                                         "per_frame": 32, "steps": 2})
+    args = _video_args(tmp_path)
+    out = tmp_path / "out.json"
+    assert sm.main(["--workloads", "video", "--video-model", args.video_model,
+                    "--video-frames", "4", "--video-size", "32x32",
+                    "--video-num-requests", "3", "--video-concurrency", "2",
+                    "--video-output-len", "3", "--video-budgets", "64",
+                    "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    stem = "video-4f/qwen2_5_vl/c2/"
+    evs = stem + "evs-b64-r0.6523"
+    assert sorted(data["runs"]) == [evs, stem + "sparsemm-b64", stem + "stock"]
+    run = data["runs"][evs]
+    assert run["load"]["completed"] == 3
+    assert run["video_pruning_rate"] == 0.652344
+    assert run["planned_prompt_kv"] == 64
+    assert data["runs"][stem + "stock"]["planned_prompt_kv"] == 148
+    assert run["load_cmd"][run["load_cmd"].index("--frames") + 1] == "4"
+    assert "vs_evs" in data["ratios"][stem + "sparsemm-b64"]
+    assert "tok/s vs EVS" in data["table"]
+
+
+def _vllm_renderer(serve_parser, cmd: list[str]):
+    """vLLM's chat renderer for a planned ``vllm serve`` command (the model
+    config is all it needs: no engine, CPU)."""
+    from vllm.config import DeviceConfig, VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.renderers.registry import renderer_from_config
+    args = serve_parser.parse_args(cmd[len(sm.VLLM) + 1:])
+    args.model = args.model_tag  # as `vllm serve` sets it
+    model = EngineArgs.from_cli_args(args).create_model_config()
+    return renderer_from_config(VllmConfig(
+        model_config=model, device_config=DeviceConfig(device="cpu")))
+
+
+def _prompt_tokens(renderer, request: cc.ChatRequest) -> int:
+    """A request's prompt length as vLLM's chat endpoint makes it: the
+    body validated, rendered, its video loaded and processed."""
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionRequest)
+    body = ChatCompletionRequest(**request.body(sm.SERVED_NAME))
+    _, prompts = renderer.render_chat([body.messages],
+                                      body.build_chat_params(None, "auto"))
+    return len(prompts[0]["prompt_token_ids"])
+
+
+@pytest.mark.slow
+def test_video_servers_keep_the_planned_prompt_tokens(tmp_path, vllm_parsers):
+    """Through vLLM's own chat path, for the planned servers' settings and
+    the client's requests on the dummy Qwen2.5-VL-7B folder: stock sees the
+    prompt the plan counted, EVS at the plan's rate keeps sparsemm's B."""
+    serve_parser, _ = vllm_parsers
+    plans = sm.plan(sm.parse_args([
+        "--workloads", "video", "--video-frames", "16,64",
+        "--video-size", "112x112", "--backends", "stock,evs",
+        "--out", str(tmp_path / "out.json")]))
+    # 16 frames: 185 prompt tokens, within B = 256: no EVS arm
+    assert [p.backend.label for p in plans] == ["stock", "evs-b256-r0.6104"]
+    seen = []
+    for server in plans:
+        renderer = _vllm_renderer(serve_parser, server.command(8123))
+        for load in server.loads:
+            request = cc.video_workload(1, load.params["frames"], 0,
+                                        load.params["image_size"])[0]
+            tokens = _prompt_tokens(renderer, request)
+            assert tokens == sm.planned_prompt_kv(server.backend, load)
+            seen.append(tokens)
+    assert seen == [185, 569, 256]

@@ -125,3 +125,21 @@ def test_vllm_processes_internvl_prompts_as_transformers(tmp_path, writer,
     (placeholder, ) = got["mm_placeholders"]["image"]
     assert placeholder.offset == start - 1
     assert placeholder.length == 3 * per_tile + 2
+
+
+def test_qwen_template_places_videos_as_images():
+    """The Qwen folders' chat template (vLLM's chat endpoint renders it):
+    a video part becomes the video placeholder, as an image part the image
+    one, each in its place."""
+    import jinja2
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+        {"type": "video"}, {"type": "text", "text": "Which?"}]}]
+    text = jinja2.Template(checkpoints.QWEN_TEMPLATE).render(
+        messages=messages, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "<|vision_start|><|video_pad|><|vision_end|>Which?<|im_end|>\n"
+        "<|im_start|>assistant\n")
