@@ -22,6 +22,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 MAX_TOKENS = 24
 # top-two logit gap under which fp8 rounding may flip a greedy token
 FP8_MARGIN = 0.1
+# fp8 KV engines run bf16 models: FlashAttention 3 writes an fp8 product
+# in bf16 (some of its builds in nothing else)
+FP8_ENGINE = {"kv_cache_dtype": "fp8", "dtype": "bfloat16"}
 TINY = dict(num_layers=4, num_heads=4, num_kv_heads=4, head_dim=64)
 
 
@@ -267,9 +270,9 @@ def test_fp8_cache_without_eviction_gives_stocks_tokens(models, kind):
     tokens of stock FlashAttention over its fp8 cache."""
     spec = dict(kind=kind, n=8)
     want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec),
-                         kv_cache_dtype="fp8")
+                         **FP8_ENGINE)
     got, _ = _tokens(models[kind], "sparsemm", {"budget": 4096}, dict(spec),
-                     kv_cache_dtype="fp8")
+                     **FP8_ENGINE)
     assert max(lens) < 4096
     assert got == want
 
@@ -284,10 +287,10 @@ def test_fp8_decode_kernels_agree(models):
     budget = {"budget": 48, "window": 16}
     want, _ = _tokens(models["llava-small"], "sparsemm",
                       {**budget, "decode_kernel": "flash_attn"}, dict(spec),
-                      kv_cache_dtype="fp8")
+                      **FP8_ENGINE)
     got, _ = _tokens(models["llava-small"], "sparsemm",
                      {**budget, "decode_kernel": "triton"}, dict(spec),
-                     kv_cache_dtype="fp8", enforce_eager=False)
+                     **FP8_ENGINE, enforce_eager=False)
     for a, b in zip(want, got):
         assert b[:8] == a[:8]
 
@@ -351,7 +354,7 @@ def test_eviction_matches_the_oracle(models, kind, budget):
               _prompts(kind, 1)[0])
     budget = {"budget": budget, "window": 16}
     llm = _llm(models[kind], "sparsemm", budget,
-               **({"kv_cache_dtype": "fp8"} if fp8 else {}))
+               **(FP8_ENGINE if fp8 else {}))
     state = _worker_state(llm)
     state.recorded = {}
     tokens, lens = _generate(llm, [prompt])
