@@ -9,8 +9,9 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from vllm_sparsemm.core.budget import head_budgets, kept_counts
 from vllm_sparsemm.testing.oracle import SparseMMOracle
-from vllm_sparsemm.testing.tiny import (internvl_inputs, llava_inputs,
-                                        llava_onevision_inputs,
+from vllm_sparsemm.testing.checkpoints import (internvl_inputs,
+                                               llava_onevision_inputs)
+from vllm_sparsemm.testing.tiny import (llava_inputs,
                                         qwen2_vl_inputs, qwen2_vl_video_inputs,
                                         tiny_internvl, tiny_llava,
                                         tiny_llava_onevision, tiny_qwen2_5_vl,

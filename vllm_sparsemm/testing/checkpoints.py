@@ -216,6 +216,37 @@ def internvl_processor_of(config):
          "start": tiny.INTERNVL_IMAGE_START, "end": tiny.INTERNVL_IMAGE_END})
 
 
+def llava_onevision_inputs(model, seed: int = 0) -> dict:
+    """A prompt ``text, <image>, text`` with a random 150x200 image, through
+    the model's processor (any-res tiles, image sizes)."""
+    return _processed(model, onevision_processor_of(model.config), (150, 200),
+                      "<|im_start|>user <image>\nabc def<|im_end|>"
+                      "<|im_start|>assistant\n", seed)
+
+
+def internvl_inputs(model, seed: int = 0) -> dict:
+    """A prompt ``text, <image>, text`` with a random image two tiles wide
+    through the model's processor: two tiles and a thumbnail."""
+    tile = model.config.vision_config.image_size[0]
+    return _processed(model, internvl_processor_of(model.config),
+                      (tile, 2 * tile), "<|im_start|>user <IMG_CONTEXT>\n"
+                      "abc def<|im_end|><|im_start|>assistant\n", seed)
+
+
+def _processed(model, processor, image_hw: tuple[int, int], prompt: str,
+               seed: int) -> dict:
+    """The oracle's inputs: ``prompt`` with a random ``image_hw`` image
+    through ``processor``, pixels in the model's dtype."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray((rng.random(image_hw + (3, )) * 255).astype(
+        np.uint8))
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return dict(inputs)
+
+
 def save_tiny_llava(path, seed: int = 0, **model_kwargs) -> Path:
     """A tiny random LLaVA-1.5-shaped checkpoint that vLLM 0.26.0 loads."""
     from vllm_sparsemm.testing.tiny import tiny_llava

@@ -170,23 +170,6 @@ def tiny_llava_onevision(num_layers: int = 3, num_heads: int = 4,
     return _build(LlavaOnevisionForConditionalGeneration, config, seed, dtype)
 
 
-def llava_onevision_inputs(model, seed: int = 0) -> dict:
-    """A prompt ``text, <image>, text`` with a random 150x200 image, through
-    the model's processor (any-res tiles, image sizes)."""
-    import numpy as np
-    from PIL import Image
-
-    from vllm_sparsemm.testing.checkpoints import onevision_processor_of
-    processor = onevision_processor_of(model.config)
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray((rng.random((150, 200, 3)) * 255).astype(np.uint8))
-    inputs = processor(images=image, text="<|im_start|>user <image>\nabc "
-                       "def<|im_end|><|im_start|>assistant\n",
-                       return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return dict(inputs)
-
-
 def tiny_internvl(num_layers: int = 3, num_heads: int = 4,
                   num_kv_heads: int = 2, head_dim: int = 16,
                   image_size: int = 112, seed: int = 0,
@@ -211,25 +194,6 @@ def tiny_internvl(num_layers: int = 3, num_heads: int = 4,
         image_seq_length=(image_size // 28) ** 2, downsample_ratio=0.5,
         tie_word_embeddings=False)
     return _build(InternVLForConditionalGeneration, config, seed, dtype)
-
-
-def internvl_inputs(model, seed: int = 0) -> dict:
-    """A prompt ``text, <image>, text`` with a random image two tiles wide
-    through the model's processor: two tiles and a thumbnail."""
-    import numpy as np
-    from PIL import Image
-
-    from vllm_sparsemm.testing.checkpoints import internvl_processor_of
-    processor = internvl_processor_of(model.config)
-    tile = model.config.vision_config.image_size[0]
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray((rng.random((tile, 2 * tile, 3)) * 255).astype(
-        np.uint8))
-    inputs = processor(images=image, text="<|im_start|>user <IMG_CONTEXT>\n"
-                       "abc def<|im_end|><|im_start|>assistant\n",
-                       return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return dict(inputs)
 
 
 def _build(cls, config, seed, dtype):
