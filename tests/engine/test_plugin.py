@@ -6,6 +6,7 @@ import types
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from vllm_sparsemm.engine import patches
@@ -273,3 +274,37 @@ def test_start_up_logs_every_effective_setting_once(monkeypatch):
     assert "budget=208 " in started[0]
     assert "block_size=16" in started[0] and "prefix_caching=on" in started[0]
     assert "head_scores=uniform" in started[0]
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("is_hybrid", "state-space layers beside attention"),
+    ("use_mla", "multi-head latent attention"),
+    ("is_encoder_decoder", "cross-attention (encoder-decoder)"),
+    ("is_attention_free", "no attention layers")])
+def test_models_without_full_attention_everywhere_are_refused_by_name(
+        flag, words):
+    """Before weights load: the model named by its architecture, what it
+    has, and what to do instead."""
+    config = _engine_config()
+    config.model_config = types.SimpleNamespace(
+        hf_config=types.SimpleNamespace(architectures=["SomeModelForCausalLM"]),
+        **{flag: True})
+    problems = patches.unsupported_features(config)
+    assert problems == [
+        f"SomeModelForCausalLM, whose layers have {words} (sparsemm serves "
+        f"models whose every decoder layer is full attention; choose another "
+        f"--attention-backend)"]
+
+
+def test_a_layer_that_is_not_full_attention_is_refused_naming_the_model():
+    """A sliding-window layer (its spec, as vLLM's Attention reports it)
+    stops start-up with the model's name and the layer's."""
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+    spec = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=8,
+                             dtype=torch.float16, sliding_window=64)
+    config = types.SimpleNamespace(model_config=types.SimpleNamespace(
+        hf_config=types.SimpleNamespace(architectures=["Gemma3ForCausalLM"])))
+    with pytest.raises(ValueError, match=r"cannot serve Gemma3ForCausalLM: "
+                       r"its layer model.layers.3.self_attn.attn is "
+                       r"SlidingWindowSpec, not full attention"):
+        patches.sparsemm_spec(spec, config, "model.layers.3.self_attn.attn")

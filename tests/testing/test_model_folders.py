@@ -8,6 +8,7 @@ import torch
 from vllm_sparsemm.core.scores import HeadScoreError
 from vllm_sparsemm.engine.config import (ModelShape, SparseMMSettings,
                                          resolve_scores)
+from vllm_sparsemm.engine.patches import _model_problems
 from vllm_sparsemm.testing import checkpoints
 
 # writer: (architecture, layers, query heads, KV heads, a shipped file?)
@@ -38,6 +39,7 @@ def test_vllm_reads_each_folder_as_the_real_model(tmp_path, writer):
     folder = getattr(checkpoints, writer)(tmp_path / writer)
     model = ModelConfig(model=str(folder))
     assert model.architectures == [arch] and model.is_multimodal_model
+    assert _model_problems(model) == []  # the plugin serves it
     text = model.hf_text_config
     assert (text.num_hidden_layers, text.num_attention_heads,
             text.num_key_value_heads) == (layers, heads, kv_heads)

@@ -128,6 +128,8 @@ def unsupported_features(vllm_config) -> list[str]:
                      "and --ubatch-size)")
     found += _kv_cache_dtype_problems(cache)
     model = vllm_config.model_config
+    if model is not None:
+        found += _model_problems(model)
     tp = parallel.tensor_parallel_size
     if model is not None and tp > 1:
         kv_heads = model.get_total_num_kv_heads()
@@ -136,6 +138,33 @@ def unsupported_features(vllm_config) -> list[str]:
                          f"(vLLM would replicate heads; use a "
                          f"--tensor-parallel-size that divides {kv_heads})")
     return found
+
+
+# vLLM's flags of models whose layers are not all full attention over one
+# KV cache, which the block law assumes
+_MODEL_KINDS = (("is_encoder_decoder", "cross-attention (encoder-decoder)"),
+                ("is_attention_free", "no attention layers"),
+                ("is_hybrid", "state-space layers beside attention"),
+                ("use_mla", "multi-head latent attention"))
+
+
+def _model_problems(model) -> list[str]:
+    """The model itself, when its layers are of a kind sparsemm cannot
+    compress, named with what it has."""
+    kinds = [words for flag, words in _MODEL_KINDS
+             if getattr(model, flag, False) is True]
+    if not kinds:
+        return []
+    return [f"{model_name(model)}, whose layers have {', '.join(kinds)} "
+            f"(sparsemm serves models whose every decoder layer is full "
+            f"attention; choose another --attention-backend)"]
+
+
+def model_name(model) -> str:
+    """The model's architecture as its config names it (else its path)."""
+    architectures = getattr(getattr(model, "hf_config", None),
+                            "architectures", None)
+    return ", ".join(architectures or ()) or str(getattr(model, "model", "?"))
 
 
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
@@ -218,27 +247,35 @@ def patch_layer_spec() -> None:
             spec = original(self, vllm_config)
             if spec is None or not is_sparsemm(vllm_config):
                 return spec
-            from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-            from vllm_sparsemm.engine.kv_spec import SparseMMSpec
-            from vllm_sparsemm.engine.plan_setup import budget_plan, settings_for
-            if type(spec) is not FullAttentionSpec:
-                raise ValueError(f"sparsemm supports full-attention layers "
-                                 f"only, not {type(spec).__name__}")
-            fields = {f: getattr(spec, f)
-                      for f in spec.__dataclass_fields__}
-            settings = settings_for(vllm_config)
-            return SparseMMSpec(
-                **fields, plan=budget_plan(vllm_config)[0],
-                tp_size=vllm_config.parallel_config.tensor_parallel_size,
-                admission_reserve=settings.admission_reserve,
-                admission_pacing=settings.admission_pacing,
-                async_scheduling=bool(
-                    vllm_config.scheduler_config.async_scheduling))
+            return sparsemm_spec(spec, vllm_config, self.layer_name)
 
         return get_kv_cache_spec
 
     _wrap(Attention, "get_kv_cache_spec", make)
+
+
+def sparsemm_spec(spec, vllm_config, layer_name: str):
+    """``spec`` (a full-attention layer's) as a ``SparseMMSpec``; any other
+    kind of layer stops start-up naming the model and the layer."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_sparsemm.engine.kv_spec import SparseMMSpec
+    from vllm_sparsemm.engine.plan_setup import budget_plan, settings_for
+    if type(spec) is not FullAttentionSpec:
+        raise ValueError(
+            f"the sparsemm attention backend cannot serve "
+            f"{model_name(vllm_config.model_config)}: its layer {layer_name} "
+            f"is {type(spec).__name__}, not full attention (sliding-window "
+            f"or chunked layers keep no whole prompt to compress); choose "
+            f"another --attention-backend")
+    fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+    settings = settings_for(vllm_config)
+    return SparseMMSpec(
+        **fields, plan=budget_plan(vllm_config)[0],
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        admission_reserve=settings.admission_reserve,
+        admission_pacing=settings.admission_pacing,
+        async_scheduling=bool(vllm_config.scheduler_config.async_scheduling))
 
 
 def sparsemm_builders(runner) -> list:
