@@ -45,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import chat_client as cc  # noqa: E402
 import serve_matrix as sm  # noqa: E402
+import server_metrics as prom  # noqa: E402
+import server_process as servers  # noqa: E402
 
 COMMANDS = ("load", "faults", "bad-input")
 FAULT_PARTS = ("aborts", "preempt", "restart")
@@ -335,7 +337,7 @@ def check_idle(reached: bool, timeout: float) -> Check:
 
 
 def check_preemptions(before: dict, after: dict) -> Check:
-    a, b = sm.total(after, PREEMPTIONS), sm.total(before, PREEMPTIONS)
+    a, b = prom.total(after, PREEMPTIONS), prom.total(before, PREEMPTIONS)
     if a is None:
         return Check("preempted", False,
                      f"{PREEMPTIONS} missing from /metrics")
@@ -422,23 +424,23 @@ def serving(args, ctx: Context, backend: sm.Backend, tag: str,
     if args.base_url:
         yield Server(args.base_url.rstrip("/"))
         return
-    port = sm.free_port()
+    port = servers.free_port()
     cmd = server_command(args, ctx, backend, port, kv_bytes)
     log = log_file(args, "serve", tag, ctx.name, backend.label)
     print(f"== {tag} {backend.label}: starting vllm serve (log {log})",
           flush=True)
-    proc = sm.start_server(cmd, log, port, args.health_timeout)
+    proc = servers.start_server(cmd, log, port, args.health_timeout)
     try:
         yield Server(f"http://127.0.0.1:{port}", proc, cmd, port)
     finally:
-        sm.stop_process(proc)
+        servers.stop_process(proc)
 
 
 def alive(server: Server) -> bool:
     if server.proc is not None and server.proc.poll() is not None:
         return False
     try:
-        sm.http_get(server.base + "/health", timeout=10)
+        prom.http_get(server.base + "/health", timeout=10)
         return True
     except OSError:
         return False
@@ -484,7 +486,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
 
 
 def is_idle(metrics: dict) -> bool:
-    running, waiting = sm.total(metrics, RUNNING), sm.total(metrics, WAITING)
+    running = prom.total(metrics, RUNNING)
+    waiting = prom.total(metrics, WAITING)
     return running == 0 and waiting == 0
 
 
@@ -518,11 +521,12 @@ class Rest:
 def at_rest(server: Server, args) -> Rest:
     """Idle, the probe, idle again, then /metrics. vLLM sets its gauges when
     it steps, so the probe's own step makes them current."""
-    wait_for(lambda: is_idle(sm.scrape(server.base)), args.idle_timeout)
+    wait_for(lambda: is_idle(prom.scrape(server.base)), args.idle_timeout)
     result = send_one(server.base, probe_request(args.seed), args.max_seconds)
-    idle = wait_for(lambda: is_idle(sm.scrape(server.base)), args.idle_timeout)
-    metrics = sm.scrape(server.base)
-    return Rest(idle, sm.total(metrics, KV_USAGE), result, metrics)
+    idle = wait_for(lambda: is_idle(prom.scrape(server.base)),
+                    args.idle_timeout)
+    metrics = prom.scrape(server.base)
+    return Rest(idle, prom.total(metrics, KV_USAGE), result, metrics)
 
 
 def rest_checks(v: Verdicts, before: Rest, after: Rest, args,
@@ -587,7 +591,7 @@ def run_load(args, ctx: Context, backend: sm.Backend, v: Verdicts,
         after = at_rest(server, args)
     summary = cc.summarize(results, duration)
     record.update(summary=summary, figures=figures(summary),
-                  server=sm.server_delta(before.metrics, after.metrics),
+                  server=prom.server_delta(before.metrics, after.metrics),
                   requests_log=save_requests(args, record["key"], requests,
                                              results))
     v.add(check_finished(results))
@@ -673,7 +677,7 @@ def aborts_part(args, server: Server, v: Verdicts) -> dict:
     later_requests(server, args, v, "aborts")
     return {"dropped_after_chunks": len(chunked),
             "dropped_early": len(early), "failed": bad,
-            "server": sm.server_delta(before.metrics, after.metrics)}
+            "server": prom.server_delta(before.metrics, after.metrics)}
 
 
 def preempt_part(args, server: Server, v: Verdicts) -> dict:
@@ -695,7 +699,7 @@ def preempt_part(args, server: Server, v: Verdicts) -> dict:
     rest_checks(v, before, after, args, "preempt")
     summary = cc.summarize(results, duration)
     return {"summary": summary, "figures": figures(summary),
-            "server": sm.server_delta(before.metrics, after.metrics)}
+            "server": prom.server_delta(before.metrics, after.metrics)}
 
 
 def family(pid: int) -> list[int]:
@@ -747,10 +751,11 @@ def restart_part(args, server: Server, v: Verdicts) -> dict:
         run_load_requests(server, requests, args.restart_concurrency,
                           args.max_seconds, give_up)))
     thread.start()
-    busy = wait_for(lambda: (sm.total(sm.scrape(server.base), RUNNING) or 0)
-                    > 0, args.idle_timeout)
+    busy = wait_for(
+        lambda: (prom.total(prom.scrape(server.base), RUNNING) or 0) > 0,
+        args.idle_timeout)
     time.sleep(args.restart_after)
-    running = sm.total(sm.scrape(server.base), RUNNING)
+    running = prom.total(prom.scrape(server.base), RUNNING)
     members = family(server.proc.pid)
     os.kill(server.proc.pid, signal.SIGTERM)
     started = time.monotonic()
@@ -763,11 +768,11 @@ def restart_part(args, server: Server, v: Verdicts) -> dict:
                          - (time.monotonic() - started))
     seconds = time.monotonic() - started
     # its children get what is left of the timeout to follow it
-    sm._wait_group(server.proc, max(1.0, args.shutdown_timeout - seconds))
-    left = sorted(set(sm.group_members(server.proc.pid))
+    servers._wait_group(server.proc, max(1.0, args.shutdown_timeout - seconds))
+    left = sorted(set(servers.group_members(server.proc.pid))
                   | set(still_alive(members)))
     thread.join(args.shutdown_timeout)
-    sm.stop_process(server.proc, grace=10)
+    servers.stop_process(server.proc, grace=10)
     if code is None:
         detail = f"still running after {args.shutdown_timeout:g} s"
     else:
@@ -785,7 +790,7 @@ def restart_part(args, server: Server, v: Verdicts) -> dict:
                "load": cc.summarize(*load[0]) if load else None}
     log = log_file(args, "serve", "restart", server.port)
     try:
-        proc = sm.start_server(server.cmd, log, server.port,
+        proc = servers.start_server(server.cmd, log, server.port,
                                args.health_timeout)
     except (RuntimeError, TimeoutError) as exc:
         v.add(Check("serves again on the same port", False,
@@ -795,7 +800,7 @@ def restart_part(args, server: Server, v: Verdicts) -> dict:
         result = send_one(f"http://127.0.0.1:{server.port}",
                           probe_request(args.seed), args.max_seconds)
     finally:
-        sm.stop_process(proc)
+        servers.stop_process(proc)
     ok = result.ok and result.completion_tokens == PROBE_TOKENS
     v.add(Check("serves again on the same port", ok, "probe answered" if ok
                 else f"probe failed: {result.error}"), "restart")
@@ -948,14 +953,14 @@ def failed_start(cmd: list[str], log: Path, timeout: float,
     with open(log, "w") as f:
         f.write(shlex.join(cmd) + "\n")
         f.flush()
-        proc = sm.spawn(cmd, f)
+        proc = servers.spawn(cmd, f)
     started = time.monotonic()
     try:
         code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        sm.stop_process(proc, grace=10)
+        servers.stop_process(proc, grace=10)
     return {"code": code, "seconds": time.monotonic() - started,
             "needle": needle, "line": error_line(log, needle),
             "log": str(log), "cmd": cmd}
@@ -973,7 +978,7 @@ def startup_command(args, ctx: Context, settings: dict,
 def run_startup_errors(args, ctx: Context, v: Verdicts, record: dict) -> None:
     record["startups"] = []
     for name, settings, needle in bad_startups(args, ctx, args.budget):
-        cmd = startup_command(args, ctx, settings, sm.free_port())
+        cmd = startup_command(args, ctx, settings, servers.free_port())
         print(f"== start-up error: {name}", flush=True)
         outcome = failed_start(cmd, log_file(args, "serve", "startup", name),
                                args.startup_timeout, needle)

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import chat_client as cc  # noqa: E402
 import reliability as rel  # noqa: E402
 import serve_matrix as sm  # noqa: E402
+import server_metrics as prom  # noqa: E402
+import server_process as servers  # noqa: E402
 
 # ------------------------------------------------------------ a fake server
 
@@ -385,7 +387,7 @@ def test_rest_checks():
     assert rel.check_idle(True, 5).ok and not rel.check_idle(False, 5).ok
 
     def metrics(preemptions):
-        return sm.parse_prometheus(
+        return prom.parse_prometheus(
             f'vllm:num_preemptions_total{{engine="0"}} {preemptions}\n'
             f'vllm:num_preemptions_created{{engine="0"}} 1.7e9\n')
     assert rel.check_preemptions(metrics(3), metrics(10)).ok
@@ -610,11 +612,11 @@ def _restart(tmp_path, monkeypatch, *extra, **env):
     args = _args(tmp_path, *FAULTS, *extra)
     ctx = rel.context(args)
     args.log_dir.mkdir(parents=True)
-    port = sm.free_port()
+    port = servers.free_port()
     cmd = rel.server_command(args, ctx, sm.Backend("stock"), port)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    proc = sm.start_server(cmd, tmp_path / "s.log", port, 60)
+    proc = servers.start_server(cmd, tmp_path / "s.log", port, 60)
     for name in env:
         monkeypatch.delenv(name)
     v = rel.Verdicts("t")
@@ -622,8 +624,8 @@ def _restart(tmp_path, monkeypatch, *extra, **env):
         outcome = rel.restart_part(args, rel.Server(
             f"http://127.0.0.1:{port}", proc, cmd, port), v)
     finally:
-        sm.stop_process(proc)
-    assert sm.group_members(proc.pid) == []
+        servers.stop_process(proc)
+    assert servers.group_members(proc.pid) == []
     return {c.name: c for c in v.checks}, outcome
 
 

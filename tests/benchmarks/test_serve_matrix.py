@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import chat_client as cc  # noqa: E402
 import serve_matrix as sm  # noqa: E402
+import server_metrics as prom  # noqa: E402
+import server_process as servers  # noqa: E402
 import video_budget as vb  # noqa: E402
 
 
@@ -175,31 +177,31 @@ vllm:cache_config_info{block_size="16",model_name="model",prefix_caching="True"}
 def _sample(**values):
     base = dict(queries=0, hits=0, gen=0, length=0, b1=0, b2=0, b3=0,
                 ttft_sum=0)
-    return sm.parse_prometheus(SAMPLE % {**base, **values})
+    return prom.parse_prometheus(SAMPLE % {**base, **values})
 
 
 def test_prometheus_parse_and_counter_differences():
     m = _sample(queries=1000, hits=250)
-    assert sm.total(m, "vllm:num_requests_running") == 12.0
-    assert sm.total(m, "vllm:num_requests_running", engine="1") == 5.0
-    assert sm.total(m, "vllm:prefix_cache_queries_total") == 1000.0
-    assert sm.total(m, "vllm:no_such_metric") is None
+    assert prom.total(m, "vllm:num_requests_running") == 12.0
+    assert prom.total(m, "vllm:num_requests_running", engine="1") == 5.0
+    assert prom.total(m, "vllm:prefix_cache_queries_total") == 1000.0
+    assert prom.total(m, "vllm:no_such_metric") is None
     assert m["vllm:cache_config_info"][0][0]["prefix_caching"] == "True"
-    assert sm.buckets(m, "vllm:time_to_first_token_seconds") == \
+    assert prom.buckets(m, "vllm:time_to_first_token_seconds") == \
         [(0.1, 0.0), (1.0, 0.0), (float("inf"), 0.0)]
 
     before = _sample(queries=1000, hits=250, gen=10, length=2, b1=1, b2=2,
                      b3=2, ttft_sum=0.6)
     after = _sample(queries=3000, hits=1250, gen=1010, length=12, b1=1, b2=11,
                     b3=12, ttft_sum=5.6)
-    d = sm.server_delta(before, after)
+    d = prom.server_delta(before, after)
     assert d["prefix_cache_hit_rate"] == pytest.approx(0.5)
     assert (d["generation_tokens"], d["completed"]) == (1000, 10)
     assert d["requests_finished"]["abort"] == 0
     assert d["mean_ttft_ms"] == pytest.approx(500.0)
     # the rank falls in the +Inf bucket: the estimate is the last finite bound
     assert d["p99_ttft_ms"] == pytest.approx(1000.0)
-    assert sm.server_delta({}, {})["prefix_cache_hit_rate"] is None
+    assert prom.server_delta({}, {})["prefix_cache_hit_rate"] is None
     assert d["admission_waits"] == {"gate": None, "pacer": None}  # stock
 
 
@@ -210,26 +212,26 @@ vllm:sparsemm_admission_waits_total{model_name="m",reason="pacer"} %d
 vllm:sparsemm_compaction_seconds_sum{model_name="m"} %f
 vllm:sparsemm_compaction_seconds_count{model_name="m"} %d
 """
-    before = sm.parse_prometheus(text % (2, 0, 0.5, 10))
-    after = sm.parse_prometheus(text % (7, 3, 2.0, 40))
-    d = sm.server_delta(before, after)
+    before = prom.parse_prometheus(text % (2, 0, 0.5, 10))
+    after = prom.parse_prometheus(text % (7, 3, 2.0, 40))
+    d = prom.server_delta(before, after)
     assert d["admission_waits"] == {"gate": 5, "pacer": 3}
     assert (d["compaction_seconds"], d["compactions"]) == (1.5, 30)
 
 
 def test_histogram_quantile_interpolates_like_prometheus():
     cumulative = [(1.0, 10.0), (2.0, 30.0), (float("inf"), 30.0)]
-    assert sm.histogram_quantile(0.5, cumulative) == pytest.approx(1.25)
-    assert sm.histogram_quantile(0.2, cumulative) == pytest.approx(0.6)
-    assert sm.histogram_quantile(0.5, []) is None
+    assert prom.histogram_quantile(0.5, cumulative) == pytest.approx(1.25)
+    assert prom.histogram_quantile(0.2, cumulative) == pytest.approx(0.6)
+    assert prom.histogram_quantile(0.5, []) is None
 
 
 def test_active_rate_ignores_idle_head_and_tail():
     timeline = [[0.0, 0, 0, 0, 0], [0.5, 0, 0, 0, 0], [1.0, 4, 0, 100, 0],
                 [1.5, 4, 0, 300, 0], [2.0, 0, 0, 400, 0], [2.5, 0, 0, 400, 0]]
-    assert sm.active_rate(timeline) == pytest.approx(400 / 1.5)
-    assert sm.active_rate(timeline[:2]) is None
-    assert sm.peak(timeline, 1) == 4
+    assert prom.active_rate(timeline) == pytest.approx(400 / 1.5)
+    assert prom.active_rate(timeline[:2]) is None
+    assert prom.peak(timeline, 1) == 4
 
 
 # ------------------------------------------------------ ratios and table
@@ -684,19 +686,20 @@ def test_start_server_fails_clearly_when_the_process_exits(tmp_path):
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-c", "print('no GPU here'); raise SystemExit(3)"]
     with pytest.raises(RuntimeError, match="code 3") as info:
-        sm.start_server(cmd, log, sm.free_port(), timeout=60)
+        servers.start_server(cmd, log, servers.free_port(), timeout=60)
     assert "no GPU here" in str(info.value)
 
 
 def test_stop_process_stops_the_whole_group():
-    proc = sm.spawn(["sh", "-c", "sleep 60 & sleep 60"], subprocess.DEVNULL)
+    proc = servers.spawn(["sh", "-c", "sleep 60 & sleep 60"],
+                         subprocess.DEVNULL)
     for _ in range(500):
-        if len(sm.group_members(proc.pid)) >= 2:
+        if len(servers.group_members(proc.pid)) >= 2:
             break
         time.sleep(0.01)
-    assert len(sm.group_members(proc.pid)) >= 2
-    sm.stop_process(proc, grace=10)
-    assert proc.poll() is not None and sm.group_members(proc.pid) == []
+    assert len(servers.group_members(proc.pid)) >= 2
+    servers.stop_process(proc, grace=10)
+    assert proc.poll() is not None and servers.group_members(proc.pid) == []
 
 
 def test_run_load_cuts_after_the_start_marker(tmp_path):
@@ -987,20 +990,20 @@ vllm:request_generation_tokens_sum{model_name="m"} %d
 vllm:sparsemm_prompt_tokens_full_total{model_name="m"} %d
 vllm:sparsemm_prompt_tokens_kept_total{model_name="m"} %f
 """
-    before = sm.parse_prometheus(text % (1000, 1, 10, 0, 0))
+    before = prom.parse_prometheus(text % (1000, 1, 10, 0, 0))
     # ten requests of 4,665 prompt and 256 output tokens, eight compressed
-    after = sm.parse_prometheus(text % (1000 + 46650, 11, 10 + 2560,
+    after = prom.parse_prometheus(text % (1000 + 46650, 11, 10 + 2560,
                                         8 * 4665, 8 * 256.0))
-    delta = sm.server_delta(before, after)
+    delta = prom.server_delta(before, after)
     kv = (2 * 4665 + 8 * 256 + 10 * 256) / 10
-    assert sm.kv_tokens_per_request(delta) == pytest.approx(kv)
-    assert sm.cache_numbers(before) == (16, 1000)
-    assert sm.cache_numbers({}) == (None, None)
-    assert sm.kv_tokens_per_request({"finished_requests": 0}) is None
+    assert prom.kv_tokens_per_request(delta) == pytest.approx(kv)
+    assert prom.cache_numbers(before) == (16, 1000)
+    assert prom.cache_numbers({}) == (None, None)
+    assert prom.kv_tokens_per_request({"finished_requests": 0}) is None
     timeline = [[0.0, 0, 0, 0, 0.0], [0.5, 10, 0, 0, 0.5],
                 [1.0, 20, 0, 0, 0.8]]
-    assert sm.pool_blocks_per_request(timeline, 1000) == pytest.approx(45)
-    assert sm.pool_blocks_per_request(timeline, None) is None
+    assert prom.pool_blocks_per_request(timeline, 1000) == pytest.approx(45)
+    assert prom.pool_blocks_per_request(timeline, None) is None
     fig = sm.figures({"server": delta, "block_size": 16, "timeline": timeline,
                       "num_gpu_blocks": 1000})
     assert fig["kv_blocks_per_request"] == pytest.approx(kv / 16)
