@@ -172,7 +172,7 @@ def compare_paged_decode_fp8(device: str) -> int:
         want = paged_attention_reference(
             query.reshape(sequences, group, dim), pages[..., :dim],
             pages[..., dim:], table, lengths, starts, dim**-0.5,
-            scales=(q_scale, k_scale, v_scale), out_dtype=torch.float32)
+            scales=(k_scale, v_scale, q_scale), out_dtype=torch.float32)
         for splits in (1, 3):
             out = torch.full((rows, kv_heads * group, dim), float("nan"),
                              dtype=torch.float16, device=device)
@@ -267,8 +267,8 @@ def compare_plan_decode(device: str, kv_cache_dtype: str = "auto") -> int:
         rows = [i for i, n in enumerate(cr.lengths[index].view(
             len(cr.rows), -1).amin(1).tolist()) if n > 0]  # padding has no keys
         moved, pages = _to_device(cr, device), state.pages.to(device)
-        scales = (None if state.kv_scales is None else
-                  state.kv_scales[index].to(device))
+        scales = state.scales(index)
+        scales = None if scales is None else scales.to(device)
         for splits in (1, 3):
             out = torch.full_like(query[cr.tokens], float("nan"),
                                   dtype=output.dtype).to(device)

@@ -38,9 +38,11 @@ from vllm_sparsemm.engine.step_plan import (StepPlan,
                                             plan_step,
                                             selection_scratch_bytes)
 from vllm_sparsemm.engine.step_rows import StepRows
-from vllm_sparsemm.engine.worker_state import WorkerKVState
+from vllm_sparsemm.engine.worker_state import (KEY, QUERY, VALUE,
+                                               WorkerKVState)
 from vllm_sparsemm.kernels import triton_ops
-from vllm_sparsemm.kernels.kv_ops import paged_attention_reference
+from vllm_sparsemm.kernels.kv_ops import (FP8_CACHE_DTYPES,
+                                          paged_attention_reference)
 
 logger = init_logger("vllm.sparsemm.backend")
 
@@ -113,7 +115,8 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
             kv_cache_spec.book(), len(layer_names), kv_cache_spec.num_kv_heads,
             get_tensor_model_parallel_rank(), settings.debug_poison,
             vllm_config.cache_config.enable_prefix_caching,
-            kv_fp8=is_fp8(vllm_config.cache_config.cache_dtype))
+            kv_fp8=str(vllm_config.cache_config.cache_dtype)
+            in FP8_CACHE_DTYPES)
         if triton_ops.runs_on(device):
             model = vllm_config.model_config
             heads = kv_cache_spec.num_kv_heads
@@ -346,8 +349,7 @@ class SparseMMImpl(FlashAttentionImpl):
             triton_ops.paged_decode(
                 query[:rows], state.pages, table, lengths, self.scale,
                 output[:rows], plan=(cr, index, state) if from_plan else None,
-                scales=None if state.kv_scales is None else
-                state.kv_scales[index],
+                scales=state.scales(index),
                 num_splits=triton_decode_splits(rows * state.num_kv_heads,
                                                 sm_count(query.device)))
             return
@@ -395,8 +397,8 @@ class SparseMMImpl(FlashAttentionImpl):
             flash_attn_varlen_func, _, _ = _fa_ops()
             keys, values = _single_head_pages(state, dim)
             descales = {} if scales is None else {
-                f"{name}_descale": scale.expand(len(starts) - 1, 1)
-                for name, scale in zip("kvq", scales)}
+                f"{name}_descale": scales[column].expand(len(starts) - 1, 1)
+                for name, column in (("k", KEY), ("v", VALUE), ("q", QUERY))}
             flash_attn_varlen_func(
                 q=q_virtual, k=keys, v=values,
                 out=out_virtual, cu_seqlens_q=starts,
@@ -410,8 +412,7 @@ class SparseMMImpl(FlashAttentionImpl):
             out_virtual.copy_(paged_attention_reference(
                 q_virtual, state.pages[..., :dim], state.pages[..., dim:],
                 table, lengths, starts, self.scale,
-                scales=None if scales is None else
-                (scales[2], scales[0], scales[1]), out_dtype=dtype))
+                scales=scales, out_dtype=dtype))
         if token is None:
             if out_virtual.data_ptr() != out.data_ptr():
                 out.copy_(out_virtual.view(out.shape))
@@ -504,11 +505,6 @@ def _page_view(kv_cache: torch.Tensor, state: WorkerKVState) -> torch.Tensor:
                        device=kv_cache.device).set_(kv_cache.untyped_storage())
     pages = num_blocks * state.num_layers * heads
     return base[:pages * block_size * width].view(pages, block_size, width)
-
-
-def is_fp8(cache_dtype) -> bool:
-    """Whether vLLM's ``--kv-cache-dtype`` stores fp8 (e4m3) values."""
-    return str(cache_dtype) in ("fp8", "fp8_e4m3")
 
 
 def _check_layer_slot(kv_cache, state: WorkerKVState, index: int) -> None:

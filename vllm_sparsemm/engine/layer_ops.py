@@ -20,7 +20,7 @@ from vllm_sparsemm.core.selection import (pool_scores, select_kept,
                                           window_scores)
 from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
                                             SelectionBatch, StepPlan)
-from vllm_sparsemm.engine.worker_state import WorkerKVState
+from vllm_sparsemm.engine.worker_state import KEY, QUERY, WorkerKVState
 from vllm_sparsemm.kernels import triton_ops
 from vllm_sparsemm.kernels.kv_ops import (FP8_KV_DTYPE, copy_rows,
                                           from_cache, write_rows)
@@ -117,8 +117,7 @@ def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
     if triton_ops.runs_on(key):
         triton_ops.write_kv(state.rows, cr.write_rows[layer], key, value,
                             None if cr.leading else cr.tokens,
-                            None if state.kv_scales is None else
-                            state.kv_scales[layer])
+                            state.scales(layer))
         return
     if cr.leading:
         kv = torch.cat([key[:len(cr.rows)], value[:len(cr.rows)]], dim=-1)
@@ -202,17 +201,19 @@ def _key_rows(state: WorkerKVState, blocks: torch.Tensor, layer,
               positions: torch.Tensor) -> torch.Tensor:
     """Keys ``[n, T, Hkv, D]`` of prompt ``positions [n, T]`` (or ``[T]``
     for all) of requests whose standard blocks are ``blocks [n, columns]``,
-    in ``layer``; ``[m, n, T, Hkv, D]`` for a tensor of m layers."""
+    in ``layer``; ``[m, n, T, Hkv, D]`` for a tensor of m layers. An fp8
+    cache's come dequantized."""
     heads = torch.arange(state.num_kv_heads, device=blocks.device)
     if positions.ndim == 1:
         positions = positions.expand(blocks.shape[0], -1)
     block = blocks.gather(1, positions // state.space.block_size)[..., None]
-    positions = positions[..., None]
+    positions, at = positions[..., None], layer
     if isinstance(layer, torch.Tensor):
-        layer = layer.view(-1, 1, 1, 1)
+        at = layer.view(-1, 1, 1, 1)
         block, positions = block[None], positions[None]
-    rows = standard_row(state.space, block, layer, heads, positions)
-    return state.rows[:, :state.pages.shape[-1] // 2][rows]
+    rows = standard_row(state.space, block, at, heads, positions)
+    keys = state.rows[:, :state.pages.shape[-1] // 2][rows]
+    return dequantized(state, keys, layer, KEY)
 
 
 def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
@@ -232,13 +233,10 @@ def _select_batch(plan: StepPlan, batch: SelectionBatch, first: int,
             for layer in range(first, last)])
     blocks = block_table[batch.index]  # [b, columns]
     keys = None
-
     layers_at = torch.arange(first, last, device=blocks.device)
 
     def gathered_keys():  # [m, b, N, Hkv, D]
-        return dequantized(state, _key_rows(state, blocks.long(), layers_at,
-                                            batch.key_positions),
-                           layers_at, KEY)
+        return _key_rows(state, blocks.long(), layers_at, batch.key_positions)
 
     if triton_ops.runs_on(queries):  # keys read in place
         scores = _scores_in_place(state, queries.flatten(0, 1), blocks,
@@ -276,9 +274,6 @@ def _scores_in_place(state: WorkerKVState, queries, blocks, lengths,
         queries, state.rows, blocks, lengths, first_layer, state.num_layers,
         state.num_kv_heads, state.block_size, longest, state.kv_scales),
         state.law.plan.pool_kernel)
-
-
-KEY, VALUE, QUERY = 0, 1, 2  # columns of ``WorkerKVState.kv_scales``
 
 
 def dequantized(state: WorkerKVState, values: torch.Tensor, layers,
@@ -323,9 +318,8 @@ def _select_long(plan: StepPlan, group, layer: int,
         queries = req.windows.pop(layer).ready().queries[None]
 
         def keys(first, last, j=j):  # [1, last - first, Hkv, D]
-            return dequantized(state, _key_rows(
-                state, blocks[j:j + 1], layer,
-                torch.arange(first, last, device=device)), layer, KEY)
+            return _key_rows(state, blocks[j:j + 1], layer,
+                             torch.arange(first, last, device=device))
 
         if in_place:  # no scratch beyond the scores, whatever the length
             scores = _scores_in_place(

@@ -11,6 +11,8 @@ import functools
 
 from vllm.logger import init_logger
 
+from vllm_sparsemm.kernels.kv_ops import FP8_CACHE_DTYPES
+
 logger = init_logger("vllm.sparsemm.patches")
 
 BACKEND_PATH = "vllm_sparsemm.engine.backend.SparseMMBackend"
@@ -167,7 +169,7 @@ def model_name(model) -> str:
     return ", ".join(architectures or ()) or str(getattr(model, "model", "?"))
 
 
-KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16") + FP8_CACHE_DTYPES
 
 
 def _kv_cache_dtype_problems(cache) -> list[str]:
@@ -176,7 +178,7 @@ def _kv_cache_dtype_problems(cache) -> list[str]:
     dtype = str(cache.cache_dtype)
     if dtype not in KV_CACHE_DTYPES:
         return [f"--kv-cache-dtype {dtype} (use auto or fp8)"]
-    if not dtype.startswith("fp8"):
+    if dtype not in FP8_CACHE_DTYPES:
         return []
     found = []
     if getattr(cache, "kv_cache_dtype_skip_layers", None):

@@ -17,6 +17,10 @@ from vllm_sparsemm.core.selection import WindowQueryBuffer
 from vllm_sparsemm.engine.step_rows import RowInfo, StepRows
 from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE
 
+# columns of ``WorkerKVState.kv_scales``, and the attention layer's buffers
+KEY, VALUE, QUERY = 0, 1, 2
+_SCALE_BUFFERS = ("_k_scale", "_v_scale", "_q_scale")
+
 
 class CompactionTimer:
     """Device time of each step's selection and compaction (``/metrics``),
@@ -163,16 +167,14 @@ class WorkerKVState:
         """Copy ``layer``'s fp8 scales (vLLM's ``_k_scale``, ``_v_scale``,
         ``_q_scale``, set when weights load) where the kernels read them."""
         if self.kv_scales is not None:
-            for column, name in enumerate(("_k_scale", "_v_scale",
-                                           "_q_scale")):
+            for column, name in enumerate(_SCALE_BUFFERS):
                 self.kv_scales[layer, column].copy_(
                     getattr(attention_layer, name).reshape(()))
 
-    def scales(self, layer: int) -> tuple | None:
-        """``layer``'s ``(k, v, q)`` scales as 0-d tensors; None unless fp8."""
-        if self.kv_scales is None:
-            return None
-        return tuple(self.kv_scales[layer])
+    def scales(self, layer: int) -> torch.Tensor | None:
+        """``layer``'s ``(k, v, q)`` scales ``[3]`` (columns ``KEY``,
+        ``VALUE``, ``QUERY``), where the kernels read them; None unless fp8."""
+        return None if self.kv_scales is None else self.kv_scales[layer]
 
     @property
     def rows(self) -> torch.Tensor:

@@ -32,6 +32,8 @@ def copy_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 FP8_KV_DTYPE = torch.float8_e4m3fn  # vLLM's "fp8" KV cache on CUDA
+# the ``--kv-cache-dtype`` values that store it (e4m3, per-layer scales)
+FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 
 
 def to_cache(values: torch.Tensor, dtype: torch.dtype,
@@ -84,9 +86,10 @@ def paged_attention_reference(query: torch.Tensor, key_pages: torch.Tensor,
     sequence; ``query_start_loc``: ``[S + 1]``. Causal, aligned bottom-right
     as in FlashAttention: query i of q_len sees keys ``< seq_len - q_len + i + 1``.
     Returns ``[Tq, G, D]`` in the query dtype, or in ``out_dtype``'s where
-    given. ``scales`` ``(q, k, v)`` dequantize fp8 queries and pages.
+    given. ``scales`` ``(k, v, q)`` (a layer's, in ``WorkerKVState``'s
+    order) dequantize fp8 pages and queries.
     """
-    q_scale, k_scale, v_scale = scales or (None, None, None)
+    k_scale, v_scale, q_scale = scales if scales is not None else (None, ) * 3
     block_size = key_pages.shape[1]
     out = torch.empty_like(query, dtype=out_dtype or query.dtype)
     for seq in range(page_table.shape[0]):
