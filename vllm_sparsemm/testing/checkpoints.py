@@ -117,10 +117,8 @@ def llava_onevision_processor(image_size: int, vocab_size: int,
                               LlavaOnevisionVideoProcessor)
 
     from vllm_sparsemm.testing.tiny import NEXT_PINPOINTS
-    tokenizer = char_tokenizer(
-        vocab_size, {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
-                     "<image>": image_token_id, "<video>": video_token_id},
-        bos="<|im_start|>", eos="<|im_end|>", unk="<|endoftext|>")
+    tokenizer = _chatml_tokenizer(
+        vocab_size, {"<image>": image_token_id, "<video>": video_token_id})
     size = {"height": image_size, "width": image_size}
     images = LlavaOnevisionImageProcessor(
         size=size, image_grid_pinpoints=pinpoints or NEXT_PINPOINTS(image_size))
@@ -163,12 +161,20 @@ def qwen2_vl_processor(vocab_size: int, ids: dict[str, int],
 
 
 def _qwen_tokenizer(vocab_size: int, ids: dict[str, int]):
-    specials = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
-                "<|image_pad|>": ids["image"], "<|video_pad|>": ids["video"],
-                "<|vision_start|>": ids["vision_start"],
-                "<|vision_end|>": ids["vision_end"]}
-    return char_tokenizer(vocab_size, specials, bos="<|im_start|>",
-                          eos="<|im_end|>", unk="<|endoftext|>")
+    return _chatml_tokenizer(vocab_size, {
+        "<|image_pad|>": ids["image"], "<|video_pad|>": ids["video"],
+        "<|vision_start|>": ids["vision_start"],
+        "<|vision_end|>": ids["vision_end"]})
+
+
+def _chatml_tokenizer(vocab_size: int, media: dict[str, int], named=None):
+    """The char tokenizer of the Qwen-based models: ChatML's turn markers at
+    ids 0-2, and ``media`` tokens at theirs."""
+    return char_tokenizer(
+        vocab_size, {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
+                     **media},
+        bos="<|im_start|>", eos="<|im_end|>", unk="<|endoftext|>",
+        named=named)
 
 
 INTERNVL_TEMPLATE = ONEVISION_TEMPLATE.replace("<image>\n", "<IMG_CONTEXT>\n")
@@ -186,13 +192,10 @@ def internvl_processor(image_size: int, vocab_size: int, ids: dict[str, int],
                               InternVLVideoProcessor)
     tokens = {"<IMG_CONTEXT>": ids["image"], "<video>": ids["video"],
               "<img>": ids["start"], "</img>": ids["end"]}
-    tokenizer = char_tokenizer(
-        vocab_size, {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2,
-                     **tokens},
-        bos="<|im_start|>", eos="<|im_end|>", unk="<|endoftext|>",
-        named={"context_image_token": "<IMG_CONTEXT>",
-               "video_token": "<video>", "start_image_token": "<img>",
-               "end_image_token": "</img>"})
+    tokenizer = _chatml_tokenizer(
+        vocab_size, tokens, named={
+            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>",
+            "start_image_token": "<img>", "end_image_token": "</img>"})
     size = {"height": image_size, "width": image_size}
     images = GotOcr2ImageProcessor(
         size=size, crop_to_patches=True, min_patches=1,
