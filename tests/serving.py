@@ -2,7 +2,6 @@
 port and ready once ``/health`` answers, stopped at the end; JSON requests,
 the ``vllm:sparsemm_*`` lines of ``/metrics`` and the settings it logs."""
 
-import base64
 import contextlib
 import dataclasses
 import io
@@ -15,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
+from scripts import load_script
 
 
 @dataclasses.dataclass
@@ -77,12 +76,8 @@ def post(url, body, timeout=120):
 
 
 def image_data_url(seed, size=(400, 300)) -> str:
-    """Random pixels as a base64 PNG data URL."""
-    from PIL import Image
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(seed).random((size[1], size[0], 3)) * 255
-    Image.fromarray(pixels.astype(np.uint8)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    """Random pixels as a base64 PNG data URL (the serve benchmark's)."""
+    return load_script("chat_client").image_url(seed, size, "PNG")
 
 
 def sparsemm_metrics(port) -> dict[str, float]:
