@@ -106,6 +106,13 @@ def after_compressions(port, count, timeout=15.0):
         time.sleep(0.5)
 
 
+def settled_metrics(port) -> dict:
+    """/metrics once the requests sent so far are counted in it (the engine
+    writes its counts at most once a second)."""
+    time.sleep(2.0)
+    return after_compressions(port, 0)
+
+
 def compression_since(before, after) -> dict[str, float]:
     """What the requests compressed between two /metrics reads kept (per
     KV head, averaged), freed (blocks) and had in full (prompt tokens)."""

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 from serving import (after_compressions, compression_since, image_data_url,
-                     logged_settings, post, served)
+                     logged_settings, post, served, settled_metrics)
 
 pytestmark = pytest.mark.gpu
 
@@ -45,8 +44,7 @@ def _check_budgets(port, settings, record):
     """Budgets 64 and 512 from vllm_xargs: each request's kept tokens and
     freed blocks on /metrics equal its plan."""
     from vllm_sparsemm.tools.plan_report import plan_report
-    time.sleep(2.0)  # the earlier requests' counts reach the files
-    before = after_compressions(port, 0)
+    before = settled_metrics(port)
     done = before.get("vllm:sparsemm_requests_compressed_total", 0)
     for seed, budget in ((11, 64), (12, 512)):
         reply = _chat(port, seed, budget=budget)

@@ -12,7 +12,6 @@ run in turn on the same folder. A chat with its own small budget
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 
 from scripts import EXAMPLES, load_script
 from serving import (after_compressions, compression_since, image_data_url,
-                     logged_settings, post, served)
+                     logged_settings, post, served, settled_metrics)
 
 CHUNK = 64  # prompt tokens a step: every chat below is longer
 BUDGET = 48  # the compressed chat's own budget
@@ -93,8 +92,7 @@ def _check_compression(server, model, chat):
     """Nothing compressed so far (B >= N); the chat with its own budget is
     compressed, its kept tokens and freed blocks those of its plan."""
     from vllm_sparsemm.tools.plan_report import plan_report
-    time.sleep(2.0)  # the earlier requests' counts reach the files
-    before = after_compressions(server.port, 0)
+    before = settled_metrics(server.port)
     assert before.get("vllm:sparsemm_requests_compressed_total", 0) == 0
     prompt_len = len(_answer(server, chat)["prompt"])
     grew = compression_since(before, after_compressions(server.port, 1))
