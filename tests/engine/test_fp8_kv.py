@@ -12,8 +12,10 @@ and from each other's (``cpu_engine``), so a missed or misplaced one shows.
 import pytest
 import torch
 
-from cpu_engine import BUDGET, Engine
+from cpu_engine import BUDGET, DIM, HEADS, KV_HEADS, LAYERS, Engine
 from test_prefix_caching import _conversation
+from vllm_sparsemm.engine.backend import SparseMMImpl
+from vllm_sparsemm.engine.worker_state import WorkerKVState
 from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE
 
 
@@ -79,3 +81,21 @@ def test_fp8_cache_holds_what_the_layer_scales_say():
     assert torch.equal(stored, want)
     assert not torch.equal(stored, request.k[layer, position, head].to(
         FP8_KV_DTYPE).float())
+
+
+def test_a_rebuilt_worker_state_adopts_the_scales_over_the_same_cache():
+    """vLLM rebuilds its metadata builders, and so the worker state, after
+    profiling; the KV cache may then sit at the freed buffer's address. The
+    new state must still read every layer's scales, not keep its ones."""
+    eng = Engine(kv_cache_dtype="fp8")
+    cache = eng.ranks[0].cache
+    impls = [SparseMMImpl(HEADS, DIM, DIM**-0.5, KV_HEADS, None, None, "fp8")
+             for _ in eng.layers]  # one per layer, as vLLM builds them
+    want = torch.stack([torch.stack([layer._k_scale, layer._v_scale,
+                                     layer._q_scale]) for layer in eng.layers])
+    for _ in range(2):
+        state = WorkerKVState(eng.book, LAYERS, KV_HEADS, 0, False,
+                              kv_fp8=True)
+        for index, (impl, layer) in enumerate(zip(impls, eng.layers)):
+            assert impl._layer_index(layer, cache[:, index], state) == index
+        assert torch.equal(state.kv_scales, want)

@@ -106,6 +106,15 @@ def test_fp8_kv_cache_is_served_with_static_scales(dtype):
         "--calculate-kv-scales (fp8 scales must be static: take them from "
         "the checkpoint, or drop the flag)"]
     config.cache_config.calculate_kv_scales = False
+    # FA3's fp8 attention writes bf16 only: an fp16 model would fail at its
+    # first prompt, as stock vLLM's does
+    config.model_config = types.SimpleNamespace(
+        dtype=torch.float16, get_total_num_kv_heads=lambda: 4)
+    assert patches.unsupported_features(config) == [
+        "--kv-cache-dtype fp8 with a float16 model (FlashAttention 3 gives "
+        "fp8 attention bf16 outputs only; add --dtype bfloat16)"]
+    config.model_config.dtype = torch.bfloat16
+    assert patches.unsupported_features(config) == []
     config.cache_config.kv_cache_dtype_skip_layers = ["0"]
     assert "--kv-cache-dtype-skip-layers" in patches.unsupported_features(
         config)[0]
@@ -113,6 +122,21 @@ def test_fp8_kv_cache_is_served_with_static_scales(dtype):
         config.cache_config.cache_dtype = other
         assert patches.unsupported_features(config) == [
             f"--kv-cache-dtype {other} (use auto or fp8)"]
+
+
+def test_per_head_fp8_scales_are_refused_by_vllms_backend_check():
+    """Checkpoints with a scale per KV head (compressed-tensors
+    ``attn_head``) would break the kernels' one scale per layer: vLLM's own
+    backend check refuses them before weights load, naming the reason."""
+    from vllm.platforms.interface import DeviceCapability
+
+    from vllm_sparsemm.engine.backend import SparseMMBackend
+    reasons = SparseMMBackend.validate_configuration(
+        head_size=128, dtype=torch.bfloat16, kv_cache_dtype="fp8",
+        block_size=16, use_mla=False, has_sink=False, use_sparse=False,
+        use_mm_prefix=False, use_per_head_quant_scales=True,
+        device_capability=DeviceCapability(9, 0), attn_type="decoder")
+    assert "per-head quant scales not supported" in reasons
 
 
 @pytest.mark.parametrize("parallel, words", [

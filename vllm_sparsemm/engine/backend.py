@@ -80,6 +80,10 @@ class SparseMMBackend(FlashAttentionBackend):
         return False
 
     @classmethod
+    def supports_per_head_quant_scales(cls) -> bool:
+        return False  # the kernels read one fp8 scale per layer
+
+    @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         from vllm.v1.attention.backend import AttentionType
         return attn_type == AttentionType.DECODER
@@ -309,8 +313,8 @@ class SparseMMImpl(FlashAttentionImpl):
         if checked is None or checked[0] != kv_cache.data_ptr():
             index = extract_layer_index(layer.layer_name)
             _check_layer_slot(kv_cache, state, index)
-            state.adopt_scales(index, layer)
             self._sparsemm_slot = checked = (kv_cache.data_ptr(), index)
+        state.adopt_scales(checked[1], layer)
         return checked[1]
 
     def _write_standard(self, layer, key, value, kv_cache, slots, state,

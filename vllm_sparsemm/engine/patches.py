@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from vllm.logger import init_logger
 
 from vllm_sparsemm.kernels.kv_ops import FP8_CACHE_DTYPES
@@ -128,8 +129,8 @@ def unsupported_features(vllm_config) -> list[str]:
     if parallel.use_ubatching:
         found.append("dual-batch overlap / micro-batching (drop --enable-dbo "
                      "and --ubatch-size)")
-    found += _kv_cache_dtype_problems(cache)
     model = vllm_config.model_config
+    found += _kv_cache_dtype_problems(cache, model)
     if model is not None:
         found += _model_problems(model)
     tp = parallel.tensor_parallel_size
@@ -172,9 +173,11 @@ def model_name(model) -> str:
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16") + FP8_CACHE_DTYPES
 
 
-def _kv_cache_dtype_problems(cache) -> list[str]:
+def _kv_cache_dtype_problems(cache, model) -> list[str]:
     """KV dtypes sparsemm serves: the model's, and fp8 (e4m3) with static
-    per-layer scales, on FlashAttention 3 (Hopper) as stock vLLM serves it."""
+    per-layer scales, on FlashAttention 3 (Hopper) as stock vLLM serves it.
+    FA3 writes fp8 attention's output in bf16 only, so an fp16 model would
+    fail at its first prompt: refuse it here, naming the fix."""
     dtype = str(cache.cache_dtype)
     if dtype not in KV_CACHE_DTYPES:
         return [f"--kv-cache-dtype {dtype} (use auto or fp8)"]
@@ -187,6 +190,10 @@ def _kv_cache_dtype_problems(cache) -> list[str]:
     if getattr(cache, "calculate_kv_scales", False):
         found.append("--calculate-kv-scales (fp8 scales must be static: "
                      "take them from the checkpoint, or drop the flag)")
+    if getattr(model, "dtype", None) == torch.float16:
+        found.append("--kv-cache-dtype fp8 with a float16 model (FlashAttention"
+                     " 3 gives fp8 attention bf16 outputs only; add --dtype "
+                     "bfloat16)")
     from vllm.platforms import current_platform
     if current_platform.is_cuda():
         from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend

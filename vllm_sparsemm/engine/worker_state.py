@@ -157,6 +157,7 @@ class WorkerKVState:
             self.kv_scales = torch.ones(self.num_layers, 3,
                                         dtype=torch.float32,
                                         device=pages.device)
+            self._scales_adopted = [False] * self.num_layers
         self.attention_views = None  # the backend's views of ``pages``
         self.space = PageSpace(self.num_layers,
                                pages.shape[0] // (self.num_layers *
@@ -165,11 +166,15 @@ class WorkerKVState:
 
     def adopt_scales(self, layer: int, attention_layer) -> None:
         """Copy ``layer``'s fp8 scales (vLLM's ``_k_scale``, ``_v_scale``,
-        ``_q_scale``, set when weights load) where the kernels read them."""
-        if self.kv_scales is not None:
-            for column, name in enumerate(_SCALE_BUFFERS):
-                self.kv_scales[layer, column].copy_(
-                    getattr(attention_layer, name).reshape(()))
+        ``_q_scale``, set when weights load) where the kernels read them,
+        once per state: vLLM rebuilds its builders, and so this state, after
+        profiling, possibly over a cache at the same address."""
+        if self.kv_scales is None or self._scales_adopted[layer]:
+            return
+        for column, name in enumerate(_SCALE_BUFFERS):
+            self.kv_scales[layer, column].copy_(
+                getattr(attention_layer, name).reshape(()))
+        self._scales_adopted[layer] = True
 
     def scales(self, layer: int) -> torch.Tensor | None:
         """``layer``'s ``(k, v, q)`` scales ``[3]`` (columns ``KEY``,
