@@ -121,6 +121,8 @@ def compare_write_kv_fp8(device: str) -> int:
         tokens = 9
         kv = (torch.randn(tokens, 2 * heads, dim, generator=gen) * 60).to(dtype)
         kv[0, 0, 0] = 1000.0  # saturates at 448 x scale
+        if device == "cuda":  # stays NaN (debug_poison's rows); Triton
+            kv[1, 0, 1] = float("nan")  # 3.6's interpreter writes NaN as 384
         kv = kv.to(device)
         key, value = kv[:, :heads], kv[:, heads:]
         rows = torch.zeros(100, 2 * dim, dtype=torch.uint8,
@@ -250,6 +252,7 @@ def compare_plan_decode(device: str, kv_cache_dtype: str = "auto") -> int:
     requests), after each layer wrote its new K/V, on both the per-step and
     the full-graph fixed path. Returns the (step, layer, split) cases."""
     sys.path.insert(0, str(HERE)); sys.path.insert(0, str(HERE.parent))
+    import cpu_engine
     from cpu_engine import Engine
 
     from vllm_sparsemm.engine import backend
@@ -282,6 +285,11 @@ def compare_plan_decode(device: str, kv_cache_dtype: str = "auto") -> int:
             compared += 1
 
     backend.SparseMMImpl._compressed_attention = checking_attention
+    dim, precision = cpu_engine.DIM, None
+    if device == "cuda":  # compiled dots need K >= 16; fp32 ones in IEEE,
+        import triton     # as the reference's (not TF32)
+        cpu_engine.DIM, precision = 16, triton.knobs.language.fp32_default
+        triton.knobs.language.fp32_default = "ieee"
     try:
         eng = Engine(num_blocks=300, kv_cache_dtype=kv_cache_dtype)
         plans = eng.add_all({"a": 300, "b": 180, "c": 30, "d": 97}, 64, 20)
@@ -303,7 +311,79 @@ def compare_plan_decode(device: str, kv_cache_dtype: str = "auto") -> int:
         assert eng.last_plan.compressed.max_length == 4096  # the fixed path ran
     finally:
         backend.SparseMMImpl._compressed_attention = attend
+        cpu_engine.DIM = dim
+        if device == "cuda":
+            triton.knobs.language.fp32_default = precision
     return compared
+
+
+def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
+                full_graphs: bool = False) -> tuple[dict, int]:
+    """One CPU-engine workload (a mixed batch of chunked prompts, decode and
+    multi-token steps; with ``full_graphs`` padded uniform decode on the
+    fixed path), every output checked against dense SparseMM. ``kernels``:
+    the backend takes its Triton branches, as on a GPU (FlashAttention and
+    the CUDA compaction keep their references). Returns each layer's
+    recorded selection and the steps run."""
+    from cpu_engine import Engine
+
+    from vllm_sparsemm.engine import backend
+    from vllm_sparsemm.kernels import triton_ops
+    runs_on, sm_count = triton_ops.runs_on, backend.sm_count
+    if kernels:
+        triton_ops.runs_on = lambda where: True
+        backend.sm_count = lambda device: 4  # few SMs: decode splits keys
+    try:
+        eng = Engine(kv_cache_dtype=kv_cache_dtype, debug_poison=debug_poison,
+                     full_graphs=full_graphs)
+        eng.state.recorded = {}
+        prompts = {"a": 100, "b": 30, "c": 71, "d": 49, "e": 171}
+        plans = eng.add_all(prompts, 13, 12, tail=[] if full_graphs else [3])
+        steps = 0
+        for _, tokens, outputs in eng.run(plans):
+            eng.check(tokens, outputs)
+            steps += 1
+        if full_graphs:
+            assert eng.last_plan.compressed.max_length == eng.max_model_len
+    finally:
+        triton_ops.runs_on, backend.sm_count = runs_on, sm_count
+    return eng.state.recorded, steps
+
+
+def engine_on_kernels(device: str, kv_cache_dtype: str = "auto") -> int:
+    """The backend on its Triton branches (write, in-place selection,
+    decode from the plan and from a page table, long prompts streamed, the
+    full-graph path) against its reference branches: outputs equal dense
+    SparseMM in both, and every layer's recorded selection (queries and
+    keys as scored, kept positions, counts) is the same. The CPU engine
+    only: ``device`` is "cpu". Returns the steps run on the kernels."""
+    assert device == "cpu"
+    sys.path.insert(0, str(HERE)); sys.path.insert(0, str(HERE.parent))
+    from vllm_sparsemm.engine import layer_ops, step_plan
+    steps = 0
+    for poison, graphs, tokens in ((False, False, None), (True, False, 64),
+                                   (False, True, None)):
+        bound = layer_ops.SELECTION_TOKENS, step_plan.SELECTION_TOKENS
+        if tokens:  # prompts past a pass's bound: the streamed selection
+            layer_ops.SELECTION_TOKENS = step_plan.SELECTION_TOKENS = tokens
+        try:
+            want, _ = _engine_run(False, kv_cache_dtype, poison, graphs)
+            got, ran = _engine_run(True, kv_cache_dtype, poison, graphs)
+        finally:
+            layer_ops.SELECTION_TOKENS, step_plan.SELECTION_TOKENS = bound
+        assert got.keys() == want.keys() and len(want) == 4
+        for rid, layers in want.items():
+            for layer, (queries, keys, kept, counts) in layers.items():
+                q, k, p, c = got[rid][layer]
+                assert torch.equal(q, queries) and torch.equal(k, keys)
+                assert torch.equal(c, counts) and torch.equal(p, kept)
+        steps += ran
+    return steps
+
+
+def engine_on_kernels_fp8(device: str) -> int:
+    """:func:`engine_on_kernels` over an fp8 cache with per-layer scales."""
+    return engine_on_kernels(device, "fp8")
 
 
 _NUMPY_SCALAR_ERROR = "error::DeprecationWarning:triton.runtime.interpreter"
@@ -345,6 +425,12 @@ def test_kernel_equals_its_reference_on_gpu(comparison):
     cases = {"compare_paged_decode": 12}.get(comparison,
                                             INTERPRETED[comparison])
     assert globals()[comparison]("cuda") == cases
+
+
+@pytest.mark.parametrize("run", ["engine_on_kernels", "engine_on_kernels_fp8"])
+def test_backend_on_its_kernels_in_triton_interpreter(run):
+    """The GPU's branches of the whole backend, end to end, on the CPU."""
+    assert _in_triton_interpreter(run) == 80
 
 
 def test_page_table_kernel_in_triton_interpreter():

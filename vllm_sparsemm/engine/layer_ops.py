@@ -351,7 +351,8 @@ def _check_and_record(plan, group, layer, members, counts, queries, keys,
                                                 state.num_kv_heads]
         assert bool((counts == want).all()), (
             "sparsemm: selection and block law disagree")
-    if state.recorded is not None:
+    if state.recorded is not None:  # queries as scored: fp8 ones descaled
+        queries = dequantized(state, queries, layer, QUERY)
         for k, j in enumerate(members):
             req_id = plan.rows[group.members[j][0]].req_id
             state.recorded.setdefault(req_id, {})[layer] = (

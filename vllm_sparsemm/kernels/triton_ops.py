@@ -109,8 +109,9 @@ if triton is not None:
         """``x`` as the cache stores it: fp8 (``QUANT``) divided by its
         scale and saturated, as ``kv_ops.to_cache``; else as it is."""
         if QUANT:
-            x = x.to(tl.float32) / tl.load(scales_ptr + column)
-            x = tl.minimum(tl.maximum(x, -limit), limit)
+            # correctly rounded, and NaN kept (a poisoned row stays NaN)
+            x = tl.div_rn(x.to(tl.float32), tl.load(scales_ptr + column))
+            x = tl.clamp(x, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
             if INTERPRET:
                 x = _on_e4m3_grid(x)
         return x
