@@ -10,8 +10,9 @@
 # GPU; `examples`, `serve` and `compile` size their pools from free memory,
 # and `serve_video` starts two servers in turn, so they run alone
 # afterwards. A test that fails beside others is run again alone, and both
-# results are printed. The serve tests and `examples`, which start engines
-# one after another, get twice LIMIT.
+# results are printed. Tests that start engines one after another (serve,
+# examples, compile, chunked, fp8_no_eviction) get twice LIMIT. A test
+# whose every case was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
@@ -34,7 +35,10 @@ declare -A tests=(
   [oracle_llava-onevision]="$engine -k oracle[llava-onevision-96]"
   [oracle_internvl]="$engine -k oracle[internvl-96]"
   [oracle_qwen2-vl-video]="$engine -k oracle[qwen2-vl-video-48]"
-  [video_no_eviction]="$engine -k test_video_prompts_without_eviction"
+  [video_no_eviction_qwen2-vl]="$engine -k test_video_prompts_without_eviction_give_stocks_tokens[qwen2-vl]"
+  [video_no_eviction_qwen2.5-vl]="$engine -k test_video_prompts_without_eviction_give_stocks_tokens[qwen2.5-vl]"
+  [video_no_eviction_qwen3-vl]="$engine -k test_video_prompts_without_eviction_give_stocks_tokens[qwen3-vl]"
+  [video_no_eviction_llava-onevision]="$engine -k test_video_prompts_without_eviction_give_stocks_tokens[llava-onevision]"
   [video_chunked]="$engine -k test_video_and_image_prompt"
   [oracle_llava-next-mistral]="$engine -k oracle[llava-next-mistral-96]"
   [fp8_no_eviction]="$engine -k test_fp8_cache_without_eviction"
@@ -58,7 +62,9 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        no_eviction_internvl oracle_llava oracle_llava-next oracle_qwen2-vl
        oracle_qwen2.5-vl oracle_qwen3-vl oracle_llava-next-mistral
        oracle_llava-onevision oracle_internvl oracle_qwen2-vl-video
-       video_no_eviction video_chunked fp8_no_eviction fp8_decode
+       video_no_eviction_qwen2-vl video_no_eviction_qwen2.5-vl
+       video_no_eviction_qwen3-vl video_no_eviction_llava-onevision
+       video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock chunked leaks triton examples compile
        serve serve_video)
@@ -67,14 +73,19 @@ alone=" examples compile serve serve_video "
 
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
-  [[ $name == serve* || $name == examples ]] && limit=$((2 * limit))
+  # tests that start several engines in turn
+  [[ " serve serve_video examples compile chunked fp8_no_eviction " == \
+     *" $name "* ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \
     --basetemp="/tmp/gpu_tests/$name" $args > "$log_dir/gpu_$name.log" 2>&1
   rc=$?
+  # a run that passed nothing (every test skipped: no GPU, a missing
+  # extra) is no pass
+  [ "$rc" = 0 ] && ! grep -q '^PASSED' "$log_dir/gpu_$name.log" && rc=5
   echo "$rc" > "/tmp/gpu_tests/$name.rc"
-  echo "== $name rc=$rc: $(grep -hE '^(PASSED|FAILED|ERROR)|^E  |oracle kept|block checks|served:' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
+  echo "== $name rc=$rc: $(grep -hE '^(PASSED|FAILED|ERROR|SKIPPED)|^E  |oracle kept|block checks|served:' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
 }
 
 status=0
