@@ -3,8 +3,13 @@
     python examples/make_model_dirs.py /tmp/models
 
 creates ``llava-1.5-7b`` (real LLaVA-1.5-7B config, tokenizer and processor, no
-weights: serve it with ``--load-format dummy``), ``tiny-llava`` and
-``tiny-qwen2-vl`` (tiny random checkpoints, for correctness checks).
+weights), ``tiny-llava`` and ``tiny-qwen2-vl`` (tiny random checkpoints, for
+correctness checks). LLaVA-1.5 has no score file of its own; serve it with
+the shipped Vicuna-7B one and random weights::
+
+    VLLM_SPARSEMM_HEAD_SCORES=llava-v1.6-vicuna-7b vllm serve \
+        /tmp/models/llava-1.5-7b --attention-backend sparsemm \
+        --load-format dummy
 """
 
 import argparse

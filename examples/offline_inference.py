@@ -1,6 +1,6 @@
 """Offline generation for a batch of images under the sparsemm backend.
 
-    python examples/offline_inference.py --model llava-hf/llava-1.5-7b-hf \
+    python examples/offline_inference.py --model llava-hf/llava-v1.6-vicuna-7b-hf \
         --image a.jpg --image b.png --budget 128
 
 Needs an NVIDIA GPU (sm_80 or sm_90). Without ``--image`` it asks about

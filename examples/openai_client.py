@@ -1,6 +1,6 @@
 """Ask a vLLM server running sparsemm about an image, with the OpenAI client.
 
-    bash examples/serve.sh llava-hf/llava-1.5-7b-hf         # in another shell
+    bash examples/serve.sh llava-hf/llava-v1.6-vicuna-7b-hf  # in another shell
     python examples/openai_client.py --image photo.jpg
     python examples/openai_client.py --image-url https://example.com/cat.png \
         --stream --budget 128

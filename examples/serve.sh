@@ -3,8 +3,8 @@
 #
 #   bash examples/serve.sh MODEL [more vllm serve arguments]
 #
-# MODEL is a Hugging Face model folder or id (LLaVA-1.5, LLaVA-NeXT,
-# Qwen2-VL). Needs an NVIDIA GPU (sm_80 or sm_90) and vLLM 0.26.0. Then ask
+# MODEL is a Hugging Face model folder or id (LLaVA-NeXT, LLaVA-1.5,
+# Qwen2-VL, ...). Needs an NVIDIA GPU (sm_80 or sm_90) and vLLM 0.26.0. Then ask
 # it about an image: python examples/openai_client.py --image photo.jpg
 # or, a Qwen VL model, about a video:
 #   python examples/video_chat.py --base-url http://127.0.0.1:8000/v1 \
@@ -18,7 +18,9 @@
 #   window        W: the last W prompt tokens score the rest and are kept
 #   ratio         share of B - W every head keeps whatever its score
 #   head_scores   a score file, a shipped name (vllm-sparsemm scores) or
-#                 "uniform"; by default the shipped file of the model's shape
+#                 "uniform"; by default the shipped file of the model's shape.
+#                 Models without one (LLaVA-1.5, Qwen) name theirs in the
+#                 environment: VLLM_SPARSEMM_HEAD_SCORES=uniform bash ...
 # Prefix caching stays on, as in stock vLLM (--no-enable-prefix-caching to
 # turn it off).
 set -euo pipefail

@@ -2,8 +2,9 @@
 
     pip install --no-build-isolation ".[qwen]"   # qwen-vl-utils and decord
     python examples/video_chat.py --model Qwen/Qwen2.5-VL-7B-Instruct \
-        --video clip.mp4 --budget 256
-    bash examples/serve.sh Qwen/Qwen2.5-VL-7B-Instruct     # in another shell
+        --video clip.mp4 --budget 256 --head-scores uniform
+    VLLM_SPARSEMM_HEAD_SCORES=uniform \
+        bash examples/serve.sh Qwen/Qwen2.5-VL-7B-Instruct  # in another shell
     python examples/video_chat.py --base-url http://127.0.0.1:8000/v1 \
         --video clip.mp4 --request-budget 128
 

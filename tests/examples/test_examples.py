@@ -344,3 +344,53 @@ def test_video_chat_runs_offline_on_a_tiny_qwen2_5_vl(tmp_path):
                        done.stdout, re.M)
     assert counts, done.stdout[-1000:]
     assert int(counts[1]) > 64  # the video is in the prompt, compressed
+
+
+# each model the README and the examples serve: its dummy-weight folder
+DOCUMENTED_MODELS = {
+    "llava-hf/llava-v1.6-vicuna-7b-hf": "write_dummy_llava_next_7b",
+    "/tmp/models/llava-1.5-7b": "write_dummy_llava_15_7b",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "write_dummy_qwen2_5_vl_7b",
+}
+_SERVED = re.compile(r"(?:vllm serve|serve\.sh|--model|LLM\()\s*\"?"
+                     r"([\w.-]*/[\w./-]+)")
+_SCORES = re.compile(r"VLLM_SPARSEMM_HEAD_SCORES=(\S+)|--head-scores (\S+)|"
+                     r"\"head_scores\": \"([^\"]+)\"")
+
+
+def _documented_commands():
+    """(file, model, head_scores or None) of each command the docs write."""
+    for path in [ROOT / "README.md", *sorted(EXAMPLES.iterdir())]:
+        text = re.sub(r"\\\n\s*", " ", path.read_text())  # one line a command
+        for line in text.splitlines():
+            for served in _SERVED.finditer(line):
+                scores = _SCORES.search(line)
+                yield path.name, served[1], scores and next(
+                    group for group in scores.groups() if group)
+
+
+def test_each_documented_command_finds_its_head_scores(tmp_path):
+    """A model with no shipped score file fails at start-up unless told
+    which to use: every command the README and the examples write for one
+    says it, and the others' shipped file is found."""
+    from vllm.config import ModelConfig
+
+    from vllm_sparsemm.engine.config import (ModelShape, SparseMMSettings,
+                                             resolve_scores)
+    from vllm_sparsemm.testing import checkpoints
+    commands = list(_documented_commands())
+    assert {model for _, model, _ in commands} == set(DOCUMENTED_MODELS)
+    folders = {}
+    for where, model, head_scores in commands:
+        if model not in folders:
+            writer = DOCUMENTED_MODELS[model]
+            folders[model] = ModelConfig(model=str(getattr(
+                checkpoints, writer)(tmp_path / writer)))
+        config = folders[model]
+        shape = ModelShape.from_hf_text_config(config.architectures,
+                                               config.hf_text_config)
+        settings = (SparseMMSettings(head_scores=head_scores) if head_scores
+                    else SparseMMSettings())
+        scores, _ = resolve_scores(settings, shape)  # raises if none fits
+        assert scores.shape[0] == config.hf_text_config.num_hidden_layers, (
+            where, model)
