@@ -148,13 +148,22 @@ def _llm(model, backend, budget=None, **kwargs):
     return LLM(**args)
 
 
-def _generate(llm, prompts, max_tokens=MAX_TOKENS):
+def _generate(llm, prompts, max_tokens=MAX_TOKENS, logprobs=False):
+    """Greedy tokens and prompt lengths; with ``logprobs`` also each
+    generated token's log-probability (tiny random models often repeat one
+    token: equal tokens alone would miss a small change in attention)."""
     from vllm import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                            ignore_eos=True)
+                            ignore_eos=True, logprobs=0 if logprobs else None)
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outputs], [
-        len(o.prompt_token_ids) for o in outputs]
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    lens = [len(o.prompt_token_ids) for o in outputs]
+    if not logprobs:
+        return tokens, lens
+    return tokens, lens, [
+        [step[token].logprob for step, token in zip(o.outputs[0].logprobs,
+                                                     o.outputs[0].token_ids)]
+        for o in outputs]
 
 
 def _tokens(model, backend, budget=None, prompts=None, max_tokens=MAX_TOKENS,
@@ -207,6 +216,7 @@ def _child(model, backend, budget, prompts, max_tokens, kwargs):
         if pick is not None:
             chosen = [chosen[i] for i in pick]
     count = kwargs.pop("count_layer0_calls", False)
+    logprobs = kwargs.pop("logprobs", False)
     llm = _llm(model, backend, budget, **kwargs)
     if sequential:  # each request finishes before the next: cache hits
         from vllm import SamplingParams
@@ -218,7 +228,7 @@ def _child(model, backend, budget, prompts, max_tokens, kwargs):
                 [len(o.prompt_token_ids) for o in outputs],
                 sum(o.num_cached_tokens or 0 for o in outputs))
     if not count:
-        return _generate(llm, chosen, max_tokens)
+        return _generate(llm, chosen, max_tokens, logprobs)
     from vllm_sparsemm.engine.backend import SparseMMImpl
     calls, forward = [0], SparseMMImpl.forward
 
@@ -258,10 +268,20 @@ def _worker_state(llm):
                                   "internvl"])
 def test_no_eviction_is_token_identical_to_flash_attn(models, kind):
     spec = dict(kind=kind, n=8)
-    want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec))
-    got, _ = _tokens(models[kind], "sparsemm", {"budget": 4096}, dict(spec))
+    want, lens, want_logprobs = _tokens(models[kind], "FLASH_ATTN", None,
+                                        dict(spec), logprobs=True)
+    got, _, got_logprobs = _tokens(models[kind], "sparsemm", {"budget": 4096},
+                                   dict(spec), logprobs=True)
     assert max(lens) < 4096
     assert got == want
+    _assert_same_logprobs(got_logprobs, want_logprobs)
+
+
+def _assert_same_logprobs(got, want):
+    """Each generated token's log-probability as stock's: uncompressed
+    requests take stock's FlashAttention path; the runners may order fp16
+    sums differently (sparsemm runs vLLM's V1 runner), nothing more."""
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-2)
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
@@ -269,12 +289,14 @@ def test_fp8_cache_without_eviction_gives_stocks_tokens(models, kind):
     """``--kv-cache-dtype fp8`` for both: with B above every prompt, the
     tokens of stock FlashAttention over its fp8 cache."""
     spec = dict(kind=kind, n=8)
-    want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec),
-                         **FP8_ENGINE)
-    got, _ = _tokens(models[kind], "sparsemm", {"budget": 4096}, dict(spec),
-                     **FP8_ENGINE)
+    want, lens, want_logprobs = _tokens(models[kind], "FLASH_ATTN", None,
+                                        dict(spec), logprobs=True,
+                                        **FP8_ENGINE)
+    got, _, got_logprobs = _tokens(models[kind], "sparsemm", {"budget": 4096},
+                                   dict(spec), logprobs=True, **FP8_ENGINE)
     assert max(lens) < 4096
     assert got == want
+    _assert_same_logprobs(got_logprobs, want_logprobs)
 
 
 def test_fp8_decode_kernels_agree(models):
