@@ -348,6 +348,32 @@ def test_video_and_image_prompt_same_alone_and_in_chunks(models):
         assert chunked[2] == alone[0], f"chunk {chunk}"
 
 
+def _set_kv_scales(llm, state) -> torch.Tensor:
+    """Give every attention layer of the in-process engine fp8 scales
+    ``(k, v, q)`` unlike 1 and unlike each other's, as a checkpoint with
+    scales would, and let the worker state read them again (it reads them
+    once, at the first forward, which start-up has run). The tiny
+    checkpoints have none: at scale 1 a missed scale would not show.
+    Returns them ``[L, 3]`` for the oracle."""
+    from vllm.model_executor.models.utils import extract_layer_index
+    executor = llm.llm_engine.engine_core.engine_core.model_executor
+    runner = executor.driver_worker.worker.model_runner
+    layers = runner.vllm_config.compilation_config.static_forward_context
+    scales = torch.tensor([[0.5, 2.0, 0.25]]) * (
+        1 + torch.arange(state.num_layers)[:, None] / 4)
+    for name, layer in layers.items():
+        if not hasattr(layer, "_k_scale"):
+            continue
+        row = scales[extract_layer_index(name)].tolist()
+        for (tensor, number), value in zip(
+                (("_k_scale", "_k_scale_float"), ("_v_scale", "_v_scale_float"),
+                 ("_q_scale", "_q_scale_float")), row):
+            getattr(layer, tensor).fill_(value)  # stock kernels read these
+            setattr(layer, number, value)
+    state._scales_adopted = [False] * state.num_layers
+    return scales
+
+
 @pytest.mark.parametrize("kind, budget", [("llava", 96), ("llava-next", 96),
                                           ("qwen2-vl", 48), ("qwen2.5-vl", 48),
                                           ("qwen3-vl", 48),
@@ -378,6 +404,7 @@ def test_eviction_matches_the_oracle(models, kind, budget):
     llm = _llm(models[kind], "sparsemm", budget,
                **(FP8_ENGINE if fp8 else {}))
     state = _worker_state(llm)
+    kv_scales = _set_kv_scales(llm, state) if fp8 else None
     state.recorded = {}
     tokens, lens = _generate(llm, [prompt])
     recorded = state.recorded
@@ -412,7 +439,8 @@ def test_eviction_matches_the_oracle(models, kind, budget):
              }[kind]()
     oracle = SparseMMOracle(model, law.caps, budget["budget"],
                             budget["window"],
-                            kv_dtype=torch.float8_e4m3fn if fp8 else None)
+                            kv_dtype=torch.float8_e4m3fn if fp8 else None,
+                            kv_scales=kv_scales)
     result = oracle.generate(dict(inputs), MAX_TOKENS)
     overlap = []
     for layer, (positions, counts) in enumerate(result.kept):

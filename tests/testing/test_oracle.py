@@ -184,19 +184,32 @@ def test_eos_stops_generation():
     assert stopped.tokens == first.tokens[:3]
 
 
-@pytest.mark.parametrize("name", ["llava-gqa", "qwen2-vl"])
-def test_fp8_rounding_oracle_is_full_cache_generation_on_rounded_qkv(name):
+@pytest.mark.parametrize("name, scaled", [("llava-gqa", False),
+                                          ("qwen2-vl", False),
+                                          ("qwen2-vl", True)])
+def test_fp8_rounding_oracle_is_full_cache_generation_on_rounded_qkv(
+        name, scaled):
     """``kv_dtype``: with nothing evicted, the oracle equals transformers'
     own generation whose attention reads fp8-rounded queries, keys and
-    values (vLLM's fp8 cache at unit scales), and differs from the
-    unrounded run, so the rounding is applied."""
+    values (vLLM's fp8 cache; ``scaled``: each divided by its layer's own
+    scale, rounded, multiplied back), and differs from the unrounded run,
+    so the rounding is applied."""
     model, inputs, scores = _setup(name)
     fp8 = torch.float8_e4m3fn
+    layers = model.config.get_text_config().num_hidden_layers
+    # (k, v, q) per layer, none 1 and no two layers alike
+    kv_scales = (torch.tensor([[0.5, 2.0, 0.25]]) * (1 + torch.arange(
+        layers)[:, None] / 4) if scaled else None)
 
     def rounded(module, query, key, value, attention_mask, scaling=None,
                 **kwargs):
-        query, key, value = (t.to(fp8).to(t.dtype) for t in (query, key,
-                                                              value))
+        if scaled:
+            k, v, q = kv_scales[module.layer_idx].tolist()
+            query, key, value = ((t / s).to(fp8).to(t.dtype) * s for t, s in
+                                 ((query, q), (key, k), (value, v)))
+        else:
+            query, key, value = (t.to(fp8).to(t.dtype) for t in (query, key,
+                                                                  value))
         return _causal_eager(module, query, key, value, scaling)
 
     AttentionInterface.register("fp8_rounded", rounded)
@@ -207,9 +220,12 @@ def test_fp8_rounding_oracle_is_full_cache_generation_on_rounded_qkv(name):
     logits = torch.stack(out.logits)[:, 0].float()
     prompt_len = inputs["input_ids"].shape[1]
     oracle = SparseMMOracle.from_scores(model, scores, budget=prompt_len)
-    oracle.kv_dtype = fp8
+    oracle.kv_dtype, oracle.kv_scales = fp8, kv_scales
     result = oracle.generate(inputs, 8)
     assert result.tokens == out.sequences[0, prompt_len:].tolist()
     torch.testing.assert_close(result.logits, logits, rtol=0, atol=1e-5)
     plain = SparseMMOracle.from_scores(model, scores, budget=prompt_len)
     assert (plain.generate(inputs, 8).logits - logits).abs().max() > 1e-3
+    if scaled:  # the scales change what the cache reads
+        plain.kv_dtype = fp8
+        assert (plain.generate(inputs, 8).logits - logits).abs().max() > 1e-3

@@ -33,6 +33,7 @@ import torch
 
 from vllm_sparsemm.core.budget import compresses, head_budgets
 from vllm_sparsemm.core.selection import kept_positions
+from vllm_sparsemm.kernels.kv_ops import from_cache, to_cache
 
 ATTN_NAME = "sparsemm_oracle"
 _active: "_OracleCache | None" = None
@@ -71,9 +72,10 @@ class _OracleCache:
     """Ragged per-(layer, KV head) key/value lists of one request."""
 
     def __init__(self, caps: torch.Tensor, budget: int, window: int,
-                 pool_kernel: int, kv_dtype: torch.dtype | None = None):
+                 pool_kernel: int, kv_dtype: torch.dtype | None = None,
+                 kv_scales: torch.Tensor | None = None):
         self.caps, self.budget = caps, budget
-        self.kv_dtype = kv_dtype
+        self.kv_dtype, self.kv_scales = kv_dtype, kv_scales
         self.window, self.pool_kernel = window, pool_kernel
         self.keys: dict[int, list[torch.Tensor]] = {}
         self.values: dict[int, list[torch.Tensor]] = {}
@@ -81,9 +83,13 @@ class _OracleCache:
 
     def attend(self, module, query, key, value, scaling):
         layer = module.layer_idx
-        if self.kv_dtype is not None:  # what an fp8 KV cache (scale 1) reads
-            query, key, value = (t.to(self.kv_dtype).to(t.dtype)
-                                 for t in (query, key, value))
+        if self.kv_dtype is not None:  # what an fp8 KV cache reads
+            scales = (torch.ones(3) if self.kv_scales is None else
+                      self.kv_scales[layer])  # k, v, q
+            key, value, query = (
+                from_cache(to_cache(t, self.kv_dtype, scale),
+                           scale).to(t.dtype)
+                for t, scale in zip((key, value, query), scales))
         if layer not in self.keys:
             return self._prefill(layer, module, query, key, value, scaling)
         return self._decode(layer, query, key, value, scaling)
@@ -135,16 +141,18 @@ class SparseMMOracle:
 
     def __init__(self, model, caps: torch.Tensor, budget: int,
                  window: int = 32, pool_kernel: int = 5,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None,
+                 kv_scales: torch.Tensor | None = None):
         """``kv_dtype`` (e.g. ``torch.float8_e4m3fn``) rounds the text
-        stack's queries, keys and values to it, as vLLM's fp8 KV cache with
-        unit scales does (it quantizes queries for FlashAttention too)."""
+        stack's queries, keys and values to it, as vLLM's fp8 KV cache does
+        (it quantizes queries for FlashAttention too), each divided by its
+        layer's scale first: ``kv_scales [L, 3]`` (k, v, q; 1 without)."""
         _register_attention()
         model.set_attn_implementation({"text_config": ATTN_NAME})
         self.model = model
         self.caps, self.budget = caps, budget
         self.window, self.pool_kernel = window, pool_kernel
-        self.kv_dtype = kv_dtype
+        self.kv_dtype, self.kv_scales = kv_dtype, kv_scales
 
     @classmethod
     def from_scores(cls, model, scores: torch.Tensor, budget: int,
@@ -159,7 +167,8 @@ class SparseMMOracle:
     def _cache(self):
         global _active
         _active = _OracleCache(self.caps, self.budget, self.window,
-                               self.pool_kernel, self.kv_dtype)
+                               self.pool_kernel, self.kv_dtype,
+                               self.kv_scales)
         try:
             yield _active
         finally:
