@@ -318,7 +318,8 @@ def compare_plan_decode(device: str, kv_cache_dtype: str = "auto") -> int:
 
 
 def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
-                full_graphs: bool = False) -> tuple[dict, int]:
+                full_graphs: bool = False,
+                decode_kernel: str = "triton") -> tuple[dict, int]:
     """One CPU-engine workload (a mixed batch of chunked prompts, decode and
     multi-token steps; with ``full_graphs`` padded uniform decode on the
     fixed path), every output checked against dense SparseMM. ``kernels``:
@@ -336,6 +337,8 @@ def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
     try:
         eng = Engine(kv_cache_dtype=kv_cache_dtype, debug_poison=debug_poison,
                      full_graphs=full_graphs)
+        for rank in eng.ranks:
+            rank.impl.decode_kernel = decode_kernel
         eng.state.recorded = {}
         prompts = {"a": 100, "b": 30, "c": 71, "d": 49, "e": 171}
         plans = eng.add_all(prompts, 13, 12, tail=[] if full_graphs else [3])
@@ -352,8 +355,9 @@ def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
 
 def engine_on_kernels(device: str, kv_cache_dtype: str = "auto") -> int:
     """The backend on its Triton branches (write, in-place selection,
-    decode from the plan and from a page table, long prompts streamed, the
-    full-graph path) against its reference branches: outputs equal dense
+    decode from the plan and from a page table, page tables for
+    FlashAttention's decode, long prompts streamed, the full-graph path)
+    against its reference branches: outputs equal dense
     SparseMM in both, and every layer's recorded selection (queries and
     keys as scored, kept positions, counts) is the same. The CPU engine
     only: ``device`` is "cpu". Returns the steps run on the kernels."""
@@ -361,23 +365,26 @@ def engine_on_kernels(device: str, kv_cache_dtype: str = "auto") -> int:
     sys.path.insert(0, str(HERE)); sys.path.insert(0, str(HERE.parent))
     from vllm_sparsemm.engine import layer_ops, step_plan
     steps = 0
-    for poison, graphs, tokens in ((False, False, None), (True, False, 64),
-                                   (False, True, None)):
+    for poison, graphs, tokens, decoders in (
+            (False, False, None, ("triton", "flash_attn")),
+            (True, False, 64, ("triton", )), (False, True, None, ("triton", ))):
         bound = layer_ops.SELECTION_TOKENS, step_plan.SELECTION_TOKENS
         if tokens:  # prompts past a pass's bound: the streamed selection
             layer_ops.SELECTION_TOKENS = step_plan.SELECTION_TOKENS = tokens
         try:
             want, _ = _engine_run(False, kv_cache_dtype, poison, graphs)
-            got, ran = _engine_run(True, kv_cache_dtype, poison, graphs)
+            for decoder in decoders:
+                got, ran = _engine_run(True, kv_cache_dtype, poison, graphs,
+                                       decoder)
+                assert got.keys() == want.keys() and len(want) == 4
+                for rid, layers in want.items():
+                    for layer, (queries, keys, kept, counts) in layers.items():
+                        q, k, p, c = got[rid][layer]
+                        assert torch.equal(q, queries) and torch.equal(k, keys)
+                        assert torch.equal(c, counts) and torch.equal(p, kept)
+                steps += ran
         finally:
             layer_ops.SELECTION_TOKENS, step_plan.SELECTION_TOKENS = bound
-        assert got.keys() == want.keys() and len(want) == 4
-        for rid, layers in want.items():
-            for layer, (queries, keys, kept, counts) in layers.items():
-                q, k, p, c = got[rid][layer]
-                assert torch.equal(q, queries) and torch.equal(k, keys)
-                assert torch.equal(c, counts) and torch.equal(p, kept)
-        steps += ran
     return steps
 
 
@@ -430,7 +437,7 @@ def test_kernel_equals_its_reference_on_gpu(comparison):
 @pytest.mark.parametrize("run", ["engine_on_kernels", "engine_on_kernels_fp8"])
 def test_backend_on_its_kernels_in_triton_interpreter(run):
     """The GPU's branches of the whole backend, end to end, on the CPU."""
-    assert _in_triton_interpreter(run) == 80
+    assert _in_triton_interpreter(run) == 107
 
 
 def test_page_table_kernel_in_triton_interpreter():
