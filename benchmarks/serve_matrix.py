@@ -230,6 +230,21 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
+def even_frames(text: str) -> str:
+    """``--video-frames``: even counts only. vLLM's Qwen2-VL video loader
+    keeps a whole number of temporal patches (two frames), dropping an odd
+    count's last frame, while the processor ``video_budget.py`` counts with
+    pads it to one more step: the planned prompt and EVS rate would be one
+    step off."""
+    counts = ints(text)
+    odd = [n for n in counts if n <= 0 or n % 2]
+    if not counts or odd:
+        raise argparse.ArgumentTypeError(
+            f"frame counts must be even and positive (vLLM's Qwen2-VL loader "
+            f"drops an odd count's last frame); got {text!r}")
+    return text
+
+
 def model_folder(name_or_path: str, work_dir: Path) -> tuple[str, Path]:
     """A known model name is written (config, tokenizer, processor, no
     weights) under ``work_dir`` once; anything else is a folder to use."""
@@ -826,9 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WxH (LLaVA-NeXT tiles it: a long, KV-heavy prompt)")
     p.add_argument("--video-model", default="qwen2.5-vl-7b",
                    help="video: the model (EVS needs Qwen2.5-VL)")
-    p.add_argument("--video-frames", default="16,64",
-                   help="video: frames per video (each its own load; every "
-                   "frame reaches the model)")
+    p.add_argument("--video-frames", default="16,64", type=even_frames,
+                   help="video: frames per video, even (each its own load; "
+                   "every frame reaches the model)")
     p.add_argument("--video-size", default="336x336",
                    help="video: WxH of the frames")
     p.add_argument("--video-budgets", default="256",

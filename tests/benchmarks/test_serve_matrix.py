@@ -952,6 +952,29 @@ def test_video_plan_without_evs(tmp_path, qwen_tokens):
     assert "--workloads video" in sm.__doc__
 
 
+def test_odd_video_frames_are_refused(capsys):
+    """vLLM's Qwen2-VL loader keeps an even count of a video's frames, where
+    the processor the plan counts with pads an odd count up: odd counts
+    are refused on the command line, even ones reach the model whole."""
+    from vllm.multimodal.video import (Qwen2VLVideoBackend,
+                                       VideoSourceMetadata,
+                                       VideoTargetMetadata)
+
+    def kept(frames):
+        return len(Qwen2VLVideoBackend.compute_frames_index_to_sample(
+            VideoSourceMetadata(frames, cc.VIDEO_FPS, frames / cc.VIDEO_FPS),
+            VideoTargetMetadata(-1, cc.VIDEO_FPS, 300)))
+
+    assert [kept(n) for n in (4, 16, 63, 64)] == [4, 16, 62, 64]
+    assert sm.parse_args(["--video-frames", "4,64"]).video_frames == "4,64"
+    for bad in ("16,63", "0", ""):
+        with pytest.raises(SystemExit):
+            sm.parse_args(["--video-frames", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ": error: argument --video-frames: frame counts must be " \
+            "even" in err[-1]
+
+
 def test_video_requests_carry_every_frame():
     """One fresh mp4 per request as a data URL, the same on every run, and
     every frame of it decoded by vLLM with the video servers' setting
