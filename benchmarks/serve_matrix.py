@@ -421,15 +421,18 @@ def profiler_args(args, server_name: str) -> list[str]:
 
 
 class ProfileWindow(threading.Thread):
-    """``/start_profile`` ``at`` seconds into a load, ``/stop_profile`` (which
-    writes the trace) ``seconds`` later, or when the load ends first."""
+    """``/start_profile`` ``at`` seconds after ``begin`` is set (the load
+    started sending: a load generator first builds its requests, for
+    seconds, while the server idles), ``/stop_profile`` (which writes the
+    trace) ``seconds`` later, or when the load ends first."""
 
-    def __init__(self, base_url: str, at: float, seconds: float):
+    def __init__(self, base_url: str, at: float, seconds: float,
+                 begin: threading.Event, source: str = ""):
         super().__init__(daemon=True)
         self.base, self.at, self.seconds = base_url, at, seconds
-        self.done = threading.Event()
-        self.record = {"at_s": at, "seconds": seconds, "started": False,
-                       "stopped": False}
+        self.begin, self.done = begin, threading.Event()
+        self.record = {"at_s": at, "seconds": seconds, "from": source,
+                       "started": False, "stopped": False}
 
     def _post(self, path: str) -> bool:
         request = urllib.request.Request(self.base + path, data=b"",
@@ -442,6 +445,9 @@ class ProfileWindow(threading.Thread):
             return False
 
     def run(self):
+        while not self.begin.is_set():
+            if self.done.wait(0.1):
+                return
         if self.done.wait(self.at):
             return
         self.record["started"] = self._post("/start_profile")
@@ -480,15 +486,17 @@ def warm_up(base_url: str, seed: int, video_size=None) -> str | None:
 
 
 def run_load(cmd: list[str], log_path, max_seconds: float | None,
-             start_marker: str | None = None) -> tuple[int, bool]:
+             start_marker: str | None = None,
+             started: threading.Event | None = None) -> tuple[int, bool]:
     """Run a load generator with output teed to ``log_path``.
 
-    With ``max_seconds``, it is stopped that long after ``start_marker``
-    appears in its output (or after it starts, with no marker) and the load
-    counts as cut. Returns (exit code, cut).
+    ``started`` (if given) is set when ``start_marker`` appears in its
+    output. With ``max_seconds``, it is stopped that long after that (or
+    after it starts, with no marker) and the load counts as cut. Returns
+    (exit code, cut).
     """
     proc = spawn(cmd, subprocess.PIPE, text=True, errors="replace")
-    started = threading.Event()
+    started = started or threading.Event()
 
     def pump():
         with open(log_path, "w") as log:
@@ -548,12 +556,17 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
     before = scrape(base)
     poller = MetricsPoller(base + "/metrics")
     poller.start()
-    window = ProfileWindow(base, *profile) if profile else None
-    if window:
+    # a profile counts from vllm bench serve's marker, or from the first
+    # request of a client's load the server holds
+    marked, window = threading.Event(), None
+    if profile:
+        window = (ProfileWindow(base, *profile, marked, "start marker")
+                  if marker else
+                  ProfileWindow(base, *profile, poller.busy, "first request"))
         window.start()
     started = time.monotonic()
     try:
-        code, cut = run_load(cmd, load_log, limit, marker)
+        code, cut = run_load(cmd, load_log, limit, marker, marked)
     finally:
         timeline = poller.stop()
         profiled = window.stop() if window else None
@@ -860,9 +873,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on each load's run time; a cut load is reported "
                    "from the server's counters")
     p.add_argument("--profile-at", type=float, default=None,
-                   help="profile every load this many seconds in (vLLM's "
-                   "torch profiler; traces under <log-dir>/profiles, for "
-                   "trace_gaps.py; its figures are then not a measurement)")
+                   help="profile every load this many seconds after it "
+                   "starts sending (vLLM's torch profiler; traces under "
+                   "<log-dir>/profiles, for trace_gaps.py; its figures are "
+                   "then not a measurement)")
     p.add_argument("--profile-seconds", type=float, default=3.0,
                    help="how long the profiled window lasts")
     p.add_argument("--profile-steps", type=int, default=40,

@@ -408,11 +408,13 @@ def test_summary_arithmetic():
 class FakeServer:
     """An OpenAI-style chat server in a background thread: streams
     ``max_tokens`` chunks, answers 400 to a question containing FAIL, and
-    keeps vLLM-named counters at /metrics."""
+    keeps vLLM-named counters at /metrics. A POST to /mark/NAME is noted
+    in its events, which GET /events lists."""
 
     def __init__(self, chunk_delay: float = 0.0, port: int = 0):
         self.chunk_delay, self.port = chunk_delay, port
         self.bodies, self.events = [], []
+        self.bodies_at_profile = []  # requests received by each profile call
         self.images, self.count = set(), itertools.count()
         self.counters = dict(queries=0, hits=0, gen=0, length=0, running=0)
         self.loop = asyncio.new_event_loop()
@@ -444,6 +446,8 @@ class FakeServer:
         app.router.add_get("/v1/models", self.models)
         for path in ("/start_profile", "/stop_profile"):
             app.router.add_post(path, self.profile)
+        app.router.add_post("/mark/{name}", self.profile)
+        app.router.add_get("/events", self.list_events)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
@@ -455,7 +459,12 @@ class FakeServer:
     async def profile(self, request):
         from aiohttp import web
         self.events.append(request.path)
+        self.bodies_at_profile.append(len(self.bodies))
         return web.Response(text="")
+
+    async def list_events(self, request):
+        from aiohttp import web
+        return web.json_response(self.events)
 
     async def health(self, request):
         from aiohttp import web
@@ -715,7 +724,7 @@ def test_run_load_cuts_after_the_start_marker(tmp_path):
 
 
 FAKE_VLLM = """
-import json, os, sys, time
+import json, os, sys, time, urllib.request
 argv = sys.argv[1:]
 if argv[0] == "serve":  # the fake OpenAI server, until SIGTERM
     sys.path.insert(0, %r)
@@ -725,9 +734,21 @@ if argv[0] == "serve":  # the fake OpenAI server, until SIGTERM
 assert argv[:2] == ["bench", "serve"], argv
 path = os.path.join(argv[argv.index("--result-dir") + 1],
                     argv[argv.index("--result-filename") + 1])
+base = "http://127.0.0.1:" + argv[argv.index("--port") + 1]
+mode = os.environ.get("FAKE_BENCH", "")
+if "--slow-start" in mode:  # builds its requests first, as random-mm does
+    time.sleep(1.0)
+    urllib.request.urlopen(urllib.request.Request(base + "/mark/main",
+                                                  data=b"", method="POST"))
 print("Starting main benchmark run...", flush=True)
-if "--sleep" in os.environ.get("FAKE_BENCH", ""):
+if "--sleep" in mode:
     time.sleep(60)
+if "--slow-start" in mode:  # runs until the profile begins
+    for _ in range(600):
+        if "/start_profile" in json.load(urllib.request.urlopen(
+                base + "/events")):
+            break
+        time.sleep(0.05)
 json.dump({"completed": 3, "failed": 1, "output_throughput": 12.5,
            "mean_ttft_ms": 5.0, "p99_ttft_ms": 9.0, "mean_tpot_ms": 1.0},
           open(path, "w"))
@@ -760,6 +781,24 @@ def test_measure_reads_bench_results_or_the_server_when_cut(
     assert cut["cut"] and cut["load"] is None and cut["load_error"] is None
     assert cut["figures"]["source"] == "server"
     assert cut["figures"]["errors"] is None
+
+
+def test_profile_counts_from_the_bench_start_marker(tmp_path, monkeypatch,
+                                                   fake_vllm):
+    """vllm bench serve builds its requests before it sends one: the
+    profile window opens only after it says its timed run starts."""
+    plan = sm.ServerPlan("m-1.5", tmp_path, sm.Backend("stock"), 4096)
+    load = sm.Load("unique", 2, {"num_prompts": 2, "input_len": 4,
+                                 "output_len": 4, "image_size": (16, 16),
+                                 "seed": 2})
+    monkeypatch.setenv("FAKE_BENCH", "--slow-start")
+    with FakeServer() as server:
+        run = sm.measure(plan, load, server.port, tmp_path, None,
+                         profile=(0.1, 60.0))
+        events = [e for e in server.events if e.startswith("/")]
+    assert events == ["/mark/main", "/start_profile", "/stop_profile"]
+    assert run["profiled"]["from"] == "start marker"
+    assert run["profiled"]["started"] and run["load"]["completed"] == 3
 
 
 def test_main_runs_every_server_and_merges(tmp_path, fake_vllm, capsys):
@@ -840,12 +879,15 @@ def test_measure_profiles_a_window_of_the_load(tmp_path):
     load = sm.Load("questions", 2, {"num_requests": 8, "num_images": 2,
                                     "max_tokens": 20, "image_size": (16, 16),
                                     "seed": 0})
-    with FakeServer(chunk_delay=0.02) as server:
+    with FakeServer(chunk_delay=0.05) as server:
         run = sm.measure(plan, load, server.port, tmp_path, None,
                          profile=(0.1, 60.0))
         events = [e for e in server.events if "profile" in e]
     assert events == ["/start_profile", "/stop_profile"]
     assert run["profiled"]["started"] and run["profiled"]["stopped"]
+    # counted from the load's first request, not from the client's launch
+    assert run["profiled"]["from"] == "first request"
+    assert server.bodies_at_profile[0] >= 1
     assert "stock (profiled)" in sm.table({run["key"]: run}, {})
     with FakeServer() as server:
         run = sm.measure(plan, load, server.port, tmp_path, None,
