@@ -34,7 +34,9 @@ requests, a token timeline), and once before and after (counter differences:
 prefix-cache hit rate, tokens, server-side latency histograms). A load cut by
 ``--max-seconds`` is reported from the server's counters (``vllm bench serve``
 writes no result when interrupted). Every run is merged into ``--out`` by key
-as soon as it ends, so several short invocations build one table; a markdown
+as soon as it ends, so several short invocations build one table; the key
+and label name ``--server-args`` too (``--label``), so a run on other server
+arguments sits beside the plain one instead of replacing it; a markdown
 table with each figure's ratio to stock's (and sparsemm's output tok/s over
 EVS's) is printed at the end.
 """
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -147,7 +150,8 @@ class Load:
 
 @dataclass
 class ServerPlan:
-    """One ``vllm serve`` and the loads run against it, in order."""
+    """One ``vllm serve`` and the loads run against it, in order; ``tag``
+    names its ``--server-args``."""
     model: str
     model_dir: Path
     backend: Backend
@@ -156,6 +160,12 @@ class ServerPlan:
     extra_args: list[str] = field(default_factory=list)
     sparsemm_defaults: dict = field(default_factory=dict)
     loads: list[Load] = field(default_factory=list)
+    tag: str = ""
+
+    @property
+    def label(self) -> str:
+        """The backend's label, and the server arguments' tag after ``@``."""
+        return tagged(self.backend.label, self.tag)
 
     def command(self, port: int) -> list[str]:
         return serve_command(self.model_dir, port, self.max_model_len,
@@ -224,6 +234,35 @@ def client_command(port: int, load: Load, out, requests_out,
     if max_seconds is not None:
         cmd += ["--max-seconds", str(max_seconds)]
     return cmd
+
+
+def tagged(label: str, tag: str | None) -> str:
+    return f"{label}@{tag}" if tag else label
+
+
+def args_tag(server_args: str) -> str:
+    """A short name for ``--server-args``: ``--kv-cache-dtype fp8 --dtype
+    bfloat16`` is ``kv-cache-dtype=fp8,dtype=bfloat16``; arguments that do
+    not read well in a run key (long, JSON, paths) by a hash of them."""
+    words = shlex.split(server_args or "")
+    parts: list[str] = []
+    for word in words:
+        if word.startswith("--") or not parts:
+            parts.append(word.removeprefix("--"))
+        else:
+            parts[-1] += ("," if "=" in parts[-1] else "=") + word
+    tag = ",".join(parts)
+    if not tag or re.fullmatch(r"[\w.:=,+-]{1,48}", tag):
+        return tag
+    digest = hashlib.sha1(shlex.join(words).encode()).hexdigest()
+    return f"args-{digest[:8]}"
+
+
+def server_tag(args) -> str:
+    """``--label``, else the name of ``--server-args``."""
+    if args.label is not None:
+        return re.sub(r"[^\w.:=,+-]+", "_", args.label)
+    return args_tag(args.server_args)
 
 
 def ints(text: str) -> list[int]:
@@ -373,10 +412,12 @@ def server_plans(args, model: str, arms_of, kv_bytes: int | None = None,
     """One server per (backend, loads) of ``arms_of(model folder)``."""
     name, folder = model_folder(model, Path(args.work_dir))
     extra = shlex.split(args.server_args or "") + list(server_args)
+    tag = server_tag(args)
     return [ServerPlan(name, folder, backend,
                        max_model_len or args.max_model_len, kv_bytes,
-                       extra + profiler_args(args, f"{name}_{backend.label}"),
-                       sparsemm_defaults(folder), loads)
+                       extra + profiler_args(
+                           args, f"{name}_{tagged(backend.label, tag)}"),
+                       sparsemm_defaults(folder), loads, tag)
             for backend, loads in arms_of(folder)]
 
 
@@ -535,8 +576,7 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
             profile: tuple[float, float] | None = None) -> dict:
     """Run one load against the running server and return its record;
     ``profile = (at, seconds)`` profiles that window of it."""
-    key = run_key(load.name, server.model, load.concurrency,
-                  server.backend.label)
+    key = run_key(load.name, server.model, load.concurrency, server.label)
     stem = str(log_dir / re.sub(r"[^\w.+=-]+", "_", key))
     base = f"http://127.0.0.1:{port}"
     result_file, load_log = Path(stem + ".result.json"), Path(stem + ".log")
@@ -585,8 +625,8 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
     run = {
         "key": key, "workload": load.name, "model": server.model,
         "model_dir": str(server.model_dir), "concurrency": load.concurrency,
-        "backend": server.backend.name, "label": server.backend.label,
-        "budget": server.backend.budget,
+        "backend": server.backend.name, "label": server.label,
+        "server_tag": server.tag, "budget": server.backend.budget,
         "video_pruning_rate": server.backend.pruning_rate,
         "planned_prompt_kv": planned_prompt_kv(server.backend, load),
         "block_size": block_size, "num_gpu_blocks": num_blocks,
@@ -612,11 +652,12 @@ def failed_runs(server: ServerPlan, error: str) -> dict:
     runs = {}
     for load in server.loads:
         key = run_key(load.name, server.model, load.concurrency,
-                      server.backend.label)
+                      server.label)
         runs[key] = {
             "key": key, "workload": load.name, "model": server.model,
             "concurrency": load.concurrency, "backend": server.backend.name,
-            "label": server.backend.label, "budget": server.backend.budget,
+            "label": server.label, "server_tag": server.tag,
+            "budget": server.backend.budget,
             "load_params": load.params, "server_error": error, "cut": False,
             "load": None, "server": {}, "peak_running": None}
         runs[key]["figures"] = figures(runs[key])
@@ -664,7 +705,10 @@ def figures(run: dict) -> dict:
 
 
 def stock_key(run: dict) -> str:
-    return run_key(run["workload"], run["model"], run["concurrency"], "stock")
+    """Stock's run on the same server arguments (runs written before they
+    had a tag have none)."""
+    return run_key(run["workload"], run["model"], run["concurrency"],
+                   tagged("stock", run.get("server_tag")))
 
 
 def _same(params) -> str:
@@ -674,12 +718,14 @@ def _same(params) -> str:
 
 def evs_run(runs: dict, run: dict) -> dict | None:
     """The EVS run set to keep what a sparsemm run's budget keeps, on the
-    same workload, model and concurrency."""
+    same workload, model, concurrency and server arguments."""
     return next((other for other in runs.values()
                  if other["backend"] == "evs" and run["backend"] == "sparsemm"
                  and other.get("budget") == run.get("budget")
                  and all(other[k] == run[k]
-                         for k in ("workload", "model", "concurrency"))),
+                         for k in ("workload", "model", "concurrency"))
+                 and (other.get("server_tag") or "")
+                 == (run.get("server_tag") or "")),
                 None)
 
 
@@ -725,12 +771,13 @@ ARMS = ("stock", "evs", "sparsemm")
 
 
 def _order(run: dict) -> tuple:
-    """Table order: workload, frames, model, concurrency, then stock, EVS
-    and sparsemm, by budget."""
+    """Table order: workload, frames, model, server arguments,
+    concurrency, then stock, EVS and sparsemm, by budget."""
     w = run["workload"].split("-")[0]
     return (WORKLOADS.index(w) if w in WORKLOADS else len(WORKLOADS),
             (run.get("load_params") or {}).get("frames") or 0, run["model"],
-            run["concurrency"], ARMS.index(run["backend"])
+            run.get("server_tag") or "", run["concurrency"],
+            ARMS.index(run["backend"])
             if run["backend"] in ARMS else len(ARMS),
             run.get("budget") or 0, run["label"])
 
@@ -821,6 +868,10 @@ def build_parser() -> argparse.ArgumentParser:
                    '\'{"decode_kernel": "flash_attn"}\'')
     p.add_argument("--server-args", default="",
                    help="extra vllm serve arguments, one string")
+    p.add_argument("--label", default=None,
+                   help="names --server-args in run keys and the table, "
+                   "after '@' (default: the arguments themselves, shortened;"
+                   " '': no name, as runs without --server-args)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--concurrency", default="1,16,64,256,1024",
                    help="unique: concurrencies")
@@ -938,12 +989,11 @@ def main(argv=None) -> int:
     gpu, failures = gpu_name(), 0
     for server in plans:
         port = free_port()
-        name = re.sub(r"[^\w.+=-]+", "_",
-                      f"{server.model}_{server.backend.label}")
+        name = re.sub(r"[^\w.+=-]+", "_", f"{server.model}_{server.label}")
         kv = f"_kv{server.kv_bytes}" if server.kv_bytes else ""
         stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
         log = args.log_dir / f"serve_{name}{kv}_{stamp}.log"
-        print(f"== {server.model} {server.backend.label}: starting vllm serve "
+        print(f"== {server.model} {server.label}: starting vllm serve "
               f"(log {log})", flush=True)
         try:
             proc = start_server(server.command(port), log, port,

@@ -237,15 +237,18 @@ def test_active_rate_ignores_idle_head_and_tail():
 # ------------------------------------------------------ ratios and table
 
 def _run(workload, conc, label, load=None, server=None, cut=False,
-         peak_running=10, params=None, budget=128):
+         peak_running=10, params=None, budget=128, tag=None):
     backend = label.split("-")[0]  # stock, evs or sparsemm
-    run = {"key": sm.run_key(workload, "m", conc, label), "workload": workload,
-           "model": "m", "concurrency": conc, "backend": backend,
-           "label": label, "budget": None if label == "stock" else budget,
+    run = {"key": sm.run_key(workload, "m", conc, sm.tagged(label, tag)),
+           "workload": workload, "model": "m", "concurrency": conc,
+           "backend": backend, "label": sm.tagged(label, tag),
+           "budget": None if label == "stock" else budget,
            "load_params": params or {"seed": conc, "size": [8, 8]},
            "cut": cut, "load": load,
            "server": server or {"prefix_cache_hit_rate": 0.0},
            "peak_running": peak_running, "load_error": None}
+    if tag is not None:  # runs written before server arguments had a tag
+        run["server_tag"] = tag
     run["figures"] = sm.figures(run)
     return run
 
@@ -315,6 +318,65 @@ def test_merge_keeps_earlier_runs(tmp_path):
     assert data["ratios"][b["key"]]["output_throughput"] == 1.5
     assert data["meta"]["invocations"] == [["first"], ["second"]]
     assert json.loads(out.read_text())["table"] == data["table"]
+
+
+def test_server_args_name_the_runs(tmp_path, vllm_parsers):
+    """--server-args become part of every run's label and key (their short
+    name, or --label), so runs on other server arguments merge beside the
+    plain ones instead of over them."""
+    serve_parser, _ = vllm_parsers
+    fp8 = ["--server-args", "--kv-cache-dtype fp8 --dtype bfloat16"]
+    plans = sm.plan(_args(tmp_path, "--workloads", "kv8", *fp8))
+    assert [p.label for p in plans] == [
+        "stock@kv-cache-dtype=fp8,dtype=bfloat16",
+        "sparsemm-b64@kv-cache-dtype=fp8,dtype=bfloat16",
+        "sparsemm-b256@kv-cache-dtype=fp8,dtype=bfloat16"]
+    a = serve_parser.parse_args(plans[1].command(8123)[len(sm.VLLM) + 1:])
+    assert (a.kv_cache_dtype, a.dtype) == ("fp8", "bfloat16")
+    assert a.additional_config["sparsemm"]["budget"] == 64
+    named = sm.plan(_args(tmp_path, "--workloads", "kv8", *fp8,
+                          "--label", "fp8/bf16"))
+    assert [p.label for p in named][:2] == ["stock@fp8_bf16",
+                                            "sparsemm-b64@fp8_bf16"]
+    for extra in ([], ["--label", ""], ["--server-args", ""]):
+        plain = sm.plan(_args(tmp_path, "--workloads", "kv8", *extra))
+        assert [p.label for p in plain][:2] == ["stock", "sparsemm-b64"]
+    # arguments that read badly in a key go by a hash of them
+    config = '--compilation-config \'{"cudagraph_mode": "NONE"}\''
+    assert sm.args_tag(config) == sm.args_tag(config)
+    assert sm.args_tag(config).startswith("args-")
+    assert sm.args_tag(config) != sm.args_tag(config.replace("NONE", "FULL"))
+    assert sm.args_tag("--enforce-eager --max-num-seqs 64") == \
+        "enforce-eager,max-num-seqs=64"
+
+
+def test_tagged_runs_pair_with_their_own_stock(tmp_path):
+    """A stored results file (runs without a tag) keeps its keys and ratios
+    when fp8 runs merge into it; those pair with their own stock run and
+    sit apart in the table."""
+    stored = Path(__file__).resolve().parents[2] / "benchmarks" / "results" \
+        / "h200-4fc2146-serve_questions.json"
+    out = tmp_path / "r.json"
+    out.write_text(stored.read_text())
+    old = json.loads(stored.read_text())
+    assert sm.merge(out, {})["ratios"] == old["ratios"]
+    run = next(iter(old["runs"].values()))
+    tag = "kv-cache-dtype=fp8"
+    new = [_run(run["workload"], run["concurrency"], label,
+                _load(tok, 100, 200, 20), params=run["load_params"], tag=tag)
+           for label, tok in (("stock", 1000), ("sparsemm-b128", 2000))]
+    for r in new:
+        r["model"] = run["model"]
+        r["key"] = sm.run_key(r["workload"], r["model"], r["concurrency"],
+                              r["label"])
+    data = sm.merge(out, {r["key"]: r for r in new})
+    assert set(data["runs"]) == set(old["runs"]) | {r["key"] for r in new}
+    assert {k: data["ratios"][k] for k in old["ratios"]} == old["ratios"]
+    mine = data["ratios"][new[1]["key"]]
+    assert mine["output_throughput"] == 2.0
+    rows = [line.split(" | ")[3] for line in data["table"].splitlines()[2:]]
+    assert rows == ["stock (cut)", "sparsemm-b128 (cut)", f"stock@{tag}",
+                    f"sparsemm-b128@{tag}"]
 
 
 # --------------------------------------------------- client: workloads
@@ -676,6 +738,7 @@ def test_measure_runs_the_client_and_reads_the_server(tmp_path):
     with FakeServer() as server:
         run = sm.measure(plan, load, server.port, tmp_path, None)
     assert run["key"] == "questions/fake-1.5/c4/stock"
+    assert run["server_tag"] == ""
     assert (tmp_path / "questions_fake-1.5_c4_stock.result.json").exists()
     assert (tmp_path / "questions_fake-1.5_c4_stock.log").exists()
     assert run["load_error"] is None and not run["cut"]
@@ -765,7 +828,8 @@ def fake_vllm(tmp_path, monkeypatch):
 
 def test_measure_reads_bench_results_or_the_server_when_cut(
         tmp_path, monkeypatch, fake_vllm):
-    plan = sm.ServerPlan("m-1.5", tmp_path, sm.Backend("sparsemm", 64), 4096)
+    plan = sm.ServerPlan("m-1.5", tmp_path, sm.Backend("sparsemm", 64), 4096,
+                         tag="fp8")
     load = sm.Load("kv8", 8, {"num_prompts": 8, "input_len": 4,
                               "output_len": 4, "image_size": (16, 16),
                               "seed": 8})
@@ -774,7 +838,11 @@ def test_measure_reads_bench_results_or_the_server_when_cut(
         assert not run["cut"] and run["load"]["completed"] == 3
         assert run["figures"]["output_throughput"] == 12.5
         assert run["figures"]["errors"] == 1
-        assert run["key"] == "kv8/m-1.5/c8/sparsemm-b64"
+        assert run["key"] == "kv8/m-1.5/c8/sparsemm-b64@fp8"
+        assert (run["label"], run["server_tag"]) == ("sparsemm-b64@fp8", "fp8")
+        assert sm.stock_key(run) == "kv8/m-1.5/c8/stock@fp8"
+        plan.loads = [load]
+        assert list(sm.failed_runs(plan, "no GPU")) == [run["key"]]
 
         monkeypatch.setenv("FAKE_BENCH", "--sleep")
         cut = sm.measure(plan, load, server.port, tmp_path, 0.2)
