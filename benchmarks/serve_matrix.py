@@ -19,7 +19,9 @@ next variant starts:
 * ``questions``: ``chat_client.py``: many distinct questions about few images
   (both backends' prefix caches reuse an image's KV).
 * ``multiturn``: ``chat_client.py``: conversations about one image each,
-  every turn resending the history with the server's answers.
+  every turn resending the history with the server's answers (the image
+  servers' ``--max-model-len`` holds the longest turn, see
+  ``shared_model_len``).
 * ``kv8``: the ``unique`` load on a LLaVA-NeXT-7B-shaped model with an
   8 GiB KV cache, where memory bounds the batch.
 * ``video`` (not run by default): ``chat_client.py``: one fresh mp4 per
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -70,6 +73,9 @@ from server_process import (free_port, log_tail, spawn,  # noqa: E402
                             start_server, stop_process, wait_idle)
 
 VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+DEFAULT_MAX_MODEL_LEN = 4096
+# a --max-model-len raised for the multiturn load is a multiple of this
+MODEL_LEN_STEP = 256
 CLIENT = [sys.executable, str(HERE / "chat_client.py")]
 SERVED_NAME = "model"
 WORKLOADS = ("unique", "questions", "multiturn", "kv8", "video")
@@ -357,6 +363,107 @@ def loads_for(workload: str, args) -> list[Load]:
     raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
 
 
+@functools.lru_cache(maxsize=None)
+def longest_token_text(model_dir: str) -> tuple[str, int]:
+    """The text of the output token that re-tokenizes into the most tokens,
+    and that count. With dummy weights an answer is random token ids; the
+    written folders' tokenizers spell most as ``<extra_N>``, one token per
+    character once the text comes back in the history."""
+    tokenizer = video_budget.processor_of(model_dir).tokenizer
+    ids = [[i] for i in range(len(tokenizer))]
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None:
+        texts = fast.decode_batch(ids, skip_special_tokens=True)
+        counts = [len(e.ids) for e in
+                  fast.encode_batch(texts, add_special_tokens=False)]
+    else:
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        counts = [len(x) for x in tokenizer(
+            texts, add_special_tokens=False)["input_ids"]]
+    worst = max(range(len(counts)), key=counts.__getitem__)
+    return texts[worst], counts[worst]
+
+
+def multiturn_prompt_tokens(model_dir: Path, load: Load):
+    """(prompt tokens, tokens per answer token) of a multiturn load's last
+    turn at its longest: every earlier answer ``max_tokens`` of the token
+    ``longest_token_text`` finds and every question the load's longest,
+    counted by the folder's own processor, as vLLM's chat path does. None
+    for a folder without a processor."""
+    from PIL import Image
+    p = load.params
+    try:
+        processor = video_budget.processor_of(str(model_dir))
+        text, per_token = longest_token_text(str(model_dir))
+    except (OSError, ValueError):
+        return None
+    question = max(chat_client.make_questions(
+        p["conversations"] * p["turns"], p["seed"]), key=len)
+    asked = {"role": "user", "content": [{"type": "text", "text": question}]}
+    answered = {"role": "assistant",
+                "content": [{"type": "text", "text": text * p["max_tokens"]}]}
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             *asked["content"]]}]
+    messages += [answered, asked] * (p["turns"] - 1)
+    prompt = processor.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=True)
+    ids = processor(text=[prompt],
+                    images=[Image.new("RGB", tuple(p["image_size"]))],
+                    add_special_tokens=False)["input_ids"][0]
+    return len(ids), per_token
+
+
+def max_positions(model_dir: Path) -> int | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") or config
+    return (text.get("max_position_embeddings")
+            or config.get("max_position_embeddings"))
+
+
+def shared_model_len(args, name: str, folder: Path,
+                     loads: list[Load]) -> int:
+    """``--max-model-len`` of the model's image servers. Unset, it is the
+    default, raised to what the multiturn load's last turn needs at its
+    longest (prompt and answer); where the given length or the model's
+    positions cannot hold that, the plan is refused. A turn past it would
+    be refused (HTTP 400) or answered short, and as each arm's answers
+    differ, the arms would no longer run the same load: the worst case,
+    not a typical one, keeps every turn whole on every arm. Every arm gets
+    this one length, so stock and sparsemm stay alike."""
+    counted = [(multiturn_prompt_tokens(folder, ld), ld) for ld in loads
+               if ld.workload == "multiturn"]
+    counted = [(c[0] + ld.params["max_tokens"], c, ld) for c, ld in counted
+               if c]
+    if not counted:
+        return args.max_model_len or DEFAULT_MAX_MODEL_LEN
+    need, (prompt, per_token), load = max(counted, key=lambda x: x[0])
+    out, turns = load.params["max_tokens"], load.params["turns"]
+    reach = (f"multiturn on {name}: a last turn can reach {prompt} prompt + "
+             f"{out} output tokens")
+    if args.max_model_len and need <= args.max_model_len:
+        return args.max_model_len
+    positions = max_positions(folder)
+    if positions and need > positions:
+        # the prompt grows by per_token for each output token of each
+        # earlier turn; the rest of it stays
+        rest = prompt - (turns - 1) * out * per_token
+        fits = (positions - rest) // ((turns - 1) * per_token + 1)
+        raise SystemExit(f"{reach}, past the model's {positions} positions: "
+                         f"give --multiturn-output-len {fits} or less")
+    if args.max_model_len:
+        raise SystemExit(f"{reach}, past --max-model-len {args.max_model_len}:"
+                         f" give {need} or more, or leave it unset")
+    length = max(DEFAULT_MAX_MODEL_LEN, -(-need // MODEL_LEN_STEP)
+                 * MODEL_LEN_STEP)
+    length = min(length, positions) if positions else length
+    if length > DEFAULT_MAX_MODEL_LEN:
+        print(f"-- {reach}: --max-model-len {length}", flush=True)
+    return length
+
+
 def video_loads(args, folder: Path) -> list[Load]:
     """One load per frame count and concurrency; ``prompt_tokens`` is what
     the model's processor makes of such a request (EVS is set from it)."""
@@ -435,11 +542,15 @@ def plan(args) -> list[ServerPlan]:
     plans = []
     shared = [w for w in WORKLOADS[:3] if w in workloads]
     if shared:
-        plans += server_plans(args, args.model, same_loads(
-            args.budgets, [ld for w in shared for ld in loads_for(w, args)]))
+        loads = [ld for w in shared for ld in loads_for(w, args)]
+        name, folder = model_folder(args.model, Path(args.work_dir))
+        plans += server_plans(
+            args, args.model, same_loads(args.budgets, loads),
+            max_model_len=shared_model_len(args, name, folder, loads))
     if "kv8" in workloads:
         plans += server_plans(args, args.kv8_model, same_loads(
-            args.kv8_budgets, loads_for("kv8", args)), args.kv8_bytes)
+            args.kv8_budgets, loads_for("kv8", args)), args.kv8_bytes,
+            args.max_model_len or DEFAULT_MAX_MODEL_LEN)
     if "video" in workloads:
         plans += server_plans(args, args.video_model,
                               lambda folder: video_arms(args, folder),
@@ -872,7 +983,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="names --server-args in run keys and the table, "
                    "after '@' (default: the arguments themselves, shortened;"
                    " '': no name, as runs without --server-args)")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"unset: {DEFAULT_MAX_MODEL_LEN}, raised where the "
+                   "multiturn load's longest turn needs more (every arm "
+                   "alike)")
     p.add_argument("--concurrency", default="1,16,64,256,1024",
                    help="unique: concurrencies")
     p.add_argument("--num-prompts", type=int, default=None,
@@ -891,8 +1005,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiturn-turns", type=int, default=4)
     p.add_argument("--multiturn-output-len", type=int, default=64,
                    help="output tokens per turn (answers return as text and "
-                   "dummy weights' tokens re-tokenize long: keep the whole "
-                   "history within --max-model-len)")
+                   "dummy weights' tokens re-tokenize long: the history "
+                   "grows fast, and --max-model-len with it)")
     p.add_argument("--kv8-model", default="llava-next-7b")
     p.add_argument("--kv8-bytes", type=int, default=8 * 2**30,
                    help="--kv-cache-memory-bytes of the kv8 servers")

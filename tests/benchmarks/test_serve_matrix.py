@@ -7,6 +7,7 @@ own token counts."""
 import asyncio
 import itertools
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -99,6 +100,53 @@ def test_serve_commands_parse_with_vllm(tmp_path, vllm_parsers):
     kv = parsed[("next", "sparsemm-b64")]
     assert kv.kv_cache_memory_bytes == 8589934592
     assert kv.additional_config["sparsemm"]["budget"] == 64
+
+
+def test_max_model_len_holds_the_longest_multiturn_turn(tmp_path, monkeypatch,
+                                                        capsys):
+    """Unset, --max-model-len is raised, for every arm alike, to what the
+    multiturn load's last turn needs at its longest; set too small, or past
+    the model's positions, the plan stops with one line saying what fits."""
+    counts = {}  # (prompt tokens, tokens per answer token) by concurrency
+    monkeypatch.setattr(sm, "multiturn_prompt_tokens",
+                        lambda folder, load: counts.get(load.concurrency))
+
+    def plan(*extra, positions=32768):
+        folder = tmp_path / f"ov{positions}"
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "llava_onevision",
+            "text_config": {"max_position_embeddings": positions}}))
+        return sm.plan(sm.parse_args([
+            "--model", str(folder), "--workloads", "multiturn,kv8",
+            "--kv8-model", str(_model_dir(tmp_path / "next", "llava_next")),
+            "--out", str(tmp_path / "out.json"), *extra]))
+
+    def lengths(plans):
+        return [(p.model, p.backend.label, p.max_model_len) for p in plans]
+
+    counts.update({64: (4000, 14), 256: (4552, 14)})
+    assert lengths(plan()) == [
+        ("ov32768", "stock", 4864), ("ov32768", "sparsemm-b128", 4864),
+        ("next", "stock", 4096), ("next", "sparsemm-b64", 4096),
+        ("next", "sparsemm-b256", 4096)]  # prompt and answer, rounded up
+    assert "--max-model-len 4864" in capsys.readouterr().out
+    assert {p.max_model_len for p in plan("--max-model-len", "5000")} == \
+        {5000}
+    with pytest.raises(SystemExit) as info:
+        plan("--max-model-len", "4096")
+    assert str(info.value) == (
+        "multiturn on ov32768: a last turn can reach 4552 prompt + 64 output "
+        "tokens, past --max-model-len 4096: give 4616 or more, or leave it "
+        "unset")
+    # the prompt less its answers stays: the most answer tokens that fit
+    with pytest.raises(SystemExit, match="the model's 4096 positions: give "
+                       "--multiturn-output-len 51 or less$"):
+        plan(positions=4096)
+    counts.update({64: (3000, 14), 256: (3900, 14)})
+    assert {p.max_model_len for p in plan()} == {4096}
+    counts.clear()  # no processor to count with: the default
+    assert {p.max_model_len for p in plan()} == {4096}
 
 
 def test_bench_command_parses_with_vllm(tmp_path, vllm_parsers):
@@ -1257,3 +1305,44 @@ def test_video_servers_keep_the_planned_prompt_tokens(tmp_path, vllm_parsers):
             assert tokens == sm.planned_prompt_kv(server.backend, load)
             seen.append(tokens)
     assert seen == [185, 569, 256]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(sm.MODELS))
+def test_multiturn_fits_each_named_model(tmp_path, vllm_parsers, name):
+    """At the defaults, every named model's servers hold the multiturn
+    load's last turn at its longest (every answer token the one whose text
+    re-tokenizes longest) as vLLM's chat path counts it; a model whose
+    positions cannot is refused, and the output length offered fits."""
+    serve_parser, _ = vllm_parsers
+    argv = ["--model", name, "--workloads", "multiturn", "--work-dir",
+            str(tmp_path), "--out", str(tmp_path / "out.json")]
+    try:
+        plans = sm.plan(sm.parse_args(argv))
+        refused = None
+    except SystemExit as exc:
+        refused = str(exc)
+        fits = re.search(r"--multiturn-output-len (\d+) or less$", refused)
+        plans = sm.plan(sm.parse_args(
+            argv + ["--multiturn-output-len", fits.group(1)]))
+    assert {p.max_model_len for p in plans} == {plans[0].max_model_len}
+    server = plans[0]
+    text, _ = sm.longest_token_text(str(server.model_dir))
+    renderer = _vllm_renderer(serve_parser, server.command(8123))
+
+    def longest(p, max_tokens):
+        question = max(cc.make_questions(p["conversations"] * p["turns"],
+                                         p["seed"]), key=len)
+        return _prompt_tokens(renderer, cc.ChatRequest(
+            cc.conversation_messages(
+                cc.image_url([0], p["image_size"]), [question] * p["turns"],
+                [text * max_tokens] * (p["turns"] - 1)),
+            max_tokens=max_tokens))
+
+    for load in server.loads:
+        p = load.params
+        assert longest(p, p["max_tokens"]) + p["max_tokens"] <= \
+            server.max_model_len
+        if refused:  # the default's answers would not fit the positions
+            assert longest(p, 64) + 64 > server.max_model_len
+    assert (refused is None) == (name != "llava-next-7b")
