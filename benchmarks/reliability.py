@@ -219,16 +219,23 @@ def kv_bytes_per_token(config: dict) -> int:
             * DTYPE_BYTES[dtype])
 
 
-def image_tokens(config: dict) -> int:
-    """Placeholder tokens of one LLaVA-1.5-style image (one per patch)."""
+def image_tokens(config: dict) -> int | None:
+    """Placeholder tokens of one LLaVA-1.5 image (one per patch); None for
+    other layouts (tiles, merged patches), where one per patch is wrong."""
+    if config.get("model_type") != "llava":
+        return None
     vision = config["vision_config"]
     return (vision["image_size"] // vision["patch_size"]) ** 2
 
 
-def preempt_kv_bytes(config: dict, fit: int, max_tokens: int) -> int:
+def preempt_kv_bytes(config: dict, fit: int, max_tokens: int) -> int | None:
     """A pool for about ``fit`` one-image requests at their full length:
-    fewer than the preemption load runs at once, so vLLM has to preempt."""
-    per_request = image_tokens(config) + QUESTION_ALLOWANCE + max_tokens
+    fewer than the preemption load runs at once, so vLLM has to preempt.
+    None where the image's tokens are not known."""
+    image = image_tokens(config)
+    if image is None:
+        return None
+    per_request = image + QUESTION_ALLOWANCE + max_tokens
     return fit * per_request * kv_bytes_per_token(config)
 
 
@@ -819,6 +826,12 @@ def faults_server(args, ctx: Context, backend: sm.Backend, parts: list[str]):
         except KeyError as exc:
             raise RuntimeError(f"{ctx.folder}/config.json lacks {exc}: give "
                                "--kv-cache-memory-bytes") from None
+        if kv_bytes is None:
+            raise RuntimeError(
+                f"{ctx.folder}/config.json is model type "
+                f"{ctx.config.get('model_type')!r}, whose image tokens the "
+                "pool estimate does not know (LLaVA-1.5's only): give "
+                "--kv-cache-memory-bytes")
     if backend.name == "sparsemm":
         backend = dataclasses.replace(backend, settings=json.dumps(
             {**json.loads(backend.settings),

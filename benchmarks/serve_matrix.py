@@ -19,7 +19,9 @@ next variant starts:
 * ``questions``: ``chat_client.py``: many distinct questions about few images
   (both backends' prefix caches reuse an image's KV).
 * ``multiturn``: ``chat_client.py``: conversations about one image each,
-  every turn resending the history with the server's answers.
+  every turn resending the history with the server's answers (the image
+  servers' ``--max-model-len`` holds the longest turn, see
+  ``shared_model_len``).
 * ``kv8``: the ``unique`` load on a LLaVA-NeXT-7B-shaped model with an
   8 GiB KV cache, where memory bounds the batch.
 * ``video`` (not run by default): ``chat_client.py``: one fresh mp4 per
@@ -34,7 +36,9 @@ requests, a token timeline), and once before and after (counter differences:
 prefix-cache hit rate, tokens, server-side latency histograms). A load cut by
 ``--max-seconds`` is reported from the server's counters (``vllm bench serve``
 writes no result when interrupted). Every run is merged into ``--out`` by key
-as soon as it ends, so several short invocations build one table; a markdown
+as soon as it ends, so several short invocations build one table; the key
+and label name ``--server-args`` too (``--label``), so a run on other server
+arguments sits beside the plain one instead of replacing it; a markdown
 table with each figure's ratio to stock's (and sparsemm's output tok/s over
 EVS's) is printed at the end.
 """
@@ -43,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import hashlib
 import json
 import os
 import re
@@ -67,6 +73,9 @@ from server_process import (free_port, log_tail, spawn,  # noqa: E402
                             start_server, stop_process, wait_idle)
 
 VLLM = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+DEFAULT_MAX_MODEL_LEN = 4096
+# a --max-model-len raised for the multiturn load is a multiple of this
+MODEL_LEN_STEP = 256
 CLIENT = [sys.executable, str(HERE / "chat_client.py")]
 SERVED_NAME = "model"
 WORKLOADS = ("unique", "questions", "multiturn", "kv8", "video")
@@ -147,7 +156,8 @@ class Load:
 
 @dataclass
 class ServerPlan:
-    """One ``vllm serve`` and the loads run against it, in order."""
+    """One ``vllm serve`` and the loads run against it, in order; ``tag``
+    names its ``--server-args``."""
     model: str
     model_dir: Path
     backend: Backend
@@ -156,6 +166,12 @@ class ServerPlan:
     extra_args: list[str] = field(default_factory=list)
     sparsemm_defaults: dict = field(default_factory=dict)
     loads: list[Load] = field(default_factory=list)
+    tag: str = ""
+
+    @property
+    def label(self) -> str:
+        """The backend's label, and the server arguments' tag after ``@``."""
+        return tagged(self.backend.label, self.tag)
 
     def command(self, port: int) -> list[str]:
         return serve_command(self.model_dir, port, self.max_model_len,
@@ -226,8 +242,52 @@ def client_command(port: int, load: Load, out, requests_out,
     return cmd
 
 
+def tagged(label: str, tag: str | None) -> str:
+    return f"{label}@{tag}" if tag else label
+
+
+def args_tag(server_args: str) -> str:
+    """A short name for ``--server-args``: ``--kv-cache-dtype fp8 --dtype
+    bfloat16`` is ``kv-cache-dtype=fp8,dtype=bfloat16``; arguments that do
+    not read well in a run key (long, JSON, paths) by a hash of them."""
+    words = shlex.split(server_args or "")
+    parts: list[str] = []
+    for word in words:
+        if word.startswith("--") or not parts:
+            parts.append(word.removeprefix("--"))
+        else:
+            parts[-1] += ("," if "=" in parts[-1] else "=") + word
+    tag = ",".join(parts)
+    if not tag or re.fullmatch(r"[\w.:=,+-]{1,48}", tag):
+        return tag
+    digest = hashlib.sha1(shlex.join(words).encode()).hexdigest()
+    return f"args-{digest[:8]}"
+
+
+def server_tag(args) -> str:
+    """``--label``, else the name of ``--server-args``."""
+    if args.label is not None:
+        return re.sub(r"[^\w.:=,+-]+", "_", args.label)
+    return args_tag(args.server_args)
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def even_frames(text: str) -> str:
+    """``--video-frames``: even counts only. vLLM's Qwen2-VL video loader
+    keeps a whole number of temporal patches (two frames), dropping an odd
+    count's last frame, while the processor ``video_budget.py`` counts with
+    pads it to one more step: the planned prompt and EVS rate would be one
+    step off."""
+    counts = ints(text)
+    odd = [n for n in counts if n <= 0 or n % 2]
+    if not counts or odd:
+        raise argparse.ArgumentTypeError(
+            f"frame counts must be even and positive (vLLM's Qwen2-VL loader "
+            f"drops an odd count's last frame); got {text!r}")
+    return text
 
 
 def model_folder(name_or_path: str, work_dir: Path) -> tuple[str, Path]:
@@ -303,6 +363,107 @@ def loads_for(workload: str, args) -> list[Load]:
     raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
 
 
+@functools.lru_cache(maxsize=None)
+def longest_token_text(model_dir: str) -> tuple[str, int]:
+    """The text of the output token that re-tokenizes into the most tokens,
+    and that count. With dummy weights an answer is random token ids; the
+    written folders' tokenizers spell most as ``<extra_N>``, one token per
+    character once the text comes back in the history."""
+    tokenizer = video_budget.processor_of(model_dir).tokenizer
+    ids = [[i] for i in range(len(tokenizer))]
+    fast = getattr(tokenizer, "backend_tokenizer", None)
+    if fast is not None:
+        texts = fast.decode_batch(ids, skip_special_tokens=True)
+        counts = [len(e.ids) for e in
+                  fast.encode_batch(texts, add_special_tokens=False)]
+    else:
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        counts = [len(x) for x in tokenizer(
+            texts, add_special_tokens=False)["input_ids"]]
+    worst = max(range(len(counts)), key=counts.__getitem__)
+    return texts[worst], counts[worst]
+
+
+def multiturn_prompt_tokens(model_dir: Path, load: Load):
+    """(prompt tokens, tokens per answer token) of a multiturn load's last
+    turn at its longest: every earlier answer ``max_tokens`` of the token
+    ``longest_token_text`` finds and every question the load's longest,
+    counted by the folder's own processor, as vLLM's chat path does. None
+    for a folder without a processor."""
+    from PIL import Image
+    p = load.params
+    try:
+        processor = video_budget.processor_of(str(model_dir))
+        text, per_token = longest_token_text(str(model_dir))
+    except (OSError, ValueError):
+        return None
+    question = max(chat_client.make_questions(
+        p["conversations"] * p["turns"], p["seed"]), key=len)
+    asked = {"role": "user", "content": [{"type": "text", "text": question}]}
+    answered = {"role": "assistant",
+                "content": [{"type": "text", "text": text * p["max_tokens"]}]}
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             *asked["content"]]}]
+    messages += [answered, asked] * (p["turns"] - 1)
+    prompt = processor.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=True)
+    ids = processor(text=[prompt],
+                    images=[Image.new("RGB", tuple(p["image_size"]))],
+                    add_special_tokens=False)["input_ids"][0]
+    return len(ids), per_token
+
+
+def max_positions(model_dir: Path) -> int | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") or config
+    return (text.get("max_position_embeddings")
+            or config.get("max_position_embeddings"))
+
+
+def shared_model_len(args, name: str, folder: Path,
+                     loads: list[Load]) -> int:
+    """``--max-model-len`` of the model's image servers. Unset, it is the
+    default, raised to what the multiturn load's last turn needs at its
+    longest (prompt and answer); where the given length or the model's
+    positions cannot hold that, the plan is refused. A turn past it would
+    be refused (HTTP 400) or answered short, and as each arm's answers
+    differ, the arms would no longer run the same load: the worst case,
+    not a typical one, keeps every turn whole on every arm. Every arm gets
+    this one length, so stock and sparsemm stay alike."""
+    counted = [(multiturn_prompt_tokens(folder, ld), ld) for ld in loads
+               if ld.workload == "multiturn"]
+    counted = [(c[0] + ld.params["max_tokens"], c, ld) for c, ld in counted
+               if c]
+    if not counted:
+        return args.max_model_len or DEFAULT_MAX_MODEL_LEN
+    need, (prompt, per_token), load = max(counted, key=lambda x: x[0])
+    out, turns = load.params["max_tokens"], load.params["turns"]
+    reach = (f"multiturn on {name}: a last turn can reach {prompt} prompt + "
+             f"{out} output tokens")
+    if args.max_model_len and need <= args.max_model_len:
+        return args.max_model_len
+    positions = max_positions(folder)
+    if positions and need > positions:
+        # the prompt grows by per_token for each output token of each
+        # earlier turn; the rest of it stays
+        rest = prompt - (turns - 1) * out * per_token
+        fits = (positions - rest) // ((turns - 1) * per_token + 1)
+        raise SystemExit(f"{reach}, past the model's {positions} positions: "
+                         f"give --multiturn-output-len {fits} or less")
+    if args.max_model_len:
+        raise SystemExit(f"{reach}, past --max-model-len {args.max_model_len}:"
+                         f" give {need} or more, or leave it unset")
+    length = max(DEFAULT_MAX_MODEL_LEN, -(-need // MODEL_LEN_STEP)
+                 * MODEL_LEN_STEP)
+    length = min(length, positions) if positions else length
+    if length > DEFAULT_MAX_MODEL_LEN:
+        print(f"-- {reach}: --max-model-len {length}", flush=True)
+    return length
+
+
 def video_loads(args, folder: Path) -> list[Load]:
     """One load per frame count and concurrency; ``prompt_tokens`` is what
     the model's processor makes of such a request (EVS is set from it)."""
@@ -358,10 +519,12 @@ def server_plans(args, model: str, arms_of, kv_bytes: int | None = None,
     """One server per (backend, loads) of ``arms_of(model folder)``."""
     name, folder = model_folder(model, Path(args.work_dir))
     extra = shlex.split(args.server_args or "") + list(server_args)
+    tag = server_tag(args)
     return [ServerPlan(name, folder, backend,
                        max_model_len or args.max_model_len, kv_bytes,
-                       extra + profiler_args(args, f"{name}_{backend.label}"),
-                       sparsemm_defaults(folder), loads)
+                       extra + profiler_args(
+                           args, f"{name}_{tagged(backend.label, tag)}"),
+                       sparsemm_defaults(folder), loads, tag)
             for backend, loads in arms_of(folder)]
 
 
@@ -379,11 +542,15 @@ def plan(args) -> list[ServerPlan]:
     plans = []
     shared = [w for w in WORKLOADS[:3] if w in workloads]
     if shared:
-        plans += server_plans(args, args.model, same_loads(
-            args.budgets, [ld for w in shared for ld in loads_for(w, args)]))
+        loads = [ld for w in shared for ld in loads_for(w, args)]
+        name, folder = model_folder(args.model, Path(args.work_dir))
+        plans += server_plans(
+            args, args.model, same_loads(args.budgets, loads),
+            max_model_len=shared_model_len(args, name, folder, loads))
     if "kv8" in workloads:
         plans += server_plans(args, args.kv8_model, same_loads(
-            args.kv8_budgets, loads_for("kv8", args)), args.kv8_bytes)
+            args.kv8_budgets, loads_for("kv8", args)), args.kv8_bytes,
+            args.max_model_len or DEFAULT_MAX_MODEL_LEN)
     if "video" in workloads:
         plans += server_plans(args, args.video_model,
                               lambda folder: video_arms(args, folder),
@@ -406,15 +573,18 @@ def profiler_args(args, server_name: str) -> list[str]:
 
 
 class ProfileWindow(threading.Thread):
-    """``/start_profile`` ``at`` seconds into a load, ``/stop_profile`` (which
-    writes the trace) ``seconds`` later, or when the load ends first."""
+    """``/start_profile`` ``at`` seconds after ``begin`` is set (the load
+    started sending: a load generator first builds its requests, for
+    seconds, while the server idles), ``/stop_profile`` (which writes the
+    trace) ``seconds`` later, or when the load ends first."""
 
-    def __init__(self, base_url: str, at: float, seconds: float):
+    def __init__(self, base_url: str, at: float, seconds: float,
+                 begin: threading.Event, source: str = ""):
         super().__init__(daemon=True)
         self.base, self.at, self.seconds = base_url, at, seconds
-        self.done = threading.Event()
-        self.record = {"at_s": at, "seconds": seconds, "started": False,
-                       "stopped": False}
+        self.begin, self.done = begin, threading.Event()
+        self.record = {"at_s": at, "seconds": seconds, "from": source,
+                       "started": False, "stopped": False}
 
     def _post(self, path: str) -> bool:
         request = urllib.request.Request(self.base + path, data=b"",
@@ -427,6 +597,9 @@ class ProfileWindow(threading.Thread):
             return False
 
     def run(self):
+        while not self.begin.is_set():
+            if self.done.wait(0.1):
+                return
         if self.done.wait(self.at):
             return
         self.record["started"] = self._post("/start_profile")
@@ -465,15 +638,17 @@ def warm_up(base_url: str, seed: int, video_size=None) -> str | None:
 
 
 def run_load(cmd: list[str], log_path, max_seconds: float | None,
-             start_marker: str | None = None) -> tuple[int, bool]:
+             start_marker: str | None = None,
+             started: threading.Event | None = None) -> tuple[int, bool]:
     """Run a load generator with output teed to ``log_path``.
 
-    With ``max_seconds``, it is stopped that long after ``start_marker``
-    appears in its output (or after it starts, with no marker) and the load
-    counts as cut. Returns (exit code, cut).
+    ``started`` (if given) is set when ``start_marker`` appears in its
+    output. With ``max_seconds``, it is stopped that long after that (or
+    after it starts, with no marker) and the load counts as cut. Returns
+    (exit code, cut).
     """
     proc = spawn(cmd, subprocess.PIPE, text=True, errors="replace")
-    started = threading.Event()
+    started = started or threading.Event()
 
     def pump():
         with open(log_path, "w") as log:
@@ -512,8 +687,7 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
             profile: tuple[float, float] | None = None) -> dict:
     """Run one load against the running server and return its record;
     ``profile = (at, seconds)`` profiles that window of it."""
-    key = run_key(load.name, server.model, load.concurrency,
-                  server.backend.label)
+    key = run_key(load.name, server.model, load.concurrency, server.label)
     stem = str(log_dir / re.sub(r"[^\w.+=-]+", "_", key))
     base = f"http://127.0.0.1:{port}"
     result_file, load_log = Path(stem + ".result.json"), Path(stem + ".log")
@@ -533,12 +707,17 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
     before = scrape(base)
     poller = MetricsPoller(base + "/metrics")
     poller.start()
-    window = ProfileWindow(base, *profile) if profile else None
-    if window:
+    # a profile counts from vllm bench serve's marker, or from the first
+    # request of a client's load the server holds
+    marked, window = threading.Event(), None
+    if profile:
+        window = (ProfileWindow(base, *profile, marked, "start marker")
+                  if marker else
+                  ProfileWindow(base, *profile, poller.busy, "first request"))
         window.start()
     started = time.monotonic()
     try:
-        code, cut = run_load(cmd, load_log, limit, marker)
+        code, cut = run_load(cmd, load_log, limit, marker, marked)
     finally:
         timeline = poller.stop()
         profiled = window.stop() if window else None
@@ -557,8 +736,8 @@ def measure(server: ServerPlan, load: Load, port: int, log_dir: Path,
     run = {
         "key": key, "workload": load.name, "model": server.model,
         "model_dir": str(server.model_dir), "concurrency": load.concurrency,
-        "backend": server.backend.name, "label": server.backend.label,
-        "budget": server.backend.budget,
+        "backend": server.backend.name, "label": server.label,
+        "server_tag": server.tag, "budget": server.backend.budget,
         "video_pruning_rate": server.backend.pruning_rate,
         "planned_prompt_kv": planned_prompt_kv(server.backend, load),
         "block_size": block_size, "num_gpu_blocks": num_blocks,
@@ -584,11 +763,12 @@ def failed_runs(server: ServerPlan, error: str) -> dict:
     runs = {}
     for load in server.loads:
         key = run_key(load.name, server.model, load.concurrency,
-                      server.backend.label)
+                      server.label)
         runs[key] = {
             "key": key, "workload": load.name, "model": server.model,
             "concurrency": load.concurrency, "backend": server.backend.name,
-            "label": server.backend.label, "budget": server.backend.budget,
+            "label": server.label, "server_tag": server.tag,
+            "budget": server.backend.budget,
             "load_params": load.params, "server_error": error, "cut": False,
             "load": None, "server": {}, "peak_running": None}
         runs[key]["figures"] = figures(runs[key])
@@ -636,7 +816,10 @@ def figures(run: dict) -> dict:
 
 
 def stock_key(run: dict) -> str:
-    return run_key(run["workload"], run["model"], run["concurrency"], "stock")
+    """Stock's run on the same server arguments (runs written before they
+    had a tag have none)."""
+    return run_key(run["workload"], run["model"], run["concurrency"],
+                   tagged("stock", run.get("server_tag")))
 
 
 def _same(params) -> str:
@@ -646,12 +829,14 @@ def _same(params) -> str:
 
 def evs_run(runs: dict, run: dict) -> dict | None:
     """The EVS run set to keep what a sparsemm run's budget keeps, on the
-    same workload, model and concurrency."""
+    same workload, model, concurrency and server arguments."""
     return next((other for other in runs.values()
                  if other["backend"] == "evs" and run["backend"] == "sparsemm"
                  and other.get("budget") == run.get("budget")
                  and all(other[k] == run[k]
-                         for k in ("workload", "model", "concurrency"))),
+                         for k in ("workload", "model", "concurrency"))
+                 and (other.get("server_tag") or "")
+                 == (run.get("server_tag") or "")),
                 None)
 
 
@@ -697,12 +882,13 @@ ARMS = ("stock", "evs", "sparsemm")
 
 
 def _order(run: dict) -> tuple:
-    """Table order: workload, frames, model, concurrency, then stock, EVS
-    and sparsemm, by budget."""
+    """Table order: workload, frames, model, server arguments,
+    concurrency, then stock, EVS and sparsemm, by budget."""
     w = run["workload"].split("-")[0]
     return (WORKLOADS.index(w) if w in WORKLOADS else len(WORKLOADS),
             (run.get("load_params") or {}).get("frames") or 0, run["model"],
-            run["concurrency"], ARMS.index(run["backend"])
+            run.get("server_tag") or "", run["concurrency"],
+            ARMS.index(run["backend"])
             if run["backend"] in ARMS else len(ARMS),
             run.get("budget") or 0, run["label"])
 
@@ -793,7 +979,14 @@ def build_parser() -> argparse.ArgumentParser:
                    '\'{"decode_kernel": "flash_attn"}\'')
     p.add_argument("--server-args", default="",
                    help="extra vllm serve arguments, one string")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--label", default=None,
+                   help="names --server-args in run keys and the table, "
+                   "after '@' (default: the arguments themselves, shortened;"
+                   " '': no name, as runs without --server-args)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help=f"unset: {DEFAULT_MAX_MODEL_LEN}, raised where the "
+                   "multiturn load's longest turn needs more (every arm "
+                   "alike)")
     p.add_argument("--concurrency", default="1,16,64,256,1024",
                    help="unique: concurrencies")
     p.add_argument("--num-prompts", type=int, default=None,
@@ -812,8 +1005,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiturn-turns", type=int, default=4)
     p.add_argument("--multiturn-output-len", type=int, default=64,
                    help="output tokens per turn (answers return as text and "
-                   "dummy weights' tokens re-tokenize long: keep the whole "
-                   "history within --max-model-len)")
+                   "dummy weights' tokens re-tokenize long: the history "
+                   "grows fast, and --max-model-len with it)")
     p.add_argument("--kv8-model", default="llava-next-7b")
     p.add_argument("--kv8-bytes", type=int, default=8 * 2**30,
                    help="--kv-cache-memory-bytes of the kv8 servers")
@@ -826,9 +1019,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WxH (LLaVA-NeXT tiles it: a long, KV-heavy prompt)")
     p.add_argument("--video-model", default="qwen2.5-vl-7b",
                    help="video: the model (EVS needs Qwen2.5-VL)")
-    p.add_argument("--video-frames", default="16,64",
-                   help="video: frames per video (each its own load; every "
-                   "frame reaches the model)")
+    p.add_argument("--video-frames", default="16,64", type=even_frames,
+                   help="video: frames per video, even (each its own load; "
+                   "every frame reaches the model)")
     p.add_argument("--video-size", default="336x336",
                    help="video: WxH of the frames")
     p.add_argument("--video-budgets", default="256",
@@ -845,9 +1038,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on each load's run time; a cut load is reported "
                    "from the server's counters")
     p.add_argument("--profile-at", type=float, default=None,
-                   help="profile every load this many seconds in (vLLM's "
-                   "torch profiler; traces under <log-dir>/profiles, for "
-                   "trace_gaps.py; its figures are then not a measurement)")
+                   help="profile every load this many seconds after it "
+                   "starts sending (vLLM's torch profiler; traces under "
+                   "<log-dir>/profiles, for trace_gaps.py; its figures are "
+                   "then not a measurement)")
     p.add_argument("--profile-seconds", type=float, default=3.0,
                    help="how long the profiled window lasts")
     p.add_argument("--profile-steps", type=int, default=40,
@@ -909,12 +1103,11 @@ def main(argv=None) -> int:
     gpu, failures = gpu_name(), 0
     for server in plans:
         port = free_port()
-        name = re.sub(r"[^\w.+=-]+", "_",
-                      f"{server.model}_{server.backend.label}")
+        name = re.sub(r"[^\w.+=-]+", "_", f"{server.model}_{server.label}")
         kv = f"_kv{server.kv_bytes}" if server.kv_bytes else ""
         stamp = datetime.datetime.now().strftime("%m%d-%H%M%S")
         log = args.log_dir / f"serve_{name}{kv}_{stamp}.log"
-        print(f"== {server.model} {server.backend.label}: starting vllm serve "
+        print(f"== {server.model} {server.label}: starting vllm serve "
               f"(log {log})", flush=True)
         try:
             proc = start_server(server.command(port), log, port,

@@ -187,12 +187,14 @@ def scrape(base_url: str) -> dict:
 class MetricsPoller(threading.Thread):
     """Scrapes ``/metrics`` during a load: the peak of running requests is a
     gauge no before/after difference can see. Rows are [seconds, running,
-    waiting, generation tokens so far, KV-cache usage]."""
+    waiting, generation tokens so far, KV-cache usage]. ``busy`` is set at
+    the first sample with a request in the server: when the load began."""
 
     def __init__(self, url: str, interval: float = 0.5):
         super().__init__(daemon=True)
         self.url, self.interval = url, interval
         self.timeline: list[list[float]] = []
+        self.busy = threading.Event()
         self._halt = threading.Event()
 
     def run(self):
@@ -206,6 +208,8 @@ class MetricsPoller(threading.Thread):
                     total(m, "vllm:num_requests_waiting") or 0.0,
                     total(m, "vllm:generation_tokens_total") or 0.0,
                     total(m, "vllm:kv_cache_usage_perc") or 0.0])
+                if self.timeline[-1][1] or self.timeline[-1][2]:
+                    self.busy.set()
             except OSError:
                 pass
             self._halt.wait(self.interval)

@@ -72,7 +72,9 @@ def model_type(model_dir) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _processor(model_dir: str):
+def processor_of(model_dir: str):
+    """The model folder's processor, loaded once (``serve_matrix.py`` counts
+    multi-turn prompts with it too)."""
     from transformers import AutoProcessor
     return AutoProcessor.from_pretrained(model_dir)
 
@@ -86,7 +88,7 @@ def video_prompt_tokens(model_dir, frames: int, size,
     that is not Qwen2-VL-like."""
     if model_type(model_dir) not in QWEN_VIDEO_TYPES:
         return None
-    processor = _processor(str(model_dir))
+    processor = processor_of(str(model_dir))
     messages = [{"role": "user", "content": [
         {"type": "video"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, tokenize=False,

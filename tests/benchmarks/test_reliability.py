@@ -261,6 +261,37 @@ def test_model_shape_arithmetic():
     assert rel.kv_bytes_per_token(gqa) == 2 * 2 * 8 * 2 * 4
 
 
+@pytest.mark.parametrize("name", ["INTERNVL3_8B", "QWEN2_VL_7B",
+                                  "LLAVA_NEXT_VICUNA_7B"])
+def test_faults_pool_needs_the_flag_beyond_llava_15(tmp_path, name):
+    """The preemption pool is estimated for LLaVA-1.5's one token per patch
+    only. InternVL (sizes as lists), Qwen (merged patches) and LLaVA-NeXT
+    (tiles) ask for --kv-cache-memory-bytes: a failed check, no crash."""
+    from vllm_sparsemm.testing import checkpoints
+    config = getattr(checkpoints, name)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    args = rel.parse_args(["faults", "--out", str(tmp_path / "r.json"),
+                           "--model", str(folder), "--backends", "stock"])
+    ctx = rel.context(args)
+    stock = sm.Backend("stock")
+    assert rel.image_tokens(config) is None
+    assert rel.preempt_kv_bytes(config, 16, 512) is None
+    with pytest.raises(RuntimeError, match="give --kv-cache-memory-bytes$"):
+        rel.faults_server(args, ctx, stock, ["preempt"])
+    assert rel.faults_server(args, ctx, stock, ["aborts"]) == (stock, None)
+    record = rel.run_record(args, ctx, "stock", lambda v, r:
+                            rel.run_faults(args, ctx, stock, v, r))
+    assert not record["passed"] and "serve_cmd" not in record
+    [check] = record["checks"]
+    assert check["name"] == "ran" and check["detail"].startswith(
+        "RuntimeError: ") and check["detail"].endswith(
+        "give --kv-cache-memory-bytes")
+    args.kv_cache_memory_bytes = 2**30
+    assert rel.faults_server(args, ctx, stock, ["preempt"]) == (stock, 2**30)
+
+
 # ---------------------------------------------------------- workloads
 
 def test_load_workload_shares_and_determinism():

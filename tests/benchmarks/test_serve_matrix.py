@@ -7,6 +7,7 @@ own token counts."""
 import asyncio
 import itertools
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -99,6 +100,53 @@ def test_serve_commands_parse_with_vllm(tmp_path, vllm_parsers):
     kv = parsed[("next", "sparsemm-b64")]
     assert kv.kv_cache_memory_bytes == 8589934592
     assert kv.additional_config["sparsemm"]["budget"] == 64
+
+
+def test_max_model_len_holds_the_longest_multiturn_turn(tmp_path, monkeypatch,
+                                                        capsys):
+    """Unset, --max-model-len is raised, for every arm alike, to what the
+    multiturn load's last turn needs at its longest; set too small, or past
+    the model's positions, the plan stops with one line saying what fits."""
+    counts = {}  # (prompt tokens, tokens per answer token) by concurrency
+    monkeypatch.setattr(sm, "multiturn_prompt_tokens",
+                        lambda folder, load: counts.get(load.concurrency))
+
+    def plan(*extra, positions=32768):
+        folder = tmp_path / f"ov{positions}"
+        folder.mkdir(exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "llava_onevision",
+            "text_config": {"max_position_embeddings": positions}}))
+        return sm.plan(sm.parse_args([
+            "--model", str(folder), "--workloads", "multiturn,kv8",
+            "--kv8-model", str(_model_dir(tmp_path / "next", "llava_next")),
+            "--out", str(tmp_path / "out.json"), *extra]))
+
+    def lengths(plans):
+        return [(p.model, p.backend.label, p.max_model_len) for p in plans]
+
+    counts.update({64: (4000, 14), 256: (4552, 14)})
+    assert lengths(plan()) == [
+        ("ov32768", "stock", 4864), ("ov32768", "sparsemm-b128", 4864),
+        ("next", "stock", 4096), ("next", "sparsemm-b64", 4096),
+        ("next", "sparsemm-b256", 4096)]  # prompt and answer, rounded up
+    assert "--max-model-len 4864" in capsys.readouterr().out
+    assert {p.max_model_len for p in plan("--max-model-len", "5000")} == \
+        {5000}
+    with pytest.raises(SystemExit) as info:
+        plan("--max-model-len", "4096")
+    assert str(info.value) == (
+        "multiturn on ov32768: a last turn can reach 4552 prompt + 64 output "
+        "tokens, past --max-model-len 4096: give 4616 or more, or leave it "
+        "unset")
+    # the prompt less its answers stays: the most answer tokens that fit
+    with pytest.raises(SystemExit, match="the model's 4096 positions: give "
+                       "--multiturn-output-len 51 or less$"):
+        plan(positions=4096)
+    counts.update({64: (3000, 14), 256: (3900, 14)})
+    assert {p.max_model_len for p in plan()} == {4096}
+    counts.clear()  # no processor to count with: the default
+    assert {p.max_model_len for p in plan()} == {4096}
 
 
 def test_bench_command_parses_with_vllm(tmp_path, vllm_parsers):
@@ -237,15 +285,18 @@ def test_active_rate_ignores_idle_head_and_tail():
 # ------------------------------------------------------ ratios and table
 
 def _run(workload, conc, label, load=None, server=None, cut=False,
-         peak_running=10, params=None, budget=128):
+         peak_running=10, params=None, budget=128, tag=None):
     backend = label.split("-")[0]  # stock, evs or sparsemm
-    run = {"key": sm.run_key(workload, "m", conc, label), "workload": workload,
-           "model": "m", "concurrency": conc, "backend": backend,
-           "label": label, "budget": None if label == "stock" else budget,
+    run = {"key": sm.run_key(workload, "m", conc, sm.tagged(label, tag)),
+           "workload": workload, "model": "m", "concurrency": conc,
+           "backend": backend, "label": sm.tagged(label, tag),
+           "budget": None if label == "stock" else budget,
            "load_params": params or {"seed": conc, "size": [8, 8]},
            "cut": cut, "load": load,
            "server": server or {"prefix_cache_hit_rate": 0.0},
            "peak_running": peak_running, "load_error": None}
+    if tag is not None:  # runs written before server arguments had a tag
+        run["server_tag"] = tag
     run["figures"] = sm.figures(run)
     return run
 
@@ -315,6 +366,65 @@ def test_merge_keeps_earlier_runs(tmp_path):
     assert data["ratios"][b["key"]]["output_throughput"] == 1.5
     assert data["meta"]["invocations"] == [["first"], ["second"]]
     assert json.loads(out.read_text())["table"] == data["table"]
+
+
+def test_server_args_name_the_runs(tmp_path, vllm_parsers):
+    """--server-args become part of every run's label and key (their short
+    name, or --label), so runs on other server arguments merge beside the
+    plain ones instead of over them."""
+    serve_parser, _ = vllm_parsers
+    fp8 = ["--server-args", "--kv-cache-dtype fp8 --dtype bfloat16"]
+    plans = sm.plan(_args(tmp_path, "--workloads", "kv8", *fp8))
+    assert [p.label for p in plans] == [
+        "stock@kv-cache-dtype=fp8,dtype=bfloat16",
+        "sparsemm-b64@kv-cache-dtype=fp8,dtype=bfloat16",
+        "sparsemm-b256@kv-cache-dtype=fp8,dtype=bfloat16"]
+    a = serve_parser.parse_args(plans[1].command(8123)[len(sm.VLLM) + 1:])
+    assert (a.kv_cache_dtype, a.dtype) == ("fp8", "bfloat16")
+    assert a.additional_config["sparsemm"]["budget"] == 64
+    named = sm.plan(_args(tmp_path, "--workloads", "kv8", *fp8,
+                          "--label", "fp8/bf16"))
+    assert [p.label for p in named][:2] == ["stock@fp8_bf16",
+                                            "sparsemm-b64@fp8_bf16"]
+    for extra in ([], ["--label", ""], ["--server-args", ""]):
+        plain = sm.plan(_args(tmp_path, "--workloads", "kv8", *extra))
+        assert [p.label for p in plain][:2] == ["stock", "sparsemm-b64"]
+    # arguments that read badly in a key go by a hash of them
+    config = '--compilation-config \'{"cudagraph_mode": "NONE"}\''
+    assert sm.args_tag(config) == sm.args_tag(config)
+    assert sm.args_tag(config).startswith("args-")
+    assert sm.args_tag(config) != sm.args_tag(config.replace("NONE", "FULL"))
+    assert sm.args_tag("--enforce-eager --max-num-seqs 64") == \
+        "enforce-eager,max-num-seqs=64"
+
+
+def test_tagged_runs_pair_with_their_own_stock(tmp_path):
+    """A stored results file (runs without a tag) keeps its keys and ratios
+    when fp8 runs merge into it; those pair with their own stock run and
+    sit apart in the table."""
+    stored = Path(__file__).resolve().parents[2] / "benchmarks" / "results" \
+        / "h200-4fc2146-serve_questions.json"
+    out = tmp_path / "r.json"
+    out.write_text(stored.read_text())
+    old = json.loads(stored.read_text())
+    assert sm.merge(out, {})["ratios"] == old["ratios"]
+    run = next(iter(old["runs"].values()))
+    tag = "kv-cache-dtype=fp8"
+    new = [_run(run["workload"], run["concurrency"], label,
+                _load(tok, 100, 200, 20), params=run["load_params"], tag=tag)
+           for label, tok in (("stock", 1000), ("sparsemm-b128", 2000))]
+    for r in new:
+        r["model"] = run["model"]
+        r["key"] = sm.run_key(r["workload"], r["model"], r["concurrency"],
+                              r["label"])
+    data = sm.merge(out, {r["key"]: r for r in new})
+    assert set(data["runs"]) == set(old["runs"]) | {r["key"] for r in new}
+    assert {k: data["ratios"][k] for k in old["ratios"]} == old["ratios"]
+    mine = data["ratios"][new[1]["key"]]
+    assert mine["output_throughput"] == 2.0
+    rows = [line.split(" | ")[3] for line in data["table"].splitlines()[2:]]
+    assert rows == ["stock (cut)", "sparsemm-b128 (cut)", f"stock@{tag}",
+                    f"sparsemm-b128@{tag}"]
 
 
 # --------------------------------------------------- client: workloads
@@ -408,11 +518,13 @@ def test_summary_arithmetic():
 class FakeServer:
     """An OpenAI-style chat server in a background thread: streams
     ``max_tokens`` chunks, answers 400 to a question containing FAIL, and
-    keeps vLLM-named counters at /metrics."""
+    keeps vLLM-named counters at /metrics. A POST to /mark/NAME is noted
+    in its events, which GET /events lists."""
 
     def __init__(self, chunk_delay: float = 0.0, port: int = 0):
         self.chunk_delay, self.port = chunk_delay, port
         self.bodies, self.events = [], []
+        self.bodies_at_profile = []  # requests received by each profile call
         self.images, self.count = set(), itertools.count()
         self.counters = dict(queries=0, hits=0, gen=0, length=0, running=0)
         self.loop = asyncio.new_event_loop()
@@ -444,6 +556,8 @@ class FakeServer:
         app.router.add_get("/v1/models", self.models)
         for path in ("/start_profile", "/stop_profile"):
             app.router.add_post(path, self.profile)
+        app.router.add_post("/mark/{name}", self.profile)
+        app.router.add_get("/events", self.list_events)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", self.port)
@@ -455,7 +569,12 @@ class FakeServer:
     async def profile(self, request):
         from aiohttp import web
         self.events.append(request.path)
+        self.bodies_at_profile.append(len(self.bodies))
         return web.Response(text="")
+
+    async def list_events(self, request):
+        from aiohttp import web
+        return web.json_response(self.events)
 
     async def health(self, request):
         from aiohttp import web
@@ -667,6 +786,7 @@ def test_measure_runs_the_client_and_reads_the_server(tmp_path):
     with FakeServer() as server:
         run = sm.measure(plan, load, server.port, tmp_path, None)
     assert run["key"] == "questions/fake-1.5/c4/stock"
+    assert run["server_tag"] == ""
     assert (tmp_path / "questions_fake-1.5_c4_stock.result.json").exists()
     assert (tmp_path / "questions_fake-1.5_c4_stock.log").exists()
     assert run["load_error"] is None and not run["cut"]
@@ -715,7 +835,7 @@ def test_run_load_cuts_after_the_start_marker(tmp_path):
 
 
 FAKE_VLLM = """
-import json, os, sys, time
+import json, os, sys, time, urllib.request
 argv = sys.argv[1:]
 if argv[0] == "serve":  # the fake OpenAI server, until SIGTERM
     sys.path.insert(0, %r)
@@ -725,9 +845,21 @@ if argv[0] == "serve":  # the fake OpenAI server, until SIGTERM
 assert argv[:2] == ["bench", "serve"], argv
 path = os.path.join(argv[argv.index("--result-dir") + 1],
                     argv[argv.index("--result-filename") + 1])
+base = "http://127.0.0.1:" + argv[argv.index("--port") + 1]
+mode = os.environ.get("FAKE_BENCH", "")
+if "--slow-start" in mode:  # builds its requests first, as random-mm does
+    time.sleep(1.0)
+    urllib.request.urlopen(urllib.request.Request(base + "/mark/main",
+                                                  data=b"", method="POST"))
 print("Starting main benchmark run...", flush=True)
-if "--sleep" in os.environ.get("FAKE_BENCH", ""):
+if "--sleep" in mode:
     time.sleep(60)
+if "--slow-start" in mode:  # runs until the profile begins
+    for _ in range(600):
+        if "/start_profile" in json.load(urllib.request.urlopen(
+                base + "/events")):
+            break
+        time.sleep(0.05)
 json.dump({"completed": 3, "failed": 1, "output_throughput": 12.5,
            "mean_ttft_ms": 5.0, "p99_ttft_ms": 9.0, "mean_tpot_ms": 1.0},
           open(path, "w"))
@@ -744,7 +876,8 @@ def fake_vllm(tmp_path, monkeypatch):
 
 def test_measure_reads_bench_results_or_the_server_when_cut(
         tmp_path, monkeypatch, fake_vllm):
-    plan = sm.ServerPlan("m-1.5", tmp_path, sm.Backend("sparsemm", 64), 4096)
+    plan = sm.ServerPlan("m-1.5", tmp_path, sm.Backend("sparsemm", 64), 4096,
+                         tag="fp8")
     load = sm.Load("kv8", 8, {"num_prompts": 8, "input_len": 4,
                               "output_len": 4, "image_size": (16, 16),
                               "seed": 8})
@@ -753,13 +886,35 @@ def test_measure_reads_bench_results_or_the_server_when_cut(
         assert not run["cut"] and run["load"]["completed"] == 3
         assert run["figures"]["output_throughput"] == 12.5
         assert run["figures"]["errors"] == 1
-        assert run["key"] == "kv8/m-1.5/c8/sparsemm-b64"
+        assert run["key"] == "kv8/m-1.5/c8/sparsemm-b64@fp8"
+        assert (run["label"], run["server_tag"]) == ("sparsemm-b64@fp8", "fp8")
+        assert sm.stock_key(run) == "kv8/m-1.5/c8/stock@fp8"
+        plan.loads = [load]
+        assert list(sm.failed_runs(plan, "no GPU")) == [run["key"]]
 
         monkeypatch.setenv("FAKE_BENCH", "--sleep")
         cut = sm.measure(plan, load, server.port, tmp_path, 0.2)
     assert cut["cut"] and cut["load"] is None and cut["load_error"] is None
     assert cut["figures"]["source"] == "server"
     assert cut["figures"]["errors"] is None
+
+
+def test_profile_counts_from_the_bench_start_marker(tmp_path, monkeypatch,
+                                                   fake_vllm):
+    """vllm bench serve builds its requests before it sends one: the
+    profile window opens only after it says its timed run starts."""
+    plan = sm.ServerPlan("m-1.5", tmp_path, sm.Backend("stock"), 4096)
+    load = sm.Load("unique", 2, {"num_prompts": 2, "input_len": 4,
+                                 "output_len": 4, "image_size": (16, 16),
+                                 "seed": 2})
+    monkeypatch.setenv("FAKE_BENCH", "--slow-start")
+    with FakeServer() as server:
+        run = sm.measure(plan, load, server.port, tmp_path, None,
+                         profile=(0.1, 60.0))
+        events = [e for e in server.events if e.startswith("/")]
+    assert events == ["/mark/main", "/start_profile", "/stop_profile"]
+    assert run["profiled"]["from"] == "start marker"
+    assert run["profiled"]["started"] and run["load"]["completed"] == 3
 
 
 def test_main_runs_every_server_and_merges(tmp_path, fake_vllm, capsys):
@@ -840,12 +995,15 @@ def test_measure_profiles_a_window_of_the_load(tmp_path):
     load = sm.Load("questions", 2, {"num_requests": 8, "num_images": 2,
                                     "max_tokens": 20, "image_size": (16, 16),
                                     "seed": 0})
-    with FakeServer(chunk_delay=0.02) as server:
+    with FakeServer(chunk_delay=0.05) as server:
         run = sm.measure(plan, load, server.port, tmp_path, None,
                          profile=(0.1, 60.0))
         events = [e for e in server.events if "profile" in e]
     assert events == ["/start_profile", "/stop_profile"]
     assert run["profiled"]["started"] and run["profiled"]["stopped"]
+    # counted from the load's first request, not from the client's launch
+    assert run["profiled"]["from"] == "first request"
+    assert server.bodies_at_profile[0] >= 1
     assert "stock (profiled)" in sm.table({run["key"]: run}, {})
     with FakeServer() as server:
         run = sm.measure(plan, load, server.port, tmp_path, None,
@@ -950,6 +1108,29 @@ def test_video_plan_without_evs(tmp_path, qwen_tokens):
     assert "video" not in sm.build_parser().parse_args([]).workloads
     assert "video" in sm.build_parser().format_help()
     assert "--workloads video" in sm.__doc__
+
+
+def test_odd_video_frames_are_refused(capsys):
+    """vLLM's Qwen2-VL loader keeps an even count of a video's frames, where
+    the processor the plan counts with pads an odd count up: odd counts
+    are refused on the command line, even ones reach the model whole."""
+    from vllm.multimodal.video import (Qwen2VLVideoBackend,
+                                       VideoSourceMetadata,
+                                       VideoTargetMetadata)
+
+    def kept(frames):
+        return len(Qwen2VLVideoBackend.compute_frames_index_to_sample(
+            VideoSourceMetadata(frames, cc.VIDEO_FPS, frames / cc.VIDEO_FPS),
+            VideoTargetMetadata(-1, cc.VIDEO_FPS, 300)))
+
+    assert [kept(n) for n in (4, 16, 63, 64)] == [4, 16, 62, 64]
+    assert sm.parse_args(["--video-frames", "4,64"]).video_frames == "4,64"
+    for bad in ("16,63", "0", ""):
+        with pytest.raises(SystemExit):
+            sm.parse_args(["--video-frames", bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ": error: argument --video-frames: frame counts must be " \
+            "even" in err[-1]
 
 
 def test_video_requests_carry_every_frame():
@@ -1124,3 +1305,44 @@ def test_video_servers_keep_the_planned_prompt_tokens(tmp_path, vllm_parsers):
             assert tokens == sm.planned_prompt_kv(server.backend, load)
             seen.append(tokens)
     assert seen == [185, 569, 256]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(sm.MODELS))
+def test_multiturn_fits_each_named_model(tmp_path, vllm_parsers, name):
+    """At the defaults, every named model's servers hold the multiturn
+    load's last turn at its longest (every answer token the one whose text
+    re-tokenizes longest) as vLLM's chat path counts it; a model whose
+    positions cannot is refused, and the output length offered fits."""
+    serve_parser, _ = vllm_parsers
+    argv = ["--model", name, "--workloads", "multiturn", "--work-dir",
+            str(tmp_path), "--out", str(tmp_path / "out.json")]
+    try:
+        plans = sm.plan(sm.parse_args(argv))
+        refused = None
+    except SystemExit as exc:
+        refused = str(exc)
+        fits = re.search(r"--multiturn-output-len (\d+) or less$", refused)
+        plans = sm.plan(sm.parse_args(
+            argv + ["--multiturn-output-len", fits.group(1)]))
+    assert {p.max_model_len for p in plans} == {plans[0].max_model_len}
+    server = plans[0]
+    text, _ = sm.longest_token_text(str(server.model_dir))
+    renderer = _vllm_renderer(serve_parser, server.command(8123))
+
+    def longest(p, max_tokens):
+        question = max(cc.make_questions(p["conversations"] * p["turns"],
+                                         p["seed"]), key=len)
+        return _prompt_tokens(renderer, cc.ChatRequest(
+            cc.conversation_messages(
+                cc.image_url([0], p["image_size"]), [question] * p["turns"],
+                [text * max_tokens] * (p["turns"] - 1)),
+            max_tokens=max_tokens))
+
+    for load in server.loads:
+        p = load.params
+        assert longest(p, p["max_tokens"]) + p["max_tokens"] <= \
+            server.max_model_len
+        if refused:  # the default's answers would not fit the positions
+            assert longest(p, 64) + 64 > server.max_model_len
+    assert (refused is None) == (name != "llava-next-7b")
