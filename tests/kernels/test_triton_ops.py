@@ -2,6 +2,7 @@
 compressed rows of real CPU-engine steps, the K/V write on vLLM-shaped strided
 views. Through Triton's interpreter on the CPU, compiled on the GPU."""
 
+import contextlib
 import inspect
 import os
 import re
@@ -317,17 +318,11 @@ def compare_plan_decode(device: str, kv_cache_dtype: str = "auto") -> int:
     return compared
 
 
-def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
-                full_graphs: bool = False,
-                decode_kernel: str = "triton") -> tuple[dict, int]:
-    """One CPU-engine workload (a mixed batch of chunked prompts, decode and
-    multi-token steps; with ``full_graphs`` padded uniform decode on the
-    fixed path), every output checked against dense SparseMM. ``kernels``:
-    the backend takes its Triton branches, as on a GPU (FlashAttention and
-    the CUDA compaction keep their references). Returns each layer's
-    recorded selection and the steps run."""
-    from cpu_engine import Engine
-
+@contextlib.contextmanager
+def _backend_branches(kernels: bool):
+    """``kernels``: the backend takes its Triton branches, as on a GPU
+    (FlashAttention and the CUDA compaction keep their references); else
+    its reference branches, as on a CPU."""
     from vllm_sparsemm.engine import backend
     from vllm_sparsemm.kernels import triton_ops
     runs_on, sm_count = triton_ops.runs_on, backend.sm_count
@@ -335,6 +330,21 @@ def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
         triton_ops.runs_on = lambda where: True
         backend.sm_count = lambda device: 4  # few SMs: decode splits keys
     try:
+        yield
+    finally:
+        triton_ops.runs_on, backend.sm_count = runs_on, sm_count
+
+
+def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
+                full_graphs: bool = False,
+                decode_kernel: str = "triton") -> tuple[dict, int]:
+    """One CPU-engine workload (a mixed batch of chunked prompts, decode and
+    multi-token steps; with ``full_graphs`` padded uniform decode on the
+    fixed path) on the backend's kernel or reference branches, every output
+    checked against dense SparseMM. Returns each layer's recorded selection
+    and the steps run."""
+    from cpu_engine import Engine
+    with _backend_branches(kernels):
         eng = Engine(kv_cache_dtype=kv_cache_dtype, debug_poison=debug_poison,
                      full_graphs=full_graphs)
         for rank in eng.ranks:
@@ -348,16 +358,40 @@ def _engine_run(kernels: bool, kv_cache_dtype: str, debug_poison: bool,
             steps += 1
         if full_graphs:
             assert eng.last_plan.compressed.max_length == eng.max_model_len
-    finally:
-        triton_ops.runs_on, backend.sm_count = runs_on, sm_count
     return eng.state.recorded, steps
+
+
+def _conversation_run(kernels: bool, kv_cache_dtype: str) -> dict:
+    """test_prefix_caching's conversation (prefix-cache hits whose keys the
+    selection reads from cached blocks) over two tensor-parallel ranks, on
+    the kernel or reference branches; outputs checked against dense
+    SparseMM. Returns rank 0's recorded selections."""
+    sys.path.insert(0, str(HERE.parent / "engine"))
+    from test_prefix_caching import _conversation
+    with _backend_branches(kernels):
+        eng, hits = _conversation(caching=True, record=True, tp=2,
+                                  kv_cache_dtype=kv_cache_dtype)
+    assert hits["repeat"] > 0 and hits["second turn"] > 0
+    return eng.state.recorded
+
+
+def _assert_same_selections(got: dict, want: dict, requests: int) -> None:
+    """Every layer's recorded queries and keys (as scored), kept positions
+    and counts are the same."""
+    assert got.keys() == want.keys() and len(want) == requests
+    for rid, layers in want.items():
+        for layer, (queries, keys, kept, counts) in layers.items():
+            q, k, p, c = got[rid][layer]
+            assert torch.equal(q, queries) and torch.equal(k, keys)
+            assert torch.equal(c, counts) and torch.equal(p, kept)
 
 
 def engine_on_kernels(device: str, kv_cache_dtype: str = "auto") -> int:
     """The backend on its Triton branches (write, in-place selection,
     decode from the plan and from a page table, page tables for
-    FlashAttention's decode, long prompts streamed, the full-graph path)
-    against its reference branches: outputs equal dense
+    FlashAttention's decode, long prompts streamed, the full-graph path,
+    prefix-cache hits on two tensor-parallel ranks) against its reference
+    branches: outputs equal dense
     SparseMM in both, and every layer's recorded selection (queries and
     keys as scored, kept positions, counts) is the same. The CPU engine
     only: ``device`` is "cpu". Returns the steps run on the kernels."""
@@ -376,15 +410,12 @@ def engine_on_kernels(device: str, kv_cache_dtype: str = "auto") -> int:
             for decoder in decoders:
                 got, ran = _engine_run(True, kv_cache_dtype, poison, graphs,
                                        decoder)
-                assert got.keys() == want.keys() and len(want) == 4
-                for rid, layers in want.items():
-                    for layer, (queries, keys, kept, counts) in layers.items():
-                        q, k, p, c = got[rid][layer]
-                        assert torch.equal(q, queries) and torch.equal(k, keys)
-                        assert torch.equal(c, counts) and torch.equal(p, kept)
+                _assert_same_selections(got, want, 4)
                 steps += ran
         finally:
             layer_ops.SELECTION_TOKENS, step_plan.SELECTION_TOKENS = bound
+    _assert_same_selections(_conversation_run(True, kv_cache_dtype),
+                            _conversation_run(False, kv_cache_dtype), 4)
     return steps
 
 
