@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover - vLLM ships Triton on CUDA machines
 _INDEX_POINTERS = ("table_ptr", "lengths_ptr", "prefix_pages_ptr",
                    "prefix_start_ptr", "decode_base_ptr", "prompt_ptr",
                    "block_rows_ptr")
+# a layer's fp8 scales are a row of one [L, 3] tensor, at 12-byte steps;
+# without fp8 an index view stands in for them: neither may pick a build
 
 if triton is not None:
 
@@ -129,7 +131,8 @@ if triton is not None:
         size = (tl.abs(x) + magic) - magic
         return tl.where(bits < 0, -size, size)
 
-    @triton.jit(do_not_specialize_on_alignment=("dst_ptr", "tokens_ptr"))
+    @triton.jit(do_not_specialize_on_alignment=("dst_ptr", "tokens_ptr",
+                                                "scales_ptr"))
     def _write_kv_kernel(rows_ptr, dst_ptr, tokens_ptr, key_ptr, value_ptr,
                          key_token_stride, key_head_stride,
                          value_token_stride, value_head_stride, row_stride,
@@ -186,7 +189,8 @@ if triton is not None:
             k_scale = k_scale * tl.load(scales_ptr + 2)
         return k_scale
 
-    @triton.jit(do_not_specialize_on_alignment=_INDEX_POINTERS)
+    @triton.jit(do_not_specialize_on_alignment=_INDEX_POINTERS + (
+        "scales_ptr", ))
     def _decode_kernel(q_ptr, q_row_stride, q_head_stride, pages_ptr,
                        page_stride, token_stride, table_ptr, table_stride,
                        lengths_ptr, out_ptr, out_row_stride, out_head_stride,
@@ -360,7 +364,8 @@ if triton is not None:
     _WINDOW_SIZES = ("prompts", "first_layer", "scored_width")
 
     @triton.jit(do_not_specialize=_WINDOW_SIZES[:2],
-                do_not_specialize_on_alignment=("blocks_ptr", "lengths_ptr"))
+                do_not_specialize_on_alignment=("blocks_ptr", "lengths_ptr",
+                                                "scales_ptr"))
     def _window_lse_kernel(q_ptr, q_item_stride, q_token_stride,
                            q_head_stride, rows_ptr, row_stride, blocks_ptr,
                            blocks_stride, lengths_ptr, lse_ptr, prompts,
@@ -401,7 +406,8 @@ if triton is not None:
                  mask=rows_used)
 
     @triton.jit(do_not_specialize=_WINDOW_SIZES,
-                do_not_specialize_on_alignment=("blocks_ptr", "lengths_ptr"))
+                do_not_specialize_on_alignment=("blocks_ptr", "lengths_ptr",
+                                                "scales_ptr"))
     def _window_means_kernel(q_ptr, q_item_stride, q_token_stride,
                              q_head_stride, rows_ptr, row_stride, blocks_ptr,
                              blocks_stride, lengths_ptr, lse_ptr, out_ptr,
