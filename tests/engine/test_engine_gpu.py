@@ -151,19 +151,32 @@ def _llm(model, backend, budget=None, **kwargs):
 def _generate(llm, prompts, max_tokens=MAX_TOKENS, logprobs=False):
     """Greedy tokens and prompt lengths; with ``logprobs`` also each
     generated token's log-probability (tiny random models often repeat one
-    token: equal tokens alone would miss a small change in attention)."""
+    token: equal tokens alone would miss a small change in attention), or
+    with ``logprobs="margins"`` each step's gap between its two likeliest
+    tokens (equal to the gap of their logits)."""
     from vllm import SamplingParams
+    top = {False: None, True: 0, "margins": 2}[logprobs]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                            ignore_eos=True, logprobs=0 if logprobs else None)
+                            ignore_eos=True, logprobs=top)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     lens = [len(o.prompt_token_ids) for o in outputs]
     if not logprobs:
         return tokens, lens
+    if logprobs == "margins":
+        return tokens, lens, [[_top_two_gap(step)
+                               for step in o.outputs[0].logprobs]
+                              for o in outputs]
     return tokens, lens, [
         [step[token].logprob for step, token in zip(o.outputs[0].logprobs,
                                                      o.outputs[0].token_ids)]
         for o in outputs]
+
+
+def _top_two_gap(step) -> float:
+    """The log-probability gap between a step's ranks 1 and 2."""
+    by_rank = {entry.rank: entry.logprob for entry in step.values()}
+    return by_rank[1] - by_rank[2]
 
 
 def _tokens(model, backend, budget=None, prompts=None, max_tokens=MAX_TOKENS,
@@ -302,19 +315,31 @@ def test_fp8_cache_without_eviction_gives_stocks_tokens(models, kind):
 def test_fp8_decode_kernels_agree(models):
     """Over an fp8 cache with eviction, the Triton decode kernel (16-bit
     products of widened fp8, as in ``test_fp8_kernels_on_gpu``) against
-    FlashAttention 3's fp8 path (fp8 products): the first 8 tokens, as
-    ``test_triton_decode_kernel_gives_flash_attn_tokens`` (tiny random
-    models diverge after; fp8 rounds more coarsely still)."""
+    FlashAttention 3's fp8 path, which also rounds the softmax weights to
+    fp8: both match their references at kernel level, so here their tokens
+    must agree up to the first step where either run's two likeliest
+    tokens are within ``FP8_MARGIN`` (as the fp8 oracle test); some step
+    must be compared."""
     spec = dict(kind="llava-small", n=6, seed=9, text_len=100)
     budget = {"budget": 48, "window": 16}
-    want, _ = _tokens(models["llava-small"], "sparsemm",
-                      {**budget, "decode_kernel": "flash_attn"}, dict(spec),
-                      **FP8_ENGINE)
-    got, _ = _tokens(models["llava-small"], "sparsemm",
-                     {**budget, "decode_kernel": "triton"}, dict(spec),
-                     **FP8_ENGINE, enforce_eager=False)
-    for a, b in zip(want, got):
-        assert b[:8] == a[:8]
+    want, _, want_gaps = _tokens(models["llava-small"], "sparsemm",
+                                 {**budget, "decode_kernel": "flash_attn"},
+                                 dict(spec), logprobs="margins", **FP8_ENGINE)
+    got, _, got_gaps = _tokens(models["llava-small"], "sparsemm",
+                               {**budget, "decode_kernel": "triton"},
+                               dict(spec), logprobs="margins", **FP8_ENGINE,
+                               enforce_eager=False)
+    compared = 0
+    for a, b, gaps_a, gaps_b in zip(want, got, want_gaps, got_gaps):
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                    len(a))
+        close = next((i for i, gap in enumerate(map(min, gaps_a, gaps_b))
+                      if gap < FP8_MARGIN), len(a))
+        print(f"fp8 decode: tokens agree for {same}; first low-margin "
+              f"step {close}")
+        assert same >= close, (a, b, gaps_a, gaps_b)
+        compared += close
+    assert compared > 0
 
 
 VIDEO_KINDS = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision"]
