@@ -142,18 +142,33 @@ def test_offline_example_says_in_one_line_that_it_needs_a_gpu(capsys):
     assert err.count("\n") == 1 and "needs an NVIDIA GPU" in err
 
 
+def _run_example(tmp_path, script, *args, timeout=420):
+    """Run an example to its end, its output in files under ``tmp_path``
+    (readable while it runs); fail with their tails if it fails or hangs."""
+    out, err = tmp_path / f"{script}.out", tmp_path / f"{script}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        try:
+            code = subprocess.run([sys.executable, str(EXAMPLES / script),
+                                   *args], stdout=stdout, stderr=stderr,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"no exit in {timeout} s"
+    done = types.SimpleNamespace(stdout=out.read_text(),
+                                 stderr=err.read_text())
+    assert code == 0, (f"{script}: {code}\n" + done.stdout[-2000:] +
+                       done.stderr[-3000:])
+    return done
+
+
 @pytest.mark.gpu
 def test_offline_example_runs_on_a_tiny_model(tmp_path):
     from vllm_sparsemm.testing.checkpoints import save_tiny_llava
     model = save_tiny_llava(tmp_path / "llava", seed=1, num_layers=4,
                             num_heads=4, num_kv_heads=4, head_dim=64,
                             image_size=336)
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "offline_inference.py"), "--model",
-         str(model), "--head-scores", "uniform", "--budget", "64",
-         "--request-budget", "off", "--max-tokens", "8"],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_example(tmp_path, "offline_inference.py", "--model",
+                        str(model), "--head-scores", "uniform", "--budget",
+                        "64", "--request-budget", "off", "--max-tokens", "8")
     assert [l[:3] for l in done.stdout.splitlines() if l.startswith("[")] == [
         "[0]", "[1]", "[2]"]
 
@@ -332,13 +347,10 @@ def test_video_chat_runs_offline_on_a_tiny_qwen2_5_vl(tmp_path):
     model = save_tiny_qwen2_vl(tmp_path / "qwen2.5-vl", seed=1,
                                version="2.5", num_layers=4, num_heads=4,
                                num_kv_heads=2, head_dim=64)
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "video_chat.py"), "--model",
-         str(model), "--head-scores", "uniform", "--budget", "64",
-         "--request-budget", "48", "--max-model-len", "2048",
-         "--max-tokens", "8"],
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_example(tmp_path, "video_chat.py", "--model", str(model),
+                        "--head-scores", "uniform", "--budget", "64",
+                        "--request-budget", "48", "--max-model-len", "2048",
+                        "--max-tokens", "8")
     # vLLM logs to stdout too, at shutdown as well: find the example's line
     counts = re.search(r"^prompt (\d+) tokens, (\d+) generated$",
                        done.stdout, re.M)
