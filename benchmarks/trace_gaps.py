@@ -12,7 +12,7 @@ innermost torch op or CUDA runtime call, and the outermost scope (vLLM's
 or an attention layer's ``vllm::unified_attention_with_output``). Time with
 nothing open is host Python outside torch (numpy, vLLM's bookkeeping,
 sparsemm's plan). A step whose gaps sum small is GPU-bound: host work there
-cannot buy time.
+cannot buy time; then the GPU time per kernel name says where it goes.
 """
 
 from __future__ import annotations
@@ -96,6 +96,12 @@ def analyse(events, top: int = 15) -> dict:
         label = f"{low}-{limit} us" if limit != float("inf") else f">{low} us"
         buckets[label] = {"count": len(chosen), "ms": round(sum(chosen) / 1e3, 3)}
 
+    kernels = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") in GPU_CATS:
+            kernels[e["name"]][0] += e["dur"]
+            kernels[e["name"]][1] += 1
+
     def ranked(table):
         return [[name, round(t / 1e3, 3)] for name, t in
                 sorted(table.items(), key=lambda kv: -kv[1])[:top]]
@@ -107,6 +113,9 @@ def analyse(events, top: int = 15) -> dict:
             "gaps": buckets,
             "idle_by_innermost_host_op_ms": ranked(innermost),
             "idle_by_outermost_host_scope_ms": ranked(scope),
+            "gpu_time_by_kernel": [
+                [name[:160], round(t / 1e3, 3), n] for name, (t, n) in
+                sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
             "largest_gaps": [[round(d / 1e3, 3), round(at / 1e3, 3), name]
                              for d, at, name in sorted(largest)[::-1][:10]]}
 
@@ -129,6 +138,9 @@ def main():
             print(f"   {key}:")
             for name, ms in result[key]:
                 print(f"     {ms:9.3f}  {name[:100]}")
+        print("   gpu_time_by_kernel_ms (calls):")
+        for name, ms, calls in result["gpu_time_by_kernel"]:
+            print(f"     {ms:9.3f}  ({calls})  {name[:100]}")
         print("   largest gaps [ms, at ms, host op]:", result["largest_gaps"])
     if args.json:
         with open(args.json, "w") as f:

@@ -49,6 +49,8 @@ def test_gaps_are_charged_to_the_innermost_and_outermost_host_ranges(tmp_path):
     outer = dict(result["idle_by_outermost_host_scope_ms"])
     assert outer == {"gpu_model_runner: preprocess": 1.05}
     assert result["largest_gaps"][0] == [1.0, 0.3, "gpu_model_runner: preprocess"]
+    # GPU time per kernel name, overlaps counted in full
+    assert result["gpu_time_by_kernel"] == [["k", 0.31, 4]]
 
 
 def test_idle_with_nothing_open_is_host_python():
