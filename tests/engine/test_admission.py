@@ -287,13 +287,15 @@ def test_saturated_burst_on_vllms_scheduler(model_dir, reserve):
         assert result["preemptions"] > 0 and result["recomputed_tokens"] > 0
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("async_scheduling, num_blocks",
+                         [(False, 1800), (True, 1800), (True, 1000)])
 def test_a_chat_load_over_shared_images_waits_as_on_stock(
-        model_dir, monkeypatch, async_scheduling):
+        model_dir, monkeypatch, async_scheduling, num_blocks):
     """64 clients asking questions about 8 images, prefix caching on, on a
-    pool their shared prompts fit twice over though each one's own prompt
-    and growth would not: sparsemm's admission holds nobody back, and
-    vLLM's scheduler runs the load in stock's steps."""
+    pool their shared prompts fit twice over (1,800 blocks), or once with
+    every waiting request at its final size (1,000), though each one's own
+    prompt and growth would not: sparsemm's admission holds nobody back,
+    and vLLM's scheduler runs the load in stock's steps."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from vllm_sparsemm.engine import kv_spec
@@ -306,7 +308,6 @@ def test_a_chat_load_over_shared_images_waits_as_on_stock(
                              async_scheduling=async_scheduling)
     law = spec.law()
     own = cdiv(340, BS) + law.compacted_blocks(340, 64)
-    num_blocks = 1800
     assert 64 * own > num_blocks  # each request's own would not fit
     results = {}
     for name, kind in (("stock", FullAttentionSpec(

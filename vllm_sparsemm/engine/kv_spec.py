@@ -109,10 +109,13 @@ class SparseMMManager(FullAttentionManager):
     (``admission_pacing``). Both stand aside while the blocks in use now,
     everything the running requests may still allocate and the candidate's
     most fit in half the pool (the pacer's margin: requests admitted together
-    grow together), and the gate alone while they fit in the pool: no
-    request can then be preempted whatever it does, and a wait would only
-    add to time-to-first-token. Blocks that requests share through the
-    prefix cache count once.
+    grow together). The pacer also stands aside while they and every other
+    waiting request, each at the candidate's final size, fit in the pool:
+    nobody would be left to wait, so pacing could only delay. The gate
+    stands aside while they fit in the pool: no request can then be
+    preempted whatever it does, and a wait would only add to
+    time-to-first-token. Blocks that requests share through the prefix
+    cache count once.
     """
 
     # hits end on block boundaries: the window rule is per block
@@ -142,6 +145,9 @@ class SparseMMManager(FullAttentionManager):
         # the sums of _Tracked.pending and _Tracked.growth (admission_reserve)
         self._pending_sum = 0
         self._growth_sum = 0
+        # requests waiting when this step's scheduling began, less those
+        # admitted since (patches.py)
+        self._waiting = 0
 
     # -- what vLLM does not pass to managers (patches.py) ---------------------
 
@@ -158,6 +164,10 @@ class SparseMMManager(FullAttentionManager):
     def is_noted(self, request_id: str) -> bool:
         """Whether ``note_request`` ran for this request since it was last freed."""
         return request_id in self._requests
+
+    def note_waiting(self, count: int) -> None:
+        """How many requests wait as vLLM begins scheduling a step."""
+        self._waiting = count
 
     def note_finished(self, request_id: str, num_output_tokens: int) -> None:
         """``request_id`` ran to its end (not preempted or aborted): the
@@ -226,9 +236,10 @@ class SparseMMManager(FullAttentionManager):
             if request_id == self._paced:
                 self.pacer.started(tracked.law, tracked.prompt_len)
                 self._paced = None
-            if tracked.final == 0:  # its first blocks
+            if tracked.final == 0:  # its first blocks: admitted
                 tracked.final, tracked.whole = self._most_blocks(
                     tracked, num_tokens)
+                self._waiting = max(0, self._waiting - 1)
             if (tracked.end is None and num_tokens >= tracked.prompt_len
                     and _compresses(tracked)):
                 tracked.end, tracked.end_step = num_tokens, self._step
@@ -362,11 +373,13 @@ class SparseMMManager(FullAttentionManager):
             num_tokens, num_tokens + 1, self.law)
         pool = self.block_pool.num_gpu_blocks - 1  # less the null block
         in_use = pool - self.block_pool.get_num_free_blocks()
-        most = (in_use + self._pending_sum + self._growth_sum +
-                sum(self._most_blocks(tracked, num_tokens)))
+        final, whole = self._most_blocks(tracked, num_tokens)
+        most = in_use + self._pending_sum + self._growth_sum + final + whole
         if 2 * most <= pool:
             return 0  # all at their most fit twice over: no gate, no pace
-        if self.pacer is not None and num_tokens <= tracked.prompt_len:
+        backlog = max(0, self._waiting - 1) * final  # the others waiting
+        if (self.pacer is not None and most + backlog > pool
+                and num_tokens <= tracked.prompt_len):
             if not self.pacer.allows(tracked.law, tracked.prompt_len,
                                      tracked.limit - tracked.prompt_len):
                 self._paced_out = True

@@ -364,13 +364,16 @@ def patch_runner_hooks() -> None:
 
 def patch_admission_inputs() -> None:
     """Wraps ``KVCacheManager.get_computed_blocks``, ``allocate_slots`` and
-    ``free``: vLLM passes the per-type managers request ids only, and the
-    sparsemm manager needs each request's prompt length (a prefix-cache hit
-    must leave a compressed prompt's observation window to compute) and token
-    limit (prompt + max_tokens, for the admission gate), and the output
-    length of each request that ran to its end (not preempted or aborted),
-    from which the pacer learns how long requests live."""
+    ``free``, and ``Scheduler.schedule``: vLLM passes the per-type managers
+    request ids only, and the sparsemm manager needs each request's prompt
+    length (a prefix-cache hit must leave a compressed prompt's observation
+    window to compute) and token limit (prompt + max_tokens, for the
+    admission gate), the output length of each request that ran to its end
+    (not preempted or aborted), from which the pacer learns how long
+    requests live, and how many requests wait when a step is scheduled (the
+    pacer stands aside when all of them fit)."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import RequestStatus
 
     from vllm_sparsemm.engine.kv_spec import SparseMMManager
@@ -428,9 +431,21 @@ def patch_admission_inputs() -> None:
 
         return free
 
+    def make_schedule(original):
+
+        @functools.wraps(original)
+        def schedule(self, *args, **kwargs):
+            waiting = len(self.waiting) + len(self.skipped_waiting)
+            for manager in managers_of(self.kv_cache_manager):
+                manager.note_waiting(waiting)
+            return original(self, *args, **kwargs)
+
+        return schedule
+
     _wrap(KVCacheManager, "get_computed_blocks", make_lookup)
     _wrap(KVCacheManager, "allocate_slots", make_allocate)
     _wrap(KVCacheManager, "free", make_free)
+    _wrap(Scheduler, "schedule", make_schedule)
 
 
 _request_window: int | None = None  # this process's sparsemm engine's W
