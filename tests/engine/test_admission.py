@@ -564,3 +564,38 @@ def test_gate_counts_prompts_until_they_go_back_under_async_scheduling(
                           output_len=160)
     assert result["finished"] and result["preemptions"] == 0
     assert seen["in flight"] > 0
+
+
+def test_decode_steps_leave_the_block_law_alone(model_dir, monkeypatch):
+    """A host-bound decode step asks the manager about every running
+    request: past its compaction a request's list length comes from its own
+    closed form (``_Tracked.list_length``), so the law is consulted a
+    bounded number of times per request, not once per request per step."""
+    from vllm_sparsemm.core.block_law import BlockLaw
+    sim = _sim()
+    calls = {"law": 0, "slots": 0}
+    list_length = BlockLaw.list_length
+
+    def counted(self, *args):
+        calls["law"] += 1
+        return list_length(self, *args)
+
+    monkeypatch.setattr(BlockLaw, "list_length", counted)
+    scheduler = sim.make_scheduler(
+        sim.sparsemm_spec(64, 256, _scores(), head_size=8,
+                          async_scheduling=True),
+        num_blocks=2000, max_batched_tokens=2048, max_num_seqs=256,
+        model_dir=model_dir, prefix_caching=True)
+    allocate = scheduler.kv_cache_manager.allocate_slots
+
+    def counted_slots(*args, **kwargs):
+        calls["slots"] += 1
+        return allocate(*args, **kwargs)
+
+    scheduler.kv_cache_manager.allocate_slots = counted_slots
+    result = sim.simulate(scheduler, 0, 0, 0, requests=sim.chat_requests(
+        64, images=4, image_len=300, question_len=(20, 40), output_len=96),
+        clients=32)
+    assert result["finished"]
+    assert calls["slots"] > 64 * 90  # every decode step of every request
+    assert calls["law"] <= 2 * 64  # each one's compaction step, at most twice

@@ -74,3 +74,27 @@ def test_memory_per_request_is_the_prompt_and_its_compacted_blocks():
     # every request's peak up to 203 tokens, at its compaction step
     assert blocks == max(cdiv(p, BS) + eng.law.compacted_blocks(p, 0)
                          for p in range(BUDGET + 1, 204))
+
+
+def test_the_managers_closed_form_list_length_is_the_laws():
+    """The manager sizes every decode step's list without calling the law
+    (``_Tracked.list_length``); it must equal ``BlockLaw.list_length`` for
+    any prompt, compaction end and length, re-prefills (E > P) included."""
+    import numpy as np
+
+    from vllm_sparsemm.engine.kv_spec import _Tracked
+    eng = Engine(max_model_len=203)
+    rng = np.random.default_rng(0)
+    for budget in (None, BUDGET + 16):
+        law = eng.spec.book().law(budget)
+        for prompt in rng.integers(law.plan.budget + 1, 160, size=40):
+            prompt = int(prompt)
+            for end in (prompt, prompt + int(rng.integers(1, 40))):
+                tracked = _Tracked(prompt, 203, law)
+                assert tracked.compressed
+                assert tracked.list_length(end, BS) == law.list_length(
+                    prompt, end, end)  # the compaction step, before set_end
+                tracked.set_end(end, 0)
+                for tokens in range(end, 204):
+                    assert tracked.list_length(tokens, BS) == \
+                        law.list_length(prompt, end, tokens)

@@ -52,11 +52,12 @@ def upload(arrays, device) -> list[torch.Tensor]:
     """
     arrays = [np.asarray(a, dtype=np.int64) for a in arrays]
     sizes = [a.size for a in arrays]
-    cuda = torch.device(device).type == "cuda"
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
     host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=cuda)
     if arrays:
         np.concatenate([a.reshape(-1) for a in arrays], out=host.numpy())
-    flat = host.to(device, non_blocking=True) if cuda else host
+    flat = host if kind == "cpu" else host.to(device, non_blocking=cuda)
     return [part.view(a.shape) for part, a in
             zip(flat.split(sizes), arrays)]
 

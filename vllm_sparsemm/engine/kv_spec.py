@@ -11,7 +11,7 @@ prefix-cache hits after they are handed back; compacted blocks never are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -97,6 +97,33 @@ class _Tracked:
     whole: int = 0
     pending: int = 0  # blocks of ``whole`` not yet in its list
     growth: int = 0  # blocks it may still allocate beyond its prompt
+    # whether its budget compresses its prompt (fixed: asked on every call)
+    compressed: bool = field(init=False)
+    # once ``end`` is set, its list length in closed form: ``base + a // bs
+    # + phase[a % bs]`` with ``a`` tokens after the prompt (block_law's
+    # ``list_length``, without its calls on every decode step)
+    base: int = 0
+    phase: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.compressed = self.law is not None and bool(
+            self.law.compresses(self.prompt_len))
+
+    def set_end(self, end: int, step: int) -> None:
+        """The compaction step is scheduled, ending at ``end``."""
+        self.end, self.end_step = end, step
+        self.base = self.law.prompt_entries(end)
+        self.phase = tuple(self.law.phase_blocks(self.prompt_len).tolist())
+
+    def list_length(self, num_tokens: int, block_size: int) -> int:
+        """Its block list's length covering ``num_tokens`` (at least its
+        prompt's, compressed): ``BlockLaw.list_length``."""
+        if self.end is None:
+            return self.law.list_length(self.prompt_len, num_tokens,
+                                        num_tokens)
+        appended = num_tokens - self.prompt_len
+        return (self.base + appended // block_size +
+                self.phase[appended % block_size])
 
 
 class SparseMMManager(FullAttentionManager):
@@ -181,7 +208,7 @@ class SparseMMManager(FullAttentionManager):
         request, since their queries choose what every head keeps."""
         tracked = self._requests[request_id]
         self._hit_limit = (tracked.prompt_len - self.window
-                           if _compresses(tracked) else None)
+                           if tracked.compressed else None)
 
     # -- vLLM's manager interface ---------------------------------------------
 
@@ -207,6 +234,7 @@ class SparseMMManager(FullAttentionManager):
         tracked.released = True
         _count_compaction(tracked)
         tracked.whole = 0
+        self._count_what_remains(request_id, tracked)
         self._touch(request_id)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens,
@@ -221,35 +249,44 @@ class SparseMMManager(FullAttentionManager):
             apply_admission_cap)
         # vLLM's full-sequence admission gate; a prompt that does not fit on
         # its own is refused anyway, so skip the reserve's walk over requests
-        free = self.block_pool.get_num_free_blocks()
-        if apply_admission_cap and blocks <= free:
-            self._paced_out = False
-            blocks += self.admission_reserve(request_id, num_tokens)
-            if blocks > free:  # held back: for /metrics
-                _count_wait("pacer" if self._paced_out else "gate")
+        if apply_admission_cap:
+            free = self.block_pool.get_num_free_blocks()
+            if blocks <= free:
+                self._paced_out = False
+                blocks += self.admission_reserve(request_id, num_tokens)
+                if blocks > free:  # held back: for /metrics
+                    _count_wait("pacer" if self._paced_out else "gate")
         return blocks
 
     def allocate_new_blocks(self, request_id, num_tokens,
                             num_tokens_main_model):
         tracked = self._requests.get(request_id)
-        if tracked is not None:
-            if request_id == self._paced:
-                self.pacer.started(tracked.law, tracked.prompt_len)
-                self._paced = None
-            if tracked.final == 0:  # its first blocks: admitted
-                tracked.final, tracked.whole = self._most_blocks(
-                    tracked, num_tokens)
-                self._waiting = max(0, self._waiting - 1)
-            if (tracked.end is None and num_tokens >= tracked.prompt_len
-                    and _compresses(tracked)):
-                tracked.end, tracked.end_step = num_tokens, self._step
-            tracked.chunk = num_tokens - tracked.tokens
-            tracked.tokens = num_tokens
-            self._touch(request_id)
+        if tracked is None:
+            return super().allocate_new_blocks(request_id, num_tokens,
+                                               num_tokens_main_model)
+        # a decode step that adds no block changes nothing the gate counts:
+        # recount only when a block is added or the request's phase changes
+        changed = False
+        if request_id == self._paced:
+            self.pacer.started(tracked.law, tracked.prompt_len)
+            self._paced = None
+        if tracked.final == 0:  # its first blocks: admitted
+            tracked.final, tracked.whole = self._most_blocks(tracked,
+                                                             num_tokens)
+            self._waiting = max(0, self._waiting - 1)
+            changed = True
+        if (tracked.end is None and num_tokens >= tracked.prompt_len
+                and tracked.compressed):
+            tracked.set_end(num_tokens, self._step)
+            changed = True
+        tracked.chunk = num_tokens - tracked.tokens
+        tracked.tokens = num_tokens
+        if self._step_rows is not None:  # _touch, inlined: every decode row
+            self._stale.add(request_id)
         new_blocks = super().allocate_new_blocks(
             request_id, self._slot_tokens(request_id, num_tokens),
             num_tokens_main_model)
-        if tracked is not None:
+        if changed or new_blocks:
             self._count_what_remains(request_id, tracked)
         return new_blocks
 
@@ -259,7 +296,7 @@ class SparseMMManager(FullAttentionManager):
         its blocks at its limit less those beyond its prompt that it holds
         (``growth``; a compressed request's compacted and decode blocks)."""
         listed = len(self.req_to_blocks[request_id])
-        if _compresses(tracked):
+        if tracked.compressed:
             pending = max(0, tracked.whole - listed)
             beyond = (0 if tracked.end is None else
                       listed - tracked.law.prompt_entries(tracked.end))
@@ -274,8 +311,13 @@ class SparseMMManager(FullAttentionManager):
         # Only the standard layout is shareable: a compressed request's full
         # prompt blocks, never its compacted entries or what follows them.
         tracked = self._requests.get(request.request_id)
-        if tracked is not None and _compresses(tracked):
-            num_tokens = min(num_tokens, request.num_prompt_tokens)
+        if tracked is not None and tracked.compressed:
+            num_tokens = min(num_tokens, tracked.prompt_len)
+            # vLLM's own first check, before its call: every decode step
+            # of a compressed request asks twice, and its prompt is cached
+            if (self.num_cached_block.get(request.request_id, 0) >=
+                    num_tokens // self.block_size):
+                return
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
     def free(self, request_id: str) -> None:
@@ -322,11 +364,10 @@ class SparseMMManager(FullAttentionManager):
         entries) that yields the law's list length."""
         tracked = self._requests.get(request_id)
         if (tracked is None or num_tokens < tracked.prompt_len
-                or not _compresses(tracked)):
+                or not tracked.compressed):
             return num_tokens
-        end = tracked.end if tracked.end is not None else num_tokens
-        return tracked.law.list_length(tracked.prompt_len, end,
-                                       num_tokens) * self.block_size
+        return tracked.list_length(num_tokens,
+                                   self.block_size) * self.block_size
 
     def prompt_released(self, request_id: str) -> bool:
         """Whether a compacted request's prompt blocks went back to the pool."""
@@ -351,7 +392,7 @@ class SparseMMManager(FullAttentionManager):
                      tokens: int) -> tuple[int, int]:
         """(blocks at its limit, whole prompt held until compaction) of a
         request: together, the most it ever holds."""
-        if not _compresses(tracked):
+        if not tracked.compressed:
             return cdiv(tracked.limit, self.block_size), 0
         return (tracked.law.compacted_blocks(tracked.prompt_len,
                                              tracked.limit -
@@ -424,7 +465,7 @@ class SparseMMManager(FullAttentionManager):
         prompt_len = tracked.prompt_len
         steps = cdiv(max(prompt_len - num_tokens, 0), max(num_tokens, 1))
         whole = (self._whole_prompt(tracked, num_tokens)
-                 if _compresses(tracked) else 0)
+                 if tracked.compressed else 0)
         return FutureRow(prompt_len, num_tokens, tracked.limit, steps, whole,
                          0, steps + self.release_lag, _budget(tracked))
 
@@ -434,7 +475,7 @@ class SparseMMManager(FullAttentionManager):
         steps = (cdiv(prompt_len - tokens, max(tracked.chunk, 1))
                  if tokens < prompt_len else 0)
         whole, release = 0, 0
-        if _compresses(tracked) and not tracked.released:
+        if tracked.compressed and not tracked.released:
             if tracked.end is None:  # still prefilling
                 whole = self._whole_prompt(tracked, tokens)
                 release = steps + self.release_lag
@@ -465,12 +506,6 @@ def _count_compaction(tracked: _Tracked) -> None:
                             law.compacted_blocks(prompt_len, end - prompt_len))
     writer.prompt_tokens_kept.inc(float(law.kept(prompt_len).double().mean()))
     writer.prompt_tokens_full.inc(prompt_len)
-
-
-def _compresses(tracked: _Tracked) -> bool:
-    """Whether this request's prompt is compressed (by its own budget)."""
-    return tracked.law is not None and tracked.law.compresses(
-        tracked.prompt_len)
 
 
 def _budget(tracked: _Tracked) -> int:
