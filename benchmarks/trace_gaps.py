@@ -13,6 +13,9 @@ or an attention layer's ``vllm::unified_attention_with_output``). Time with
 nothing open is host Python outside torch (numpy, vLLM's bookkeeping,
 sparsemm's plan). A step whose gaps sum small is GPU-bound: host work there
 cannot buy time; then the GPU time per kernel name says where it goes.
+``host_time_by_scope`` gives the engine thread's time inside each named scope
+whether the GPU waited or not: a GPU-bound run's host cost, to hold against
+another backend's.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def analyse(events, top: int = 15) -> dict:
     start, end = gpu[0][0], gpu[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(gpu, gpu[1:])]
     thread = engine_thread(events)
+    scope_names = {e["name"] for e in events
+                   if e.get("cat") == "user_annotation"
+                   and (e["pid"], e["tid"]) == thread}
     host = sorted(((e["ts"], e["ts"] + e["dur"], e["name"])
                    for e in events if e.get("cat") in HOST_CATS
                    and (e["pid"], e["tid"]) == thread),
@@ -102,6 +108,16 @@ def analyse(events, top: int = 15) -> dict:
             kernels[e["name"]][0] += e["dur"]
             kernels[e["name"]][1] += 1
 
+    # the engine thread's time in each named scope, nested ones of one name
+    # counted once, and how often it opened
+    spans, opened = defaultdict(list), defaultdict(int)
+    for lo, hi, name in host:
+        if name in scope_names:
+            spans[name].append((lo, hi))
+            opened[name] += 1
+    in_scope = {name: sum(hi - lo for lo, hi in merge(intervals))
+                for name, intervals in spans.items()}
+
     def ranked(table):
         return [[name, round(t / 1e3, 3)] for name, t in
                 sorted(table.items(), key=lambda kv: -kv[1])[:top]]
@@ -113,6 +129,9 @@ def analyse(events, top: int = 15) -> dict:
             "gaps": buckets,
             "idle_by_innermost_host_op_ms": ranked(innermost),
             "idle_by_outermost_host_scope_ms": ranked(scope),
+            "host_time_by_scope": [
+                [name[:160], round(t / 1e3, 3), opened[name]] for name, t in
+                sorted(in_scope.items(), key=lambda kv: -kv[1])[:top]],
             "gpu_time_by_kernel": [
                 [name[:160], round(t / 1e3, 3), n] for name, (t, n) in
                 sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
@@ -138,6 +157,9 @@ def main():
             print(f"   {key}:")
             for name, ms in result[key]:
                 print(f"     {ms:9.3f}  {name[:100]}")
+        print("   host_time_by_scope_ms (opened):")
+        for name, ms, calls in result["host_time_by_scope"]:
+            print(f"     {ms:9.3f}  ({calls})  {name[:100]}")
         print("   gpu_time_by_kernel_ms (calls):")
         for name, ms, calls in result["gpu_time_by_kernel"]:
             print(f"     {ms:9.3f}  ({calls})  {name[:100]}")

@@ -51,6 +51,24 @@ def test_gaps_are_charged_to_the_innermost_and_outermost_host_ranges(tmp_path):
     assert result["largest_gaps"][0] == [1.0, 0.3, "gpu_model_runner: preprocess"]
     # GPU time per kernel name, overlaps counted in full
     assert result["gpu_time_by_kernel"] == [["k", 0.31, 4]]
+    # the engine thread's scopes, GPU busy or not
+    assert result["host_time_by_scope"] == [
+        ["gpu_model_runner: preprocess", 1.3, 1]]
+
+
+def test_host_time_by_scope_counts_nested_scopes_of_one_name_once():
+    gaps = load_script("trace_gaps")
+    events = [_kernel(0, 1000),  # GPU-bound: no gap, the host cost shows
+              _host(0, 10, "aten::add"),
+              _host(100, 50, "schedule: allocate_slots", "user_annotation"),
+              _host(120, 10, "schedule: allocate_slots", "user_annotation"),
+              _host(300, 50, "schedule: allocate_slots", "user_annotation"),
+              _host(90, 400, "schedule", "user_annotation"),
+              _host(0, 900, "step", "user_annotation", tid=2)]  # not the engine
+    result = gaps.analyse(events)
+    assert result["gpu_idle_ms"] == 0
+    assert result["host_time_by_scope"] == [
+        ["schedule", 0.4, 1], ["schedule: allocate_slots", 0.1, 3]]
 
 
 def test_idle_with_nothing_open_is_host_python():
