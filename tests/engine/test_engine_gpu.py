@@ -219,10 +219,36 @@ def _conversation(kind, seed=11):
     return out
 
 
+def _short_questions():
+    """Three images asked about in turn, twice, each by a one-letter
+    question: the observation window of a prefix hit reaches into the image."""
+    images = [_image(seed, (224, 196)) for seed in (21, 22, 23)]
+    return [{"prompt": f"USER: <image>\n{question} ASSISTANT:",
+             "multi_modal_data": {"image": image}}
+            for question in "ab" for image in images]
+
+
+def _count_encoder_runs():
+    """Encoder inputs the in-process runner computes from now on."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    runs, execute = [0], GPUModelRunner._execute_mm_encoder
+
+    def counting(self, scheduler_output, *args, **kw):
+        runs[0] += sum(map(len, scheduler_output.scheduled_encoder_inputs.
+                           values()))
+        return execute(self, scheduler_output, *args, **kw)
+
+    GPUModelRunner._execute_mm_encoder = counting
+    return runs
+
+
 def _child(model, backend, budget, prompts, max_tokens, kwargs):
     sequential = kwargs.pop("sequential", False)
+    encoder_runs = kwargs.pop("count_encoder_runs", False)
     if "conversation" in prompts:
         chosen = _conversation(prompts["conversation"])
+    elif "short_questions" in prompts:
+        chosen = _short_questions()
     else:
         pick = prompts.pop("pick", None)
         chosen = _prompts(**prompts)
@@ -231,6 +257,7 @@ def _child(model, backend, budget, prompts, max_tokens, kwargs):
     count = kwargs.pop("count_layer0_calls", False)
     logprobs = kwargs.pop("logprobs", False)
     llm = _llm(model, backend, budget, **kwargs)
+    runs = _count_encoder_runs() if encoder_runs else None
     if sequential:  # each request finishes before the next: cache hits
         from vllm import SamplingParams
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
@@ -239,7 +266,8 @@ def _child(model, backend, budget, prompts, max_tokens, kwargs):
                    for prompt in chosen]
         return ([list(o.outputs[0].token_ids) for o in outputs],
                 [len(o.prompt_token_ids) for o in outputs],
-                sum(o.num_cached_tokens or 0 for o in outputs))
+                sum(o.num_cached_tokens or 0 for o in outputs)) + (
+                    (runs[0], ) if runs else ())
     if not count:
         return _generate(llm, chosen, max_tokens, logprobs)
     from vllm_sparsemm.engine.backend import SparseMMImpl
@@ -538,6 +566,31 @@ def test_prefix_caching_changes_no_token(models, kind):
     assert min(lens[:5]) > 48  # compressed
     assert hits > 0
     assert on == off
+
+
+def test_encoder_outputs_from_cpu_when_the_window_reaches_the_image(models):
+    """A hit stops ``window`` tokens short of the prompt, inside the image
+    when the question is short; with an encoder cache of one image, three
+    images in turn each need the encoder again, unless their outputs come
+    back from CPU memory (encoder_cpu_cache_gib). Tokens equal caching off
+    either way; with the CPU cache each image is encoded once."""
+    budget = {"budget": 48, "window": 16, "debug_poison": True}
+    small = dict(sequential=True, max_num_batched_tokens=64, max_num_seqs=16)
+    off, lens, _ = _tokens(models["llava"], "sparsemm", budget,
+                           {"short_questions": True},
+                           enable_prefix_caching=False, **small)
+    assert min(lens) > 48  # compressed
+    results = {}
+    for gib in (0, 0.05):
+        results[gib] = _tokens(
+            models["llava"], "sparsemm",
+            {**budget, "encoder_cpu_cache_gib": gib},
+            {"short_questions": True}, enable_prefix_caching=True,
+            count_encoder_runs=True, **small)
+    for tokens, _, hits, _ in results.values():
+        assert hits > 0 and tokens == off
+    assert results[0][3] == 6  # every request: its window needs the image
+    assert results[0.05][3] == 3  # once per image
 
 
 def test_prefix_caching_without_eviction_gives_stocks_tokens(models):

@@ -48,6 +48,7 @@ declare -A tests=(
   [caching_llava]="$engine -k prefix_caching_changes_no_token[llava]"
   [caching_qwen2-vl]="$engine -k prefix_caching_changes_no_token[qwen2-vl]"
   [caching_stock]="$engine -k prefix_caching_without_eviction"
+  [caching_encoder]="$engine -k encoder_outputs_from_cpu"
   [chunked]="$engine -k chunked"
   [leaks]="$engine -k leaks"
   [triton]="$engine -k triton_decode_kernel"
@@ -66,7 +67,7 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_no_eviction_qwen3-vl video_no_eviction_llava-onevision
        video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
-       caching_qwen2-vl caching_stock chunked leaks triton examples compile
+       caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples compile
        serve serve_video)
 alone=" examples compile serve serve_video "
 [ $# -gt 0 ] && order=("$@")
@@ -74,7 +75,7 @@ alone=" examples compile serve serve_video "
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
   # tests that start several engines in turn
-  [[ " serve serve_video examples compile chunked fp8_no_eviction " == \
+  [[ " serve serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
      *" $name "* ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086

@@ -56,6 +56,10 @@ class SparseMMSettings:
     # the debug safety net: NaN-fill what nobody may read, check every
     # block-table column on the GPU too
     debug_poison: bool = False
+    # GiB of shared CPU memory keeping vision-encoder outputs, so a prefix
+    # hit whose observation window reaches into an image does not run the
+    # encoder again (encoder_cache.py); 0: off
+    encoder_cpu_cache_gib: float = 0.0
 
     def __post_init__(self):
         check_budget_args(self.budget, self.window, self.ratio)
@@ -66,6 +70,10 @@ class SparseMMSettings:
             raise ValueError(f"sparsemm decode_kernel must be one of "
                              f"{list(DECODE_KERNELS)}, got "
                              f"{self.decode_kernel!r}")
+        if not 0 <= self.encoder_cpu_cache_gib < float("inf"):
+            raise ValueError(f"sparsemm encoder_cpu_cache_gib must be a size "
+                             f"in GiB, 0 or more, got "
+                             f"{self.encoder_cpu_cache_gib}")
         if self.admission_reserve < -1:
             raise ValueError(f"sparsemm admission_reserve must be -1 (until "
                              f"every request finishes), 0 (off) or a step "

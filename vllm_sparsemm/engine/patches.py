@@ -95,18 +95,22 @@ def _prepare_engine_config(vllm_config) -> None:
     _, source = budget_plan(vllm_config)  # fails here on a bad score file
     global _request_window
     _request_window = settings.window
-    from vllm_sparsemm.engine import metrics
+    from vllm_sparsemm.engine import encoder_cache, metrics
+    encoder_outputs = encoder_cache.configure(vllm_config,
+                                              settings.encoder_cpu_cache_gib)
     metrics.setup(metrics.model_label(vllm_config))
     logger.info_once(
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
         "block_size=%s admission_reserve=%d admission_pacing=%s "
         "full_cuda_graphs=%s decode_kernel=%s debug_poison=%s "
-        "kv_cache_dtype=%s prefix_caching=%s head_scores=%s",
+        "encoder_cpu_cache_gib=%s kv_cache_dtype=%s prefix_caching=%s "
+        "head_scores=%s",
         settings.budget, settings.window, settings.ratio,
         settings.pool_kernel, cache.block_size, settings.admission_reserve,
         settings.admission_pacing, settings.full_cuda_graphs,
-        settings.decode_kernel, settings.debug_poison, cache.cache_dtype,
-        "on" if cache.enable_prefix_caching else "off", source)
+        settings.decode_kernel, settings.debug_poison, encoder_outputs,
+        cache.cache_dtype, "on" if cache.enable_prefix_caching else "off",
+        source)
 
 
 def unsupported_features(vllm_config) -> list[str]:
