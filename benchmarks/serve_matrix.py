@@ -149,9 +149,13 @@ class Load:
 
     @property
     def name(self) -> str:
-        """The workload as run keys name it: a video load by its frames."""
+        """The workload as run keys name it: a video load by its frames,
+        short questions apart from long ones."""
         frames = self.params.get("frames")
-        return f"{self.workload}-{frames}f" if frames else self.workload
+        if frames:
+            return f"{self.workload}-{frames}f"
+        return (f"{self.workload}-short" if self.params.get("short")
+                else self.workload)
 
 
 @dataclass
@@ -231,6 +235,8 @@ def client_command(port: int, load: Load, out, requests_out,
     if load.workload == "questions":
         cmd += ["--num-requests", str(p["num_requests"]),
                 "--num-images", str(p["num_images"])]
+        if p.get("short"):
+            cmd.append("--short-questions")
     elif load.workload == "video":
         cmd += ["--num-requests", str(p["num_requests"]),
                 "--frames", str(p["frames"])]
@@ -347,12 +353,17 @@ def loads_for(workload: str, args) -> list[Load]:
             "seed": args.seed + c})
             for c in ints(args.kv8_concurrency)]
     if workload == "questions":
+        styles = [s for s in args.questions_style.split(",") if s]
+        if not styles or set(styles) - {"long", "short"}:
+            raise SystemExit(f"--questions-style takes long, short or both, "
+                             f"got {args.questions_style!r}")
         return [Load("questions", c, {
             "num_requests": args.questions_requests,
             "num_images": args.questions_images,
             "max_tokens": args.output_len, "image_size": size,
-            "seed": args.seed + c})
-            for c in ints(args.questions_concurrency)]
+            "seed": args.seed + c, **({"short": True} if style == "short"
+                                      else {})})
+            for style in styles for c in ints(args.questions_concurrency)]
     if workload == "multiturn":
         return [Load("multiturn", c, {
             "conversations": args.multiturn_conversations,
@@ -997,6 +1008,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unique, questions: output tokens per request")
     p.add_argument("--image-size", default="336x336", help="WxH")
     p.add_argument("--questions-concurrency", default="256,64")
+    p.add_argument("--questions-style", default="long",
+                   help="long (sentences), short (\"Q<i>?\": as few "
+                   "characters as a real tokenizer's tokens, so a prefix "
+                   "hit's window reaches into the image) or long,short")
     p.add_argument("--questions-requests", type=int, default=2000)
     p.add_argument("--questions-images", type=int, default=32)
     p.add_argument("--multiturn-concurrency", default="64,256",

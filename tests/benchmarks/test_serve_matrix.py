@@ -444,6 +444,26 @@ def test_questions_workload():
     other = cc.questions_workload(40, 32, seed=6, size=(32, 32))
     assert other[0].messages != requests[0].messages
     assert len(set(cc.make_questions(3000))) == 3000  # past the combinations
+    short = cc.questions_workload(40, 4, seed=5, size=(32, 32), short=True)
+    texts = [r.messages[0]["content"][1]["text"] for r in short]
+    assert len(set(texts)) == 40 and max(map(len, texts)) <= 4
+
+
+def test_short_questions_are_a_load_of_their_own(tmp_path):
+    """--questions-style long,short: both loads on the same servers, their
+    runs apart in the JSON, and the client told which."""
+    args = _args(tmp_path, "--workloads", "questions",
+                 "--questions-concurrency", "256",
+                 "--questions-style", "long,short")
+    loads = sm.plan(args)[0].loads
+    assert [ld.name for ld in loads] == ["questions", "questions-short"]
+    cmds = [sm.client_command(8123, ld, tmp_path / "o.json",
+                              tmp_path / "r.jsonl") for ld in loads]
+    parsed = [cc.build_parser().parse_args(cmd[2:]) for cmd in cmds]
+    assert [a.short_questions for a in parsed] == [False, True]
+    with pytest.raises(SystemExit, match="questions-style"):
+        sm.plan(_args(tmp_path, "--workloads", "questions",
+                      "--questions-style", "terse"))
 
 
 def test_multiturn_messages_hold_the_history():
