@@ -361,6 +361,40 @@ def test_gate_rows_kept_within_a_step_equal_rows_built_afresh(model_dir):
     assert result["preemptions"] > 0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_what_running_requests_may_still_allocate_needs_no_recount(
+        model_dir, async_scheduling):
+    """The gate's sums of what running requests may still allocate are kept
+    up as blocks come and go, and a decode step that adds no block skips
+    the recount. Through chunked prompts, compactions, releases, preemptions
+    and finishes on vLLM's scheduler, recounting every request before each
+    step changes neither sum."""
+    sim = _sim()
+    spec = sim.sparsemm_spec(64, 256, _scores(), head_size=8,
+                             admission_pacing=False,
+                             async_scheduling=async_scheduling)
+    scheduler = sim.make_scheduler(spec, num_blocks=400,
+                                   max_batched_tokens=2048, max_num_seqs=64,
+                                   model_dir=model_dir)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    schedule, steps = scheduler.schedule, [0]
+
+    def checked(*args, **kwargs):
+        sums = manager._pending_sum, manager._growth_sum
+        for rid, tracked in manager._requests.items():
+            if rid in manager.req_to_blocks:
+                manager._count_what_remains(rid, tracked)
+        assert (manager._pending_sum, manager._growth_sum) == sums
+        steps[0] += sums[1] > 0
+        return schedule(*args, **kwargs)
+
+    scheduler.schedule = checked
+    result = sim.simulate(scheduler, num_requests=60, prompt_len=400,
+                          output_len=320)
+    assert result["finished"] and result["preemptions"] > 0
+    assert steps[0] > 100
+
+
 def test_sim_without_prefill_transient_holds_only_compacted_blocks(model_dir):
     """The what-if mode of benchmarks/scheduler_sim.py: prompts are never
     chunked and no request ever holds more than its compacted blocks, while
