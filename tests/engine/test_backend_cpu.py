@@ -42,7 +42,7 @@ def _run_mixed_batch(chunk, async_frees):
     prompts = {"a": 100, "b": 30, "c": 71, "d": 49, "e": 71, "f": 100}
     decode = 20
     plans = eng.add_all(prompts, chunk, decode)
-    last = {}
+    last, leading = {}, set()
     while any(plans.values()):
         schedule = {rid: plan.pop(0) for rid, plan in plans.items() if plan}
         pending = list(last.items()) if async_frees else []
@@ -51,6 +51,10 @@ def _run_mixed_batch(chunk, async_frees):
             eng.processed(schedule)
         last = schedule
         eng.check(tokens, outputs)
+        cr = eng.last_plan and eng.last_plan.compressed
+        if cr is not None:
+            leading.add(cr.leading)
+            assert (cr.virtual_token is None) == cr.leading
         for rid in schedule:
             request = eng.requests[rid]
             if eng.manager.prompt_released(rid):
@@ -59,6 +63,8 @@ def _run_mixed_batch(chunk, async_frees):
                 appended = request.num_computed_tokens - request.num_prompt_tokens
                 assert eng.held_blocks(rid) == eng.law.compacted_blocks(
                     request.num_prompt_tokens, appended)
+    # decode rows first are read as views; behind a prompt row, gathered
+    assert leading == ({False} if chunk >= 100 else {True, False})
     for rid in prompts:
         request = eng.requests[rid]
         if BUDGET < request.num_prompt_tokens:

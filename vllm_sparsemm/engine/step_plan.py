@@ -158,10 +158,7 @@ def plan_step(state: WorkerKVState, rows: Sequence[RowInfo],
     if compressed:
         plan.compressed = _compressed_rows(state, steps, reqs, query_start,
                                            compressed, block_table, device)
-        leading = (compressed[-1] == len(compressed) - 1 and
-                   plan.compressed.max_query_len == 1)
-        plan.compressed.leading = leading
-        if leading:
+        if plan.compressed.leading:
             plan.standard_tokens = slice(len(compressed), query_start[-1])
         else:
             plan.standard_tokens, = upload([row_tokens(query_start,
@@ -336,10 +333,18 @@ def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
     first = np.asarray(query_start, dtype=np.int64)[rows]
     offset = computed - prompt_len
     num_rows, num_tokens = len(indices), int(q_lens_np.sum())
+    # the batch's first rows, one token each: the sequences are views of
+    # the query, and no per-sequence query index is needed (or uploaded)
+    leading = indices[-1] == num_rows - 1 and num_tokens == num_rows
     token_req = np.repeat(np.arange(num_rows), q_lens_np)
     row_start = np.cumsum(q_lens_np) - q_lens_np  # first token of each row, local
     within = np.arange(num_tokens) - row_start[token_req]
-    virtual_token, virtual_head, starts = virtual_sequences(q_lens_np, heads)
+    if leading:
+        virtual_token = virtual_head = np.zeros(0, dtype=np.int64)
+        starts = np.arange(num_rows * heads + 1)
+    else:
+        virtual_token, virtual_head, starts = virtual_sequences(q_lens_np,
+                                                                heads)
     distinct, which = distinct_tables([req.tables for req in reqs])
     prompt = np.array([req.prompt_entries for req in reqs], dtype=np.int64)
     (tokens, token_req, token_offset, seq_offset, prompt, batch_rows,
@@ -361,10 +366,11 @@ def _compressed_rows(state, steps: StepRows, reqs: list[RequestKV],
         counts=tables[:, 3],
         prompt_entries=prompt,
         block_rows=block_table[batch_rows],
-        virtual_token=virtual_token,
-        virtual_head=virtual_head,
+        virtual_token=None if leading else virtual_token,
+        virtual_head=None if leading else virtual_head,
         virtual_starts=starts.to(torch.int32),
         max_query_len=max(query_lens),
         max_length=int((np.array([req.max_count for req in reqs]) +
                         seq_offset_np).max()),
+        leading=bool(leading),
     )
