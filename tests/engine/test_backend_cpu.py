@@ -419,3 +419,25 @@ def test_the_kernel_scores_more_tokens_a_pass_in_the_same_scratch():
         assert step_plan._layers_per_pass(20, 613, 32, tokens) > \
             step_plan._layers_per_pass(20, 613, 32,
                                        step_plan.SELECTION_TOKENS)
+
+
+def test_compaction_time_spans_only_the_layers_that_select(monkeypatch):
+    """A step's prompts select in passes over several layers, so most layers
+    do no selection: only the layers that do are timed for /metrics (two
+    device events a layer otherwise), and the step's time is still one
+    reading, once the compaction in the last layer is done."""
+    from cpu_engine import LAYERS
+    eng = Engine()
+    spans = []
+    timer = eng.state.timer
+    start = timer.start
+    monkeypatch.setattr(timer, "start",
+                        lambda device: spans.append(1) or start(device))
+    plans = eng.add_all({"a": 100, "c": 71}, 500, 2)
+    schedule = {rid: plan.pop(0) for rid, plan in plans.items()}
+    tokens, outputs = eng.step(schedule)
+    eng.check(tokens, outputs)
+    batch, = eng.last_plan.selection_batches
+    assert batch.layers_per_pass == LAYERS  # one pass, in the last layer
+    assert len(spans) == 1
+    assert len(timer.collect()) == 1

@@ -30,6 +30,7 @@ from vllm_sparsemm.engine.layer_ops import (collect_window_queries, compact,
                                             compressed_page_table,
                                             page_table_width,
                                             prepare_compressed, select_layer,
+                                            selects_in,
                                             write_compressed,
                                             write_standard_reference)
 from vllm_sparsemm.engine.plan_setup import settings_for
@@ -296,12 +297,17 @@ class SparseMMImpl(FlashAttentionImpl):
                     output[tokens] = out
             self._compressed_attention(plan, index, query, output)
         if plan.compressing:  # this layer's keys are all in the cache now
-            state.timer.start(query.device)
+            last = index == state.num_layers - 1  # every layer has selected
+            # timed only where there is work: two events a layer add up
+            timed = last or selects_in(plan, index)
+            if timed:
+                state.timer.start(query.device)
             select_layer(plan, index, attn_metadata.block_table)
-            if index == state.num_layers - 1:  # every layer has selected
+            if last:
                 compact(plan, attn_metadata.block_table)
-            state.timer.stop(query.device)
-            if index == state.num_layers - 1:
+            if timed:
+                state.timer.stop(query.device)
+            if last:
                 state.timer.end_step()
         return output
 

@@ -178,15 +178,29 @@ def select_layer(plan: StepPlan, layer: int,
     (``selection.streamed_window_scores``), so the scratch is bounded
     whatever the prompt length.
     """
-    last_layer = plan.state.num_layers - 1
     for batch in plan.selection_batches:
-        per_pass = batch.layers_per_pass
-        if (layer + 1) % per_pass == 0 or layer == last_layer:
+        if _pass_ends(plan, batch, layer):
+            per_pass = batch.layers_per_pass
             _select_batch(plan, batch, layer - layer % per_pass, layer + 1,
                           block_table)
     for group in plan.selection_groups:
         if not group.batched:
             _select_long(plan, group, layer, block_table)
+
+
+def selects_in(plan: StepPlan, layer: int) -> bool:
+    """Whether :func:`select_layer` does any work in ``layer`` (most layers
+    of a step whose passes cover several layers do none)."""
+    return (any(_pass_ends(plan, batch, layer)
+                for batch in plan.selection_batches)
+            or any(not group.batched for group in plan.selection_groups))
+
+
+def _pass_ends(plan: StepPlan, batch: SelectionBatch, layer: int) -> bool:
+    """Whether ``batch``'s selection pass over its layers runs in ``layer``:
+    the last of each ``layers_per_pass``, and the model's last layer."""
+    return ((layer + 1) % batch.layers_per_pass == 0
+            or layer == plan.state.num_layers - 1)
 
 
 def _every_layers_positions(state: WorkerKVState, rows: int, width: int,
