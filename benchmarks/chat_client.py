@@ -126,16 +126,27 @@ def video_url(seed, frames: int, size=(336, 336)) -> str:
     return f"data:video/mp4;base64,{data}"
 
 
-def make_questions(n: int, seed: int = 0, short: bool = False) -> list[str]:
-    """``n`` distinct short questions in a seeded order.
+QUESTION_STYLES = ("long", "short", "repeat")
+REPEATED_QUESTION = "What is this?"
 
-    Every opener/topic/place combination once, then numbered variants, so no
-    two requests share their text even when they share an image. ``short``:
-    "Q<i>?" instead, as few characters as a real tokenizer gives a one-line
-    question tokens (the dummy model folders' tokenizers read characters).
+
+def make_questions(n: int, seed: int = 0, style: str = "long") -> list[str]:
+    """``n`` short questions in a seeded order.
+
+    ``long``: every opener/topic/place combination once, then numbered
+    variants, so no two requests share their text even when they share an
+    image. The dummy model folders' tokenizers read characters, so these run
+    to more tokens than a real tokenizer makes of them; ``short`` ("Q<i>?",
+    distinct) and ``repeat`` (REPEATED_QUESTION every time) are as few
+    characters as a real tokenizer's tokens for a one-line question.
     """
-    if short:
+    if style not in QUESTION_STYLES:
+        raise ValueError(f"question style must be one of {QUESTION_STYLES}, "
+                         f"got {style!r}")
+    if style == "short":
         return [f"Q{i}?" for i in range(n)]
+    if style == "repeat":
+        return [REPEATED_QUESTION] * n
     combos = [f"{o} {t} {p}" for o in OPENERS for t in TOPICS for p in PLACES]
     order = np.random.default_rng([seed, len(combos)]).permutation(len(combos))
     questions = []
@@ -185,17 +196,17 @@ def user_turn(url: str | None, text: str, kind: str = "image") -> dict:
 
 def questions_workload(num_requests: int = 2000, num_images: int = 32,
                        seed: int = 0, size=(336, 336), fmt: str = "JPEG",
-                       short: bool = False,
+                       style: str = "long",
                        **request_kwargs) -> list[ChatRequest]:
-    """Many distinct questions about few images, images taken round-robin
-    (``short``: see ``make_questions``)."""
+    """Many questions about few images, images taken round-robin (``style``:
+    see ``make_questions``)."""
     urls = [image_url([seed, SALT["questions"], j], size, fmt)
             for j in range(num_images)]
     return [ChatRequest(messages=[user_turn(urls[i % num_images], question)],
                         tag={"index": i, "image": i % num_images},
                         **request_kwargs)
             for i, question in enumerate(make_questions(num_requests, seed,
-                                                        short))]
+                                                        style))]
 
 
 def video_workload(num_requests: int = 512, frames: int = 16, seed: int = 0,
@@ -542,7 +553,7 @@ async def run_workload(args) -> tuple[list[ChatResult], float]:
                     if args.workload == "video" else
                     questions_workload(args.num_requests, args.num_images,
                                        args.seed, size, args.image_format,
-                                       args.short_questions,
+                                       args.question_style,
                                        **request_kwargs))
         return await run_requests(args.base_url, model, requests,
                                   args.concurrency, args.max_seconds)
@@ -565,11 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="questions, video: requests")
     parser.add_argument("--num-images", type=int, default=32,
                         help="questions: distinct images")
-    parser.add_argument("--short-questions", action="store_true",
-                        help='questions: "Q<i>?", so the text after the '
-                        "image is as many characters as a real tokenizer "
-                        "makes tokens of a one-line question (a prefix hit's "
-                        "recomputed window then reaches into the image)")
+    parser.add_argument("--question-style", choices=QUESTION_STYLES,
+                        default="long",
+                        help="questions: long sentences; short (\"Q<i>?\") "
+                        "or repeat (one question for all), as few characters "
+                        "as a real tokenizer's tokens for a one-line question")
     parser.add_argument("--conversations", type=int, default=256,
                         help="multiturn: conversations")
     parser.add_argument("--turns", type=int, default=4,

@@ -150,12 +150,11 @@ class Load:
     @property
     def name(self) -> str:
         """The workload as run keys name it: a video load by its frames,
-        short questions apart from long ones."""
-        frames = self.params.get("frames")
+        questions of another style than long sentences by their style."""
+        frames, style = self.params.get("frames"), self.params.get("style")
         if frames:
             return f"{self.workload}-{frames}f"
-        return (f"{self.workload}-short" if self.params.get("short")
-                else self.workload)
+        return f"{self.workload}-{style}" if style else self.workload
 
 
 @dataclass
@@ -235,8 +234,8 @@ def client_command(port: int, load: Load, out, requests_out,
     if load.workload == "questions":
         cmd += ["--num-requests", str(p["num_requests"]),
                 "--num-images", str(p["num_images"])]
-        if p.get("short"):
-            cmd.append("--short-questions")
+        if p.get("style"):
+            cmd += ["--question-style", p["style"]]
     elif load.workload == "video":
         cmd += ["--num-requests", str(p["num_requests"]),
                 "--frames", str(p["frames"])]
@@ -354,14 +353,15 @@ def loads_for(workload: str, args) -> list[Load]:
             for c in ints(args.kv8_concurrency)]
     if workload == "questions":
         styles = [s for s in args.questions_style.split(",") if s]
-        if not styles or set(styles) - {"long", "short"}:
-            raise SystemExit(f"--questions-style takes long, short or both, "
-                             f"got {args.questions_style!r}")
+        if not styles or set(styles) - set(chat_client.QUESTION_STYLES):
+            raise SystemExit(f"--questions-style takes a comma list of "
+                             f"{chat_client.QUESTION_STYLES}, got "
+                             f"{args.questions_style!r}")
         return [Load("questions", c, {
             "num_requests": args.questions_requests,
             "num_images": args.questions_images,
             "max_tokens": args.output_len, "image_size": size,
-            "seed": args.seed + c, **({"short": True} if style == "short"
+            "seed": args.seed + c, **({"style": style} if style != "long"
                                       else {})})
             for style in styles for c in ints(args.questions_concurrency)]
     if workload == "multiturn":
@@ -1009,9 +1009,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default="336x336", help="WxH")
     p.add_argument("--questions-concurrency", default="256,64")
     p.add_argument("--questions-style", default="long",
-                   help="long (sentences), short (\"Q<i>?\": as few "
+                   help="comma list of long (sentences), short (\"Q<i>?\") "
+                   "and repeat (one question for all): the last two as few "
                    "characters as a real tokenizer's tokens, so a prefix "
-                   "hit's window reaches into the image) or long,short")
+                   "hit recomputes image tokens (each its own load)")
     p.add_argument("--questions-requests", type=int, default=2000)
     p.add_argument("--questions-images", type=int, default=32)
     p.add_argument("--multiturn-concurrency", default="64,256",

@@ -444,23 +444,29 @@ def test_questions_workload():
     other = cc.questions_workload(40, 32, seed=6, size=(32, 32))
     assert other[0].messages != requests[0].messages
     assert len(set(cc.make_questions(3000))) == 3000  # past the combinations
-    short = cc.questions_workload(40, 4, seed=5, size=(32, 32), short=True)
+    short = cc.questions_workload(40, 4, seed=5, size=(32, 32), style="short")
     texts = [r.messages[0]["content"][1]["text"] for r in short]
     assert len(set(texts)) == 40 and max(map(len, texts)) <= 4
+    same = cc.questions_workload(40, 4, seed=5, size=(32, 32), style="repeat")
+    assert {r.messages[0]["content"][1]["text"] for r in same} == {
+        cc.REPEATED_QUESTION}
+    with pytest.raises(ValueError, match="question style"):
+        cc.make_questions(3, style="terse")
 
 
-def test_short_questions_are_a_load_of_their_own(tmp_path):
-    """--questions-style long,short: both loads on the same servers, their
-    runs apart in the JSON, and the client told which."""
+def test_question_styles_are_loads_of_their_own(tmp_path):
+    """--questions-style long,short,repeat: each a load on the same servers,
+    its runs apart in the JSON, and the client told which."""
     args = _args(tmp_path, "--workloads", "questions",
                  "--questions-concurrency", "256",
-                 "--questions-style", "long,short")
+                 "--questions-style", "long,short,repeat")
     loads = sm.plan(args)[0].loads
-    assert [ld.name for ld in loads] == ["questions", "questions-short"]
+    assert [ld.name for ld in loads] == ["questions", "questions-short",
+                                         "questions-repeat"]
     cmds = [sm.client_command(8123, ld, tmp_path / "o.json",
                               tmp_path / "r.jsonl") for ld in loads]
     parsed = [cc.build_parser().parse_args(cmd[2:]) for cmd in cmds]
-    assert [a.short_questions for a in parsed] == [False, True]
+    assert [a.question_style for a in parsed] == ["long", "short", "repeat"]
     with pytest.raises(SystemExit, match="questions-style"):
         sm.plan(_args(tmp_path, "--workloads", "questions",
                       "--questions-style", "terse"))

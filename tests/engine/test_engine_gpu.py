@@ -220,12 +220,14 @@ def _conversation(kind, seed=11):
 
 
 def _short_questions():
-    """Three images asked about in turn, twice, each by a one-letter
-    question: the observation window of a prefix hit reaches into the image."""
+    """Three images asked about in turn, twice, by the same one-letter
+    question: the second round's prompts are whole-prompt hits, and
+    sparsemm's observation window, recomputed, reaches into the image
+    (stock's hit, one token short, would not)."""
     images = [_image(seed, (224, 196)) for seed in (21, 22, 23)]
-    return [{"prompt": f"USER: <image>\n{question} ASSISTANT:",
+    return [{"prompt": "USER: <image>\na ASSISTANT:",
              "multi_modal_data": {"image": image}}
-            for question in "ab" for image in images]
+            for _ in range(2) for image in images]
 
 
 def _count_encoder_runs():
@@ -571,9 +573,10 @@ def test_prefix_caching_changes_no_token(models, kind):
 def test_encoder_outputs_from_cpu_when_the_window_reaches_the_image(models):
     """A hit stops ``window`` tokens short of the prompt, inside the image
     when the question is short; with an encoder cache of one image, three
-    images in turn each need the encoder again, unless their outputs come
-    back from CPU memory (encoder_cpu_cache_gib). Tokens equal caching off
-    either way; with the CPU cache each image is encoded once."""
+    images asked about again in turn each need the encoder again, unless
+    their outputs come back from CPU memory (encoder_cpu_cache_gib).
+    Tokens equal caching off either way; with the CPU cache each image is
+    encoded once."""
     budget = {"budget": 48, "window": 16, "debug_poison": True}
     small = dict(sequential=True, max_num_batched_tokens=64, max_num_seqs=16)
     off, lens, _ = _tokens(models["llava"], "sparsemm", budget,

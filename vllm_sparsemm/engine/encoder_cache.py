@@ -1,16 +1,17 @@
 """Vision-encoder outputs kept in CPU memory, so that a prefix-cache hit does
 not run the encoder again for its observation window.
 
+A hit that recomputes some of an image's tokens needs the image's encoder
+output: from vLLM's GPU encoder cache if the image was encoded lately (it holds
+``max_num_batched_tokens`` worth of items), else by running the encoder again.
 A compressed prompt's last ``window`` tokens are always computed in the
-request itself (their queries choose what each head keeps), so a hit stops at
-least ``window`` tokens before the prompt's end. With a short question after
-an image, that window lies partly inside the image, and vLLM then needs the
-image's encoder output: from its GPU encoder cache if the image was encoded
-lately, else by running the encoder again, which stock vLLM's hit (one token
-short of the prompt) mostly avoids. vLLM's ``ECCPUConnector`` in the
-``ec_both`` role saves every encoder output to a shared-memory region and
-loads it back instead of recomputing it; ``encoder_cpu_cache_gib`` installs it
-for a sparsemm engine.
+request itself (their queries choose what each head keeps), so with a short
+question after an image even a repeated prompt recomputes image tokens, where
+stock vLLM's hit, one token short of the prompt, would not. (A question that
+differs right after the image makes both recompute them.) vLLM's
+``ECCPUConnector`` in the ``ec_both`` role saves every encoder output to a
+shared-memory region and loads it back instead of recomputing it;
+``encoder_cpu_cache_gib`` installs it for a sparsemm engine.
 """
 
 from __future__ import annotations
