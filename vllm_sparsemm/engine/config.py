@@ -57,8 +57,8 @@ class SparseMMSettings:
     # block-table column on the GPU too
     debug_poison: bool = False
     # GiB of shared CPU memory keeping vision-encoder outputs, so a prefix
-    # hit whose observation window reaches into an image does not run the
-    # encoder again (encoder_cache.py); 0: off
+    # hit that recomputes image tokens (the observation window after a short
+    # question) does not run the encoder again (encoder_cache.py); 0: off
     encoder_cpu_cache_gib: float = 0.0
 
     def __post_init__(self):
