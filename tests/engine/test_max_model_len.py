@@ -92,9 +92,9 @@ def test_the_managers_closed_form_list_length_is_the_laws():
             for end in (prompt, prompt + int(rng.integers(1, 40))):
                 tracked = _Tracked(prompt, 203, law)
                 assert tracked.compressed
-                assert tracked.list_length(end, BS) == law.list_length(
+                assert tracked.list_length(end) == law.list_length(
                     prompt, end, end)  # the compaction step, before set_end
                 tracked.set_end(end, 0)
                 for tokens in range(end, 204):
-                    assert tracked.list_length(tokens, BS) == \
+                    assert tracked.list_length(tokens) == \
                         law.list_length(prompt, end, tokens)

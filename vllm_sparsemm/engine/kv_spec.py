@@ -115,13 +115,14 @@ class _Tracked:
         self.base = self.law.prompt_entries(end)
         self.phase = tuple(self.law.phase_blocks(self.prompt_len).tolist())
 
-    def list_length(self, num_tokens: int, block_size: int) -> int:
+    def list_length(self, num_tokens: int) -> int:
         """Its block list's length covering ``num_tokens`` (at least its
         prompt's, compressed): ``BlockLaw.list_length``."""
         if self.end is None:
             return self.law.list_length(self.prompt_len, num_tokens,
                                         num_tokens)
         appended = num_tokens - self.prompt_len
+        block_size = self.law.block_size
         return (self.base + appended // block_size +
                 self.phase[appended % block_size])
 
@@ -366,8 +367,7 @@ class SparseMMManager(FullAttentionManager):
         if (tracked is None or num_tokens < tracked.prompt_len
                 or not tracked.compressed):
             return num_tokens
-        return tracked.list_length(num_tokens,
-                                   self.block_size) * self.block_size
+        return tracked.list_length(num_tokens) * self.block_size
 
     def prompt_released(self, request_id: str) -> bool:
         """Whether a compacted request's prompt blocks went back to the pool."""
