@@ -102,11 +102,11 @@ def analyse(events, top: int = 15) -> dict:
         label = f"{low}-{limit} us" if limit != float("inf") else f">{low} us"
         buckets[label] = {"count": len(chosen), "ms": round(sum(chosen) / 1e3, 3)}
 
-    kernels = defaultdict(lambda: [0.0, 0])
+    kernel_time, kernel_calls = defaultdict(float), defaultdict(int)
     for e in events:
         if e.get("cat") in GPU_CATS:
-            kernels[e["name"]][0] += e["dur"]
-            kernels[e["name"]][1] += 1
+            kernel_time[e["name"]] += e["dur"]
+            kernel_calls[e["name"]] += 1
 
     # the engine thread's time in each named scope, nested ones of one name
     # counted once, and how often it opened
@@ -122,6 +122,10 @@ def analyse(events, top: int = 15) -> dict:
         return [[name, round(t / 1e3, 3)] for name, t in
                 sorted(table.items(), key=lambda kv: -kv[1])[:top]]
 
+    def ranked_with_counts(times, counts):
+        return [[name[:160], ms, counts[name]]
+                for name, ms in ranked(times)]
+
     return {"span_ms": round((end - start) / 1e3, 3),
             "gpu_busy_ms": round(sum(hi - lo for lo, hi in gpu) / 1e3, 3),
             "gpu_idle_ms": round(idle / 1e3, 3),
@@ -129,12 +133,9 @@ def analyse(events, top: int = 15) -> dict:
             "gaps": buckets,
             "idle_by_innermost_host_op_ms": ranked(innermost),
             "idle_by_outermost_host_scope_ms": ranked(scope),
-            "host_time_by_scope": [
-                [name[:160], round(t / 1e3, 3), opened[name]] for name, t in
-                sorted(in_scope.items(), key=lambda kv: -kv[1])[:top]],
-            "gpu_time_by_kernel": [
-                [name[:160], round(t / 1e3, 3), n] for name, (t, n) in
-                sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
+            "host_time_by_scope": ranked_with_counts(in_scope, opened),
+            "gpu_time_by_kernel": ranked_with_counts(kernel_time,
+                                                     kernel_calls),
             "largest_gaps": [[round(d / 1e3, 3), round(at / 1e3, 3), name]
                              for d, at, name in sorted(largest)[::-1][:10]]}
 
@@ -157,12 +158,11 @@ def main():
             print(f"   {key}:")
             for name, ms in result[key]:
                 print(f"     {ms:9.3f}  {name[:100]}")
-        print("   host_time_by_scope_ms (opened):")
-        for name, ms, calls in result["host_time_by_scope"]:
-            print(f"     {ms:9.3f}  ({calls})  {name[:100]}")
-        print("   gpu_time_by_kernel_ms (calls):")
-        for name, ms, calls in result["gpu_time_by_kernel"]:
-            print(f"     {ms:9.3f}  ({calls})  {name[:100]}")
+        for key, what in (("host_time_by_scope", "opened"),
+                          ("gpu_time_by_kernel", "calls")):
+            print(f"   {key}_ms ({what}):")
+            for name, ms, calls in result[key]:
+                print(f"     {ms:9.3f}  ({calls})  {name[:100]}")
         print("   largest gaps [ms, at ms, host op]:", result["largest_gaps"])
     if args.json:
         with open(args.json, "w") as f:
