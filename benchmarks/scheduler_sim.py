@@ -352,6 +352,10 @@ def main():
               for p in args.admission_pacing.split(",")]
     print("case | steps | model s | out tok/s | x stock | preemptions | "
           "recomputed tokens | peak running | scheduler ms/step (this CPU)")
+    cost = CostModel(weights_s=args.weights_ms / 1e3,
+                     step_s=args.step_ms / 1e3,
+                     prompt_s=args.prompt_ms / 1e3,
+                     kv_bytes_per_s=args.kv_tb_per_s * 1e12)
     base = None
     for name, spec in cases:
         no_transient = name.endswith("no-transient")
@@ -371,11 +375,7 @@ def main():
                         if args.chat_images else None)
             runs.append(simulate(
                 scheduler, args.requests, args.prompt_len, args.output_len,
-                CostModel(weights_s=args.weights_ms / 1e3,
-                          step_s=args.step_ms / 1e3,
-                          prompt_s=args.prompt_ms / 1e3,
-                          kv_bytes_per_s=args.kv_tb_per_s * 1e12),
-                requests=requests, clients=args.clients))
+                cost, requests=requests, clients=args.clients))
         r = dict(runs[0], scheduler_ms_per_step=min(
             run["scheduler_ms_per_step"] for run in runs))
         base = base or r["output_tok_per_s"]
