@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +123,10 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
     one replaced by the next (a closed loop of clients, as a chat server
     sees). Under an ``AsyncScheduler`` a step's output is processed after
     the next step is scheduled, as vLLM's engine does with async
-    scheduling."""
+    scheduling. A request with a ``stop_after`` attribute samples
+    ``STOP_TOKEN`` as its output of that number (``chat_requests``'
+    ``stop_at``). Time to first token is modelled: from the step a request
+    was added after to the end of the step that sampled its first token."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -142,9 +146,16 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             max_tokens=output_len, ignore_eos=True), None)
             for i in range(num_requests))
     requests = iter(requests)
+    arrived, first_token = {}, {}  # modelled seconds, per request
+    sampled_count: dict[str, int] = {}
+
+    def add(request, now):
+        arrived[request.request_id] = now
+        scheduler.add_request(request)
+
     for request in (requests if clients is None else
                     itertools.islice(requests, clients)):
-        scheduler.add_request(request)
+        add(request, 0.0)
     waiting = 0  # requests waiting, summed over steps
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     seconds, steps, produced, peak = 0.0, 0, 0, 0
@@ -168,8 +179,12 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
                 decode_blocks += sum(not b.is_null
                                      for b in manager.req_to_blocks[rid])
             done_prefill = request.num_computed_tokens >= request.num_tokens
-            sampled.append([7] if done_prefill else [])
+            sampled.append(_sample(request, sampled_count)
+                           if done_prefill else [])
         seconds += cost.step(prefill, decode_rows, decode_blocks, begun)
+        for rid, tokens in zip(ids, sampled):
+            if tokens:
+                first_token.setdefault(rid, seconds)
         output = ModelRunnerOutput(
             req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=sampled)
@@ -181,18 +196,33 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
                 out, output).values() for o in outs.outputs)
             for request in itertools.islice(requests, finished
                                             if clients else 0):
-                scheduler.add_request(request)
+                add(request, seconds)
         host += time.perf_counter() - started
         produced += sum(map(len, sampled))
         steps += 1
         peak = max(peak, len(scheduler.running))
         waiting += len(scheduler.waiting)
+    ttft = [first_token[rid] - arrived[rid] for rid in first_token]
     return {"steps": steps, "seconds": seconds,
             "output_tok_per_s": produced / seconds if seconds else 0.0,
             "finished": scheduler.get_num_unfinished_requests() == 0,
             "preemptions": preempted[0], "recomputed_tokens": wasted[0],
             "peak_running": peak, "mean_waiting": waiting / max(steps, 1),
-            "scheduler_ms_per_step": 1e3 * host / max(steps, 1)}
+            "scheduler_ms_per_step": 1e3 * host / max(steps, 1),
+            "ttft_mean_s": float(np.mean(ttft)) if ttft else 0.0,
+            "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else 0.0}
+
+
+STOP_TOKEN = 2  # what a request with ``stop_after`` samples last
+
+
+def _sample(request, counts: dict[str, int]) -> list[int]:
+    """The token a request samples this step: ``STOP_TOKEN`` as its
+    ``stop_after``-th output (an answer ending at EOS), else 7. Counted per
+    step it is scheduled, as under async scheduling the step after its
+    last may already be under way (vLLM drops that token)."""
+    count = counts[request.request_id] = counts.get(request.request_id, 0) + 1
+    return [STOP_TOKEN if count == getattr(request, "stop_after", 0) else 7]
 
 
 @functools.cache
@@ -214,11 +244,16 @@ def block_hasher(block_size: int):
 
 def chat_requests(num_requests: int, images: int, image_len: int,
                   question_len: tuple[int, int], output_len: int,
-                  seed: int = 0):
+                  seed: int = 0, stop_at: tuple[int, int] | None = None,
+                  max_model_len: int = 4096):
     """Requests about a few shared images (token runs standing for them),
     each with a question of its own: prefix-cache hits for all but an
-    image's first request. Their blocks are hashed as vLLM hashes them."""
-    import numpy as np
+    image's first request. Their blocks are hashed as vLLM hashes them.
+
+    Each runs to ``output_len`` tokens (``max_tokens``, EOS ignored), or
+    with ``stop_at=(lo, hi)`` as a chat client sends it: ``max_tokens``
+    unset (vLLM's default, up to ``max_model_len``) and an answer that
+    stops at EOS after ``lo`` to ``hi - 1`` tokens."""
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
 
@@ -229,8 +264,16 @@ def chat_requests(num_requests: int, images: int, image_len: int,
         question = rng.integers(100, 30_000, int(rng.integers(*question_len)))
         tokens = ([40_000 + image * image_len + j for j in range(image_len)]
                   + [int(t) for t in question])
-        yield Request(str(i), tokens, SamplingParams(
-            max_tokens=output_len, ignore_eos=True), None, block_hasher=hasher)
+        if stop_at is None:
+            yield Request(str(i), tokens, SamplingParams(
+                max_tokens=output_len, ignore_eos=True), None,
+                block_hasher=hasher)
+            continue
+        request = Request(str(i), tokens, SamplingParams(
+            max_tokens=max_model_len - len(tokens),
+            stop_token_ids=[STOP_TOKEN]), None, block_hasher=hasher)
+        request.stop_after = int(rng.integers(*stop_at))
+        yield request
 
 
 def without_prefill_transient(scheduler) -> None:
@@ -319,6 +362,11 @@ def main():
                         "--requests questions about this many shared images "
                         "of --prompt-len tokens (10-29 question tokens "
                         "each), prefix caching on (chat_requests)")
+    parser.add_argument("--answers-stop", default=None, metavar="LO,HI",
+                        help="with --chat-images: requests as chat clients "
+                        "send them, max_tokens unset (up to max_model_len) "
+                        "and answers that stop at EOS after LO to HI-1 "
+                        "tokens (instead of --output-len, EOS ignored)")
     parser.add_argument("--clients", type=int, default=None,
                         help="requests in flight at a time, each finished "
                         "one replaced by the next (default: all at once)")
@@ -350,8 +398,11 @@ def main():
               for b in args.budget.split(",")
               for r in args.admission_reserve.split(",")
               for p in args.admission_pacing.split(",")]
+    stop_at = (tuple(int(v) for v in args.answers_stop.split(","))
+               if args.answers_stop else None)
     print("case | steps | model s | out tok/s | x stock | preemptions | "
-          "recomputed tokens | peak running | scheduler ms/step (this CPU)")
+          "recomputed tokens | peak running | TTFT mean / p99 model ms | "
+          "scheduler ms/step (this CPU)")
     cost = CostModel(weights_s=args.weights_ms / 1e3,
                      step_s=args.step_ms / 1e3,
                      prompt_s=args.prompt_ms / 1e3,
@@ -371,7 +422,7 @@ def main():
                 without_prefill_transient(scheduler)
             requests = (chat_requests(args.requests, args.chat_images,
                                       args.prompt_len, (10, 30),
-                                      args.output_len)
+                                      args.output_len, stop_at=stop_at)
                         if args.chat_images else None)
             runs.append(simulate(
                 scheduler, args.requests, args.prompt_len, args.output_len,
@@ -383,6 +434,7 @@ def main():
               f"{r['output_tok_per_s']:.0f} | "
               f"{r['output_tok_per_s'] / base:.2f} | {r['preemptions']} | "
               f"{r['recomputed_tokens']} | {r['peak_running']} | "
+              f"{1e3 * r['ttft_mean_s']:.0f} / {1e3 * r['ttft_p99_s']:.0f} | "
               f"{r['scheduler_ms_per_step']:.2f}", flush=True)
 
 

@@ -527,6 +527,90 @@ def test_pacer_learns_the_output_length_from_finished_requests():
     assert pacer.mean_output == pytest.approx(100 + 100 / 16)
 
 
+def test_pacer_waits_for_evidence_when_answers_may_stop_early():
+    """A request that may stop at EOS says nothing by its limit (a chat
+    client that leaves max_tokens unset gets all of max_model_len): before
+    any request finished the pacer lets it start; after, it paces it by the
+    mean output of the finished ones, as it paces every request."""
+    kv, manager = _manager(reserve=256, pacing=True)
+    pacer, law = manager.pacer, manager.law
+    size = pacer.rate(law, 300, 3700)[1]
+    starts = 0
+    while pacer.allows(law, 300, 3700, runs_to_limit=False) and starts < 100:
+        pacer.started(law, 300)
+        starts += 1
+    assert starts == 100  # never held back
+    burst = 0  # requests that run to their limit are paced by it
+    while pacer.allows(law, 300, 3700):
+        pacer.started(law, 300)
+        burst += 1
+    assert burst == int(size) < 5
+    pacer.finished(100)
+    pacer._tokens, rate = 0.0, pacer.rate(law, 300, 100)[0]
+    pacer.new_step()
+    assert not pacer.allows(law, 300, 3700, runs_to_limit=False)
+    assert pacer._tokens == pytest.approx(rate)  # paced by the mean output
+
+
+@pytest.mark.parametrize("params, expected", [
+    (dict(max_tokens=50, ignore_eos=True), True),
+    (dict(max_tokens=50), False),  # stops at EOS
+    (dict(max_tokens=50, ignore_eos=True, stop_token_ids=[9]), False),
+    (dict(max_tokens=50, ignore_eos=True, stop=["."]), False),
+    (dict(max_tokens=50, min_tokens=50), True),  # must generate them all
+])
+def test_a_request_runs_to_its_limit_only_when_nothing_stops_it(params,
+                                                                 expected):
+    from vllm_sparsemm.engine.request_options import runs_to_limit
+    assert runs_to_limit(SamplingParams(**params)) is expected
+
+
+def test_answers_that_stop_at_eos_start_as_on_stock(model_dir, monkeypatch):
+    """64 chat clients that leave max_tokens unset (each request may run to
+    max_model_len) and get answers of 40-79 tokens: the limits alone say
+    the pool could not hold them, the answers say it holds them easily.
+    Sparsemm's admission holds nobody back, and vLLM's scheduler runs the
+    load in stock's steps; pacing them by their limits (as before) held
+    requests back and more than doubled their modelled time to first
+    token."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_sparsemm.engine import kv_spec
+    sim = _sim()
+    load = dict(num_requests=192, images=8, image_len=300,
+                question_len=(20, 40), output_len=0, stop_at=(40, 80))
+    spec = sim.sparsemm_spec(64, 256, _scores(), head_size=8,
+                             async_scheduling=True)
+
+    def run(kind):
+        waits = []
+        monkeypatch.setattr(kv_spec, "_count_wait", waits.append)
+        scheduler = sim.make_scheduler(
+            kind, num_blocks=1800, max_batched_tokens=2048, max_num_seqs=256,
+            model_dir=model_dir, prefix_caching=True, async_scheduling=True)
+        result = sim.simulate(scheduler, 0, 0, 0,
+                              requests=sim.chat_requests(**load), clients=64)
+        assert result["finished"] and result["preemptions"] == 0
+        return result, waits
+
+    stock, _ = run(FullAttentionSpec(block_size=BS, num_kv_heads=4,
+                                     head_size=8, dtype=torch.float16))
+    assert stock["steps"] < 300  # the answers stopped at EOS
+    ours, waits = run(spec)
+    assert 64 * spec.law().compacted_blocks(340, 4096 - 340) > 1800
+    assert waits == []
+    assert ours["steps"] == stock["steps"]
+    assert ours["ttft_mean_s"] <= 1.05 * stock["ttft_mean_s"]
+    # the old rule: the pacer takes each limit for the answer's length
+    allows = AdmissionPacer.allows
+    monkeypatch.setattr(AdmissionPacer, "allows",
+                        lambda self, law, prompt_len, out, *_: allows(
+                            self, law, prompt_len, out))
+    paced, waits = run(spec)
+    assert "pacer" in waits
+    assert paced["ttft_mean_s"] > 2 * stock["ttft_mean_s"]
+
+
 def test_only_requests_that_ran_to_their_end_teach_the_pacer():
     """patches.patch_admission_inputs: vLLM frees a preempted request while
     it is still RUNNING and an aborted one as FINISHED_ABORTED; neither says

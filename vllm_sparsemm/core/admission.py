@@ -172,8 +172,13 @@ class AdmissionPacer:
     fit ``pool / mean`` at a time, so one may start every ``out * mean /
     pool`` steps. It holds at most ``BURST`` of that concurrency (at least
     one request), which a burst may start at once. ``out`` is the mean
-    output length of the requests that finished (none yet: the candidate's
-    ``max_tokens``), never more than the candidate's own limit.
+    output length of the requests that finished, never more than the
+    candidate's own limit. Before any has finished it is the candidate's
+    ``max_tokens`` if the candidate runs to it (EOS ignored); otherwise
+    there is nothing to pace by: an answer may stop far short of its limit
+    (a chat client that leaves ``max_tokens`` unset gets all of
+    ``max_model_len``), and pacing by the limit would hold requests back
+    that stock vLLM starts at once.
     """
 
     BURST = 0.1  # share of the steady concurrency that may start at once
@@ -207,12 +212,15 @@ class AdmissionPacer:
         return self._rates[key]
 
     def allows(self, law: BlockLaw | None, prompt_len: int,
-               max_output: int) -> bool:
+               max_output: int, runs_to_limit: bool = True) -> bool:
         """Whether a request of this shape (its budget's ``law``) may start
-        now (refills the bucket)."""
+        now (refills the bucket); ``runs_to_limit``: it generates all of its
+        ``max_output`` tokens (class docstring)."""
         out = max_output
         if self.mean_output is not None:
             out = min(out, max(1, round(self.mean_output)))
+        elif not runs_to_limit:
+            return True  # no finished request yet says how long answers run
         if out < 1 or law is None or not law.compresses(prompt_len):
             return True
         rate, size = self.rate(law, prompt_len, out)

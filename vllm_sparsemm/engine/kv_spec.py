@@ -86,6 +86,7 @@ class _Tracked:
     prompt_len: int
     limit: int  # prompt + max_tokens, capped at max_model_len
     law: BlockLaw | None  # its budget's; None: not compressed
+    runs_to_limit: bool = True  # EOS ignored: it generates up to its limit
     tokens: int = 0  # tokens with a slot
     chunk: int = 0  # tokens its last allocation added
     end: int | None = None  # E, once the compaction step is scheduled
@@ -180,13 +181,15 @@ class SparseMMManager(FullAttentionManager):
     # -- what vLLM does not pass to managers (patches.py) ---------------------
 
     def note_request(self, request_id: str, prompt_len: int, limit: int,
-                     budget: int | None = None) -> None:
-        """Prompt length, the most tokens ``request_id`` can reach and its
-        own budget (None: the server's; 0: none), before its first lookup or
-        allocation."""
+                     budget: int | None = None,
+                     runs_to_limit: bool = True) -> None:
+        """Prompt length, the most tokens ``request_id`` can reach, its own
+        budget (None: the server's; 0: none) and whether it reaches that
+        limit (EOS ignored), before its first lookup or allocation."""
         if request_id not in self._requests:
-            self._requests[request_id] = _Tracked(prompt_len, limit,
-                                                  self.book.law(budget))
+            self._requests[request_id] = _Tracked(
+                prompt_len, limit, self.book.law(budget),
+                runs_to_limit=runs_to_limit)
             self._touch(request_id)
 
     def is_noted(self, request_id: str) -> bool:
@@ -422,7 +425,8 @@ class SparseMMManager(FullAttentionManager):
         if (self.pacer is not None and most + backlog > pool
                 and num_tokens <= tracked.prompt_len):
             if not self.pacer.allows(tracked.law, tracked.prompt_len,
-                                     tracked.limit - tracked.prompt_len):
+                                     tracked.limit - tracked.prompt_len,
+                                     tracked.runs_to_limit):
                 self._paced_out = True
                 return self.block_pool.get_num_free_blocks() + 1
             self._paced = request_id

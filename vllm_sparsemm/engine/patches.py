@@ -381,7 +381,8 @@ def patch_admission_inputs() -> None:
     from vllm.v1.request import RequestStatus
 
     from vllm_sparsemm.engine.kv_spec import SparseMMManager
-    from vllm_sparsemm.engine.request_options import request_budget
+    from vllm_sparsemm.engine.request_options import (request_budget,
+                                                      runs_to_limit)
 
     def managers_of(kv_manager):
         managers = kv_manager.__dict__.get("_sparsemm_managers")
@@ -395,12 +396,13 @@ def patch_admission_inputs() -> None:
         managers = managers_of(kv_manager)
         for manager in managers:
             if not manager.is_noted(request.request_id):
+                params = request.sampling_params
                 manager.note_request(
                     request.request_id, request.num_prompt_tokens,
                     min(request.num_prompt_tokens + request.max_tokens,
                         kv_manager.max_model_len),
-                    request_budget(request.sampling_params.extra_args
-                                   if request.sampling_params else None))
+                    request_budget(params.extra_args if params else None),
+                    runs_to_limit(params))
         return managers
 
     def make_lookup(original):

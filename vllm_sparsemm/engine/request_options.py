@@ -54,3 +54,16 @@ def request_budget(extra_args: dict | None) -> int | None:
     if not extra_args:
         return None
     return extra_args.get(BUDGET)
+
+
+def runs_to_limit(params) -> bool:
+    """Whether a request generates all of its ``max_tokens``: it ignores EOS
+    and has no stop token (stop strings end it in the API server), or it
+    must generate them all anyway (``min_tokens``). Else its limit bounds
+    its answer and does not predict it."""
+    if params is None:
+        return True
+    if params.max_tokens is not None and params.min_tokens >= params.max_tokens:
+        return True
+    return bool(params.ignore_eos and not params.stop_token_ids
+                and not params.stop)
