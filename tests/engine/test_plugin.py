@@ -62,9 +62,15 @@ def test_v1_runner_is_chosen_for_sparsemm(monkeypatch):
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     prop = VllmConfig.__dict__["use_v2_model_runner"]
     assert prop.fget(_config(AttentionBackendEnum.CUSTOM)) is False
-    # an explicit user choice is left alone (the builder then explains)
+    # an explicit user choice is left alone, and refused before weights
+    # load, saying what to change
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     assert prop.fget(_config(AttentionBackendEnum.CUSTOM)) is True
+    assert patches.unsupported_features(_engine_config()) == [
+        "vLLM's V2 model runner (unset VLLM_USE_V2_MODEL_RUNNER: the plugin "
+        "selects the V1 runner itself)"]
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert patches.unsupported_features(_engine_config()) == []
 
 
 def _engine_config(**parallel):

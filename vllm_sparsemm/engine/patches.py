@@ -133,6 +133,10 @@ def unsupported_features(vllm_config) -> list[str]:
     if parallel.use_ubatching:
         found.append("dual-batch overlap / micro-batching (drop --enable-dbo "
                      "and --ubatch-size)")
+    import vllm.envs as envs
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        found.append("vLLM's V2 model runner (unset VLLM_USE_V2_MODEL_RUNNER: "
+                     "the plugin selects the V1 runner itself)")
     model = vllm_config.model_config
     found += _kv_cache_dtype_problems(cache, model)
     if model is not None:
