@@ -341,6 +341,8 @@ def test_gate_rows_kept_within_a_step_equal_rows_built_afresh(model_dir):
                                    max_batched_tokens=2048, max_num_seqs=64,
                                    model_dir=model_dir)
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    # every admission past the pool-wide shortcuts asks the gate
+    manager._blocks_within_horizon = lambda tracked: None
     built = manager._future_rows
     calls = {"fresh": 0, "kept": 0}
 
@@ -359,6 +361,74 @@ def test_gate_rows_kept_within_a_step_equal_rows_built_afresh(model_dir):
     assert result["finished"]
     assert calls["kept"] > 20 and calls["fresh"] > 20
     assert result["preemptions"] > 0
+
+
+@pytest.mark.parametrize("load, num_blocks", [("chat", 700), ("burst", 700),
+                                              ("chat", 3000)])
+def test_the_horizon_shortcut_admits_exactly_as_the_gate(
+        model_dir, load, num_blocks, monkeypatch):
+    """Where every request may still grow far (chat clients that leave
+    max_tokens unset: up to max_model_len), the gate's look ahead ran at
+    every admission, though it looks only ``admission_reserve`` steps
+    ahead. What the running requests may allocate within those steps bounds
+    it: where that fits, the gate is not asked. On vLLM's scheduler every
+    admission decision equals the gate's, on pools that bind (700 blocks)
+    and on one that holds the chat load (3,000), where the gate is then
+    hardly asked."""
+    from vllm_sparsemm.engine import kv_spec
+    sim = _sim()
+    peaks = []
+    monkeypatch.setattr(kv_spec, "future_peak", lambda *args: peaks.append(
+        0) or future_peak(*args))
+
+    def run(shortcut: bool):
+        spec = sim.sparsemm_spec(64, 64, _scores(), head_size=8,
+                                 admission_pacing=False,
+                                 async_scheduling=True)
+        scheduler = sim.make_scheduler(
+            spec, num_blocks=num_blocks, max_batched_tokens=2048,
+            max_num_seqs=256,
+            model_dir=model_dir, prefix_caching=load == "chat",
+            async_scheduling=True)
+        manager = scheduler.kv_cache_manager.coordinator.single_type_managers[
+            0]
+        asked = manager.get_num_blocks_to_allocate
+        decisions, looked = [], []  # the gate's look aheads that counted
+
+        def both(request_id, num_tokens, *args, apply_admission_cap=False):
+            before = len(peaks)
+            blocks = asked(request_id, num_tokens, *args,
+                           apply_admission_cap=apply_admission_cap)
+            looked.extend(peaks[before:])
+            if apply_admission_cap:
+                horizon = manager._blocks_within_horizon
+                manager._blocks_within_horizon = lambda tracked: None
+                gate = asked(request_id, num_tokens, *args,
+                             apply_admission_cap=True)
+                manager._blocks_within_horizon = horizon
+                free = manager.block_pool.get_num_free_blocks()
+                decisions.append((blocks <= free, gate <= free))
+            return blocks
+
+        manager.get_num_blocks_to_allocate = both
+        if not shortcut:
+            manager._blocks_within_horizon = lambda tracked: None
+        requests = (sim.chat_requests(192, 8, 300, (20, 40), 0,
+                                      stop_at=(40, 200))
+                    if load == "chat" else None)
+        result = sim.simulate(scheduler, 60, 400, 320, requests=requests,
+                              clients=64 if load == "chat" else None)
+        assert result["finished"]
+        return result, decisions, len(looked)
+
+    result, decisions, asked_with = run(shortcut=True)
+    assert len(decisions) > 50
+    assert all(quick == gate for quick, gate in decisions)
+    unbound, _, asked_without = run(shortcut=False)
+    assert result["steps"] == unbound["steps"]
+    assert asked_with < asked_without
+    if num_blocks == 3000:
+        assert asked_with < asked_without / 10
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

@@ -98,6 +98,10 @@ class _Tracked:
     whole: int = 0
     pending: int = 0  # blocks of ``whole`` not yet in its list
     growth: int = 0  # blocks it may still allocate beyond its prompt
+    # of ``growth``, what it may allocate within the gate's horizon
+    horizon_growth: int = 0
+    # vLLM's request, for its live ``num_tokens`` (None: not known)
+    request: object | None = None
     # whether its budget compresses its prompt (fixed: asked on every call)
     compressed: bool = field(init=False)
     # once ``end`` is set, its list length in closed form: ``base + a // bs
@@ -174,6 +178,7 @@ class SparseMMManager(FullAttentionManager):
         # the sums of _Tracked.pending and _Tracked.growth (admission_reserve)
         self._pending_sum = 0
         self._growth_sum = 0
+        self._horizon_growth_sum = 0  # of _Tracked.horizon_growth
         # requests waiting when this step's scheduling began, less those
         # admitted since (patches.py)
         self._waiting = 0
@@ -182,14 +187,16 @@ class SparseMMManager(FullAttentionManager):
 
     def note_request(self, request_id: str, prompt_len: int, limit: int,
                      budget: int | None = None,
-                     runs_to_limit: bool = True) -> None:
+                     runs_to_limit: bool = True, request=None) -> None:
         """Prompt length, the most tokens ``request_id`` can reach, its own
-        budget (None: the server's; 0: none) and whether it reaches that
-        limit (EOS ignored), before its first lookup or allocation."""
+        budget (None: the server's; 0: none), whether it reaches that limit
+        (EOS ignored) and vLLM's ``request`` itself (whose ``num_tokens``
+        bounds what it allocates soon), before its first lookup or
+        allocation."""
         if request_id not in self._requests:
             self._requests[request_id] = _Tracked(
                 prompt_len, limit, self.book.law(budget),
-                runs_to_limit=runs_to_limit)
+                runs_to_limit=runs_to_limit, request=request)
             self._touch(request_id)
 
     def is_noted(self, request_id: str) -> bool:
@@ -307,9 +314,37 @@ class SparseMMManager(FullAttentionManager):
         else:
             pending, beyond = 0, listed
         growth = max(0, tracked.final - beyond)
+        soon = self._blocks_within_horizon(tracked)
+        horizon_growth = growth if soon is None else max(
+            0, min(growth, soon - beyond))
         self._pending_sum += pending - tracked.pending
         self._growth_sum += growth - tracked.growth
+        self._horizon_growth_sum += horizon_growth - tracked.horizon_growth
         tracked.pending, tracked.growth = pending, growth
+        tracked.horizon_growth = horizon_growth
+
+    def _blocks_within_horizon(self, tracked: _Tracked) -> int | None:
+        """Blocks beyond its prompt entries (all of them when not
+        compressed) that ``tracked`` lists at most within the gate's
+        horizon, capped at its limit: once it has slots for every token it
+        has now (vLLM's ``num_tokens``: prompt, outputs, a re-prefill's
+        too; under async scheduling its slots run a token or two ahead), one
+        more a step, and ``block_size`` more for the tokens it may gain
+        before its next recount (a list grows by one block every
+        ``block_size`` tokens, and each growth recounts). None when
+        unknown."""
+        request = tracked.request
+        if self.admission_horizon < 0 or request is None:
+            return None
+        now = max(request.num_tokens, tracked.tokens, tracked.prompt_len)
+        reach = min(tracked.limit,
+                    now + self.admission_horizon + self.block_size)
+        if not tracked.compressed:
+            return cdiv(reach, self.block_size)
+        if tracked.end is not None:  # the closed form (no law call)
+            return tracked.list_length(reach) - tracked.base
+        return tracked.law.compacted_blocks(tracked.prompt_len,
+                                            reach - tracked.prompt_len)
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         # Only the standard layout is shareable: a compressed request's full
@@ -330,6 +365,7 @@ class SparseMMManager(FullAttentionManager):
         if tracked is not None:
             self._pending_sum -= tracked.pending
             self._growth_sum -= tracked.growth
+            self._horizon_growth_sum -= tracked.horizon_growth
         self._touch(request_id)
         if not self._requests:  # idle: show it without waiting for a step
             self._report(force=True)
@@ -432,6 +468,14 @@ class SparseMMManager(FullAttentionManager):
             self._paced = request_id
         if most <= pool:
             return 0  # all fit whatever each does: the gate cannot refuse
+        soon = self._blocks_within_horizon(tracked)
+        if soon is not None and (in_use + self._pending_sum +
+                                 self._horizon_growth_sum + min(final, soon) +
+                                 whole <= pool):
+            # all fit whatever each does within the horizon, which is all
+            # the gate looks at: it cannot refuse (requests that may run to
+            # max_model_len would otherwise be looked at every admission)
+            return 0
         rows = self._future_rows(request_id, tracked, num_tokens)
         peak = future_peak(rows, self.book, self.admission_horizon)
         held = sum(row.held for row in rows)

@@ -406,7 +406,7 @@ def patch_admission_inputs() -> None:
                     min(request.num_prompt_tokens + request.max_tokens,
                         kv_manager.max_model_len),
                     request_budget(params.extra_args if params else None),
-                    runs_to_limit(params))
+                    runs_to_limit(params), request)
         return managers
 
     def make_lookup(original):
