@@ -15,12 +15,16 @@ sparsemm's plan). A step whose gaps sum small is GPU-bound: host work there
 cannot buy time; then the GPU time per kernel name says where it goes.
 ``host_time_by_scope`` gives the engine thread's time inside each named scope
 whether the GPU waited or not: a GPU-bound run's host cost, to hold against
-another backend's.
+another backend's. ``idle_by_next_gpu_op_ms`` charges each gap to the GPU work
+that ends it, what the host was getting ready to launch: in a piecewise step,
+an attention kernel after a gap means the host's attention path (Python,
+Triton's launcher) ran longer than the graph piece before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 from collections import defaultdict
@@ -67,6 +71,9 @@ def analyse(events, top: int = 15) -> dict:
         raise ValueError("no GPU events in the trace")
     start, end = gpu[0][0], gpu[-1][1]
     gaps = [(a[1], b[0]) for a, b in zip(gpu, gpu[1:])]
+    launched = sorted((e["ts"], e["name"]) for e in events
+                      if e.get("cat") in GPU_CATS)
+    starts = [ts for ts, _ in launched]
     thread = engine_thread(events)
     scope_names = {e["name"] for e in events
                    if e.get("cat") == "user_annotation"
@@ -76,6 +83,7 @@ def analyse(events, top: int = 15) -> dict:
                    and (e["pid"], e["tid"]) == thread),
                   key=lambda h: (h[0], -h[1]))
     innermost, scope = defaultdict(float), defaultdict(float)
+    next_op = defaultdict(float)
     largest, open_, taken = [], [], 0
     for lo, hi in gaps:  # in time order: sweep the host events once
         while taken < len(host) and host[taken][0] < hi:
@@ -93,6 +101,9 @@ def analyse(events, top: int = 15) -> dict:
             scope[outer[2] if outer else NO_OP] += b - a
         for name, t in names.items():
             innermost[name] += t
+        # the first GPU op to start as the gap ends (a merged busy interval
+        # starts with its earliest op)
+        next_op[launched[bisect.bisect_left(starts, hi)][1]] += hi - lo
         largest.append((hi - lo, lo - start, max(names, key=names.get)))
     idle = sum(hi - lo for lo, hi in gaps)
     buckets = {}
@@ -133,6 +144,7 @@ def analyse(events, top: int = 15) -> dict:
             "gaps": buckets,
             "idle_by_innermost_host_op_ms": ranked(innermost),
             "idle_by_outermost_host_scope_ms": ranked(scope),
+            "idle_by_next_gpu_op_ms": ranked(next_op),
             "host_time_by_scope": ranked_with_counts(in_scope, opened),
             "gpu_time_by_kernel": ranked_with_counts(kernel_time,
                                                      kernel_calls),
@@ -154,7 +166,7 @@ def main():
               f"{result['gpu_busy_fraction']:.1%}, idle {result['gpu_idle_ms']} ms")
         print("   gaps by size:", result["gaps"])
         for key in ("idle_by_outermost_host_scope_ms",
-                    "idle_by_innermost_host_op_ms"):
+                    "idle_by_innermost_host_op_ms", "idle_by_next_gpu_op_ms"):
             print(f"   {key}:")
             for name, ms in result[key]:
                 print(f"     {ms:9.3f}  {name[:100]}")

@@ -49,6 +49,8 @@ def test_gaps_are_charged_to_the_innermost_and_outermost_host_ranges(tmp_path):
     outer = dict(result["idle_by_outermost_host_scope_ms"])
     assert outer == {"gpu_model_runner: preprocess": 1.05}
     assert result["largest_gaps"][0] == [1.0, 0.3, "gpu_model_runner: preprocess"]
+    # each gap charged to the GPU op that ends it
+    assert dict(result["idle_by_next_gpu_op_ms"]) == {"k": 1.05}
     # GPU time per kernel name, overlaps counted in full
     assert result["gpu_time_by_kernel"] == [["k", 0.31, 4]]
     # the engine thread's scopes, GPU busy or not
@@ -96,3 +98,17 @@ def test_benchmark_busy_fraction_is_the_union_of_gpu_intervals():
     assert bench._gpu_busy_fraction(profiler) == 25 / 40
     assert bench._gpu_busy_fraction(types.SimpleNamespace(events=list)) != (
         bench._gpu_busy_fraction(types.SimpleNamespace(events=list)))  # nan
+
+
+def test_gaps_are_charged_to_the_gpu_op_that_ends_them():
+    """In a piecewise step the host launches attention between graph pieces:
+    a gap before an attention kernel is the host's attention path."""
+    gaps = load_script("trace_gaps")
+    events = [_kernel(0, 10, "gemm"), _kernel(40, 10, "_decode_kernel"),
+              _kernel(50, 10, "gemm"), _kernel(65, 10, "_decode_kernel"),
+              _kernel(65, 5, "copy"), _kernel(100, 10, "gemm"),
+              _host(0, 5, "aten::add")]
+    result = gaps.analyse(events)
+    # 10-40 and 60-65 end in decode launches; 75-100 in a GEMM
+    assert result["idle_by_next_gpu_op_ms"] == [["_decode_kernel", 0.035],
+                                                ["gemm", 0.025]]
