@@ -149,6 +149,8 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
     arrived, first_token = {}, {}  # modelled seconds, per request
     sampled_count: dict[str, int] = {}
 
+    cached = queried = 0  # first schedules' prefix-cache hits, prompt tokens
+
     def add(request, now):
         arrived[request.request_id] = now
         scheduler.add_request(request)
@@ -166,6 +168,9 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
         started = time.perf_counter()
         out = scheduler.schedule()
         host += time.perf_counter() - started
+        for new in out.scheduled_new_reqs:
+            cached += new.num_computed_tokens
+            queried += scheduler.requests[new.req_id].num_prompt_tokens
         ids = list(out.num_scheduled_tokens)
         prefill = decode_rows = decode_blocks = begun = 0
         sampled = []
@@ -210,7 +215,9 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             "peak_running": peak, "mean_waiting": waiting / max(steps, 1),
             "scheduler_ms_per_step": 1e3 * host / max(steps, 1),
             "ttft_mean_s": float(np.mean(ttft)) if ttft else 0.0,
-            "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else 0.0}
+            "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else 0.0,
+            # prompt tokens that first schedules found in the prefix cache
+            "prefix_hit_rate": cached / queried if queried else 0.0}
 
 
 STOP_TOKEN = 2  # what a request with ``stop_after`` samples last
@@ -274,6 +281,62 @@ def chat_requests(num_requests: int, images: int, image_len: int,
             stop_token_ids=[STOP_TOKEN]), None, block_hasher=hasher)
         request.stop_after = int(rng.integers(*stop_at))
         yield request
+
+
+class Conversations:
+    """Chat clients each in a conversation about an image of its own, for
+    ``simulate``'s closed loop (which asks for one request per finished
+    one): a turn's prompt is the previous turn's prompt, its answer and a
+    new question, sent once the previous turn finished; a conversation
+    that ended makes room for a new one. Answers as ``chat_requests``'."""
+
+    def __init__(self, conversations: int, turns: int, image_len: int,
+                 question_len: tuple[int, int], output_len: int,
+                 seed: int = 0, stop_at: tuple[int, int] | None = None,
+                 max_model_len: int = 4096):
+        import numpy as np
+        self.rng = np.random.default_rng(seed)
+        self.turns, self.image_len = turns, image_len
+        self.question_len, self.output_len = question_len, output_len
+        self.stop_at, self.max_model_len = stop_at, max_model_len
+        self.new = iter(range(conversations))  # not begun yet
+        self.last: dict[int, tuple[object, int]] = {}  # (request, turn)
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for conversation, (request, turn) in list(self.last.items()):
+            if request.is_finished():
+                del self.last[conversation]
+                if turn + 1 < self.turns:
+                    return self._turn(conversation, turn + 1,
+                                      list(request.all_token_ids))
+        conversation = next(self.new)  # StopIteration: all begun
+        image = [60_000 + conversation * self.image_len + j
+                 for j in range(self.image_len)]
+        return self._turn(conversation, 0, image)
+
+    def _turn(self, conversation: int, turn: int, history: list[int]):
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.request import Request
+        question = self.rng.integers(100, 30_000, int(
+            self.rng.integers(*self.question_len)))
+        tokens = history + [int(t) for t in question]
+        if self.stop_at is None:
+            params = SamplingParams(max_tokens=self.output_len,
+                                    ignore_eos=True)
+        else:
+            params = SamplingParams(
+                max_tokens=self.max_model_len - len(tokens),
+                stop_token_ids=[STOP_TOKEN])
+        request = Request(f"c{conversation}t{turn}", tokens, params, None,
+                          block_hasher=block_hasher(16))
+        if self.stop_at is not None:
+            request.stop_after = int(self.rng.integers(*self.stop_at))
+        self.last[conversation] = (request, turn)
+        return request
 
 
 def without_prefill_transient(scheduler) -> None:
@@ -367,6 +430,13 @@ def main():
                         "send them, max_tokens unset (up to max_model_len) "
                         "and answers that stop at EOS after LO to HI-1 "
                         "tokens (instead of --output-len, EOS ignored)")
+    parser.add_argument("--conversations", type=int, default=0,
+                        help="instead: this many conversations of --turns "
+                        "turns about an image of --prompt-len tokens each, "
+                        "every turn sending the history and the previous "
+                        "answer, prefix caching on (Conversations); "
+                        "--clients of them at a time")
+    parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--clients", type=int, default=None,
                         help="requests in flight at a time, each finished "
                         "one replaced by the next (default: all at once)")
@@ -402,7 +472,7 @@ def main():
                if args.answers_stop else None)
     print("case | steps | model s | out tok/s | x stock | preemptions | "
           "recomputed tokens | peak running | TTFT mean / p99 model ms | "
-          "scheduler ms/step (this CPU)")
+          "prefix hit | scheduler ms/step (this CPU)")
     cost = CostModel(weights_s=args.weights_ms / 1e3,
                      step_s=args.step_ms / 1e3,
                      prompt_s=args.prompt_ms / 1e3,
@@ -416,7 +486,7 @@ def main():
                 spec, args.kv_blocks, args.max_num_batched_tokens,
                 args.max_num_seqs, model_dir,
                 chunked_prefill=not no_transient,
-                prefix_caching=args.chat_images > 0,
+                prefix_caching=args.chat_images > 0 or args.conversations > 0,
                 async_scheduling=args.async_scheduling)
             if no_transient:
                 without_prefill_transient(scheduler)
@@ -424,6 +494,10 @@ def main():
                                       args.prompt_len, (10, 30),
                                       args.output_len, stop_at=stop_at)
                         if args.chat_images else None)
+            if args.conversations:
+                requests = Conversations(args.conversations, args.turns,
+                                         args.prompt_len, (10, 30),
+                                         args.output_len, stop_at=stop_at)
             runs.append(simulate(
                 scheduler, args.requests, args.prompt_len, args.output_len,
                 cost, requests=requests, clients=args.clients))
@@ -435,6 +509,7 @@ def main():
               f"{r['output_tok_per_s'] / base:.2f} | {r['preemptions']} | "
               f"{r['recomputed_tokens']} | {r['peak_running']} | "
               f"{1e3 * r['ttft_mean_s']:.0f} / {1e3 * r['ttft_p99_s']:.0f} | "
+              f"{r['prefix_hit_rate']:.1%} | "
               f"{r['scheduler_ms_per_step']:.2f}", flush=True)
 
 

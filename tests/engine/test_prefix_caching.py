@@ -166,3 +166,50 @@ def test_questions_about_one_image_in_one_step(seed, tp):
         tokens, outputs = eng.step({rid: 1 for rid in rids})
         eng.processed(rids)
         eng.check(tokens, outputs)
+
+
+def test_a_later_turn_recomputes_the_previous_answer(tmp_path):
+    """A conversation's next turn sends the previous prompt, its answer and
+    a new question. Stock vLLM hits every full block the previous turn
+    computed, answer included; sparsemm's hit ends with the previous
+    prompt's full blocks, since decoded tokens never sit in the standard
+    layout (computed under compressed attention, reusing them would change
+    the answer that caching off gives). On vLLM's scheduler, per turn."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from scripts import load_script
+    sim = load_script("scheduler_sim")
+    model_dir = sim.write_text_model(tmp_path / "model", 4, 4)
+    scores = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    answer = 40
+    results = {}
+    for name, spec in (("stock", FullAttentionSpec(
+            block_size=BS, num_kv_heads=4, head_size=8,
+            dtype=torch.float16)), ("sparsemm", sim.sparsemm_spec(
+                64, 256, scores, head_size=8))):
+        conversations = sim.Conversations(6, 3, 300, (10, 30), answer)
+        issued = []
+        turn = conversations._turn
+        conversations._turn = lambda *args: issued.append(turn(*args)) or (
+            issued[-1])
+        scheduler = sim.make_scheduler(
+            spec, num_blocks=2000, max_batched_tokens=2048, max_num_seqs=64,
+            model_dir=model_dir, prefix_caching=True, async_scheduling=False)
+        results[name] = sim.simulate(scheduler, 0, 0, 0,
+                                     requests=conversations, clients=3)
+        assert results[name]["finished"]
+        prompts = {r.request_id: r.num_prompt_tokens for r in issued}
+        hits = 0
+        for rid, prompt in prompts.items():
+            conversation, k = rid[1:].split("t")
+            if k == "0":
+                continue  # a new image: nothing cached
+            before = prompts[f"c{conversation}t{int(k) - 1}"]
+            # stock: every full block with KV (the last answer token has
+            # none); sparsemm: the previous prompt's full blocks
+            cached = (before + answer - 1 if name == "stock" else before)
+            hits += cached // BS * BS
+        assert results[name]["prefix_hit_rate"] == pytest.approx(
+            hits / sum(prompts.values()))
+    assert (results["sparsemm"]["prefix_hit_rate"] <
+            results["stock"]["prefix_hit_rate"])
