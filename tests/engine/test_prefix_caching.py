@@ -213,3 +213,81 @@ def test_a_later_turn_recomputes_the_previous_answer(tmp_path):
             hits / sum(prompts.values()))
     assert (results["sparsemm"]["prefix_hit_rate"] <
             results["stock"]["prefix_hit_rate"])
+
+
+def _free_blocks_are_queued_or_parked(pool):
+    """vLLM's invariant, with the tier: a free block (ref count 0, not the
+    null block) is in the free queue or parked, never both; the free count
+    is theirs together."""
+    queued = {b.block_id for b in pool.free_block_queue.get_all_free_blocks()}
+    parked = set(pool.parked)
+    free = {b.block_id for b in pool.blocks
+            if b.ref_cnt == 0 and not b.is_null}
+    assert queued | parked == free and not queued & parked
+    assert pool.get_num_free_blocks() == len(free)
+
+
+def test_released_prompts_are_parked_until_their_request_ends():
+    """A compacted request's prompt blocks go back free and hashed, but
+    parked: counted free, handed out only once the free queue runs short
+    (its last block first), a hit takes them back, and they join the queue
+    when the request ends."""
+    eng = Engine(caching=True, num_blocks=60)
+    pool = eng.kv.block_pool
+    _run(eng, "a", IMAGE, 20)
+    prompt = IMAGE[:len(IMAGE) // BS * BS]
+    parked = [b for b, owner in pool.parked.values()]
+    assert len(parked) == len(prompt) // BS and all(
+        b.block_hash is not None for b in parked)
+    _free_blocks_are_queued_or_parked(pool)
+    # another request takes the queue, then the parked, last block first
+    queue = pool.free_block_queue.num_free_blocks
+    taken = pool.get_new_blocks(queue + 2)
+    assert [b.block_id for b in taken[-2:]] == [b.block_id for b in parked[
+        :-3:-1]]
+    _free_blocks_are_queued_or_parked(pool)
+    pool.free_blocks(taken)
+    # a hit on the rest of the prompt takes it out of the tier
+    tokens = IMAGE + list(range(10, 40))
+    hits = _run(eng, "b", tokens, 3)
+    assert hits == (len(IMAGE) // BS - 2) * BS
+    _free_blocks_are_queued_or_parked(pool)
+    for rid in ("a", "b"):
+        eng.finish(rid)
+        _free_blocks_are_queued_or_parked(pool)
+    assert not pool.parked and not any(pool.parked_by.values())
+    assert pool.get_num_free_blocks() == eng.free_at_start
+
+
+def test_parked_prompts_keep_conversations_hitting_on_a_full_pool(tmp_path,
+                                                                  monkeypatch):
+    """96 conversations of 4 turns, 48 at a time, on a pool their prompts
+    and compacted blocks outgrow: the LRU order alone evicted each prompt
+    before its next turn (hits 36%, against 68% with room); parked while
+    their requests run, most prompts stay hits, and nobody is preempted."""
+    from scripts import load_script
+    from vllm_sparsemm.engine import patches
+    sim = load_script("scheduler_sim")
+    model_dir = sim.write_text_model(tmp_path / "model", 4, 4)
+    scores = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+
+    def run(num_blocks):
+        spec = sim.sparsemm_spec(64, 256, scores, head_size=8,
+                                 async_scheduling=True)
+        scheduler = sim.make_scheduler(
+            spec, num_blocks=num_blocks, max_batched_tokens=2048,
+            max_num_seqs=256, model_dir=model_dir, prefix_caching=True,
+            async_scheduling=True)
+        result = sim.simulate(scheduler, 0, 0, 0, requests=sim.Conversations(
+            96, 4, 300, (10, 30), 40), clients=48)
+        assert result["finished"] and result["preemptions"] == 0
+        pool = scheduler.kv_cache_manager.block_pool
+        assert not pool.parked
+        assert pool.get_num_free_blocks() == num_blocks - 1
+        return result["prefix_hit_rate"]
+
+    roomy, parked = run(2400), run(1500)
+    assert parked > 0.9 * roomy
+    monkeypatch.setattr(patches.ParkingBlockPool, "park",
+                        lambda self, blocks, owner: None)
+    assert run(1500) < 0.6 * roomy

@@ -156,6 +156,9 @@ class SparseMMManager(FullAttentionManager):
 
     def __init__(self, kv_cache_spec: SparseMMSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
+        if self.enable_caching:  # released prompts stay hits while they run
+            from vllm_sparsemm.engine.patches import park_released_prompts
+            park_released_prompts(self.block_pool)
         self.book = kv_cache_spec.book()
         self.law = self.book.default  # the server's default budget's
         self.window = kv_cache_spec.plan.window
@@ -240,8 +243,11 @@ class SparseMMManager(FullAttentionManager):
         if (tracked is None or tracked.end is None or tracked.released
                 or processed_computed_tokens < tracked.end):
             return
-        self._remove_blocks_in_range(request_id, 0,
-                                     tracked.law.prompt_entries(tracked.end))
+        entries = tracked.law.prompt_entries(tracked.end)
+        prompt = self.req_to_blocks[request_id][:entries]
+        self._remove_blocks_in_range(request_id, 0, entries)
+        if self.enable_caching:  # kept for hits while it runs (patches.py)
+            self.block_pool.park(prompt, request_id)
         tracked.released = True
         _count_compaction(tracked)
         tracked.whole = 0
@@ -361,6 +367,8 @@ class SparseMMManager(FullAttentionManager):
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
+        if self.enable_caching:
+            self.block_pool.unpark(request_id)
         tracked = self._requests.pop(request_id, None)
         if tracked is not None:
             self._pending_sum -= tracked.pending

@@ -11,6 +11,7 @@ import functools
 
 import torch
 from vllm.logger import init_logger
+from vllm.v1.core.block_pool import BlockPool
 
 from vllm_sparsemm.kernels.kv_ops import FP8_CACHE_DTYPES
 
@@ -552,6 +553,77 @@ def rows_in_prompt(input_batch, num_reqs: int) -> bool:
     """Whether a row of the batch still computes prompt tokens this step."""
     computed = input_batch.num_computed_tokens_cpu[:num_reqs]
     return bool((computed < input_batch.num_prompt_tokens[:num_reqs]).any())
+
+
+def park_released_prompts(block_pool) -> "ParkingBlockPool":
+    """Make a sparsemm engine's ``BlockPool`` a :class:`ParkingBlockPool`
+    (its manager calls this when prefix caching is on)."""
+    if not isinstance(block_pool, ParkingBlockPool):
+        assert type(block_pool) is BlockPool, type(block_pool)
+        block_pool.__class__ = ParkingBlockPool
+        block_pool.parked = {}  # block id -> (block, owner), in parking order
+        block_pool.parked_by = {}  # owner -> {block id: block}, prompt order
+    return block_pool
+
+
+class ParkingBlockPool(BlockPool):
+    """vLLM's ``BlockPool`` with a second tier of free blocks: the prompt
+    blocks a compressed request gave back when it compacted, parked while it
+    runs. They count as free, so every admission and preemption is decided
+    as before, and keep their hashes, but are handed out only once the free
+    queue runs short: the most recently parked first, a prompt's last block
+    first. When the request ends they join the queue, as stock vLLM frees a
+    request's blocks. Stock vLLM holds a running request's prompt and so
+    never evicts it; without the tier, the cache's LRU order evicted the
+    prompts of conversations that outgrew the pool, each one before its
+    next turn.
+
+    Replaces ``BlockPool.get_num_free_blocks`` (adds the parked),
+    ``get_new_blocks`` (unparks what the queue lacks first) and ``touch``
+    (a hit on a parked block takes it out of the tier)."""
+
+    def park(self, blocks, owner: str) -> None:
+        """Take ``blocks`` (a prompt's, in order) that are free and hashed
+        out of the free queue into the tier."""
+        mine = self.parked_by.setdefault(owner, {})
+        for block in blocks:
+            if (block.ref_cnt == 0 and block.block_hash is not None
+                    and not block.is_null and block.block_id not in self.parked):
+                self.free_block_queue.remove(block)
+                self.parked[block.block_id] = (block, owner)
+                mine[block.block_id] = block
+
+    def unpark(self, owner: str) -> None:
+        """``owner`` ended: its parked blocks join the free queue, its
+        prompt's last block to be evicted first."""
+        blocks = [block for block in reversed(
+            self.parked_by.pop(owner, {}).values())
+            if self.parked.pop(block.block_id, None) is not None]
+        self.free_block_queue.append_n(blocks)
+
+    def _release(self, count: int) -> None:
+        """Return the ``count`` most recently parked blocks to the queue."""
+        blocks = []
+        for _ in range(min(count, len(self.parked))):
+            block_id, (block, owner) = self.parked.popitem()
+            del self.parked_by[owner][block_id]
+            blocks.append(block)
+        self.free_block_queue.append_n(blocks)
+
+    def get_num_free_blocks(self) -> int:
+        return self.free_block_queue.num_free_blocks + len(self.parked)
+
+    def get_new_blocks(self, num_blocks: int):
+        self._release(num_blocks - self.free_block_queue.num_free_blocks)
+        return super().get_new_blocks(num_blocks)
+
+    def touch(self, blocks) -> None:
+        for block in blocks:
+            parked = self.parked.pop(block.block_id, None)
+            if parked is not None:
+                del self.parked_by[parked[1]][block.block_id]
+                self.free_block_queue.append(block)
+        super().touch(blocks)
 
 
 def apply_all() -> None:
