@@ -63,6 +63,11 @@ def test_slots_in_use_always_form_a_prefix(seed, block_size):
             assert slots == set(range(int(plan.num_slots(appended)[pool])))
         assert plan.num_blocks(appended) == int(
             cdiv(plan.num_slots(appended), 5).max())
+    # every count at once (a new prompt length's phase) agrees, pages
+    # counted above head by head
+    many = torch.tensor([0, 1, 2, 7, 16, 33, 50])
+    assert plan.num_blocks_many(many).tolist() == [
+        plan.num_blocks(int(a)) for a in many]
 
 
 def _pool_slot(plan, pool, head, index):

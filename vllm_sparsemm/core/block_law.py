@@ -94,8 +94,10 @@ class BlockLaw:
         Each head gains exactly one page per ``block_size`` appended tokens
         (``PagePlan.num_slots``) and every rank's pool has the same size, so
         the blocks grow by exactly one per ``block_size`` tokens."""
-        return np.array([self.compacted_blocks(prompt_len, a)
-                         for a in range(self.block_size)], dtype=np.int64)
+        appended = torch.arange(self.block_size)
+        return torch.stack([plan.num_blocks_many(appended)
+                            for plan in self.rank_plans(prompt_len)]
+                           ).amax(0).numpy().astype(np.int64)
 
     def compacted_blocks_many(self, prompt_len: int,
                               appended: np.ndarray) -> np.ndarray:

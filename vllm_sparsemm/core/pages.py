@@ -96,6 +96,15 @@ class PagePlan:
         """Blocks the request holds once ``appended`` tokens follow the compressed ones."""
         return int(cdiv(self.num_slots(appended), self.pool_size).max())
 
+    def num_blocks_many(self, appended: torch.Tensor) -> torch.Tensor:
+        """``num_blocks`` for every count of ``appended`` (int ``[A]``) in
+        one pass: the scheduler meets a new prompt length with every
+        request of a conversation."""
+        new_pages = cdiv((appended[:, None, None] - self.room).clamp(min=0),
+                         self.block_size)
+        slots = self.prefix_slots + new_pages.sum(-1)  # [A, num_pools]
+        return cdiv(slots, self.pool_size).amax(-1)
+
 
 class PageSpace:
     """Page ids of a block-major KV buffer ``[num_blocks, L, Hkv, block_size, E]``.
