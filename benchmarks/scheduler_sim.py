@@ -4,12 +4,15 @@ admission and preemption shape throughput, without a GPU.
     python benchmarks/scheduler_sim.py --budget 256,64 --admission-reserve 0,256
 
 Runs vLLM 0.26.0's ``Scheduler`` with a stock ``FullAttentionSpec`` manager
-(prefix caching off) and with sparsemm's manager, over one burst of identical
-requests, and charges each step ``max(weights read, tokens x per-token
+and with sparsemm's manager, over one burst of identical requests (prefix
+caching off), or a closed loop of clients with prefix caching on: questions
+about shared images (``--chat-images``) or conversations (``--conversations``),
+and charges each step ``max(weights read, tokens x per-token
 compute) + KV bytes that decoding rows hold / bandwidth``, plus optional
 fixed costs per step and per prompt begun (CostModel.step).
 Output: steps, modelled seconds and output tok/s, recompute preemptions and
-the prompt tokens they threw away, peak running requests, and the wall time
+the prompt tokens they threw away, peak running requests, modelled time to
+first token, the prefix-cache hit rate, and the wall time
 vLLM's scheduler itself took per step on this CPU (host time that a GPU step
 must hide). It is a model, not a measurement: docs/benchmarks.md says how
 close it came to measured runs, and with which fitted costs.
@@ -426,7 +429,8 @@ def main():
                         "of --prompt-len tokens (10-29 question tokens "
                         "each), prefix caching on (chat_requests)")
     parser.add_argument("--answers-stop", default=None, metavar="LO,HI",
-                        help="with --chat-images: requests as chat clients "
+                        help="with --chat-images or --conversations: "
+                        "requests as chat clients "
                         "send them, max_tokens unset (up to max_model_len) "
                         "and answers that stop at EOS after LO to HI-1 "
                         "tokens (instead of --output-len, EOS ignored)")
