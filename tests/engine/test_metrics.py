@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from vllm.v1.metrics import reader
 
-from cpu_engine import Engine
+from cpu_engine import BS, Engine
 from vllm_sparsemm.engine import metrics
 
 
@@ -79,6 +79,7 @@ def test_the_engine_counts_compactions_and_blocks(engine_metrics):
         eng.held_blocks(r) for r in ("a", "b"))  # c is not compressed
     assert values["vllm:sparsemm_blocks_full_cache"] > values[
         "vllm:sparsemm_blocks_held"]
+    assert values["vllm:sparsemm_prompt_blocks_parked"] == 0  # caching off
     # every step that compacted was timed (read back a step later)
     assert values["vllm:sparsemm_compaction_seconds_count"] == compaction_steps
     for rid in prompts:
@@ -109,3 +110,20 @@ def test_the_serving_process_exposes_them_to_vllms_reader(tmp_path,
         "model_name": "served"}
     assert directory.startswith(metrics.tempfile.gettempdir())
     monkeypatch.setattr(metrics, "_writer", None)
+
+
+def test_parked_prompt_blocks_are_shown(engine_metrics):
+    """With prefix caching, a running request's released prompt blocks are
+    parked (free, hits, handed out last): the gauge counts them until the
+    request ends."""
+    directory, writer = engine_metrics
+    eng = Engine(caching=True)
+    plans = eng.add_all({"a": 100}, 64, 3)
+    for _ in eng.run(plans):
+        pass
+    eng.manager._report(force=True)
+    values, _ = _values(directory)
+    assert values["vllm:sparsemm_prompt_blocks_parked"] == 100 // BS
+    eng.finish("a")
+    values, _ = _values(directory)
+    assert values["vllm:sparsemm_prompt_blocks_parked"] == 0

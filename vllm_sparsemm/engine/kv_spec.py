@@ -400,6 +400,8 @@ class SparseMMManager(FullAttentionManager):
                 full += cdiv(tracked.tokens, self.block_size)
         writer.blocks_held.set(held)
         writer.blocks_full.set(full)
+        writer.prompt_blocks_parked.set(len(getattr(self.block_pool,
+                                                    "parked", ())))
         writer.dump(force)
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> int:

@@ -69,6 +69,11 @@ class MetricsWriter:
             "vllm:sparsemm_blocks_full_cache",
             "KV blocks the same requests would hold uncompressed", labels,
             registry=r, multiprocess_mode="sum"))
+        self.prompt_blocks_parked = labelled(Gauge(
+            "vllm:sparsemm_prompt_blocks_parked",
+            "Free KV blocks that hold running compressed requests' released "
+            "prompts: cache hits, handed out last", labels, registry=r,
+            multiprocess_mode="sum"))
         self.admission_waits = Counter(
             "vllm:sparsemm_admission_waits",
             "Scheduler steps in which sparsemm's admission held a waiting "
