@@ -264,26 +264,34 @@ def chat_requests(num_requests: int, images: int, image_len: int,
     with ``stop_at=(lo, hi)`` as a chat client sends it: ``max_tokens``
     unset (vLLM's default, up to ``max_model_len``) and an answer that
     stops at EOS after ``lo`` to ``hi - 1`` tokens."""
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.request import Request
-
-    hasher = block_hasher(16)
     rng = np.random.default_rng(seed)
     for i in range(num_requests):
         image = int(rng.integers(images))
         question = rng.integers(100, 30_000, int(rng.integers(*question_len)))
         tokens = ([40_000 + image * image_len + j for j in range(image_len)]
                   + [int(t) for t in question])
-        if stop_at is None:
-            yield Request(str(i), tokens, SamplingParams(
-                max_tokens=output_len, ignore_eos=True), None,
-                block_hasher=hasher)
-            continue
-        request = Request(str(i), tokens, SamplingParams(
-            max_tokens=max_model_len - len(tokens),
-            stop_token_ids=[STOP_TOKEN]), None, block_hasher=hasher)
+        yield chat_request(str(i), tokens, output_len, rng, stop_at,
+                           max_model_len)
+
+
+def chat_request(request_id: str, tokens: list[int], output_len: int, rng,
+                 stop_at: tuple[int, int] | None, max_model_len: int):
+    """A chat load's request: ``output_len`` tokens with EOS ignored, or
+    with ``stop_at`` ``max_tokens`` unset and an answer of ``lo`` to
+    ``hi - 1`` tokens (its ``stop_after``, drawn from ``rng``)."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    if stop_at is None:
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    else:
+        params = SamplingParams(max_tokens=max_model_len - len(tokens),
+                                stop_token_ids=[STOP_TOKEN])
+    request = Request(request_id, tokens, params, None,
+                      block_hasher=block_hasher(16))
+    if stop_at is not None:
         request.stop_after = int(rng.integers(*stop_at))
-        yield request
+    return request
 
 
 class Conversations:
@@ -291,13 +299,12 @@ class Conversations:
     ``simulate``'s closed loop (which asks for one request per finished
     one): a turn's prompt is the previous turn's prompt, its answer and a
     new question, sent once the previous turn finished; a conversation
-    that ended makes room for a new one. Answers as ``chat_requests``'."""
+    that ended makes room for a new one. Requests as ``chat_request`` makes them."""
 
     def __init__(self, conversations: int, turns: int, image_len: int,
                  question_len: tuple[int, int], output_len: int,
                  seed: int = 0, stop_at: tuple[int, int] | None = None,
                  max_model_len: int = 4096):
-        import numpy as np
         self.rng = np.random.default_rng(seed)
         self.turns, self.image_len = turns, image_len
         self.question_len, self.output_len = question_len, output_len
@@ -322,22 +329,12 @@ class Conversations:
         return self._turn(conversation, 0, image)
 
     def _turn(self, conversation: int, turn: int, history: list[int]):
-        from vllm.sampling_params import SamplingParams
-        from vllm.v1.request import Request
         question = self.rng.integers(100, 30_000, int(
             self.rng.integers(*self.question_len)))
-        tokens = history + [int(t) for t in question]
-        if self.stop_at is None:
-            params = SamplingParams(max_tokens=self.output_len,
-                                    ignore_eos=True)
-        else:
-            params = SamplingParams(
-                max_tokens=self.max_model_len - len(tokens),
-                stop_token_ids=[STOP_TOKEN])
-        request = Request(f"c{conversation}t{turn}", tokens, params, None,
-                          block_hasher=block_hasher(16))
-        if self.stop_at is not None:
-            request.stop_after = int(self.rng.integers(*self.stop_at))
+        request = chat_request(f"c{conversation}t{turn}",
+                               history + [int(t) for t in question],
+                               self.output_len, self.rng, self.stop_at,
+                               self.max_model_len)
         self.last[conversation] = (request, turn)
         return request
 
