@@ -236,9 +236,11 @@ def _sample(request, counts: dict[str, int]) -> list[int]:
 
 
 @functools.cache
+@functools.cache
 def block_hasher(block_size: int):
-    """vLLM's request block hasher, made (and vLLM's hash seed set) once, so
-    requests made at different times hash equal prefixes alike."""
+    """vLLM's request block hasher, made (and vLLM's hash seed set) once per
+    block size, so requests made at different times hash equal prefixes
+    alike."""
     import hashlib
     import pickle
 
