@@ -820,6 +820,8 @@ def figures(run: dict) -> dict:
         "kv_blocks_per_request": kv_blocks_per_request(run),
         "pool_blocks_per_request": pool_blocks_per_request(
             run.get("timeline") or [], run.get("num_gpu_blocks")),
+        "mean_queue_ms": server.get("mean_queue_ms"),
+        "mean_prefill_ms": server.get("mean_prefill_ms"),
         "errors": load.get("failed") if load else None,
         "completed": source.get("completed"),
         "source": "load" if source is load and load else "server",
@@ -1096,8 +1098,14 @@ def _on_sigterm(*_):
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    if args.table_only:
-        print(merge(out, {})["table"] if out.exists() else "no results yet")
+    if args.table_only:  # figures recomputed: today's tabulation of the runs
+        if not out.exists():
+            print("no results yet")
+            return 0
+        runs = json.loads(out.read_text())["runs"]
+        for run in runs.values():
+            run["figures"] = figures(run)
+        print(merge(out, runs)["table"])
         return 0
     plans = plan(args)
     if args.dry_run:
@@ -1149,7 +1157,9 @@ def main(argv=None) -> int:
                 merge(out, {run["key"]: run}, invocation, gpu)
                 fig = run["figures"]
                 print(f"   {run['key']}: {fig['output_throughput'] or 0:.0f} "
-                      f"tok/s, mean TTFT {fig['mean_ttft_ms'] or 0:.0f} ms, "
+                      f"tok/s, mean TTFT {fig['mean_ttft_ms'] or 0:.0f} ms "
+                      f"(engine: queue {fig['mean_queue_ms'] or 0:.0f}, "
+                      f"prefill {fig['mean_prefill_ms'] or 0:.0f}), "
                       f"peak running {fig['peak_running']}"
                       + (" (cut)" if run["cut"] else "")
                       + (f"\n!! {run['load_error']}" if run["load_error"]

@@ -111,7 +111,12 @@ def server_delta(before: dict, after: dict) -> dict:
     }
     for key, name in (("ttft", "vllm:time_to_first_token_seconds"),
                       ("tpot", "vllm:request_time_per_output_token_seconds"),
-                      ("e2el", "vllm:e2e_request_latency_seconds")):
+                      ("e2el", "vllm:e2e_request_latency_seconds"),
+                      # the engine's share of TTFT: waiting to be scheduled,
+                      # then scheduled until the first token (the rest is the
+                      # API server's: parsing, media, streaming)
+                      ("queue", "vllm:request_queue_time_seconds"),
+                      ("prefill", "vllm:request_prefill_time_seconds")):
         count, seconds = diff(name + "_count"), diff(name + "_sum")
         out[f"mean_{key}_ms"] = (1000 * seconds / count if count and
                                  seconds is not None else None)
@@ -141,13 +146,21 @@ def active_rate(timeline: list[list[float]], column: int = 3) -> float | None:
 def kv_tokens_per_request(server: dict) -> float | None:
     """The KV tokens a finished request held at its end, on average over a
     load: its prompt and output, less the prompt tokens sparsemm's
-    compaction dropped (for EVS the prompt is already the pruned one)."""
+    compaction dropped (for EVS the prompt is already the pruned one).
+
+    Compaction counts every request compressed in the window, finished or
+    not; a load cut by ``--max-seconds`` finishes only some of them, so the
+    dropped share is taken over all prompt tokens the server took in and
+    applied to the finished requests' prompts."""
     count, prompt = (server.get("finished_requests"),
                      server.get("finished_prompt_tokens"))
     if not count or prompt is None:
         return None
     dropped = ((server.get("compressed_prompt_tokens") or 0)
                - (server.get("compressed_prompt_tokens_kept") or 0))
+    taken_in = server.get("prompt_tokens")
+    if taken_in:
+        dropped = prompt * min(dropped / taken_in, 1.0)
     output = server.get("finished_output_tokens") or 0
     return (prompt + output - dropped) / count
 

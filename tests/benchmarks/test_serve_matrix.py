@@ -218,13 +218,15 @@ vllm:time_to_first_token_seconds_bucket{engine="0",le="1.0",model_name="model"} 
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="model"} %(b3)s
 vllm:time_to_first_token_seconds_count{engine="0",model_name="model"} %(b3)s
 vllm:time_to_first_token_seconds_sum{engine="0",model_name="model"} %(ttft_sum)s
+vllm:request_queue_time_seconds_count{engine="0",model_name="model"} %(b3)s
+vllm:request_queue_time_seconds_sum{engine="0",model_name="model"} %(queue_sum)s
 vllm:cache_config_info{block_size="16",model_name="model",prefix_caching="True"} 1.0
 """
 
 
 def _sample(**values):
     base = dict(queries=0, hits=0, gen=0, length=0, b1=0, b2=0, b3=0,
-                ttft_sum=0)
+                ttft_sum=0, queue_sum=0)
     return prom.parse_prometheus(SAMPLE % {**base, **values})
 
 
@@ -239,14 +241,17 @@ def test_prometheus_parse_and_counter_differences():
         [(0.1, 0.0), (1.0, 0.0), (float("inf"), 0.0)]
 
     before = _sample(queries=1000, hits=250, gen=10, length=2, b1=1, b2=2,
-                     b3=2, ttft_sum=0.6)
+                     b3=2, ttft_sum=0.6, queue_sum=0.1)
     after = _sample(queries=3000, hits=1250, gen=1010, length=12, b1=1, b2=11,
-                    b3=12, ttft_sum=5.6)
+                    b3=12, ttft_sum=5.6, queue_sum=1.1)
     d = prom.server_delta(before, after)
     assert d["prefix_cache_hit_rate"] == pytest.approx(0.5)
     assert (d["generation_tokens"], d["completed"]) == (1000, 10)
     assert d["requests_finished"]["abort"] == 0
     assert d["mean_ttft_ms"] == pytest.approx(500.0)
+    # the engine's share of it: queue time from its own histogram
+    assert d["mean_queue_ms"] == pytest.approx(100.0)
+    assert d["mean_prefill_ms"] is None  # not exported by this server
     # the rank falls in the +Inf bucket: the estimate is the last finite bound
     assert d["p99_ttft_ms"] == pytest.approx(1000.0)
     assert prom.server_delta({}, {})["prefix_cache_hit_rate"] is None
@@ -366,6 +371,19 @@ def test_merge_keeps_earlier_runs(tmp_path):
     assert data["ratios"][b["key"]]["output_throughput"] == 1.5
     assert data["meta"]["invocations"] == [["first"], ["second"]]
     assert json.loads(out.read_text())["table"] == data["table"]
+
+
+def test_table_only_tabulates_stored_runs_afresh(tmp_path, capsys):
+    """--table-only recomputes each run's figures from its stored load and
+    counters, so a fix to the tabulation reaches results already taken."""
+    out = tmp_path / "r.json"
+    a = _run("unique", 1, "stock", _load(100, 10, 20, 5))
+    a["figures"]["output_throughput"] = 1  # as an older tabulation left it
+    sm.merge(out, {a["key"]: a})
+    assert sm.main(["--table-only", "--out", str(out)]) == 0
+    assert "| 100 |" in capsys.readouterr().out
+    stored = json.loads(out.read_text())["runs"][a["key"]]["figures"]
+    assert stored["output_throughput"] == 100
 
 
 def test_server_args_name_the_runs(tmp_path, vllm_parsers):
@@ -1207,6 +1225,13 @@ vllm:sparsemm_prompt_tokens_kept_total{model_name="m"} %f
     assert prom.cache_numbers(before) == (16, 1000)
     assert prom.cache_numbers({}) == (None, None)
     assert prom.kv_tokens_per_request({"finished_requests": 0}) is None
+    # a cut load: 30 requests took in 3,000 prompt tokens and were
+    # compressed to a tenth; only 10 of them (1,000 prompt tokens) finished
+    cut = {"finished_requests": 10, "finished_prompt_tokens": 1000,
+           "finished_output_tokens": 500, "prompt_tokens": 3000,
+           "compressed_prompt_tokens": 3000,
+           "compressed_prompt_tokens_kept": 300}
+    assert prom.kv_tokens_per_request(cut) == pytest.approx((100 + 500) / 10)
     timeline = [[0.0, 0, 0, 0, 0.0], [0.5, 10, 0, 0, 0.5],
                 [1.0, 20, 0, 0, 0.8]]
     assert prom.pool_blocks_per_request(timeline, 1000) == pytest.approx(45)
