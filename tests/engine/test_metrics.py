@@ -112,6 +112,46 @@ def test_the_serving_process_exposes_them_to_vllms_reader(tmp_path,
     monkeypatch.setattr(metrics, "_writer", None)
 
 
+def test_several_api_servers_serve_them_too(engine_metrics, monkeypatch):
+    """With ``--api-server-count`` above 1 vLLM serves, per API server, a
+    fresh registry of Prometheus' multiprocess files; the patched
+    ``get_prometheus_registry`` adds sparsemm's merged files to it, and to
+    nothing else (the default registry has them already)."""
+    from prometheus_client import REGISTRY
+    from vllm.v1.metrics import prometheus
+
+    from vllm_sparsemm.engine import patches
+    directory, writer = engine_metrics
+    patches.patch_metrics_registry()
+    writer.requests_compressed.inc(6)
+    writer.dump(force=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory / "prom"))
+    (directory / "prom").mkdir()
+    text = generate_latest(prometheus.get_prometheus_registry()).decode()
+    assert 'vllm:sparsemm_requests_compressed_total{model_name="tiny"} 6.0' \
+        in text
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    before = dict(REGISTRY._collector_to_names)
+    assert prometheus.get_prometheus_registry() is REGISTRY
+    assert dict(REGISTRY._collector_to_names) == before
+    # a bound name made before the patch is replaced (the instrumentator's)
+    from vllm.entrypoints.serve.instrumentator import metrics as served
+    assert served.get_prometheus_registry is prometheus.get_prometheus_registry
+
+
+def test_values_already_in_multiprocess_files_are_not_written_twice(
+        engine_metrics, monkeypatch):
+    """A process whose prometheus_client keeps values in the multiprocess
+    files (vLLM's registry reads them there) writes no file of its own."""
+    from prometheus_client import values
+    directory, writer = engine_metrics
+    assert not metrics.values_in_multiprocess_files()
+    monkeypatch.setattr(values, "ValueClass", object)
+    assert metrics.values_in_multiprocess_files()
+    writer.dump(force=True)
+    assert not list(directory.glob("*.prom"))
+
+
 def test_parked_prompt_blocks_are_shown(engine_metrics):
     """With prefix caching, a running request's released prompt blocks are
     parked (free, hits, handed out last): the gauge counts them until the

@@ -93,8 +93,9 @@ class MetricsWriter:
         return time.monotonic() - self._dumped >= DUMP_EVERY_S
 
     def dump(self, force: bool = False) -> None:
-        """Write the metrics (atomically) unless done in the last second."""
-        if not force and not self.due():
+        """Write the metrics (atomically) unless done in the last second, or
+        unless Prometheus' multiprocess files already hold them."""
+        if values_in_multiprocess_files() or (not force and not self.due()):
             return
         self._dumped = time.monotonic()
         tmp = self.path.with_suffix(".tmp")
@@ -132,6 +133,25 @@ class MergedFiles:
                 if owner == name:
                     merged.add_sample(sample, dict(labels), value)
             yield merged
+
+
+def values_in_multiprocess_files() -> bool:
+    """Whether this process's metric values live in Prometheus' multiprocess
+    files (``PROMETHEUS_MULTIPROC_DIR`` set when it imported prometheus_client,
+    as for processes vLLM starts with ``--api-server-count`` above 1); the
+    registry vLLM then serves reads them there."""
+    from prometheus_client import values
+    return values.ValueClass is not values.MutexValue
+
+
+def serve_in(registry) -> None:
+    """Add the merged files to a registry vLLM serves. The default registry
+    already has them (``setup``); with several API servers vLLM serves a
+    fresh multiprocess registry per server, which has not."""
+    from prometheus_client import REGISTRY
+    directory = os.environ.get(ENV)
+    if directory is not None and registry is not REGISTRY:
+        registry.register(MergedFiles(directory))
 
 
 def model_label(vllm_config) -> str:

@@ -8,6 +8,7 @@ leave vLLM's behaviour unchanged unless the sparsemm backend is selected
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from vllm.logger import init_logger
@@ -626,6 +627,32 @@ class ParkingBlockPool(BlockPool):
         super().touch(blocks)
 
 
+def patch_metrics_registry() -> None:
+    """Wraps ``vllm.v1.metrics.prometheus.get_prometheus_registry``: with
+    several API servers (``--api-server-count``) ``/metrics`` serves a fresh
+    registry of Prometheus' multiprocess files only, which lacks the merged
+    files sparsemm's processes write (``metrics.serve_in``). The instrumentator
+    module binds the name at import, so a binding made before this patch is
+    replaced too."""
+    from vllm.v1.metrics import prometheus
+
+    from vllm_sparsemm.engine import metrics
+
+    def make(original):
+        @functools.wraps(original)
+        def get_prometheus_registry():
+            registry = original()
+            metrics.serve_in(registry)
+            return registry
+        return get_prometheus_registry
+
+    _wrap(prometheus, "get_prometheus_registry", make)
+    served = sys.modules.get("vllm.entrypoints.serve.instrumentator.metrics")
+    if served is not None:
+        _wrap(served, "get_prometheus_registry",
+              lambda _: prometheus.get_prometheus_registry)
+
+
 def apply_all() -> None:
     patch_backend_name()
     patch_engine_config()
@@ -636,3 +663,4 @@ def apply_all() -> None:
     patch_admission_inputs()
     patch_request_options()
     patch_full_graph_dispatch()
+    patch_metrics_registry()
