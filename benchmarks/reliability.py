@@ -1203,8 +1203,19 @@ def main(argv=None) -> int:
         print(merge_runs(out, {})["table"] if out.exists() else "no results")
         return 0
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, sm._on_sigterm)
     invocation = sys.argv if argv is None else [sys.argv[0], *argv]
+    with sm.sigterm_unwinds():
+        passed = run_checks(args, out, invocation)
+    data = merge_runs(out, {}, invocation)
+    print(data["table"])
+    print(f"\n{'ALL PASSED' if passed else 'SOME CHECKS FAILED'}; results: "
+          f"{out}; logs: {args.log_dir}")
+    return 0 if passed else 1
+
+
+def run_checks(args, out: Path, invocation: list[str]) -> bool:
+    """The command's checks on each backend (and sparsemm's start-up errors
+    for ``bad-input``), each record merged into ``out``; whether all passed."""
     ctx, passed = context(args), True
     runner = RUNNERS[args.command]
     for backend in sm.backends(args, [args.budget]):
@@ -1218,11 +1229,7 @@ def main(argv=None) -> int:
                             run_startup_errors(args, ctx, v, r))
         passed &= record["passed"]
         merge_runs(out, {record["key"]: record}, invocation)
-    data = merge_runs(out, {}, invocation)
-    print(data["table"])
-    print(f"\n{'ALL PASSED' if passed else 'SOME CHECKS FAILED'}; results: "
-          f"{out}; logs: {args.log_dir}")
-    return 0 if passed else 1
+    return passed
 
 
 if __name__ == "__main__":

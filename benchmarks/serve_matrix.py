@@ -46,6 +46,7 @@ EVS's) is printed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -1095,6 +1096,18 @@ def _on_sigterm(*_):
     raise SystemExit(128 + signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While the block runs, SIGTERM unwinds it (``_on_sigterm``); then the
+    caller's handler is back (a process that calls ``main``, such as a
+    test's, keeps its own)."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -1122,9 +1135,21 @@ def main(argv=None) -> int:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     if args.profile_at is not None:  # the runner's scopes, for trace_gaps.py
         os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
-    signal.signal(signal.SIGTERM, _on_sigterm)
     invocation = sys.argv if argv is None else [sys.argv[0], *argv]
-    gpu, failures = gpu_name(), 0
+    gpu = gpu_name()
+    with sigterm_unwinds():
+        failures = run_servers(args, plans, out, invocation, gpu)
+    data = merge(out, {}, invocation, gpu)
+    print(data["table"])
+    print(f"\nresults: {out}; logs: {args.log_dir}")
+    return 1 if failures else 0
+
+
+def run_servers(args, plans, out: Path, invocation: list[str],
+                gpu: str | None) -> int:
+    """Each planned server in turn, its loads measured and merged into
+    ``out`` as each ends; returns how many failed."""
+    failures = 0
     for server in plans:
         port = free_port()
         name = re.sub(r"[^\w.+=-]+", "_", f"{server.model}_{server.label}")
@@ -1166,10 +1191,7 @@ def main(argv=None) -> int:
                          else ""), flush=True)
         finally:
             stop_process(proc)
-    data = merge(out, {}, invocation, gpu)
-    print(data["table"])
-    print(f"\nresults: {out}; logs: {args.log_dir}")
-    return 1 if failures else 0
+    return failures
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ own token counts."""
 import asyncio
 import itertools
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -961,14 +963,35 @@ def test_profile_counts_from_the_bench_start_marker(tmp_path, monkeypatch,
     assert run["profiled"]["started"] and run["load"]["completed"] == 3
 
 
+def test_sigterm_unwinds_the_block_then_the_callers_handler_is_back():
+    """SIGTERM inside the block raises SystemExit (servers are stopped on the
+    way out), a second is ignored, and afterwards the caller's handler is
+    installed again, even when the block was unwound."""
+    def mine(*_):
+        pass
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with sm.sigterm_unwinds():
+                assert signal.getsignal(signal.SIGTERM) is sm._on_sigterm
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # interrupted by the handler
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_main_runs_every_server_and_merges(tmp_path, fake_vllm, capsys):
     model = _model_dir(tmp_path / "tiny", "llava")
     common = ["--model", str(model), "--concurrency", "2", "--output-len", "3",
               "--image-size", "16x16", "--out", str(tmp_path / "r.json")]
     # one server per backend runs both workloads
+    handler = signal.getsignal(signal.SIGTERM)
     assert sm.main(["--workloads", "unique,questions", "--budgets", "64",
                     "--questions-concurrency", "2", "--questions-requests",
                     "4", "--questions-images", "2", *common]) == 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's again
     assert len(list((tmp_path / "r.logs").glob("serve_*.log"))) == 2
     # a later invocation adds its runs to the same JSON
     assert sm.main(["--workloads", "unique", "--backends", "sparsemm",
