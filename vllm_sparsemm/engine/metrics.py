@@ -95,7 +95,7 @@ class MetricsWriter:
     def dump(self, force: bool = False) -> None:
         """Write the metrics (atomically) unless done in the last second, or
         unless Prometheus' multiprocess files already hold them."""
-        if values_in_multiprocess_files() or (not force and not self.due()):
+        if (not force and not self.due()) or values_in_multiprocess_files():
             return
         self._dumped = time.monotonic()
         tmp = self.path.with_suffix(".tmp")
