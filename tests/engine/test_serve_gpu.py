@@ -5,6 +5,8 @@ compile mode; the authors' Vicuna-7B head scores fit its 32 x 32 heads. Image
 chats through the OpenAI-client example (streaming and not), per-request
 budgets whose kept tokens and freed blocks on ``/metrics`` are the ones
 ``vllm-sparsemm plan`` computes, and bad budgets answered with HTTP 400.
+With several API servers (``--api-server-count``), every one of them serves
+the sparsemm metrics, each family once.
 The ``/metrics`` lines land next to the server log (``SPARSEMM_SERVE_LOG``).
 """
 
@@ -20,7 +22,8 @@ import numpy as np
 import pytest
 
 from serving import (after_compressions, compression_since, image_data_url,
-                     logged_settings, post, served, settled_metrics)
+                     logged_settings, post, served, settled_metrics,
+                     sparsemm_metrics)
 
 pytestmark = pytest.mark.gpu
 
@@ -91,17 +94,25 @@ def _client_example(port, *args):
          *args], capture_output=True, text=True, timeout=120)
 
 
-def test_serve_chat_completion_with_image(tmp_path):
-
+def _serve_llava(tmp_path, *args, tag=""):
+    """``vllm serve`` of a dummy LLaVA-1.5-7B folder under sparsemm, B=128;
+    its log is ``SPARSEMM_SERVE_LOG`` with ``tag`` added to the name."""
     from vllm_sparsemm.testing.checkpoints import write_dummy_llava_15_7b
     model = write_dummy_llava_15_7b(tmp_path / "llava-1.5-7b")
-    log_path = os.environ.get("SPARSEMM_SERVE_LOG", tmp_path / "serve.log")
-    with served(model, "--load-format", "dummy",
-                "--attention-backend", "sparsemm", "--additional-config",
-                '{"sparsemm": {"budget": 128, "head_scores": '
-                '"llava-v1.6-vicuna-7b"}}',
-                "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
-                "--served-model-name", "llava", log_path=log_path) as server:
+    log_path = Path(os.environ.get("SPARSEMM_SERVE_LOG",
+                                   tmp_path / "serve.log"))
+    log_path = log_path.with_stem(log_path.stem + tag)
+    return served(model, "--load-format", "dummy",
+                  "--attention-backend", "sparsemm", "--additional-config",
+                  '{"sparsemm": {"budget": 128, "head_scores": '
+                  '"llava-v1.6-vicuna-7b"}}',
+                  "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
+                  "--served-model-name", "llava", *args, log_path=log_path)
+
+
+def test_serve_chat_completion_with_image(tmp_path):
+    with _serve_llava(tmp_path) as server:
+        log_path = server.log_path
         port = server.port
         reply = post(f"{server.url}/v1/chat/completions", {
             "model": "llava", "max_tokens": 16, "temperature": 0,
@@ -134,3 +145,27 @@ def test_serve_chat_completion_with_image(tmp_path):
             "\n".join(lines) + "\n" + json.dumps(budgets) + "\n")
         assert any(line.startswith("vllm:sparsemm_compaction_seconds_count")
                    for line in lines)
+
+
+def test_metrics_from_several_api_servers(tmp_path):
+    """With ``--api-server-count 2`` vLLM serves ``/metrics`` from a fresh
+    multiprocess registry in each API server; sparsemm's metrics must be in
+    it (``patches.patch_metrics_registry``), each family once, with the same
+    counts whichever server answers the scrape."""
+    with _serve_llava(tmp_path, "--api-server-count", "2",
+                      tag="_api2") as server:
+        for seed in range(3):
+            _chat(server.port, 20 + seed)
+        counted = after_compressions(server.port, 3)
+        scrapes = [urllib.request.urlopen(f"{server.url}/metrics", timeout=10)
+                   .read().decode() for _ in range(8)]
+        for text in scrapes:
+            families = [line.split()[2] for line in text.splitlines()
+                        if line.startswith("# TYPE vllm:sparsemm_")]
+            assert families, "no sparsemm metric on /metrics"
+            assert len(families) == len(set(families)), families
+        compressed = {sparsemm_metrics(server.port)[
+            "vllm:sparsemm_requests_compressed_total"] for _ in range(8)}
+        print(f"served: 2 API servers: {len(families)} sparsemm families, "
+              f"requests compressed {sorted(compressed)}")
+        assert compressed == {counted["vllm:sparsemm_requests_compressed_total"]}

@@ -7,11 +7,12 @@
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
 #   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
 # With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
-# GPU; `examples`, `serve` and `compile` size their pools from free memory,
-# and `serve_video` starts two servers in turn, so they run alone
-# afterwards. A test that fails beside others is run again alone, and both
-# results are printed. Tests that start engines one after another (serve,
-# examples, compile, chunked, fp8_no_eviction) get twice LIMIT. A test
+# GPU; `examples`, `serve`, `serve_api2` and `compile` size their pools
+# from free memory, and `serve_video` starts two servers in turn, so they
+# run alone afterwards. A test that fails beside others is run again alone, and both
+# results are printed. Tests that start engines one after another, or a
+# server (serve, serve_api2, serve_video, examples, compile, chunked,
+# fp8_no_eviction, caching_encoder) get twice LIMIT. A test
 # whose every case was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
@@ -53,7 +54,8 @@ declare -A tests=(
   [leaks]="$engine -k leaks"
   [triton]="$engine -k triton_decode_kernel"
   [compile]="$engine -k graphs"
-  [serve]="tests/engine/test_serve_gpu.py"
+  [serve]="tests/engine/test_serve_gpu.py -k chat_completion"
+  [serve_api2]="tests/engine/test_serve_gpu.py -k several_api_servers"
   [serve_video]="tests/engine/test_serve_video_gpu.py"
   [examples]="tests/examples/test_examples.py"
 )
@@ -68,14 +70,14 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples compile
-       serve serve_video)
-alone=" examples compile serve serve_video "
+       serve serve_api2 serve_video)
+alone=" examples compile serve serve_api2 serve_video "
 [ $# -gt 0 ] && order=("$@")
 
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
   # tests that start several engines in turn
-  [[ " serve serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
+  [[ " serve serve_api2 serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
      *" $name "* ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
