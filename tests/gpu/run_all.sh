@@ -9,11 +9,11 @@
 # With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
 # GPU; `examples`, `serve`, `serve_api2` and `compile` size their pools
 # from free memory, and `serve_video` starts two servers in turn, so they
-# run alone afterwards. A test that fails beside others is run again alone, and both
-# results are printed. Tests that start engines one after another, or a
-# server (serve, serve_api2, serve_video, examples, compile, chunked,
-# fp8_no_eviction, caching_encoder) get twice LIMIT. A test
-# whose every case was skipped counts as failed.
+# run alone afterwards. A test that fails beside others is run again
+# alone, and both results are printed. Tests that start a server or
+# engines one after another (serve, serve_api2, serve_video, examples,
+# compile, chunked, fp8_no_eviction, caching_encoder) get twice LIMIT. A
+# test whose every case was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
