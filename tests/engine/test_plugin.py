@@ -261,19 +261,18 @@ def test_the_hook_reaches_the_builders_vllm_rebuilt():
     assert list(serving.handed[0][0].req_ids) == ["a"]
 
 
-def test_start_up_logs_every_effective_setting_once(monkeypatch):
-    """One vLLM-style line names each setting with the value in force, the
-    engine's block size and prefix caching, and where the scores came from."""
+def _settings_lines(monkeypatch, budget, **parallel):
+    """The start-up settings lines that preparing a tiny LLaVA config with
+    ``budget`` logs (twice over: the line is logged once per process)."""
     import logging
 
     from vllm_sparsemm.engine import metrics
-    from vllm_sparsemm.engine.config import SparseMMSettings
     register()
     monkeypatch.setattr(metrics, "setup", lambda name: None)
     # the config sets the process's request window; give it back after
     monkeypatch.setattr(patches, "_request_window", patches._request_window)
-    config = _engine_config()
-    config.additional_config = {"sparsemm": {"budget": 208,
+    config = _engine_config(**parallel)
+    config.additional_config = {"sparsemm": {"budget": budget,
                                              "head_scores": "uniform"}}
     text = types.SimpleNamespace(num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, hidden_size=64,
@@ -296,14 +295,31 @@ def test_start_up_logs_every_effective_setting_once(monkeypatch):
         patches._prepare_engine_config(config)
     finally:
         patches.logger.removeHandler(handler)
-    started = [line for line in lines if line.startswith("sparsemm: budget=")]
-    assert len(started) == 1, lines
+    return [line for line in lines if line.startswith("sparsemm: budget=")]
+
+
+def test_start_up_logs_every_effective_setting_once(monkeypatch):
+    """One vLLM-style line names each setting with the value in force, the
+    engine's block size and prefix caching, and where the scores came from."""
+    from vllm_sparsemm.engine.config import SparseMMSettings
+    started = _settings_lines(monkeypatch, 208)
+    assert len(started) == 1, started
     for name in (f.name for f in dataclasses.fields(SparseMMSettings)
                  if f.name != "head_scores"):
         assert f" {name}=" in f" {started[0]}", name
     assert "budget=208 " in started[0]
     assert "block_size=16" in started[0] and "prefix_caching=on" in started[0]
     assert "head_scores=uniform" in started[0]
+
+
+@pytest.mark.parametrize("rank, logged", [(-1, 1), (0, 0), (3, 0)])
+def test_scaled_out_api_servers_leave_the_settings_to_the_launcher(
+        monkeypatch, rank, logged):
+    """Under ``--api-server-count 4`` the launcher and the engine (API
+    rank -1) log the settings; the four API servers do not repeat them."""
+    started = _settings_lines(monkeypatch, 216 + rank, _api_process_count=4,
+                              _api_process_rank=rank)
+    assert len(started) == logged, started
 
 
 @pytest.mark.parametrize("flag, words", [

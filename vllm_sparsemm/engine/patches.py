@@ -101,6 +101,8 @@ def _prepare_engine_config(vllm_config) -> None:
     encoder_outputs = encoder_cache.configure(vllm_config,
                                               settings.encoder_cpu_cache_gib)
     metrics.setup(metrics.model_label(vllm_config))
+    if _scaled_out_api_server(vllm_config.parallel_config):
+        return  # the launcher process has logged the settings
     logger.info_once(
         "sparsemm: budget=%d window=%d ratio=%s pool_kernel=%d "
         "block_size=%s admission_reserve=%d admission_pacing=%s "
@@ -113,6 +115,13 @@ def _prepare_engine_config(vllm_config) -> None:
         settings.decode_kernel, settings.debug_poison, encoder_outputs,
         cache.cache_dtype, "on" if cache.enable_prefix_caching else "off",
         source)
+
+
+def _scaled_out_api_server(parallel) -> bool:
+    """One of vLLM's API processes under ``--api-server-count`` > 1 (ranks
+    0..N-1; the launcher and the engine core hold rank -1)."""
+    return (getattr(parallel, "_api_process_count", 1) > 1
+            and getattr(parallel, "_api_process_rank", 0) >= 0)
 
 
 def unsupported_features(vllm_config) -> list[str]:
