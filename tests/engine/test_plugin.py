@@ -354,3 +354,26 @@ def test_a_layer_that_is_not_full_attention_is_refused_naming_the_model():
                        r"its layer model.layers.3.self_attn.attn is "
                        r"SlidingWindowSpec, not full attention"):
         patches.sparsemm_spec(spec, config, "model.layers.3.self_attn.attn")
+
+
+def test_vllm_knows_the_sparsemm_environment_variables(monkeypatch):
+    """vLLM checks every ``VLLM_*`` variable against its own table (a warning
+    per process, or a refusal to start under --fail-on-environ-validation):
+    sparsemm's pass, a misspelt one still does not, and none of them enters
+    torch.compile's cache key."""
+    from vllm import envs
+
+    from vllm_sparsemm.engine import metrics
+    import os
+    register()
+    for name in os.environ:  # whatever this machine sets that vLLM lacks
+        if name.startswith("VLLM_") and name not in envs.environment_variables:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("VLLM_SPARSEMM_BUDGET", "64")
+    monkeypatch.setenv(metrics.ENV, "/tmp/sparsemm-metrics-1234")
+    envs.validate_environ(hard_fail=True)
+    assert not any(name.startswith("VLLM_SPARSEMM_")
+                   for name in envs.compile_factors())
+    monkeypatch.setenv("VLLM_SPARSEMM_BUGDET", "64")
+    with pytest.raises(ValueError, match="VLLM_SPARSEMM_BUGDET"):
+        envs.validate_environ(hard_fail=True)

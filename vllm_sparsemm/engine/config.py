@@ -98,7 +98,7 @@ class SparseMMSettings:
                              f"{sorted(known)}")
         values = {}
         for name, f in known.items():
-            origin = f"VLLM_SPARSEMM_{name.upper()}"
+            origin = _environment_name(name)
             value = raw.get(name, environ.get(origin))
             if value is None:
                 continue
@@ -111,6 +111,16 @@ class SparseMMSettings:
                 raise ValueError(f"sparsemm setting {name}={value!r:.80} (from "
                                  f"{origin}): {e}{hint}") from None
         return cls(**values)
+
+
+def _environment_name(setting: str) -> str:
+    return f"VLLM_SPARSEMM_{setting.upper()}"
+
+
+def setting_environment_names() -> list[str]:
+    """The variable that sets each setting when no config names it."""
+    return [_environment_name(f.name)
+            for f in dataclasses.fields(SparseMMSettings)]
 
 
 # Strict on purpose: a silent coercion (128.7 -> 128, true -> 1, 5 -> "5")

@@ -662,7 +662,40 @@ def patch_metrics_registry() -> None:
               lambda _: prometheus.get_prometheus_registry)
 
 
+def patch_environment_check() -> None:
+    """Wraps ``vllm.envs.validate_environ``: vLLM warns about every
+    ``VLLM_*`` variable missing from its table, in every process, and
+    refuses to start on one under ``--fail-on-environ-validation``. The
+    check now knows sparsemm's own (a misspelt one is still caught). They
+    join vLLM's table for the check only: left there, they would enter
+    torch.compile's cache key (``envs.compile_factors``) of every engine."""
+    from vllm import envs
+
+    from vllm_sparsemm.engine import metrics
+    from vllm_sparsemm.engine.config import setting_environment_names
+    ours = {*setting_environment_names(), metrics.ENV,
+            "VLLM_SPARSEMM_BUILD_CUDA"}  # the last is setup.py's
+
+    def make(original):
+
+        @functools.wraps(original)
+        def validate_environ(hard_fail: bool) -> None:
+            table = envs.environment_variables
+            added = [name for name in ours if name not in table]
+            table.update((name, lambda: None) for name in added)
+            try:
+                original(hard_fail)
+            finally:
+                for name in added:
+                    del table[name]
+
+        return validate_environ
+
+    _wrap(envs, "validate_environ", make)
+
+
 def apply_all() -> None:
+    patch_environment_check()
     patch_backend_name()
     patch_engine_config()
     patch_model_runner_choice()
