@@ -2,6 +2,7 @@
 only when the sparsemm backend is chosen."""
 
 import dataclasses
+import os
 import types
 from importlib.metadata import entry_points
 
@@ -84,7 +85,7 @@ def _engine_config(**parallel):
             "pipeline_parallel_size": 1, "tensor_parallel_size": 1,
             "decode_context_parallel_size": 1,
             "prefill_context_parallel_size": 1, "use_ubatching": False,
-            **parallel}),
+            "_api_process_count": 1, "_api_process_rank": 0, **parallel}),
         model_config=None, additional_config={})
 
 
@@ -364,7 +365,6 @@ def test_vllm_knows_the_sparsemm_environment_variables(monkeypatch):
     from vllm import envs
 
     from vllm_sparsemm.engine import metrics
-    import os
     register()
     for name in os.environ:  # whatever this machine sets that vLLM lacks
         if name.startswith("VLLM_") and name not in envs.environment_variables:

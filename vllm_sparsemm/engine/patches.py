@@ -120,8 +120,7 @@ def _prepare_engine_config(vllm_config) -> None:
 def _scaled_out_api_server(parallel) -> bool:
     """One of vLLM's API processes under ``--api-server-count`` > 1 (ranks
     0..N-1; the launcher and the engine core hold rank -1)."""
-    return (getattr(parallel, "_api_process_count", 1) > 1
-            and getattr(parallel, "_api_process_rank", 0) >= 0)
+    return parallel._api_process_count > 1 and parallel._api_process_rank >= 0
 
 
 def unsupported_features(vllm_config) -> list[str]:
