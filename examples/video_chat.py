@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import importlib.util
 import mimetypes
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -138,6 +140,24 @@ def offline_prompt(processor, chat: list[dict]) -> dict:
             "mm_processor_kwargs": kwargs}
 
 
+def _prompt_from_folder(model: str, chat: list[dict]) -> dict:
+    from transformers import AutoProcessor
+    return offline_prompt(AutoProcessor.from_pretrained(model), chat)
+
+
+def prompt_apart(model: str, chat: list[dict]) -> dict:
+    """``offline_prompt``, read in a process of its own. decord, which
+    qwen-vl-utils reads with where torchcodec finds no FFmpeg, replaces a
+    C++ runtime hook (``__cxa_thread_atexit``) in every process that loads
+    it, and breaks a process that later starts CUDA (dmlc/decord#293):
+    vLLM's engine core, forked from a process that had read a video, hung
+    at start-up. Read in a spawned process, decord never enters this one
+    nor the engine's."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_prompt_from_folder, model, chat).result()
+
+
 def engine_kwargs(args) -> dict:
     settings = {"budget": args.budget}
     if args.head_scores:
@@ -172,11 +192,9 @@ def run_offline(args, video: str) -> int:
         print("video_chat.py: offline it reads the video with qwen-vl-utils: "
               "pip install \"vllm-sparsemm[qwen]\"", file=sys.stderr)
         return 2
-    from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(args.model)
     chat = messages(video, args.question, args.fps, args.max_pixels)
     try:
-        prompt = offline_prompt(processor, chat)
+        prompt = prompt_apart(args.model, chat)
     except Exception as e:  # whichever reader qwen-vl-utils used, one line
         print(f"video_chat.py: qwen-vl-utils could not read {video}: "
               f"{type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)

@@ -338,6 +338,31 @@ def test_video_chat_prompts_are_what_vllm_takes(tmp_path, version):
         assert seen[route]["tokens"] == grid[0] * grid[1] * grid[2] // 4
 
 
+@pytest.mark.slow
+def test_video_chat_reads_the_video_in_a_process_of_its_own(tmp_path):
+    """Offline, the example reads the video in a spawned process: decord
+    never enters the process that forks vLLM's engine core."""
+    reason = _reads_videos()
+    if reason:
+        pytest.skip(reason)
+    from vllm_sparsemm.testing.checkpoints import save_tiny_qwen2_vl
+    folder = save_tiny_qwen2_vl(tmp_path / "model", version="2.5",
+                                num_layers=2, num_heads=4, num_kv_heads=2,
+                                head_dim=64)
+    code = ("import sys; sys.path.insert(0, 'examples'); import video_chat "
+            "as v; v.prefer_decord(); chat = v.messages(sys.argv[2], 'Why?', "
+            "4.0, 360 * 420); p = v.prompt_apart(sys.argv[1], chat); "
+            "frames, _ = p['multi_modal_data']['video'][0]; "
+            "print('RESULT', list(frames.shape), 'decord' in sys.modules)")
+    clip = load_script("video_chat").write_clip(tmp_path / "clip.mp4")
+    done = subprocess.run([sys.executable, "-c", code, str(folder), clip],
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert "RESULT [8, 3," in done.stdout, (done.stdout[-2000:] +
+                                           done.stderr[-3000:])
+    assert done.stdout.rstrip().endswith("False")  # decord stayed out
+
+
 @pytest.mark.gpu
 def test_video_chat_runs_offline_on_a_tiny_qwen2_5_vl(tmp_path):
     reason = _reads_videos()
