@@ -151,10 +151,14 @@ class Load:
     @property
     def name(self) -> str:
         """The workload as run keys name it: a video load by its frames,
-        questions of another style than long sentences by their style."""
+        questions of another style than long sentences by their style,
+        unique prompts sent at a fixed rate by their rate."""
         frames, style = self.params.get("frames"), self.params.get("style")
+        rate = self.params.get("request_rate")
         if frames:
             return f"{self.workload}-{frames}f"
+        if rate:
+            return f"{self.workload}-r{rate:g}"
         return f"{self.workload}-{style}" if style else self.workload
 
 
@@ -207,6 +211,8 @@ def bench_command(model_dir, port: int, load: Load, result_dir,
         "--model", str(model_dir), "--served-model-name", SERVED_NAME,
         "--dataset-name", "random-mm", "--num-prompts", str(p["num_prompts"]),
         "--max-concurrency", str(load.concurrency),
+        *(["--request-rate", f"{p['request_rate']:g}"]
+          if p.get("request_rate") else []),
         "--random-input-len", str(p["input_len"]),
         "--random-output-len", str(p["output_len"]),
         "--random-range-ratio", "0",
@@ -281,6 +287,24 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
+def rates(text: str) -> list[float | None]:
+    """``--request-rates``: requests a second, ``inf`` (None) as fast as
+    the concurrency lets them go."""
+    out = []
+    for x in str(text).split(","):
+        x = x.strip()
+        if x:
+            try:
+                rate = float(x)
+            except ValueError:
+                rate = 0
+            if not rate > 0:
+                raise SystemExit(f"--request-rates takes rates above 0 or "
+                                 f"inf, got {x!r}")
+            out.append(None if rate == float("inf") else rate)
+    return out
+
+
 def even_frames(text: str) -> str:
     """``--video-frames``: even counts only. vLLM's Qwen2-VL video loader
     keeps a whole number of temporal patches (two frames), dropping an odd
@@ -343,7 +367,9 @@ def loads_for(workload: str, args) -> list[Load]:
         return [Load("unique", c, {
             "num_prompts": args.num_prompts or max(4 * c, 200),
             "input_len": args.input_len, "output_len": args.output_len,
-            "image_size": size, "seed": args.seed + c})
+            "image_size": size, "seed": args.seed + c,
+            **({"request_rate": rate} if rate else {})})
+            for rate in rates(args.request_rates)
             for c in ints(args.concurrency)]
     if workload == "kv8":
         return [Load("kv8", c, {
@@ -1003,6 +1029,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "alike)")
     p.add_argument("--concurrency", default="1,16,64,256,1024",
                    help="unique: concurrencies")
+    p.add_argument("--request-rates", default="inf",
+                   help="unique: requests a second (Poisson arrivals, "
+                   "vllm bench serve's --request-rate), each with every "
+                   "concurrency as its cap; a fixed rate compares TTFT at "
+                   "equal load")
     p.add_argument("--num-prompts", type=int, default=None,
                    help="unique: prompts per run; unset or 0: max(4C, 200)")
     p.add_argument("--input-len", type=int, default=64,

@@ -492,6 +492,25 @@ def test_question_styles_are_loads_of_their_own(tmp_path):
                       "--questions-style", "terse"))
 
 
+def test_request_rates_are_loads_of_their_own(tmp_path, vllm_parsers):
+    """--request-rates inf,12: the closed loop, then the same prompts at 12
+    requests a second (capped by the concurrency), apart in the JSON."""
+    _, bench_parser = vllm_parsers
+    args = _args(tmp_path, "--workloads", "unique", "--concurrency", "64",
+                 "--request-rates", "inf,12")
+    loads = sm.plan(args)[0].loads
+    assert [ld.name for ld in loads] == ["unique", "unique-r12"]
+    n = len(sm.VLLM) + 2
+    parsed = [bench_parser.parse_args(sm.bench_command(
+        tmp_path / "m", 8123, ld, tmp_path, "r.json")[n:]) for ld in loads]
+    assert [(a.request_rate, a.max_concurrency) for a in parsed] == [
+        (float("inf"), 64), (12.0, 64)]
+    for wrong in ("0", "-1", "fast", "nan"):
+        with pytest.raises(SystemExit, match="request-rates"):
+            sm.plan(_args(tmp_path, "--workloads", "unique",
+                          "--request-rates", wrong))
+
+
 def test_multiturn_messages_hold_the_history():
     convs = cc.multiturn_workload(256, 4, seed=1, size=(32, 32))
     assert len(convs) == 256 and all(len(c.questions) == 4 for c in convs)
