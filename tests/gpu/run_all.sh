@@ -8,8 +8,8 @@
 #   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
 # With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
 # GPU; `examples`, `serve`, `serve_api2` and `compile` size their pools
-# from free memory, and `serve_video` starts two servers in turn, so they
-# run alone afterwards. A test that fails beside others is run again
+# from free memory, `serve_video` starts two servers in turn and
+# `serve_models` eight (six times LIMIT), so they run alone afterwards. A test that fails beside others is run again
 # alone, and both results are printed. Tests that start a server or
 # engines one after another (serve, serve_api2, serve_video, examples,
 # compile, chunked, fp8_no_eviction, caching_encoder) get twice LIMIT. A
@@ -57,6 +57,7 @@ declare -A tests=(
   [serve]="tests/engine/test_serve_gpu.py -k chat_completion"
   [serve_api2]="tests/engine/test_serve_gpu.py -k several_api_servers"
   [serve_video]="tests/engine/test_serve_video_gpu.py"
+  [serve_models]="tests/engine/test_serve_models_gpu.py"
   [examples]="tests/examples/test_examples.py"
 )
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
@@ -70,8 +71,8 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples compile
-       serve serve_api2 serve_video)
-alone=" examples compile serve serve_api2 serve_video "
+       serve serve_api2 serve_video serve_models)
+alone=" examples compile serve serve_api2 serve_video serve_models "
 [ $# -gt 0 ] && order=("$@")
 
 run_one() {  # name: one pytest process, its log, its summary line
@@ -79,6 +80,7 @@ run_one() {  # name: one pytest process, its log, its summary line
   # tests that start several engines in turn
   [[ " serve serve_api2 serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
      *" $name "* ]] && limit=$((2 * limit))
+  [ "$name" = serve_models ] && limit=$((6 * limit))  # eight servers in turn
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \
