@@ -1,7 +1,10 @@
 """`vllm serve` of each 7B/8B-shaped model folder the plugin supports (real
 config, dummy weights) under sparsemm, answering an OpenAI image chat: the
 server starts, the image is in the prompt, and the prompt is compressed.
-Score files as the serve benchmark picks them (``sparsemm_defaults``)."""
+Score files as the serve benchmark picks them (``sparsemm_defaults``). vLLM's
+default compile mode, with a fixed KV pool and few CUDA-graph sizes, so that
+several of these servers and the small engine tests share one GPU
+(tests/gpu/run_all.sh ``JOBS``)."""
 
 import json
 import os
@@ -27,7 +30,9 @@ def test_each_model_folder_serves_an_image_chat(tmp_path, name):
     with served(model, "--load-format", "dummy", "--attention-backend",
                 "sparsemm", "--additional-config",
                 json.dumps({"sparsemm": settings}), "--max-model-len", "4096",
-                "--gpu-memory-utilization", "0.5", "--served-model-name", "m",
+                "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes",
+                str(2 << 30), "--max-num-seqs", "16",
+                "--served-model-name", "m",
                 log_path=log_path.with_stem(f"{log_path.stem}_{name}")
                 ) as server:
         reply = post(f"{server.url}/v1/chat/completions", {

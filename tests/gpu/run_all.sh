@@ -7,13 +7,14 @@
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
 #   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
 # With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
-# GPU; `examples`, `serve`, `serve_api2` and `compile` size their pools
-# from free memory, `serve_video` starts two servers in turn and
-# `serve_models` eight (six times LIMIT), so they run alone afterwards. A test that fails beside others is run again
-# alone, and both results are printed. Tests that start a server or
-# engines one after another (serve, serve_api2, serve_video, examples,
-# compile, chunked, fp8_no_eviction, caching_encoder) get twice LIMIT. A
-# test whose every case was skipped counts as failed.
+# GPU, and so do the serve_<model> tests (a 7B/8B server each with a 2 GiB
+# pool: about 20 GiB, so JOBS=3 on an 80 GiB GPU); `examples`, `serve`,
+# `serve_api2` and `compile` size their pools from free memory and
+# `serve_video` starts two servers in turn, so they run alone afterwards.
+# A test that fails beside others is run again alone, and both results are
+# printed. Tests that start a server or engines one after another (the
+# serve ones, examples, compile, chunked, fp8_no_eviction, caching_encoder)
+# get twice LIMIT. A test whose every case was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
@@ -57,7 +58,14 @@ declare -A tests=(
   [serve]="tests/engine/test_serve_gpu.py -k chat_completion"
   [serve_api2]="tests/engine/test_serve_gpu.py -k several_api_servers"
   [serve_video]="tests/engine/test_serve_video_gpu.py"
-  [serve_models]="tests/engine/test_serve_models_gpu.py"
+  [serve_llava-1.5-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-1.5-7b]"
+  [serve_llava-next-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-next-7b]"
+  [serve_llava-next-mistral-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-next-mistral-7b]"
+  [serve_qwen2-vl-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[qwen2-vl-7b]"
+  [serve_qwen2.5-vl-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[qwen2.5-vl-7b]"
+  [serve_qwen3-vl-8b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[qwen3-vl-8b]"
+  [serve_llava-onevision-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-onevision-7b]"
+  [serve_internvl3-8b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[internvl3-8b]"
   [examples]="tests/examples/test_examples.py"
 )
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
@@ -71,16 +79,18 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples compile
-       serve serve_api2 serve_video serve_models)
-alone=" examples compile serve serve_api2 serve_video serve_models "
+       serve_llava-1.5-7b serve_llava-next-7b serve_llava-next-mistral-7b
+       serve_qwen2-vl-7b serve_qwen2.5-vl-7b serve_qwen3-vl-8b
+       serve_llava-onevision-7b serve_internvl3-8b
+       serve serve_api2 serve_video)
+alone=" examples compile serve serve_api2 serve_video "
 [ $# -gt 0 ] && order=("$@")
 
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
   # tests that start several engines in turn
   [[ " serve serve_api2 serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
-     *" $name "* ]] && limit=$((2 * limit))
-  [ "$name" = serve_models ] && limit=$((6 * limit))  # eight servers in turn
+     *" $name "* || $name == serve_*-* ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \
