@@ -195,9 +195,10 @@ def run_offline(args, video: str) -> int:
     chat = messages(video, args.question, args.fps, args.max_pixels)
     try:
         prompt = prompt_apart(args.model, chat)
-    except Exception as e:  # whichever reader qwen-vl-utils used, one line
-        print(f"video_chat.py: qwen-vl-utils could not read {video}: "
-              f"{type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+    except Exception as e:  # the processor or the video reader: one line
+        print(f"video_chat.py: could not make a prompt of {video} with "
+              f"{args.model}'s processor: {type(e).__name__}: {e}"
+              .splitlines()[0], file=sys.stderr)
         return 2
     from vllm import LLM
     llm = LLM(**engine_kwargs(args))

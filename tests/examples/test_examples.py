@@ -363,6 +363,26 @@ def test_video_chat_reads_the_video_in_a_process_of_its_own(tmp_path):
     assert done.stdout.rstrip().endswith("False")  # decord stayed out
 
 
+@pytest.mark.slow
+def test_video_chat_says_in_one_line_that_it_cannot_make_the_prompt(
+        tmp_path):
+    """A model folder without a processor, offline: one line, exit 2,
+    whatever the spawned reader process raised."""
+    if importlib.util.find_spec("qwen_vl_utils") is None:
+        pytest.skip("qwen-vl-utils is not installed (qwen and test extras)")
+    code = ("import sys, types; sys.path.insert(0, 'examples'); "
+            "from vllm import platforms; platforms.current_platform = "
+            "types.SimpleNamespace(is_cuda=lambda: True); import video_chat; "
+            "sys.exit(video_chat.main(['--model', sys.argv[1]]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("video_chat.py: could not make a prompt of "), last
+
+
 @pytest.mark.gpu
 def test_video_chat_runs_offline_on_a_tiny_qwen2_5_vl(tmp_path):
     reason = _reads_videos()
