@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
 import socket
 import subprocess
@@ -66,6 +67,13 @@ def served(model, *args, log_path, start_timeout=420):
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+def serve_log(tmp_path, tag: str = "") -> Path:
+    """Where a serve test's server log goes: ``SPARSEMM_SERVE_LOG`` (else
+    ``tmp_path/serve.log``) with ``tag`` added to its name."""
+    path = Path(os.environ.get("SPARSEMM_SERVE_LOG", tmp_path / "serve.log"))
+    return path.with_stem(path.stem + tag)
 
 
 def post(url, body, timeout=120):

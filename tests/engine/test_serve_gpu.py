@@ -11,7 +11,6 @@ The ``/metrics`` lines land next to the server log (``SPARSEMM_SERVE_LOG``).
 """
 
 import json
-import os
 import subprocess
 import sys
 import urllib.error
@@ -22,8 +21,8 @@ import numpy as np
 import pytest
 
 from serving import (after_compressions, compression_since, image_data_url,
-                     logged_settings, post, served, settled_metrics,
-                     sparsemm_metrics)
+                     logged_settings, post, serve_log, served,
+                     settled_metrics, sparsemm_metrics)
 
 pytestmark = pytest.mark.gpu
 
@@ -99,15 +98,13 @@ def _serve_llava(tmp_path, *args, tag=""):
     its log is ``SPARSEMM_SERVE_LOG`` with ``tag`` added to the name."""
     from vllm_sparsemm.testing.checkpoints import write_dummy_llava_15_7b
     model = write_dummy_llava_15_7b(tmp_path / "llava-1.5-7b")
-    log_path = Path(os.environ.get("SPARSEMM_SERVE_LOG",
-                                   tmp_path / "serve.log"))
-    log_path = log_path.with_stem(log_path.stem + tag)
     return served(model, "--load-format", "dummy",
                   "--attention-backend", "sparsemm", "--additional-config",
                   '{"sparsemm": {"budget": 128, "head_scores": '
                   '"llava-v1.6-vicuna-7b"}}',
                   "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
-                  "--served-model-name", "llava", *args, log_path=log_path)
+                  "--served-model-name", "llava", *args,
+                  log_path=serve_log(tmp_path, tag))
 
 
 def test_serve_chat_completion_with_image(tmp_path):

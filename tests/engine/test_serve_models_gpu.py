@@ -7,13 +7,12 @@ several of these servers and the small engine tests share one GPU
 (tests/gpu/run_all.sh ``JOBS``)."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from scripts import load_script
-from serving import after_compressions, image_data_url, post, served
+from serving import (after_compressions, image_data_url, post,
+                     serve_log, served)
 
 pytestmark = pytest.mark.gpu
 
@@ -25,16 +24,13 @@ QUESTION = "Describe this picture in detail: its colours and its shapes."
 def test_each_model_folder_serves_an_image_chat(tmp_path, name):
     _, model = serve_matrix.model_folder(name, tmp_path)
     settings = {"budget": 64, **serve_matrix.sparsemm_defaults(model)}
-    log_path = Path(os.environ.get("SPARSEMM_SERVE_LOG",
-                                   tmp_path / "serve.log"))
     with served(model, "--load-format", "dummy", "--attention-backend",
                 "sparsemm", "--additional-config",
                 json.dumps({"sparsemm": settings}), "--max-model-len", "4096",
                 "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes",
                 str(2 << 30), "--max-num-seqs", "16",
                 "--served-model-name", "m",
-                log_path=log_path.with_stem(f"{log_path.stem}_{name}")
-                ) as server:
+                log_path=serve_log(tmp_path, f"_{name}")) as server:
         reply = post(f"{server.url}/v1/chat/completions", {
             "model": "m", "max_tokens": 8, "temperature": 0,
             "messages": [{"role": "user", "content": [
