@@ -19,6 +19,9 @@ set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
 engine=tests/engine/test_engine_gpu.py
+# each dummy 7B/8B folder served (serve_matrix.MODELS), a test of its own
+served_models=(llava-1.5-7b llava-next-7b llava-next-mistral-7b qwen2-vl-7b
+               qwen2.5-vl-7b qwen3-vl-8b llava-onevision-7b internvl3-8b)
 declare -A tests=(
   [kernels]="tests/kernels/test_kernels_gpu.py tests/kernels/test_triton_ops.py tests/kernels/test_attention_gpu.py"
   [no_eviction_llava]="$engine -k no_eviction_is_token_identical_to_flash_attn[llava]"
@@ -58,16 +61,11 @@ declare -A tests=(
   [serve]="tests/engine/test_serve_gpu.py -k chat_completion"
   [serve_api2]="tests/engine/test_serve_gpu.py -k several_api_servers"
   [serve_video]="tests/engine/test_serve_video_gpu.py"
-  [serve_llava-1.5-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-1.5-7b]"
-  [serve_llava-next-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-next-7b]"
-  [serve_llava-next-mistral-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-next-mistral-7b]"
-  [serve_qwen2-vl-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[qwen2-vl-7b]"
-  [serve_qwen2.5-vl-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[qwen2.5-vl-7b]"
-  [serve_qwen3-vl-8b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[qwen3-vl-8b]"
-  [serve_llava-onevision-7b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[llava-onevision-7b]"
-  [serve_internvl3-8b]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[internvl3-8b]"
   [examples]="tests/examples/test_examples.py"
 )
+for model in "${served_models[@]}"; do
+  tests[serve_$model]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[$model]"
+done
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        no_eviction_qwen2.5-vl no_eviction_qwen3-vl
        no_eviction_llava-next-mistral no_eviction_llava-onevision
@@ -79,10 +77,7 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples compile
-       serve_llava-1.5-7b serve_llava-next-7b serve_llava-next-mistral-7b
-       serve_qwen2-vl-7b serve_qwen2.5-vl-7b serve_qwen3-vl-8b
-       serve_llava-onevision-7b serve_internvl3-8b
-       serve serve_api2 serve_video)
+       "${served_models[@]/#/serve_}" serve serve_api2 serve_video)
 alone=" examples compile serve serve_api2 serve_video "
 [ $# -gt 0 ] && order=("$@")
 
