@@ -53,8 +53,10 @@ def served(model, *args, log_path, start_timeout=420):
     handle = Server(port, log_path, log)
     try:
         for _ in range(start_timeout // 2):  # a poll every 2 s
-            assert server.poll() is None, (
-                "server exited; its log ends:\n" + handle.log_text()[-3000:])
+            if server.poll() is not None:
+                text = handle.log_text()
+                raise AssertionError(f"server exited: {root_cause(text)}; "
+                                     f"its log ends:\n{text[-3000:]}")
             try:
                 urllib.request.urlopen(f"{handle.url}/health", timeout=2)
                 break
@@ -67,6 +69,13 @@ def served(model, *args, log_path, start_timeout=420):
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+def root_cause(log_text: str) -> str:
+    """The first exception a server's log names (the engine core's, which
+    the API server's own traceback pushes out of the log's tail)."""
+    found = re.search(r"\b\w*(?:Error|Exception): .*", log_text)
+    return found.group(0).strip() if found else "no error in its log"
 
 
 def serve_log(tmp_path, tag: str = "") -> Path:

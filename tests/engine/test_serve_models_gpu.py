@@ -24,11 +24,13 @@ QUESTION = "Describe this picture in detail: its colours and its shapes."
 def test_each_model_folder_serves_an_image_chat(tmp_path, name):
     _, model = serve_matrix.model_folder(name, tmp_path)
     settings = {"budget": 64, **serve_matrix.sparsemm_defaults(model)}
+    # the pool holds one max_model_len request of a 32-KV-head 7B (LLaVA-1.5,
+    # LLaVA-NeXT) with its prompt blocks and its compacted ones at once
     with served(model, "--load-format", "dummy", "--attention-backend",
                 "sparsemm", "--additional-config",
                 json.dumps({"sparsemm": settings}), "--max-model-len", "4096",
                 "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes",
-                str(2 << 30), "--max-num-seqs", "16",
+                str(3 << 30), "--max-num-seqs", "16",
                 "--served-model-name", "m",
                 log_path=serve_log(tmp_path, f"_{name}")) as server:
         reply = post(f"{server.url}/v1/chat/completions", {

@@ -7,8 +7,8 @@
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
 #   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
 # With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
-# GPU, and so do the serve_<model> tests (a 7B/8B server each with a 2 GiB
-# pool: about 20 GiB, so JOBS=3 on an 80 GiB GPU); `examples`, `serve`,
+# GPU, and so do the serve_<model> tests (a 7B/8B server each with a 3 GiB
+# pool: about 21 GiB, so JOBS=3 on an 80 GiB GPU); `examples`, `serve`,
 # `serve_api2` and `compile` size their pools from free memory and
 # `serve_video` starts two servers in turn, so they run alone afterwards.
 # A test that fails beside others is run again alone, and both results are
