@@ -102,7 +102,11 @@ def _serve_llava(tmp_path, *args, tag=""):
                   "--attention-backend", "sparsemm", "--additional-config",
                   '{"sparsemm": {"budget": 128, "head_scores": '
                   '"llava-v1.6-vicuna-7b"}}',
-                  "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
+                  "--max-model-len", "4096",
+                  # a fixed pool, so other tests may share the GPU; room
+                  # for a max_model_len request while its prompt compacts
+                  "--gpu-memory-utilization", "0.05",
+                  "--kv-cache-memory-bytes", str(3 << 30),
                   "--served-model-name", "llava", *args,
                   log_path=serve_log(tmp_path, tag))
 

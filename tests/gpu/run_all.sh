@@ -6,13 +6,13 @@
 #   bash tests/gpu/run_all.sh            # every test
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
 #   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
-# With JOBS > 1 the small engine tests (fixed 1 GiB KV pools) share the
-# GPU, and so do the serve_<model> tests (a 7B/8B server each with a 3 GiB
-# pool: about 21 GiB, so JOBS=3 on an 80 GiB GPU); `examples`, `serve`,
-# `serve_api2` and `compile` size their pools from free memory and
-# `serve_video` starts two servers in turn, so they run alone afterwards.
-# A test that fails beside others is run again alone, and both results are
-# printed. Tests that start a server or engines one after another (the
+# With JOBS > 1 the tests share the GPU: each engine and server has a fixed
+# KV pool (no sizing from a memory profile, which the others would disturb):
+# 1 GiB for the small engines, 3 GiB for the 7B/8B servers (about 21 GiB
+# each, so JOBS=3 on an 80 GiB GPU). `examples` runs the examples as users
+# do, sized from free memory, so it runs alone afterwards. A test that fails
+# beside others is run again alone, and both results are printed. Each
+# summary line gives the test's seconds. Tests that start a server or engines one after another (the
 # serve ones, examples, compile, chunked, fp8_no_eviction, caching_encoder)
 # get twice LIMIT. A test whose every case was skipped counts as failed.
 set -u
@@ -78,11 +78,11 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples compile
        "${served_models[@]/#/serve_}" serve serve_api2 serve_video)
-alone=" examples compile serve serve_api2 serve_video "
+alone=" examples "
 [ $# -gt 0 ] && order=("$@")
 
 run_one() {  # name: one pytest process, its log, its summary line
-  local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc
+  local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc start=$SECONDS
   # tests that start several engines in turn
   [[ " serve serve_api2 serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
      *" $name "* || $name == serve_*-* ]] && limit=$((2 * limit))
@@ -95,7 +95,7 @@ run_one() {  # name: one pytest process, its log, its summary line
   # extra) is no pass
   [ "$rc" = 0 ] && ! grep -q '^PASSED' "$log_dir/gpu_$name.log" && rc=5
   echo "$rc" > "/tmp/gpu_tests/$name.rc"
-  echo "== $name rc=$rc: $(grep -hE '^(PASSED|FAILED|ERROR|SKIPPED)|^E  |oracle kept|block checks|served:' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
+  echo "== $name rc=$rc ($((SECONDS - start)) s): $(grep -hE '^(PASSED|FAILED|ERROR|SKIPPED)|^E  |oracle kept|block checks|served:' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
 }
 
 status=0
