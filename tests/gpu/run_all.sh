@@ -5,19 +5,23 @@
 # Usage (on the GPU machine, after staging vLLM):
 #   bash tests/gpu/run_all.sh            # every test
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
-#   JOBS=4 bash tests/gpu/run_all.sh     # up to 4 engine tests at once
+#   JOBS=3 bash tests/gpu/run_all.sh     # up to 3 small engine tests at
+#                                        # once, beside up to 3 7B servers
 # With JOBS > 1 the tests share the GPU: each engine and server has a fixed
-# KV pool (no sizing from a memory profile, which the others would disturb):
-# 1 GiB for the small engines, 3 GiB for the 7B/8B servers (about 21 GiB
-# each, so JOBS=3 on an 80 GiB GPU). `examples` runs the examples as users
-# do, sized from free memory, so it runs alone afterwards. A test that fails
-# beside others is run again alone, and both results are printed. Each
-# summary line gives the test's seconds. Tests that start a server or engines one after another (the
-# serve ones, examples, compile, chunked, fp8_no_eviction, caching_encoder)
-# get twice LIMIT. A test whose every case was skipped counts as failed.
+# KV pool (no sizing from a memory profile, which the others would disturb).
+# The small engine tests (1 GiB pools) run up to JOBS at a time, and beside
+# them the tests that serve a 7B/8B model (3 GiB pools, about 21 GiB each)
+# up to SERVER_JOBS (default 3: with JOBS=3 they fit an 80 GiB GPU).
+# `examples` runs the examples as users do, sized from free memory, so it
+# runs alone afterwards. A test that fails beside others is run again alone,
+# and both results are printed. Each summary line gives the test's seconds.
+# Tests that start a server or engines one after another (the serve ones,
+# examples, compile, chunked, fp8_no_eviction, caching_encoder) get twice
+# LIMIT. A test whose every case was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
+server_jobs=${SERVER_JOBS:-3}
 engine=tests/engine/test_engine_gpu.py
 # each dummy 7B/8B folder served (serve_matrix.MODELS), a test of its own
 served_models=(llava-1.5-7b llava-next-7b llava-next-mistral-7b qwen2-vl-7b
@@ -63,7 +67,9 @@ declare -A tests=(
   [serve_video]="tests/engine/test_serve_video_gpu.py"
   [examples]="tests/examples/test_examples.py"
 )
+declare -A served=()  # the tests that serve a 7B/8B model
 for model in "${served_models[@]}"; do
+  served[serve_$model]=1
   tests[serve_$model]="tests/engine/test_serve_models_gpu.py -k test_each_model_folder_serves_an_image_chat[$model]"
 done
 order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
@@ -103,16 +109,32 @@ for name in "${order[@]}"; do
   if [ -z "${tests[$name]:-}" ]; then echo "== $name: no such test"; status=1; fi
 done
 [ $status -eq 0 ] || exit $status
-together=() last=()
+run_queue() {  # limit name...: the named tests, up to limit at a time
+  local limit=$1 name
+  shift
+  for name in "$@"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$limit" ]; do wait -n; done
+    run_one "$name" &
+  done
+  wait
+}
+
+together=() servers=() small=() last=()
 for name in "${order[@]}"; do
   if [ "$jobs" -gt 1 ] && [[ $alone == *" $name "* ]]; then last+=("$name")
   else together+=("$name"); fi
 done
 for name in "${together[@]}"; do
-  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
-  run_one "$name" &
+  if [[ $name == serve || $name == serve_api2 || -n ${served[$name]:-} ]]
+  then servers+=("$name"); else small+=("$name"); fi
 done
-wait
+if [ "$jobs" -gt 1 ]; then  # two queues side by side
+  run_queue "$server_jobs" "${servers[@]}" &
+  run_queue "$jobs" "${small[@]}" &
+  wait
+else
+  run_queue 1 "${together[@]}"
+fi
 for name in "${together[@]}"; do
   if [ "$jobs" -gt 1 ] && [ "$(cat "/tmp/gpu_tests/$name.rc")" != 0 ]; then
     cp "$log_dir/gpu_$name.log" "$log_dir/gpu_$name.shared.log"
