@@ -5,13 +5,13 @@
 # Usage (on the GPU machine, after staging vLLM):
 #   bash tests/gpu/run_all.sh            # every test
 #   bash tests/gpu/run_all.sh kernels caching_llava   # the named ones
-#   JOBS=3 bash tests/gpu/run_all.sh     # up to 3 small engine tests at
+#   JOBS=2 bash tests/gpu/run_all.sh     # up to 2 small engine tests at
 #                                        # once, beside up to 3 7B servers
 # With JOBS > 1 the tests share the GPU: each engine and server has a fixed
 # KV pool (no sizing from a memory profile, which the others would disturb).
 # The small engine tests (1 GiB pools) run up to JOBS at a time, and beside
 # them the tests that serve a 7B/8B model (3 GiB pools, about 21 GiB each)
-# up to SERVER_JOBS (default 3: with JOBS=3 they fit an 80 GiB GPU).
+# up to SERVER_JOBS (default 3; on an 80 GiB GPU with JOBS=2).
 # `examples` runs the examples as users do, sized from free memory, so it
 # runs alone afterwards. A test that fails beside others is run again alone,
 # and both results are printed. Each summary line gives the test's seconds.
