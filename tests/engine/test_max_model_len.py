@@ -76,6 +76,25 @@ def test_memory_per_request_is_the_prompt_and_its_compacted_blocks():
                          for p in range(BUDGET + 1, 204))
 
 
+def test_start_up_says_what_a_max_length_request_holds(monkeypatch):
+    """vLLM refuses a pool too small for one max-length request; the log
+    says why sparsemm needs more blocks than stock for it."""
+    import types
+
+    from vllm_sparsemm.engine import kv_spec
+    said = []
+    monkeypatch.setattr(kv_spec.logger, "info_once",
+                        lambda msg, *args: said.append(msg % args))
+    eng = Engine(max_model_len=203)
+    config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(max_model_len=203))
+    blocks = eng.spec.max_memory_usage_bytes(config) // eng.spec.page_size_bytes
+    more = eng.law.compacted_blocks(203, 0)
+    assert said == [f"sparsemm: one request of max_model_len (203 tokens) "
+                    f"holds up to {blocks} KV blocks while its prompt "
+                    f"compacts, {more} more than without compression"]
+
+
 def test_the_managers_closed_form_list_length_is_the_laws():
     """The manager sizes every decode step's list without calling the law
     (``_Tracked.list_length``); it must equal ``BlockLaw.list_length`` for

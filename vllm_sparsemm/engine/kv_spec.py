@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vllm.logger import init_logger
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -21,6 +22,8 @@ from vllm_sparsemm.core.block_law import BlockLaw, LawBook
 from vllm_sparsemm.core.budget import BudgetPlan
 from vllm_sparsemm.core.pages import cdiv
 from vllm_sparsemm.engine import metrics
+
+logger = init_logger("vllm.sparsemm.kv_spec")
 
 _BOOKS: dict[tuple, LawBook] = {}
 
@@ -64,7 +67,14 @@ class SparseMMSpec(FullAttentionSpec):
         # concurrency" it logs (not by the block-table width, which counts
         # the released entries too).
         max_len = vllm_config.model_config.max_model_len
-        return self.law().peak_blocks(max_len) * self.page_size_bytes
+        blocks = self.law().peak_blocks(max_len)
+        more = blocks - cdiv(max_len, self.block_size)
+        if more > 0:  # says why vLLM may refuse a pool stock would take
+            logger.info_once(
+                "sparsemm: one request of max_model_len (%d tokens) holds up "
+                "to %d KV blocks while its prompt compacts, %d more than "
+                "without compression", max_len, blocks, more)
+        return blocks * self.page_size_bytes
 
     @classmethod
     def merge(cls, specs: list["SparseMMSpec"]) -> "SparseMMSpec":
