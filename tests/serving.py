@@ -74,8 +74,9 @@ def served(model, *args, log_path, start_timeout=420):
 def root_cause(log_text: str) -> str:
     """The first exception a server's log names (the engine core's, which
     the API server's own traceback pushes out of the log's tail)."""
-    found = re.search(r"\b\w*(?:Error|Exception): .*", log_text)
-    return found.group(0).strip() if found else "no error in its log"
+    found = re.search(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^]]*\] )?"
+                      r"(\w*(?:Error|Exception): .*)$", log_text, re.M)
+    return found.group(1).strip() if found else "no error in its log"
 
 
 def serve_log(tmp_path, tag: str = "") -> Path:

@@ -5,6 +5,9 @@ traceback that ends its log."""
 from serving import root_cause
 
 ENGINE_FAILED = """\
+(APIServer pid=6864) WARNING 12-06 06:54:21 [system_utils.py:299] Found ulimit \
+of 20000. This can cause fd limit errors like `OSError: [Errno 24] Too many \
+open files`. Consider increasing with ulimit -n
 (EngineCore pid=6945) ERROR 12-06 06:54:53 [core.py:1330] ValueError: To serve \
 at least one request with the model's max seq len (4096), (2.04 GiB KV cache \
 is needed, which is larger than the available KV cache memory (2.0 GiB).
