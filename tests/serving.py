@@ -71,6 +71,19 @@ def served(model, *args, log_path, start_timeout=420):
         log.close()
 
 
+# a 7B server's pool: one max_model_len (4096) request of a 32-KV-head 7B
+# (LLaVA-1.5, LLaVA-NeXT) with its prompt blocks and compacted ones at once
+SEVEN_B_POOL = 3 << 30
+
+
+def fixed_pool(nbytes: int) -> list[str]:
+    """``vllm serve`` arguments for a KV pool of ``nbytes``, not sized from a
+    memory profile, which other tests sharing the GPU would disturb
+    (tests/gpu/run_all.sh ``JOBS``)."""
+    return ["--gpu-memory-utilization", "0.05",
+            "--kv-cache-memory-bytes", str(nbytes)]
+
+
 def root_cause(log_text: str) -> str:
     """The first exception a server's log names (the engine core's, which
     the API server's own traceback pushes out of the log's tail)."""

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving import (after_compressions, compression_since, image_data_url,
-                     logged_settings, post, serve_log, served,
-                     settled_metrics, sparsemm_metrics)
+from serving import (SEVEN_B_POOL, after_compressions, compression_since,
+                     fixed_pool, image_data_url, logged_settings, post,
+                     serve_log, served, settled_metrics, sparsemm_metrics)
 
 pytestmark = pytest.mark.gpu
 
@@ -102,11 +102,7 @@ def _serve_llava(tmp_path, *args, tag=""):
                   "--attention-backend", "sparsemm", "--additional-config",
                   '{"sparsemm": {"budget": 128, "head_scores": '
                   '"llava-v1.6-vicuna-7b"}}',
-                  "--max-model-len", "4096",
-                  # a fixed pool, so other tests may share the GPU; room
-                  # for a max_model_len request while its prompt compacts
-                  "--gpu-memory-utilization", "0.05",
-                  "--kv-cache-memory-bytes", str(3 << 30),
+                  "--max-model-len", "4096", *fixed_pool(SEVEN_B_POOL),
                   "--served-model-name", "llava", *args,
                   log_path=serve_log(tmp_path, tag))
 

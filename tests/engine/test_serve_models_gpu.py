@@ -11,8 +11,8 @@ import json
 import pytest
 
 from scripts import load_script
-from serving import (after_compressions, image_data_url, post,
-                     serve_log, served)
+from serving import (SEVEN_B_POOL, after_compressions, fixed_pool,
+                     image_data_url, post, serve_log, served)
 
 pytestmark = pytest.mark.gpu
 
@@ -24,13 +24,10 @@ QUESTION = "Describe this picture in detail: its colours and its shapes."
 def test_each_model_folder_serves_an_image_chat(tmp_path, name):
     _, model = serve_matrix.model_folder(name, tmp_path)
     settings = {"budget": 64, **serve_matrix.sparsemm_defaults(model)}
-    # the pool holds one max_model_len request of a 32-KV-head 7B (LLaVA-1.5,
-    # LLaVA-NeXT) with its prompt blocks and its compacted ones at once
     with served(model, "--load-format", "dummy", "--attention-backend",
                 "sparsemm", "--additional-config",
                 json.dumps({"sparsemm": settings}), "--max-model-len", "4096",
-                "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes",
-                str(3 << 30), "--max-num-seqs", "16",
+                *fixed_pool(SEVEN_B_POOL), "--max-num-seqs", "16",
                 "--served-model-name", "m",
                 log_path=serve_log(tmp_path, f"_{name}")) as server:
         reply = post(f"{server.url}/v1/chat/completions", {

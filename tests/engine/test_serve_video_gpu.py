@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from scripts import EXAMPLES, load_script
-from serving import (after_compressions, compression_since, image_data_url,
-                     logged_settings, post, served, settled_metrics)
+from serving import (after_compressions, compression_since, fixed_pool,
+                     image_data_url, logged_settings, post, served,
+                     settled_metrics)
 
 CHUNK = 64  # prompt tokens a step: every chat below is longer
 BUDGET = 48  # the compressed chat's own budget
@@ -34,8 +35,7 @@ def _serve_args(backend: str, media: Path) -> list[str]:
     args = ["--dtype", "float16", "--max-model-len", "2048",
             "--enforce-eager", "--seed", "0",
             "--max-num-batched-tokens", str(CHUNK), "--max-num-seqs", "16",
-            "--gpu-memory-utilization", "0.05",
-            "--kv-cache-memory-bytes", str(1 << 30),
+            *fixed_pool(1 << 30),
             "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 1}),
             "--allowed-local-media-path", str(media),
             "--served-model-name", "qwen", "--attention-backend", backend]

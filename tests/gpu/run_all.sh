@@ -91,7 +91,7 @@ run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc start=$SECONDS
   # tests that start several engines in turn
   [[ " serve serve_api2 serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
-     *" $name "* || $name == serve_*-* ]] && limit=$((2 * limit))
+     *" $name "* || -n ${served[$name]:-} ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \
