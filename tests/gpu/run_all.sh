@@ -12,11 +12,11 @@
 # The small engine tests (1 GiB pools) run up to JOBS at a time, and beside
 # them the tests that serve a 7B/8B model (3 GiB pools, about 21 GiB each)
 # up to SERVER_JOBS (default 3; on an 80 GiB GPU with JOBS=2).
-# `examples` runs the examples as users do, sized from free memory, so it
-# runs alone afterwards. A test that fails beside others is run again alone,
+# `examples` and `long_prompt` size their KV pools from free memory, as users
+# do, so they run alone afterwards. A test that fails beside others is run again alone,
 # and both results are printed. Each summary line gives the test's seconds.
 # Tests that start a server or engines one after another (the serve ones,
-# examples, compile, chunked, fp8_no_eviction, caching_encoder) get twice
+# examples, long_prompt, compile, chunked, fp8_no_eviction, caching_encoder) get twice
 # LIMIT. A test whose every case was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
@@ -66,6 +66,7 @@ declare -A tests=(
   [serve_api2]="tests/engine/test_serve_gpu.py -k several_api_servers"
   [serve_video]="tests/engine/test_serve_video_gpu.py"
   [examples]="tests/examples/test_examples.py"
+  [long_prompt]="tests/engine/test_long_prompt_gpu.py"
 )
 declare -A served=()  # the tests that serve a 7B/8B model
 for model in "${served_models[@]}"; do
@@ -82,15 +83,16 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_no_eviction_qwen3-vl video_no_eviction_llava-onevision
        video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
-       caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples compile
+       caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples
+       long_prompt compile
        "${served_models[@]/#/serve_}" serve serve_api2 serve_video)
-alone=" examples "
+alone=" examples long_prompt "
 [ $# -gt 0 ] && order=("$@")
 
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc start=$SECONDS
   # tests that start several engines in turn
-  [[ " serve serve_api2 serve_video examples compile chunked fp8_no_eviction caching_encoder " == \
+  [[ " serve serve_api2 serve_video examples long_prompt compile chunked fp8_no_eviction caching_encoder " == \
      *" $name "* || -n ${served[$name]:-} ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086

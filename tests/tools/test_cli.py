@@ -58,6 +58,22 @@ def test_plan_gives_the_backends_numbers(capsys, next_folder, budget,
     assert report["scores"].endswith(f"{SHIPPED}.json")  # found by shape
 
 
+def test_the_long_prompt_folder_plans_a_128k_prompt(capsys, tmp_path):
+    """The GPU test's dummy Qwen2-7B text folder (test_long_prompt_gpu.py)
+    takes a 128K-token prompt, kept at its budget under uniform scores."""
+    from vllm_sparsemm.testing.checkpoints import write_dummy_qwen2_7b_text
+    prompt = 128 * 1024 - 16
+    folder = write_dummy_qwen2_7b_text(tmp_path / "qwen2-7b", prompt + 80)
+    code, out, err = _run(capsys, "plan", str(folder), "--budget", "1024",
+                          "--prompt-len", str(prompt), "--head-scores",
+                          "uniform", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["compressed"] and report["full_blocks"] == prompt // 16
+    assert {k for row in report["kept"] for k in row} == {1024}
+    assert len(report["kept"]) == 28 and len(report["kept"][0]) == 4
+
+
 def test_plan_of_a_shipped_name_prints_the_table_and_a_picture(capsys,
                                                                tmp_path):
     picture = tmp_path / "plan.png"

@@ -556,6 +556,15 @@ def _qwen_hub_processor(version: str, vocab_size: int):
         "vision_end": 151653}, max_pixels=16384 * 28 * 28, version=version)
 
 
+def write_dummy_qwen2_7b_text(path, max_len: int = 32768) -> Path:
+    """Config and tokenizer of a Qwen2-7B text model (4 KV heads, so a
+    ``max_len``-token prompt's KV fits beside its weights), no weights."""
+    config = dict(QWEN2_7B_TEXT, vocab_size=152064,
+                  max_position_embeddings=max_len, bos_token_id=151643,
+                  eos_token_id=151645)
+    return _write_dummy(path, config, _chatml_tokenizer(152064, {}))
+
+
 def _write_dummy(path, config: dict, processor) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
