@@ -6,12 +6,15 @@ scratch and window queries are in that profile or bounded by design
 compressed to its budget. It sizes its pool from free memory, so
 tests/gpu/run_all.sh runs it alone."""
 
+import os
 import time
 
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.gpu
+# the engine in this process: pytest's CUDA would not survive a fork
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 PROMPT = 128 * 1024
 CHUNK = 16384
