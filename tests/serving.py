@@ -125,12 +125,18 @@ def sparsemm_metrics(port) -> dict[str, float]:
 
 
 def after_compressions(port, count, polls=30):
-    """/metrics once the counters show ``count`` compressed requests (the
-    engine writes them at most once a second, and when it goes idle),
-    polled every half second."""
+    """/metrics once the counters show ``count`` compressed requests."""
+    return until_compressed(lambda: sparsemm_metrics(port), count,
+                            "vllm:sparsemm_requests_compressed_total", polls)
+
+
+def until_compressed(read, count, key, polls=30) -> dict[str, float]:
+    """``read()`` (sparsemm's metrics by name) once ``key``, its compressed
+    requests counter, reaches ``count`` (the engine writes them at most once
+    a second, and when it goes idle), polled every half second."""
     for _ in range(polls):
-        now = sparsemm_metrics(port)
-        if now.get("vllm:sparsemm_requests_compressed_total", 0) >= count:
+        now = read()
+        if now.get(key, 0) >= count:
             return now
         time.sleep(0.5)
     raise AssertionError(f"the compression counters did not reach {count}: "

@@ -7,10 +7,11 @@ compressed to its budget. It sizes its pool from free memory, so
 tests/gpu/run_all.sh runs it alone."""
 
 import os
-import time
 
 import numpy as np
 import pytest
+
+from serving import until_compressed
 
 pytestmark = pytest.mark.gpu
 # the engine in this process: pytest's CUDA would not survive a fork
@@ -41,7 +42,8 @@ def test_a_128k_prompt_compresses_in_16k_chunks_within_memory(tmp_path):
                             {"prompt_token_ids": short}], params,
                            use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [16, 16]
-    counts = _after_compressions(llm, 2)
+    counts = until_compressed(lambda: _sparsemm_metrics(llm), 2,
+                              "vllm:sparsemm_requests_compressed")
     kept = counts["vllm:sparsemm_prompt_tokens_kept"]
     full = counts["vllm:sparsemm_prompt_tokens_full"]
     print(f"long prompt: {len(long)} + {len(short)} tokens, kept "
@@ -51,14 +53,7 @@ def test_a_128k_prompt_compresses_in_16k_chunks_within_memory(tmp_path):
     assert 1.5 * BUDGET < kept <= 2 * BUDGET
 
 
-def _after_compressions(llm, count, polls=30) -> dict[str, float]:
-    """The sparsemm counters once they show ``count`` compressed requests
-    (the engine writes them at most once a second, and when it goes idle)."""
-    for _ in range(polls):
-        now = {m.name: m.value for m in llm.get_metrics()
-               if m.name.startswith("vllm:sparsemm_") and hasattr(m, "value")}
-        if now.get("vllm:sparsemm_requests_compressed", 0) >= count:
-            return now
-        time.sleep(0.5)
-    raise AssertionError(f"the compression counters did not reach {count}: "
-                         f"{now}")
+def _sparsemm_metrics(llm) -> dict[str, float]:
+    """The engine's vllm:sparsemm_* counters and gauges, by name."""
+    return {m.name: m.value for m in llm.get_metrics()
+            if m.name.startswith("vllm:sparsemm_") and hasattr(m, "value")}

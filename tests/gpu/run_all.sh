@@ -12,12 +12,13 @@
 # The small engine tests (1 GiB pools) run up to JOBS at a time, and beside
 # them the tests that serve a 7B/8B model (3 GiB pools, about 21 GiB each)
 # up to SERVER_JOBS (default 3; on an 80 GiB GPU with JOBS=2).
-# `examples` and `long_prompt` size their KV pools from free memory, as users
-# do, so they run alone afterwards. A test that fails beside others is run again alone,
-# and both results are printed. Each summary line gives the test's seconds.
-# Tests that start a server or engines one after another (the serve ones,
-# examples, long_prompt, compile, chunked, fp8_no_eviction, caching_encoder) get twice
-# LIMIT. A test whose every case was skipped counts as failed.
+# `examples` and `long_prompt` size their KV pools from free memory, as
+# users do, so they run alone afterwards. A test that fails beside others is
+# run again alone, and both results are printed. Each summary line gives the
+# test's seconds. Tests that start a server or engines one after another
+# (the serve ones, examples, long_prompt, compile, chunked, fp8_no_eviction,
+# caching_encoder) get twice LIMIT. A test whose every case was skipped
+# counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}

@@ -559,10 +559,11 @@ def _qwen_hub_processor(version: str, vocab_size: int):
 def write_dummy_qwen2_7b_text(path, max_len: int = 32768) -> Path:
     """Config and tokenizer of a Qwen2-7B text model (4 KV heads, so a
     ``max_len``-token prompt's KV fits beside its weights), no weights."""
-    config = dict(QWEN2_7B_TEXT, vocab_size=152064,
+    vocab = 152064
+    config = dict(QWEN2_7B_TEXT, vocab_size=vocab,
                   max_position_embeddings=max_len, bos_token_id=151643,
                   eos_token_id=151645)
-    return _write_dummy(path, config, _chatml_tokenizer(152064, {}))
+    return _write_dummy(path, config, _chatml_tokenizer(vocab, {}))
 
 
 def _write_dummy(path, config: dict, processor) -> Path:
