@@ -259,6 +259,44 @@ def test_released_prompts_are_parked_until_their_request_ends():
     assert pool.get_num_free_blocks() == eng.free_at_start
 
 
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_waiting_request_keeps_its_hits_until_admitted(kept):
+    """A waiting request's cached prompt blocks are parked until it is
+    admitted: an allocation that takes every other free block leaves them,
+    where the LRU order (the control, ``kept`` off) evicts them, since a
+    later request's blocks were freed after them. Freed while it waits, or
+    admitted, the request parks nothing."""
+    eng = Engine(caching=True, num_blocks=60)
+    pool = eng.kv.block_pool
+    first = IMAGE + list(range(10, 30))
+    _run(eng, "a", first, 4)
+    eng.finish("a")
+    _run(eng, "c", list(range(7000, 7000 + len(first))), 4)
+    eng.finish("c")  # its blocks join the queue after a's
+    tokens = first + list(range(900, 930))
+    cached = len(first) // BS  # a's full blocks: b's prefix
+    if kept:
+        eng.manager.keep_waiting_hits([eng.add("b", len(tokens),
+                                               len(tokens) + 3, tokens)])
+        assert len(pool.parked) == cached
+        _free_blocks_are_queued_or_parked(pool)
+    taken = pool.get_new_blocks(pool.get_num_free_blocks() - cached)
+    pool.free_blocks(taken)
+    hits = _run(eng, "b", tokens, 3)
+    assert hits == (cached * BS if kept else 0)
+    assert not eng.manager._kept_for  # admitted: its hits are its own
+    _free_blocks_are_queued_or_parked(pool)
+    eng.finish("b")
+    # a request freed while it waits (aborted) gives its parked blocks back
+    eng.manager.keep_waiting_hits([eng.add("d", len(tokens), len(tokens) + 3,
+                                           tokens)])
+    assert pool.parked
+    eng.kv.free(eng.requests["d"])
+    assert not pool.parked and not eng.manager._kept_for
+    _free_blocks_are_queued_or_parked(pool)
+    assert pool.get_num_free_blocks() == eng.free_at_start
+
+
 def test_parked_prompts_keep_conversations_hitting_on_a_full_pool(tmp_path,
                                                                   monkeypatch):
     """96 conversations of 4 turns, 48 at a time, on a pool their prompts
@@ -286,8 +324,18 @@ def test_parked_prompts_keep_conversations_hitting_on_a_full_pool(tmp_path,
         assert pool.get_num_free_blocks() == num_blocks - 1
         return result["prefix_hit_rate"]
 
+    from vllm_sparsemm.engine.kv_spec import SparseMMManager
+    kept, keep = set(), SparseMMManager.keep_waiting_hits
+
+    def recorded(self, waiting):  # the scheduler's patch passes its queue
+        waiting = list(waiting)
+        kept.update(r.request_id for r in waiting)
+        keep(self, waiting)
+
+    monkeypatch.setattr(SparseMMManager, "keep_waiting_hits", recorded)
     roomy, parked = run(2400), run(1500)
     assert parked > 0.9 * roomy
+    assert len(kept) == 96 * 4  # every turn waited (at first) and was seen
     monkeypatch.setattr(patches.ParkingBlockPool, "park",
                         lambda self, blocks, owner: None)
     assert run(1500) < 0.6 * roomy

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -195,6 +196,8 @@ class SparseMMManager(FullAttentionManager):
         # requests waiting when this step's scheduling began, less those
         # admitted since (patches.py)
         self._waiting = 0
+        # waiting requests whose cached prompt blocks are parked (keep_waiting_hits)
+        self._kept_for: set[str] = set()
 
     # -- what vLLM does not pass to managers (patches.py) ---------------------
 
@@ -219,6 +222,31 @@ class SparseMMManager(FullAttentionManager):
     def note_waiting(self, count: int) -> None:
         """How many requests wait as vLLM begins scheduling a step."""
         self._waiting = count
+
+    def keep_waiting_hits(self, waiting) -> None:
+        """Park the cached prompt blocks of each request in ``waiting`` until
+        it is admitted (or ends): the cache then evicts blocks that nobody
+        waits for first. Without it, requests that arrive together (the next
+        turns of many conversations) evicted each other's prompts in LRU
+        order before their lookups, whenever their prompts outgrew the pool.
+        Parked blocks still count as free: no admission changes."""
+        if not self.enable_caching:
+            return
+        for request in waiting:
+            request_id = request.request_id
+            if request_id in self._kept_for or request.num_computed_tokens:
+                continue
+            self._kept_for.add(request_id)
+            blocks = []
+            for block_hash in resolve_block_hashes(
+                    request.block_hashes, self.block_pool.hash_block_size,
+                    self.block_size):
+                cached = self.block_pool.get_cached_block(
+                    block_hash, [self.kv_cache_group_id])
+                if not cached:  # hashes chain: no later block hits
+                    break
+                blocks.append(cached[0])
+            self.block_pool.park(blocks, request_id)
 
     def note_finished(self, request_id: str, num_output_tokens: int) -> None:
         """``request_id`` ran to its end (not preempted or aborted): the
@@ -287,6 +315,9 @@ class SparseMMManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id, num_tokens,
                             num_tokens_main_model):
+        if request_id in self._kept_for:  # admitted: its hits are touched
+            self._kept_for.discard(request_id)
+            self.block_pool.unpark(request_id)
         tracked = self._requests.get(request_id)
         if tracked is None:
             return super().allocate_new_blocks(request_id, num_tokens,
@@ -379,6 +410,7 @@ class SparseMMManager(FullAttentionManager):
         super().free(request_id)
         if self.enable_caching:
             self.block_pool.unpark(request_id)
+        self._kept_for.discard(request_id)
         tracked = self._requests.pop(request_id, None)
         if tracked is not None:
             self._pending_sum -= tracked.pending

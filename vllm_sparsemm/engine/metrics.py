@@ -72,7 +72,8 @@ class MetricsWriter:
         self.prompt_blocks_parked = labelled(Gauge(
             "vllm:sparsemm_prompt_blocks_parked",
             "Free KV blocks that hold running compressed requests' released "
-            "prompts: cache hits, handed out last", labels, registry=r,
+            "prompts or waiting requests' cache hits: handed out last",
+            labels, registry=r,
             multiprocess_mode="sum"))
         self.admission_waits = Counter(
             "vllm:sparsemm_admission_waits",

@@ -8,6 +8,7 @@ leave vLLM's behaviour unchanged unless the sparsemm backend is selected
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 
 import torch
@@ -389,7 +390,8 @@ def patch_admission_inputs() -> None:
     admission gate), the output length of each request that ran to its end
     (not preempted or aborted), from which the pacer learns how long
     requests live, and how many requests wait when a step is scheduled (the
-    pacer stands aside when all of them fit)."""
+    pacer stands aside when all of them fit) and which (their cached
+    prompts are kept from eviction until they are admitted)."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import RequestStatus
@@ -458,6 +460,9 @@ def patch_admission_inputs() -> None:
             waiting = len(self.waiting) + len(self.skipped_waiting)
             for manager in managers_of(self.kv_cache_manager):
                 manager.note_waiting(waiting)
+                # those that may run soon: at most a full batch
+                manager.keep_waiting_hits(itertools.islice(
+                    self.waiting, self.max_num_running_reqs))
             return original(self, *args, **kwargs)
 
         return schedule
@@ -585,7 +590,8 @@ class ParkingBlockPool(BlockPool):
     request's blocks. Stock vLLM holds a running request's prompt and so
     never evicts it; without the tier, the cache's LRU order evicted the
     prompts of conversations that outgrew the pool, each one before its
-    next turn.
+    next turn. A waiting request's cached prompt blocks are parked too,
+    until it is admitted (``SparseMMManager.keep_waiting_hits``).
 
     Replaces ``BlockPool.get_num_free_blocks`` (adds the parked),
     ``get_new_blocks`` (unparks what the queue lacks first) and ``touch``
