@@ -161,6 +161,15 @@ def compression_since(before, after) -> dict[str, float]:
             "requests": grew("requests_compressed")}
 
 
+def late_sparsemm_builds(log_text) -> set[str]:
+    """sparsemm's Triton kernels that vLLM's JIT monitor saw built after its
+    warm-up (each a latency spike; an error with --jit-monitor-mode error)."""
+    from vllm_sparsemm.kernels import triton_ops
+    ours = {name for name in vars(triton_ops) if name.endswith("_kernel")}
+    return ours & set(re.findall(r"JIT compilation during inference: (\w+)",
+                                 log_text))
+
+
 def logged_settings(log_text) -> dict:
     """The effective settings the server logs once at start-up."""
     line = re.search(r"sparsemm: budget=(\d+) window=(\d+) ratio=(\S+) .*"

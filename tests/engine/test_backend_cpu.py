@@ -441,3 +441,50 @@ def test_compaction_time_spans_only_the_layers_that_select(monkeypatch):
     assert batch.layers_per_pass == LAYERS  # one pass, in the last layer
     assert len(spans) == 1
     assert len(timer.collect()) == 1
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_a_warm_up_run_builds_the_selection_kernels_once(monkeypatch,
+                                                         capturing):
+    """The window kernels are built in vLLM's warm-up forwards (a step with
+    no compressed request), with the dtypes and strides of a selection pass,
+    not by the first compressed prompt after vLLM's JIT monitor is on; never
+    while a CUDA graph is captured, and once per state."""
+    from vllm_sparsemm.engine import layer_ops
+    from vllm_sparsemm.kernels import triton_ops
+    calls = []
+
+    def window_means(queries, rows, blocks, lengths, first_layer,
+                     num_layers, num_kv_heads, block_size, longest,
+                     scales=None):
+        calls.append(dict(queries=queries, rows=rows, blocks=blocks,
+                          lengths=lengths, first=first_layer,
+                          layers=num_layers, heads=num_kv_heads,
+                          block_size=block_size, longest=longest))
+        return torch.zeros(len(queries), num_kv_heads, longest - WINDOW)
+
+    monkeypatch.setattr(triton_ops, "runs_on", lambda where: True)
+    monkeypatch.setattr(triton_ops, "window_means", window_means)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
+                        lambda: capturing)
+    eng = Engine()
+    eng.add("short", BUDGET - 10, BUDGET)  # never compressed: plain steps
+    for n in chunks(BUDGET - 10, 10) + [1]:
+        eng.step({"short": n})
+        assert eng.last_plan is None  # vLLM's plain path, as in warm-ups
+    if capturing:
+        assert not calls and not eng.state.window_kernels_warm
+        return
+    call, = calls
+    assert call["queries"].shape == (1, WINDOW, HEADS, DIM)
+    assert call["queries"].is_contiguous()
+    # a block-table row as a selection pass gathers it, block 0 only
+    assert call["blocks"].shape == (1, eng.width)
+    assert call["blocks"].stride() == (eng.width, 1)
+    assert call["blocks"].dtype == torch.int32 and not call["blocks"].any()
+    assert call["lengths"].dtype == torch.int64
+    assert call["lengths"].tolist() == [WINDOW + 1]
+    assert call["rows"].data_ptr() == eng.state.rows.data_ptr()
+    assert (call["first"], call["layers"], call["heads"], call["longest"],
+            call["block_size"]) == (0, LAYERS, KV_HEADS, WINDOW + 1, BS)
+    assert eng.state.window_kernels_warm

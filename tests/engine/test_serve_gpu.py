@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from serving import (SEVEN_B_POOL, after_compressions, compression_since,
-                     fixed_pool, image_data_url, logged_settings, post,
-                     serve_log, served, settled_metrics, sparsemm_metrics)
+                     fixed_pool, image_data_url, late_sparsemm_builds,
+                     logged_settings, post, serve_log, served,
+                     settled_metrics, sparsemm_metrics)
 
 pytestmark = pytest.mark.gpu
 
@@ -125,6 +126,7 @@ def test_serve_chat_completion_with_image(tmp_path):
         text = server.log_text()
         assert "prefix_caching=on" in text
         assert "sparsemm: compressing prompts" in text
+        assert not late_sparsemm_builds(text)  # built in vLLM's warm-up
 
         for args in ((), ("--stream", "--budget", "64")):
             done = _client_example(port, *args)

@@ -12,7 +12,8 @@ import pytest
 
 from scripts import load_script
 from serving import (SEVEN_B_POOL, after_compressions, fixed_pool,
-                     image_data_url, post, serve_log, served)
+                     image_data_url, late_sparsemm_builds, post, serve_log,
+                     served)
 
 pytestmark = pytest.mark.gpu
 
@@ -48,3 +49,4 @@ def test_each_model_folder_serves_an_image_chat(tmp_path, name):
         # the image's tokens are in the prompt, and more than B of them
         assert prompt - text_only["usage"]["prompt_tokens"] > 64
         assert 0 < kept < prompt
+        assert not late_sparsemm_builds(server.log_text())

@@ -31,6 +31,7 @@ from vllm_sparsemm.engine.layer_ops import (collect_window_queries, compact,
                                             page_table_width,
                                             prepare_compressed, select_layer,
                                             selects_in,
+                                            warm_window_kernels,
                                             write_compressed,
                                             write_standard_reference)
 from vllm_sparsemm.engine.plan_setup import settings_for
@@ -266,6 +267,8 @@ class SparseMMImpl(FlashAttentionImpl):
         state = attn_metadata.sparsemm_state
         index = self._layer_index(layer, kv_cache, state)
         if plan is None:  # dummy run, or no request compressed: plain FA
+            if not state.window_kernels_warm:  # vLLM's warm-up runs
+                warm_window_kernels(state, query, attn_metadata.block_table)
             self._write_standard(layer, key, value, kv_cache,
                                  attn_metadata.slot_mapping, state, index)
             return self._standard_attention(layer, query, key, value,

@@ -290,6 +290,30 @@ def _scores_in_place(state: WorkerKVState, queries, blocks, lengths,
         state.law.plan.pool_kernel)
 
 
+def warm_window_kernels(state: WorkerKVState, query: torch.Tensor,
+                        block_table: torch.Tensor) -> None:
+    """Build the selection's Triton kernels in one of vLLM's warm-up
+    forwards, with this engine's dtypes and strides, so the first compressed
+    prompt does not compile them: a latency spike, and an error under
+    ``--jit-monitor-mode error``. Once per state; never inside a CUDA graph
+    capture, which would record the launches."""
+    if (state.window_kernels_warm or state.pages is None
+            or not triton_ops.runs_on(query)
+            or torch.cuda.is_current_stream_capturing()):
+        return
+    state.window_kernels_warm = True
+    window = state.window
+    if block_table.shape[1] * state.block_size <= window:
+        return  # no prompt this engine admits is compressed
+    # one prompt of W + 1 tokens in block 0, as a selection pass lays it out:
+    # queries [m * b, W, Hq, D], block-table rows [b, columns], int64 lengths
+    queries = query.new_zeros((1, window) + tuple(query.shape[1:]))
+    blocks = block_table.new_zeros((1, block_table.shape[1]))
+    lengths = torch.full((1, ), window + 1, dtype=torch.int64,
+                         device=query.device)
+    _scores_in_place(state, queries, blocks, lengths, 0, window + 1)
+
+
 def dequantized(state: WorkerKVState, values: torch.Tensor, layers,
                 column: int) -> torch.Tensor:
     """float32 ``values`` of an fp8 cache (keys, or the queries vLLM

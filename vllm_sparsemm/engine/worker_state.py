@@ -122,6 +122,7 @@ class WorkerKVState:
         # poisoned then: later requests read them)
         self.prompt_blocks_cached = prompt_blocks_cached
         self.announced = False  # the first compaction was logged
+        self.window_kernels_warm = False  # layer_ops.warm_window_kernels
         self.requests: dict[str, RequestKV] = {}
         # live requests this worker has seen that are not compressed
         self.uncompressed: set[str] = set()
