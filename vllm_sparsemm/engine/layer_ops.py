@@ -299,7 +299,7 @@ def warm_window_kernels(state: WorkerKVState, query: torch.Tensor,
     capture, which would record the launches."""
     if (state.window_kernels_warm or state.pages is None
             or not triton_ops.runs_on(query)
-            or torch.cuda.is_current_stream_capturing()):
+            or (query.is_cuda and torch.cuda.is_current_stream_capturing())):
         return
     state.window_kernels_warm = True
     window = state.window
