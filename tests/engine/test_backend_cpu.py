@@ -465,8 +465,8 @@ def test_a_warm_up_run_builds_the_selection_kernels_once(monkeypatch,
 
     monkeypatch.setattr(triton_ops, "runs_on", lambda where: True)
     monkeypatch.setattr(triton_ops, "window_means", window_means)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
-                        lambda: capturing)
+    monkeypatch.setattr(layer_ops, "capturing_graph",
+                        lambda tensor: capturing)
     eng = Engine()
     eng.add("short", BUDGET - 10, BUDGET)  # never compressed: plain steps
     for n in chunks(BUDGET - 10, 10) + [1]:

@@ -299,7 +299,7 @@ def warm_window_kernels(state: WorkerKVState, query: torch.Tensor,
     capture, which would record the launches."""
     if (state.window_kernels_warm or state.pages is None
             or not triton_ops.runs_on(query)
-            or (query.is_cuda and torch.cuda.is_current_stream_capturing())):
+            or capturing_graph(query)):
         return
     state.window_kernels_warm = True
     window = state.window
@@ -312,6 +312,12 @@ def warm_window_kernels(state: WorkerKVState, query: torch.Tensor,
     lengths = torch.full((1, ), window + 1, dtype=torch.int64,
                          device=query.device)
     _scores_in_place(state, queries, blocks, lengths, 0, window + 1)
+
+
+def capturing_graph(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``tensor``'s device's
+    current stream (never on the CPU, where asking CUDA would start it)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def dequantized(state: WorkerKVState, values: torch.Tensor, layers,
