@@ -258,7 +258,12 @@ def _child(model, backend, budget, prompts, max_tokens, kwargs):
             chosen = [chosen[i] for i in pick]
     count = kwargs.pop("count_layer0_calls", False)
     logprobs = kwargs.pop("logprobs", False)
+    guard = kwargs.pop("guard_syncs", False)
     llm = _llm(model, backend, budget, **kwargs)
+    if guard:
+        syncs, guarded = _guard_syncs()
+        tokens, lens = _generate(llm, chosen, max_tokens)
+        return tokens, lens, syncs, guarded[0]
     runs = _count_encoder_runs() if encoder_runs else None
     if sequential:  # each request finishes before the next: cache hits
         from vllm import SamplingParams
@@ -282,6 +287,42 @@ def _child(model, backend, budget, prompts, max_tokens, kwargs):
     SparseMMImpl.forward = counting
     tokens, lens = _generate(llm, chosen, max_tokens)
     return tokens, lens, calls[0]
+
+
+def _guard_syncs():
+    """Run sparsemm's per-step code, the builder's step plan and every
+    layer's forward, under torch's sync debug mode: each operation there
+    that makes the host wait for the device (``.item()``, a blocking copy,
+    a data-dependent shape) is recorded as ``file:line: message``. The host
+    must never wait in a step: vLLM prepares the next step while the device
+    runs this one, and a wait there costs every request that step's host
+    time. Graph captures are left alone."""
+    import warnings
+
+    from vllm_sparsemm.engine import backend
+    syncs, guarded = [], [0]
+
+    def checked(function):
+        def run(*args, **kwargs):
+            if torch.cuda.is_current_stream_capturing():
+                return function(*args, **kwargs)
+            guarded[0] += 1
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                    syncs.extend(
+                        f"{w.filename}:{w.lineno}: {w.message}"
+                        for w in caught if "synchroniz" in str(w.message))
+
+        return run
+
+    backend.step_plan = checked(backend.step_plan)
+    backend.SparseMMImpl.forward = checked(backend.SparseMMImpl.forward)
+    return syncs, guarded
 
 
 def _close(llm):
@@ -743,3 +784,24 @@ def test_triton_decode_kernel_gives_flash_attn_tokens(models):
                          enforce_eager=eager)
         for a, b in zip(want, got):
             assert b[:8] == a[:8]
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_steps_never_wait_for_the_device(models, eager):
+    """No step's sparsemm code makes the host wait for the GPU: prompts in
+    chunks beside compressed decode rows, selections and compactions (four
+    requests at a time, 16 in all, prefix caching on as vLLM serves).
+    Eager runs every layer's forward in Python; compile mode runs the
+    mixed steps between piecewise graphs and replays FULL decode graphs."""
+    spec = dict(kind="llava-small", n=16, seed=3, text_len=100)
+    budget = {"budget": 48, "window": 16}
+    _, lens, syncs, guarded = _tokens(
+        models["llava-small"], "sparsemm", budget, dict(spec),
+        guard_syncs=True, enforce_eager=eager, max_num_seqs=4,
+        max_num_batched_tokens=256, enable_chunked_prefill=True,
+        enable_prefix_caching=True)
+    assert min(lens) > 48 and guarded > 0  # compressed, and checked
+    ours = [site for site in syncs if "vllm_sparsemm" in site]
+    print(f"sync checks: {guarded} calls; {len(syncs)} waits, "
+          f"{len(ours)} in sparsemm: {sorted(set(syncs))[:20]}")
+    assert not ours, "\n".join(sorted(set(ours)))

@@ -16,9 +16,9 @@
 # users do, so they run alone afterwards. A test that fails beside others is
 # run again alone, and both results are printed. Each summary line gives the
 # test's seconds. Tests that start a server or engines one after another
-# (the serve ones, examples, long_prompt, compile, chunked, fp8_no_eviction,
-# caching_encoder) get twice LIMIT. A test whose every case was skipped
-# counts as failed.
+# (the serve ones, examples, long_prompt, compile, syncs, chunked,
+# fp8_no_eviction, caching_encoder) get twice LIMIT. A test whose every case
+# was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
 jobs=${JOBS:-1}
@@ -63,6 +63,7 @@ declare -A tests=(
   [leaks]="$engine -k leaks"
   [triton]="$engine -k triton_decode_kernel"
   [compile]="$engine -k graphs"
+  [syncs]="$engine -k steps_never_wait"
   [serve]="tests/engine/test_serve_gpu.py -k chat_completion"
   [serve_api2]="tests/engine/test_serve_gpu.py -k several_api_servers"
   [serve_video]="tests/engine/test_serve_video_gpu.py"
@@ -85,7 +86,7 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        video_chunked fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples
-       long_prompt compile
+       long_prompt compile syncs
        "${served_models[@]/#/serve_}" serve serve_api2 serve_video)
 alone=" examples long_prompt "
 [ $# -gt 0 ] && order=("$@")
@@ -93,7 +94,7 @@ alone=" examples long_prompt "
 run_one() {  # name: one pytest process, its log, its summary line
   local name=$1 args=${tests[$1]} limit=${LIMIT:-300} rc start=$SECONDS
   # tests that start several engines in turn
-  [[ " serve serve_api2 serve_video examples long_prompt compile chunked fp8_no_eviction caching_encoder " == \
+  [[ " serve serve_api2 serve_video examples long_prompt compile syncs chunked fp8_no_eviction caching_encoder " == \
      *" $name "* || -n ${served[$name]:-} ]] && limit=$((2 * limit))
   rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
   # shellcheck disable=SC2086
@@ -104,7 +105,7 @@ run_one() {  # name: one pytest process, its log, its summary line
   # extra) is no pass
   [ "$rc" = 0 ] && ! grep -q '^PASSED' "$log_dir/gpu_$name.log" && rc=5
   echo "$rc" > "/tmp/gpu_tests/$name.rc"
-  echo "== $name rc=$rc ($((SECONDS - start)) s): $(grep -hE '^(PASSED|FAILED|ERROR|SKIPPED)|^E  |oracle kept|block checks|served:' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
+  echo "== $name rc=$rc ($((SECONDS - start)) s): $(grep -hE '^(PASSED|FAILED|ERROR|SKIPPED)|^E  |oracle kept|block checks|served:|sync checks' "$log_dir/gpu_$name.log" | cut -c1-200 | head -8 | tr '\n' ' ')"
 }
 
 status=0
