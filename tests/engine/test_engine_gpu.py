@@ -293,30 +293,39 @@ def _guard_syncs():
     """Run sparsemm's per-step code, the builder's step plan and every
     layer's forward, under torch's sync debug mode: each operation there
     that makes the host wait for the device (``.item()``, a blocking copy,
-    a data-dependent shape) is recorded as ``file:line: message``. The host
-    must never wait in a step: vLLM prepares the next step while the device
-    runs this one, and a wait there costs every request that step's host
-    time. Graph captures are left alone."""
+    a data-dependent shape) is recorded as ``file:line`` of the innermost
+    caller outside torch. The host must never wait in a step: vLLM prepares
+    the next step while the device runs this one, and a wait there costs
+    every request that step's host time. Graph captures are left alone."""
+    import traceback
     import warnings
 
     from vllm_sparsemm.engine import backend
     syncs, guarded = [], [0]
+
+    def record(message, *args, **kwargs):
+        if "synchroniz" not in str(message):
+            return
+        for frame in reversed(traceback.extract_stack()[:-1]):
+            if ("/torch/" not in frame.filename
+                    and "warnings" not in frame.filename):
+                syncs.append(f"{frame.filename}:{frame.lineno} "
+                             f"({frame.name})")
+                return
 
     def checked(function):
         def run(*args, **kwargs):
             if torch.cuda.is_current_stream_capturing():
                 return function(*args, **kwargs)
             guarded[0] += 1
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings():
                 warnings.simplefilter("always")
+                warnings.showwarning = record
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     return function(*args, **kwargs)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-                    syncs.extend(
-                        f"{w.filename}:{w.lineno}: {w.message}"
-                        for w in caught if "synchroniz" in str(w.message))
 
         return run
 
