@@ -657,22 +657,28 @@ def run_key(workload: str, model: str, concurrency: int, label: str) -> str:
 
 # ------------------------------------------------------------- warm-up
 
-def warm_up(base_url: str, seed: int, video_size=None) -> str | None:
-    """One small request with its own image (a video server: a short video
-    of frames of ``video_size``), so first-request set-up is not in the
-    first load; returns the error, if any."""
-    salt = [seed, chat_client.SALT["warmup"]]
-    turn = (chat_client.user_turn(chat_client.video_url(salt, 4, video_size),
-                                  "Describe the video.", "video")
-            if video_size else
-            chat_client.user_turn(chat_client.image_url(salt),
-                                  "Describe the image."))
-    request = chat_client.ChatRequest(messages=[turn], max_tokens=8,
-                                      stream=False)
+def warm_up(base_url: str, seed: int, video_size=None,
+            requests: int = 1) -> str | None:
+    """``requests`` small requests at once, each with its own image (a
+    video server: a short video of frames of ``video_size``), so that
+    first-request set-up (in every API server process, not just the one
+    a single request reaches) is not in the first load; returns the first
+    error, if any."""
+    def turn(i):
+        salt = [seed, chat_client.SALT["warmup"]] + ([i] if i else [])
+        if video_size:
+            return chat_client.user_turn(
+                chat_client.video_url(salt, 4, video_size),
+                "Describe the video.", "video")
+        return chat_client.user_turn(chat_client.image_url(salt),
+                                     "Describe the image.")
+    batch = [chat_client.ChatRequest(messages=[turn(i)], max_tokens=8,
+                                     stream=False)
+             for i in range(max(1, requests))]
     import asyncio
     results, _ = asyncio.run(chat_client.run_requests(
-        base_url, SERVED_NAME, [request], 1))
-    return results[0].error
+        base_url, SERVED_NAME, batch, len(batch)))
+    return next((r.error for r in results if r.error), None)
 
 
 def run_load(cmd: list[str], log_path, max_seconds: float | None,
@@ -1096,6 +1102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the profiled window lasts")
     p.add_argument("--profile-steps", type=int, default=40,
                    help="at most this many engine steps traced")
+    p.add_argument("--warmup-requests", type=int, default=16,
+                   help="requests sent at once, each its own image, before "
+                   "the first load: enough to reach every API server")
     p.add_argument("--health-timeout", type=float, default=420.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="serve_matrix.json",
@@ -1200,7 +1209,8 @@ def run_servers(args, plans, out: Path, invocation: list[str],
         try:
             video = next((ld.params["image_size"] for ld in server.loads
                           if ld.workload == "video"), None)
-            error = warm_up(f"http://127.0.0.1:{port}", args.seed, video)
+            error = warm_up(f"http://127.0.0.1:{port}", args.seed, video,
+                            args.warmup_requests)
             if error:
                 print(f"!! warm-up request failed: {error}", flush=True)
             for load in server.loads:

@@ -1439,3 +1439,15 @@ def test_multiturn_fits_each_named_model(tmp_path, vllm_parsers, name):
         if refused:  # the default's answers would not fit the positions
             assert longest(p, 64) + 64 > server.max_model_len
     assert (refused is None) == (name != "llava-next-7b")
+
+
+def test_warm_up_reaches_every_api_server_with_its_own_images():
+    # one request per API server process at least: each has first-request
+    # set-up of its own, and a single warm-up request reaches only one
+    with FakeServer() as server:
+        assert sm.warm_up(server.url, seed=0, requests=5) is None
+    assert len(server.bodies) == 5 and len(server.images) == 5
+    assert all(b["max_tokens"] == 8 and not b.get("stream")
+               for b in server.bodies)
+    args = sm.parse_args(["--backends", "stock"])
+    assert args.warmup_requests >= 8
