@@ -15,7 +15,8 @@ sparsemm's plan). A step whose gaps sum small is GPU-bound: host work there
 cannot buy time; then the GPU time per kernel name says where it goes.
 ``host_time_by_scope`` gives the engine thread's time inside each named scope
 whether the GPU waited or not: a GPU-bound run's host cost, to hold against
-another backend's. ``idle_by_next_gpu_op_ms`` charges each gap to the GPU work
+another backend's; ``attention_calls`` the same for one eager attention
+layer's call, with the part of it spent in Python. ``idle_by_next_gpu_op_ms`` charges each gap to the GPU work
 that ends it, what the host was getting ready to launch: in a piecewise step,
 an attention kernel after a gap means the host's attention path (Python,
 Triton's launcher) ran longer than the graph piece before it.
@@ -33,6 +34,7 @@ GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 HOST_CATS = {"cpu_op", "user_annotation", "cuda_runtime", "python_function",
              "cuda_driver"}
 NO_OP = "(no torch op: host Python)"
+ATTENTION = "vllm::unified_attention_with_output"
 GAP_BUCKETS_US = (10, 100, 1000)
 
 
@@ -62,6 +64,38 @@ def engine_thread(events) -> tuple:
         if e.get("cat") == "cpu_op":
             busy[(e["pid"], e["tid"])] += e["dur"]
     return max(busy, key=busy.get) if busy else None
+
+
+def attention_calls(host) -> dict:
+    """An attention layer's host cost per call on the engine thread
+    (``host``: its ``(start, end, name)`` events sorted by start, outer
+    first): duration, and the time inside it with no other event open, which
+    is Python (the backend's own, a Triton launcher's) rather than torch or
+    CUDA. Only eager calls appear: a replayed CUDA graph runs no layer."""
+    durations, own = [], []
+    for i, (lo, hi, name) in enumerate(host):
+        if name != ATTENTION:
+            continue
+        covered, reach = 0.0, lo
+        for c_lo, c_hi, _ in host[i + 1:]:
+            if c_lo >= hi:
+                break
+            if c_hi > reach:  # the part of a child not yet counted
+                covered += min(c_hi, hi) - max(c_lo, reach)
+                reach = min(c_hi, hi)
+        durations.append(hi - lo)
+        own.append(hi - lo - covered)
+
+    def quantile(values, q):
+        ordered = sorted(values)
+        return round(ordered[int(q * (len(ordered) - 1))] / 1e3, 3)
+
+    if not durations:
+        return {"calls": 0}
+    return {"calls": len(durations),
+            "median_ms": quantile(durations, 0.5),
+            "p90_ms": quantile(durations, 0.9),
+            "median_python_ms": quantile(own, 0.5)}
 
 
 def analyse(events, top: int = 15) -> dict:
@@ -146,6 +180,7 @@ def analyse(events, top: int = 15) -> dict:
             "idle_by_outermost_host_scope_ms": ranked(scope),
             "idle_by_next_gpu_op_ms": ranked(next_op),
             "host_time_by_scope": ranked_with_counts(in_scope, opened),
+            "attention_calls": attention_calls(host),
             "gpu_time_by_kernel": ranked_with_counts(kernel_time,
                                                      kernel_calls),
             "largest_gaps": [[round(d / 1e3, 3), round(at / 1e3, 3), name]
@@ -175,6 +210,7 @@ def main():
             print(f"   {key}_ms ({what}):")
             for name, ms, calls in result[key]:
                 print(f"     {ms:9.3f}  ({calls})  {name[:100]}")
+        print("   attention layer calls (eager):", result["attention_calls"])
         print("   largest gaps [ms, at ms, host op]:", result["largest_gaps"])
     if args.json:
         with open(args.json, "w") as f:

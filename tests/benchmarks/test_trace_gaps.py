@@ -112,3 +112,23 @@ def test_gaps_are_charged_to_the_gpu_op_that_ends_them():
     # 10-40 and 60-65 end in decode launches; 75-100 in a GEMM
     assert result["idle_by_next_gpu_op_ms"] == [["_decode_kernel", 0.035],
                                                 ["gemm", 0.025]]
+
+
+def test_attention_calls_split_host_time_into_ops_and_python():
+    gaps = load_script("trace_gaps")
+    host = sorted([
+        # (start, end, name); 100 us: children cover 10-30 and 50-70
+        (0, 100, gaps.ATTENTION),
+        (10, 30, "aten::index_select"), (20, 25, "aten::empty"),
+        (50, 70, "cuLaunchKernelEx"),
+        (200, 240, gaps.ATTENTION),  # 40 us, all Python
+        (300, 400, "aten::mm"),
+    ], key=lambda h: (h[0], -h[1]))
+    calls = gaps.attention_calls(host)
+    assert calls == {"calls": 2, "median_ms": 0.04, "p90_ms": 0.04,
+                     "median_python_ms": 0.04}
+    host += [(500, 560, gaps.ATTENTION), (510, 530, "aten::sort")]
+    calls = gaps.attention_calls(sorted(host))  # Python: 60, 40 and 40 us
+    assert calls["median_ms"] == 0.06 and calls["median_python_ms"] == 0.04
+    assert calls["p90_ms"] == 0.06
+    assert gaps.attention_calls([]) == {"calls": 0}
