@@ -16,7 +16,9 @@ and V page buffers; the rest time ``triton_ops.paged_decode`` (the
 with a KV head's G query heads in one 16-row tile, in a few launch
 configurations (``TRITON_CONFIGS``). Reported per variant: median ms per
 call (CUDA graph replays) and KV bytes read per second (keys and values of
-every token once).
+every token once), and the host's microseconds to launch one call eagerly
+(``host_us``), what a step that runs attention between piecewise graphs (one
+that holds a prompt) pays per layer.
 
 A case ``RxT+NxL`` is lopsided, as compressed heads are: N KV heads of
 each row hold L tokens, the rest T. It has no stock twin (stock would hold
@@ -190,6 +192,22 @@ def time_call(call, iters: int, repeat: int = 10) -> float:
     return statistics.median(times)
 
 
+def host_time(call, calls: int = 200) -> float:
+    """Microseconds of host time per eager call, the GPU left to catch up
+    after: fewer launches than the device's queue holds, so none waits."""
+    import time
+
+    import torch
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def backend_triton_splits(case: dict) -> int:
     from vllm_sparsemm.engine import backend
     return backend.triton_decode_splits(case["lengths"].numel(),
@@ -229,6 +247,7 @@ def run_case(case_spec: tuple[int, int, int, int], args) -> list[dict]:
         results.append({"rows": rows, "tokens_per_head": tokens,
                         "long_heads": long_heads, "long_tokens": long_tokens,
                         "variant": name, "ms": round(ms, 4),
+                        "host_us": round(host_time(call), 1),
                         "kv_gb_per_s": round(case["kv_bytes"] / ms / 1e6, 1)})
     base = results[0]["ms"]
     for r in results:
@@ -278,12 +297,13 @@ def main() -> None:
     for case in cases:
         results += run_case(case, args)
     print("rows | tokens/head | variant | ms | KV GB/s | x first (stock, "
-          "or the per-head FA call)")
+          "or the per-head FA call) | host us a launch")
     for r in results:
         long = (f" + {r['long_heads']}x{r['long_tokens']}" if r["long_heads"]
                 else "")
         print(f"{r['rows']} | {r['tokens_per_head']}{long} | {r['variant']} | "
-              f"{r['ms']:.3f} | {r['kv_gb_per_s']:.0f} | {r['x_first_time']:.2f}")
+              f"{r['ms']:.3f} | {r['kv_gb_per_s']:.0f} | {r['x_first_time']:.2f} | "
+              f"{r['host_us']:.0f}")
     with open(args.out, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "settings": vars(args),
                    "results": results}, f, indent=1)

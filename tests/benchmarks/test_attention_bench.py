@@ -51,3 +51,13 @@ def test_a_lopsided_case_gives_its_long_heads_their_tokens():
     assert case["longest"] == 40 and case["table"].shape == (rows * heads, 3)
     assert case["row_lengths"].tolist() == [40] * rows  # stock holds it all
     assert case["kv_bytes"] == 2 * rows * (40 + 3 * 5) * dim * 2
+
+
+def test_host_time_counts_launches_not_the_wait(monkeypatch):
+    import torch
+    bench = load_script("attention_bench")
+    waits, launches = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: waits.append(1))
+    us = bench.host_time(lambda: launches.append(1), calls=50)
+    # one warm call, then 50 timed; the device is waited for around them
+    assert len(launches) == 51 and len(waits) == 2 and us > 0
