@@ -55,6 +55,17 @@ class FakeMetadata:
     sparsemm_step: object = None
 
 
+def attention_layer(impl, layer, query, key, value, kv_cache, metadata,
+                    output):
+    """What vLLM's ``Attention.forward`` runs for one layer: the backend's
+    KV write first, unless its forward includes it, then the forward."""
+    if (metadata is not None
+            and not backend.SparseMMBackend.forward_includes_kv_cache_update):
+        impl.do_kv_cache_update(layer, key, value, kv_cache,
+                                metadata.slot_mapping)
+    return impl.forward(layer, query, key, value, kv_cache, metadata, output)
+
+
 def _hash(value) -> bytes:
     import hashlib
     import pickle
@@ -273,8 +284,8 @@ class Engine:
                 out = torch.empty_like(q)
                 if self.fp8:  # as vLLM's Attention.forward hands them over
                     q = to_cache(q, FP8_KV_DTYPE, layer._q_scale)
-                rank.impl.forward(layer, q, k, v, rank.cache[:, l],
-                                  rank_metadata, out)
+                attention_layer(rank.impl, layer, q, k, v, rank.cache[:, l],
+                                rank_metadata, out)
                 rank_out.append(out[:len(tokens)])
             outputs.append(torch.stack(rank_out))
         outputs = torch.cat(outputs, dim=2)  # heads of all ranks

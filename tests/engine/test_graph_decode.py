@@ -10,7 +10,7 @@ import pytest
 
 import torch
 
-from cpu_engine import BS, DIM, HEADS, KV_HEADS, Engine
+from cpu_engine import BS, DIM, HEADS, KV_HEADS, Engine, attention_layer
 from vllm_sparsemm.engine import patches
 from vllm_sparsemm.engine.graph_decode import GraphDecode
 from vllm_sparsemm.engine.step_rows import RowInfo, StepRows
@@ -167,16 +167,20 @@ def test_capture_run_binds_the_cache_before_any_forward_and_writes_block_0():
     assert state.pages.data_ptr() == rank.cache.data_ptr()
     reqs = 4
     metadata = types.SimpleNamespace(block_table=torch.zeros(
-        reqs, 3, dtype=torch.int32), sparsemm_state=state)
+        reqs, 3, dtype=torch.int32), sparsemm_state=state,
+        slot_mapping=torch.zeros(reqs, dtype=torch.int64))
     plan = backend.step_plan(state, None, reqs, reqs,
                              torch.arange(reqs + 1), metadata, full_graph=True)
+    # every row of a FULL step is compressed: vLLM's own write skips them all
+    assert metadata.slot_mapping.eq(-1).all()
     assert plan.compressed.max_length == 4096  # the fixed path
     metadata.sparsemm_step = plan
     for l, layer in enumerate(eng.layers):
         q = torch.zeros(reqs, HEADS, DIM)
         kv = torch.ones(reqs, KV_HEADS, DIM)
         out = torch.full_like(q, float("nan"))
-        rank.impl.forward(layer, q, kv, kv, rank.cache[:, l], metadata, out)
+        attention_layer(rank.impl, layer, q, kv, kv, rank.cache[:, l],
+                        metadata, out)
         assert out.eq(0).all()  # no keys: nothing read
     assert torch.equal(rank.cache[1:], before[1:])  # only block 0 written
     assert not torch.equal(rank.cache[0], before[0])

@@ -377,3 +377,27 @@ def test_vllm_knows_the_sparsemm_environment_variables(monkeypatch):
     monkeypatch.setenv("VLLM_SPARSEMM_BUGDET", "64")
     with pytest.raises(ValueError, match="VLLM_SPARSEMM_BUGDET"):
         envs.validate_environ(hard_fail=True)
+
+
+def test_the_config_carries_the_graph_contract_into_its_hash():
+    """vLLM keys its compile caches by the config's hash, not by this
+    plugin's code: the marker keeps a graph compiled by a version that wrote
+    K/V inside the attention op from being loaded by one that does not."""
+    import json
+
+    from vllm.config import DeviceConfig, VllmConfig
+    from vllm_sparsemm.engine.backend import SparseMMBackend
+    register()
+    config = _engine_config()
+    config.additional_config = {"sparsemm": {"budget": 64}}
+    patches._prepare_engine_config(config)
+    assert config.additional_config == {"sparsemm": {"budget": 64},
+                                        **patches.GRAPH_CONTRACT}
+    assert not SparseMMBackend.forward_includes_kv_cache_update
+    # the additional config is one of the hash's factors, as a sorted dump
+    plain, marked = (VllmConfig(device_config=DeviceConfig(device="cpu"),
+                                additional_config=extra).compute_hash()
+                     for extra in ({"sparsemm": {"budget": 64}},
+                                   json.loads(json.dumps(
+                                       config.additional_config))))
+    assert plain != marked

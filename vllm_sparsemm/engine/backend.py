@@ -43,7 +43,7 @@ from vllm_sparsemm.engine.step_rows import StepRows
 from vllm_sparsemm.engine.worker_state import (KEY, QUERY, VALUE,
                                                WorkerKVState)
 from vllm_sparsemm.kernels import triton_ops
-from vllm_sparsemm.kernels.kv_ops import (FP8_CACHE_DTYPES,
+from vllm_sparsemm.kernels.kv_ops import (FP8_CACHE_DTYPES, FP8_KV_DTYPE,
                                           paged_attention_reference)
 
 logger = init_logger("vllm.sparsemm.backend")
@@ -58,8 +58,11 @@ class SparseMMMetadata(FlashAttentionMetadata):
 
 
 class SparseMMBackend(FlashAttentionBackend):
-    # The impl writes K/V itself: compressed rows go to per-head pages.
-    forward_includes_kv_cache_update: bool = True
+    # vLLM writes K/V in the standard layout before the attention op (inside
+    # the piecewise CUDA graph), for every token with a slot; the builder
+    # unsets the slots of compressed rows, whose K/V the impl writes to their
+    # own pages (unset_compressed_slots)
+    forward_includes_kv_cache_update: bool = False
 
     @staticmethod
     def get_name() -> str:
@@ -168,10 +171,29 @@ def step_plan(state: WorkerKVState, rows, num_reqs: int, num_tokens: int,
     :func:`build_step` (None when vLLM gives no rows: its dummy runs)."""
     if full_graph:
         state.graph.check_uniform_decode(rows, num_reqs, num_tokens)
-        return build_graph_step(state, rows, num_reqs, metadata)
-    if rows is None:
+        plan = build_graph_step(state, rows, num_reqs, metadata)
+    elif rows is None:
         return None
-    return build_step(state, rows, query_start_loc_cpu, metadata)
+    else:
+        plan = build_step(state, rows, query_start_loc_cpu, metadata)
+    if plan is not None:
+        unset_compressed_slots(plan, metadata.slot_mapping)
+    return plan
+
+
+def unset_compressed_slots(plan: StepPlan, slot_mapping: torch.Tensor) -> None:
+    """Mark the compressed rows' tokens slotless (-1) in vLLM's slot mapping,
+    in place: vLLM's KV write before each attention op (``unified_kv_cache_update``,
+    in the piecewise graph) then skips them, and ``write_compressed`` puts them
+    in their own pages. One fill a step; the forward context's per-layer
+    slot mappings are views of this buffer."""
+    cr = plan.compressed
+    if cr is None:
+        return
+    if cr.leading:  # compressed tokens first: [0, R)
+        slot_mapping[:len(cr.rows)].fill_(-1)
+    else:
+        slot_mapping.index_fill_(0, cr.tokens, -1)
 
 
 def build_step(state: WorkerKVState, rows, query_start_loc_cpu,
@@ -269,18 +291,9 @@ class SparseMMImpl(FlashAttentionImpl):
         if plan is None:  # dummy run, or no request compressed: plain FA
             if not state.window_kernels_warm:  # vLLM's warm-up runs
                 warm_window_kernels(state, query, attn_metadata.block_table)
-            self._write_standard(layer, key, value, kv_cache,
-                                 attn_metadata.slot_mapping, state, index)
             return self._standard_attention(layer, query, key, value,
                                             kv_cache, attn_metadata, output)
         compressed = plan.compressed
-        if compressed is None:
-            self._write_standard(layer, key, value, kv_cache,
-                                 attn_metadata.slot_mapping, state, index)
-        elif plan.standard_rows:
-            tokens = plan.standard_tokens
-            self._write_standard(layer, key[tokens], value[tokens], kv_cache,
-                                 plan.standard_slots, state, index)
         if compressed is not None:
             write_compressed(compressed, state, index, key, value)
         if plan.window_rows or plan.selection_batches:
@@ -326,17 +339,16 @@ class SparseMMImpl(FlashAttentionImpl):
         state.adopt_scales(checked[1], layer)
         return checked[1]
 
-    def _write_standard(self, layer, key, value, kv_cache, slots, state,
-                        index):
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        """vLLM's standard-layout write of every token with a slot
+        (FlashAttention's own on the GPU; the reference on the CPU)."""
         if kv_cache.is_cuda:
-            _, reshape_and_cache_flash, _ = _fa_ops()
-            key_cache, value_cache = kv_cache.transpose(1, 2).split(
-                self.head_size, dim=-1)
-            reshape_and_cache_flash(key, value, key_cache, value_cache, slots,
-                                    self.kv_cache_dtype, layer._k_scale,
-                                    layer._v_scale)
-        else:
-            write_standard_reference(state, index, key, value, slots)
+            return super().do_kv_cache_update(layer, key, value, kv_cache,
+                                              slot_mapping)
+        if kv_cache.dtype == torch.uint8:  # vLLM allocates fp8 as bytes
+            kv_cache = kv_cache.view(FP8_KV_DTYPE)
+        write_standard_reference(kv_cache, key, value, slot_mapping,
+                                 (layer._k_scale, layer._v_scale))
 
     def _standard_attention(self, layer, query, key, value, kv_cache, metadata,
                             output):

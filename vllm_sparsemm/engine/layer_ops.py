@@ -23,7 +23,7 @@ from vllm_sparsemm.engine.step_plan import (SELECTION_TOKENS, CompressedRows,
 from vllm_sparsemm.engine.worker_state import KEY, QUERY, WorkerKVState
 from vllm_sparsemm.kernels import triton_ops
 from vllm_sparsemm.kernels.kv_ops import (FP8_KV_DTYPE, copy_rows,
-                                          from_cache, write_rows)
+                                          from_cache, to_cache, write_rows)
 
 logger = init_logger("vllm.sparsemm.layers")
 
@@ -127,20 +127,20 @@ def write_compressed(cr: CompressedRows, state: WorkerKVState, layer: int,
                state.scales(layer))
 
 
-def write_standard_reference(state: WorkerKVState, layer: int,
-                             key: torch.Tensor, value: torch.Tensor,
-                             slots: torch.Tensor) -> None:
-    """PyTorch stand-in for vLLM's ``reshape_and_cache_flash`` (CPU tests)."""
+def write_standard_reference(kv_cache: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, slots: torch.Tensor,
+                             scales: tuple) -> None:
+    """PyTorch stand-in for vLLM's ``reshape_and_cache_flash`` into one
+    layer's ``kv_cache [blocks, Hkv, bs, 2D]`` (CPU tests): the tokens with
+    a slot, quantized by ``scales`` ``(k, v)`` for an fp8 cache."""
     valid = slots >= 0
     slot = slots[valid]
-    block, offset = slot // state.block_size, slot % state.block_size
-    heads = torch.arange(state.num_kv_heads, device=key.device)
-    page = state.space.page_id(layer, block[:, None], heads[None, :])
-    rows = page * state.block_size + offset[:, None]
-    kv = torch.cat([key[:slots.shape[0]][valid], value[:slots.shape[0]][valid]],
+    count = slots.shape[0]  # key and value may be padded past it
+    kv = torch.cat([to_cache(key[:count][valid], kv_cache.dtype, scales[0]),
+                    to_cache(value[:count][valid], kv_cache.dtype, scales[1])],
                    dim=-1)
-    write_rows(state.rows, rows.flatten(), kv.flatten(0, 1),
-               state.scales(layer))
+    block_size = kv_cache.shape[2]
+    kv_cache[slot // block_size, :, slot % block_size] = kv
 
 
 def collect_window_queries(plan: StepPlan, layer: int,

@@ -69,7 +69,9 @@ def patch_backend_name() -> None:
 def patch_engine_config() -> None:
     """Wraps ``VllmConfig.__post_init__``: when sparsemm is selected, validate
     the settings and score file up front and refuse what the backend does not
-    handle, before any weight loads."""
+    handle, before any weight loads; and mark the config with the graph
+    contract (``GRAPH_CONTRACT``) so that vLLM's compile caches, keyed by the
+    config's hash, never hand back a graph built for another one."""
     from vllm.config import VllmConfig
 
     def make(original):
@@ -85,6 +87,12 @@ def patch_engine_config() -> None:
     _wrap(VllmConfig, "__post_init__", make)
 
 
+# What the compiled model graph holds of this backend: vLLM's KV write op
+# before each attention op (SparseMMBackend.forward_includes_kv_cache_update
+# False). Graphs compiled by a plugin version without it must not be reused.
+GRAPH_CONTRACT = {"sparsemm_graph": "kv-write-op"}
+
+
 def _prepare_engine_config(vllm_config) -> None:
     from vllm_sparsemm.engine.plan_setup import budget_plan, settings_for
     cache = vllm_config.cache_config
@@ -92,6 +100,8 @@ def _prepare_engine_config(vllm_config) -> None:
     if unsupported:
         raise ValueError("the sparsemm attention backend does not support "
                          + "; ".join(unsupported))
+    if isinstance(vllm_config.additional_config, dict):  # in compute_hash
+        vllm_config.additional_config.update(GRAPH_CONTRACT)
     if vllm_config.model_config is None:
         return
     settings = settings_for(vllm_config)
