@@ -128,7 +128,8 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
         return call
     impl = types.SimpleNamespace(head_size=dim, num_queries_per_kv=group,
                                  scale=scale, vllm_flash_attn_version=3)
-    state = types.SimpleNamespace(pages=pages, attention_views=None)
+    state = types.SimpleNamespace(pages=pages, attention_views=None,
+                                  scales=lambda layer: None)
 
     def call():
         chosen = backend.num_splits
@@ -136,7 +137,7 @@ def per_head_call(case: dict, scale: float, splits: str = "backend",
             backend.num_splits = lambda *_: 0
         try:
             backend.SparseMMImpl._attend_per_kv_head(
-                impl, state, query, None, None, starts, case["table"],
+                impl, state, 0, query, None, None, starts, case["table"],
                 case["lengths"], 1, tokens, out)
         finally:
             backend.num_splits = chosen

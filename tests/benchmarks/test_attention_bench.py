@@ -61,3 +61,27 @@ def test_host_time_counts_launches_not_the_wait(monkeypatch):
     us = bench.host_time(lambda: launches.append(1), calls=50)
     # one warm call, then 50 timed; the device is waited for around them
     assert len(launches) == 51 and len(waits) == 2 and us > 0
+
+
+def test_the_per_head_call_is_the_backends_attention():
+    """The timed call drives the backend's own method (its CPU reference
+    here), so a change to that method's signature breaks this test, not a
+    GPU session."""
+    bench = load_script("attention_bench")
+    rows, heads, group, dim, bs = 2, 2, 3, 8, 16
+    case = bench.build_case(rows, 21, heads, dim, bs, torch.device("cpu"),
+                            group=group, long_heads=1, long_tokens=37)
+    scale = dim ** -0.5
+    got = bench.per_head_call(case, scale)()
+    pages = case["pages"]
+    for row in range(rows):
+        for head in range(heads):
+            length = int(case["lengths"][row * heads + head])
+            own = pages[case["table"][row * heads + head].long()]
+            keys = own[..., :dim].reshape(-1, dim)[:length].float()
+            values = own[..., dim:].reshape(-1, dim)[:length].float()
+            for q in range(head * group, (head + 1) * group):
+                query = case["query"][row, q].float()
+                want = torch.softmax(keys @ query * scale, 0) @ values
+                torch.testing.assert_close(got[row, q].float(), want,
+                                           atol=2e-2, rtol=2e-2)
