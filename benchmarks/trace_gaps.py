@@ -18,9 +18,9 @@ whether the GPU waited or not: a GPU-bound run's host cost, to hold against
 another backend's; ``attention_calls`` the same for one eager attention
 layer's call, with the part of it spent in Python. ``idle_by_next_gpu_op_ms``
 charges each gap to the GPU work that ends it, what the host was getting ready
-to launch: in a piecewise step,
-an attention kernel after a gap means the host's attention path (Python,
-Triton's launcher) ran longer than the graph piece before it.
+to launch: in a piecewise step, an attention kernel after a gap means the
+host's attention path (Python, Triton's launcher) ran longer than the graph
+piece before it.
 """
 
 from __future__ import annotations
