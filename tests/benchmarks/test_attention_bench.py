@@ -8,6 +8,14 @@ import torch
 from scripts import load_script
 
 
+def _own_kv(case: dict, seq: int, length: int, dim: int):
+    """Keys and values ``[length, D]`` of sequence ``seq`` (row * Hkv +
+    head) as its own pages hold them."""
+    own = case["pages"][case["table"][seq].long()]
+    return (own[..., :dim].reshape(-1, dim)[:length],
+            own[..., dim:].reshape(-1, dim)[:length])
+
+
 def test_stock_blocks_and_per_head_pages_hold_the_same_kv():
     bench = load_script("attention_bench")
     rows, tokens, heads, dim, bs = 3, 37, 4, 8, 16
@@ -23,10 +31,8 @@ def test_stock_blocks_and_per_head_pages_hold_the_same_kv():
         range(1, blocks.shape[1]))
     for row in range(rows):
         for head in range(heads):
-            own = pages[case["table"][row * heads + head].long()]
+            keys, values = _own_kv(case, row * heads + head, tokens, dim)
             stock = blocks[:, case["block_table"][row].long(), :, head]
-            keys = own[..., :dim].reshape(-1, dim)[:tokens]
-            values = own[..., dim:].reshape(-1, dim)[:tokens]
             assert torch.equal(keys, stock[0].reshape(-1, dim)[:tokens])
             assert torch.equal(values, stock[1].reshape(-1, dim)[:tokens])
     assert case["query"].shape == (rows, 3 * heads, dim)
@@ -73,15 +79,13 @@ def test_the_per_head_call_is_the_backends_attention():
                             group=group, long_heads=1, long_tokens=37)
     scale = dim ** -0.5
     got = bench.per_head_call(case, scale)()
-    pages = case["pages"]
     for row in range(rows):
         for head in range(heads):
-            length = int(case["lengths"][row * heads + head])
-            own = pages[case["table"][row * heads + head].long()]
-            keys = own[..., :dim].reshape(-1, dim)[:length].float()
-            values = own[..., dim:].reshape(-1, dim)[:length].float()
+            seq = row * heads + head
+            keys, values = _own_kv(case, seq, int(case["lengths"][seq]), dim)
             for q in range(head * group, (head + 1) * group):
                 query = case["query"][row, q].float()
-                want = torch.softmax(keys @ query * scale, 0) @ values
+                want = (torch.softmax(keys.float() @ query * scale, 0)
+                        @ values.float())
                 torch.testing.assert_close(got[row, q].float(), want,
                                            atol=2e-2, rtol=2e-2)
