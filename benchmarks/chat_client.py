@@ -240,6 +240,25 @@ def multiturn_workload(num_conversations: int = 256, turns: int = 4,
             for c in range(num_conversations)]
 
 
+ANSWER_STYLES = ("full", "short")
+
+
+def resent_answer(result: "ChatResult", style: str = "full") -> str:
+    """The answer a later turn sends back: as the server gave it (``full``),
+    or (``short``) its first ``completion_tokens`` characters. A real
+    model's answer re-tokenizes to about its own length; dummy weights'
+    tokens decode to strings such as ``<extra_N>`` that the written folders'
+    character tokenizer reads back as a token per character, so ``full``
+    histories grow several times faster than a real chat's, and ``short``
+    grows them by the answer's length (one token a character there)."""
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"answer style must be one of {ANSWER_STYLES}, "
+                         f"got {style!r}")
+    if style == "short" and result.completion_tokens:
+        return result.text[:result.completion_tokens]
+    return result.text
+
+
 def conversation_messages(url: str, questions: list[str],
                           answers: list[str]) -> list[dict]:
     """The turn asking ``questions[-1]``: the image with the first question,
@@ -433,10 +452,12 @@ async def run_requests(base_url: str, model: str, requests: list[ChatRequest],
 async def run_conversations(base_url: str, model: str,
                             conversations: list[Conversation],
                             concurrency: int, max_seconds: float | None = None,
-                            clock=time.perf_counter, **request_kwargs):
+                            clock=time.perf_counter, answers: str = "full",
+                            **request_kwargs):
     """Run conversations, ``concurrency`` of them at once, turns in order.
 
-    Each turn resends the whole history with the answers the server gave; a
+    Each turn resends the whole history with the answers the server gave
+    (``answers``: as given, or shortened, ``resent_answer``); a
     conversation stops at its first failed turn. Turns never sent (after a
     failure or the cut) are listed with ``sent`` false.
     """
@@ -448,13 +469,13 @@ async def run_conversations(base_url: str, model: str,
 
         async def converse(conv: Conversation, results: list[ChatResult]):
             async with semaphore:
-                answers: list[str] = []
+                history: list[str] = []
                 for turn in range(len(conv.questions)):
                     if stop.is_set():
                         return
                     request = ChatRequest(
                         messages=conversation_messages(
-                            conv.image_url, conv.questions[:turn + 1], answers),
+                            conv.image_url, conv.questions[:turn + 1], history),
                         tag={**conv.tag, "turn": turn}, **request_kwargs)
                     result = ChatResult(tag=request.tag, stream=request.stream)
                     results.append(result)
@@ -462,7 +483,7 @@ async def run_conversations(base_url: str, model: str,
                                origin)
                     if not result.ok or result.disconnected:
                         return
-                    answers.append(result.text)
+                    history.append(resent_answer(result, answers))
 
         tasks = [asyncio.create_task(converse(c, r))
                  for c, r in zip(conversations, per_conversation)]
@@ -561,7 +582,7 @@ async def run_workload(args) -> tuple[list[ChatResult], float]:
                                        args.seed, size, args.image_format)
     return await run_conversations(args.base_url, model, conversations,
                                    args.concurrency, args.max_seconds,
-                                   **request_kwargs)
+                                   answers=args.answers, **request_kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -585,6 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multiturn: conversations")
     parser.add_argument("--turns", type=int, default=4,
                         help="multiturn: turns per conversation")
+    parser.add_argument("--answers", choices=ANSWER_STYLES, default="full",
+                        help="multiturn: each earlier answer sent back as "
+                        "the server gave it, or short: its first characters, "
+                        "as many as it had tokens (dummy weights' answers "
+                        "re-tokenize several times longer than real ones)")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="requests (questions) or conversations "
                         "(multiturn) in flight")

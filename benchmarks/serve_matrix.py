@@ -19,7 +19,8 @@ next variant starts:
 * ``questions``: ``chat_client.py``: many distinct questions about few images
   (both backends' prefix caches reuse an image's KV).
 * ``multiturn``: ``chat_client.py``: conversations about one image each,
-  every turn resending the history with the server's answers (the image
+  every turn resending the history with the server's answers, as returned
+  or shortened to their token count (``--multiturn-answers``; the image
   servers' ``--max-model-len`` holds the longest turn, see
   ``shared_model_len``).
 * ``kv8``: the ``unique`` load on a LLaVA-NeXT-7B-shaped model with an
@@ -80,6 +81,7 @@ MODEL_LEN_STEP = 256
 CLIENT = [sys.executable, str(HERE / "chat_client.py")]
 SERVED_NAME = "model"
 WORKLOADS = ("unique", "questions", "multiturn", "kv8", "video")
+MULTITURN_SEED_STEP = 1000  # between the seeds of two answer styles' loads
 DEFAULT_WORKLOADS = WORKLOADS[:4]
 BENCH_WORKLOADS = ("unique", "kv8")
 MODELS = {"llava-1.5-7b": "write_dummy_llava_15_7b",
@@ -152,8 +154,10 @@ class Load:
     def name(self) -> str:
         """The workload as run keys name it: a video load by its frames,
         questions of another style than long sentences by their style,
+        conversations that send answers back shortened by ``short``,
         unique prompts sent at a fixed rate by their rate."""
-        frames, style = self.params.get("frames"), self.params.get("style")
+        frames = self.params.get("frames")
+        style = self.params.get("style") or self.params.get("answers")
         rate = self.params.get("request_rate")
         if frames:
             return f"{self.workload}-{frames}f"
@@ -249,6 +253,8 @@ def client_command(port: int, load: Load, out, requests_out,
     else:
         cmd += ["--conversations", str(p["conversations"]),
                 "--turns", str(p["turns"])]
+        if p.get("answers"):
+            cmd += ["--answers", p["answers"]]
     if max_seconds is not None:
         cmd += ["--max-seconds", str(max_seconds)]
     return cmd
@@ -392,11 +398,19 @@ def loads_for(workload: str, args) -> list[Load]:
                                       else {})})
             for style in styles for c in ints(args.questions_concurrency)]
     if workload == "multiturn":
+        styles = [s for s in args.multiturn_answers.split(",") if s]
+        if not styles or set(styles) - set(chat_client.ANSWER_STYLES):
+            raise SystemExit(f"--multiturn-answers takes a comma list of "
+                             f"{chat_client.ANSWER_STYLES}, got "
+                             f"{args.multiturn_answers!r}")
         return [Load("multiturn", c, {
             "conversations": args.multiturn_conversations,
             "turns": args.multiturn_turns,
             "max_tokens": args.multiturn_output_len, "image_size": size,
-            "seed": args.seed + c})
+            # each style its own images: none a prefix hit from the last load
+            "seed": args.seed + c + MULTITURN_SEED_STEP * i,
+            **({"answers": style} if style != "full" else {})})
+            for i, style in enumerate(styles)
             for c in ints(args.multiturn_concurrency)]
     raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
 
@@ -437,9 +451,12 @@ def multiturn_prompt_tokens(model_dir: Path, load: Load):
         return None
     question = max(chat_client.make_questions(
         p["conversations"] * p["turns"], p["seed"]), key=len)
+    answer = text * p["max_tokens"]
+    if p.get("answers") == "short":  # chat_client.resent_answer
+        answer, per_token = answer[:p["max_tokens"]], 1
     asked = {"role": "user", "content": [{"type": "text", "text": question}]}
     answered = {"role": "assistant",
-                "content": [{"type": "text", "text": text * p["max_tokens"]}]}
+                "content": [{"type": "text", "text": answer}]}
     messages = [{"role": "user", "content": [{"type": "image"},
                                              *asked["content"]]}]
     messages += [answered, asked] * (p["turns"] - 1)
@@ -1059,6 +1076,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversations in flight")
     p.add_argument("--multiturn-conversations", type=int, default=256)
     p.add_argument("--multiturn-turns", type=int, default=4)
+    p.add_argument("--multiturn-answers", default="full",
+                   help="comma list of full (each answer sent back as the "
+                   "server gave it) and short (its first characters, as many "
+                   "as it had tokens: dummy weights' answers re-tokenize "
+                   "several times longer than a real model's; each its own "
+                   "load)")
     p.add_argument("--multiturn-output-len", type=int, default=64,
                    help="output tokens per turn (answers return as text and "
                    "dummy weights' tokens re-tokenize long: the history "

@@ -492,6 +492,37 @@ def test_question_styles_are_loads_of_their_own(tmp_path):
                       "--questions-style", "terse"))
 
 
+def test_answer_styles_are_loads_of_their_own(tmp_path):
+    """--multiturn-answers full,short: each a load on the same servers, its
+    runs apart in the JSON, its own images (no hit from the other load),
+    and the client told which."""
+    args = _args(tmp_path, "--workloads", "multiturn",
+                 "--multiturn-concurrency", "64,256",
+                 "--multiturn-answers", "full,short")
+    loads = sm.plan(args)[0].loads
+    assert [(ld.name, ld.concurrency) for ld in loads] == [
+        ("multiturn", 64), ("multiturn", 256), ("multiturn-short", 64),
+        ("multiturn-short", 256)]
+    assert len({ld.params["seed"] for ld in loads}) == 4
+    cmds = [sm.client_command(8123, ld, tmp_path / "o.json",
+                              tmp_path / "r.jsonl") for ld in loads]
+    parsed = [cc.build_parser().parse_args(cmd[2:]) for cmd in cmds]
+    assert [a.answers for a in parsed] == ["full", "full", "short", "short"]
+    with pytest.raises(SystemExit, match="multiturn-answers"):
+        sm.plan(_args(tmp_path, "--workloads", "multiturn",
+                      "--multiturn-answers", "terse"))
+
+
+def test_short_answers_are_as_many_characters_as_tokens():
+    done = cc.ChatResult(text="<extra_7>:<extra_9>:", completion_tokens=4)
+    assert cc.resent_answer(done) == "<extra_7>:<extra_9>:"
+    assert cc.resent_answer(done, "short") == "<ext"
+    # no usage reported: the answer as returned
+    assert cc.resent_answer(cc.ChatResult(text="abc"), "short") == "abc"
+    with pytest.raises(ValueError, match="answer style"):
+        cc.resent_answer(done, "terse")
+
+
 def test_request_rates_are_loads_of_their_own(tmp_path, vllm_parsers):
     """--request-rates inf,12: the closed loop, then the same prompts at 12
     requests a second (capped by the concurrency), apart in the JSON."""
@@ -824,6 +855,24 @@ def test_multiturn_against_fake_server_resends_answers():
                 or turn == 0
     s = cc.summarize(results, 1.0)
     assert (s["completed"], s["failed"], s["not_sent"]) == (7, 1, 1)
+
+
+def test_multiturn_short_answers_resend_their_token_count():
+    convs = cc.multiturn_workload(2, 3, size=(16, 16))
+    with FakeServer() as server:
+        results, _ = asyncio.run(cc.run_conversations(
+            server.url, "model", convs, concurrency=2, max_tokens=4,
+            answers="short"))
+    by_turn = {(r.tag["conversation"], r.tag["turn"]): r for r in results}
+    last = [b for b in server.bodies if len(b["messages"]) == 5]
+    assert len(last) == 2 and all(r.ok for r in results)
+    for body in last:
+        c = next(i for i, conv in enumerate(convs) if conv.image_url ==
+                 body["messages"][0]["content"][0]["image_url"]["url"])
+        answers = [m["content"] for m in body["messages"]
+                   if m["role"] == "assistant"]
+        assert answers == [by_turn[(c, t)].text[:4] for t in range(2)]
+        assert all(len(a) == 4 < len(by_turn[(c, 0)].text) for a in answers)
 
 
 def test_client_cli_writes_summary_and_requests(tmp_path):
@@ -1451,3 +1500,17 @@ def test_warm_up_reaches_every_api_server_with_its_own_images():
                for b in server.bodies)
     args = sm.parse_args(["--backends", "stock"])
     assert args.warmup_requests >= 8
+
+
+def test_short_answers_grow_the_history_by_their_token_count(tmp_path):
+    """The longest last turn with short answers: every earlier answer one
+    token a character, where full ones re-tokenize ``per_token`` each."""
+    _, folder = sm.model_folder("llava-1.5-7b", tmp_path)
+    params = {"conversations": 4, "turns": 4, "max_tokens": 64,
+              "image_size": (336, 336), "seed": 0}
+    full, per_token = sm.multiturn_prompt_tokens(
+        folder, sm.Load("multiturn", 4, params))
+    short, one = sm.multiturn_prompt_tokens(
+        folder, sm.Load("multiturn", 4, {**params, "answers": "short"}))
+    assert per_token > 1 and one == 1
+    assert full - short == 3 * 64 * (per_token - 1)
