@@ -293,6 +293,15 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
+def styles_of(option: str, text: str, choices: tuple[str, ...]) -> list[str]:
+    """A comma list of styles, each one of ``choices``, each its own load."""
+    styles = [s for s in text.split(",") if s]
+    if not styles or set(styles) - set(choices):
+        raise SystemExit(f"{option} takes a comma list of {choices}, got "
+                         f"{text!r}")
+    return styles
+
+
 def rates(text: str) -> list[float | None]:
     """``--request-rates``: requests a second, ``inf`` (None) as fast as
     the concurrency lets them go."""
@@ -385,11 +394,8 @@ def loads_for(workload: str, args) -> list[Load]:
             "seed": args.seed + c})
             for c in ints(args.kv8_concurrency)]
     if workload == "questions":
-        styles = [s for s in args.questions_style.split(",") if s]
-        if not styles or set(styles) - set(chat_client.QUESTION_STYLES):
-            raise SystemExit(f"--questions-style takes a comma list of "
-                             f"{chat_client.QUESTION_STYLES}, got "
-                             f"{args.questions_style!r}")
+        styles = styles_of("--questions-style", args.questions_style,
+                           chat_client.QUESTION_STYLES)
         return [Load("questions", c, {
             "num_requests": args.questions_requests,
             "num_images": args.questions_images,
@@ -398,11 +404,8 @@ def loads_for(workload: str, args) -> list[Load]:
                                       else {})})
             for style in styles for c in ints(args.questions_concurrency)]
     if workload == "multiturn":
-        styles = [s for s in args.multiturn_answers.split(",") if s]
-        if not styles or set(styles) - set(chat_client.ANSWER_STYLES):
-            raise SystemExit(f"--multiturn-answers takes a comma list of "
-                             f"{chat_client.ANSWER_STYLES}, got "
-                             f"{args.multiturn_answers!r}")
+        styles = styles_of("--multiturn-answers", args.multiturn_answers,
+                           chat_client.ANSWER_STYLES)
         return [Load("multiturn", c, {
             "conversations": args.multiturn_conversations,
             "turns": args.multiturn_turns,
@@ -451,9 +454,11 @@ def multiturn_prompt_tokens(model_dir: Path, load: Load):
         return None
     question = max(chat_client.make_questions(
         p["conversations"] * p["turns"], p["seed"]), key=len)
-    answer = text * p["max_tokens"]
-    if p.get("answers") == "short":  # chat_client.resent_answer
-        answer, per_token = answer[:p["max_tokens"]], 1
+    answer = chat_client.resent_answer(chat_client.ChatResult(
+        text=text * p["max_tokens"], completion_tokens=p["max_tokens"]),
+        p.get("answers", "full"))
+    if p.get("answers") == "short":  # one token a character
+        per_token = 1
     asked = {"role": "user", "content": [{"type": "text", "text": question}]}
     answered = {"role": "assistant",
                 "content": [{"type": "text", "text": answer}]}
