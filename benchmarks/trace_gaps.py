@@ -29,6 +29,7 @@ import argparse
 import bisect
 import gzip
 import json
+import re
 from collections import defaultdict
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -37,6 +38,7 @@ HOST_CATS = {"cpu_op", "user_annotation", "cuda_runtime", "python_function",
 NO_OP = "(no torch op: host Python)"
 ATTENTION = "vllm::unified_attention_with_output"
 GAP_BUCKETS_US = (10, 100, 1000)
+STEP = re.compile(r"execute_context_(\d+)\((\d+)\)_generation_(\d+)")
 
 
 def load(path: str) -> list[dict]:
@@ -97,6 +99,48 @@ def attention_calls(host) -> dict:
             "median_ms": quantile(durations, 0.5),
             "p90_ms": quantile(durations, 0.9),
             "median_python_ms": quantile(own, 0.5)}
+
+
+def steps(events, thread) -> dict:
+    """Per kind of engine step (``prompt``: it runs prompt tokens;
+    ``decode``: it does not), means over the steps of the trace: ms to the
+    next step, ms of the step's host range, ms of GPU work it launched
+    (matched by CUDA correlation id, so work that runs after the range
+    ends still counts), ms in eager attention calls, and prompt tokens."""
+    marks = sorted((e for e in events if e.get("cat") == "user_annotation"
+                    and (e["pid"], e["tid"]) == thread
+                    and STEP.match(e["name"])), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in marks]
+    launched_at = {e["args"]["correlation"]: e["ts"] for e in events
+                   if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                   and "correlation" in e.get("args", {})}
+
+    def step_of(ts):
+        return bisect.bisect_right(starts, ts) - 1
+
+    gpu, attention = defaultdict(float), defaultdict(float)
+    for e in events:
+        if e.get("cat") in GPU_CATS:
+            at = launched_at.get(e.get("args", {}).get("correlation"), e["ts"])
+            gpu[step_of(at)] += e["dur"]
+        elif (e.get("name") == ATTENTION and (e["pid"], e["tid"]) == thread):
+            attention[step_of(e["ts"])] += e["dur"]
+    kinds = defaultdict(list)
+    for i, mark in enumerate(marks[:-1]):  # the last one has no next step
+        tokens = int(STEP.match(mark["name"]).group(2))
+        kinds["prompt" if tokens else "decode"].append(
+            (marks[i + 1]["ts"] - mark["ts"], mark["dur"], gpu[i],
+             attention[i], tokens))
+    result = {}
+    for name, rows in sorted(kinds.items()):
+        n = len(rows)
+        wall, host, on_gpu, attn, tokens = (sum(col) for col in zip(*rows))
+        result[name] = {"steps": n, "wall_ms": round(wall / n / 1e3, 3),
+                        "host_ms": round(host / n / 1e3, 3),
+                        "gpu_ms": round(on_gpu / n / 1e3, 3),
+                        "attention_ms": round(attn / n / 1e3, 3),
+                        "prompt_tokens": round(tokens / n, 1)}
+    return result
 
 
 def analyse(events, top: int = 15) -> dict:
@@ -182,6 +226,7 @@ def analyse(events, top: int = 15) -> dict:
             "idle_by_next_gpu_op_ms": ranked(next_op),
             "host_time_by_scope": ranked_with_counts(in_scope, opened),
             "attention_calls": attention_calls(host),
+            "steps": steps(events, thread),
             "gpu_time_by_kernel": ranked_with_counts(kernel_time,
                                                      kernel_calls),
             "largest_gaps": [[round(d / 1e3, 3), round(at / 1e3, 3), name]
@@ -212,6 +257,8 @@ def main():
             for name, ms, calls in result[key]:
                 print(f"     {ms:9.3f}  ({calls})  {name[:100]}")
         print("   attention layer calls (eager):", result["attention_calls"])
+        for kind, figures in result["steps"].items():
+            print(f"   {kind} steps (ms each):", figures)
         print("   largest gaps [ms, at ms, host op]:", result["largest_gaps"])
     if args.json:
         with open(args.json, "w") as f:

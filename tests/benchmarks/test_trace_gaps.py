@@ -132,3 +132,38 @@ def test_attention_calls_split_host_time_into_ops_and_python():
     assert calls["median_ms"] == 0.06 and calls["median_python_ms"] == 0.04
     assert calls["p90_ms"] == 0.06
     assert gaps.attention_calls([]) == {"calls": 0}
+
+
+def test_steps_split_prompt_and_decode_steps_by_vllm_annotations():
+    """vLLM names each step's range by its prompt and decode tokens; GPU work
+    counts for the step that launched it, even when it runs after."""
+    gaps = load_script("trace_gaps")
+
+    def launch(ts, correlation):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel",
+                "pid": 100, "tid": 1, "ts": ts, "dur": 2,
+                "args": {"correlation": correlation}}
+
+    def kernel(ts, dur, correlation):
+        return dict(_kernel(ts, dur), args={"correlation": correlation})
+
+    step = "user_annotation"
+    events = [
+        _host(0, 80, "execute_context_1(600)_generation_40(40)", step),
+        _host(10, 30, gaps.ATTENTION), launch(20, 1),
+        kernel(30, 50, 1),
+        _host(100, 10, "execute_context_0(0)_generation_41(41)", step),
+        launch(105, 2), kernel(115, 20, 2), kernel(300, 10, 3),  # 3: unmatched
+        _host(130, 10, "execute_context_0(0)_generation_41(41)", step),
+        launch(132, 4), kernel(200, 40, 4),  # runs after its step's range
+        _host(400, 5, "execute_context_0(0)_generation_41(41)", step),
+    ]
+    result = gaps.analyse(events)["steps"]
+    assert result["prompt"] == {"steps": 1, "wall_ms": 0.1, "host_ms": 0.08,
+                                "gpu_ms": 0.05, "attention_ms": 0.03,
+                                "prompt_tokens": 600.0}
+    # kernel 3, with no launch, counts by its own start (the third range);
+    # the last range has no next step and is left out
+    assert result["decode"] == {"steps": 2, "wall_ms": 0.15, "host_ms": 0.01,
+                                "gpu_ms": 0.035, "attention_ms": 0.0,
+                                "prompt_tokens": 0.0}
