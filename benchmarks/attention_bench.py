@@ -169,52 +169,24 @@ def triton_call(case: dict, scale: float, num_warps: int, num_stages: int,
     return call
 
 
-def direct_launch_call(case: dict, scale: float):
-    """The backend's Triton call with Triton's per-call dispatch (argument
-    binding, specialization, cache lookup) skipped: each compiled kernel
-    launched from its C launcher with the arguments the first call bound.
-    Same kernels, so only ``host_us`` differs: the floor a cached launch
-    could reach."""
-    import torch
-    from triton.runtime import driver
+def tritons_path_call(case: dict, scale: float):
+    """The backend's Triton call with each launch through Triton's own
+    launch path, not past it (``kernels/launch.py``): the same kernels, so
+    only ``host_us`` differs, by what the direct launches save the host."""
     from vllm_sparsemm.kernels import triton_ops
     call = triton_call(case, scale, *TRITON_CONFIGS[0])
-    kernels = (triton_ops._decode_kernel, triton_ops._decode_combine_kernel)
-    launches = []
+    launchers = (triton_ops._launch_decode, triton_ops._launch_decode_combine)
 
-    def spy(fn):
-        original = fn.run
-
-        def run(*args, grid, warmup, **kwargs):
-            kernel = original(*args, grid=grid, warmup=warmup, **kwargs)
-            binder = fn.device_caches[driver.active.get_current_device()][4]
-            params, _, _ = binder(*args, **kwargs)
-            launches.append((kernel, tuple(grid) + (1, ) * (3 - len(grid)),
-                             tuple(params.values())))
-            return kernel
-        return run
-
-    for fn in kernels:
-        fn.run = spy(fn)
-    try:
-        out = call()
-    finally:
-        for fn in kernels:
-            del fn.run
-
-    def direct():
-        stream = torch.cuda.current_stream().cuda_stream
-        for kernel, grid, values in launches:
-            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata,
-                       None, None, None, *values)
-        return out
-
-    try:  # Triton's internals, not its API: skip the variant if they moved
-        direct()
-    except (AttributeError, TypeError, IndexError) as exc:
-        print(f"(host floor skipped: {exc!r})", flush=True)
-        return None
-    return direct
+    def through_triton():
+        chosen = [launcher._direct for launcher in launchers]
+        for launcher in launchers:
+            launcher._direct = False
+        try:
+            return call()
+        finally:
+            for launcher, direct in zip(launchers, chosen):
+                launcher._direct = direct
+    return through_triton
 
 
 def time_call(call, iters: int, repeat: int = 10) -> float:
@@ -282,10 +254,8 @@ def run_case(case_spec: tuple[int, int, int, int], args) -> list[dict]:
         if (warps, stages) == TRITON_CONFIGS[0]:
             name += " (the backend's)"
         variants[name] = triton_call(case, scale, warps, stages)
-    direct = direct_launch_call(case, scale)
-    if direct is not None:
-        variants["per-head, Triton kernel, launched from the compiled kernel "
-                 "(host floor)"] = direct
+    variants["per-head, Triton kernel, through Triton's launch path"] = (
+        tritons_path_call(case, scale))
     if backend_triton_splits(case) > 1:  # what splitting each head buys
         warps, stages = TRITON_CONFIGS[0]
         variants[f"per-head, Triton kernel, {warps} warps, {stages} stages, "

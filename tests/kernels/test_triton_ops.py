@@ -724,3 +724,58 @@ def test_fp8_write_kv_compiles_for_hopper():
         {"HAS_TOKENS": True, "BLOCK_D": 128, "QUANT": True,
          "INTERPRET": False})
     assert "cvt.rn.satfinite.e4m3x2.f32" in built.asm["ptx"]
+
+
+class _CountingKernel:
+    """A Triton kernel whose own launches (``kernel[grid](...)``) are
+    counted; all else passes through."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_per_layer_kernels_launch_past_tritons_path_and_equal_references(
+        monkeypatch):
+    """Once Triton built a kernel for a key, ``kernels/launch.py`` launches
+    it directly: the second pass of the comparisons takes Triton's path
+    never, and writes what the references do. A launch hook (a profiler's)
+    sends every launch back through Triton's path, which runs the hook."""
+    from triton import knobs
+
+    from vllm_sparsemm.kernels import triton_ops
+    comparisons = (compare_write_kv, compare_write_kv_fp8,
+                   compare_paged_decode, compare_paged_decode_fp8,
+                   compare_plan_decode, compare_window_means,
+                   compare_window_means_fp8)
+    launchers = (triton_ops._launch_write_kv, triton_ops._launch_decode,
+                 triton_ops._launch_decode_combine,
+                 triton_ops._launch_window_lse,
+                 triton_ops._launch_window_means)
+    for compare in comparisons:
+        compare("cuda")
+    direct = [launcher.direct_launches for launcher in launchers]
+    for launcher in launchers:
+        monkeypatch.setattr(launcher, "kernel",
+                            _CountingKernel(launcher.kernel))
+    for compare in comparisons:
+        compare("cuda")
+    assert [launcher.kernel.launches for launcher in launchers] == [0] * 5
+    assert all(launcher.direct_launches > before
+               for launcher, before in zip(launchers, direct))
+
+    hooked = []
+    knobs.runtime.launch_enter_hook.add(hooked.append)
+    try:
+        compare_write_kv("cuda")
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hooked.append)
+    assert triton_ops._launch_write_kv.kernel.launches == len(hooked) > 0

@@ -21,6 +21,7 @@ import os
 import torch
 
 from vllm_sparsemm.kernels.kv_ops import FP8_KV_DTYPE
+from vllm_sparsemm.kernels.launch import Launcher
 
 try:
     import triton
@@ -447,6 +448,13 @@ if triton is not None:
 
 
 AVAILABLE = triton is not None
+if AVAILABLE:  # launched past Triton's launch path, which binds the host
+    _launch_page_table = Launcher(_page_table_kernel)
+    _launch_write_kv = Launcher(_write_kv_kernel)
+    _launch_decode = Launcher(_decode_kernel)
+    _launch_decode_combine = Launcher(_decode_combine_kernel)
+    _launch_window_lse = Launcher(_window_lse_kernel)
+    _launch_window_means = Launcher(_window_means_kernel)
 
 
 def runs_on(where) -> bool:
@@ -473,9 +481,10 @@ def page_table(cr, state, layer: int, width: int) -> torch.Tensor:
     if num_seqs == 0:
         return table
     block = _TABLE_BLOCKS[0] if width <= _TABLE_BLOCKS[0] else _TABLE_BLOCKS[1]
-    _page_table_kernel[(num_seqs, triton.cdiv(width, block))](
-        table, cr.lengths[layer], *_plan_args(cr, layer, state), heads, width,
-        state.block_size, BLOCK=block)
+    _launch_page_table(
+        (num_seqs, triton.cdiv(width, block)), table, cr.lengths[layer],
+        *_plan_args(cr, layer, state), heads, width, state.block_size,
+        BLOCK=block)
     return table
 
 
@@ -505,10 +514,10 @@ def write_kv(rows: torch.Tensor, dst: torch.Tensor, key: torch.Tensor,
         return
     assert key.stride(2) == 1 and value.stride(2) == 1 and rows.stride(1) == 1
     quant = _quantized(rows, scales)
-    _write_kv_kernel[(dst.numel(), )](
-        rows, dst, tokens if tokens is not None else dst, key, value,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        rows.stride(0), heads, dim, scales if quant else dst,
+    _launch_write_kv(
+        (dst.numel(), ), rows, dst, tokens if tokens is not None else dst,
+        key, value, key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), rows.stride(0), heads, dim, scales if quant else dst,
         torch.finfo(rows.dtype).max if quant else 0.0,
         HAS_TOKENS=tokens is not None, BLOCK_D=triton.next_power_of_2(dim),
         QUANT=quant, INTERPRET=_INTERPRET)
@@ -574,18 +583,19 @@ def paged_decode(query: torch.Tensor, pages: torch.Tensor,
     partials = (torch.empty(sequences, num_splits, group, block_d + 2,
                             dtype=torch.float32, device=query.device)
                 if split else out)
-    _decode_kernel[(sequences, num_splits)](
-        query, query.stride(0), query.stride(1), pages, pages.stride(0),
-        pages.stride(1), *table_args, lengths, out, out.stride(0),
-        out.stride(1), partials, kv_heads, group, dim, scale, *plan_args,
-        scales if quant else lengths, G_PAD=g_pad, BLOCK_D=block_d,
+    _launch_decode(
+        (sequences, num_splits), query, query.stride(0), query.stride(1),
+        pages, pages.stride(0), pages.stride(1), *table_args, lengths, out,
+        out.stride(0), out.stride(1), partials, kv_heads, group, dim, scale,
+        *plan_args, scales if quant else lengths, G_PAD=g_pad, BLOCK_D=block_d,
         BS=pages.shape[1], SPLIT=split, FROM_PLAN=table is None,
         INTERPRET=_INTERPRET, NUM_STAGES=num_stages, QUANT=quant,
         num_warps=num_warps)
     if split:  # one build for any split count; no tl.dot, so no 16-row tile
-        _decode_combine_kernel[(sequences, )](
-            partials, out, out.stride(0), out.stride(1), kv_heads, group, dim,
-            num_splits, G_PAD=triton.next_power_of_2(group), BLOCK_D=block_d,
+        _launch_decode_combine(
+            (sequences, ), partials, out, out.stride(0), out.stride(1),
+            kv_heads, group, dim, num_splits,
+            G_PAD=triton.next_power_of_2(group), BLOCK_D=block_d,
             SPLITS=MAX_SPLITS)
     return out
 
@@ -631,8 +641,8 @@ def window_means(queries: torch.Tensor, rows: torch.Tensor,
                  BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
                  BS=block_size, QUANT=quant)
     seqs = items * num_kv_heads
-    _window_lse_kernel[(seqs, triton.cdiv(grouped, block_q))](
-        *common, lse, *shape, INTERPRET=_INTERPRET, **sizes)
-    _window_means_kernel[(seqs, triton.cdiv(scored_width, block_n))](
-        *common, lse, out, scored_width, *shape, **sizes)
+    _launch_window_lse((seqs, triton.cdiv(grouped, block_q)), *common, lse,
+                       *shape, INTERPRET=_INTERPRET, **sizes)
+    _launch_window_means((seqs, triton.cdiv(scored_width, block_n)), *common,
+                         lse, out, scored_width, *shape, **sizes)
     return out
