@@ -101,3 +101,45 @@ def test_without_a_gpu_every_launch_is_tritons():
     for _ in range(2):
         launcher((1, ), 32, 5, BLOCK=64)
     assert launcher._direct is False and len(launcher.kernel.triton) == 2
+
+
+def test_tritons_binder_keys_write_kv_as_triton_does(hooks, monkeypatch):
+    """Triton's own binder (built for sm90, no GPU needed) on ``write_kv``'s
+    real arguments: the key hashes and repeats for the same call, a K/V view
+    off 16-byte alignment is a new key (Triton specializes on it), ``dst``'s
+    is not (``do_not_specialize_on_alignment``), and the launch gets every
+    value in the kernel's parameter order, constants included."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from vllm_sparsemm.kernels import triton_ops
+    launcher = triton_ops._launch_write_kv
+    jit = launcher.kernel
+    stand_in = _Kernel()
+    stand_in.device_caches = {0: (None, ) * 4 + (create_function_from_signature(
+        jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32))), )}
+    monkeypatch.setattr(launcher, "kernel", stand_in)
+    monkeypatch.setattr(launcher, "_direct", True)
+    monkeypatch.setattr(launcher, "_built", {})
+    heads, dim = 2, 128
+    rows = torch.zeros(64, 2 * dim, dtype=torch.float16)
+    kv = torch.zeros(2 * 4 * heads * dim + 1, dtype=torch.float16)
+    key, value = kv[:4 * heads * dim], kv[4 * heads * dim:-1]
+    dst = torch.arange(4 * heads + 1)
+
+    def write(key, value, dst):
+        triton_ops.write_kv(rows, dst, key.view(4, heads, dim),
+                            value.view(4, heads, dim), None)
+
+    write(key, value, dst[:-1])
+    write(key, value, dst[:-1])
+    assert len(stand_in.triton) == 1 and len(stand_in.built.runs) == 1
+    values = dict(zip(jit.arg_names, stand_in.built.runs[0][9:], strict=True))
+    assert values["rows_ptr"] is rows and values["num_heads"] == heads
+    assert values["BLOCK_D"] == dim and values["HAS_TOKENS"] is False
+    assert stand_in.built.runs[0][:3] == (4 * heads, 1, 1)
+    write(key, value, dst[1:])  # dst 8 bytes off: the same key
+    assert len(stand_in.triton) == 1 and len(stand_in.built.runs) == 2
+    write(kv[1:4 * heads * dim + 1], value, dst[:-1])  # key 2 bytes off
+    assert len(stand_in.triton) == 2
