@@ -1,16 +1,17 @@
-"""Launches of the per-layer Triton kernels straight from the kernels built
+"""Launches of the package's Triton kernels straight from the kernels built
 for them, past Triton's own launch path.
 
-Every layer of a step launches the K/V write and the decode kernels, and a
-step that holds prompts is bound by the host: Triton's launch path (option
-strings, launch metadata, hook chains, a check of the kernel's globals) costs
-the host more per call than the binding of the arguments does. ``Launcher``
-binds the arguments with Triton's own binder, so Triton's specialization
-(dtypes, alignments, constants, options) stays the key, and launches the
-kernel Triton returned for that key before; a new key takes Triton's path,
-which builds or finds the kernel. Under Triton's interpreter, without the
-Triton internals it uses, or while Triton's launch hooks or pre-run hooks
-are set (a profiler's), every launch is Triton's own.
+Every layer of a step launches the K/V write and the decode kernels (and
+some layers the selection's), and a step that holds prompts is bound by the
+host: Triton's launch path (option strings, launch metadata, hook chains, a
+check of the kernel's globals) costs the host more per call than the binding
+of the arguments does. ``Launcher`` binds the arguments with Triton's own
+binder, so Triton's specialization (dtypes, alignments, constants, options)
+stays the key, and launches the kernel Triton returned for that key before;
+a new key takes Triton's path, which builds or finds the kernel. Under
+Triton's interpreter, without the Triton internals it uses, or while
+Triton's launch hooks or pre-run hooks are set (a profiler's), every launch
+is Triton's own.
 """
 
 from __future__ import annotations
