@@ -488,3 +488,49 @@ def test_a_warm_up_run_builds_the_selection_kernels_once(monkeypatch,
     assert (call["first"], call["layers"], call["heads"], call["longest"],
             call["block_size"]) == (0, LAYERS, KV_HEADS, WINDOW + 1, BS)
     assert eng.state.window_kernels_warm
+
+
+def test_standard_rows_get_fa3s_schedule_of_their_own_rows(monkeypatch):
+    """Where stock's build made FA3's ahead-of-time schedule, the standard
+    rows get one of their own rows (else FA3 plans them in every layer),
+    with the arguments stock's build passes (names checked against FA3's
+    ``get_scheduler_metadata``); where it made none (FA2), none."""
+    import inspect
+
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends import flash_attn as fa
+    from vllm.vllm_flash_attn.flash_attn_interface import (
+        get_scheduler_metadata)
+    calls = []
+    monkeypatch.setattr(fa, "get_scheduler_metadata",
+                        lambda **kw: calls.append(kw) or "rows' schedule",
+                        raising=False)
+    builder = types.SimpleNamespace(
+        cache_config=types.SimpleNamespace(cache_dtype="auto"),
+        kv_cache_dtype=torch.float16, num_heads_q=8, dcp_world_size=1,
+        num_heads_kv=2, headdim=64, block_size=16,
+        aot_sliding_window=(-1, -1))
+    standard = types.SimpleNamespace(
+        seq_lens=torch.tensor([700, 90], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 640, 648], dtype=torch.int32),
+        max_query_len=640, max_seq_len=700, causal=True, max_num_splits=0,
+        scheduler_metadata=None)
+    backend.schedule_standard_rows(
+        builder, types.SimpleNamespace(scheduler_metadata=None), standard)
+    assert standard.scheduler_metadata is None and not calls
+    whole = types.SimpleNamespace(scheduler_metadata="whole batch's")
+    backend.schedule_standard_rows(builder, whole, standard)
+    assert standard.scheduler_metadata == "rows' schedule"
+    kw, = calls
+    inspect.signature(get_scheduler_metadata).bind(**kw)
+    assert kw["cache_seqlens"] is standard.seq_lens
+    assert kw["cu_seqlens_q"] is standard.query_start_loc
+    assert (kw["batch_size"], kw["max_seqlen_q"], kw["max_seqlen_k"]) == (
+        2, 640, 700)
+    assert (kw["num_heads_q"], kw["num_heads_kv"], kw["headdim"],
+            kw["page_size"]) == (8, 2, 64, 16)
+    assert kw["qkv_dtype"] == torch.float16 and kw["causal"] is True
+    assert kw["window_size"] == (-1, -1) and kw["num_splits"] == 0
+    builder.cache_config.cache_dtype = "fp8"  # FA3 schedules fp8 attention
+    backend.schedule_standard_rows(builder, whole, standard)
+    assert calls[-1]["qkv_dtype"] == current_platform.fp8_dtype()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend, FlashAttentionImpl, FlashAttentionMetadata,
@@ -156,11 +157,43 @@ class SparseMMMetadataBuilder(FlashAttentionMetadataBuilder):
                                  fast_build)
         metadata = SparseMMMetadata(**metadata.__dict__,
                                     sparsemm_state=self.state)
-        metadata.sparsemm_step = step_plan(
+        metadata.sparsemm_step = plan = step_plan(
             self.state, rows, common_attn_metadata.num_reqs,
             common_attn_metadata.num_actual_tokens,
             common_attn_metadata.query_start_loc_cpu, metadata, full_graph)
+        if plan is not None and plan.standard_metadata is not None:
+            schedule_standard_rows(self, metadata, plan.standard_metadata)
         return metadata
+
+
+def schedule_standard_rows(builder: FlashAttentionMetadataBuilder, metadata,
+                           standard) -> None:
+    """Give the standard rows' metadata FA3's ahead-of-time schedule of
+    those rows, made as ``FlashAttentionMetadataBuilder.build`` makes the
+    whole batch's (its ``schedule``), wherever that build made one: without
+    it FA3 plans the rows again in every layer's call."""
+    if metadata.scheduler_metadata is None:  # FA2, fast builds, ...
+        return
+    from vllm.v1.attention.backends import flash_attn as fa
+    cache_dtype = builder.cache_config.cache_dtype
+    qkv_dtype = (current_platform.fp8_dtype()
+                 if fa.is_quantized_kv_cache(cache_dtype)
+                 else builder.kv_cache_dtype)
+    standard.scheduler_metadata = fa.get_scheduler_metadata(
+        batch_size=standard.seq_lens.shape[0],
+        max_seqlen_q=standard.max_query_len,
+        max_seqlen_k=standard.max_seq_len,
+        num_heads_q=builder.num_heads_q * builder.dcp_world_size,
+        num_heads_kv=builder.num_heads_kv,
+        headdim=builder.headdim,
+        cache_seqlens=standard.seq_lens,
+        qkv_dtype=qkv_dtype,
+        cu_seqlens_q=standard.query_start_loc,
+        page_size=builder.block_size,
+        causal=standard.causal,
+        window_size=fa._maybe_symmetrize_window(builder.aot_sliding_window,
+                                                standard.causal),
+        num_splits=standard.max_num_splits)
 
 
 def step_plan(state: WorkerKVState, rows, num_reqs: int, num_tokens: int,
