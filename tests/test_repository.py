@@ -3,6 +3,7 @@ README stays a user's document, results stay small, and measurements are
 named by GPU and commit (never by the sessions that ran them)."""
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -97,3 +98,23 @@ def test_gpu_runner_selects_each_engine_test_once():
         assert chosen, selection
         picked += chosen
     assert sorted(picked) == sorted(names)
+
+
+def test_gpu_runner_makes_its_log_folder(tmp_path):
+    """``OUT`` may name a folder that does not exist yet: the runner makes
+    it, so each test's log and summary line are there (on this CPU machine
+    every GPU test skips, which the runner counts as a failure, rc 5)."""
+    import subprocess
+
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the selection would run its engines")
+    out = tmp_path / "new" / "logs"
+    done = subprocess.run(
+        ["bash", "tests/gpu/run_all.sh", "triton"], cwd=ROOT,
+        env=dict(os.environ, OUT=str(out), LIMIT="120"),
+        capture_output=True, text=True)
+    assert (out / "gpu_triton.log").is_file(), done.stdout + done.stderr
+    assert "== triton rc=5" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1

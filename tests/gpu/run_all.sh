@@ -21,6 +21,7 @@
 # was skipped counts as failed.
 set -u
 log_dir=${OUT:-/tmp}
+mkdir -p "$log_dir" /tmp/gpu_tests
 jobs=${JOBS:-1}
 server_jobs=${SERVER_JOBS:-3}
 engine=tests/engine/test_engine_gpu.py
@@ -96,7 +97,7 @@ run_one() {  # name: one pytest process, its log, its summary line
   # tests that start several engines in turn
   [[ " serve serve_api2 serve_video examples long_prompt compile syncs chunked fp8_no_eviction caching_encoder " == \
      *" $name "* || -n ${served[$name]:-} ]] && limit=$((2 * limit))
-  rm -rf "/tmp/gpu_tests/$name" && mkdir -p /tmp/gpu_tests
+  rm -rf "/tmp/gpu_tests/$name"
   # shellcheck disable=SC2086
   timeout "$limit" python3 -m pytest -q -m gpu -rA -s -p no:cacheprovider \
     --basetemp="/tmp/gpu_tests/$name" $args > "$log_dir/gpu_$name.log" 2>&1
