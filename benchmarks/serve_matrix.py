@@ -36,7 +36,9 @@ While a load runs ``/metrics`` is scraped about twice a second (peak running
 requests, a token timeline), and once before and after (counter differences:
 prefix-cache hit rate, tokens, server-side latency histograms). A load cut by
 ``--max-seconds`` is reported from the server's counters (``vllm bench serve``
-writes no result when interrupted). Every run is merged into ``--out`` by key
+writes no result when interrupted), and so is the run it is set against, a
+row marked "(server)": the client's latencies hold the HTTP stream that the
+server's histograms leave out. Every run is merged into ``--out`` by key
 as soon as it ends, so several short invocations build one table; the key
 and label name ``--server-args`` too (``--label``), so a run on other server
 arguments sits beside the plain one instead of replacing it; a markdown
@@ -860,11 +862,12 @@ def kv_blocks_per_request(run: dict) -> float | None:
     return None if tokens is None or not size else tokens / size
 
 
-def figures(run: dict) -> dict:
+def figures(run: dict, server_only: bool = False) -> dict:
     """The table's numbers for a run: the load generator's, or the server's
-    counters when the load was cut (or wrote nothing)."""
+    counters when the load was cut (or wrote nothing) or ``server_only``."""
     load, server = run.get("load") or {}, run.get("server") or {}
-    source = load if load and not run.get("cut") else server
+    source = load if load and not run.get("cut") and not server_only \
+        else server
     return {
         "output_throughput": source.get("output_throughput"),
         "mean_ttft_ms": source.get("mean_ttft_ms"),
@@ -917,14 +920,24 @@ def compute_ratios(runs: dict) -> dict:
         if run["backend"] == "stock":
             continue
         stock, evs = runs.get(stock_key(run)), evs_run(runs, run)
-        with_stock, with_evs = _comparable(run, stock), _comparable(run, evs)
-        if with_stock:
-            ratios[key] = figure_ratios(run["figures"], stock["figures"],
-                                        RATIO_FIGURES)
-        if with_evs:
+        if _comparable(run, stock):
+            mine, theirs = paired_figures(run, stock)
+            ratios[key] = figure_ratios(mine, theirs, RATIO_FIGURES)
+            if mine is not run["figures"]:
+                ratios[key]["server_figures"] = mine
+        if _comparable(run, evs):
             ratios.setdefault(key, {})["vs_evs"] = figure_ratios(
-                run["figures"], evs["figures"], RATIO_FIGURES)
+                *paired_figures(run, evs), RATIO_FIGURES)
     return ratios
+
+
+def paired_figures(run: dict, other: dict) -> tuple[dict, dict]:
+    """Both runs' figures from one source: the server's counters for both
+    when either load was cut, so a ratio never sets the client's clock,
+    which includes the HTTP stream, against the server's histograms."""
+    if run["figures"]["source"] == other["figures"]["source"]:
+        return run["figures"], other["figures"]
+    return figures(run, server_only=True), figures(other, server_only=True)
 
 
 def _comparable(run: dict, other: dict | None) -> bool:
@@ -972,12 +985,15 @@ def table(runs: dict, ratios: dict) -> str:
                "prefix_cache_hit_rate": "{:.1%}", "peak_running": "{:.0f}",
                "kv_blocks_per_request": "{:.1f}", "errors": "{:d}"}
     for run in sorted(runs.values(), key=_order):
-        fig, ratio = run["figures"], ratios.get(run["key"], {})
+        ratio = ratios.get(run["key"], {})
+        fig = ratio.get("server_figures") or run["figures"]
         label = run["label"]
         if run.get("server_error"):
             label += " (no server)"
         elif run.get("cut"):
             label += " (cut)"
+        elif "server_figures" in ratio:
+            label += " (server)"
         elif run.get("load_error"):
             label += " (load failed)"
         if (run.get("profiled") or {}).get("started"):

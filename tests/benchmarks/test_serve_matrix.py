@@ -325,8 +325,10 @@ def test_ratios_and_table():
                                          "p99_ttft_ms": 20000,
                                          "mean_tpot_ms": 30}, cut=True,
              peak_running=5),
+        # set against a cut run: both from the server's counters
         _run("kv8", 256, "sparsemm-b64", _load(900, 1000, 3000, 45),
-             peak_running=200),
+             {"output_throughput": 800, "mean_ttft_ms": 900,
+              "p99_ttft_ms": 2000, "mean_tpot_ms": 60}, peak_running=200),
         # measured with other load parameters than stock's: no ratio
         _run("questions", 64, "stock", _load(800, 80, 90, 20)),
         _run("questions", 64, "sparsemm-b128", _load(900, 80, 90, 20),
@@ -342,7 +344,10 @@ def test_ratios_and_table():
                  "p99_ttft_ms": 0.25, "mean_tpot_ms": 1.25,
                  "prefix_cache_hit_rate": 0.0, "peak_running": 1.0}
     k = ratios["kv8/m/c256/sparsemm-b64"]
-    assert k["output_throughput"] == 4.5 and k["peak_running"] == 40
+    assert k["output_throughput"] == 4.0 and k["peak_running"] == 40
+    assert k["mean_ttft_ms"] == 0.1 and k["p99_ttft_ms"] == 0.1
+    assert k["mean_tpot_ms"] == 2.0
+    assert k["server_figures"]["source"] == "server"
     assert "prefix_cache_hit_rate" not in k  # stock's is zero
 
     lines = sm.table(runs, ratios).splitlines()
@@ -352,13 +357,14 @@ def test_ratios_and_table():
     assert [(r[0], r[3]) for r in rows] == [
         ("| unique", "stock"), ("| unique", "sparsemm-b128"),
         ("| questions", "stock"), ("| questions", "sparsemm-b128"),
-        ("| kv8", "stock (cut)"), ("| kv8", "sparsemm-b64")]
+        ("| kv8", "stock (cut)"), ("| kv8", "sparsemm-b64 (server)")]
     assert rows[1][4:8] == ["1500 (1.50x)", "50.0 (0.50x)", "100.0 (0.25x)",
                             "25.00 (1.25x)"]
     assert rows[1][8] == "0.0% (0.00x)" and rows[1][11] == "2"
     assert rows[0][4] == "1000" and rows[0][8] == "40.0%"
     assert rows[3][4] == "900"  # no ratio across different parameters
     assert rows[4][11] == "-"  # a cut bench run has no error count
+    assert rows[5][4:6] == ["800 (4.00x)", "900.0 (0.10x)"]
     assert {r[12] for r in rows} == {"- |"}  # no EVS run to compare with
 
 
