@@ -964,11 +964,12 @@ ARMS = ("stock", "evs", "sparsemm")
 
 def _order(run: dict) -> tuple:
     """Table order: workload, frames, model, server arguments,
-    concurrency, then stock, EVS and sparsemm, by budget."""
+    concurrency, the workload's variant (``multiturn-short`` after
+    ``multiturn``), then stock, EVS and sparsemm, by budget."""
     w = run["workload"].split("-")[0]
     return (WORKLOADS.index(w) if w in WORKLOADS else len(WORKLOADS),
             (run.get("load_params") or {}).get("frames") or 0, run["model"],
-            run.get("server_tag") or "", run["concurrency"],
+            run.get("server_tag") or "", run["concurrency"], run["workload"],
             ARMS.index(run["backend"])
             if run["backend"] in ARMS else len(ARMS),
             run.get("budget") or 0, run["label"])

@@ -368,6 +368,19 @@ def test_ratios_and_table():
     assert {r[12] for r in rows} == {"- |"}  # no EVS run to compare with
 
 
+def test_table_keeps_each_variant_beside_its_stock_run():
+    """A workload's variants (other answers, a fixed rate) share its place
+    in the table, each pair of runs together."""
+    runs = [_run(w, 256, arm, _load(100, 10, 20, 5))
+            for w in ("multiturn-short", "multiturn")
+            for arm in ("sparsemm-b128", "stock")]
+    runs = {r["key"]: r for r in runs}
+    rows = sm.table(runs, sm.compute_ratios(runs)).splitlines()[2:]
+    assert [tuple(r.split(" | ")[0:4:3]) for r in rows] == [
+        ("| multiturn", "stock"), ("| multiturn", "sparsemm-b128"),
+        ("| multiturn-short", "stock"), ("| multiturn-short", "sparsemm-b128")]
+
+
 def test_merge_keeps_earlier_runs(tmp_path):
     out = tmp_path / "r.json"
     a = _run("unique", 1, "stock", _load(100, 10, 20, 5))
