@@ -924,7 +924,7 @@ def compute_ratios(runs: dict) -> dict:
             mine, theirs = paired_figures(run, stock)
             ratios[key] = figure_ratios(mine, theirs, RATIO_FIGURES)
             if mine is not run["figures"]:
-                ratios[key]["server_figures"] = mine
+                ratios[key]["from_server"] = True
         if _comparable(run, evs):
             ratios.setdefault(key, {})["vs_evs"] = figure_ratios(
                 *paired_figures(run, evs), RATIO_FIGURES)
@@ -987,13 +987,14 @@ def table(runs: dict, ratios: dict) -> str:
                "kv_blocks_per_request": "{:.1f}", "errors": "{:d}"}
     for run in sorted(runs.values(), key=_order):
         ratio = ratios.get(run["key"], {})
-        fig = ratio.get("server_figures") or run["figures"]
+        fig = figures(run, server_only=True) if ratio.get("from_server") \
+            else run["figures"]
         label = run["label"]
         if run.get("server_error"):
             label += " (no server)"
         elif run.get("cut"):
             label += " (cut)"
-        elif "server_figures" in ratio:
+        elif ratio.get("from_server"):
             label += " (server)"
         elif run.get("load_error"):
             label += " (load failed)"

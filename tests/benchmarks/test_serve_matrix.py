@@ -347,7 +347,7 @@ def test_ratios_and_table():
     assert k["output_throughput"] == 4.0 and k["peak_running"] == 40
     assert k["mean_ttft_ms"] == 0.1 and k["p99_ttft_ms"] == 0.1
     assert k["mean_tpot_ms"] == 2.0
-    assert k["server_figures"]["source"] == "server"
+    assert k["from_server"]
     assert "prefix_cache_hit_rate" not in k  # stock's is zero
 
     lines = sm.table(runs, ratios).splitlines()
