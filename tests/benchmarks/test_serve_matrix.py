@@ -151,6 +151,48 @@ def test_max_model_len_holds_the_longest_multiturn_turn(tmp_path, monkeypatch,
     assert {p.max_model_len for p in plan()} == {4096}
 
 
+def test_serve_rows_cases_plan_the_published_runs(tmp_path):
+    """benchmarks/serve_rows.sh's cases, as the script passes them (a stub
+    python3 records each argument list), plan distinct runs, among them
+    every stored run of the README's serve rows: those with four API
+    processes (``@api4``, ``@api4-672``), fp8 KV (``@fp8``), and the 8 GiB
+    and video ones."""
+    from scripts import BENCHMARKS
+    stub = tmp_path / "python3"
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; '
+                    'done >> "$CASES"; echo >> "$CASES"\n')
+    stub.chmod(0o755)
+    cases = tmp_path / "cases.txt"
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}",
+               CASES=str(cases), SERVE_DIR=str(tmp_path / "serve"))
+    script = str(BENCHMARKS / "serve_rows.sh")
+    listed = subprocess.run(["bash", script], env=env, check=True,
+                            capture_output=True, text=True).stdout
+    assert not cases.exists() and "  kv8-fp8 " in listed
+    bad = subprocess.run(["bash", script, "questions", "nonsense"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no case nonsense" in bad.stderr
+    assert not cases.exists()  # a bad name runs nothing
+    subprocess.run(["bash", script, "all"], env=env, check=True,
+                   capture_output=True, cwd=BENCHMARKS.parent)
+    planned = []
+    for line in cases.read_text().splitlines():
+        path, *argv = line.split("\037")[:-1]
+        assert path == "benchmarks/serve_matrix.py"
+        assert argv[argv.index("--out") + 1] == str(tmp_path / "serve" /
+                                                    "serve.json")
+        args = sm.parse_args([*argv, "--work-dir", str(tmp_path / "models")])
+        planned += [sm.run_key(ld.name, server.model, ld.concurrency,
+                               server.label)
+                    for server in sm.plan(args) for ld in server.loads]
+    assert len(planned) == len(set(planned)) == 36
+    published = {key for path in (BENCHMARKS / "results").glob("*serve*.json")
+                 for key in json.loads(path.read_text()).get("runs", {})
+                 if key.split("@")[-1] in ("api4", "api4-672", "fp8")
+                 or key.split("/")[0] in ("kv8", "video-16f", "video-64f")}
+    assert len(published) > 30 and published <= set(planned)
+
+
 def test_bench_command_parses_with_vllm(tmp_path, vllm_parsers):
     _, bench_parser = vllm_parsers
     load = sm.Load("unique", 16, {"num_prompts": 200, "input_len": 64,
