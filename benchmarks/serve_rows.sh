@@ -15,8 +15,8 @@ declare -A descriptions=(
   [unique-rate]="the same prompts at 12 a second, up to 64 at once"
   [questions]="2,000 questions about 32 images, 64 and 256 clients"
   [multiturn]="256 conversations of 4 turns, answers sent back as given and at their token count"
-  [next]="LLaVA-NeXT-7B, B=256: unique 336x336 image prompts, 256 clients"
-  [next672]="the same with 672x672 images"
+  [next]="LLaVA-NeXT-7B, B=256: unique 336x336 image prompts, 1 / 16 / 64 / 256 / 1,024 clients"
+  [next672]="the same with 672x672 images, 256 clients"
   [kv8]="LLaVA-NeXT-7B, 8 GiB of KV, 256 clients: B=64 and B=256 (one API process)"
   [kv8-fp8]="the same with fp8 KV for both"
   [video]="Qwen2.5-VL-7B, 8 GiB of KV: 16- and 64-frame videos, stock, EVS and sparsemm B=256"
@@ -26,7 +26,7 @@ serve_matrix() {
 }
 run_case() {
   local both=(--backends stock,sparsemm) api4=(--server-args "--api-server-count 4")
-  local next=(--model llava-next-7b --budgets 256 --workloads unique --concurrency 256)
+  local next=(--model llava-next-7b --budgets 256 --workloads unique)
   case $1 in
     unique) serve_matrix "$1" "${both[@]}" "${api4[@]}" --label api4 --workloads unique \
               --concurrency 1,16,64,256,1024 --max-seconds 40 ;;
@@ -36,9 +36,10 @@ run_case() {
               --questions-concurrency 64,256 --max-seconds 60 ;;
     multiturn) serve_matrix "$1" "${both[@]}" "${api4[@]}" --label api4 --workloads multiturn \
               --multiturn-concurrency 256 --multiturn-answers full,short --max-seconds 60 ;;
-    next) serve_matrix "$1" "${both[@]}" "${api4[@]}" --label api4 "${next[@]}" --max-seconds 40 ;;
+    next) serve_matrix "$1" "${both[@]}" "${api4[@]}" --label api4 "${next[@]}" \
+              --concurrency 1,16,64,256,1024 --max-seconds 40 ;;
     next672) serve_matrix "$1" "${both[@]}" "${api4[@]}" --label api4-672 "${next[@]}" \
-              --image-size 672x672 --max-seconds 90 ;;
+              --concurrency 256 --image-size 672x672 --max-seconds 90 ;;
     kv8) serve_matrix "$1" "${both[@]}" --workloads kv8 --max-seconds 60 ;;
     kv8-fp8) serve_matrix "$1" "${both[@]}" --workloads kv8 --label fp8 \
               --server-args "--kv-cache-dtype fp8 --dtype bfloat16" --max-seconds 45 ;;

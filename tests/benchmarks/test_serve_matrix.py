@@ -185,7 +185,7 @@ def test_serve_rows_cases_plan_the_published_runs(tmp_path):
         planned += [sm.run_key(ld.name, server.model, ld.concurrency,
                                server.label)
                     for server in sm.plan(args) for ld in server.loads]
-    assert len(planned) == len(set(planned)) == 36
+    assert len(planned) == len(set(planned)) == 44
     published = {key for path in (BENCHMARKS / "results").glob("*serve*.json")
                  for key in json.loads(path.read_text()).get("runs", {})
                  if key.split("@")[-1] in ("api4", "api4-672", "fp8")
