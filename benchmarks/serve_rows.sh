@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's `vllm serve` results, one named case each (benchmarks/serve_matrix.py);
-# every case runs stock FLASH_ATTN and sparsemm in turn on this GPU and merges its runs
-# into ${SERVE_DIR:-.}/serve.json, the servers' and loads' logs under serve_logs/<case>.
+# every case runs stock FLASH_ATTN (for videos, EVS too) and sparsemm in turn on this GPU and
+# merges its runs into ${SERVE_DIR:-.}/serve.json, the logs under serve_logs/<case>.
 #
 #   bash benchmarks/serve_rows.sh --help            # list the cases
 #   bash benchmarks/serve_rows.sh questions unique  # run these
