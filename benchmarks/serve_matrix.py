@@ -914,27 +914,59 @@ def evs_run(runs: dict, run: dict) -> dict | None:
 def compute_ratios(runs: dict) -> dict:
     """Each sparsemm (and EVS) figure over stock's, for the same workload,
     model, concurrency and load parameters; a sparsemm run's over its EVS
-    run's too, under ``vs_evs``."""
-    ratios = {}
+    run's too, under ``vs_evs``. A stock run and the runs set against it
+    read one source (``from_server`` marks those read from the server)."""
+    ratios, on_server = {}, server_read_groups(runs)
     for key, run in runs.items():
-        if run["backend"] == "stock":
+        stock = stock_run(runs, run)
+        group = run if run["backend"] == "stock" else stock
+        server = group is not None and group["key"] in on_server
+        if stock is not None:
+            ratios[key] = figure_ratios(
+                read(run, server), read(stock, server), RATIO_FIGURES)
+        if server and run["figures"]["source"] != "server":
+            ratios.setdefault(key, {})["from_server"] = True
+        evs = evs_run(runs, run)
+        if not _comparable(run, evs):
             continue
-        stock, evs = runs.get(stock_key(run)), evs_run(runs, run)
-        if _comparable(run, stock):
-            mine, theirs = paired_figures(run, stock)
-            ratios[key] = figure_ratios(mine, theirs, RATIO_FIGURES)
-            if mine is not run["figures"]:
-                ratios[key]["from_server"] = True
-        if _comparable(run, evs):
-            ratios.setdefault(key, {})["vs_evs"] = figure_ratios(
-                *paired_figures(run, evs), RATIO_FIGURES)
+        pair = (read(run, server), read(evs, server)) \
+            if stock is not None and stock_run(runs, evs) is stock \
+            else paired_figures(run, evs)
+        ratios.setdefault(key, {})["vs_evs"] = figure_ratios(
+            *pair, RATIO_FIGURES)
     return ratios
+
+
+def stock_run(runs: dict, run: dict) -> dict | None:
+    """The stock run a run is set against, if measured with its load
+    parameters (none for a stock run)."""
+    if run["backend"] == "stock":
+        return None
+    stock = runs.get(stock_key(run))
+    return stock if _comparable(run, stock) else None
+
+
+def server_read_groups(runs: dict) -> set[str]:
+    """Keys of the stock runs whose group (stock and every run set against
+    it) reads the server's counters because one of them was cut: a ratio
+    never sets the client's clock, which includes the HTTP stream, against
+    the server's histograms, and a table's rows stay comparable."""
+    groups = set()
+    for run in runs.values():
+        stock = stock_run(runs, run)
+        if stock is not None and "server" in (
+                run["figures"]["source"], stock["figures"]["source"]):
+            groups.add(stock["key"])
+    return groups
+
+
+def read(run: dict, server: bool) -> dict:
+    return figures(run, server_only=True) if server else run["figures"]
 
 
 def paired_figures(run: dict, other: dict) -> tuple[dict, dict]:
     """Both runs' figures from one source: the server's counters for both
-    when either load was cut, so a ratio never sets the client's clock,
-    which includes the HTTP stream, against the server's histograms."""
+    when either load was cut (runs with no stock run between them)."""
     if run["figures"]["source"] == other["figures"]["source"]:
         return run["figures"], other["figures"]
     return figures(run, server_only=True), figures(other, server_only=True)

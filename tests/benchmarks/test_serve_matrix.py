@@ -410,6 +410,41 @@ def test_ratios_and_table():
     assert {r[12] for r in rows} == {"- |"}  # no EVS run to compare with
 
 
+def test_one_cut_run_sets_its_whole_group_on_the_server_counters():
+    """Stock and every run set against it read one source: a cut B=64 arm
+    puts the finished B=256 arm and stock on the server's counters too, so
+    the rows shown and the ratios agree."""
+    server = {"output_throughput": 400, "mean_ttft_ms": 800,
+              "p99_ttft_ms": 1600, "mean_tpot_ms": 40}
+    runs = [_run("kv8", 256, "stock", _load(500, 1000, 2000, 50),
+                 {**server, "output_throughput": 100}),
+            _run("kv8", 256, "sparsemm-b64", None, server, cut=True,
+                 budget=64),
+            _run("kv8", 256, "sparsemm-b256", _load(900, 500, 900, 45),
+                 {**server, "output_throughput": 300}, budget=256),
+            # another group, all finished: the load generator's numbers
+            _run("unique", 64, "stock", _load(1000, 100, 400, 20)),
+            _run("unique", 64, "sparsemm-b128", _load(1500, 50, 100, 25))]
+    runs = {r["key"]: r for r in runs}
+    ratios = sm.compute_ratios(runs)
+    assert ratios["kv8/m/c256/stock"] == {"from_server": True}
+    cut = ratios["kv8/m/c256/sparsemm-b64"]
+    assert cut["output_throughput"] == 4.0 and "from_server" not in cut
+    done = ratios["kv8/m/c256/sparsemm-b256"]
+    assert done["output_throughput"] == 3.0 and done["from_server"]
+    assert "from_server" not in ratios["unique/m/c64/sparsemm-b128"]
+    assert ratios["unique/m/c64/sparsemm-b128"]["output_throughput"] == 1.5
+
+    rows = [line.split(" | ") for line in
+            sm.table(runs, ratios).splitlines()[2:]]
+    assert [(r[0], r[3], r[4]) for r in rows] == [
+        ("| unique", "stock", "1000"),
+        ("| unique", "sparsemm-b128", "1500 (1.50x)"),
+        ("| kv8", "stock (server)", "100"),
+        ("| kv8", "sparsemm-b64 (cut)", "400 (4.00x)"),
+        ("| kv8", "sparsemm-b256 (server)", "300 (3.00x)")]
+
+
 def test_table_keeps_each_variant_beside_its_stock_run():
     """A workload's variants (other answers, a fixed rate) share its place
     in the table, each pair of runs together."""
