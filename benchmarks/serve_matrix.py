@@ -1071,9 +1071,29 @@ def merge(path: Path, new_runs: dict, invocation: list[str] | None = None,
     data = {"meta": meta, "runs": runs, "ratios": ratios,
             "table": (table_of or table)(runs, ratios)}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(results_json(data) + "\n")
     tmp.replace(path)
     return data
+
+
+def results_json(value, level: int = 0) -> str:
+    """JSON indented by one space a level, except that a list or object
+    holding no list or object stays on one line: a timeline sample, a
+    command, a run's figures each read as one line, at a quarter less
+    size than indenting every number."""
+    nested = value.values() if isinstance(value, dict) else value
+    if not isinstance(value, (dict, list)) or not any(
+            isinstance(v, (dict, list)) for v in nested):
+        return json.dumps(value)
+    inner = " " * (level + 1)
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {results_json(v, level + 1)}"
+                 for k, v in value.items()]
+    else:
+        items = [inner + results_json(v, level + 1) for v in value]
+    opening, closing = "{}" if isinstance(value, dict) else "[]"
+    return (opening + "\n" + ",\n".join(items) + "\n" + " " * level
+            + closing)
 
 
 # --------------------------------------------------------------------- CLI

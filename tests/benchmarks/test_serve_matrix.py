@@ -458,6 +458,21 @@ def test_table_keeps_each_variant_beside_its_stock_run():
         ("| multiturn-short", "stock"), ("| multiturn-short", "sparsemm-b128")]
 
 
+def test_results_json_keeps_each_flat_list_or_object_on_one_line():
+    data = {"meta": {"gpu": "H100", "invocations": [["a", "--b"], []]},
+            "runs": {"k": {"timeline": [{"t": 0.5, "running": 3}, {}],
+                           "figures": {"source": "load", "cut": None}}}}
+    text = sm.results_json(data)
+    assert json.loads(text) == data
+    assert text.splitlines() == [
+        "{", ' "meta": {', '  "gpu": "H100",', '  "invocations": [',
+        '   ["a", "--b"],', "   []", "  ]", " },", ' "runs": {', '  "k": {',
+        '   "timeline": [', '    {"t": 0.5, "running": 3},', "    {}",
+        "   ],", '   "figures": {"source": "load", "cut": null}', "  }",
+        " }", "}"]
+    assert sm.results_json([1, "x"]) == '[1, "x"]'
+
+
 def test_merge_keeps_earlier_runs(tmp_path):
     out = tmp_path / "r.json"
     a = _run("unique", 1, "stock", _load(100, 10, 20, 5))
