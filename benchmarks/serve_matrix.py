@@ -961,6 +961,7 @@ def server_read_groups(runs: dict) -> set[str]:
 
 
 def read(run: dict, server: bool) -> dict:
+    """A run's figures: the server's counters if ``server``, else its own."""
     return figures(run, server_only=True) if server else run["figures"]
 
 
@@ -1079,8 +1080,8 @@ def merge(path: Path, new_runs: dict, invocation: list[str] | None = None,
 def results_json(value, level: int = 0) -> str:
     """JSON indented by one space a level, except that a list or object
     holding no list or object stays on one line: a timeline sample, a
-    command, a run's figures each read as one line, at a quarter less
-    size than indenting every number."""
+    command, a run's figures each read as one line, and a file is much
+    smaller than with every number on its own."""
     nested = value.values() if isinstance(value, dict) else value
     if not isinstance(value, (dict, list)) or not any(
             isinstance(v, (dict, list)) for v in nested):
