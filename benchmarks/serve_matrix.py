@@ -916,9 +916,10 @@ def compute_ratios(runs: dict) -> dict:
     model, concurrency and load parameters; a sparsemm run's over its EVS
     run's too, under ``vs_evs``. A stock run and the runs set against it
     read one source (``from_server`` marks those read from the server)."""
-    ratios, on_server = {}, server_read_groups(runs)
+    stocks = {key: stock_run(runs, run) for key, run in runs.items()}
+    ratios, on_server = {}, server_read_groups(runs, stocks)
     for key, run in runs.items():
-        stock = stock_run(runs, run)
+        stock = stocks[key]
         group = run if run["backend"] == "stock" else stock
         server = group is not None and group["key"] in on_server
         if stock is not None:
@@ -930,7 +931,7 @@ def compute_ratios(runs: dict) -> dict:
         if not _comparable(run, evs):
             continue
         pair = (read(run, server), read(evs, server)) \
-            if stock is not None and stock_run(runs, evs) is stock \
+            if stock is not None and stocks[evs["key"]] is stock \
             else paired_figures(run, evs)
         ratios.setdefault(key, {})["vs_evs"] = figure_ratios(
             *pair, RATIO_FIGURES)
@@ -946,31 +947,29 @@ def stock_run(runs: dict, run: dict) -> dict | None:
     return stock if _comparable(run, stock) else None
 
 
-def server_read_groups(runs: dict) -> set[str]:
+def server_read_groups(runs: dict, stocks: dict) -> set[str]:
     """Keys of the stock runs whose group (stock and every run set against
-    it) reads the server's counters because one of them was cut: a ratio
-    never sets the client's clock, which includes the HTTP stream, against
-    the server's histograms, and a table's rows stay comparable."""
-    groups = set()
-    for run in runs.values():
-        stock = stock_run(runs, run)
-        if stock is not None and "server" in (
-                run["figures"]["source"], stock["figures"]["source"]):
-            groups.add(stock["key"])
-    return groups
+    it; ``stocks``: each run's :func:`stock_run`) reads the server's
+    counters because one of them was cut: a ratio never sets the client's
+    clock, which includes the HTTP stream, against the server's histograms,
+    and a table's rows stay comparable."""
+    return {stock["key"] for key, stock in stocks.items()
+            if stock is not None and "server" in (
+                runs[key]["figures"]["source"], stock["figures"]["source"])}
 
 
 def read(run: dict, server: bool) -> dict:
-    """A run's figures: the server's counters if ``server``, else its own."""
-    return figures(run, server_only=True) if server else run["figures"]
+    """A run's figures: the server's counters if ``server`` (its own
+    figures already are for a cut run), else its own."""
+    return figures(run, server_only=True) if server and \
+        run["figures"]["source"] != "server" else run["figures"]
 
 
 def paired_figures(run: dict, other: dict) -> tuple[dict, dict]:
     """Both runs' figures from one source: the server's counters for both
     when either load was cut (runs with no stock run between them)."""
-    if run["figures"]["source"] == other["figures"]["source"]:
-        return run["figures"], other["figures"]
-    return figures(run, server_only=True), figures(other, server_only=True)
+    mixed = run["figures"]["source"] != other["figures"]["source"]
+    return read(run, mixed), read(other, mixed)
 
 
 def _comparable(run: dict, other: dict | None) -> bool:
@@ -1020,8 +1019,7 @@ def table(runs: dict, ratios: dict) -> str:
                "kv_blocks_per_request": "{:.1f}", "errors": "{:d}"}
     for run in sorted(runs.values(), key=_order):
         ratio = ratios.get(run["key"], {})
-        fig = figures(run, server_only=True) if ratio.get("from_server") \
-            else run["figures"]
+        fig = read(run, bool(ratio.get("from_server")))
         label = run["label"]
         if run.get("server_error"):
             label += " (no server)"
