@@ -118,7 +118,8 @@ def make_scheduler(spec, num_blocks: int, max_batched_tokens: int,
 
 def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
              cost: CostModel = CostModel(), max_steps: int = 100_000,
-             requests=None, clients: int | None = None) -> dict:
+             requests=None, clients: int | None = None,
+             first_seconds: float | None = None) -> dict:
     """Submit a burst of requests, step until all finish, return the tally.
 
     ``requests`` (vLLM ``Request``s) replaces the ``num_requests`` identical
@@ -129,7 +130,10 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
     scheduling. A request with a ``stop_after`` attribute samples
     ``STOP_TOKEN`` as its output of that number (``chat_requests``'
     ``stop_at``). Time to first token is modelled: from the step a request
-    was added after to the end of the step that sampled its first token."""
+    was added after to the end of the step that sampled its first token.
+    With ``first_seconds``, it also tallies the prompt and output tokens of
+    the steps that end within that many modelled seconds, to set beside a
+    load that `serve_matrix.py --max-seconds` cut."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.sampling_params import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput
@@ -164,6 +168,7 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
     waiting = 0  # requests waiting, summed over steps
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     seconds, steps, produced, peak = 0.0, 0, 0, 0
+    early_prompt = early_output = 0  # within first_seconds
     host = 0.0  # wall seconds in vLLM's scheduler (this CPU, not the model)
     in_flight = isinstance(scheduler, AsyncScheduler)
     pending = None  # the step whose output is not processed yet
@@ -207,6 +212,9 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
                 add(request, seconds)
         host += time.perf_counter() - started
         produced += sum(map(len, sampled))
+        if first_seconds is not None and seconds <= first_seconds:
+            early_prompt += prefill
+            early_output += sum(map(len, sampled))
         steps += 1
         peak = max(peak, len(scheduler.running))
         waiting += len(scheduler.waiting)
@@ -220,7 +228,8 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
             "ttft_mean_s": float(np.mean(ttft)) if ttft else 0.0,
             "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else 0.0,
             # prompt tokens that first schedules found in the prefix cache
-            "prefix_hit_rate": cached / queried if queried else 0.0}
+            "prefix_hit_rate": cached / queried if queried else 0.0,
+            "first_seconds_tokens": (early_prompt, early_output)}
 
 
 STOP_TOKEN = 2  # what a request with ``stop_after`` samples last
@@ -446,6 +455,10 @@ def main():
     parser.add_argument("--async-scheduling", action="store_true",
                         help="vLLM's AsyncScheduler, as `vllm serve` runs "
                         "by default (outputs processed a step late)")
+    parser.add_argument("--first-seconds", type=float, default=None,
+                        help="also report the prompt and output tokens of "
+                        "the first this many modelled seconds (as a load cut "
+                        "by serve_matrix.py --max-seconds counts them)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per case; the scheduler time reported is "
                         "the least (the run this shared CPU disturbed least)")
@@ -475,7 +488,9 @@ def main():
                if args.answers_stop else None)
     print("case | steps | model s | out tok/s | x stock | preemptions | "
           "recomputed tokens | peak running | TTFT mean / p99 model ms | "
-          "prefix hit | scheduler ms/step (this CPU)")
+          "prefix hit | scheduler ms/step (this CPU)" +
+          (f" | prompt / output tokens in {args.first_seconds:g} s"
+           if args.first_seconds is not None else ""))
     cost = CostModel(weights_s=args.weights_ms / 1e3,
                      step_s=args.step_ms / 1e3,
                      prompt_s=args.prompt_ms / 1e3,
@@ -503,7 +518,8 @@ def main():
                                          args.output_len, stop_at=stop_at)
             runs.append(simulate(
                 scheduler, args.requests, args.prompt_len, args.output_len,
-                cost, requests=requests, clients=args.clients))
+                cost, requests=requests, clients=args.clients,
+                first_seconds=args.first_seconds))
         r = dict(runs[0], scheduler_ms_per_step=min(
             run["scheduler_ms_per_step"] for run in runs))
         base = base or r["output_tok_per_s"]
@@ -513,7 +529,9 @@ def main():
               f"{r['recomputed_tokens']} | {r['peak_running']} | "
               f"{1e3 * r['ttft_mean_s']:.0f} / {1e3 * r['ttft_p99_s']:.0f} | "
               f"{r['prefix_hit_rate']:.1%} | "
-              f"{r['scheduler_ms_per_step']:.2f}", flush=True)
+              f"{r['scheduler_ms_per_step']:.2f}" +
+              (" | {:,} / {:,}".format(*r["first_seconds_tokens"])
+               if args.first_seconds is not None else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,29 @@ def test_saturated_burst_on_vllms_scheduler(model_dir, reserve):
         assert result["preemptions"] > 0 and result["recomputed_tokens"] > 0
 
 
+def test_the_simulator_counts_a_cut_loads_tokens(model_dir):
+    """``first_seconds`` tallies the tokens of the steps that end in that
+    modelled time, as a load cut by ``serve_matrix.py --max-seconds`` is
+    counted: all of them over the whole run, part of them over half."""
+    sim = _sim()
+    spec = sim.sparsemm_spec(64, SparseMMSettings().admission_reserve,
+                             _scores(), head_size=8)
+
+    def run(first_seconds):
+        scheduler = sim.make_scheduler(spec, num_blocks=120,
+                                       max_batched_tokens=1024,
+                                       max_num_seqs=64, model_dir=model_dir)
+        return sim.simulate(scheduler, num_requests=40, prompt_len=400,
+                            output_len=160, first_seconds=first_seconds)
+
+    whole = run(None)
+    assert whole["first_seconds_tokens"] == (0, 0)
+    assert run(whole["seconds"])["first_seconds_tokens"] == (40 * 400,
+                                                              40 * 160)
+    prompt, output = run(whole["seconds"] / 2)["first_seconds_tokens"]
+    assert 0 < prompt < 40 * 400 and 0 < output < 40 * 160
+
+
 @pytest.mark.parametrize("async_scheduling, num_blocks",
                          [(False, 1800), (True, 1800), (True, 1000)])
 def test_a_chat_load_over_shared_images_waits_as_on_stock(
