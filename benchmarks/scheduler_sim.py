@@ -211,10 +211,11 @@ def simulate(scheduler, num_requests: int, prompt_len: int, output_len: int,
                                             if clients else 0):
                 add(request, seconds)
         host += time.perf_counter() - started
-        produced += sum(map(len, sampled))
+        emitted = sum(map(len, sampled))
+        produced += emitted
         if first_seconds is not None and seconds <= first_seconds:
             early_prompt += prefill
-            early_output += sum(map(len, sampled))
+            early_output += emitted
         steps += 1
         peak = max(peak, len(scheduler.running))
         waiting += len(scheduler.waiting)
