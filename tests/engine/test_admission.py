@@ -810,3 +810,60 @@ def test_decode_steps_leave_the_block_law_alone(model_dir, monkeypatch):
     assert result["finished"]
     assert calls["slots"] > 64 * 90  # every decode step of every request
     assert calls["law"] <= 2 * 64  # each one's compaction step, at most twice
+
+
+@pytest.mark.parametrize("caching, reserve", [(True, 256), (False, 0)])
+def test_skipped_allocations_change_no_step(model_dir, monkeypatch, caching,
+                                            reserve):
+    """A running request whose list already holds its slots skips vLLM's
+    allocation (``SparseMMManager.slots_ready``). Through compactions,
+    prefix-cache hits, async scheduling and (without the reserve)
+    preemptions, every step schedules the same tokens and blocks as with
+    vLLM's allocation on every call, and the skip is most decode rows'."""
+    from vllm_sparsemm.engine.kv_spec import SparseMMManager
+    sim = _sim()
+    ready = SparseMMManager.slots_ready
+
+    def run(skip):
+        taken = [0]
+
+        def slots_ready(self, *args):
+            skipped = skip and ready(self, *args)
+            taken[0] += skipped
+            return skipped
+
+        monkeypatch.setattr(SparseMMManager, "slots_ready", slots_ready)
+        scheduler = sim.make_scheduler(
+            sim.sparsemm_spec(64, reserve, _scores(), head_size=8,
+                              async_scheduling=True),
+            num_blocks=300, max_batched_tokens=1024, max_num_seqs=64,
+            model_dir=model_dir, prefix_caching=caching)
+        manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        steps, schedule = [], scheduler.schedule
+
+        def recorded():
+            out = schedule()
+            cached = out.scheduled_cached_reqs
+            steps.append((
+                dict(out.num_scheduled_tokens),
+                {new.req_id: new.block_ids for new in out.scheduled_new_reqs},
+                dict(zip(cached.req_ids, cached.new_block_ids)),
+                {rid: [b.block_id for b in blocks]
+                 for rid, blocks in manager.req_to_blocks.items()},
+                scheduler.kv_cache_manager.block_pool.get_num_free_blocks()))
+            return out
+
+        scheduler.schedule = recorded
+        result = sim.simulate(scheduler, 0, 0, 0, requests=sim.chat_requests(
+            48, images=4, image_len=300, question_len=(20, 40),
+            output_len=96), clients=32)
+        assert result["finished"]
+        del result["scheduler_ms_per_step"]  # this CPU's time
+        return steps, result, taken[0]
+
+    full, full_result, _ = run(False)
+    skipped, result, taken = run(True)
+    assert skipped == full and result == full_result
+    assert taken > 48 * 80  # most of every request's 96 decode steps
+    if not reserve:
+        assert result["preemptions"] > 0

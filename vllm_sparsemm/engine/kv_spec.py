@@ -348,6 +348,27 @@ class SparseMMManager(FullAttentionManager):
             self._count_what_remains(request_id, tracked)
         return new_blocks
 
+    def slots_ready(self, request_id: str, num_tokens: int) -> bool:
+        """Whether ``allocate_slots`` for ``num_tokens`` would free,
+        allocate and cache nothing: ``request_id``'s prompt went back and
+        its list already has the slots, as on most decode steps. If so, it
+        is recorded as ``allocate_new_blocks`` records it, and vLLM's
+        allocation can be skipped (``patches.patch_kv_manager``)."""
+        tracked = self._requests.get(request_id)
+        if (tracked is None or not tracked.released or
+                tracked.list_length(num_tokens) >
+                len(self.req_to_blocks[request_id])):
+            return False
+        if (self.enable_caching and  # cache_blocks' own early return
+                self.num_cached_block.get(request_id, 0) <
+                tracked.prompt_len // self.block_size):
+            return False
+        tracked.chunk = num_tokens - tracked.tokens
+        tracked.tokens = num_tokens
+        if self._step_rows is not None:
+            self._stale.add(request_id)
+        return True
+
     def _count_what_remains(self, request_id: str, tracked: _Tracked) -> None:
         """Update ``tracked``'s share of what the running requests may still
         allocate: its prompt blocks not yet in its list (``pending``), and

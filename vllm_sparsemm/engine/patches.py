@@ -401,7 +401,9 @@ def patch_admission_inputs() -> None:
     (not preempted or aborted), from which the pacer learns how long
     requests live, and how many requests wait when a step is scheduled (the
     pacer stands aside when all of them fit) and which (their cached
-    prompts are kept from eviction until they are admitted)."""
+    prompts are kept from eviction until they are admitted). A running
+    request whose list already holds the slots it asks for skips vLLM's
+    allocation, which would change nothing (``SparseMMManager.slots_ready``)."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import RequestStatus
@@ -441,12 +443,27 @@ def patch_admission_inputs() -> None:
 
         return get_computed_blocks
 
+    running_call = {"num_lookahead_tokens"}  # how schedule() asks for one
+
     def make_allocate(original):
 
         @functools.wraps(original)
-        def allocate_slots(self, request, *args, **kwargs):
-            note(self, request)
-            return original(self, request, *args, **kwargs)
+        def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
+            managers = note(self, request)
+            # a running request whose list already has the slots (most
+            # decode steps past compaction): vLLM's four manager calls would
+            # change nothing, and the scheduler pays them for every row
+            if (not args and num_new_tokens > 0
+                    and kwargs.keys() <= running_call
+                    and request.status == RequestStatus.RUNNING
+                    and len(managers) == 1 == len(
+                        self.coordinator.single_type_managers)
+                    and managers[0].slots_ready(request.request_id, min(
+                        request.num_computed_tokens + num_new_tokens +
+                        kwargs.get("num_lookahead_tokens", 0),
+                        self.max_model_len))):
+                return self.empty_kv_cache_blocks
+            return original(self, request, num_new_tokens, *args, **kwargs)
 
         return allocate_slots
 
