@@ -353,7 +353,7 @@ class SparseMMManager(FullAttentionManager):
         allocate and cache nothing: ``request_id``'s prompt went back and
         its list already has the slots, as on most decode steps. If so, it
         is recorded as ``allocate_new_blocks`` records it, and vLLM's
-        allocation can be skipped (``patches.patch_kv_manager``)."""
+        allocation can be skipped (``patches.patch_admission_inputs``)."""
         tracked = self._requests.get(request_id)
         if (tracked is None or not tracked.released or
                 tracked.list_length(num_tokens) >
