@@ -20,7 +20,7 @@ from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import (get_request_block_hasher,
                                          init_none_hash)
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 from vllm.v1.worker.block_table import BlockTable
 
 from vllm_sparsemm.engine import backend
@@ -197,8 +197,13 @@ class Engine:
             hit_blocks, hit, _ = self.kv.get_computed_blocks(request)
             request.num_computed_tokens = hit
             n = min(n, request.num_tokens - hit) if hit else n
-        blocks = self.kv.allocate_slots(request, n, hit,
-                                        hit_blocks if hit else None)
+        if rid in self.row_of:  # running: the scheduler's own call
+            blocks = self.kv.allocate_slots(request, n,
+                                            num_lookahead_tokens=0)
+        else:
+            blocks = self.kv.allocate_slots(request, n, hit,
+                                            hit_blocks if hit else None)
+            request.status = RequestStatus.RUNNING
         assert blocks is not None, f"no room for {rid}"
         if rid not in self.row_of:
             self.row_of[rid] = min(set(range(64)) - set(self.row_of.values()))
@@ -376,6 +381,7 @@ class Engine:
         request = self.requests[rid]
         self.kv.free(request)
         self._drop_row(rid)
+        request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.compaction_end = None
 

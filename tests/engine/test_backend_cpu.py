@@ -36,6 +36,23 @@ def test_selection_in_chunks_across_requests_matches_dense_sparsemm(
     _run_mixed_batch(500, False)
 
 
+def test_decode_rows_past_compaction_skip_vllms_allocation(monkeypatch):
+    """The mixed batch again, through vLLM's ``allocate_slots`` as the
+    scheduler calls it for running requests: the decode steps of compacted
+    requests skip vLLM's allocation (``SparseMMManager.slots_ready``) except
+    where their lists grow, and attention stays exact."""
+    from vllm_sparsemm.engine.kv_spec import SparseMMManager
+    ready, answers = SparseMMManager.slots_ready, []
+
+    def counted(self, *args):
+        answers.append(ready(self, *args))
+        return answers[-1]
+
+    monkeypatch.setattr(SparseMMManager, "slots_ready", counted)
+    _run_mixed_batch(64, True)
+    assert sum(answers) >= 5 * 15  # five compacted requests, 20 steps each
+
+
 def _run_mixed_batch(chunk, async_frees):
     eng = Engine()
     # b fits the budget; equal lengths (a, f and c, e) are selected as one batch
