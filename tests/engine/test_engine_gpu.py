@@ -453,6 +453,30 @@ def test_video_and_image_prompt_same_alone_and_in_chunks(models):
         assert chunked[2] == alone[0], f"chunk {chunk}"
 
 
+@pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen3-vl"])
+def test_video_pruning_and_sparsemm_together(models, kind):
+    """vLLM's video-token pruning (EVS, ``--video-pruning-rate``) drops
+    video tokens before the language model; sparsemm then budgets what is
+    left. With B above every prompt, stock's tokens under the same
+    pruning; compressed, a video prompt gives the same tokens alone as in a
+    chunked batch."""
+    spec = dict(kind=kind, n=8, seed=5, text_len=60, video=True)
+    pruned = dict(video_pruning_rate=0.5)
+    want, lens = _tokens(models[kind], "FLASH_ATTN", None, dict(spec),
+                         **pruned)
+    got, _ = _tokens(models[kind], "sparsemm", {"budget": 4096}, dict(spec),
+                     **pruned)
+    assert got == want
+    budget = {"budget": 48, "window": 16}
+    alone, alone_lens = _tokens(models[kind], "sparsemm", budget,
+                                dict(spec, pick=[2]), **pruned)
+    assert alone_lens[0] == lens[2] > 48
+    chunked, _ = _tokens(models[kind], "sparsemm", budget, dict(spec),
+                         max_num_batched_tokens=64,
+                         enable_chunked_prefill=True, **pruned)
+    assert chunked[2] == alone[0]
+
+
 def _set_kv_scales(llm, state) -> torch.Tensor:
     """Give every attention layer of the in-process engine fp8 scales
     ``(k, v, q)`` unlike 1 and unlike each other's, as a checkpoint with

@@ -51,6 +51,7 @@ declare -A tests=(
   [video_no_eviction_qwen3-vl]="$engine -k test_video_prompts_without_eviction_give_stocks_tokens[qwen3-vl]"
   [video_no_eviction_llava-onevision]="$engine -k test_video_prompts_without_eviction_give_stocks_tokens[llava-onevision]"
   [video_chunked]="$engine -k test_video_and_image_prompt"
+  [video_pruning]="$engine -k test_video_pruning_and_sparsemm_together"
   [oracle_llava-next-mistral]="$engine -k oracle[llava-next-mistral-96]"
   [fp8_no_eviction]="$engine -k test_fp8_cache_without_eviction"
   [fp8_decode]="$engine -k test_fp8_decode_kernels_agree"
@@ -84,7 +85,7 @@ order=(kernels no_eviction_llava no_eviction_llava-next no_eviction_qwen2-vl
        oracle_llava-onevision oracle_internvl oracle_qwen2-vl-video
        video_no_eviction_qwen2-vl video_no_eviction_qwen2.5-vl
        video_no_eviction_qwen3-vl video_no_eviction_llava-onevision
-       video_chunked fp8_no_eviction fp8_decode
+       video_chunked video_pruning fp8_no_eviction fp8_decode
        oracle_llava-fp8 oracle_qwen2-vl-fp8 caching_llava
        caching_qwen2-vl caching_stock caching_encoder chunked leaks triton examples
        long_prompt compile syncs
