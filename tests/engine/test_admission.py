@@ -73,19 +73,43 @@ def _blocks_at(book, prompt, tokens, limit, prefill_steps, whole, held,
 
 
 @pytest.mark.parametrize("horizon", [-1, 0, 7, 40])
-def test_future_peak_equals_the_step_by_step_maximum(horizon):
+@pytest.mark.parametrize("cells", [None, 64])
+def test_future_peak_equals_the_step_by_step_maximum(horizon, cells,
+                                                      monkeypatch):
     """Random mixes of compacted, compacting, prefilling, uncompressed and
     nearly finished requests, of the server's budget, their own or none:
     the event-point maximum equals the maximum over every step (until all
-    finish, or up to the horizon)."""
+    finish, or up to the horizon). Steady requests are counted per (budget,
+    prompt length, phase) when many share a pair, else one by one: both
+    ways run, in one chunk or (``cells``) in many."""
+    from vllm_sparsemm.core import admission
+    if cells:
+        monkeypatch.setattr(admission, "_CELLS", cells)
+    calls = {"steady": 0, "each": 0}  # of the two functions
+    each, steady = admission._each_request, admission._steady_blocks
+
+    def counted_each(*args):
+        calls["each"] += 1
+        return each(*args)
+
+    def counted_steady(book, pairs, *args):
+        calls["steady"] += 1
+        return steady(book, pairs, *args)
+
+    monkeypatch.setattr(admission, "_each_request", counted_each)
+    monkeypatch.setattr(admission, "_steady_blocks", counted_steady)
     kv, manager = _manager(reserve=64)
     book = manager.book
     rng = np.random.default_rng(0)
-    # mostly small mixes; a few large ones put many requests in each phase
-    for size in [int(n) for n in rng.integers(1, 20, 40)] + [150] * 3:
+    # mostly small mixes; a few large ones put many requests in each phase,
+    # and the last ones bring a prompt length of their own to most requests
+    sizes = [int(n) for n in rng.integers(1, 20, 40)] + [600] * 2 + [60] * 3
+    for k, size in enumerate(sizes):
+        lengths = ([40, 300, 517] if k < len(sizes) - 3 else
+                   list(range(300, 400)))
         rows = []
         for _ in range(size):
-            prompt = int(rng.choice([40, 300, 517]))  # 40 <= B: uncompressed
+            prompt = int(rng.choice(lengths))  # 40 <= B: uncompressed
             budget = int(rng.choice([64, 64, 120, 0]))  # 0: off
             law = book.law(budget) if budget else None
             limit = prompt + int(rng.integers(1, 90))
@@ -110,6 +134,7 @@ def test_future_peak_equals_the_step_by_step_maximum(horizon):
         expected = max(sum(_blocks_at(book, *row, t) for row in rows)
                        for t in range(last + 1))
         assert future_peak(rows, book, horizon) == expected
+    assert calls["steady"] > calls["each"] > 0  # both ways ran
 
 
 def test_gate_counts_every_request_to_its_limit():

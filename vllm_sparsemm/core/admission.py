@@ -66,7 +66,7 @@ def future_peak(rows, book: LawBook, horizon: int) -> int:
     (``BlockLaw.phase_blocks``), so they are summed per (budget, prompt
     length, phase) from counts of who is still alive: the cost grows with
     the number of such groups and event steps, not with their product with
-    requests.
+    requests (or, where groups outnumber requests, request by request).
     """
     table = np.array(rows, dtype=np.int64).reshape(-1, len(FutureRow._fields))
     cols = FutureRow(*table.T)
@@ -78,22 +78,23 @@ def future_peak(rows, book: LawBook, horizon: int) -> int:
     steady = (cols.prefill_steps == 0) & (cols.whole == 0)
     dense = _dense_blocks(FutureRow(*table[~steady].T), book, times)
     total = dense.sum(axis=0)
-    for budget, prompt_len in _groups(cols, steady):
-        group = steady & (cols.prompt == prompt_len) & (cols.budget == budget)
-        total += _steady_blocks(book, budget, prompt_len, after_prompt[group],
-                                last[group], times)
+    if steady.any():
+        pairs, group = _groups(FutureRow(*table[steady].T))
+        total += _steady_blocks(book, pairs, group, after_prompt[steady],
+                                last[steady], times)
     # step 0 counts what each request holds now, which the steady sums omit
     total[0] = (dense[:, 0].sum() + _dense_blocks(
         FutureRow(*table[steady].T), book, times[:1]).sum())
     return int(total.max())
 
 
-def _groups(cols: FutureRow, where=None) -> list[tuple[int, int]]:
-    """The distinct (budget, prompt length) pairs of ``cols`` (``where``)."""
-    pairs = np.stack([cols.budget, cols.prompt], axis=1)
-    if where is not None:
-        pairs = pairs[where]
-    return [tuple(map(int, p)) for p in np.unique(pairs, axis=0)]
+def _groups(cols: FutureRow) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The distinct (budget, prompt length) pairs of ``cols``, and each
+    row's index among them."""
+    keys, group = np.unique(cols.budget << 32 | cols.prompt,
+                            return_inverse=True)
+    pairs = [(int(key) >> 32, int(key) & 0xFFFFFFFF) for key in keys]
+    return pairs, group.reshape(-1)
 
 
 def _compressing(book: LawBook, budget: int,
@@ -103,32 +104,72 @@ def _compressing(book: LawBook, budget: int,
     return law if law is not None and law.compresses(prompt_len) else None
 
 
-def _steady_blocks(book: LawBook, budget: int, prompt_len: int,
-                   appended: np.ndarray, last: np.ndarray,
+# cells of a (group, phase, time) table that _steady_blocks builds at once
+_CELLS = 1 << 18
+
+
+def _steady_blocks(book: LawBook, pairs: list[tuple[int, int]],
+                   group: np.ndarray, appended: np.ndarray, last: np.ndarray,
                    times: np.ndarray) -> np.ndarray:
-    """Blocks ``[times]`` that steady requests of one (budget, prompt length) hold
-    together: request i, ``appended[i]`` tokens past its prompt now and
-    alive up to step ``last[i]``, holds ``(appended[i] + t) // bs +
-    offsets[(appended[i] + t) % bs]`` at step t. Counted per phase
-    ``appended % bs`` from histograms of when each request's life ends, so
-    the cost does not grow with the requests or phases present."""
+    """Blocks ``[times]`` that steady requests hold together: request i, of
+    (budget, prompt length) ``pairs[group[i]]``, ``appended[i]`` tokens past
+    its prompt now and alive up to step ``last[i]``, holds ``(appended[i] +
+    t) // bs + offsets[(appended[i] + t) % bs]`` at step t, its pair's
+    offsets. Counted per (pair, phase ``appended % bs``) from histograms of
+    when each request's life ends, all pairs in a few array operations (in
+    chunks of at most ``_CELLS`` table cells): the cost does not grow with
+    the requests. When the pairs are many (a chat load's prompt lengths)
+    and so few requests share one, each request is counted on its own
+    instead, which costs less than the table."""
     bs = book.block_size
-    law = _compressing(book, budget, prompt_len)
-    offsets = (law.phase_blocks(prompt_len) if law is not None
-               else cdiv(prompt_len + np.arange(bs), bs))
-    phase, base = appended % bs, appended // bs
+    offsets = np.stack([_phase_offsets(book, *pair) for pair in pairs])
+    if len(appended) <= len(pairs) * bs:
+        return _each_request(offsets, group, appended, last, times, bs)
+    width = len(times) + 1
     # request i is alive at times[j] for j < ends[i]
     ends = np.searchsorted(times, last, side="right")
-    width = len(times) + 1
-    per_end = np.bincount(phase * width + ends, minlength=bs * width)
-    # alive[p, j]: requests of phase p alive at times[j]
-    alive = per_end.reshape(bs, width)[:, ::-1].cumsum(axis=1)[:, ::-1][:, 1:]
-    base_alive = np.bincount(ends, weights=base,
-                             minlength=width)[::-1].cumsum()[::-1][1:]
-    u = np.arange(bs)[:, None] + times[None, :]
-    per_phase = u // bs + offsets[u % bs]  # [bs, times]
-    return (base_alive.astype(np.int64) +
-            (alive * per_phase).sum(axis=0))
+    total = np.bincount(ends, weights=appended // bs, minlength=width)[
+        ::-1].cumsum()[::-1][1:].astype(np.int64)
+    u = np.arange(bs)[:, None] + times[None, :]  # phase + t: [bs, times]
+    cell = (group * bs + appended % bs) * width + ends
+    chunk = max(1, _CELLS // (bs * width))
+    for first in range(0, len(pairs), chunk):
+        count = min(chunk, len(pairs) - first)
+        mine = (group >= first) & (group < first + count)
+        per_end = np.bincount(cell[mine] - first * bs * width,
+                              minlength=count * bs * width)
+        # alive[g, p, j]: requests of pair first + g, phase p, alive at j
+        alive = per_end.reshape(count * bs, width)[:, ::-1].cumsum(
+            axis=1)[:, ::-1][:, 1:].reshape(count, bs, -1)
+        per_phase = u // bs + offsets[first:first + count][:, u % bs]
+        total += (alive * per_phase).sum(axis=(0, 1))
+    return total
+
+
+def _each_request(offsets: np.ndarray, group: np.ndarray,
+                  appended: np.ndarray, last: np.ndarray, times: np.ndarray,
+                  bs: int) -> np.ndarray:
+    """``_steady_blocks`` request by request (rows in chunks of at most
+    ``_CELLS`` cells)."""
+    total = np.zeros(len(times), dtype=np.int64)
+    chunk = max(1, _CELLS // len(times))
+    for first in range(0, len(appended), chunk):
+        rows = slice(first, first + chunk)
+        u = appended[rows, None] + times[None, :]  # [requests, times]
+        blocks = u // bs + offsets[group[rows, None], u % bs]
+        total += np.where(times[None, :] <= last[rows, None], blocks,
+                          0).sum(axis=0)
+    return total
+
+
+def _phase_offsets(book: LawBook, budget: int, prompt_len: int) -> np.ndarray:
+    """``[bs]``: the list length, less ``a // bs``, of a request of the pair
+    ``a`` tokens past its prompt, by ``a % bs``."""
+    law = _compressing(book, budget, prompt_len)
+    if law is not None:
+        return law.phase_blocks(prompt_len)
+    bs = book.block_size
+    return cdiv(prompt_len + np.arange(bs), bs)
 
 
 def _life(cols: FutureRow) -> tuple[np.ndarray, np.ndarray]:
@@ -148,10 +189,11 @@ def _dense_blocks(cols: FutureRow, book: LawBook,
     steps = cols.prefill_steps[:, None]
     appended = np.maximum(after_prompt[:, None] + t - steps, 0)
     blocks = cdiv(cols.prompt[:, None] + appended, book.block_size)
-    for budget, prompt_len in _groups(cols):
+    pairs, group = _groups(cols)
+    for g, (budget, prompt_len) in enumerate(pairs):
         law = _compressing(book, budget, prompt_len)
         if law is not None:
-            same = (cols.prompt == prompt_len) & (cols.budget == budget)
+            same = group == g
             blocks[same] = law.compacted_blocks_many(prompt_len,
                                                      appended[same])
     pending = (cols.whole > 0)[:, None]
