@@ -337,10 +337,7 @@ class SparseMMManager(FullAttentionManager):
                 and tracked.compressed):
             tracked.set_end(num_tokens, self._step)
             changed = True
-        tracked.chunk = num_tokens - tracked.tokens
-        tracked.tokens = num_tokens
-        if self._step_rows is not None:  # _touch, inlined: every decode row
-            self._stale.add(request_id)
+        self._advance(request_id, tracked, num_tokens)
         new_blocks = super().allocate_new_blocks(
             request_id, self._slot_tokens(request_id, num_tokens),
             num_tokens_main_model)
@@ -359,15 +356,27 @@ class SparseMMManager(FullAttentionManager):
                 tracked.list_length(num_tokens) >
                 len(self.req_to_blocks[request_id])):
             return False
-        if (self.enable_caching and  # cache_blocks' own early return
-                self.num_cached_block.get(request_id, 0) <
-                tracked.prompt_len // self.block_size):
+        if self.enable_caching and not self._cached_through(
+                request_id, tracked.prompt_len):  # cache_blocks would cache
             return False
+        self._advance(request_id, tracked, num_tokens)
+        return True
+
+    def _advance(self, request_id: str, tracked: _Tracked,
+                 num_tokens: int) -> None:
+        """``request_id`` has slots for ``num_tokens`` now: its progress,
+        for the gate's rows (``_touch``, inlined: every decode row)."""
         tracked.chunk = num_tokens - tracked.tokens
         tracked.tokens = num_tokens
         if self._step_rows is not None:
             self._stale.add(request_id)
-        return True
+
+    def _cached_through(self, request_id: str, num_tokens: int) -> bool:
+        """Whether every full block of ``request_id``'s first
+        ``num_tokens`` is cached (vLLM's own first check in
+        ``cache_blocks``)."""
+        return (self.num_cached_block.get(request_id, 0) >=
+                num_tokens // self.block_size)
 
     def _count_what_remains(self, request_id: str, tracked: _Tracked) -> None:
         """Update ``tracked``'s share of what the running requests may still
@@ -422,8 +431,7 @@ class SparseMMManager(FullAttentionManager):
             num_tokens = min(num_tokens, tracked.prompt_len)
             # vLLM's own first check, before its call: every decode step
             # of a compressed request asks twice, and its prompt is cached
-            if (self.num_cached_block.get(request.request_id, 0) >=
-                    num_tokens // self.block_size):
+            if self._cached_through(request.request_id, num_tokens):
                 return
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
