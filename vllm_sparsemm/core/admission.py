@@ -78,13 +78,14 @@ def future_peak(rows, book: LawBook, horizon: int) -> int:
     steady = (cols.prefill_steps == 0) & (cols.whole == 0)
     dense = _dense_blocks(FutureRow(*table[~steady].T), book, times)
     total = dense.sum(axis=0)
+    steady_cols = FutureRow(*table[steady].T)
     if steady.any():
-        pairs, group = _groups(FutureRow(*table[steady].T))
+        pairs, group = _groups(steady_cols)
         total += _steady_blocks(book, pairs, group, after_prompt[steady],
                                 last[steady], times)
     # step 0 counts what each request holds now, which the steady sums omit
-    total[0] = (dense[:, 0].sum() + _dense_blocks(
-        FutureRow(*table[steady].T), book, times[:1]).sum())
+    total[0] = (dense[:, 0].sum() +
+                _dense_blocks(steady_cols, book, times[:1]).sum())
     return int(total.max())
 
 
